@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine: creates .venv on first use, reuses it after.
+#   ./dev.sh serve [args]   start the cluster (router + prefill + decode) with the real SmolLM2 model
+#   ./dev.sh test  [args]   run the whole test suite
+#   ./dev.sh generate --prompt "..."   one offline completion
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=.venv
+PY=${PYTHON:-python3}
+STAMP=$VENV/.installed-$(cat pyproject.toml scripts/install.sh | sha1sum | cut -c1-12)
+
+if [ ! -f "$STAMP" ]; then
+    [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+    bash scripts/install.sh "$VENV/bin/python"
+    rm -f "$VENV"/.installed-* && touch "$STAMP"
+fi
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+cmd=${1:-help}; shift || true
+case "$cmd" in
+    test) exec "$VENV/bin/python" -m pytest "$@" ;;
+    serve) exec "$VENV/bin/disagg" serve "$@" ;;
+    help|-h|--help) sed -n 2,6p "$0" ;;
+    *) exec "$VENV/bin/disagg" "$cmd" "$@" ;;
+esac

@@ -1,0 +1,188 @@
+"""Frozen configuration dataclasses, one per component, validated on construction.
+
+No I/O happens here: `EngineConfig.from_dict` takes an already-parsed mapping
+(the YAML loader lives in `engine.config_io`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, of the wrong type or out of range."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3.1 style frequency-dependent RoPE scaling ("rope_type": "llama3")."""
+
+    factor: float = 8.0  # how much longer than the original context the model was tuned for
+    low_freq_factor: float = 1.0  # wavelengths above orig/low_freq_factor are fully scaled
+    high_freq_factor: float = 4.0  # wavelengths below orig/high_freq_factor are untouched
+    original_max_position_embeddings: int = 8192  # the pre-extension context length
+
+    def __post_init__(self) -> None:
+        _check(self.factor >= 1.0, f"rope_scaling.factor must be >= 1, got {self.factor}")
+        _check(self.high_freq_factor > self.low_freq_factor, "rope_scaling needs high_freq_factor > low_freq_factor")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2-without-bias, SmolLM)."""
+
+    vocab_size: int  # rows of the embedding table
+    hidden_size: int  # model width d
+    intermediate_size: int  # SwiGLU inner width
+    num_layers: int  # decoder blocks
+    num_heads: int  # query heads
+    num_kv_heads: int  # key/value heads (GQA when < num_heads)
+    head_dim: int = 0  # per-head width; 0 means hidden_size // num_heads
+    rms_norm_eps: float = 1e-5  # epsilon inside RMSNorm
+    rope_theta: float = 10000.0  # RoPE base
+    rope_scaling: RopeScaling | None = None  # Llama-3.1 scaling, or None for plain RoPE
+    max_position_embeddings: int = 2048  # the model's context length
+    tie_word_embeddings: bool = False  # LM head shares the embedding matrix
+    attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
+    bos_token_id: int | None = 1  # beginning-of-sequence token
+    eos_token_ids: tuple[int, ...] = (2,)  # tokens that end generation
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+            _check(isinstance(getattr(self, name), int) and getattr(self, name) > 0, f"model.{name} must be a positive int")
+        _check(self.num_heads % self.num_kv_heads == 0, "model.num_heads must be a multiple of num_kv_heads")
+        if self.head_dim == 0:
+            _check(self.hidden_size % self.num_heads == 0, "hidden_size must divide by num_heads when head_dim is 0")
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        _check(self.head_dim % 2 == 0, "model.head_dim must be even for RoPE")
+        _check(self.max_position_embeddings > 0, "model.max_position_embeddings must be positive")
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> ModelConfig:
+        """Build from a Hugging Face `config.json` mapping."""
+        rs = d.get("rope_scaling") or d.get("rope_parameters")
+        rope_scaling = None
+        if rs and rs.get("rope_type", rs.get("type")) == "llama3":
+            rope_scaling = RopeScaling(
+                factor=float(rs["factor"]),
+                low_freq_factor=float(rs["low_freq_factor"]),
+                high_freq_factor=float(rs["high_freq_factor"]),
+                original_max_position_embeddings=int(rs["original_max_position_embeddings"]),
+            )
+        elif rs and rs.get("rope_type", rs.get("type")) not in (None, "default"):
+            raise ConfigError(f"unsupported rope_scaling type {rs.get('rope_type', rs.get('type'))!r}")
+        theta = d.get("rope_theta") or (rs or {}).get("rope_theta") or 10000.0
+        eos = d.get("eos_token_id", 2)
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        try:
+            return cls(
+                vocab_size=int(d["vocab_size"]),
+                hidden_size=int(d["hidden_size"]),
+                intermediate_size=int(d["intermediate_size"]),
+                num_layers=int(d["num_hidden_layers"]),
+                num_heads=int(d["num_attention_heads"]),
+                num_kv_heads=int(d.get("num_key_value_heads") or d["num_attention_heads"]),
+                head_dim=int(d.get("head_dim") or 0),
+                rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
+                rope_theta=float(theta),
+                rope_scaling=rope_scaling,
+                max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+                attention_bias=bool(d.get("attention_bias", False)),
+                bos_token_id=d.get("bos_token_id"),
+                eos_token_ids=eos_ids,
+            )
+        except KeyError as e:
+            raise ConfigError(f"config.json lacks required key {e.args[0]!r}") from None
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV cache."""
+
+    block_size: int = 16  # tokens per KV block
+    memory_budget_bytes: int = 512 * 1024 * 1024  # bytes the KV pool may take (ignored when num_blocks is set)
+    num_blocks: int | None = None  # exact pool size in blocks; overrides the memory budget
+
+    def __post_init__(self) -> None:
+        _check(self.block_size > 0 and self.block_size & (self.block_size - 1) == 0, "cache.block_size must be a power of two")
+        _check(self.memory_budget_bytes > 0, "cache.memory_budget_bytes must be positive")
+        _check(self.num_blocks is None or self.num_blocks > 0, "cache.num_blocks must be positive")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching limits."""
+
+    max_num_seqs: int = 64  # most requests running at once
+    max_num_batched_tokens: int = 2048  # token budget of one step (prompt chunks + decode tokens)
+
+    def __post_init__(self) -> None:
+        _check(self.max_num_seqs > 0, "scheduler.max_num_seqs must be positive")
+        _check(self.max_num_batched_tokens > 0, "scheduler.max_num_batched_tokens must be positive")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything one engine instance needs."""
+
+    model: str = "smollm2"  # "smollm2" (the packaged GGUF), an HF folder, a .gguf file, or a model name for dummy
+    load_format: str = "auto"  # auto | hf | gguf | dummy
+    dummy_model: ModelConfig | None = None  # the shape to build when load_format is dummy
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    device: str = "cpu"  # torch device string
+    attention_backend: str = "auto"  # auto | torch | triton
+    max_model_len: int | None = None  # cap on prompt + output tokens; None means the model's context
+    seed: int = 0  # seed for dummy weights and for unseeded sampling
+    cache: CacheConfig = field(default_factory=CacheConfig)  # KV cache settings
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)  # batching settings
+
+    def __post_init__(self) -> None:
+        _check(self.load_format in ("auto", "hf", "gguf", "dummy"), f"unknown load_format {self.load_format!r}")
+        _check(self.dtype in ("float32", "bfloat16", "float16"), f"unknown dtype {self.dtype!r}")
+        _check(self.attention_backend in ("auto", "torch", "triton"), f"unknown attention_backend {self.attention_backend!r}")
+        _check(self.load_format != "dummy" or self.dummy_model is not None, "load_format dummy needs dummy_model")
+        _check(self.max_model_len is None or self.max_model_len > 0, "max_model_len must be positive")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EngineConfig:
+        """Build from a parsed YAML/JSON mapping; unknown keys are errors."""
+        return _from_dict(cls, d, "engine")
+
+
+def _from_dict(cls: type, d: dict[str, Any], where: str) -> Any:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(d).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(d) - set(known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) in {where}: {', '.join(sorted(unknown))}")
+    kwargs: dict[str, Any] = {}
+    nested = {"cache": CacheConfig, "scheduler": SchedulerConfig, "dummy_model": ModelConfig, "rope_scaling": RopeScaling}
+    for k, v in d.items():
+        sub = nested.get(k)
+        if sub is not None and isinstance(v, dict):
+            kwargs[k] = _from_dict(sub, v, f"{where}.{k}")
+        elif k == "eos_token_ids" and isinstance(v, list):
+            kwargs[k] = tuple(v)
+        else:
+            kwargs[k] = v
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def asdict_shallow(obj: Any) -> dict[str, Any]:
+    """A dataclass as a dict, nested dataclasses included (for logging)."""
+    out = {}
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        out[f.name] = asdict_shallow(v) if is_dataclass(v) else v
+    return out

@@ -1,0 +1,134 @@
+"""The engine core: requests in, token deltas out, one `step()` at a time. No networking, no text."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.config import EngineConfig
+from engine.kv_cache_manager import KVCacheManager, cdiv
+from engine.model_runner import DTYPES, ModelRunner, num_kv_blocks
+from engine.request import FinishReason, InvalidRequestError, Request, SamplingParams
+from engine.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepOutput:
+    """What one step did for one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    new_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+
+
+@dataclass
+class EngineStats:
+    """Counters since start: what the engine actually computed."""
+
+    prompt_tokens_computed: int = 0  # prompt positions run through the model (recomputes count again)
+    generation_tokens: int = 0  # tokens sampled
+    steps: int = 0
+    preemptions: int = 0
+
+
+class LLMEngine:
+    """Owns the model runner, the KV cache manager and the scheduler."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        probe = _probe_model_config(config)
+        num_blocks = num_kv_blocks(probe, config.cache, DTYPES[config.dtype])
+        self.runner = ModelRunner(config, self.device, num_blocks)
+        self.model_config = self.runner.model_config
+        self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
+                                 self.model_config.max_position_embeddings)
+        self.kv = KVCacheManager(num_blocks, config.cache.block_size)
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, self.model_config.eos_token_ids)
+        self.requests: dict[str, Request] = {}
+        self.stats = EngineStats()
+
+    # ---- requests -------------------------------------------------------------------------------------------
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise InvalidRequestError if the request can never be served."""
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise InvalidRequestError("prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < vocab)), None)
+        if bad is not None:
+            raise InvalidRequestError(f"prompt token id {bad!r} is outside the vocabulary [0, {vocab})")
+        if n + params.max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"this model's maximum context length is {self.max_model_len} tokens, but {n + params.max_tokens} "
+                f"were requested ({n} in the prompt, {params.max_tokens} for the completion)")
+        need = cdiv(n + params.max_tokens, self.kv.block_size)
+        if need > self.kv.num_blocks:
+            raise InvalidRequestError(f"request needs {need} KV blocks but the cache only has {self.kv.num_blocks}")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    keep_blocks_on_finish: bool = False) -> Request:
+        if request_id in self.requests:
+            raise InvalidRequestError(f"duplicate request id {request_id!r}")
+        self.validate(prompt_token_ids, params)
+        req = Request(request_id, list(prompt_token_ids), params, arrival_time=time.monotonic(),
+                      keep_blocks_on_finish=keep_blocks_on_finish)
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+        return req
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its blocks; False if it is unknown or already finished."""
+        req = self.requests.pop(request_id, None)
+        if req is None or req.is_finished:
+            return False
+        req.keep_blocks_on_finish = False
+        self.scheduler.finish(req, FinishReason.ABORT)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    # ---- stepping ------------------------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        out = self.scheduler.schedule()
+        self.stats.preemptions += len(out.preempted)
+        if out.is_empty:
+            return []
+        lens_before = {s.request.request_id: len(s.request.output_token_ids) for s in out.scheduled}
+        lp_before = {s.request.request_id: len(s.request.logprobs) for s in out.scheduled}
+        for s in out.scheduled:
+            start = s.request.num_computed_tokens
+            self.stats.prompt_tokens_computed += max(0, min(start + s.num_new_tokens, s.request.num_prompt_tokens) - start)
+        samples = self.runner.execute(out, self.kv)
+        self.scheduler.update(out, samples)
+        self.stats.steps += 1
+        results = []
+        for s in out.scheduled:
+            r = s.request
+            new = r.output_token_ids[lens_before[r.request_id]:]
+            self.stats.generation_tokens += len(new)
+            if new or r.is_finished:
+                results.append(StepOutput(r.request_id, new, r.is_finished,
+                                          r.finish_reason.value if r.finish_reason else None, r.stop_reason,
+                                          r.logprobs[lp_before[r.request_id]:]))
+            if r.is_finished:
+                self.requests.pop(r.request_id, None)
+        return results
+
+
+def _probe_model_config(config: EngineConfig):  # noqa: ANN202 - ModelConfig
+    from engine.loader import load_model_config, resolve_source
+
+    if config.load_format == "dummy":
+        return config.dummy_model
+    fmt, path = resolve_source(config.model, config.load_format)
+    return load_model_config(fmt, path)

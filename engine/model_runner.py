@@ -1,0 +1,146 @@
+"""SchedulerOutput -> flat tensors -> model -> sampler.
+
+The runner owns the weights, the KV cache tensor and the attention backend.
+Everything it needs about a step comes from the `SchedulerOutput` and the
+KV cache manager's block tables; it keeps no per-request state.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from engine.attention.base import AttentionMetadata, get_attention_backend
+from engine.config import CacheConfig, EngineConfig, ModelConfig
+from engine.kv_cache_manager import KVCacheManager
+from engine.loader import WeightLoadError, dummy_weights, expected_shapes, iter_weights, load_model_config, resolve_source
+from engine.models.llama import LlamaForCausalLM
+from engine.request import Request
+from engine.sampler import Sampler, SampleResult
+from engine.scheduler import SchedulerOutput
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(config: EngineConfig, device: torch.device) -> LlamaForCausalLM:
+    """Build the model on the meta device, then stream weights into freshly allocated storage."""
+    fmt, path = resolve_source(config.model, config.load_format)
+    dtype = DTYPES[config.dtype]
+    if fmt == "dummy":
+        assert config.dummy_model is not None
+        model_config = config.dummy_model
+        weights: Iterable[tuple[str, torch.Tensor]] = dummy_weights(model_config, dtype, config.seed, device=device)
+    else:
+        model_config = load_model_config(fmt, path)
+        weights = iter_weights(fmt, path, model_config, dtype)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(model_config)
+    model = model.to(dtype).to_empty(device=device)
+    _copy_weights(model, weights, expected_shapes(model_config), source=path)
+    model.model.rotary_emb.build_cache(device)
+    return model.eval()
+
+
+def _copy_weights(model: LlamaForCausalLM, weights: Iterable[tuple[str, torch.Tensor]], shapes: dict, source: str) -> None:
+    params = dict(model.named_parameters())
+    seen = set()
+    for name, tensor in weights:
+        if name not in params:
+            raise WeightLoadError(f"{source}: unexpected tensor {name!r}")
+        if tuple(tensor.shape) != tuple(params[name].shape):
+            raise WeightLoadError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                  f"expected {tuple(params[name].shape)}")
+        with torch.no_grad():
+            params[name].copy_(tensor)
+        seen.add(name)
+    missing = sorted(set(params) - seen)
+    if missing:
+        raise WeightLoadError(f"{source}: missing tensor(s) {', '.join(missing[:5])}")
+
+
+def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
+
+
+def num_kv_blocks(cfg: ModelConfig, cache: CacheConfig, dtype: torch.dtype) -> int:
+    if cache.num_blocks is not None:
+        return cache.num_blocks
+    return max(1, cache.memory_budget_bytes // kv_bytes_per_block(cfg, cache.block_size, dtype))
+
+
+class ModelRunner:
+    """Runs one scheduled step on the model and samples where a request's computed tokens caught up."""
+
+    def __init__(self, config: EngineConfig, device: torch.device, num_blocks: int) -> None:
+        self.device = device
+        self.model = load_model(config, device)
+        self.model_config: ModelConfig = self.model.config
+        cfg, dtype = self.model_config, DTYPES[config.dtype]
+        self.kv_cache = torch.zeros(
+            num_blocks, cfg.num_layers, 2, config.cache.block_size, cfg.num_kv_heads, cfg.head_dim,
+            dtype=dtype, device=device,
+        )
+        self.attn = get_attention_backend(config.attention_backend, device)
+        self.sampler = Sampler(config.seed)
+        log.info("model %s: %d layers, KV cache %d blocks x %d tokens (%.1f MiB), attention=%s",
+                 config.model, cfg.num_layers, num_blocks, config.cache.block_size,
+                 self.kv_cache.numel() * dtype.itemsize / 2**20, self.attn.name)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput, kv: KVCacheManager) -> list[SampleResult | None]:
+        input_ids, positions, meta, logits_idx = self._prepare(out, kv)
+        hidden = self.model(input_ids, positions, self.kv_cache, meta, self.attn)
+        sampling = [s.request for s in out.scheduled if s.samples]
+        if not sampling:
+            return [None] * len(out.scheduled)
+        logits = self.model.compute_logits(hidden[logits_idx])
+        results: Iterator[SampleResult] = iter(self.sampler.sample(logits, sampling))
+        return [next(results) if s.samples else None for s in out.scheduled]
+
+    def _prepare(
+        self, out: SchedulerOutput, kv: KVCacheManager
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        qsl, seq_lens, tables, logits_idx = [0], [], [], []
+        for s in out.scheduled:
+            r = s.request
+            start, end = r.num_computed_tokens, r.num_computed_tokens + s.num_new_tokens
+            ids.extend(_token_slice(r, start, end))
+            pos.extend(range(start, end))
+            slots.extend(kv.slots(r.request_id, start, end))
+            qsl.append(qsl[-1] + s.num_new_tokens)
+            seq_lens.append(end)
+            tables.append(kv.block_table(r.request_id))
+            if s.samples:
+                logits_idx.append(qsl[-1] - 1)
+        width = max(len(t) for t in tables)
+        padded = [t + [0] * (width - len(t)) for t in tables]
+        dev = self.device
+        meta = AttentionMetadata(
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.tensor(padded, dtype=torch.int32, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            max_query_len=max(s.num_new_tokens for s in out.scheduled),
+            max_seq_len=max(seq_lens),
+            query_start_loc_cpu=qsl,
+            seq_lens_cpu=seq_lens,
+        )
+        return (torch.tensor(ids, dtype=torch.int64, device=dev), torch.tensor(pos, dtype=torch.int64, device=dev),
+                meta, torch.tensor(logits_idx, dtype=torch.int64, device=dev))
+
+
+def _token_slice(r: Request, start: int, end: int) -> list[int]:
+    """Tokens [start, end) of prompt + output without concatenating the whole sequence."""
+    p = len(r.prompt_token_ids)
+    if end <= p:
+        return r.prompt_token_ids[start:end]
+    if start >= p:
+        return r.output_token_ids[start - p : end - p]
+    return r.prompt_token_ids[start:] + r.output_token_ids[: end - p]

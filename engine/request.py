@@ -1,0 +1,122 @@
+"""A request's sampling parameters, state and token counters.
+
+The scheduler is phase-free: a request knows `num_tokens` (prompt + output so
+far) and has computed KV for `num_computed_tokens` of them. Each step lets the
+second catch up to the first; when it has, the step's logits give the next token.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+class InvalidRequestError(ValueError):
+    """The request cannot be served as asked (bad parameter, too long, cannot fit)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each next token and when to stop."""
+
+    max_tokens: int = 16  # most new tokens to generate
+    temperature: float = 1.0  # 0 means greedy
+    top_k: int = 0  # keep the k most likely tokens; 0 or -1 keeps all
+    top_p: float = 1.0  # keep the smallest set whose probability reaches top_p
+    min_p: float = 0.0  # drop tokens below min_p times the top token's probability
+    seed: int | None = None  # per-request seed: same seed, same tokens, whatever the batch
+    repetition_penalty: float = 1.0  # >1 discourages tokens seen in prompt or output (CTRL style)
+    frequency_penalty: float = 0.0  # subtract penalty x count of the token in the output
+    presence_penalty: float = 0.0  # subtract penalty once if the token is in the output
+    stop_token_ids: tuple[int, ...] = ()  # extra tokens that end generation
+    stop: tuple[str, ...] = ()  # strings that end generation (not included in the text)
+    ignore_eos: bool = False  # keep going past EOS (fixed output lengths for benchmarks)
+    logprobs: int | None = None  # return the chosen token's logprob plus this many top alternatives
+    skip_special_tokens: bool = True  # leave special tokens out of the detokenized text
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop_token_ids, list):
+            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        elif isinstance(self.stop, list):
+            object.__setattr__(self, "stop", tuple(self.stop))
+        checks = [
+            (isinstance(self.max_tokens, int) and self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
+            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            (isinstance(self.top_k, int) and self.top_k >= -1, f"top_k must be -1, 0 or positive, got {self.top_k}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
+            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
+            (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise InvalidRequestError(msg)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> SamplingParams:
+        """Like the constructor, but an unknown option is an `InvalidRequestError` naming it."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise InvalidRequestError(f"unknown sampling option(s): {', '.join(unknown)}")
+        return cls(**kwargs)
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS, a stop token or a stop string
+    LENGTH = "length"  # max_tokens or the context limit
+    ABORT = "abort"  # cancelled by the caller
+
+
+@dataclass
+class Request:
+    """One sequence inside the engine."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = 0.0
+    output_token_ids: list[int] = field(default_factory=list)
+    # Tokens whose KV is in this request's blocks. Starts above 0 when the KV
+    # arrived from elsewhere (decode role) or from the prefix cache.
+    num_computed_tokens: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None
+    num_preemptions: int = 0
+    # Per-token logprob records: (chosen token logprob, [(token, logprob), ...]).
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    # Prefill role: keep the KV blocks after finishing (for a remote pull).
+    keep_blocks_on_finish: bool = False
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == RequestStatus.FINISHED
