@@ -112,20 +112,16 @@ class LLM:
         c.token_ids.extend(so.new_token_ids)
         if c.logprobs is not None:
             c.logprobs.extend(so.new_logprobs)
+        finish, stop_reason = (so.finish_reason, so.stop_reason) if so.finished else (None, None)
         if stream is not None:
             delta = stream.push(so.new_token_ids, final=so.finished)
             c.text += delta.text
-            if delta.stopped and not so.finished:
-                self.engine.abort(so.request_id)
-                c.finish_reason, c.stop_reason = "stop", delta.stop_string
-                bar.update(1)
-                return
             if delta.stopped:
-                c.finish_reason, c.stop_reason = "stop", delta.stop_string
-                bar.update(1)
-                return
-        if so.finished:
-            c.finish_reason, c.stop_reason = so.finish_reason, so.stop_reason
+                if not so.finished:
+                    self.engine.abort(so.request_id)
+                finish, stop_reason = "stop", delta.stop_string
+        if finish is not None:
+            c.finish_reason, c.stop_reason = finish, stop_reason
             bar.update(1)
 
     def _encode(self, p: Prompt) -> list[int]:

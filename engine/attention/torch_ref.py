@@ -18,10 +18,9 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
 
 def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One sequence's first `seq_len` keys and values: each [seq_len, kv_heads, head_dim]."""
-    bs = kv_cache.shape[2]
-    blocks = kv_cache[block_table[: -(-seq_len // bs)]]  # [n, 2, bs, kvh, d]
-    k = blocks[:, 0].reshape(-1, *blocks.shape[-2:])[:seq_len]
-    v = blocks[:, 1].reshape(-1, *blocks.shape[-2:])[:seq_len]
+    idx = block_table[: -(-seq_len // kv_cache.shape[2])]
+    k = kv_cache[:, 0].index_select(0, idx).flatten(0, 1)[:seq_len]
+    v = kv_cache[:, 1].index_select(0, idx).flatten(0, 1)[:seq_len]
     return k, v
 
 
@@ -56,9 +55,10 @@ def _decode_batched(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMeta
     """One query per sequence: gather padded contexts and attend in one batched call."""
     B, max_len, bs = meta.num_seqs, meta.max_seq_len, kv_cache.shape[2]
     nblk = -(-max_len // bs)
-    blocks = kv_cache[meta.block_tables[:, :nblk]]  # [B, nblk, 2, bs, kvh, d]
-    k = blocks[:, :, 0].reshape(B, nblk * bs, *blocks.shape[-2:])[:, :max_len]
-    v = blocks[:, :, 1].reshape(B, nblk * bs, *blocks.shape[-2:])[:, :max_len]
+    idx = meta.block_tables[:, :nblk].flatten()
+    # index_select on the strided K (or V) view gathers straight into a contiguous tensor (faster than [idx]).
+    k = kv_cache[:, 0].index_select(0, idx).view(B, nblk * bs, *kv_cache.shape[-2:])[:, :max_len]
+    v = kv_cache[:, 1].index_select(0, idx).view(B, nblk * bs, *kv_cache.shape[-2:])[:, :max_len]
     pos = torch.arange(max_len, device=q.device)
     mask = (pos[None, :] < meta.seq_lens[:, None].to(q.device))[:, None, None, :]  # [B, 1, 1, L]
     o = F.scaled_dot_product_attention(

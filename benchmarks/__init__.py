@@ -1,0 +1,1 @@
+"""Load generator and micro-benchmarks. Results go to benchmarks/RESULTS.md."""

@@ -1,0 +1,122 @@
+"""Pulling one request's KV blocks from a prefill worker.
+
+Block ownership on the decode side:
+- `pull` allocates the request's local blocks under its request id, then starts
+  one READ of the remote blocks into them. From then until `agent.release()`
+  returns, the blocks belong to the transfer: nothing frees or reuses them.
+- `release()` is called on every path (done, failed, timed out, cancelled by an
+  abort); only after it returns are failed blocks freed, so a block is never
+  handed to another request while a write into it may still land.
+- On success the blocks pass to the engine request, which frees them when it ends.
+- Every pull ends by telling the prefill worker (ReleaseKV, idempotent), so its
+  blocks free now rather than at lease expiry.
+Every wait has a deadline: the pull's own timeout, and never past the lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from kvtransfer import KVLayout, KVTransferAgent, TransferStatus
+from proto import disagg_pb2, disagg_pb2_grpc
+from worker.async_engine import AsyncEngine
+from worker.config import TransferConfig
+from worker.servicer import TransferCounters, layout_from_proto
+
+log = logging.getLogger(__name__)
+
+LEASE_MARGIN_S = 1.0  # a pull must end this long before the prefill worker may free the blocks
+
+
+class TransferSetupError(RuntimeError):
+    """The two workers cannot exchange KV at all (layout or backend mismatch); not worth a retry."""
+
+
+class KVPuller:
+    def __init__(self, agent: KVTransferAgent, aengine: AsyncEngine, cfg: TransferConfig,
+                 counters: TransferCounters, layout: KVLayout) -> None:
+        self.agent, self.aengine, self.cfg, self.counters, self.layout = agent, aengine, cfg, counters, layout
+        self._known_agents: set[str] = set()
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._tasks: set[asyncio.Task] = set()
+
+    def _stub(self, address: str) -> disagg_pb2_grpc.WorkerStub:
+        if address not in self._channels:
+            self._channels[address] = grpc.aio.insecure_channel(address)
+        return disagg_pb2_grpc.WorkerStub(self._channels[address])
+
+    async def _ensure_remote(self, h: disagg_pb2.KVHandle) -> None:
+        """Fetch the prefill agent's metadata once (gRPC side channel) and check both layouts agree."""
+        if h.agent_name in self._known_agents:
+            return
+        md = await self._stub(h.worker_address).GetTransferMetadata(disagg_pb2.TransferMetadataRequest(), timeout=5)
+        if md.backend != self.agent.backend:
+            raise TransferSetupError(f"prefill worker {h.worker_id} uses KV transfer backend {md.backend!r}, "
+                                     f"this decode worker uses {self.agent.backend!r}")
+        try:
+            self.layout.check_compatible(layout_from_proto(md.layout))
+        except ValueError as e:
+            raise TransferSetupError(f"KV layout of prefill worker {h.worker_id} differs: {e}") from None
+        self.agent.add_remote(md.agent_name, md.metadata)
+        self._known_agents.add(md.agent_name)
+
+    async def pull(self, rid: str, h: disagg_pb2.KVHandle) -> bool:
+        """True: the request's local blocks now hold the KV of `h.num_tokens` tokens. False: recompute."""
+        lease_left = h.lease_deadline - time.time() - LEASE_MARGIN_S
+        if lease_left < self.cfg.timeout_s * 0.1:
+            log.warning("%s: lease of its KV has %.1fs left; recomputing instead of pulling", rid, lease_left)
+            self._release_remote(h, rid)
+            return False
+        await self._ensure_remote(h)
+        kv = self.aengine.engine.kv
+        if not await self.aengine.run_between_steps(lambda: kv.allocate(rid, h.num_tokens)):
+            log.warning("%s: no free blocks for %d pulled tokens; recomputing", rid, h.num_tokens)
+            self._release_remote(h, rid)
+            return False
+        deadline = time.monotonic() + min(self.cfg.timeout_s, lease_left)
+        return await self._read(rid, h, list(kv.block_table(rid)), deadline)
+
+    async def _read(self, rid: str, h: disagg_pb2.KVHandle, local: list[int], deadline: float) -> bool:
+        t0, handle, ok = time.monotonic(), None, False
+        try:
+            handle = self.agent.start_read(h.agent_name, list(h.block_ids), local, tag=rid)
+            while (st := self.agent.poll(handle)) is TransferStatus.PENDING and time.monotonic() < deadline:
+                await asyncio.sleep(0.0005)
+            ok = st is TransferStatus.DONE
+            if not ok:
+                log.warning("%s: KV pull %s after %.2fs", rid, "failed" if st is TransferStatus.FAILED else "timed out",
+                            time.monotonic() - t0)
+        except Exception:  # noqa: BLE001 - any transfer error means recompute, never a dead stream
+            log.exception("%s: KV pull raised", rid)
+        finally:
+            if handle is not None:
+                self.agent.release(handle)  # after this, no write can land in `local`
+            if ok:
+                self.counters.transfers += 1
+                self.counters.transfer_bytes += len(local) * self.layout.block_bytes
+                self.counters.transfer_seconds += time.monotonic() - t0
+            else:
+                self.counters.transfer_failures += 1
+                self.aengine.call_soon(lambda: self.aengine.engine.kv.free(rid))
+            self._release_remote(h, rid)
+        return ok
+
+    def _release_remote(self, h: disagg_pb2.KVHandle, rid: str) -> None:
+        """Tell the prefill worker it may free the blocks now (fire and forget; its lease is the backstop)."""
+        async def call() -> None:
+            try:
+                await self._stub(h.worker_address).ReleaseKV(disagg_pb2.ReleaseKVRequest(request_id=rid), timeout=5)
+            except grpc.aio.AioRpcError as e:
+                log.info("%s: ReleaseKV to %s failed (%s); its lease will free the blocks", rid, h.worker_id, e.code())
+
+        task = asyncio.get_running_loop().create_task(call())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        for ch in self._channels.values():
+            await ch.close()

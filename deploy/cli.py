@@ -1,0 +1,112 @@
+"""`disagg`: one command for everything a user does. `disagg <command> --help` explains each flag."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def cmd_generate(a: argparse.Namespace) -> None:
+    from engine.llm import LLM
+    from engine.request import SamplingParams
+
+    llm = LLM(a.model, device=a.device, dtype=a.dtype)
+    params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed)
+    if a.raw:
+        out = llm.generate(a.prompt, params)[0]
+    else:
+        out = llm.chat([{"role": "user", "content": a.prompt}], params)[0]
+    print(out.text)
+    print(f"[{len(out.token_ids)} tokens, finish_reason={out.finish_reason}]", file=sys.stderr)
+
+
+def cmd_serve(a: argparse.Namespace) -> None:
+    import time
+
+    from deploy.config import ClusterConfig
+    from deploy.local import LocalCluster, pick_router_port
+
+    cfg = ClusterConfig.load(a.config) if a.config else ClusterConfig()
+    port = pick_router_port(a.port or int(cfg.router.get("port", 8000)))
+    extra = (["--model", a.model] if a.model else []) + (["--transfer-backend", a.transfer_backend]
+                                                          if a.transfer_backend else [])
+    mode = "co-located" if cfg.colocated else "disaggregated"
+    print(f"Starting router + {cfg.prefill.replicas} prefill + {cfg.decode.replicas} decode worker(s) ({mode}, "
+          f"model {a.model or cfg.model}). Loading weights takes a little while...", flush=True)
+    with LocalCluster(cfg, a.config, router_port=port, log_dir=a.log_dir, quiet=a.quiet, worker_args=extra) as c:
+        model = a.model or cfg.model
+        print(f"\nReady: OpenAI-compatible API at {c.url}/v1\n\nTry:\n  curl {c.url}/v1/chat/completions "
+              f"-H 'Content-Type: application/json' \\\n    -d '{{\"model\": \"{model}\", \"messages\": "
+              f"[{{\"role\": \"user\", \"content\": \"What is the capital of France?\"}}], \"max_tokens\": 32}}'\n"
+              f"\nMetrics: {c.url}/metrics   Health: {c.url}/health   Ctrl-C stops every process.", flush=True)
+        try:
+            while all(p.popen.poll() is None for p in c.procs.values()):
+                time.sleep(0.5)
+            dead = [n for n, p in c.procs.items() if p.popen.poll() is not None]
+            print(f"process(es) exited: {', '.join(dead)}; stopping the cluster", file=sys.stderr)
+        except KeyboardInterrupt:
+            print("\nStopping...", file=sys.stderr)
+    print("Stopped.", file=sys.stderr)
+
+
+def cmd_worker(a: argparse.Namespace) -> None:
+    from worker.server import main
+
+    main(a.args)
+
+
+def cmd_router(a: argparse.Namespace) -> None:
+    from router.server import main
+
+    main(a.args)
+
+
+def cmd_bench(a: argparse.Namespace) -> None:
+    from benchmarks.serving import main
+
+    main(a.args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="disagg", description="Disaggregated prefill/decode LLM serving.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="one offline completion with the engine (no servers)")
+    g.add_argument("--prompt", required=True, help="the user message (chat-templated unless --raw)")
+    g.add_argument("--raw", action="store_true", help="send the prompt as plain text, without the chat template")
+    g.add_argument("--model", default="smollm2", help="smollm2 (packaged), an HF folder or a .gguf file")
+    g.add_argument("--max-tokens", type=int, default=64, help="most new tokens (default 64)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed")
+    g.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    g.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    g.set_defaults(fn=cmd_generate)
+
+    s = sub.add_parser("serve", help="start router + prefill + decode workers locally; Ctrl-C stops them")
+    s.add_argument("--config", help="cluster YAML (see deploy/configs/); default: 1 prefill + 1 decode, SmolLM2")
+    s.add_argument("--port", type=int, default=0, help="router HTTP port (default from config, else 8000)")
+    s.add_argument("--model", help="override the config's model for every worker")
+    s.add_argument("--transfer-backend", choices=["nixl", "tcp"], help="override the KV transfer backend")
+    s.add_argument("--log-dir", help="also write each process's log to DIR/<name>.log")
+    s.add_argument("--quiet", action="store_true", help="do not echo worker/router logs to the terminal")
+    s.set_defaults(fn=cmd_serve)
+
+    for name, fn, text in [("worker", cmd_worker, "run one worker process (see `disagg worker -- --help`)"),
+                           ("router", cmd_router, "run the router alone (see `disagg router -- --help`)"),
+                           ("bench", cmd_bench, "load-test an OpenAI endpoint (see `disagg bench -- --help`)")]:
+        x = sub.add_parser(name, help=text, add_help=False)
+        x.add_argument("args", nargs=argparse.REMAINDER)
+        x.set_defaults(fn=fn)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    a = build_parser().parse_args(argv)
+    a.fn(a)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""The cluster YAML schema shared by the local launcher and the Ray launcher.
+
+    model: smollm2                 # or an HF folder / .gguf file
+    engine: {dtype: float32, cache: {...}, scheduler: {...}}
+    transfer: {backend: nixl, timeout_s: 10, lease_s: 30}
+    router: {port: 8000, prefill_policy: least_loaded, ...}
+    pools:
+      prefill: {replicas: 1}       # 0 = co-located: decode workers prefill locally
+      decode: {replicas: 1}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.config import ConfigError, EngineConfig, _from_dict
+from worker.config import TransferConfig, WorkerConfig
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """One pool of identical workers."""
+
+    replicas: int = 1  # workers started in this pool
+    base_port: int = 0  # first worker's gRPC port, the rest count up; 0 = any free ports
+
+    def __post_init__(self) -> None:
+        if self.replicas < 0:
+            raise ConfigError(f"pool replicas must be >= 0, got {self.replicas}")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Router + prefill pool + decode pool."""
+
+    model: str = "smollm2"  # model for every worker and the router's tokenizer
+    engine: dict[str, Any] = field(default_factory=dict)  # EngineConfig fields other than model
+    transfer: TransferConfig = field(default_factory=TransferConfig)  # KV transfer between the pools
+    router: dict[str, Any] = field(default_factory=dict)  # RouterConfig fields
+    prefill: PoolConfig = field(default_factory=PoolConfig)  # the prefill pool
+    decode: PoolConfig = field(default_factory=PoolConfig)  # the decode pool
+
+    def __post_init__(self) -> None:
+        if self.decode.replicas < 1:
+            raise ConfigError("pools.decode.replicas must be at least 1")
+        self.engine_config()  # validate now, not when a worker starts
+
+    def engine_config(self, model: str | None = None) -> EngineConfig:
+        return EngineConfig.from_dict({**self.engine, "model": model or self.model})
+
+    def worker_config(self, role: str, host: str = "127.0.0.1", port: int = 0, worker_id: str = "",
+                      model: str | None = None, transfer_backend: str | None = None) -> WorkerConfig:
+        transfer = self.transfer if not transfer_backend else dataclasses.replace(self.transfer, backend=transfer_backend)
+        return WorkerConfig(role=role, host=host, port=port, worker_id=worker_id, engine=self.engine_config(model),
+                            transfer=transfer)
+
+    @property
+    def colocated(self) -> bool:
+        return self.prefill.replicas == 0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ClusterConfig:
+        d = dict(d or {})
+        pools = d.pop("pools", {}) or {}
+        unknown = set(pools) - {"prefill", "decode"}
+        if unknown:
+            raise ConfigError(f"unknown pool(s): {', '.join(sorted(unknown))} (pools are prefill and decode)")
+        d["transfer"] = _from_dict(TransferConfig, d.get("transfer", {}) or {}, "transfer")
+        for name in ("prefill", "decode"):
+            d[name] = _from_dict(PoolConfig, pools.get(name, {}) or {}, f"pools.{name}")
+        return _from_dict(cls, d, "cluster")
+
+    @classmethod
+    def load(cls, path: str) -> ClusterConfig:
+        import yaml
+
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        try:
+            return cls.from_dict(data or {})
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None

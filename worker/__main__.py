@@ -1,0 +1,3 @@
+from worker.server import main
+
+main()

@@ -1,0 +1,54 @@
+"""Worker settings: role, address, engine and KV-transfer options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.config import ConfigError, EngineConfig, _from_dict
+
+ROLES = ("prefill", "decode")
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """How KV blocks move from prefill to decode workers."""
+
+    backend: str = "nixl"  # kvtransfer backend: nixl | tcp
+    host: str = "127.0.0.1"  # address the TCP backend's block server listens on
+    timeout_s: float = 10.0  # a pull slower than this is abandoned and the prompt recomputed locally
+    lease_s: float = 30.0  # a prefill worker keeps finished prompts' blocks this long for the pull
+    fault: str | None = None  # test-only fault injection on the decode side's reads: fail | hang
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("nixl", "tcp", "local"):
+            raise ConfigError(f"transfer.backend must be nixl or tcp, got {self.backend!r}")
+        if self.timeout_s <= 0 or self.lease_s <= self.timeout_s:
+            raise ConfigError("transfer needs 0 < timeout_s < lease_s (a pull must end before its lease does)")
+        if self.fault not in (None, "fail", "hang"):
+            raise ConfigError(f"transfer.fault must be fail or hang, got {self.fault!r}")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """One prefill or decode worker process."""
+
+    role: str = "decode"  # prefill | decode (a decode worker also prefills locally when given no KV)
+    host: str = "127.0.0.1"  # gRPC listen address
+    port: int = 0  # gRPC port; 0 picks a free one
+    worker_id: str = ""  # name in logs and metrics; defaults to role@port
+    engine: EngineConfig = field(default_factory=EngineConfig)  # the inference engine
+    transfer: TransferConfig = field(default_factory=TransferConfig)  # KV transfer
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ConfigError(f"worker.role must be one of {ROLES}, got {self.role!r}")
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"worker.port out of range: {self.port}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> WorkerConfig:
+        d = dict(d)
+        engine = EngineConfig.from_dict(d.pop("engine", {}))
+        transfer = _from_dict(TransferConfig, d.pop("transfer", {}), "transfer")
+        return _from_dict(cls, {**d, "engine": engine, "transfer": transfer}, "worker")
