@@ -13,10 +13,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
 
     llm = LLM(a.model, device=a.device, dtype=a.dtype)
     params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed)
-    if a.raw:
-        out = llm.generate(a.prompt, params)[0]
-    else:
-        out = llm.chat([{"role": "user", "content": a.prompt}], params)[0]
+    out = llm.generate(a.prompt, params)[0] if a.raw else llm.chat([{"role": "user", "content": a.prompt}], params)[0]
     print(out.text)
     print(f"[{len(out.token_ids)} tokens, finish_reason={out.finish_reason}]", file=sys.stderr)
 

@@ -15,7 +15,14 @@ import torch
 from engine.attention.base import AttentionMetadata, get_attention_backend
 from engine.config import CacheConfig, EngineConfig, ModelConfig
 from engine.kv_cache_manager import KVCacheManager
-from engine.loader import WeightLoadError, dummy_weights, expected_shapes, iter_weights, load_model_config, resolve_source
+from engine.loader import (
+    WeightLoadError,
+    dummy_weights,
+    expected_shapes,
+    iter_weights,
+    load_model_config,
+    resolve_source,
+)
 from engine.models.llama import LlamaForCausalLM
 from engine.request import Request
 from engine.sampler import Sampler, SampleResult

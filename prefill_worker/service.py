@@ -8,8 +8,8 @@ import logging
 
 import grpc
 
-from proto import disagg_pb2
 from prefill_worker.lease import LeaseTable
+from proto import disagg_pb2
 from worker.servicer import WorkerServicerBase, check_request, layout_to_proto, logprob_to_proto
 
 log = logging.getLogger(__name__)

@@ -12,8 +12,8 @@ import json
 import pytest
 import torch
 
-from engine.engine import LLMEngine
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from engine.engine import LLMEngine
 from engine.request import SamplingParams
 from tests.hf_reference import compare_greedy, hf_greedy, smollm2_hf_model
 
@@ -66,7 +66,8 @@ def smollm2_reference():
     from engine.tokenizer import Tokenizer, smollm2_gguf_path
 
     tok = Tokenizer.from_gguf(smollm2_gguf_path())
-    text = open(__file__).read() + json.dumps(SETTINGS, default=str)
+    with open(__file__) as f:
+        text = f.read() + json.dumps(SETTINGS, default=str)
     base = tok.encode("The history of the city begins with a small fishing village. " + text)
     prompts = [base[i * 7 : i * 7 + n] for i, n in enumerate(LENGTHS)]
     model = smollm2_hf_model()

@@ -9,6 +9,7 @@ between steps, never while a step is running.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -109,10 +110,8 @@ class AsyncEngine:
                 else:
                     self._take_snapshot()
                     self._wake.clear()
-                    try:
+                    with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), timeout=0.05)
-                    except TimeoutError:
-                        pass
         except asyncio.CancelledError:
             raise
         except BaseException as e:  # the worker reports unhealthy rather than hanging its streams
