@@ -75,12 +75,19 @@ class LLMEngine:
             raise InvalidRequestError(f"request needs {need} KV blocks but the cache only has {self.kv.num_blocks}")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    keep_blocks_on_finish: bool = False) -> Request:
+                    keep_blocks_on_finish: bool = False, output_token_ids: list[int] | None = None,
+                    num_computed_tokens: int = 0) -> Request:
+        """Queue a request. A request resuming elsewhere-started work passes the tokens already sampled and
+        how many tokens' KV already sits in the blocks held under its id (a decode worker after a pull)."""
         if request_id in self.requests:
             raise InvalidRequestError(f"duplicate request id {request_id!r}")
+        if self.kv.has(request_id) and num_computed_tokens == 0:
+            raise InvalidRequestError(f"request id {request_id!r} still holds KV blocks")
         self.validate(prompt_token_ids, params)
         req = Request(request_id, list(prompt_token_ids), params, arrival_time=time.monotonic(),
                       keep_blocks_on_finish=keep_blocks_on_finish)
+        req.output_token_ids.extend(output_token_ids or [])
+        req.num_computed_tokens = num_computed_tokens
         self.requests[request_id] = req
         self.scheduler.add(req)
         return req

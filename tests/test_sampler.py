@@ -366,7 +366,9 @@ def test_results_are_python_scalars() -> None:
     seed=st.one_of(st.none(), st.integers(-(2**63), 2**64 - 1)),
 )
 def test_sampled_token_is_allowed(data, vocab, temperature, top_k, top_p, min_p, seed) -> None:
-    row = data.draw(st.lists(st.floats(-20, 20, width=32), min_size=vocab, max_size=vocab))
+    # Logits on a 1e-3 grid: differences below float32 resolution (e.g. 0 vs 1e-28) are ties to the sampler's
+    # float32 softmax but not to the float64 reference, which is a precision artefact, not a sampler property.
+    row = data.draw(st.lists(st.floats(-20, 20).map(lambda x: round(x, 3)), min_size=vocab, max_size=vocab))
     out_ids = data.draw(st.lists(st.integers(0, vocab - 1), max_size=5))
     req = make_req(output=out_ids, seed=seed, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     logits = torch.tensor([row], dtype=torch.float32)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.engine import LLMEngine, StepOutput
-from engine.request import Request, SamplingParams
+from engine.request import InvalidRequestError, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,12 @@ class AsyncEngine:
         self._queues[request_id] = q
 
         def add() -> None:
-            req = self.engine.add_request(request_id, prompt_token_ids, params, keep_blocks_on_finish)
-            _resume(req, output_token_ids or [], num_computed_tokens)
+            try:
+                self.engine.add_request(request_id, prompt_token_ids, params, keep_blocks_on_finish, output_token_ids,
+                                        num_computed_tokens)
+            except InvalidRequestError as e:  # e.g. a duplicate id: end this stream, never leave it waiting
+                self._queues.pop(request_id, None)
+                q.put_nowait(StepOutput(request_id, [], True, "error", stop_reason=str(e)))
 
         self._submit(add, None)
         return q
@@ -150,9 +154,3 @@ class AsyncEngine:
     @property
     def healthy(self) -> bool:
         return self._error is None and self._task is not None and not self._task.done()
-
-
-def _resume(req: Request, output_token_ids: list[int], num_computed_tokens: int) -> None:
-    """A request continuing elsewhere-started work: tokens already sampled, KV already in its blocks."""
-    req.output_token_ids.extend(output_token_ids)
-    req.num_computed_tokens = num_computed_tokens
