@@ -109,6 +109,7 @@ class CacheConfig:
     block_size: int = 16  # tokens per KV block
     memory_budget_bytes: int = 512 * 1024 * 1024  # bytes the KV pool may take (ignored when num_blocks is set)
     num_blocks: int | None = None  # exact pool size in blocks; overrides the memory budget
+    enable_prefix_caching: bool = True  # reuse KV of full blocks whose token prefix was seen before
 
     def __post_init__(self) -> None:
         _check(self.block_size > 0 and self.block_size & (self.block_size - 1) == 0, "cache.block_size must be a power of two")

@@ -51,7 +51,7 @@ class LLMEngine:
         self.model_config = self.runner.model_config
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
                                  self.model_config.max_position_embeddings)
-        self.kv = KVCacheManager(num_blocks, config.cache.block_size)
+        self.kv = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, self.model_config.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()

@@ -1,26 +1,53 @@
-"""Per-request block tables over the block pool.
+"""Per-request block tables over the block pool, with prefix caching.
 
-A request owns `ceil(num_computed_or_scheduled_tokens / block_size)` blocks,
-in order: token i of the request lives in block `table[i // block_size]` at
-offset `i % block_size` (its "slot" is `block * block_size + offset`).
+A request owns `ceil(tokens / block_size)` blocks in order: token i lives in
+block `table[i // block_size]` at offset `i % block_size` (slot
+`block * block_size + offset`). Full blocks are content-addressed by a hash
+chained over (parent hash, the block's token ids), so equal prefixes map to
+equal hashes in every process (the hash is stable, not Python's `hash`), which
+is what lets the router index which worker holds which prefix.
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
+
 from engine.block_pool import BlockPool
+from engine.request import Request
+
+ROOT_HASH = 0
 
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-class KVCacheManager:
-    """Grows and frees the block tables of requests."""
+def block_hash(parent: int, tokens: list[int]) -> int:
+    """Stable 63-bit hash of a full block given its parent's hash."""
+    data = parent.to_bytes(8, "little") + array("q", tokens).tobytes()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+
+def prefix_hashes(token_ids: list[int], block_size: int) -> list[int]:
+    """Chained hashes of every full block of `token_ids`."""
+    out, h = [], ROOT_HASH
+    for i in range(len(token_ids) // block_size):
+        h = block_hash(h, token_ids[i * block_size : (i + 1) * block_size])
+        out.append(h)
+    return out
+
+
+class KVCacheManager:
+    """Grows, shares and frees the block tables of requests."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
         self.block_size = block_size
-        self.pool = BlockPool(num_blocks)
+        self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
         self._tables: dict[str, list[int]] = {}
+        self._hashes: dict[str, list[int]] = {}  # chained hashes of the request's full, registered blocks
+        self.query_tokens = 0  # prompt tokens looked up in the prefix cache
+        self.hit_tokens = 0  # of which found cached
 
     @property
     def num_free_blocks(self) -> int:
@@ -53,12 +80,57 @@ class KVCacheManager:
             table.extend(self.pool.allocate(need))
         return True
 
+    def match_prefix(self, req: Request) -> int:
+        """Share the cached blocks of the request's longest cached prefix; returns tokens covered.
+
+        At least one token is always left to compute, so the step produces logits to sample from.
+        """
+        assert req.request_id not in self._tables, "match_prefix on a request that already holds blocks"
+        if not self.pool.enable_caching:
+            return 0
+        tokens = req.all_token_ids
+        usable = (len(tokens) - 1) // self.block_size
+        hits: list[int] = []
+        hashes: list[int] = []
+        h = ROOT_HASH
+        for i in range(usable):
+            h = block_hash(h, tokens[i * self.block_size : (i + 1) * self.block_size])
+            b = self.pool.lookup(h)
+            if b is None:
+                break
+            hits.append(b)
+            hashes.append(h)
+        self.query_tokens += req.num_prompt_tokens
+        self.hit_tokens += min(len(hits) * self.block_size, req.num_prompt_tokens)
+        if hits:
+            self.pool.touch(hits)
+            self._tables[req.request_id] = hits
+            self._hashes[req.request_id] = hashes
+        return len(hits) * self.block_size
+
+    def cache_full_blocks(self, req: Request) -> None:
+        """Register the hashes of blocks that became full with computed tokens."""
+        if not self.pool.enable_caching or req.request_id not in self._tables:
+            return
+        hashes = self._hashes.setdefault(req.request_id, [])
+        full = req.num_computed_tokens // self.block_size
+        if full <= len(hashes):
+            return
+        table, bs = self._tables[req.request_id], self.block_size
+        tokens = req.all_token_ids[len(hashes) * bs : full * bs]
+        parent = hashes[-1] if hashes else ROOT_HASH
+        for j in range(full - len(hashes)):
+            parent = block_hash(parent, tokens[j * bs : (j + 1) * bs])
+            self.pool.register(table[len(hashes)], parent)
+            hashes.append(parent)
+
     def free(self, request_id: str) -> int:
-        """Release every block of the request; returns how many were released."""
+        """Release every block of the request (last block first, so a prefix's tail is evicted before its head)."""
+        self._hashes.pop(request_id, None)
         table = self._tables.pop(request_id, None)
         if not table:
             return 0
-        self.pool.free(table)
+        self.pool.free(table[::-1])
         return len(table)
 
     def slots(self, request_id: str, start: int, end: int) -> list[int]:

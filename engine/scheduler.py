@@ -7,7 +7,8 @@ running request, then waiting ones in arrival order, up to
 request whose computed tokens catch up samples one token. That one rule covers
 prompt prefill (many tokens), chunked prefill (budget smaller than the prompt),
 decode (one token), KV that arrived from elsewhere (computed starts high) and
-recompute after preemption (computed reset to 0).
+recompute after preemption (computed reset to 0) and prefix-cache hits
+(computed starts at the cached prefix's length when a request is admitted).
 
 When blocks run out, the most recently admitted running request is preempted:
 its blocks are freed, its computed count reset, and it returns to the front of
@@ -104,8 +105,14 @@ class Scheduler:
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
+            hit = 0
+            if req.num_computed_tokens == 0 and not self.kv.has(req.request_id):
+                hit = req.num_computed_tokens = self.kv.match_prefix(req)
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if not self.kv.allocate(req.request_id, req.num_computed_tokens + n):
+                if hit:  # give the shared prefix back; it is matched again when the request fits
+                    self.kv.free(req.request_id)
+                    req.num_computed_tokens = 0
                 break
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
@@ -128,6 +135,7 @@ class Scheduler:
         for sched, sample in zip(out.scheduled, samples, strict=True):
             req = sched.request
             req.num_computed_tokens += sched.num_new_tokens
+            self.kv.cache_full_blocks(req)
             if sample is None or req.is_finished:
                 continue
             req.output_token_ids.append(sample.token_id)

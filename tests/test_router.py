@@ -1,0 +1,583 @@
+"""The router end to end: real HTTP into a real uvicorn server, real gRPC out to fake workers.
+
+The fake workers are `grpc.aio` servers on their own event loop thread. Prefill answers with the script's first
+token and a KV handle; Decode streams the rest of the script (the SmolLM2 encoding of SCRIPT plus EOS), one token
+per chunk. With `ignore_eos` the fake decodes endlessly (until max_tokens), which the slow-stream tests use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from engine.config import ConfigError
+from engine.tokenizer import Tokenizer, smollm2_gguf_path
+from proto import disagg_pb2, disagg_pb2_grpc
+from router.app import create_app
+from router.config import RouterConfig
+from router.policy import make_policy
+from router.registry import WorkerRegistry, WorkerState
+
+SCRIPT = "Hello world! The capital of France is Paris."
+MODEL = "smollm2"
+CONTEXT = 256
+
+
+class FakeWorker(disagg_pb2_grpc.WorkerServicer):
+    """Scripted worker; records what the router asked of it."""
+
+    def __init__(self, role: str, tokens: list[int], delay_s: float = 0.005) -> None:
+        self.role, self.tokens, self.delay_s = role, tokens, delay_s
+        self.address = ""
+        self.prefills: list[disagg_pb2.PrefillRequest] = []
+        self.decodes: list[disagg_pb2.DecodeRequest] = []
+        self.aborts: list[str] = []
+        self.releases: list[str] = []
+        self.cancelled: list[str] = []
+        self.decode_error: grpc.StatusCode | None = None  # fail every Decode with this status
+        self.hang_after: int | None = None  # Decode goes silent after this many output tokens
+        self.load = disagg_pb2.LoadReport(role=role)
+
+    async def Health(self, request: Any, context: Any) -> disagg_pb2.HealthResponse:
+        return disagg_pb2.HealthResponse(ok=True, worker_id=f"{self.role}@{self.address}", role=self.role,
+                                         model=MODEL, max_model_len=CONTEXT)
+
+    async def Load(self, request: Any, context: Any) -> disagg_pb2.LoadReport:
+        return self.load
+
+    async def Abort(self, request: disagg_pb2.AbortRequest, context: Any) -> disagg_pb2.AbortResponse:
+        self.aborts.append(request.request_id)
+        return disagg_pb2.AbortResponse(found=True)
+
+    async def ReleaseKV(self, request: disagg_pb2.ReleaseKVRequest, context: Any) -> disagg_pb2.ReleaseKVResponse:
+        self.releases.append(request.request_id)
+        return disagg_pb2.ReleaseKVResponse(found=True)
+
+    async def Prefill(self, request: disagg_pb2.PrefillRequest, context: Any) -> disagg_pb2.PrefillResponse:
+        self.prefills.append(request)
+        resp = disagg_pb2.PrefillResponse(request_id=request.request_id, first_token=self.tokens[0])
+        if request.params.HasField("logprobs"):
+            resp.first_logprob.CopyFrom(fake_logprob(self.tokens[0], request.params.logprobs))
+        if request.params.max_tokens == 1:
+            resp.finish_reason = "length"
+        else:
+            resp.kv.CopyFrom(disagg_pb2.KVHandle(worker_id="p", worker_address=self.address, backend="local",
+                                                 block_ids=[0, 1], num_tokens=len(request.prompt_token_ids)))
+        return resp
+
+    async def Decode(self, request: disagg_pb2.DecodeRequest, context: Any) -> Any:
+        self.decodes.append(request)
+        if self.decode_error is not None:
+            await context.abort(self.decode_error, "injected failure")
+        try:
+            async for chunk in self._script(request):
+                yield chunk
+        except asyncio.CancelledError:
+            self.cancelled.append(request.request_id)
+            raise
+
+    async def _script(self, request: disagg_pb2.DecodeRequest) -> Any:
+        p, produced = request.params, int(request.HasField("first_token"))
+        script = self.tokens[:-1] if p.ignore_eos else self.tokens
+        while request.request_id not in self.aborts:
+            await asyncio.sleep(3600 if self.hang_after is not None and produced >= self.hang_after else self.delay_s)
+            token = script[produced % len(script)]
+            produced += 1
+            finish = "length" if produced >= p.max_tokens else ""
+            finish = finish or ("stop" if not p.ignore_eos and produced == len(script) else "")
+            chunk = disagg_pb2.TokenChunk(token_ids=[token], finish_reason=finish)
+            if p.HasField("logprobs"):
+                chunk.logprobs.append(fake_logprob(token, p.logprobs))
+            yield chunk
+            if finish:
+                return
+
+
+def fake_logprob(token: int, n: int) -> disagg_pb2.TokenLogprob:
+    return disagg_pb2.TokenLogprob(logprob=-0.5, top_ids=[token + i for i in range(n)],
+                                   top_logprobs=[-0.5 - i for i in range(n)])
+
+
+class FakeServer:
+    """A FakeWorker behind a grpc.aio server on the shared worker loop; can be stopped and restarted on its port."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, worker: FakeWorker) -> None:
+        self.loop, self.worker, self.port = loop, worker, 0
+        self.server: grpc.aio.Server | None = None
+        self.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=10)
+
+    def start(self) -> None:
+        async def go() -> None:
+            self.server = grpc.aio.server()
+            disagg_pb2_grpc.add_WorkerServicer_to_server(self.worker, self.server)
+            self.port = self.server.add_insecure_port(f"127.0.0.1:{self.port}")
+            await self.server.start()
+
+        self._run(go())
+        self.worker.address = self.address
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self._run(self.server.stop(grace=0))
+            self.server = None
+
+
+class RouterThread:
+    """create_app(...) served by uvicorn on a free port in a background thread."""
+
+    def __init__(self, tokenizer: Tokenizer, addresses: list[str], **overrides: Any) -> None:
+        settings = {"model_name": MODEL, "port": 0, "health_interval_s": 0.2, "rpc_timeout_s": 1.0,
+                    "worker_timeout_s": 5.0, **overrides}
+        self.config = RouterConfig(**settings)
+        self.registry = WorkerRegistry(addresses, self.config.health_interval_s, self.config.rpc_timeout_s)
+        app = create_app(self.config, tokenizer, self.registry)
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        wait_for(lambda: self.server.started, 10)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def wait_for(cond: Callable[[], Any], timeout_s: float, step_s: float = 0.02) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(step_s)
+    raise AssertionError(f"condition not met within {timeout_s}s")
+
+
+def sse_payloads(lines: Iterator[str]) -> list[Any]:
+    """Decoded `data:` payloads of an SSE stream; [DONE] stays the string '[DONE]'."""
+    out = []
+    for line in lines:
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return Tokenizer.from_gguf(smollm2_gguf_path())
+
+
+@pytest.fixture(scope="module")
+def script_ids(tokenizer: Tokenizer) -> list[int]:
+    return tokenizer.encode(SCRIPT) + [tokenizer.eos_token_id]
+
+
+@pytest.fixture(scope="module")
+def worker_loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield loop
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def fakes(worker_loop: asyncio.AbstractEventLoop, script_ids: list[int]) -> Iterator[Callable[[str], FakeServer]]:
+    """Factory of fake worker servers, all stopped at the end of the module."""
+    made: list[FakeServer] = []
+
+    def make(role: str) -> FakeServer:
+        made.append(FakeServer(worker_loop, FakeWorker(role, script_ids)))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def routers(tokenizer: Tokenizer) -> Iterator[Callable[..., RouterThread]]:
+    made: list[RouterThread] = []
+
+    def make(addresses: list[str], **overrides: Any) -> RouterThread:
+        made.append(RouterThread(tokenizer, addresses, **overrides))
+        wait_for(lambda: httpx.get(made[-1].url + "/ready").status_code == 200 or not addresses, 10)
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(fakes: Callable[[str], FakeServer], routers: Callable[..., RouterThread]
+            ) -> tuple[RouterThread, FakeWorker, FakeWorker]:
+    """Router + one prefill + one decode fake, shared by the tests that leave the workers up."""
+    p, d = fakes("prefill"), fakes("decode")
+    return routers([p.address, d.address]), p.worker, d.worker
+
+
+def client(router: RouterThread, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=router.url + "/v1", api_key=key, max_retries=0, timeout=10)
+
+
+# --- happy paths ---------------------------------------------------------------------------------------------------
+
+
+def test_openai_client_streams_chat_and_completion(cluster: tuple[RouterThread, FakeWorker, FakeWorker]) -> None:
+    router, p, d = cluster
+    chunks = list(client(router).chat.completions.create(model=MODEL, stream=True,
+                                                          messages=[{"role": "user", "content": "hi"}]))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == SCRIPT
+    assert chunks[-1].choices[0].finish_reason == "stop" and chunks[0].id.startswith("chatcmpl-")
+    rid = chunks[0].id
+    assert [r.request_id for r in p.prefills].count(rid) == 1
+    decode = next(r for r in d.decodes if r.request_id == rid)
+    assert decode.HasField("first_token") and decode.HasField("kv") and decode.kv.block_ids == [0, 1]
+
+    stream = client(router).completions.create(model=MODEL, prompt="Say hello", max_tokens=50, stream=True)
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks) == SCRIPT
+    assert chunks[0].id.startswith("cmpl-") and chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_non_streaming_with_usage(cluster: tuple[RouterThread, FakeWorker, FakeWorker], tokenizer: Tokenizer,
+                                  script_ids: list[int]) -> None:
+    router, _, _ = cluster
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    resp = client(router).chat.completions.create(model=MODEL, messages=messages)
+    prompt = tokenizer.encode(tokenizer.apply_chat_template(messages), add_special_tokens=False)
+    assert resp.object == "chat.completion" and resp.choices[0].message.content == SCRIPT
+    assert resp.choices[0].finish_reason == "stop" and resp.choices[0].message.role == "assistant"
+    assert (resp.usage.prompt_tokens, resp.usage.completion_tokens) == (len(prompt), len(script_ids))
+    assert resp.usage.total_tokens == len(prompt) + len(script_ids)
+
+    resp = client(router).completions.create(model=MODEL, prompt=[1, 2, 3], max_tokens=5)
+    assert resp.object == "text_completion" and resp.choices[0].text == "Hello world! The capital"
+    assert resp.choices[0].finish_reason == "length"
+    assert (resp.usage.prompt_tokens, resp.usage.completion_tokens) == (3, 5)
+
+    one = client(router).completions.create(model=MODEL, prompt="x", max_tokens=1)  # prefill alone finishes it
+    assert one.choices[0].text == "Hello" and one.choices[0].finish_reason == "length"
+
+
+def test_include_usage_adds_final_chunk(cluster: tuple[RouterThread, FakeWorker, FakeWorker],
+                                       script_ids: list[int]) -> None:
+    router, _, _ = cluster
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True,
+            "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", router.url + "/v1/chat/completions", json=body, timeout=10) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = sse_payloads(r.iter_lines())
+    assert events[-1] == "[DONE]"
+    usage = events[-2]
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == len(script_ids)
+    assert all(e["usage"] is None and e["object"] == "chat.completion.chunk" for e in events[:-2])
+
+
+def test_stop_string_across_tokens_cuts_text_and_aborts_decode(
+        cluster: tuple[RouterThread, FakeWorker, FakeWorker]) -> None:
+    router, _, d = cluster
+    # " capital" and " of" are separate tokens: the stop string straddles them.
+    resp = client(router).completions.create(model=MODEL, prompt="Say hello", max_tokens=50, stop=["ital of"])
+    assert resp.choices[0].text == "Hello world! The cap" and resp.choices[0].finish_reason == "stop"
+    assert resp.usage.completion_tokens == 6
+    wait_for(lambda: resp.id in d.aborts, 1)
+
+    chunks = list(client(router).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                                          stop="France", stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Hello world! The capital of "
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    wait_for(lambda: chunks[0].id in d.aborts, 1)
+
+
+def test_logprobs_shapes(cluster: tuple[RouterThread, FakeWorker, FakeWorker]) -> None:
+    router, _, _ = cluster
+    resp = client(router).completions.create(model=MODEL, prompt="hi", max_tokens=4, logprobs=2)
+    lp = resp.choices[0].logprobs
+    assert lp.tokens == ["Hello", " world", "!", " The"] and lp.token_logprobs == [-0.5] * 4
+    assert lp.text_offset == [0, 5, 11, 12]
+    assert all(len(t) == 2 and max(t.values()) == -0.5 for t in lp.top_logprobs)
+
+    resp = client(router).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                  max_completion_tokens=3, logprobs=True, top_logprobs=2)
+    content = resp.choices[0].logprobs.content
+    assert [c.token for c in content] == ["Hello", " world", "!"]
+    assert content[1].bytes == list(b" world") and content[1].logprob == -0.5
+    assert [len(c.top_logprobs) for c in content] == [2, 2, 2] and content[0].top_logprobs[1].logprob == -1.5
+
+    chunks = list(client(router).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                          max_tokens=2, logprobs=True, stream=True))
+    tokens = [t.token for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert tokens == ["Hello", " world"]
+
+
+def test_conditional_disagg_sends_short_prompts_straight_to_decode(
+        fakes: Callable[[str], FakeServer], routers: Callable[..., RouterThread], tokenizer: Tokenizer) -> None:
+    p, d = fakes("prefill"), fakes("decode")
+    router = routers([p.address, d.address], conditional_disagg_min_prompt_tokens=20)
+    short = client(router).completions.create(model=MODEL, prompt="hi", max_tokens=3)
+    long = client(router).completions.create(model=MODEL, prompt="hi " * 30, max_tokens=3)
+    assert short.choices[0].text == long.choices[0].text == "Hello world!"
+    assert [r.request_id for r in p.worker.prefills] == [long.id]
+    by_id = {r.request_id: r for r in d.worker.decodes}
+    assert not by_id[short.id].HasField("first_token") and not by_id[short.id].HasField("kv")
+    assert by_id[long.id].HasField("kv")
+
+
+# --- errors --------------------------------------------------------------------------------------------------------
+
+
+def _chat(**extra: Any) -> dict[str, Any]:
+    return {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **extra}
+
+
+BAD_REQUESTS = [
+    ("malformed json", "/v1/chat/completions", b'{"model": "smollm2", "messages": [', 400, None),
+    ("missing messages", "/v1/chat/completions", {"model": MODEL}, 400, "messages"),
+    ("empty messages", "/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
+    ("wrong type", "/v1/chat/completions", _chat(temperature="hot"), 400, "temperature"),
+    ("bad role", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "x", "content": "hi"}]}, 400, None),
+    ("unknown field", "/v1/chat/completions", _chat(frobnicate=1), 400, "frobnicate"),
+    ("max_tokens 0", "/v1/chat/completions", _chat(max_tokens=0), 400, "max_tokens"),
+    ("bad sampling", "/v1/chat/completions", _chat(top_p=0), 400, "top_p"),
+    ("n=2", "/v1/chat/completions", _chat(n=2), 400, "n"),
+    ("unknown model", "/v1/chat/completions", {**_chat(), "model": "gpt-9"}, 404, "model"),
+    ("max_tokens beyond context", "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 1000}, 400, None),
+    ("prompt too long", "/v1/completions", {"model": MODEL, "prompt": [5] * 300, "max_tokens": 1}, 400, None),
+    ("two prompts", "/v1/completions", {"model": MODEL, "prompt": ["a", "b"]}, 400, "prompt"),
+    ("bad token id", "/v1/completions", {"model": MODEL, "prompt": [10**9]}, 400, "prompt"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "param"), [b[1:] for b in BAD_REQUESTS],
+                         ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_input_gets_openai_error(cluster: tuple[RouterThread, FakeWorker, FakeWorker], path: str,
+                                     body: Any, status: int, param: str | None) -> None:
+    router, _, _ = cluster
+    kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(router.url + path, timeout=10, headers={"content-type": "application/json"}, **kwargs)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if param is not None:
+        assert error["param"] == param, error
+    if status == 404:
+        assert error["code"] == "model_not_found"
+    if "context" in error["message"]:
+        assert error["message"].startswith(f"This model's maximum context length is {CONTEXT} tokens.")
+
+
+def test_context_error_message_like_vllm(cluster: tuple[RouterThread, FakeWorker, FakeWorker]) -> None:
+    router, _, _ = cluster
+    with pytest.raises(openai.BadRequestError) as e:
+        client(router).completions.create(model=MODEL, prompt=[1, 2, 3], max_tokens=300)
+    assert ("This model's maximum context length is 256 tokens. However, you requested 303 tokens (3 in the "
+            "messages, 300 in the completion).") in e.value.message
+
+
+def test_api_keys(fakes: Callable[[str], FakeServer], routers: Callable[..., RouterThread]) -> None:
+    router = routers([fakes("decode").address], api_keys=("s3cret", "other"))
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+        r = httpx.post(router.url + "/v1/completions", json={"model": MODEL, "prompt": "hi"}, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        client(router, "nope").models.list()
+    assert client(router, "s3cret").completions.create(model=MODEL, prompt="hi", max_tokens=2).choices[0].text
+    assert [m.id for m in client(router, "other").models.list()] == [MODEL]
+    assert all(httpx.get(router.url + p).status_code == 200 for p in ("/health", "/ready", "/metrics"))
+
+
+# --- failures and disconnects --------------------------------------------------------------------------------------
+
+
+def _endless(max_tokens: int = 200) -> dict[str, Any]:
+    return {"model": MODEL, "prompt": "count", "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
+
+
+def test_client_disconnect_aborts_decode(cluster: tuple[RouterThread, FakeWorker, FakeWorker]) -> None:
+    router, _, d = cluster
+    with httpx.stream("POST", router.url + "/v1/completions", json=_endless(), timeout=10) as r:
+        lines = r.iter_lines()
+        first = json.loads(next(line for line in lines if line.startswith("data: "))[len("data: "):])
+        next(line for line in lines if line.startswith("data: "))
+    closed = time.monotonic()
+    wait_for(lambda: first["id"] in d.aborts, 1)
+    assert time.monotonic() - closed < 1
+    assert first["id"] in d.cancelled or wait_for(lambda: first["id"] in d.cancelled, 1)
+
+
+def test_non_streaming_disconnect_aborts_decode(cluster: tuple[RouterThread, FakeWorker, FakeWorker]) -> None:
+    router, _, d = cluster
+    seen = len(d.decodes)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(router.url + "/v1/completions", json={**_endless(), "stream": False}, timeout=0.3)
+    rid = d.decodes[seen].request_id
+    wait_for(lambda: rid in d.aborts, 1)
+
+
+def test_decode_worker_death_ends_stream_with_error_and_recovers(
+        fakes: Callable[[str], FakeServer], routers: Callable[..., RouterThread]) -> None:
+    d = fakes("decode")
+    router = routers([d.address])
+    with httpx.stream("POST", router.url + "/v1/completions", json=_endless(), timeout=10) as r:
+        lines = r.iter_lines()
+        for _ in range(3):
+            next(line for line in lines if line.startswith("data: "))
+        d.stop()
+        events = sse_payloads(lines)
+    assert events[-1] == "[DONE]" and "error" in events[-2], events[-3:]
+    assert events[-2]["error"]["type"] == "server_error"
+    wait_for(lambda: httpx.get(router.url + "/ready").status_code == 503, 2)
+    r = httpx.post(router.url + "/v1/completions", json={"model": MODEL, "prompt": "hi"})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "no_healthy_worker"
+    d.start()  # same port
+    wait_for(lambda: httpx.get(router.url + "/ready").status_code == 200, 5)
+    assert client(router).completions.create(model=MODEL, prompt="hi", max_tokens=3).choices[0].text == "Hello world!"
+
+
+def test_silent_decode_worker_times_out(fakes: Callable[[str], FakeServer],
+                                        routers: Callable[..., RouterThread]) -> None:
+    d = fakes("decode")
+    d.worker.hang_after = 2
+    router = routers([d.address], worker_timeout_s=0.5)
+    started = time.monotonic()
+    with httpx.stream("POST", router.url + "/v1/completions", json=_endless(), timeout=10) as r:
+        events = sse_payloads(r.iter_lines())
+    assert time.monotonic() - started < 3
+    assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "worker_timeout"
+    assert "".join(e["choices"][0]["text"] for e in events[:-2]) == "Hello world"
+    wait_for(lambda: events[0]["id"] in d.worker.aborts, 1)
+
+
+def test_unreachable_decode_releases_prefill_kv(fakes: Callable[[str], FakeServer],
+                                                routers: Callable[..., RouterThread]) -> None:
+    p, d = fakes("prefill"), fakes("decode")
+    d.worker.decode_error = grpc.StatusCode.UNAVAILABLE
+    router = routers([p.address, d.address])
+    r = httpx.post(router.url + "/v1/completions", json={"model": MODEL, "prompt": "hi"})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "worker_unavailable"
+    rid = p.worker.prefills[0].request_id
+    wait_for(lambda: p.worker.releases == [rid], 1)
+    assert d.worker.decodes[0].kv.block_ids == [0, 1]
+
+
+def test_no_workers_is_503(routers: Callable[..., RouterThread]) -> None:
+    router = routers([], max_model_len=CONTEXT)
+    assert httpx.get(router.url + "/ready").status_code == 503
+    with pytest.raises(openai.InternalServerError) as e:
+        client(router).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+    assert e.value.status_code == 503
+
+
+# --- policies, registry, metrics -----------------------------------------------------------------------------------
+
+
+def _state(address: str, **load: Any) -> WorkerState:
+    return WorkerState(address, role="both", healthy=True, load=disagg_pb2.LoadReport(**load))
+
+
+def test_round_robin_cycles() -> None:
+    workers = [_state("b"), _state("a"), _state("c")]
+    rr = make_policy("round_robin", "decode")
+    assert [rr.choose(workers).address for _ in range(6)] == ["a", "b", "c", "a", "b", "c"]
+    assert rr.choose(workers[:1]).address == "b"
+
+
+def test_least_loaded_prefill_counts_queue_and_in_flight() -> None:
+    a, b = _state("a", queued_prefill_tokens=500, num_waiting=1), _state("b", queued_prefill_tokens=100, num_waiting=9)
+    ll = make_policy("least_loaded", "prefill")
+    assert ll.choose([a, b]) is b  # fewer queued tokens wins over fewer waiting requests
+    b.load.queued_prefill_tokens = 500
+    assert ll.choose([a, b]) is a  # tokens tie: fewer waiting
+    with b.dispatched(1000):  # a burst the next Load report does not show yet
+        assert ll.choose([a, b]) is a
+    with a.dispatched(100), b.dispatched(50):
+        assert ll.choose([a, b]) is b
+
+
+def test_least_loaded_decode_prefers_free_kv_then_fewest_running() -> None:
+    a, b = _state("a", kv_usage=0.6, num_running=1), _state("b", kv_usage=0.2, num_running=8)
+    ll = make_policy("least_loaded", "decode")
+    assert ll.choose([a, b]) is b
+    a.load.kv_usage = 0.21  # within one step of b: running decides
+    assert ll.choose([a, b]) is a
+    idle = [_state("x"), _state("y")]
+    picked = []
+    for _ in range(4):  # a burst with no new Load report spreads through the in-flight counts
+        w = ll.choose(idle)
+        w.in_flight += 1
+        picked.append(w.address)
+    assert sorted(picked) == ["x", "x", "y", "y"]
+    with pytest.raises(ValueError):
+        make_policy("random", "decode")
+
+
+def test_registry_add_drain_remove_at_run_time(fakes: Callable[[str], FakeServer]) -> None:
+    d1, d2, p = fakes("decode"), fakes("decode"), fakes("prefill")
+
+    async def scenario() -> None:
+        reg = WorkerRegistry([d1.address], health_interval_s=0.1, rpc_timeout_s=1.0)
+        await reg.start()
+        assert [w.address for w in reg.candidates("decode")] == [d1.address]
+        await reg.add(d2.address)
+        await reg.add(p.address)
+        assert {w.address for w in reg.candidates("decode")} == {d1.address, d2.address}
+        assert [w.address for w in reg.candidates("prefill")] == [p.address]
+        assert reg.get(p.address).role == "prefill" and reg.max_model_len() == CONTEXT
+        reg.set_draining(d1.address)
+        assert [w.address for w in reg.candidates("decode")] == [d2.address]
+        await reg.remove(d2.address)
+        assert reg.candidates("decode") == [] and reg.get(d2.address) is None
+        reg.set_draining(d1.address, False)
+        assert [w.address for w in reg.candidates("decode")] == [d1.address]
+        await reg.stop()
+
+    asyncio.run(scenario())
+
+
+def test_router_config_from_dict() -> None:
+    cfg = RouterConfig.from_dict({"port": 9000, "api_keys": ["k"], "decode_policy": "round_robin"})
+    assert cfg.api_keys == ("k",) and cfg.port == 9000
+    for bad in ({"prot": 1}, {"prefill_policy": "random"}, {"health_interval_s": 0}, {"port": "x"}):
+        with pytest.raises(ConfigError):
+            RouterConfig.from_dict(bad)
+
+
+def test_metrics_expose_latencies_counts_and_worker_gauges(
+        cluster: tuple[RouterThread, FakeWorker, FakeWorker]) -> None:
+    router, p, d = cluster
+    d.load = disagg_pb2.LoadReport(role="decode", num_running=3, kv_usage=0.25, transfers=7)
+    client(router).completions.create(model=MODEL, prompt="hi", max_tokens=4)
+    httpx.post(router.url + "/v1/chat/completions", json={"model": MODEL})
+    wait_for(lambda: 'router_worker_num_running{role="decode"' in httpx.get(router.url + "/metrics").text, 2)
+    text = httpx.get(router.url + "/metrics").text
+    for name in ("router_time_to_first_token_seconds_bucket", "router_inter_token_latency_seconds_bucket",
+                 "router_e2e_request_latency_seconds_count", "router_prompt_tokens_total",
+                 "router_generation_tokens_total"):
+        assert name in text, name
+    assert 'router_requests_total{endpoint="completions",status="200"}' in text
+    assert 'router_requests_total{endpoint="chat",status="400"}' in text
+    assert f'router_worker_num_running{{role="decode",worker="{d.address}"}} 3.0' in text
+    assert f'router_worker_transfers{{role="decode",worker="{d.address}"}} 7.0' in text
+    assert f'router_worker_healthy{{role="prefill",worker="{p.address}"}} 1.0' in text
