@@ -65,7 +65,7 @@ def test_seeded_sampling_equals_single_process(cluster, reference: LLM) -> None:
 
 def test_32_concurrent_streams_then_no_blocks_held(cluster, reference: LLM) -> None:  # noqa: ANN001
     rng = random.Random(0)
-    words = "alpha beta gamma delta river mountain city history music science ocean forest".split()
+    words = ["alpha", "beta", "gamma", "delta", "river", "mountain", "city", "history", "music", "science", "ocean", "forest"]
     prompts = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 120))) for _ in range(32)]
     lens = [rng.randint(4, 40) for _ in range(32)]
     refs = reference.generate(prompts, [SamplingParams(max_tokens=n, temperature=0) for n in lens])
