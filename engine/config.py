@@ -140,6 +140,8 @@ class EngineConfig:
     device: str = "cpu"  # torch device string
     attention_backend: str = "auto"  # auto | torch | triton
     max_model_len: int | None = None  # cap on prompt + output tokens; None means the model's context
+    enforce_eager: bool = False  # never use CUDA graphs (they are used on CUDA with the triton backend)
+    cuda_graph_max_batch: int = 256  # largest decode batch captured in a CUDA graph
     seed: int = 0  # seed for dummy weights and for unseeded sampling
     cache: CacheConfig = field(default_factory=CacheConfig)  # KV cache settings
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)  # batching settings

@@ -47,10 +47,9 @@ class LLMEngine:
         self.device = torch.device(config.device)
         probe = _probe_model_config(config)
         num_blocks = num_kv_blocks(probe, config.cache, DTYPES[config.dtype])
-        self.runner = ModelRunner(config, self.device, num_blocks)
+        self.max_model_len = min(config.max_model_len or probe.max_position_embeddings, probe.max_position_embeddings)
+        self.runner = ModelRunner(config, self.device, num_blocks, self.max_model_len)
         self.model_config = self.runner.model_config
-        self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
-                                 self.model_config.max_position_embeddings)
         self.kv = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, self.model_config.eos_token_ids)
         self.requests: dict[str, Request] = {}

@@ -14,6 +14,7 @@ import torch
 
 from engine.attention.base import AttentionMetadata, get_attention_backend
 from engine.config import CacheConfig, EngineConfig, ModelConfig
+from engine.cuda_graph import CUDAGraphRunner
 from engine.kv_cache_manager import KVCacheManager
 from engine.loader import (
     WeightLoadError,
@@ -82,7 +83,7 @@ def num_kv_blocks(cfg: ModelConfig, cache: CacheConfig, dtype: torch.dtype) -> i
 class ModelRunner:
     """Runs one scheduled step on the model and samples where a request's computed tokens caught up."""
 
-    def __init__(self, config: EngineConfig, device: torch.device, num_blocks: int) -> None:
+    def __init__(self, config: EngineConfig, device: torch.device, num_blocks: int, max_model_len: int) -> None:
         self.device = device
         self.model = load_model(config, device)
         self.model_config: ModelConfig = self.model.config
@@ -93,6 +94,11 @@ class ModelRunner:
         )
         self.attn = get_attention_backend(config.attention_backend, device)
         self.sampler = Sampler(config.seed)
+        self.graphs: CUDAGraphRunner | None = None
+        if device.type == "cuda" and not config.enforce_eager and self.attn.name == "triton":
+            self.graphs = CUDAGraphRunner(self.model, self.kv_cache, self.attn, config.cuda_graph_max_batch,
+                                          max_model_len, config.cache.block_size)
+            self.graphs.capture()
         log.info("model %s: %d layers, KV cache %d blocks x %d tokens (%.1f MiB), attention=%s",
                  config.model, cfg.num_layers, num_blocks, config.cache.block_size,
                  self.kv_cache.numel() * dtype.itemsize / 2**20, self.attn.name)
@@ -100,11 +106,14 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, kv: KVCacheManager) -> list[SampleResult | None]:
         input_ids, positions, meta, logits_idx = self._prepare(out, kv)
-        hidden = self.model(input_ids, positions, self.kv_cache, meta, self.attn)
         sampling = [s.request for s in out.scheduled if s.samples]
-        if not sampling:
-            return [None] * len(out.scheduled)
-        logits = self.model.compute_logits(hidden[logits_idx])
+        if self.graphs is not None and meta.decode_only and self.graphs.can_run(len(out.scheduled)):
+            logits = self.graphs.run(input_ids, positions, meta)  # decode: every row samples
+        else:
+            hidden = self.model(input_ids, positions, self.kv_cache, meta, self.attn)
+            if not sampling:
+                return [None] * len(out.scheduled)
+            logits = self.model.compute_logits(hidden[logits_idx])
         results: Iterator[SampleResult] = iter(self.sampler.sample(logits, sampling))
         return [next(results) if s.samples else None for s in out.scheduled]
 
