@@ -44,6 +44,8 @@ class LocalCluster:
         self.log_dir = log_dir
         self.quiet = quiet
         self.procs: dict[str, Proc] = {}
+        if log_dir:
+            os.makedirs(log_dir, exist_ok=True)
 
     @property
     def url(self) -> str:
