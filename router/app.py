@@ -1,0 +1,179 @@
+"""The router's HTTP app: OpenAI endpoints, health, readiness and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import time
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any
+
+import pydantic
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from engine.tokenizer import Tokenizer
+from router.config import RouterConfig
+from router.errors import APIError, from_validation_error, install_error_handlers
+from router.generation import Generation
+from router.job import GenerationJob, JobBuilder
+from router.logprobs import TokenText
+from router.metrics import RouterMetrics
+from router.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from router.registry import WorkerRegistry
+from router.responder import CLIENT_GONE, ChatResponder, CompletionResponder, Responder
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class RouterService:
+    """What the endpoints share: config, tokenizer, workers, metrics and the request flow."""
+
+    def __init__(self, config: RouterConfig, tokenizer: Tokenizer, workers: WorkerRegistry) -> None:
+        self.config = config
+        self.workers = workers
+        self.metrics = RouterMetrics(workers)
+        self.jobs = JobBuilder(config, tokenizer, workers)
+        self.generation = Generation(config, tokenizer, workers, self.metrics)
+        self.texts = TokenText(tokenizer)
+
+    def check_api_key(self, request: Request) -> None:
+        if not self.config.api_keys:
+            return
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise APIError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
+                           code="invalid_api_key")
+        if not any(hmac.compare_digest(key.strip().encode(), k.encode()) for k in self.config.api_keys):
+            raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+
+    async def generate(self, request: Request, endpoint: str) -> Response:
+        """Parse, tokenize, check, then stream or collect; counts the request by its outcome."""
+        arrival = time.monotonic()
+        try:
+            job, responder, stream = await self._prepare(request, endpoint, arrival)
+        except APIError as e:
+            self.metrics.count_request(endpoint, e.status)
+            raise
+        outputs = self.generation.stream(job)
+        if stream:
+            return StreamingResponse(self._counted(responder, responder.sse(outputs), endpoint),
+                                     media_type="text/event-stream", headers=SSE_HEADERS)
+        try:
+            body = await _unless_disconnected(request, responder.collect(outputs))
+        except APIError as e:
+            self.metrics.count_request(endpoint, e.status)
+            raise
+        self.metrics.count_request(endpoint, 200)
+        return JSONResponse(body)
+
+    async def _prepare(self, request: Request, endpoint: str, arrival: float
+                       ) -> tuple[GenerationJob, Responder, bool]:
+        model_cls = ChatCompletionRequest if endpoint == "chat" else CompletionRequest
+        try:
+            req = model_cls.model_validate_json(await request.body())
+        except pydantic.ValidationError as e:
+            raise from_validation_error(e) from None
+        if isinstance(req, ChatCompletionRequest):
+            job, responder_cls = self.jobs.chat(req, arrival), ChatResponder
+        else:
+            job, responder_cls = self.jobs.completion(req, arrival), CompletionResponder
+        self.generation.require_decode_worker()
+        responder: Responder = responder_cls(job, self.config.model_name, self.texts, include_usage=req.include_usage)
+        return job, responder, bool(req.stream)
+
+    async def _counted(self, responder: Responder, events: AsyncIterator[str], endpoint: str
+                       ) -> AsyncIterator[str]:
+        try:
+            async with contextlib.aclosing(events):  # type: ignore[type-var]
+                async for event in events:
+                    yield event
+        finally:
+            self.metrics.count_request(endpoint, responder.status)
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[dict[str, Any]]) -> dict[str, Any]:
+    """Await `work`, cancelling it (and so aborting the request on the workers) if the client goes away first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise APIError(CLIENT_GONE, "client closed the connection")
+    finally:
+        watcher.cancel()
+        task.cancel()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    # The body is already read, so the next ASGI message can only be the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def create_app(config: RouterConfig, tokenizer: Tokenizer, registry: WorkerRegistry) -> FastAPI:
+    """The router app; its lifespan starts and stops the registry's health polling."""
+    service = RouterService(config, tokenizer, registry)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await registry.start()
+        try:
+            yield
+        finally:
+            await registry.stop()
+
+    app = FastAPI(title="disagg router", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = service
+    install_error_handlers(app)
+    app.include_router(_openai_routes(service), dependencies=[Depends(service.check_api_key)])
+    app.include_router(_ops_routes(service))
+    return app
+
+
+def _openai_routes(service: RouterService) -> APIRouter:
+    api = APIRouter(prefix="/v1")
+
+    @api.post("/completions")
+    async def completions(request: Request) -> Response:
+        return await service.generate(request, "completions")
+
+    @api.post("/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await service.generate(request, "chat")
+
+    @api.get("/models")
+    async def models() -> dict[str, Any]:
+        card = ModelCard(id=service.config.model_name, max_model_len=service.config.max_model_len
+                         or service.workers.max_model_len())
+        return ModelList(data=[card]).model_dump(mode="json")
+
+    return api
+
+
+def _ops_routes(service: RouterService) -> APIRouter:
+    ops = APIRouter()
+
+    @ops.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @ops.get("/ready")
+    async def ready() -> JSONResponse:
+        workers = [{"address": w.address, "worker_id": w.worker_id, "role": w.role, "healthy": w.healthy,
+                    "draining": w.draining or w.remote_draining, "error": w.error} for w in service.workers.workers()]
+        ok = bool(service.workers.candidates("decode"))
+        return JSONResponse({"ready": ok, "workers": workers}, status_code=200 if ok else 503)
+
+    @ops.get("/metrics")
+    async def metrics() -> Response:
+        body, content_type = service.metrics.render()
+        return Response(body, media_type=content_type)
+
+    return ops
+

