@@ -148,8 +148,10 @@ def offline(batch: int = 64, prompt: int = 512, out: int = 256) -> dict:
                          num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
                          num_key_value_heads=c.num_kv_heads, rope_theta=c.rope_theta,
                          max_position_embeddings=c.max_position_embeddings)
+    torch.set_default_dtype(torch.bfloat16)  # initialise in bf16 directly: an fp32 8B model would take 32 GB
     with torch.device("cuda"):
-        model = LlamaForCausalLM(hf_cfg).to(torch.bfloat16).eval()
+        model = LlamaForCausalLM(hf_cfg).eval()
+    torch.set_default_dtype(torch.float32)
     ids = prompts.cuda()
     with torch.inference_mode():
         model.generate(ids[:4, :16], max_new_tokens=4, do_sample=False, pad_token_id=0)
