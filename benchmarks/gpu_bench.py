@@ -95,10 +95,16 @@ def decode(eng, batches: list[int], ctxs: list[int], copy_tb_s: float) -> list[d
                 eng.step()
             torch.cuda.synchronize()
             ms = (time.perf_counter() - t0) / n * 1e3
+            graphs = eng.runner.graphs
+            gpu_ms = None
+            if graphs is not None and graphs.can_run(B):  # the forward alone, without scheduling and sampling
+                g = graphs.graphs[next(s for s in graphs.sizes if s >= B)]
+                gpu_ms = round(bench_ms(g.replay), 3)
             for rid in ids:
                 eng.abort(rid)
             floor = (wbytes + B * (ctx + 12) * kv_per_token) / (copy_tb_s * 1e12) * 1e3
-            rows.append({"ctx": ctx, "batch": B, "ms_step": round(ms, 3), "tok_s": round(B / ms * 1e3, 1),
+            rows.append({"ctx": ctx, "batch": B, "ms_step": round(ms, 3), "graph_replay_ms": gpu_ms,
+                         "tok_s": round(B / ms * 1e3, 1),
                          "floor_ms": round(floor, 3), "floor_ratio": round(ms / floor, 3),
                          "fraction_of_floor_tok_s": round(floor / ms, 3)})
             print("decode", rows[-1], flush=True)

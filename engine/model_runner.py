@@ -19,7 +19,6 @@ from engine.kv_cache_manager import KVCacheManager
 from engine.loader import (
     WeightLoadError,
     dummy_weights,
-    expected_shapes,
     iter_weights,
     load_model_config,
     resolve_source,
@@ -48,26 +47,29 @@ def load_model(config: EngineConfig, device: torch.device) -> LlamaForCausalLM:
     with torch.device("meta"):
         model = LlamaForCausalLM(model_config)
     model = model.to(dtype).to_empty(device=device)
-    _copy_weights(model, weights, expected_shapes(model_config), source=path)
+    _copy_weights(model, weights, source=path)
     model.model.rotary_emb.build_cache(device)
     return model.eval()
 
 
-def _copy_weights(model: LlamaForCausalLM, weights: Iterable[tuple[str, torch.Tensor]], shapes: dict, source: str) -> None:
+def _copy_weights(model: LlamaForCausalLM, weights: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
+    """Copy checkpoint tensors (Hugging Face names) into the model, stacking q/k/v and gate/up rows."""
     params = dict(model.named_parameters())
-    seen = set()
+    rows_filled: dict[str, int] = {}
     for name, tensor in weights:
-        if name not in params:
+        target, start, rows = model.stacked_target(name) or (name, 0, None)
+        if target not in params:
             raise WeightLoadError(f"{source}: unexpected tensor {name!r}")
-        if tuple(tensor.shape) != tuple(params[name].shape):
+        dest = params[target] if rows is None else params[target][start : start + rows]
+        if tuple(tensor.shape) != tuple(dest.shape):
             raise WeightLoadError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                                  f"expected {tuple(params[name].shape)}")
+                                  f"expected {tuple(dest.shape)}")
         with torch.no_grad():
-            params[name].copy_(tensor)
-        seen.add(name)
-    missing = sorted(set(params) - seen)
+            dest.copy_(tensor)
+        rows_filled[target] = rows_filled.get(target, 0) + dest.shape[0]
+    missing = sorted(n for n, p in params.items() if rows_filled.get(n, 0) != p.shape[0])
     if missing:
-        raise WeightLoadError(f"{source}: missing tensor(s) {', '.join(missing[:5])}")
+        raise WeightLoadError(f"{source}: missing tensor(s) for {', '.join(missing[:5])}")
 
 
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:

@@ -406,3 +406,32 @@ def test_fused_add_rmsnorm_matches_twin(N: int, C: int, dtype: torch.dtype, w_dt
     norm.weight.data.copy_(w)
     with torch.no_grad():
         torch.testing.assert_close(out_ref, norm(x + r))
+
+
+# ---------------------------------------------------------------- rotary, silu_and_mul
+@pytest.mark.parametrize("T, H, KVH, D, dtype", [(5, 4, 2, 16, torch.float32), (9, 8, 2, 32, torch.float32),
+                                                 (3, 6, 3, 64, torch.bfloat16)])
+def test_rotary_matches_twin(T: int, H: int, KVH: int, D: int, dtype: torch.dtype) -> None:
+    from engine.kernels.rotary import apply_rotary, apply_rotary_ref
+    from engine.models.llama import RotaryEmbedding
+
+    rope = RotaryEmbedding(D, 64, 10000.0, None)
+    qkv = torch.randn(T, (H + 2 * KVH) * D).to(dtype)  # q and k are strided views of one projection, as in the model
+    q = qkv[:, : H * D].view(T, H, D)
+    k = qkv[:, H * D : (H + KVH) * D].view(T, KVH, D)
+    pos = torch.randint(0, 64, (T,))
+    want_q, want_k = apply_rotary_ref(pos, q, k, rope.cos, rope.sin)
+    v_before = qkv[:, (H + KVH) * D :].clone()
+    apply_rotary(pos, q, k, rope.cos, rope.sin)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(q, want_q, atol=tol, rtol=tol)
+    torch.testing.assert_close(k, want_k, atol=tol, rtol=tol)
+    assert torch.equal(qkv[:, (H + KVH) * D :], v_before), "rotary wrote outside q and k"
+
+
+@pytest.mark.parametrize("T, inter", [(1, 8), (7, 100), (4, 1500)])
+def test_silu_and_mul_matches_twin(T: int, inter: int) -> None:
+    from engine.kernels.activation import silu_and_mul, silu_and_mul_ref
+
+    x = torch.randn(T, 2 * inter) * 3
+    torch.testing.assert_close(silu_and_mul(x), silu_and_mul_ref(x), atol=1e-5, rtol=1e-5)
