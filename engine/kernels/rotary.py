@@ -8,6 +8,17 @@ import triton.language as tl
 
 
 @triton.jit
+def _rotate_heads(base, t, stride_t, stride_h, n, cos, sin, h, d, dmask, HALF: tl.constexpr):
+    m = (h[:, None] < n) & dmask[None, :]
+    p1 = base + t * stride_t + h[:, None] * stride_h + d[None, :]
+    x1 = tl.load(p1, mask=m, other=0.0)
+    x2 = tl.load(p1 + HALF, mask=m, other=0.0)
+    f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+    tl.store(p1, (f1 * cos - f2 * sin).to(x1.dtype), mask=m)
+    tl.store(p1 + HALF, (f2 * cos + f1 * sin).to(x1.dtype), mask=m)
+
+
+@triton.jit
 def _rotary_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr, q_stride_t, q_stride_h, k_stride_t, k_stride_h,
                    cos_stride, NUM_Q: tl.constexpr, NUM_K: tl.constexpr, HALF: tl.constexpr,
                    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -18,14 +29,8 @@ def _rotary_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr, q_stride_t, q_stride
     cos = tl.load(cos_ptr + pos * cos_stride + d, mask=dmask, other=0.0)[None, :]
     sin = tl.load(sin_ptr + pos * cos_stride + d, mask=dmask, other=0.0)[None, :]
     h = tl.arange(0, BLOCK_H)
-    for base, n, stride_t, stride_h in ((q_ptr, NUM_Q, q_stride_t, q_stride_h), (k_ptr, NUM_K, k_stride_t, k_stride_h)):
-        m = (h[:, None] < n) & dmask[None, :]
-        p1 = base + t * stride_t + h[:, None] * stride_h + d[None, :]
-        x1 = tl.load(p1, mask=m, other=0.0)
-        x2 = tl.load(p1 + HALF, mask=m, other=0.0)
-        f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
-        tl.store(p1, (f1 * cos - f2 * sin).to(x1.dtype), mask=m)
-        tl.store(p1 + HALF, (f2 * cos + f1 * sin).to(x1.dtype), mask=m)
+    _rotate_heads(q_ptr, t, q_stride_t, q_stride_h, NUM_Q, cos, sin, h, d, dmask, HALF)
+    _rotate_heads(k_ptr, t, k_stride_t, k_stride_h, NUM_K, cos, sin, h, d, dmask, HALF)
 
 
 def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor

@@ -1,0 +1,291 @@
+"""The KV transfer interface: one agent per worker process, reading KV-cache blocks from peer agents.
+
+Memory model. A worker's KV cache is one contiguous tensor of shape
+[num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]; block `b` is the byte range
+`[data_ptr + b * block_bytes, data_ptr + (b + 1) * block_bytes)`. An agent registers the whole tensor once
+(its "pool") and moves whole blocks only. The decode side initiates: it READs a prefill agent's blocks into
+its own blocks.
+
+Ownership rules (every backend guarantees them; callers rely on them):
+- From `start_read()` until `release()` returns, the LOCAL blocks of the read belong to the transfer. The
+  caller must not free, reuse or read them; the backend may write into them at any moment.
+- `release()` must be called for every handle, on every path (done, failed, timed out, aborted). After it
+  returns, no further write from that transfer can land in those local blocks; only then may the caller free
+  or reuse them. If the read is still PENDING, `release()` cancels it and waits, up to the agent's
+  `release_timeout_s`, until the in-flight write has stopped. If it cannot confirm that in time it raises
+  `TransferError`: the blocks must then be treated as still owned by the transfer (leak, never reuse).
+- The REMOTE blocks belong to the peer. The peer must keep them intact until it sees the read's tag in its
+  own `notifications()` (the reader completed) or until its own lease on them expires. A read that races
+  with the peer freeing its blocks copies garbage but never corrupts memory that is not part of a pool.
+- A tag is reported by the peer's `notifications()` only for a read that completed in full.
+
+Threading: all methods may be called from any thread. `poll()` never raises for transfer errors: a broken
+connection, a refused read or a backend error all end as `TransferStatus.FAILED` (see `handle.error`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import threading
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from kvtransfer.faults import FaultInjector
+
+DEFAULT_RELEASE_TIMEOUT_S = 5.0
+
+
+class LayoutMismatchError(ValueError):
+    """Two KV caches cannot exchange blocks: some layout field differs."""
+
+
+class TransferError(RuntimeError):
+    """A transfer could not be completed or stopped (for example release() ran past its deadline)."""
+
+
+class BackendUnavailableError(ImportError):
+    """The backend's library is not installed in this environment."""
+
+
+class TransferStatus(enum.Enum):
+    PENDING = "pending"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """What two KV caches must agree on, field for field, before any block moves between them."""
+
+    block_size: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    block_bytes: int
+
+    @classmethod
+    def from_cache(cls, kv_cache: torch.Tensor) -> KVLayout:
+        if kv_cache.dim() != 6 or kv_cache.shape[2] != 2:
+            raise ValueError(f"kv_cache must be [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim], "
+                             f"got shape {tuple(kv_cache.shape)}")
+        if not kv_cache.is_contiguous():
+            raise ValueError("kv_cache must be contiguous: each block is moved as one byte range")
+        _, num_layers, _, block_size, num_kv_heads, head_dim = (int(s) for s in kv_cache.shape)
+        return cls(block_size=block_size, num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                   dtype=str(kv_cache.dtype).removeprefix("torch."),
+                   block_bytes=kv_cache[0].numel() * kv_cache.element_size())
+
+    def check_compatible(self, other: KVLayout) -> None:
+        """Raise LayoutMismatchError naming every differing field with both values (this one first)."""
+        diffs = [f"{f.name}: {getattr(self, f.name)!r} here vs {getattr(other, f.name)!r} there"
+                 for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+        if diffs:
+            raise LayoutMismatchError("KV layout mismatch (must match exactly): " + "; ".join(diffs))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> KVLayout:
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = names - set(d)
+        if missing:
+            raise ValueError(f"KV layout lacks {sorted(missing)}")
+        return cls(**{k: (str(d[k]) if k == "dtype" else int(d[k])) for k in names})
+
+
+@dataclass(eq=False)
+class TransferHandle:
+    """One READ of `remote_blocks` (peer's ids) into `local_blocks` (ours), in that order."""
+
+    tag: str
+    remote: str
+    remote_blocks: tuple[int, ...]
+    local_blocks: tuple[int, ...]
+    nbytes: int
+    status: TransferStatus = TransferStatus.PENDING
+    error: str | None = None
+    fault: str | None = None
+    released: bool = False
+    started_at: float = field(default_factory=time.monotonic)
+    state: Any = field(default=None, repr=False)  # backend-private
+    release_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+
+def check_block_ids(ids: list[int], num_blocks: int, side: str) -> None:
+    bad = [b for b in ids if not isinstance(b, int) or isinstance(b, bool) or not 0 <= b < num_blocks]
+    if bad:
+        raise ValueError(f"{side} block ids out of range [0, {num_blocks}): {bad[:8]}")
+
+
+class KVTransferAgent(ABC):
+    """A worker's endpoint: registers its KV pool, serves peers' reads of it, reads peers' blocks into it.
+
+    Options common to every backend: `fault` (None | "fail" | "hang", test-only fault injection on reads
+    this agent starts) and `release_timeout_s` (deadline of `release()` for a PENDING read).
+    """
+
+    backend: ClassVar[str]
+
+    def __init__(self, name: str, kv_cache: torch.Tensor, *, fault: str | None = None,
+                 release_timeout_s: float = DEFAULT_RELEASE_TIMEOUT_S) -> None:
+        self.name = name
+        self.kv_cache = kv_cache
+        self.layout = KVLayout.from_cache(kv_cache)
+        self.num_blocks = int(kv_cache.shape[0])
+        self.faults = FaultInjector(fault)
+        self.release_timeout_s = float(release_timeout_s)
+        self._lock = threading.Lock()  # guards handle status transitions, _active, _bytes_moved
+        self._active: set[TransferHandle] = set()
+        self._bytes_moved = 0
+        self._closed = False
+        self._backend_closed = False
+
+    @classmethod
+    def is_available(cls) -> bool:
+        """Whether this backend's library can be used here."""
+        return True
+
+    @property
+    def bytes_moved(self) -> int:
+        """Bytes written into this agent's blocks by reads it started that completed."""
+        return self._bytes_moved
+
+    @abstractmethod
+    def metadata(self) -> bytes:
+        """What a peer passes to its add_remote() to reach this agent."""
+
+    @abstractmethod
+    def add_remote(self, name: str, metadata: bytes) -> None:
+        """Make the peer reachable as `name`; adding the same peer again is a no-op."""
+
+    @abstractmethod
+    def notifications(self) -> list[str]:
+        """Tags of reads that peers completed against our blocks since the last call."""
+
+    @abstractmethod
+    def _remote_num_blocks(self, remote: str) -> int | None:
+        """The peer's pool size if known here (None: the peer checks ids itself); unknown peer -> ValueError."""
+
+    @abstractmethod
+    def _start(self, handle: TransferHandle) -> None:
+        """Begin the read without blocking; raising ends it FAILED with the error in handle.error."""
+
+    @abstractmethod
+    def _poll(self, handle: TransferHandle) -> TransferStatus:
+        """DONE only once every byte is in the local blocks."""
+
+    @abstractmethod
+    def _release(self, handle: TransferHandle, deadline: float) -> None:
+        """Stop the read and free its resources; on return nothing writes into its local blocks any more.
+        Raise TransferError if that cannot be ensured by `deadline` (time.monotonic())."""
+
+    @abstractmethod
+    def _close(self) -> None:
+        """Free backend resources after every handle was released."""
+
+    def start_read(self, remote: str, remote_blocks: list[int], local_blocks: list[int],
+                   tag: str) -> TransferHandle:
+        """Start a non-blocking READ of `remote`'s blocks into ours (pairwise, in list order)."""
+        if self._closed:
+            raise TransferError(f"agent {self.name!r} is closed")
+        remote_ids, local_ids = list(remote_blocks), list(local_blocks)
+        if len(remote_ids) != len(local_ids) or not local_ids:
+            raise ValueError(f"need equal, non-empty block lists, got {len(remote_ids)} remote "
+                             f"and {len(local_ids)} local")
+        check_block_ids(local_ids, self.num_blocks, "local")
+        if len(set(local_ids)) != len(local_ids):
+            raise ValueError("local block ids repeat: two writes would race on one block")
+        remote_count = self._remote_num_blocks(remote)
+        check_block_ids(remote_ids, remote_count if remote_count is not None else 2**63, "remote")
+        handle = TransferHandle(tag=str(tag), remote=remote, remote_blocks=tuple(remote_ids),
+                                local_blocks=tuple(local_ids), nbytes=len(local_ids) * self.layout.block_bytes)
+        with self._lock:
+            self._active.add(handle)
+        if not self.faults.intercept(handle):
+            try:
+                self._start(handle)
+            except Exception as e:  # noqa: BLE001 - a read that cannot start is a FAILED read, not a crash
+                self._finish(handle, TransferStatus.FAILED, f"start failed: {e!r}")
+        return handle
+
+    def poll(self, handle: TransferHandle) -> TransferStatus:
+        """PENDING, DONE or FAILED; never raises for transfer errors."""
+        if handle.status is not TransferStatus.PENDING or handle.released:
+            return handle.status
+        if handle.fault is not None:
+            status = self.faults.status(handle)
+        else:
+            try:
+                status = self._poll(handle)
+            except Exception as e:  # noqa: BLE001 - see module docstring: errors surface as FAILED
+                self._finish(handle, TransferStatus.FAILED, f"poll failed: {e!r}")
+                return handle.status
+        if status is not TransferStatus.PENDING:
+            self._finish(handle, status, handle.error)
+        return handle.status
+
+    def _finish(self, handle: TransferHandle, status: TransferStatus, error: str | None) -> None:
+        with self._lock:
+            # Only the first transition counts, so concurrent pollers cannot double-count bytes.
+            if handle.status is not TransferStatus.PENDING:
+                return
+            handle.status, handle.error = status, error
+            if status is TransferStatus.DONE:
+                self._bytes_moved += handle.nbytes
+
+    def release(self, handle: TransferHandle) -> None:
+        """Cancel if still PENDING and free the transfer; afterwards no write lands in its local blocks.
+
+        Raises TransferError if that cannot be ensured within `release_timeout_s`; the blocks then stay owned
+        by the transfer and release() may be called again."""
+        # A second, concurrent release() waits for the first: returning early would let its caller free
+        # blocks that a write may still reach.
+        if not handle.release_lock.acquire(timeout=self.release_timeout_s + 1.0):
+            raise TransferError(f"another release() of read {handle.tag!r} did not finish in time")
+        try:
+            if handle.released:
+                return
+            if handle.fault is None:
+                self._release(handle, time.monotonic() + self.release_timeout_s)
+            with self._lock:
+                handle.released = True
+                self._active.discard(handle)
+                if handle.status is TransferStatus.PENDING:
+                    handle.status, handle.error = TransferStatus.FAILED, "released before completion"
+        finally:
+            handle.release_lock.release()
+
+    def close(self) -> None:
+        """Release every outstanding read, stop serving, free backend resources. Idempotent.
+
+        If some read cannot be stopped, raises TransferError and keeps the pool registered, so that no
+        in-flight write can reach memory that was handed back."""
+        self._closed = True
+        with self._lock:
+            active = list(self._active)
+        stuck = []
+        for handle in active:
+            try:
+                self.release(handle)
+            except TransferError:
+                stuck.append(handle.tag)
+        if stuck:
+            raise TransferError(f"agent {self.name!r} could not stop reads {stuck}; not closing its pool")
+        with self._lock:
+            if self._backend_closed:
+                return
+            self._backend_closed = True
+        self._close()
+
+    def __enter__(self) -> KVTransferAgent:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

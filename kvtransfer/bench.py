@@ -1,0 +1,110 @@
+"""Bandwidth of one READ per backend: `python -m kvtransfer.bench [--mib 64] [--repeat 5] [backend ...]`.
+
+The owner of the blocks is a spawned process (tcp, nixl) or an agent in this process (local). Blocks are
+256 KiB (16 layers x 2 x 16 tokens x 4 heads x 64 dims, fp16); one read moves `--mib` MiB of them, and the
+time runs from start_read() until poll() says DONE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import statistics
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+import torch
+
+from kvtransfer.base import KVTransferAgent, TransferStatus
+from kvtransfer.local import LocalFabric
+from kvtransfer.registry import create_agent
+
+SHAPE_TAIL = (16, 2, 16, 4, 64)
+WAIT_S = 120.0
+POLL_S = 0.0005
+
+
+def make_cache(num_blocks: int, fill: bool, device: str = "cpu") -> torch.Tensor:
+    cache = torch.zeros((num_blocks, *SHAPE_TAIL), dtype=torch.float16, device=device)
+    if fill:
+        cache.uniform_(-1, 1)
+    return cache
+
+
+def _owner_main(conn: Connection, backend: str, num_blocks: int, device: str) -> None:
+    agent = create_agent(backend, "bench-owner", make_cache(num_blocks, fill=True, device=device))
+    try:
+        conn.send(agent.metadata())
+        conn.poll(WAIT_S)  # serve until told to stop, or at most WAIT_S
+    finally:
+        agent.close()
+
+
+def time_read(agent: KVTransferAgent, num: int, tag: str) -> float:
+    blocks = list(range(num))
+    t0 = time.perf_counter()
+    handle = agent.start_read("owner", blocks, blocks[::-1], tag=tag)
+    deadline = time.monotonic() + WAIT_S
+    while (status := agent.poll(handle)) is TransferStatus.PENDING and time.monotonic() < deadline:
+        time.sleep(POLL_S)  # as the decode worker polls; a busy loop would starve the copy threads of the GIL
+    elapsed = time.perf_counter() - t0
+    agent.release(handle)
+    if status is not TransferStatus.DONE:
+        raise RuntimeError(f"read ended {status.name}: {handle.error}")
+    return elapsed
+
+
+def bench(backend: str, mib: int, repeat: int, device: str = "cpu") -> dict[str, Any]:
+    reader_cache = make_cache(1, fill=False)
+    block_bytes = reader_cache[0].numel() * reader_cache.element_size()
+    num = mib * 2**20 // block_bytes
+    reader_cache = make_cache(num, fill=False, device=device)
+    options: dict[str, Any] = {}
+    proc, conn, owner = None, None, None
+    if backend == "local":
+        options["fabric"] = LocalFabric()
+        owner = create_agent(backend, "owner", make_cache(num, fill=True, device=device), **options)
+        metadata = owner.metadata()
+    else:
+        ctx = mp.get_context("spawn")
+        conn, child = ctx.Pipe()
+        proc = ctx.Process(target=_owner_main, args=(child, backend, num, device), daemon=True)
+        proc.start()
+        if not conn.poll(WAIT_S):
+            raise TimeoutError("owner process did not start")
+        metadata = conn.recv()
+    reader = create_agent(backend, "bench-reader", reader_cache, **options)
+    try:
+        reader.add_remote("owner", metadata)
+        time_read(reader, num, "warmup")
+        times = [time_read(reader, num, f"r{i}") for i in range(repeat)]
+    finally:
+        reader.close()
+        if owner is not None:
+            owner.close()
+        if conn is not None and proc is not None:
+            conn.send("stop")
+            proc.join(10)
+    nbytes = num * block_bytes
+    return {"backend": backend, "bytes": nbytes, "blocks": num, "best_s": min(times),
+            "median_s": statistics.median(times), "best_gib_s": nbytes / min(times) / 2**30,
+            "median_gib_s": nbytes / statistics.median(times) / 2**30}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("backends", nargs="*", default=["local", "tcp", "nixl"])
+    p.add_argument("--mib", type=int, default=64)
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--device", default="cpu", help="where both KV caches live: cpu or cuda")
+    args = p.parse_args(argv)
+    for backend in args.backends:
+        r = bench(backend, args.mib, args.repeat, args.device)
+        print(f"{r['backend']:6s} {args.device} {r['bytes'] / 2**20:.0f} MiB in {r['blocks']} blocks: "
+              f"best {r['best_s'] * 1e3:.1f} ms ({r['best_gib_s']:.2f} GiB/s), "
+              f"median {r['median_s'] * 1e3:.1f} ms ({r['median_gib_s']:.2f} GiB/s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""NIXL backend ("nixl"): one-sided READs over UCX, straight from the peer's registered KV pool into ours.
+
+The whole kv_cache tensor is registered once ("DRAM" for CPU tensors, "VRAM" for CUDA ones). Every block is
+one NIXL descriptor (addr, block_bytes, device_id); the local and each remote list are prepared once
+(prep_xfer_dlist) and a read selects blocks by index (make_prepped_xfer). NIXL delivers the read's tag to
+the peer as a notification when the read completes.
+
+metadata() is self-describing, never pickle: b"KVNIXL1\\n", a 4-byte big-endian length, a JSON header (NIXL
+agent name, pool base address, block count, block bytes, memory type, device id, KVLayout), then the NIXL
+agent metadata bytes. add_remote() checks the layouts agree and builds the peer's descriptors from the header.
+
+Cancel: NIXL's UCX plugin "cancels" an in-flight request by dropping it, which does not stop a one-sided
+get already issued to the NIC or the shared-memory transport. So release() of a PENDING read waits, up to
+its deadline, until NIXL reports the read DONE or ERR, and only then frees the handle; a read still in
+progress at the deadline raises TransferError (the caller must not reuse those blocks).
+
+The NIXL Python package is imported lazily: without it `import kvtransfer` still works and
+create_agent("nixl", ...) raises BackendUnavailableError saying how to install it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import struct
+import threading
+import time
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvtransfer._memory import BlockMemory
+from kvtransfer.base import (
+    DEFAULT_RELEASE_TIMEOUT_S,
+    BackendUnavailableError,
+    KVLayout,
+    KVTransferAgent,
+    TransferError,
+    TransferHandle,
+    TransferStatus,
+)
+from kvtransfer.registry import register_backend
+
+MAGIC = b"KVNIXL1\n"
+_LEN = struct.Struct("!I")
+INSTALL_HINT = "install it with: python -m pip install nixl-cu12"
+# The "nixl" meta package re-exports whichever CUDA build is installed; nixl-cu12 alone installs nixl_cu12.
+_API_MODULES = ("nixl._api", "nixl_cu12._api", "nixl_cu13._api")
+POLL_INTERVAL_S = 0.0005
+
+
+def load_nixl_api() -> ModuleType:
+    errors = []
+    for name in _API_MODULES:
+        try:
+            return importlib.import_module(name)
+        except ImportError as e:
+            errors.append(f"{name}: {e}")
+    raise BackendUnavailableError(f"the nixl KV transfer backend needs the NIXL Python package; {INSTALL_HINT} "
+                                  f"({'; '.join(errors)})")
+
+
+def block_descs(base_addr: int, num_blocks: int, block_bytes: int, device_id: int) -> np.ndarray:
+    """One (addr, len, device) row per block, as NIXL's Nx3 descriptor array."""
+    descs = np.empty((num_blocks, 3), dtype=np.uint64)
+    descs[:, 0] = base_addr + np.arange(num_blocks, dtype=np.uint64) * np.uint64(block_bytes)
+    descs[:, 1] = block_bytes
+    descs[:, 2] = device_id
+    return descs
+
+
+def encode_metadata(header: dict[str, Any], agent_md: bytes) -> bytes:
+    head = json.dumps(header).encode()
+    return MAGIC + _LEN.pack(len(head)) + head + agent_md
+
+
+def decode_metadata(metadata: bytes) -> tuple[dict[str, Any], bytes]:
+    if not metadata.startswith(MAGIC) or len(metadata) < len(MAGIC) + _LEN.size:
+        raise ValueError("not nixl-backend metadata (bad magic)")
+    (size,) = _LEN.unpack_from(metadata, len(MAGIC))
+    start = len(MAGIC) + _LEN.size
+    try:
+        header = json.loads(metadata[start:start + size])
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"nixl metadata header is not JSON: {e}") from None
+    return header, metadata[start + size:]
+
+
+@dataclasses.dataclass
+class _Remote:
+    nixl_name: str
+    num_blocks: int
+    dlist: Any  # nixl_prepped_dlist_handle
+    digest: str
+
+
+@dataclasses.dataclass
+class _Xfer:
+    handle: Any  # nixl_xfer_handle
+    state: str  # last NIXL state: "PROC", "DONE" or "ERR"
+    freed: bool = False  # set under the agent's NIXL lock: a freed handle is never touched again
+
+
+@register_backend("nixl")
+class NixlAgent(KVTransferAgent):
+    def __init__(self, name: str, kv_cache: torch.Tensor, *, nixl_backends: tuple[str, ...] = ("UCX",),
+                 fault: str | None = None, release_timeout_s: float = DEFAULT_RELEASE_TIMEOUT_S) -> None:
+        api = load_nixl_api()
+        super().__init__(name, kv_cache, fault=fault, release_timeout_s=release_timeout_s)
+        self.memory = BlockMemory(kv_cache, self.layout.block_bytes)
+        # The NIXL agent is built without thread sync; every call into it holds this lock.
+        self._nx_lock = threading.Lock()
+        self._agent = api.nixl_agent(name, api.nixl_agent_config(backends=list(nixl_backends)))
+        missing = [b for b in nixl_backends if b not in self._agent.backends]
+        if missing:
+            raise TransferError(f"NIXL could not create backend(s) {missing}; plugins here: "
+                                f"{self._agent.get_plugin_list()}")
+        self._reg = self._agent.register_memory(kv_cache)
+        self._local_dlist = self._agent.prep_xfer_dlist("NIXL_INIT_AGENT", self._descs(), self.memory.mem_type)
+        self._remotes: dict[str, _Remote] = {}
+
+    @classmethod
+    def is_available(cls) -> bool:
+        try:
+            load_nixl_api()
+        except BackendUnavailableError:
+            return False
+        return True
+
+    def _descs(self) -> np.ndarray:
+        m = self.memory
+        return block_descs(m.base_addr, self.num_blocks, self.layout.block_bytes, m.device_id)
+
+    def metadata(self) -> bytes:
+        m = self.memory
+        header = {"backend": "nixl", "name": self.name, "base_addr": m.base_addr, "num_blocks": self.num_blocks,
+                  "block_bytes": self.layout.block_bytes, "mem_type": m.mem_type, "device_id": m.device_id,
+                  "layout": self.layout.to_dict()}
+        with self._nx_lock:
+            agent_md = self._agent.get_agent_metadata()
+        return encode_metadata(header, agent_md)
+
+    def add_remote(self, name: str, metadata: bytes) -> None:
+        header, agent_md = decode_metadata(metadata)
+        self.layout.check_compatible(KVLayout.from_dict(header.get("layout") or {}))
+        digest = hashlib.sha256(metadata).hexdigest()
+        old = self._remotes.get(name)
+        if old is not None and old.digest == digest:
+            return
+        descs = block_descs(int(header["base_addr"]), int(header["num_blocks"]), int(header["block_bytes"]),
+                            int(header["device_id"]))
+        with self._nx_lock:
+            if old is not None:  # the peer restarted: forget its old registration first
+                old.dlist.release()
+                self._agent.remove_remote_agent(old.nixl_name)
+            loaded = self._agent.add_remote_agent(agent_md)
+            nixl_name = loaded.decode() if isinstance(loaded, bytes) else str(loaded)
+            dlist = self._agent.prep_xfer_dlist(nixl_name, descs, str(header["mem_type"]))
+        self._remotes[name] = _Remote(nixl_name, int(header["num_blocks"]), dlist, digest)
+
+    def notifications(self) -> list[str]:
+        with self._nx_lock:
+            notifs = self._agent.get_new_notifs()
+        return [m.decode(errors="replace") for msgs in notifs.values() for m in msgs]
+
+    def _remote_num_blocks(self, remote: str) -> int | None:
+        if remote not in self._remotes:
+            raise ValueError(f"unknown remote {remote!r}: call add_remote() first")
+        return self._remotes[remote].num_blocks
+
+    def _start(self, handle: TransferHandle) -> None:
+        remote = self._remotes[handle.remote]
+        with self._nx_lock:
+            xh = self._agent.make_prepped_xfer("READ", self._local_dlist, list(handle.local_blocks), remote.dlist,
+                                               list(handle.remote_blocks), notif_msg=handle.tag.encode())
+            handle.state = _Xfer(xh, "PROC")
+            handle.state.state = self._agent.transfer(xh)
+        if handle.state.state == "ERR":
+            raise TransferError("NIXL refused to post the read")
+
+    def _poll(self, handle: TransferHandle) -> TransferStatus:
+        xfer: _Xfer = handle.state
+        with self._nx_lock:
+            if xfer.state == "PROC" and not xfer.freed:
+                xfer.state = self._agent.check_xfer_state(xfer.handle)
+        if xfer.state == "ERR":
+            handle.error = "NIXL reported the read failed"
+            return TransferStatus.FAILED
+        return TransferStatus.DONE if xfer.state == "DONE" else TransferStatus.PENDING
+
+    def _release(self, handle: TransferHandle, deadline: float) -> None:
+        xfer: _Xfer | None = handle.state
+        if xfer is None:
+            return
+        while True:
+            with self._nx_lock:
+                if xfer.state == "PROC" and not xfer.freed:
+                    xfer.state = self._agent.check_xfer_state(xfer.handle)
+            if xfer.state != "PROC":
+                break
+            if time.monotonic() >= deadline:
+                raise TransferError(f"NIXL read {handle.tag!r} still in flight at its release deadline; its local "
+                                    "blocks may still be written and must not be reused")
+            time.sleep(POLL_INTERVAL_S)
+        with self._nx_lock:
+            if not xfer.freed:
+                xfer.handle.release()
+                xfer.freed = True
+
+    def _close(self) -> None:
+        with self._nx_lock:
+            for remote in self._remotes.values():
+                remote.dlist.release()
+                self._agent.remove_remote_agent(remote.nixl_name)
+            self._remotes.clear()
+            self._local_dlist.release()
+            self._agent.deregister_memory(self._reg)

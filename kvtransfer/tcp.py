@@ -1,0 +1,248 @@
+"""TCP backend ("tcp"): every agent serves reads of its blocks on a small TCP server; readers pull bytes.
+
+metadata() is b"host:port" of the agent's server (bind option `host`, default 127.0.0.1; `port` 0 picks a free
+one; `advertise_host` overrides the host written into the metadata). One connection per read:
+
+    reader -> server   frame {"op": "read", "tag", "blocks": [remote ids], "layout": reader's KVLayout}
+    server -> reader   frame {"ok", "error", "layout", "num_blocks"}, then if ok the raw bytes of the blocks, in order
+    reader -> server   frame {"op": "done", "tag"} once every byte is in its blocks -> server's notifications()
+
+A frame is a 4-byte big-endian length and a JSON object. Remote block ids and the layout are checked by the
+server (the metadata carries neither), so a bad id or a layout mismatch ends the read FAILED, with the
+reason in `handle.error`. Every socket has a timeout; any socket error ends the read FAILED.
+
+Cancel: release() of a PENDING read sets its cancel flag and shuts its socket down, which unblocks a receive
+in progress at once; it then waits (deadline `release_timeout_s`) until no receive into the local blocks
+runs, and none can start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import struct
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from kvtransfer._memory import BlockMemory
+from kvtransfer._threaded import BackgroundRead, ThreadedReads
+from kvtransfer.base import (
+    DEFAULT_RELEASE_TIMEOUT_S,
+    KVLayout,
+    KVTransferAgent,
+    LayoutMismatchError,
+    TransferError,
+    TransferHandle,
+    check_block_ids,
+)
+from kvtransfer.registry import register_backend
+
+_LEN = struct.Struct("!I")
+MAX_FRAME = 1 << 24
+ACCEPT_POLL_S = 0.2  # how often the accept loop looks at its stop flag
+SOCKET_BUFFER = 4 << 20
+
+
+def recv_exact(sock: socket.socket, view: memoryview) -> None:
+    while len(view):
+        n = sock.recv_into(view)
+        if n == 0:
+            raise ConnectionError("peer closed the connection mid-message")
+        view = view[n:]
+
+
+def send_frame(sock: socket.socket, obj: dict[str, Any]) -> None:
+    body = json.dumps(obj).encode()
+    sock.sendall(_LEN.pack(len(body)) + body)
+
+
+def recv_frame(sock: socket.socket) -> dict[str, Any]:
+    head = bytearray(_LEN.size)
+    recv_exact(sock, memoryview(head))
+    (size,) = _LEN.unpack(head)
+    if size > MAX_FRAME:
+        raise ValueError(f"frame of {size} bytes exceeds {MAX_FRAME}")
+    body = bytearray(size)
+    recv_exact(sock, memoryview(body))
+    obj = json.loads(body)
+    if not isinstance(obj, dict):
+        raise ValueError("frame is not a JSON object")
+    return obj
+
+
+def parse_address(metadata: bytes) -> tuple[str, int]:
+    try:
+        host, sep, port = metadata.decode().rpartition(":")
+        if not sep or not host:
+            raise ValueError
+        return host.strip("[]"), int(port)
+    except (UnicodeDecodeError, ValueError):
+        raise ValueError(f"tcp metadata must be b'host:port', got {metadata[:64]!r}") from None
+
+
+def _tune(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+
+
+class _BlockServer:
+    """Serves reads of one agent's blocks; one daemon thread per connection."""
+
+    def __init__(self, agent: TcpAgent, host: str, port: int, io_timeout_s: float,
+                 on_done: Callable[[str], None]) -> None:
+        self._agent, self._io_timeout_s, self._on_done = agent, io_timeout_s, on_done
+        self._listener = socket.create_server((host, port), backlog=128)
+        self._listener.settimeout(ACCEPT_POLL_S)
+        self.port: int = self._listener.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept_loop, name=f"kv-tcp-accept-{agent.name}", daemon=True)
+        self._thread.start()
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return  # listener closed
+            threading.Thread(target=self._serve, args=(conn,), name="kv-tcp-serve", daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.settimeout(self._io_timeout_s)
+                _tune(conn)
+                req = recv_frame(conn)
+                blocks, error = self._check(req)
+                agent = self._agent
+                send_frame(conn, {"ok": error is None, "error": error, "layout": agent.layout.to_dict(),
+                                  "num_blocks": agent.num_blocks})
+                if error is not None:
+                    return
+                staging = agent.memory.new_staging()
+                for b in blocks:
+                    conn.sendall(agent.memory.source(b, staging))
+                done = recv_frame(conn)
+                if done.get("op") == "done" and done.get("tag") == req["tag"]:
+                    self._on_done(req["tag"])
+            except (OSError, ValueError):
+                return  # the reader went away or cancelled; nothing of ours to clean up
+
+    def _check(self, req: dict[str, Any]) -> tuple[list[int], str | None]:
+        agent = self._agent
+        blocks = req.get("blocks")
+        if req.get("op") != "read" or not isinstance(req.get("tag"), str) or not isinstance(blocks, list):
+            return [], "malformed read request"
+        try:
+            check_block_ids(blocks, agent.num_blocks, "remote")
+            agent.layout.check_compatible(KVLayout.from_dict(req.get("layout") or {}))
+        except ValueError as e:
+            return [], str(e)
+        return blocks, None
+
+    def close(self) -> None:
+        self._stop.set()
+        self._listener.close()
+        self._thread.join(timeout=ACCEPT_POLL_S * 10)
+
+
+class _Conn:
+    """A reader's socket that release() may shut down from another thread."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._lock = threading.Lock()  # shutdown and close never interleave: the fd cannot be reused in between
+        self._closed = False
+
+    def interrupt(self) -> None:
+        with self._lock:
+            if not self._closed:
+                with contextlib.suppress(OSError):
+                    self.sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self.sock.close()
+
+
+@register_backend("tcp")
+class TcpAgent(ThreadedReads, KVTransferAgent):
+    def __init__(self, name: str, kv_cache: torch.Tensor, *, host: str = "127.0.0.1", port: int = 0,
+                 advertise_host: str | None = None, connect_timeout_s: float = 2.0, io_timeout_s: float = 10.0,
+                 fault: str | None = None, release_timeout_s: float = DEFAULT_RELEASE_TIMEOUT_S) -> None:
+        super().__init__(name, kv_cache, fault=fault, release_timeout_s=release_timeout_s)
+        self.memory = BlockMemory(kv_cache, self.layout.block_bytes)
+        self._connect_timeout_s, self._io_timeout_s = connect_timeout_s, io_timeout_s
+        self._remotes: dict[str, tuple[str, int]] = {}
+        self._notif_lock = threading.Lock()
+        self._notifs: list[str] = []
+        self._server = _BlockServer(self, host, port, io_timeout_s, self._notify)
+        self.address = (advertise_host or host, self._server.port)
+
+    def metadata(self) -> bytes:
+        host, port = self.address
+        return f"[{host}]:{port}".encode() if ":" in host else f"{host}:{port}".encode()
+
+    def add_remote(self, name: str, metadata: bytes) -> None:
+        self._remotes[name] = parse_address(metadata)
+
+    def notifications(self) -> list[str]:
+        with self._notif_lock:
+            out, self._notifs = self._notifs, []
+        return out
+
+    def _notify(self, tag: str) -> None:
+        with self._notif_lock:
+            self._notifs.append(tag)
+
+    def _remote_num_blocks(self, remote: str) -> int | None:
+        if remote not in self._remotes:
+            raise ValueError(f"unknown remote {remote!r}: call add_remote() first")
+        return None
+
+    def _start(self, handle: TransferHandle) -> None:
+        read = BackgroundRead(f"kv-tcp-{self.name}-{handle.tag}")
+        handle.state = read
+        address = self._remotes[handle.remote]
+        read.start(lambda r: self._read(r, handle, address))
+
+    def _read(self, read: BackgroundRead, handle: TransferHandle, address: tuple[str, int]) -> None:
+        conn = _Conn(socket.create_connection(address, timeout=self._connect_timeout_s))
+        try:
+            read.on_cancel(conn.interrupt)
+            read.check_cancelled()
+            sock = conn.sock
+            sock.settimeout(self._io_timeout_s)
+            _tune(sock)
+            send_frame(sock, {"op": "read", "tag": handle.tag, "blocks": list(handle.remote_blocks),
+                              "layout": self.layout.to_dict()})
+            self._check_reply(recv_frame(sock))
+            staging = self.memory.new_staging()
+            for b in handle.local_blocks:
+                with read.writing():
+                    recv_exact(sock, self.memory.sink(b, staging))
+                    self.memory.commit(b, staging)
+            send_frame(sock, {"op": "done", "tag": handle.tag})
+        finally:
+            conn.close()
+
+    def _check_reply(self, reply: dict[str, Any]) -> None:
+        if reply.get("ok"):
+            return
+        try:
+            self.layout.check_compatible(KVLayout.from_dict(reply.get("layout") or {}))
+        except LayoutMismatchError:
+            raise  # the reader's view of the mismatch reads better than the server's
+        except ValueError:
+            pass
+        raise TransferError(f"peer refused the read: {reply.get('error')}")
+
+    def _close(self) -> None:
+        self._server.close()

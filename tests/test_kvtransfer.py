@@ -1,0 +1,346 @@
+"""kvtransfer: every backend moves blocks byte-exact and honours the ownership rules.
+
+The reader ("decode") agent lives in this process. Its peer ("prefill"), which owns a random kv_cache, lives
+in this process for the local backend and in a spawned child process for tcp and nixl. NIXL is a required
+dependency: when it cannot be imported the nixl tests fail, they never skip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import kvtransfer.nixl
+from kvtransfer import (
+    BackendUnavailableError,
+    KVLayout,
+    KVTransferAgent,
+    LayoutMismatchError,
+    LocalFabric,
+    TransferStatus,
+    available_backends,
+    create_agent,
+)
+from kvtransfer.tcp import recv_frame, send_frame
+from tests.test_kvtransfer_peer import (
+    NUM_BLOCKS,
+    InProcessPeer,
+    ProcessPeer,
+    make_agent,
+    make_cache,
+    wait_done,
+    wait_notifications,
+)
+
+BACKENDS = ["local", "tcp", "nixl"]
+PEER_SEED = 1234
+PEER_SCRATCH = list(range(40, NUM_BLOCKS))  # the peer's blocks it reads into; other tests read only below
+DONE, FAILED, PENDING = TransferStatus.DONE, TransferStatus.FAILED, TransferStatus.PENDING
+
+
+@dataclass
+class Pair:
+    backend: str
+    agent: KVTransferAgent  # the reader, in this process
+    peer: InProcessPeer | ProcessPeer  # owns a cache equal to `expected`
+    expected: torch.Tensor
+    fabric: LocalFabric | None
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
+    backend = request.param
+    fabric = LocalFabric() if backend == "local" else None
+    agent = make_agent(backend, "decode", make_cache(None), fabric=fabric)
+    try:
+        if backend == "local":
+            assert fabric is not None
+            peer: InProcessPeer | ProcessPeer = InProcessPeer(backend, "prefill", PEER_SEED, fabric)
+        else:
+            peer = ProcessPeer(backend, "prefill", PEER_SEED)
+    except BaseException:
+        agent.close()
+        raise
+    try:
+        agent.add_remote("prefill", peer.call("metadata"))
+        agent.add_remote("prefill", peer.call("metadata"))  # idempotent
+        peer.call("add_remote", "decode", agent.metadata())
+        yield Pair(backend, agent, peer, make_cache(PEER_SEED), fabric)
+    finally:
+        agent.close()
+        peer.close()
+
+
+@pytest.fixture
+def fresh(pair: Pair) -> Pair:
+    pair.agent.kv_cache.zero_()
+    pair.agent.notifications()
+    pair.peer.call("notifications", 0, 0.0)
+    return pair
+
+
+def side_agent(p: Pair, name: str, **options: object) -> KVTransferAgent:
+    """Another reader in this process, reaching the same peer."""
+    agent = make_agent(p.backend, name, make_cache(None), fabric=p.fabric, **options)
+    agent.add_remote("prefill", p.peer.call("metadata"))
+    return agent
+
+
+def test_read_is_byte_exact_and_notifies(fresh: Pair) -> None:
+    rng = random.Random(7)
+    remote, local = rng.sample(range(40), 12), rng.sample(range(NUM_BLOCKS), 12)  # scattered, out of order
+    before = fresh.agent.bytes_moved
+    handle = fresh.agent.start_read("prefill", remote, local, tag="req-1")
+    assert wait_done(fresh.agent, [handle]) == [DONE]
+    fresh.agent.release(handle)
+    assert same_bytes(fresh.agent.kv_cache[local], fresh.expected[remote])
+    untouched = [b for b in range(NUM_BLOCKS) if b not in local]
+    assert not fresh.agent.kv_cache[untouched].any()
+    assert fresh.agent.bytes_moved - before == 12 * fresh.agent.layout.block_bytes
+    assert fresh.peer.call("notifications", 1, 10.0) == ["req-1"]
+
+
+def test_concurrent_reads(fresh: Pair) -> None:
+    rng = random.Random(11)
+    locals_ = rng.sample(range(NUM_BLOCKS), 24)
+    jobs = [(f"cc-{i}", rng.sample(range(40), 6), locals_[6 * i:6 * i + 6]) for i in range(4)]
+    before = fresh.agent.bytes_moved
+    handles = [fresh.agent.start_read("prefill", remote, local, tag=tag) for tag, remote, local in jobs]
+    assert wait_done(fresh.agent, handles) == [DONE] * 4
+    for h in handles:
+        fresh.agent.release(h)
+    for _, remote, local in jobs:
+        assert same_bytes(fresh.agent.kv_cache[local], fresh.expected[remote])
+    assert fresh.agent.bytes_moved - before == 24 * fresh.agent.layout.block_bytes
+    assert sorted(fresh.peer.call("notifications", 4, 10.0)) == [tag for tag, _, _ in jobs]
+
+
+def test_peer_reads_our_blocks_and_we_get_the_notification(fresh: Pair) -> None:
+    ours = make_cache(99)
+    fresh.agent.kv_cache.copy_(ours)
+    src = [3, 17, 0, 29]
+    status, error, landed = fresh.peer.call("read", "decode", src, PEER_SCRATCH[:4], "back-1")
+    assert (status, error) == ("DONE", None)
+    assert same_bytes(landed, ours[src])
+    assert wait_notifications(fresh.agent, 1, 10.0) == ["back-1"]
+    assert fresh.peer.call("bytes_moved") >= 4 * fresh.agent.layout.block_bytes
+
+
+def test_release_right_after_start_leaves_no_late_write(fresh: Pair) -> None:
+    blocks = list(range(40))
+    handle = fresh.agent.start_read("prefill", blocks, blocks[::-1], tag="early-release")
+    fresh.agent.release(handle)
+    snapshot = fresh.agent.kv_cache.clone()
+    time.sleep(0.1)
+    assert same_bytes(fresh.agent.kv_cache, snapshot)
+    assert fresh.agent.poll(handle) in (DONE, FAILED)
+    assert fresh.peer.call("notifications", 1, 0.3) in ([], ["early-release"])  # drained for the next test
+
+
+def test_fault_fail_ends_failed(fresh: Pair) -> None:
+    agent = side_agent(fresh, "decode-fail", fault="fail")
+    try:
+        handle = agent.start_read("prefill", [1, 2], [5, 6], tag="f-1")
+        assert agent.poll(handle) is FAILED and "fail" in (handle.error or "")
+        agent.release(handle)
+        assert not agent.kv_cache.any() and agent.bytes_moved == 0
+    finally:
+        agent.close()
+    assert fresh.peer.call("notifications", 1, 0.3) == []
+
+
+def test_fault_hang_stays_pending_and_release_meets_its_deadline(fresh: Pair) -> None:
+    agent = side_agent(fresh, "decode-hang", fault="hang", release_timeout_s=1.0)
+    try:
+        handle = agent.start_read("prefill", [1, 2], [5, 6], tag="h-1")
+        time.sleep(0.3)
+        assert agent.poll(handle) is PENDING
+        t0 = time.monotonic()
+        agent.release(handle)
+        assert time.monotonic() - t0 < 1.0
+        assert agent.poll(handle) is FAILED
+        assert not agent.kv_cache.any()
+        pending = agent.start_read("prefill", [3], [7], tag="h-2")
+    finally:
+        agent.close()  # releases the read still pending
+    assert pending.released
+
+
+def test_block_ids_are_validated(fresh: Pair) -> None:
+    agent = fresh.agent
+    with pytest.raises(ValueError, match="local block ids out of range"):
+        agent.start_read("prefill", [0], [NUM_BLOCKS], tag="v-1")
+    with pytest.raises(ValueError, match="local block ids out of range"):
+        agent.start_read("prefill", [0], [-1], tag="v-2")
+    with pytest.raises(ValueError, match="equal"):
+        agent.start_read("prefill", [0, 1], [0], tag="v-3")
+    with pytest.raises(ValueError, match="repeat"):
+        agent.start_read("prefill", [0, 1], [4, 4], tag="v-4")
+    with pytest.raises(ValueError, match="unknown remote"):
+        agent.start_read("nobody", [0], [0], tag="v-5")
+    if fresh.backend == "tcp":  # tcp metadata carries no block count: the peer refuses the read
+        handle = agent.start_read("prefill", [NUM_BLOCKS + 5], [0], tag="v-6")
+        assert wait_done(agent, [handle]) == [FAILED]
+        assert "out of range" in (handle.error or "")
+        agent.release(handle)
+    else:
+        with pytest.raises(ValueError, match="remote block ids out of range"):
+            agent.start_read("prefill", [NUM_BLOCKS + 5], [0], tag="v-6")
+    assert not agent.kv_cache.any()
+
+
+def test_layout_mismatch_names_each_field() -> None:
+    a = KVLayout.from_cache(make_cache(None))
+    b = KVLayout.from_cache(make_cache(None, block_size=16, dtype=torch.bfloat16))
+    with pytest.raises(LayoutMismatchError) as info:
+        a.check_compatible(b)
+    msg = str(info.value)
+    for text in ("block_size: 8", "16", "dtype: 'float16'", "'bfloat16'", "block_bytes"):
+        assert text in msg
+    assert "num_layers" not in msg and "head_dim" not in msg
+    a.check_compatible(KVLayout.from_dict(a.to_dict()))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layout_mismatch_between_agents(backend: str) -> None:
+    fabric = LocalFabric()
+    owner = make_agent(backend, f"lm-owner-{backend}", make_cache(1), fabric=fabric)
+    reader = make_agent(backend, f"lm-reader-{backend}", make_cache(None, block_size=16), fabric=fabric)
+    try:
+        if backend == "tcp":  # only the peer knows its layout: the read fails, saying why
+            reader.add_remote("owner", owner.metadata())
+            handle = reader.start_read("owner", [0], [0], tag="lm")
+            assert wait_done(reader, [handle]) == [FAILED]
+            assert "block_size: 16 here vs 8 there" in (handle.error or "")
+            reader.release(handle)
+        else:
+            with pytest.raises(LayoutMismatchError, match="block_size: 16 here vs 8 there"):
+                reader.add_remote("owner", owner.metadata())
+        assert not reader.kv_cache.any()
+    finally:
+        reader.close()
+        owner.close()
+
+
+def test_unreachable_tcp_peer_fails_without_raising() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again below: nothing listens there
+    agent = create_agent("tcp", "lonely", make_cache(None), connect_timeout_s=1.0)
+    try:
+        agent.add_remote("ghost", f"127.0.0.1:{port}".encode())
+        handle = agent.start_read("ghost", [0, 1], [2, 3], tag="u-1")
+        assert wait_done(agent, [handle], timeout=5.0) == [FAILED]
+        assert handle.error
+        agent.release(handle)
+        with pytest.raises(ValueError, match="host:port"):
+            agent.add_remote("bad", b"no-port-here")
+    finally:
+        agent.close()
+
+
+def _stalling_server(listener: socket.socket, layout: KVLayout, go_on: threading.Event) -> None:
+    """Answers one read with half a block, stalls until `go_on` (or 5 s), then tries to send the rest."""
+    listener.settimeout(5.0)
+    conn, _ = listener.accept()
+    with conn:
+        conn.settimeout(5.0)
+        recv_frame(conn)
+        send_frame(conn, {"ok": True, "error": None, "layout": layout.to_dict(), "num_blocks": 4})
+        conn.sendall(b"\x11" * (layout.block_bytes // 2))
+        go_on.wait(5.0)
+        with contextlib.suppress(OSError):
+            conn.sendall(b"\x22" * (layout.block_bytes * 2))
+
+
+def test_tcp_release_stops_an_inflight_write() -> None:
+    agent = create_agent("tcp", "cancel-reader", make_cache(None), release_timeout_s=2.0)
+    listener = socket.create_server(("127.0.0.1", 0))
+    go_on = threading.Event()
+    server = threading.Thread(target=_stalling_server, args=(listener, agent.layout, go_on), daemon=True)
+    server.start()
+    try:
+        agent.add_remote("staller", f"127.0.0.1:{listener.getsockname()[1]}".encode())
+        handle = agent.start_read("staller", [0, 1], [2, 3], tag="c-1")
+        flat = agent.kv_cache[2].view(-1).view(torch.uint8)
+        deadline = time.monotonic() + 5.0
+        while not flat[0] and time.monotonic() < deadline:  # the first half-block has landed
+            time.sleep(0.005)
+        assert agent.poll(handle) is PENDING
+        t0 = time.monotonic()
+        agent.release(handle)
+        assert time.monotonic() - t0 < 1.0
+        snapshot = agent.kv_cache.clone()
+        go_on.set()
+        server.join(5.0)
+        time.sleep(0.1)
+        assert same_bytes(agent.kv_cache, snapshot)  # nothing landed after release()
+        assert not agent.kv_cache[3].any() and agent.poll(handle) is FAILED
+    finally:
+        go_on.set()
+        listener.close()
+        agent.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cuda_caches_move_byte_exact(backend: str) -> None:
+    fabric = LocalFabric() if backend == "local" else None
+    reader = make_agent(backend, f"cuda-decode-{backend}", make_cache(None, device="cuda"), fabric=fabric)
+    peer = (InProcessPeer(backend, f"cuda-prefill-{backend}", PEER_SEED, fabric, device="cuda") if fabric
+            else ProcessPeer(backend, f"cuda-prefill-{backend}", PEER_SEED, device="cuda"))
+    try:
+        reader.add_remote("prefill", peer.call("metadata"))
+        peer.call("add_remote", "decode", reader.metadata())
+        remote, local = [5, 0, 33, 12, 7], [40, 2, 19, 3, 30]
+        handle = reader.start_read("prefill", remote, local, tag="cuda-1")
+        assert wait_done(reader, [handle]) == [DONE], handle.error
+        reader.release(handle)
+        assert same_bytes(reader.kv_cache[local].cpu(), make_cache(PEER_SEED)[remote])
+        assert peer.call("notifications", 1, 10.0) == ["cuda-1"]
+        reader.kv_cache.copy_(make_cache(99, device="cuda"))
+        status, error, landed = peer.call("read", "decode", [1, 2, 3], [44, 45, 46], "cuda-back")
+        assert (status, error) == ("DONE", None)
+        assert same_bytes(landed, make_cache(99)[[1, 2, 3]])
+        assert wait_notifications(reader, 1, 10.0) == ["cuda-back"]
+    finally:
+        reader.close()
+        peer.close()
+
+
+def test_registry_errors() -> None:
+    assert {"local", "tcp", "nixl"} <= set(available_backends())
+    with pytest.raises(ValueError, match="known backends: local, nixl, tcp"):
+        create_agent("rdma", "x", make_cache(None))
+    with pytest.raises(TypeError):
+        create_agent("tcp", "x", make_cache(None), no_such_option=1)
+    with pytest.raises(ValueError, match="fault"):
+        create_agent("local", "x", make_cache(None), fabric=LocalFabric(), fault="explode")
+    with pytest.raises(TypeError, match="fabric"):
+        create_agent("local", "x", make_cache(None))
+    with pytest.raises(ValueError, match="shape"):
+        KVLayout.from_cache(torch.zeros(4, 4))
+
+
+def test_nixl_is_importable() -> None:
+    # A required dependency: this fails, never skips, where NIXL is missing.
+    assert kvtransfer.nixl.load_nixl_api() is not None
+
+
+def test_missing_nixl_gives_an_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kvtransfer.nixl, "_API_MODULES", ("no_such_nixl_module._api",))
+    assert "nixl" not in available_backends()
+    with pytest.raises(BackendUnavailableError, match="pip install nixl-cu12"):
+        create_agent("nixl", "x", make_cache(None))
