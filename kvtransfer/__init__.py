@@ -3,6 +3,7 @@
 - "local": in-process agents on a shared LocalFabric (tests, single-process setups).
 - "tcp": a small TCP block server per agent; readers pull raw block bytes.
 - "nixl": NIXL one-sided READs over UCX (needs the NIXL package: pip install nixl-cu12).
+- "cuda_ipc": same-host GPU peers; the peer's pool is mapped with CUDA IPC and copied device-to-device.
 
 See kvtransfer.base for the ownership rules every backend guarantees.
 """
@@ -16,6 +17,7 @@ from kvtransfer.base import (
     TransferHandle,
     TransferStatus,
 )
+from kvtransfer.cuda_ipc import CudaIpcAgent
 from kvtransfer.faults import FAULT_MODES
 from kvtransfer.local import LocalAgent, LocalFabric
 from kvtransfer.nixl import NixlAgent
@@ -25,6 +27,7 @@ from kvtransfer.tcp import TcpAgent
 __all__ = [
     "FAULT_MODES",
     "BackendUnavailableError",
+    "CudaIpcAgent",
     "KVLayout",
     "KVTransferAgent",
     "LayoutMismatchError",

@@ -27,8 +27,9 @@ POLL_S = 0.0005
 
 def make_cache(num_blocks: int, fill: bool, device: str = "cpu") -> torch.Tensor:
     cache = torch.zeros((num_blocks, *SHAPE_TAIL), dtype=torch.float16, device=device)
-    if fill:
-        cache.uniform_(-1, 1)
+    if fill:  # deterministic, so the reader can check every byte it got
+        g = torch.Generator(device=device).manual_seed(1234)
+        cache.uniform_(-1, 1, generator=g)
     return cache
 
 
@@ -78,6 +79,10 @@ def bench(backend: str, mib: int, repeat: int, device: str = "cpu") -> dict[str,
     try:
         reader.add_remote("owner", metadata)
         time_read(reader, num, "warmup")
+        expected = make_cache(num, fill=True, device=device)
+        if not torch.equal(reader_cache, expected.flip(0)):  # blocks were read in reverse order
+            raise RuntimeError(f"{backend}: blocks did not arrive byte-exact")
+        del expected
         times = [time_read(reader, num, f"r{i}") for i in range(repeat)]
     finally:
         reader.close()
@@ -99,6 +104,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--device", default="cpu", help="where both KV caches live: cpu or cuda")
     args = p.parse_args(argv)
+    if args.device == "cuda":  # the baseline: a plain device-to-device copy of the same bytes, same run
+        x = torch.randn(args.mib * 2**20 // 4, device="cuda")
+        y = torch.empty_like(x)
+        y.copy_(x)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(args.repeat):
+            y.copy_(x)
+        torch.cuda.synchronize()
+        t = (time.perf_counter() - t0) / args.repeat
+        print(f"device copy {args.mib} MiB: {t * 1e3:.2f} ms ({args.mib / 1024 / t:.2f} GiB/s moved)", flush=True)
+        del x, y
     for backend in args.backends:
         r = bench(backend, args.mib, args.repeat, args.device)
         print(f"{r['backend']:6s} {args.device} {r['bytes'] / 2**20:.0f} MiB in {r['blocks']} blocks: "

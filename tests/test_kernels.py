@@ -435,3 +435,14 @@ def test_silu_and_mul_matches_twin(T: int, inter: int) -> None:
 
     x = torch.randn(T, 2 * inter) * 3
     torch.testing.assert_close(silu_and_mul(x), silu_and_mul_ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_copy_blocks_matches_twin() -> None:
+    from kvtransfer.gpu_copy import copy_blocks, copy_blocks_ref
+
+    src = torch.randn(12, 2, 2, 4, 3, 8)
+    dst, want = torch.full((10, 2, 2, 4, 3, 8), float("nan")), torch.full((10, 2, 2, 4, 3, 8), float("nan"))
+    src_ids, dst_ids = torch.tensor([11, 0, 5, 6, 2]), torch.tensor([3, 9, 0, 1, 4])
+    copy_blocks(src, dst, src_ids, dst_ids)
+    copy_blocks_ref(src, want, src_ids, dst_ids)
+    assert torch.equal(dst.nan_to_num(7.0), want.nan_to_num(7.0))

@@ -14,15 +14,15 @@ ROLES = ("prefill", "decode")
 class TransferConfig:
     """How KV blocks move from prefill to decode workers."""
 
-    backend: str = "nixl"  # kvtransfer backend: nixl | tcp
+    backend: str = "nixl"  # kvtransfer backend: nixl | tcp | cuda_ipc (same-host GPUs)
     host: str = "127.0.0.1"  # address the TCP backend's block server listens on
     timeout_s: float = 10.0  # a pull slower than this is abandoned and the prompt recomputed locally
     lease_s: float = 30.0  # a prefill worker keeps finished prompts' blocks this long for the pull
     fault: str | None = None  # test-only fault injection on the decode side's reads: fail | hang
 
     def __post_init__(self) -> None:
-        if self.backend not in ("nixl", "tcp", "local"):
-            raise ConfigError(f"transfer.backend must be nixl or tcp, got {self.backend!r}")
+        if self.backend not in ("nixl", "tcp", "cuda_ipc"):
+            raise ConfigError(f"transfer.backend must be nixl, tcp or cuda_ipc, got {self.backend!r}")
         if self.timeout_s <= 0 or self.lease_s <= self.timeout_s:
             raise ConfigError("transfer needs 0 < timeout_s < lease_s (a pull must end before its lease does)")
         if self.fault not in (None, "fail", "hang"):

@@ -1,0 +1,125 @@
+"""Same-host GPU peers: map the peer's KV pool into this process with CUDA IPC, copy blocks device-to-device.
+
+The prefill worker exports an IPC handle of its (single-allocation) KV cache; the decode worker opens it once
+and a READ is a few `copy_` calls on a side stream, one per run of consecutive blocks, at device-copy speed.
+Completion is an event on that stream. A GPU copy cannot be cancelled, so `release()` waits for the event:
+bounded by the copy itself, which takes microseconds to milliseconds.
+
+There is no reverse channel: `notifications()` is always empty and the reader's completion reaches the
+prefill worker as the ReleaseKV RPC (its lease is the backstop), exactly as for a failed read.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from typing import Any
+
+import torch
+
+from kvtransfer.base import DEFAULT_RELEASE_TIMEOUT_S, KVLayout, KVTransferAgent, TransferError, TransferHandle, TransferStatus
+from kvtransfer.registry import register_backend
+
+try:
+    from kvtransfer.gpu_copy import copy_blocks
+except ImportError:  # triton missing: scattered reads fall back to one memcpy per run
+    copy_blocks = None
+
+_BYTES_FIELDS = (1, 4, 6)  # positions of the bytes items in torch's `_share_cuda_()` tuple
+
+
+def block_runs(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    """(src start, dst start, length) for maximal runs where both sides are consecutive."""
+    runs: list[tuple[int, int, int]] = []
+    for s, d in zip(src, dst, strict=True):
+        if runs and runs[-1][0] + runs[-1][2] == s and runs[-1][1] + runs[-1][2] == d:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((s, d, 1))
+    return runs
+
+
+@register_backend("cuda_ipc")
+class CudaIpcAgent(KVTransferAgent):
+    def __init__(self, name: str, kv_cache: torch.Tensor, *, fault: str | None = None,
+                 release_timeout_s: float = DEFAULT_RELEASE_TIMEOUT_S) -> None:
+        if not kv_cache.is_cuda or not kv_cache.is_contiguous():
+            raise ValueError("the cuda_ipc backend needs a contiguous CUDA KV cache")
+        super().__init__(name, kv_cache, fault=fault, release_timeout_s=release_timeout_s)
+        self._stream = torch.cuda.Stream(device=kv_cache.device)
+        self._remotes: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return torch.cuda.is_available()
+
+    def metadata(self) -> bytes:
+        share = list(self.kv_cache.untyped_storage()._share_cuda_())
+        for i in _BYTES_FIELDS:
+            share[i] = base64.b64encode(share[i]).decode()
+        return json.dumps({"backend": "cuda_ipc", "share": share, "offset": self.kv_cache.storage_offset(),
+                           "shape": list(self.kv_cache.shape), "dtype": str(self.kv_cache.dtype).split(".")[-1],
+                           "layout": self.layout.to_dict()}).encode()
+
+    def add_remote(self, name: str, metadata: bytes) -> None:
+        if name in self._remotes:
+            return
+        md = _parse(metadata)
+        self.layout.check_compatible(KVLayout.from_dict(md["layout"]))
+        share = list(md["share"])
+        for i in _BYTES_FIELDS:
+            share[i] = base64.b64decode(share[i])
+        storage = torch.UntypedStorage._new_shared_cuda(*share)
+        dtype = getattr(torch, md["dtype"])
+        remote = torch.empty(0, dtype=dtype, device=self.kv_cache.device)
+        remote.set_(storage, md["offset"], md["shape"])
+        self._remotes[name] = remote
+
+    def notifications(self) -> list[str]:
+        return []
+
+    def _remote_num_blocks(self, remote: str) -> int | None:
+        if remote not in self._remotes:
+            raise ValueError(f"unknown remote {remote!r}: call add_remote() first")
+        return int(self._remotes[remote].shape[0])
+
+    def _start(self, handle: TransferHandle) -> None:
+        src = self._remotes[handle.remote]
+        dev = self.kv_cache.device
+        self._stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(self._stream):
+            runs = block_runs(handle.remote_blocks, handle.local_blocks)
+            if len(runs) <= 4 or copy_blocks is None:  # mostly consecutive: plain device memcpys
+                for s, d, n in runs:
+                    self.kv_cache[d : d + n].copy_(src[s : s + n], non_blocking=True)
+            else:  # scattered: one gather-scatter launch
+                ids = torch.tensor([handle.remote_blocks, handle.local_blocks], dtype=torch.int64).to(dev, non_blocking=True)
+                copy_blocks(src, self.kv_cache, ids[0], ids[1])
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        handle.state = done
+
+    def _poll(self, handle: TransferHandle) -> TransferStatus:
+        return TransferStatus.DONE if handle.state.query() else TransferStatus.PENDING
+
+    def _release(self, handle: TransferHandle, deadline: float) -> None:
+        if handle.state is None:
+            return
+        while not handle.state.query():  # a queued GPU copy cannot be recalled; wait for it to land
+            if time.monotonic() > deadline:
+                raise TransferError(f"GPU copy of read {handle.tag!r} still running at the release deadline")
+            time.sleep(0.0002)
+
+    def _close(self) -> None:
+        self._remotes.clear()
+
+
+def _parse(metadata: bytes) -> dict[str, Any]:
+    try:
+        md = json.loads(metadata)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"not cuda_ipc metadata: {e}") from None
+    if not isinstance(md, dict) or md.get("backend") != "cuda_ipc":
+        raise ValueError("not cuda_ipc metadata")
+    return md

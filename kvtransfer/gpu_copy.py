@@ -1,0 +1,35 @@
+"""Gather-scatter of whole KV blocks between two GPU pools in one launch (any order of block ids)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _copy_blocks_kernel(src_ptr, dst_ptr, src_ids_ptr, dst_ids_ptr, block_words, BLOCK: tl.constexpr):
+    i = tl.program_id(0)
+    chunk = tl.program_id(1)
+    s = tl.load(src_ids_ptr + i).to(tl.int64)
+    d = tl.load(dst_ids_ptr + i).to(tl.int64)
+    offs = chunk * BLOCK + tl.arange(0, BLOCK)
+    m = offs < block_words
+    tl.store(dst_ptr + d * block_words + offs, tl.load(src_ptr + s * block_words + offs, mask=m), mask=m)
+
+
+def copy_blocks(src: torch.Tensor, dst: torch.Tensor, src_ids: torch.Tensor, dst_ids: torch.Tensor) -> None:
+    """dst[dst_ids[i]] = src[src_ids[i]] for whole blocks (first dim); both pools contiguous, same layout."""
+    assert src.is_contiguous() and dst.is_contiguous() and src.shape[1:] == dst.shape[1:] and src.dtype == dst.dtype
+    assert src_ids.shape == dst_ids.shape and src_ids.dim() == 1 and src_ids.device == dst.device
+    block_bytes = dst[0].numel() * dst.element_size()
+    word = torch.int64 if block_bytes % 8 == 0 else torch.uint8
+    s, d = src.view(src.shape[0], -1).view(word), dst.view(dst.shape[0], -1).view(word)
+    n, words = src_ids.numel(), s.shape[1]
+    if n:
+        block = 2048
+        _copy_blocks_kernel[(n, triton.cdiv(words, block))](s, d, src_ids, dst_ids, words, BLOCK=block)
+
+
+def copy_blocks_ref(src: torch.Tensor, dst: torch.Tensor, src_ids: torch.Tensor, dst_ids: torch.Tensor) -> None:
+    dst[dst_ids] = src[src_ids]
