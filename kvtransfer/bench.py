@@ -20,7 +20,7 @@ from kvtransfer.base import KVTransferAgent, TransferStatus
 from kvtransfer.local import LocalFabric
 from kvtransfer.registry import create_agent
 
-SHAPE_TAIL = (16, 2, 16, 4, 64)
+SHAPE_TAIL = (32, 2, 16, 8, 128)  # one Llama-3-8B block: 2 MiB in fp16
 WAIT_S = 120.0
 POLL_S = 0.0005
 
