@@ -130,3 +130,23 @@ def test_kill_decode_worker_mid_stream(cluster, reference: LLM) -> None:  # noqa
                                              temperature=0)
     ref = reference.generate("The three primary colors are", SamplingParams(max_tokens=8, temperature=0))[0].text
     assert out.choices[0].text == ref
+
+
+def test_bad_input_gets_4xx_and_leaks_nothing(cluster) -> None:  # noqa: ANN001
+    url = f"{cluster.url}/v1/completions"
+    cases = [
+        (httpx.post(url, content=b"{not json", headers={"Content-Type": "application/json"}, timeout=10), 400),
+        (httpx.post(url, json={"model": "smollm2"}, timeout=10), 400),
+        (httpx.post(url, json={"model": "smollm2", "prompt": "hi", "max_tokens": "many"}, timeout=10), 400),
+        (httpx.post(url, json={"model": "smollm2", "prompt": "hi", "max_tokens": 0}, timeout=10), 400),
+        (httpx.post(url, json={"model": "smollm2", "prompt": "hi", "max_tokens": 10**6}, timeout=10), 400),
+        (httpx.post(url, json={"model": "smollm2", "prompt": "word " * 9000, "max_tokens": 4}, timeout=30), 400),
+        (httpx.post(url, json={"model": "gpt-9", "prompt": "hi"}, timeout=10), 404),
+    ]
+    for resp, status in cases:
+        assert resp.status_code == status, resp.text
+        err = resp.json()["error"]
+        assert err["message"] and err["type"]
+    for name in ("prefill-0", "decode-0"):
+        rep = wait_blocks_free(cluster.procs[name].address)
+        assert rep.kv_blocks_free == rep.kv_blocks_total and rep.num_running == 0
