@@ -47,6 +47,53 @@ def cmd_serve(a: argparse.Namespace) -> None:
     print("Stopped.", file=sys.stderr)
 
 
+def cmd_deploy(a: argparse.Namespace) -> None:
+    from deploy.ray import launcher
+    from engine.config import ConfigError
+
+    print(f"Deploying {a.config} on the Ray cluster at {a.address}. Loading weights takes a little while...",
+          flush=True)
+    try:
+        st = launcher.deploy(a.config, address=a.address, namespace=a.namespace, timeout_s=a.timeout)
+    except (launcher.DeployError, ConfigError) as e:
+        raise SystemExit(f"disagg deploy: {e}") from None
+    except (launcher.RayError, TimeoutError, RuntimeError) as e:  # a worker or the router failed to start
+        raise SystemExit(f"disagg deploy: failed, nothing is left running:\n{e}") from None
+    print(launcher.format_status(st))
+    print(f"\nReady: OpenAI-compatible API at {st['router']}/v1 (metrics at {st['router']}/metrics). The deployment "
+          f"outlives this command; `disagg status` / `disagg shutdown` with --namespace {st['namespace']}.", flush=True)
+
+
+def cmd_status(a: argparse.Namespace) -> None:
+    import json
+
+    from deploy.ray import launcher
+
+    try:
+        st = launcher.status(address=a.address, namespace=a.namespace)
+    except (launcher.DeployError, launcher.RayError) as e:
+        raise SystemExit(f"disagg status: {e}") from None
+    print(json.dumps(st, indent=2, default=str) if a.json else launcher.format_status(st))
+
+
+def cmd_shutdown(a: argparse.Namespace) -> None:
+    from deploy.ray import launcher
+
+    try:
+        forced = launcher.shutdown(address=a.address, namespace=a.namespace, timeout_s=a.timeout)
+    except (launcher.DeployError, launcher.RayError) as e:
+        raise SystemExit(f"disagg shutdown: {e}") from None
+    extra = f" (killed without draining: {', '.join(forced)})" if forced else ""
+    print(f"Stopped every actor of Ray namespace {a.namespace}{extra}.", flush=True)
+
+
+def _add_ray_flags(x: argparse.ArgumentParser, namespace_default: str | None) -> None:
+    x.add_argument("--address", default="auto", help="Ray cluster address, e.g. 10.0.0.5:6379 (default auto: the "
+                   "cluster `ray start` / `ray up` started on this machine)")
+    x.add_argument("--namespace", default=namespace_default, help="Ray namespace of the deployment's actors "
+                   f"(default {namespace_default or 'the config ray.namespace, else disagg'})")
+
+
 def cmd_worker(a: argparse.Namespace) -> None:
     from worker.server import main
 
@@ -63,6 +110,25 @@ def cmd_bench(a: argparse.Namespace) -> None:
     from benchmarks.serving import main
 
     main(a.args)
+
+
+def _add_ray_commands(sub: argparse._SubParsersAction) -> None:
+    d = sub.add_parser("deploy", help="start router + pools as detached Ray actors on a Ray cluster, with autoscaling")
+    d.add_argument("--config", required=True, help="cluster YAML (see deploy/configs/ray*.yaml)")
+    _add_ray_flags(d, None)
+    d.add_argument("--timeout", type=float, help="seconds to wait for every replica to serve (default: the config's "
+                   "ray.startup_timeout_s)")
+    d.set_defaults(fn=cmd_deploy)
+
+    st = sub.add_parser("status", help="pools, replicas, health, load and recent scale decisions of a Ray deployment")
+    _add_ray_flags(st, "disagg")
+    st.add_argument("--json", action="store_true", help="print the raw status as JSON")
+    st.set_defaults(fn=cmd_status)
+
+    sd = sub.add_parser("shutdown", help="drain and stop every actor of a Ray deployment")
+    _add_ray_flags(sd, "disagg")
+    sd.add_argument("--timeout", type=float, default=600.0, help="seconds running requests get to finish (default 600)")
+    sd.set_defaults(fn=cmd_shutdown)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="do not echo worker/router logs to the terminal")
     s.set_defaults(fn=cmd_serve)
 
+    _add_ray_commands(sub)
     for name, fn, text in [("worker", cmd_worker, "run one worker process (see `disagg worker -- --help`)"),
                            ("router", cmd_router, "run the router alone (see `disagg router -- --help`)"),
                            ("bench", cmd_bench, "load-test an OpenAI endpoint (see `disagg bench -- --help`)")]:

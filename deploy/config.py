@@ -6,7 +6,9 @@
     router: {port: 8000, prefill_policy: least_loaded, ...}
     pools:
       prefill: {replicas: 1}       # 0 = co-located: decode workers prefill locally
-      decode: {replicas: 1}
+      decode: {replicas: 1, resources: {num_gpus: 1}}   # resources: what a replica reserves on Ray
+    autoscaling: {...}             # optional, per pool (deploy/autoscale.py); Ray only
+    ray: {namespace: disagg, ...}  # optional (deploy/placement.py); Ray only
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from deploy.autoscale import AutoscalingConfig
+from deploy.placement import RayConfig, Resources
 from engine.config import ConfigError, EngineConfig, _from_dict
 from worker.config import TransferConfig, WorkerConfig
 
@@ -25,6 +29,7 @@ class PoolConfig:
 
     replicas: int = 1  # workers started in this pool
     base_port: int = 0  # first worker's gRPC port, the rest count up; 0 = any free ports
+    resources: Resources = field(default_factory=Resources)  # what each replica reserves on a Ray node
 
     def __post_init__(self) -> None:
         if self.replicas < 0:
@@ -41,11 +46,29 @@ class ClusterConfig:
     router: dict[str, Any] = field(default_factory=dict)  # RouterConfig fields
     prefill: PoolConfig = field(default_factory=PoolConfig)  # the prefill pool
     decode: PoolConfig = field(default_factory=PoolConfig)  # the decode pool
+    autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)  # per-pool policies (Ray only)
+    ray: RayConfig = field(default_factory=RayConfig)  # namespace, router placement, timeouts (Ray only)
 
     def __post_init__(self) -> None:
         if self.decode.replicas < 1:
             raise ConfigError("pools.decode.replicas must be at least 1")
+        self._check_autoscaling()
         self.engine_config()  # validate now, not when a worker starts
+
+    def _check_autoscaling(self) -> None:
+        if self.colocated and self.autoscaling.prefill is not None:
+            raise ConfigError("autoscaling.prefill needs a prefill pool (pools.prefill.replicas >= 1); "
+                              "a co-located cluster (replicas: 0) cannot scale it")
+        for name in ("prefill", "decode"):
+            policy, replicas = self.autoscaling.pool(name), self.pool(name).replicas
+            if policy is not None and not policy.min_replicas <= replicas <= policy.max_replicas:
+                raise ConfigError(f"pools.{name}.replicas ({replicas}) is where the pool starts, so it must lie within "
+                                  f"autoscaling.{name}: [{policy.min_replicas}, {policy.max_replicas}]")
+
+    def pool(self, name: str) -> PoolConfig:
+        if name not in ("prefill", "decode"):
+            raise KeyError(f"no pool {name!r} (pools are prefill and decode)")
+        return getattr(self, name)
 
     def engine_config(self, model: str | None = None) -> EngineConfig:
         return EngineConfig.from_dict({**self.engine, "model": model or self.model})
@@ -69,7 +92,12 @@ class ClusterConfig:
             raise ConfigError(f"unknown pool(s): {', '.join(sorted(unknown))} (pools are prefill and decode)")
         d["transfer"] = _from_dict(TransferConfig, d.get("transfer", {}) or {}, "transfer")
         for name in ("prefill", "decode"):
-            d[name] = _from_dict(PoolConfig, pools.get(name, {}) or {}, f"pools.{name}")
+            pool = dict(pools.get(name, {}) or {})
+            if "resources" in pool:
+                pool["resources"] = Resources.from_dict(pool["resources"], f"pools.{name}.resources")
+            d[name] = _from_dict(PoolConfig, pool, f"pools.{name}")
+        d["autoscaling"] = AutoscalingConfig.from_dict(d.get("autoscaling"))
+        d["ray"] = RayConfig.from_dict(d.get("ray"))
         return _from_dict(cls, d, "cluster")
 
     @classmethod

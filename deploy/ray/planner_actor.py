@@ -1,0 +1,188 @@
+"""The planner as a Ray actor: the mechanism around the policy in deploy/planner.py.
+
+Every `autoscaling.interval_s` it
+  1. registers replicas that became ready, drops dead ones, stops drained ones (deploy/ray/replica_pool.py);
+  2. reads one router snapshot and turns it into one metric sample per autoscaled pool (deploy/pool_metrics.py);
+  3. asks the policy for each pool's replica count (a fixed pool keeps `pools.<pool>.replicas`);
+  4. starts or drains replicas to match - a dead replica is replaced here too, since it no longer counts;
+  5. logs every scale decision with the numbers behind it and pushes a report to the router's /metrics.
+New actors that find no node with their resources pend; Ray's autoscaler (if the cluster has one) adds the node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import itertools
+import logging
+import time
+from typing import Any
+
+import ray
+
+from deploy.config import ClusterConfig
+from deploy.planner import Decision, PolicyState, Sample, decide
+from deploy.planner_metrics import PoolReport
+from deploy.pool_metrics import pool_sample
+from deploy.ray.replica_pool import ReplicaPool, call
+
+log = logging.getLogger("disagg.planner")
+
+ROUTER_NAME = "router"
+PLANNER_NAME = "planner"
+FIXED_INTERVAL_S = 5.0  # tick period when no pool autoscales (replacing dead replicas still needs a loop)
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class PlannerActor:
+    """Owns the deployment's worker actors; `start` brings the pools up, `shutdown` drains and stops them."""
+
+    def __init__(self, cluster: dict[str, Any], namespace: str) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.cfg = ClusterConfig.from_dict(cluster)
+        self.namespace = namespace
+        self.router = ray.get_actor(ROUTER_NAME, namespace=namespace)
+        counters: dict[str, itertools.count[int]] = collections.defaultdict(itertools.count)
+        roles = [r for r in ("prefill", "decode") if self.cfg.pool(r).replicas > 0]
+        self.pools = {r: ReplicaPool(r, cluster, self.router, namespace, lambda role: f"{role}-{next(counters[role])}")
+                      for r in roles}
+        self.desired = {r: self.cfg.pool(r).replicas for r in roles}
+        self.windows: dict[str, collections.deque[Sample]] = {r: collections.deque() for r in roles}
+        self.policy_states = {r: PolicyState() for r in roles}
+        self.last: dict[str, Decision] = {}
+        self.decisions: collections.deque[dict[str, Any]] = collections.deque(maxlen=200)
+        self.counts = {r: {"up": 0, "down": 0} for r in roles}
+        self.interval_s = self.cfg.autoscaling.interval_s if self._autoscaled() else FIXED_INTERVAL_S
+        self._prev_snapshot: dict[str, Any] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closing = asyncio.Event()  # set by shutdown: the loop ends after its current tick
+
+    def _autoscaled(self) -> bool:
+        return any(self.cfg.autoscaling.pool(r) is not None for r in self.pools)
+
+    # ---- lifecycle --------------------------------------------------------------------------------------------
+    async def start(self, timeout_s: float) -> dict[str, Any]:
+        """Start every pool's replicas and the planning loop; return once all are ready (raise on a failure)."""
+        for role, pool in self.pools.items():
+            for _ in range(self.desired[role]):
+                pool.start()
+        self._task = asyncio.create_task(self._run(), name="planner")
+        deadline = time.monotonic() + timeout_s
+        while not all(p.counts()["ready"] >= self.desired[r] for r, p in self.pools.items()):
+            failures = [f for p in self.pools.values() for f in p.failures]
+            if failures:
+                raise RuntimeError("a worker failed to start: " + failures[0])
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"pools not ready after {timeout_s:.0f}s: {self._counts()}")
+            await asyncio.sleep(0.25)
+        return await self.status()
+
+    async def shutdown(self, timeout_s: float) -> dict[str, Any]:
+        """Stop planning, drain every replica (up to `timeout_s`), stop them all, and stop the router."""
+        self._closing.set()
+        if self._task is not None:
+            # Let the current tick finish: cancelled halfway, it could drop a replica it had not yet stopped.
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self._task), self.interval_s + 60)
+            self._task.cancel()
+        await asyncio.gather(*(p.stop_all(timeout_s) for p in self.pools.values()))
+        with contextlib.suppress(ray.exceptions.RayError):
+            await call(self.router.stop.remote(), timeout_s=15)
+        return {"stopped": True}
+
+    async def _run(self) -> None:
+        while not self._closing.is_set():
+            began = time.monotonic()
+            try:
+                await self.tick()
+            except Exception:  # one bad tick (a router hiccup) must not end planning for good
+                log.exception("planner tick failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), max(0.0, self.interval_s - (time.monotonic() - began)))
+
+    # ---- one tick ---------------------------------------------------------------------------------------------
+    async def tick(self) -> None:
+        for pool in self.pools.values():
+            await pool.poll_starting()
+            await pool.check_alive()
+            await pool.poll_draining()
+        snapshot = await call(self.router.snapshot.remote())
+        now = time.monotonic()
+        for role, pool in self.pools.items():
+            self._plan(role, snapshot, now)
+            await pool.reconcile(self.desired[role], snapshot)
+        self._prev_snapshot = snapshot
+        await call(self.router.set_planner_report.remote(self.report()))
+
+    def _plan(self, role: str, snapshot: dict[str, Any], now: float) -> None:
+        """Update `desired[role]` from the policy; fixed pools keep their configured size."""
+        policy = self.cfg.autoscaling.pool(role)
+        if policy is None:
+            return
+        sample = pool_sample(policy.metric, role, snapshot, self._prev_snapshot, now)
+        window = self.windows[role]
+        window.append(sample)
+        while window and window[0].t <= now - policy.window_s:
+            window.popleft()
+        decision, self.policy_states[role] = decide(policy, list(window), self.desired[role], sample.ready, now,
+                                                    self.policy_states[role])
+        self.last[role] = decision
+        if decision.action == "hold":  # pending ones (the window asks for a change) at INFO: they precede a change
+            level = logging.INFO if decision.recommended != decision.current else logging.DEBUG
+            log.log(level, "%s: hold at %d: %s (%s %s, target %g, ready %d)", role, decision.current, decision.reason,
+                    decision.metric, decision.value, decision.target, decision.ready)
+            return
+        self.desired[role] = decision.replicas
+        self.counts[role][decision.action] += 1
+        self._record(role, decision, window, now)
+
+    def _record(self, role: str, decision: Decision, window: collections.deque[Sample], now: float) -> None:
+        """Log a scale decision with the metric window behind it, and keep it for `status`."""
+        record = {"time": time.time(), "pool": role, "action": decision.action, "from": decision.current,
+                  "to": decision.replicas, **dataclasses.asdict(decision),
+                  "window": [(round(s.t - now, 2), s.value, s.ready) for s in window]}
+        self.decisions.append(record)
+        log.info("%s: scale %s %d -> %d: %s (ready %d, recommended %d, window [(age s, value, ready)] %s)", role,
+                 decision.action, decision.current, decision.replicas, decision.reason, decision.ready,
+                 decision.recommended, record["window"])
+
+    # ---- reporting --------------------------------------------------------------------------------------------
+    def _counts(self) -> dict[str, dict[str, int]]:
+        return {r: p.counts() for r, p in self.pools.items()}
+
+    def report(self) -> dict[str, PoolReport]:
+        """Per-pool figures for the router's /metrics (deploy/planner_metrics.py)."""
+        out = {}
+        for role, pool in self.pools.items():
+            d, policy = self.last.get(role), self.cfg.autoscaling.pool(role)
+            out[role] = PoolReport(
+                desired=self.desired[role], replicas=pool.counts(), autoscaled=policy is not None,
+                metric=policy.metric if policy else "", value=d.value if d else None,
+                target=policy.target if policy else 0.0, recommended=d.recommended if d else self.desired[role],
+                decisions=dict(self.counts[role]), replaced=pool.replaced)
+        return out
+
+    async def status(self) -> dict[str, Any]:
+        """Pools, replicas (with the router's view of their health and load), and recent decisions."""
+        snapshot = await call(self.router.snapshot.remote())
+        url = await call(self.router.get_url.remote())
+        seen = {w["address"]: w for w in snapshot["workers"]}
+        pools = {}
+        for role, pool in self.pools.items():
+            policy, d = self.cfg.autoscaling.pool(role), self.last.get(role)
+            replicas = [{"name": r.name, "state": r.state, "address": r.address, **_router_view(seen.get(r.address))}
+                        for r in sorted(pool.replicas.values(), key=lambda r: r.created)]
+            pools[role] = {"desired": self.desired[role], "replicas": replicas, "replaced": pool.replaced,
+                           "autoscaling": dataclasses.asdict(policy) if policy else None,
+                           "value": d.value if d else None, "reason": d.reason if d else "",
+                           "failures": list(pool.failures)}
+        return {"router": url, "namespace": self.namespace, "interval_s": self.interval_s, "pools": pools,
+                "decisions": list(self.decisions)[-20:]}
+
+
+def _router_view(w: dict[str, Any] | None) -> dict[str, Any]:
+    if w is None:
+        return {"healthy": False, "in_flight": 0, "load": None}
+    return {"healthy": w["healthy"], "in_flight": w["in_flight"], "load": w["load"], "error": w["error"]}

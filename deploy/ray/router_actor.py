@@ -1,0 +1,154 @@
+"""The router as a Ray actor: the same FastAPI app `python -m router` serves, on uvicorn, on the actor's event loop.
+
+Running in the actor's own loop (as Ray Serve's proxy does) lets the planner's calls - add, drain, remove a worker,
+read a snapshot - act on the live `WorkerRegistry` directly, with no admin HTTP API and no locks: every method
+here runs on the same loop as the request handlers, so nothing interleaves inside one method body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import ray
+import uvicorn
+from prometheus_client import Histogram
+
+from deploy.config import ClusterConfig
+from deploy.planner_metrics import PlannerCollector
+from engine.tokenizer import Tokenizer
+from proto import disagg_pb2
+from router.app import create_app
+from router.config import RouterConfig
+from router.registry import WorkerRegistry, WorkerState
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its SIGINT/SIGTERM handlers: the process's signals are Ray's."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def router_config(cfg: ClusterConfig) -> RouterConfig:
+    """The router's settings from the cluster YAML, as `disagg serve` builds them (model name = the model)."""
+    return RouterConfig.from_dict({**cfg.router, "model_name": cfg.model})
+
+
+def tokenizer_path(model: str) -> str:
+    if Path(model).exists():
+        return model
+    from engine.loader import smollm2_gguf_path
+
+    return smollm2_gguf_path()
+
+
+def histogram_buckets(h: Histogram) -> list[tuple[float, float]]:
+    """Cumulative (le, count) pairs of an unlabelled histogram, ascending, ending with +Inf."""
+    samples = [s for m in h.collect() for s in m.samples if s.name.endswith("_bucket")]
+    return sorted((float(s.labels["le"]), float(s.value)) for s in samples)
+
+
+# LoadReport fields a snapshot carries (not all: some are long lists that nothing here reads).
+LOAD_FIELDS = ("num_waiting", "num_running", "queued_prefill_tokens", "kv_usage", "kv_blocks_free", "kv_blocks_total",
+               "leased_requests", "prompt_tokens", "generation_tokens", "transfers", "recomputes")
+
+
+def worker_view(w: WorkerState) -> dict[str, Any]:
+    load = None if w.load is None else {f: getattr(w.load, f) for f in LOAD_FIELDS}
+    return {"address": w.address, "worker_id": w.worker_id, "role": w.role, "healthy": w.healthy,
+            "draining": w.draining or w.remote_draining, "in_flight": w.in_flight,
+            "in_flight_tokens": w.in_flight_tokens, "load": load, "error": w.error}
+
+
+@ray.remote
+class RouterActor:
+    """Serves the OpenAI API on `router.host:router.port` of its node; the planner manages its workers."""
+
+    def __init__(self, cluster: dict[str, Any]) -> None:
+        cfg = ClusterConfig.from_dict(cluster)
+        self.config = router_config(cfg)
+        self.registry = WorkerRegistry([], health_interval_s=self.config.health_interval_s,
+                                       rpc_timeout_s=self.config.rpc_timeout_s)
+        self.app = create_app(self.config, Tokenizer.from_model_path(tokenizer_path(cfg.model)), self.registry)
+        self.planner_metrics = PlannerCollector()
+        self.app.state.service.metrics.registry.register(self.planner_metrics)
+        self._server: _Server | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.url = ""
+
+    async def start(self, timeout_s: float = 60.0) -> str:
+        """Bind, serve, and return the base URL once uvicorn has started (the port is bound here, so a busy port
+        is an OSError from this call rather than uvicorn's sys.exit inside the actor)."""
+        host, port = self.config.host, self.config.port
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        server = self._server = _Server(uvicorn.Config(self.app, log_level="warning", access_log=False))
+        self._task = asyncio.create_task(server.serve(sockets=[sock]), name="uvicorn")
+        deadline = time.monotonic() + timeout_s
+        while not server.started:
+            if self._task.done():
+                raise RuntimeError(f"router stopped while starting: {self._task.exception()!r}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"router not serving after {timeout_s:.0f}s")
+            await asyncio.sleep(0.05)
+        shown = ray.util.get_node_ip_address() if host in ("0.0.0.0", "::", "") else host
+        self.url = f"http://{shown}:{sock.getsockname()[1]}"
+        return self.url
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        if self._server is None or self._task is None:
+            return
+        self._server.should_exit = True
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
+        if not self._task.done():
+            self._server.force_exit = True
+
+    async def get_url(self) -> str:
+        return self.url
+
+    async def add_worker(self, address: str) -> None:
+        await self.registry.add(address)
+
+    async def drain_worker(self, address: str) -> None:
+        """No new requests go to the worker from now on; running ones go on."""
+        if self.registry.get(address) is not None:
+            self.registry.set_draining(address)
+
+    async def remove_worker(self, address: str) -> None:
+        await self.registry.remove(address)
+
+    async def drain_status(self, address: str) -> dict[str, Any]:
+        """Whether a draining worker holds no work: no request of this router on it, nothing running or queued,
+        and no KV lease a decode worker has yet to pull."""
+        w = self.registry.get(address)
+        if w is None:
+            return {"idle": True, "known": False}
+        if w.in_flight or w.stub is None:
+            return {"idle": False, "in_flight": w.in_flight}
+        # Asked after in_flight reached 0: a lease the last Prefill created is already in this report.
+        try:
+            load = await w.stub.Load(disagg_pb2.LoadRequest(), timeout=self.config.rpc_timeout_s)
+        except grpc.aio.AioRpcError as e:
+            return {"idle": False, "error": e.code().name}
+        busy = load.num_running + load.num_waiting + load.leased_requests + w.in_flight
+        return {"idle": busy == 0, "running": load.num_running, "waiting": load.num_waiting,
+                "leased": load.leased_requests, "in_flight": w.in_flight}
+
+    async def snapshot(self) -> dict[str, Any]:
+        """Every worker's state and latest load, and the latency histograms (see deploy/pool_metrics.py)."""
+        metrics = self.app.state.service.metrics
+        return {"workers": [worker_view(w) for w in self.registry.workers()],
+                "histograms": {"ttft": histogram_buckets(metrics.ttft), "itl": histogram_buckets(metrics.itl)}}
+
+    async def set_planner_report(self, pools: dict[str, Any]) -> None:
+        self.planner_metrics.update(pools)

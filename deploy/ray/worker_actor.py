@@ -1,0 +1,111 @@
+"""A prefill or decode worker as a Ray actor.
+
+The actor spawns `python -m worker` (the very process `disagg serve` runs) instead of running `serve()` inside
+itself, because:
+  * the worker's graceful stop hangs off SIGTERM, and signal handlers need the main thread of their process, which
+    in an actor belongs to Ray;
+  * an engine crash or OOM kill ends the child, and the actor reports it (`info`) instead of dying mid-call;
+  * GPUs Ray assigns to the actor (CUDA_VISIBLE_DEVICES) and its OMP_NUM_THREADS pass to the child unchanged.
+The child is tied to the actor with PR_SET_PDEATHSIG: when the actor dies (ray.kill, node loss), so does the worker.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+import ray
+import yaml
+
+PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec. The signal fires when the forking *thread* exits, so the actor only
+    # spawns from __init__, which Ray runs on the actor's main thread (alive as long as the actor).
+    prctl = getattr(_LIBC, "prctl", None)
+    if prctl is not None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def worker_yaml(cluster: dict[str, Any], host: str) -> dict[str, Any]:
+    """The cluster dict as this node's worker reads it: the TCP block server listens on the node's address."""
+    out = dict(cluster)
+    out["transfer"] = {**(cluster.get("transfer") or {}), "host": host}
+    return out
+
+
+@ray.remote(max_concurrency=4)
+class WorkerActor:
+    """One worker process on this actor's node; `wait_ready` returns its gRPC address."""
+
+    def __init__(self, name: str, role: str, cluster: dict[str, Any]) -> None:
+        self.name, self.role = name, role
+        self.host = ray.util.get_node_ip_address()
+        self.address = ""
+        self._dir = tempfile.mkdtemp(prefix=f"disagg-{name}-")
+        path = os.path.join(self._dir, "cluster.yaml")
+        with open(path, "w") as f:
+            yaml.safe_dump(worker_yaml(cluster, self.host), f)
+        cmd = [sys.executable, "-m", "worker", "--role", role, "--worker-id", name, "--host", self.host,
+               "--config", path]
+        env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                      preexec_fn=_die_with_parent)
+        self._lines: collections.deque[str] = collections.deque(maxlen=200)
+        self._ready = threading.Event()
+        threading.Thread(target=self._pump, daemon=True, name=f"log-{name}").start()
+
+    def wait_ready(self, timeout_s: float) -> str:
+        """The worker's gRPC address once it prints READY; raises if it exits first or `timeout_s` passes."""
+        deadline = time.monotonic() + timeout_s
+        while not self._ready.wait(0.2):
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with code {self._proc.returncode}:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name} not ready after {timeout_s:.0f}s:\n{self.log_tail()}")
+        return self.address
+
+    def info(self) -> dict[str, Any]:
+        """Liveness of the worker process (the actor answering says nothing about it)."""
+        code = self._proc.poll()
+        return {"name": self.name, "role": self.role, "address": self.address, "node": self.host,
+                "pid": self._proc.pid, "alive": code is None, "returncode": code}
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "".join(list(self._lines)[-lines:])
+
+    def stop(self, timeout_s: float = 10.0) -> int | None:
+        """SIGTERM the worker (it stops serving and closes its transfer agent), SIGKILL it after `timeout_s`."""
+        if self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGTERM)
+            try:
+                self._proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(timeout=timeout_s)
+        shutil.rmtree(self._dir, ignore_errors=True)
+        return self._proc.returncode
+
+    def _pump(self) -> None:
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            self._lines.append(line)
+            if not self._ready.is_set() and line.startswith("READY "):
+                self.address = line.split()[1]
+                self._ready.set()
+                shutil.rmtree(self._dir, ignore_errors=True)  # the worker has read its config by now
+            sys.stdout.write(f"[{self.name}] {line}")  # lands in the actor's Ray log file
+            sys.stdout.flush()
+        shutil.rmtree(self._dir, ignore_errors=True)  # the worker exited (before or after READY)
