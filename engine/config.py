@@ -129,6 +129,36 @@ class SchedulerConfig:
         _check(self.max_num_batched_tokens > 0, "scheduler.max_num_batched_tokens must be positive")
 
 
+SPEC_METHODS = ("ngram", "draft", "self")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding: a cheap proposer guesses k tokens, the target model verifies them in one pass."""
+
+    method: str | None = None  # "ngram" (prompt lookup), "draft" (a separate small model), "self" (first layers); None: off
+    num_speculative_tokens: int = 4  # draft tokens proposed per request per step (k)
+    ngram_min: int = 2  # shortest suffix n-gram the ngram proposer looks up (1-grams match too often to pay off)
+    ngram_max: int = 4  # longest suffix n-gram, tried first
+    draft_model: str | None = None  # the draft model for "draft": an HF folder, a .gguf file or "smollm2"
+    self_draft_layers: int = 1  # leading target layers (+ final norm + LM head) that form the "self" draft
+
+    def __post_init__(self) -> None:
+        _check(self.method is None or self.method in SPEC_METHODS,
+               f"speculative.method must be one of {', '.join(SPEC_METHODS)} or null, got {self.method!r}")
+        _check(isinstance(self.num_speculative_tokens, int) and 1 <= self.num_speculative_tokens <= 32,
+               f"speculative.num_speculative_tokens must be in [1, 32], got {self.num_speculative_tokens}")
+        _check(isinstance(self.ngram_min, int) and isinstance(self.ngram_max, int) and 1 <= self.ngram_min <= self.ngram_max,
+               f"speculative needs 1 <= ngram_min <= ngram_max, got {self.ngram_min} and {self.ngram_max}")
+        _check(self.method != "draft" or bool(self.draft_model), "speculative.method draft needs draft_model")
+        _check(isinstance(self.self_draft_layers, int) and self.self_draft_layers >= 1,
+               f"speculative.self_draft_layers must be a positive int, got {self.self_draft_layers}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method is not None
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything one engine instance needs."""
@@ -145,6 +175,7 @@ class EngineConfig:
     seed: int = 0  # seed for dummy weights and for unseeded sampling
     cache: CacheConfig = field(default_factory=CacheConfig)  # KV cache settings
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)  # batching settings
+    speculative: SpeculativeConfig | None = None  # speculative decoding; None (or method None) turns it off
 
     def __post_init__(self) -> None:
         _check(self.load_format in ("auto", "hf", "gguf", "dummy"), f"unknown load_format {self.load_format!r}")
@@ -167,7 +198,8 @@ def _from_dict(cls: type, d: dict[str, Any], where: str) -> Any:
     if unknown:
         raise ConfigError(f"unknown key(s) in {where}: {', '.join(sorted(unknown))}")
     kwargs: dict[str, Any] = {}
-    nested = {"cache": CacheConfig, "scheduler": SchedulerConfig, "dummy_model": ModelConfig, "rope_scaling": RopeScaling}
+    nested = {"cache": CacheConfig, "scheduler": SchedulerConfig, "dummy_model": ModelConfig, "rope_scaling": RopeScaling,
+              "speculative": SpeculativeConfig}
     for k, v in d.items():
         sub = nested.get(k)
         if sub is not None and isinstance(v, dict):

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, SpeculativeConfig
 from engine.kv_cache_manager import KVCacheManager, cdiv
 from engine.model_runner import DTYPES, ModelRunner, num_kv_blocks
 from engine.request import FinishReason, InvalidRequestError, Request, SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import Scheduler, SchedulerOutput
+from engine.spec_decode import build_proposer
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,26 @@ class EngineStats:
     generation_tokens: int = 0  # tokens sampled
     steps: int = 0
     preemptions: int = 0
+    sampling_request_steps: int = 0  # (request, step) pairs that gave the request new tokens
+    spec_steps: int = 0  # steps in which the target verified draft tokens
+    spec_verifications: int = 0  # (request, step) pairs that verified at least one draft token
+    spec_proposed_tokens: int = 0  # draft tokens the target verified
+    spec_accepted_tokens: int = 0  # of which it accepted
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted / proposed draft tokens (0 before any proposal)."""
+        return self.spec_accepted_tokens / self.spec_proposed_tokens if self.spec_proposed_tokens else 0.0
+
+    @property
+    def mean_tokens_per_step(self) -> float:
+        """New tokens a request gets per step that gives it any: 1 without speculation, up to k + 1 with it."""
+        return self.generation_tokens / self.sampling_request_steps if self.sampling_request_steps else 0.0
+
+    @property
+    def mean_tokens_per_verification(self) -> float:
+        """Tokens per (request, step) that verified drafts: 1 + accepted drafts, before stop truncation."""
+        return 1 + self.spec_accepted_tokens / self.spec_verifications if self.spec_verifications else 0.0
 
 
 class LLMEngine:
@@ -54,6 +76,16 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, self.model_config.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
+        self.set_speculative(config.speculative)
+
+    def set_speculative(self, spec: SpeculativeConfig | None) -> None:
+        """Turn speculative decoding on, off or to another proposer, keeping the loaded target model.
+        Only while no request is in flight."""
+        if self.has_unfinished():
+            raise RuntimeError("cannot change speculative decoding while requests are in flight")
+        self.config = dataclasses.replace(self.config, speculative=spec)
+        self.proposer = build_proposer(self.config, self.runner, self.kv.num_blocks, self.max_model_len)
+        self.scheduler.num_spec_tokens = spec.num_speculative_tokens if self.proposer is not None and spec else 0
 
     # ---- requests -------------------------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -98,6 +130,8 @@ class LLMEngine:
             return False
         req.keep_blocks_on_finish = False
         self.scheduler.finish(req, FinishReason.ABORT)
+        if self.proposer is not None:
+            self.proposer.remove(request_id)
         return True
 
     def has_unfinished(self) -> bool:
@@ -109,26 +143,42 @@ class LLMEngine:
         self.stats.preemptions += len(out.preempted)
         if out.is_empty:
             return []
+        draft_probs = None
+        if self.proposer is not None:
+            draft_probs = self.proposer.propose(out, self.kv)
+            self.scheduler.apply_proposals(out)
         lens_before = {s.request.request_id: len(s.request.output_token_ids) for s in out.scheduled}
         lp_before = {s.request.request_id: len(s.request.logprobs) for s in out.scheduled}
         for s in out.scheduled:
             start = s.request.num_computed_tokens
             self.stats.prompt_tokens_computed += max(0, min(start + s.num_new_tokens, s.request.num_prompt_tokens) - start)
-        samples = self.runner.execute(out, self.kv)
+        samples = self.runner.execute(out, self.kv, draft_probs)
         self.scheduler.update(out, samples)
         self.stats.steps += 1
+        self._count_spec(out)
         results = []
         for s in out.scheduled:
             r = s.request
             new = r.output_token_ids[lens_before[r.request_id]:]
             self.stats.generation_tokens += len(new)
+            self.stats.sampling_request_steps += bool(new)
             if new or r.is_finished:
                 results.append(StepOutput(r.request_id, new, r.is_finished,
                                           r.finish_reason.value if r.finish_reason else None, r.stop_reason,
                                           r.logprobs[lp_before[r.request_id]:]))
             if r.is_finished:
                 self.requests.pop(r.request_id, None)
+                if self.proposer is not None:
+                    self.proposer.remove(r.request_id)
         return results
+
+    def _count_spec(self, out: SchedulerOutput) -> None:
+        verified = [s for s in out.scheduled if s.num_spec_tokens]
+        if verified:
+            self.stats.spec_steps += 1
+            self.stats.spec_verifications += len(verified)
+            self.stats.spec_proposed_tokens += sum(s.num_spec_tokens for s in verified)
+            self.stats.spec_accepted_tokens += sum(s.num_accepted_tokens for s in verified)
 
 
 def _probe_model_config(config: EngineConfig):  # noqa: ANN202 - ModelConfig

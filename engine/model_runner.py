@@ -3,12 +3,18 @@
 The runner owns the weights, the KV cache tensor and the attention backend.
 Everything it needs about a step comes from the `SchedulerOutput` and the
 KV cache manager's block tables; it keeps no per-request state.
+
+With speculative decoding a request's new tokens end with its draft tokens
+(`request.spec_token_ids`); the runner then takes logits at its last known
+position and at every draft position, and the rejection sampler turns them
+into the accepted drafts plus one token of the target's.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -27,6 +33,7 @@ from engine.models.llama import LlamaForCausalLM
 from engine.request import Request
 from engine.sampler import Sampler, SampleResult
 from engine.scheduler import SchedulerOutput
+from engine.spec_decode.rejection_sampler import rejection_sample
 
 log = logging.getLogger(__name__)
 
@@ -106,52 +113,89 @@ class ModelRunner:
                  self.kv_cache.numel() * dtype.itemsize / 2**20, self.attn.name)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, kv: KVCacheManager) -> list[SampleResult | None]:
+    def execute(self, out: SchedulerOutput, kv: KVCacheManager,
+                draft_probs: dict[str, torch.Tensor] | None = None) -> list[list[SampleResult] | None]:
+        """Per scheduled request: None (no token this step) or its new tokens, in order. Without drafts that is
+        one sampled token; with drafts, the accepted drafts followed by the target's token. `draft_probs` holds
+        the proposer's distributions q ([k, vocab]) of sampled requests whose drafts were sampled, not looked up."""
         input_ids, positions, meta, logits_idx = self._prepare(out, kv)
-        sampling = [s.request for s in out.scheduled if s.samples]
+        sampling = [s for s in out.scheduled if s.samples]
         if self.graphs is not None and meta.decode_only and self.graphs.can_run(len(out.scheduled)):
-            logits = self.graphs.run(input_ids, positions, meta)  # decode: every row samples
+            logits = self.graphs.run(input_ids, positions, meta)  # decode: every row samples, no drafts
         else:
             hidden = self.model(input_ids, positions, self.kv_cache, meta, self.attn)
             if not sampling:
                 return [None] * len(out.scheduled)
             logits = self.model.compute_logits(hidden[logits_idx])
-        results: Iterator[SampleResult] = iter(self.sampler.sample(logits, sampling))
+        requests = [s.request for s in sampling]
+        if any(s.num_spec_tokens for s in sampling):
+            drafts = [s.request.spec_token_ids for s in sampling]
+            probs = [(draft_probs or {}).get(r.request_id) for r in requests]
+            verdicts = rejection_sample(self.sampler, logits, requests, drafts, probs)
+        else:
+            verdicts = [[t] for t in self.sampler.sample(logits, requests)]
+        results: Iterator[list[SampleResult]] = iter(verdicts)
         return [next(results) if s.samples else None for s in out.scheduled]
 
     def _prepare(
         self, out: SchedulerOutput, kv: KVCacheManager
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
-        ids: list[int] = []
-        pos: list[int] = []
-        slots: list[int] = []
-        qsl, seq_lens, tables, logits_idx = [0], [], [], []
+        seqs = []
         for s in out.scheduled:
             r = s.request
-            start, end = r.num_computed_tokens, r.num_computed_tokens + s.num_new_tokens
-            ids.extend(_token_slice(r, start, end))
-            pos.extend(range(start, end))
-            slots.extend(kv.slots(r.request_id, start, end))
-            qsl.append(qsl[-1] + s.num_new_tokens)
-            seq_lens.append(end)
-            tables.append(kv.block_table(r.request_id))
-            if s.samples:
-                logits_idx.append(qsl[-1] - 1)
-        width = max(len(t) for t in tables)
-        padded = [t + [0] * (width - len(t)) for t in tables]
-        dev = self.device
-        meta = AttentionMetadata(
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(padded, dtype=torch.int32, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            max_query_len=max(s.num_new_tokens for s in out.scheduled),
-            max_seq_len=max(seq_lens),
-            query_start_loc_cpu=qsl,
-            seq_lens_cpu=seq_lens,
-        )
-        return (torch.tensor(ids, dtype=torch.int64, device=dev), torch.tensor(pos, dtype=torch.int64, device=dev),
-                meta, torch.tensor(logits_idx, dtype=torch.int64, device=dev))
+            start, known_end = r.num_computed_tokens, r.num_computed_tokens + s.num_new_tokens - s.num_spec_tokens
+            tokens = _token_slice(r, start, known_end)
+            if s.num_spec_tokens:
+                tokens = tokens + r.spec_token_ids[: s.num_spec_tokens]
+            seqs.append(BatchSeq(r.request_id, start, tokens, 1 + s.num_spec_tokens if s.samples else 0))
+        return build_batch(seqs, kv, self.device)
+
+
+@dataclass
+class BatchSeq:
+    """One sequence's share of a forward pass: `token_ids` at positions `start`, `start + 1`, ..."""
+
+    request_id: str  # whose block table gives the KV slots
+    start: int  # position of token_ids[0]
+    token_ids: list[int]
+    num_logits: int  # logits are wanted at this many last positions
+
+
+def build_batch(
+    seqs: list[BatchSeq], kv: KVCacheManager, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+    """Flatten sequences into (input_ids, positions, attention metadata, rows whose logits are wanted).
+
+    Block tables and slots come from `kv`, so any model whose KV cache has the same block size and block
+    count (a draft model's own cache) can run on the same metadata.
+    """
+    ids: list[int] = []
+    pos: list[int] = []
+    slots: list[int] = []
+    qsl, seq_lens, tables, logits_idx = [0], [], [], []
+    for s in seqs:
+        end = s.start + len(s.token_ids)
+        ids.extend(s.token_ids)
+        pos.extend(range(s.start, end))
+        slots.extend(kv.slots(s.request_id, s.start, end))
+        qsl.append(qsl[-1] + len(s.token_ids))
+        seq_lens.append(end)
+        tables.append(kv.block_table(s.request_id))
+        logits_idx.extend(range(qsl[-1] - s.num_logits, qsl[-1]))
+    width = max(len(t) for t in tables)
+    padded = [t + [0] * (width - len(t)) for t in tables]
+    meta = AttentionMetadata(
+        query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        block_tables=torch.tensor(padded, dtype=torch.int32, device=device),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        max_query_len=max(len(s.token_ids) for s in seqs),
+        max_seq_len=max(seq_lens),
+        query_start_loc_cpu=qsl,
+        seq_lens_cpu=seq_lens,
+    )
+    return (torch.tensor(ids, dtype=torch.int64, device=device), torch.tensor(pos, dtype=torch.int64, device=device),
+            meta, torch.tensor(logits_idx, dtype=torch.int64, device=device))
 
 
 def _token_slice(r: Request, start: int, end: int) -> list[int]:

@@ -104,6 +104,9 @@ class Request:
     logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     # Prefill role: keep the KV blocks after finishing (for a remote pull).
     keep_blocks_on_finish: bool = False
+    # Speculative decoding: draft tokens proposed for this step, verified by the target model. They are
+    # not part of output_token_ids (nor num_tokens) until accepted; the scheduler clears them after each step.
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -13,6 +13,19 @@ recompute after preemption (computed reset to 0) and prefix-cache hits
 When blocks run out, the most recently admitted running request is preempted:
 its blocks are freed, its computed count reset, and it returns to the front of
 the waiting queue (recompute; its output tokens are kept).
+
+Speculative decoding keeps the rule. A running request in decode (one token to
+compute) is given up to k extra *draft slots*: positions after its last token,
+with blocks allocated for them, but only from free blocks (speculation never
+preempts anyone). The proposer then fills `request.spec_token_ids` (at most the
+slots given; `apply_proposals` trims unused slots), the runner returns the
+target's verdict: the accepted draft tokens plus one token from the target.
+`update` appends them one by one with the usual stop checks and counts as
+computed only positions whose input token is now part of the request; KV written
+for rejected drafts sits above `num_computed_tokens` and is overwritten later.
+A running request keeps its draft-slot blocks for its next step's drafts (they
+always fit its next slots); they are freed when it finishes, is aborted or is
+preempted, and reclaimed from every running request before anyone is preempted.
 """
 
 from __future__ import annotations
@@ -21,7 +34,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from engine.config import SchedulerConfig
-from engine.kv_cache_manager import KVCacheManager
+from engine.kv_cache_manager import KVCacheManager, cdiv
 from engine.request import FinishReason, Request, RequestStatus
 from engine.sampler import SampleResult
 
@@ -31,12 +44,14 @@ class ScheduledRequest:
     """One request's share of a step."""
 
     request: Request
-    num_new_tokens: int  # tokens computed this step, starting at request.num_computed_tokens
+    num_new_tokens: int  # tokens computed this step, starting at request.num_computed_tokens (drafts included)
+    num_spec_tokens: int = 0  # of which draft tokens (request.spec_token_ids) to verify; slots until proposals are in
+    num_accepted_tokens: int = 0  # draft tokens the target accepted (set by Scheduler.update)
 
     @property
     def samples(self) -> bool:
         """True when this step brings the request's computed tokens up to its known tokens."""
-        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+        return self.request.num_computed_tokens + self.num_new_tokens - self.num_spec_tokens == self.request.num_tokens
 
 
 @dataclass
@@ -59,12 +74,14 @@ class Scheduler:
     """Decides, each step, which requests compute how many tokens."""
 
     def __init__(
-        self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int, eos_token_ids: tuple[int, ...]
+        self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int, eos_token_ids: tuple[int, ...],
+        num_spec_tokens: int = 0,
     ) -> None:
         self.config = config
         self.eos_token_ids = eos_token_ids
         self.kv = kv
         self.max_model_len = max_model_len
+        self.num_spec_tokens = num_spec_tokens  # draft slots per decoding request per step (0: no speculation)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -90,6 +107,8 @@ class Scheduler:
             req = self.running[i]
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             while not self.kv.allocate(req.request_id, req.num_computed_tokens + n):
+                if self._reclaim_draft_blocks():
+                    continue  # blocks held for drafts go back before anyone is preempted
                 victim = self.running[-1]
                 self._preempt(victim)
                 out.preempted.append(victim.request_id)
@@ -100,7 +119,46 @@ class Scheduler:
             out.scheduled.append(ScheduledRequest(req, n))
             budget -= n
             i += 1
+        # Draft slots come second, from what every running request's own token left of budget and free blocks.
+        for s in out.scheduled:
+            if budget <= 0:
+                break
+            if s.request.num_tokens - s.request.num_computed_tokens == 1:
+                s.num_spec_tokens = self._draft_slots(s.request, budget)
+                s.num_new_tokens += s.num_spec_tokens
+                budget -= s.num_spec_tokens
         return budget
+
+    def _reclaim_draft_blocks(self) -> bool:
+        """Free running requests' blocks beyond their own tokens (kept from earlier steps' draft slots)."""
+        freed = False
+        for r in self.running:
+            freed |= self._trim_blocks(r, cdiv(r.num_tokens, self.kv.block_size))
+        return freed
+
+    def _max_drafts(self, req: Request) -> int:
+        """Draft tokens a decoding request could verify next: the bonus token must fit max_tokens and the context."""
+        if not self.num_spec_tokens:
+            return 0
+        room = min(req.params.max_tokens - len(req.output_token_ids) - 1, self.max_model_len - req.num_tokens)
+        return max(0, min(self.num_spec_tokens, room))
+
+    def _draft_slots(self, req: Request, budget: int) -> int:
+        """Draft slots for a decoding request whose own token is allocated: as many as fit the budget and the
+        free blocks (never preempting for them)."""
+        k = min(self._max_drafts(req), budget)
+        while k > 0 and not self.kv.allocate(req.request_id, req.num_tokens + k):
+            k -= 1
+        return k
+
+    def apply_proposals(self, out: SchedulerOutput) -> None:
+        """Shrink each request's draft slots to the drafts its proposer actually put in `spec_token_ids`."""
+        for s in out.scheduled:
+            k = len(s.request.spec_token_ids)
+            if k > s.num_spec_tokens:
+                raise RuntimeError(f"{s.request.request_id}: {k} draft tokens proposed for {s.num_spec_tokens} slots")
+            s.num_new_tokens -= s.num_spec_tokens - k
+            s.num_spec_tokens = k
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -124,28 +182,57 @@ class Scheduler:
         self.running.remove(req)
         self.kv.free(req.request_id)
         req.num_computed_tokens = 0
+        req.spec_token_ids = []
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
-    def update(self, out: SchedulerOutput, samples: list[SampleResult | None]) -> list[Request]:
-        """Advance computed counts, append sampled tokens; returns requests that finished this step."""
+    def update(self, out: SchedulerOutput, samples: list[list[SampleResult] | SampleResult | None]) -> list[Request]:
+        """Advance computed counts, append sampled tokens; returns requests that finished this step.
+
+        `samples[i]` is None (no token this step), one token, or a verdict on drafts: the accepted draft tokens
+        followed by one token of the target's. They are appended one at a time; nothing after a stop is kept.
+        """
         finished = []
         for sched, sample in zip(out.scheduled, samples, strict=True):
             req = sched.request
-            req.num_computed_tokens += sched.num_new_tokens
+            drafts, req.spec_token_ids = req.spec_token_ids, []
+            tokens = [sample] if isinstance(sample, SampleResult) else (sample or [])
+            if len(tokens) > sched.num_spec_tokens + 1:
+                raise RuntimeError(f"{req.request_id}: {len(tokens)} tokens for {sched.num_spec_tokens} drafts")
+            sched.num_accepted_tokens = max(0, len(tokens) - 1)
+            # Positions whose input token is now known: the known tokens scheduled, plus one per accepted draft.
+            computed = req.num_computed_tokens + sched.num_new_tokens - sched.num_spec_tokens + sched.num_accepted_tokens
+            reason = None
+            if not req.is_finished:
+                for i, t in enumerate(tokens):
+                    assert i == len(tokens) - 1 or t.token_id == drafts[i], "accepted token is not the draft"
+                    req.output_token_ids.append(t.token_id)
+                    if t.logprob is not None:
+                        req.logprobs.append((t.logprob, t.top_logprobs or []))
+                    reason = self._stop_reason(req, t.token_id)
+                    if reason is not None:
+                        break
+            req.num_computed_tokens = min(computed, req.num_tokens)
             self.kv.cache_full_blocks(req)
-            if sample is None or req.is_finished:
-                continue
-            req.output_token_ids.append(sample.token_id)
-            if sample.logprob is not None:
-                req.logprobs.append((sample.logprob, sample.top_logprobs or []))
-            reason = self._stop_reason(req, sample.token_id)
             if reason is not None:
+                # a request that keeps its blocks (prefill role) keeps only those with computed tokens
+                self._trim_blocks(req, cdiv(req.num_computed_tokens, self.kv.block_size))
                 self.finish(req, reason)
                 finished.append(req)
         return finished
+
+    def _trim_blocks(self, req: Request, keep: int) -> bool:
+        """Free the request's blocks after the first `keep` (they hold no computed token, so none is cached)."""
+        table = self.kv._tables.get(req.request_id)  # the manager has no shrink operation; only this uses it
+        if table is None or len(table) <= keep:
+            return False
+        assert keep * self.kv.block_size >= req.num_computed_tokens, "trimming a block with computed tokens"
+        tail = table[keep:]
+        del table[keep:]
+        self.kv.pool.free(tail[::-1])
+        return True
 
     def _stop_reason(self, req: Request, token: int) -> FinishReason | None:
         p = req.params
