@@ -6,6 +6,15 @@ forced to --output-len tokens (`ignore_eos`, a vLLM extension this router also s
 reports TTFT, inter-token latency (ITL) and end-to-end latency percentiles, output throughput, and
 goodput: requests/s whose TTFT <= --slo-ttft-ms and whose own p99 ITL <= --slo-itl-ms.
 Writes JSON (all runs) and a PNG (goodput and p99 latencies against rate).
+
+Shared-prefix workloads (for KV-aware routing):
+- `--shared-prefix G:L`: every prompt starts with one of G random L-token prefixes (a "system prompt"),
+  followed by --prompt-len tokens of its own;
+- `--conversations C --turns T`: C multi-turn conversations run at once, each turn sent when the previous one
+  finished: turn 1 is --prompt-len tokens, each later turn resends the whole history plus the previous answer
+  (random tokens of the answer's length standing in for its text) and --turn-len new tokens.
+With `--metrics`, the router's /metrics is read before and after each run and the run reports the prefill
+workers' prefix-cache hit rate, the router's predicted overlap and the decode workers' pulled bytes.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import argparse
 import asyncio
 import json
 import random
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -111,6 +121,82 @@ async def run_load(a: argparse.Namespace, rate: float | None, prompts: list[list
     return summarize(results, duration, rate, a)
 
 
+async def run_conversations(a: argparse.Namespace) -> dict:
+    """`--conversations` of `--turns` turns each, all at once; a conversation's turns one after another."""
+    headers = {"Authorization": f"Bearer {a.api_key}"} if a.api_key else {}
+    lo, hi = parse_range(a.prompt_len)
+    out_lo, out_hi = parse_range(a.output_len)
+    turn_lo, turn_hi = parse_range(a.turn_len)
+    results: list[RequestResult] = []
+    bar = tqdm(total=a.conversations * a.turns, desc="conversations", leave=False)
+    limits = httpx.Limits(max_connections=max(64, a.conversations) * 2)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(a.timeout), limits=limits) as client:
+        async def conversation(c: int) -> None:
+            rng = random.Random(a.seed * 100003 + c)
+            history = random_tokens(rng, rng.randint(lo, hi), a.vocab)
+            for turn in range(a.turns):
+                if turn:
+                    history = history + random_tokens(rng, rng.randint(turn_lo, turn_hi), a.vocab)
+                out_len = rng.randint(out_lo, out_hi)
+                results.append(await one_request(client, a.url, a.model, history, out_len, headers))
+                bar.update(1)
+                history = history + random_tokens(rng, out_len, a.vocab)  # the answer, as the next turn sends it
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(conversation(c) for c in range(a.conversations)))
+        duration = time.perf_counter() - t0
+    bar.close()
+    return summarize(results, duration, None, a)
+
+
+def random_tokens(rng: random.Random, n: int, vocab: int) -> list[int]:
+    return [rng.randint(100, vocab - 1) for _ in range(n)]
+
+
+_METRIC = re.compile(r'^(disagg_\w+)\{([^}]*)\} ([0-9.eE+-]+|NaN)$')
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The router's /metrics as {(name, sorted labels): value}; empty when it cannot be read."""
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        m = _METRIC.match(line)
+        if m:
+            labels = tuple(sorted(re.findall(r'(\w+)="([^"]*)"', m[2])))
+            out[(m[1], labels)] = float(m[3])
+    return out
+
+
+def kv_summary(before: dict, after: dict) -> dict:
+    """Prefix-cache and pull figures of one run, from two /metrics scrapes."""
+    def delta(name: str, **want: str) -> dict[str, float]:
+        got: dict[str, float] = {}
+        for (n, labels), v in after.items():
+            d = dict(labels)
+            if n == name and all(d.get(k) == x for k, x in want.items()):
+                got[d.get("worker", "")] = v - before.get((n, labels), 0.0)
+        return got
+
+    query = delta("disagg_worker_prefix_query_tokens", role="prefill")
+    hit = delta("disagg_worker_prefix_hit_tokens", role="prefill")
+    blocks = sum(delta("disagg_router_prompt_blocks_total", phase="prefill").values())
+    predicted = sum(delta("disagg_router_predicted_hit_blocks_total", phase="prefill").values())
+    routed = delta("disagg_router_routed_total", phase="prefill")
+    return {
+        "prefill_hit_rate": round(sum(hit.values()) / max(1.0, sum(query.values())), 4),
+        "prefill_hit_rate_by_worker": {w: round(hit.get(w, 0.0) / q, 4) for w, q in query.items() if q},
+        "prefill_routed_by_worker": {w: int(v) for w, v in routed.items()},
+        "prefill_predicted_overlap": round(predicted / blocks, 4) if blocks else None,
+        "prefill_computed_tokens": int(sum(delta("disagg_worker_prompt_tokens", role="prefill").values())),
+        "decode_transfer_bytes": int(sum(delta("disagg_worker_transfer_bytes", role="decode").values())),
+        "decode_pull_cached_blocks": int(sum(delta("disagg_worker_pull_cached_blocks", role="decode").values())),
+    }
+
+
 def summarize(results: list[RequestResult], duration: float, rate: float | None, a: argparse.Namespace) -> dict:
     ok = [r for r in results if r.ok]
     itls = [x for r in ok for x in r.itls]
@@ -132,10 +218,14 @@ def summarize(results: list[RequestResult], duration: float, rate: float | None,
     return s
 
 
-def make_prompts(n: int, length: str, vocab: int, seed: int) -> list[list[int]]:
+def make_prompts(n: int, length: str, vocab: int, seed: int, shared_prefix: str = "") -> list[list[int]]:
     rng = random.Random(seed)
     lo, hi = parse_range(length)
-    return [[rng.randint(100, vocab - 1) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+    prefixes: list[list[int]] = [[]]
+    if shared_prefix:
+        groups, prefix_len = (int(x) for x in shared_prefix.split(":"))
+        prefixes = [random_tokens(rng, prefix_len, vocab) for _ in range(groups)]
+    return [rng.choice(prefixes) + random_tokens(rng, rng.randint(lo, hi), vocab) for _ in range(n)]
 
 
 def plot(runs: list[dict], path: str, title: str) -> None:
@@ -174,6 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slo-ttft-ms", type=float, default=500.0, help="goodput SLO on time to first token")
     p.add_argument("--slo-itl-ms", type=float, default=30.0, help="goodput SLO on a request's p99 inter-token gap")
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
+    p.add_argument("--shared-prefix", default="", metavar="G:L",
+                   help="prompts start with one of G shared L-token prefixes; --prompt-len is the rest")
+    p.add_argument("--conversations", type=int, default=0,
+                   help="multi-turn mode: this many conversations at once (--rate/--concurrency ignored)")
+    p.add_argument("--turns", type=int, default=4, help="turns per conversation (default 4)")
+    p.add_argument("--turn-len", default="32", help="new user tokens per later turn: N or A:B (default 32)")
+    p.add_argument("--metrics", action="store_true",
+                   help="read the router's /metrics around each run: prefix hit rate, predicted overlap, pulls")
     p.add_argument("--seed", type=int, default=0, help="seed for prompts, lengths and arrivals")
     p.add_argument("--label", default="", help="name of this configuration in outputs")
     p.add_argument("--out", default="benchmarks/out/bench", help="output prefix: writes PREFIX.json and PREFIX.png")
@@ -186,18 +284,30 @@ def main(argv: list[str] | None = None) -> dict:
         a.concurrency = 8
     rates: list[float | None] = [float(x) for x in a.rate.split(",") if x] or [None]
     runs = []
+    if a.conversations:
+        rates = [None]
     for rate in rates:
-        prompts = make_prompts(a.num_requests, a.prompt_len, a.vocab, a.seed)
-        s = asyncio.run(run_load(a, rate, prompts))
+        before = scrape(a.url) if a.metrics else {}
+        if a.conversations:
+            s = asyncio.run(run_conversations(a))
+            s["conversations"], s["turns"] = a.conversations, a.turns
+        else:
+            prompts = make_prompts(a.num_requests, a.prompt_len, a.vocab, a.seed, a.shared_prefix)
+            s = asyncio.run(run_load(a, rate, prompts))
+        if a.metrics:
+            time.sleep(1.5)  # a Load poll after the last request, so the worker counters are current
+            s["kv"] = kv_summary(before, scrape(a.url))
         runs.append(s)
         print(f"[{a.label or 'bench'}] rate={rate or '-'} conc={a.concurrency or '-'}: {s['completed']}/"
-              f"{s['requests']} ok, {s['output_tok_s']} tok/s, TTFT p50/p99 {s['ttft_p50_ms']}/{s['ttft_p99_ms']} "
-              f"ms, ITL p50/p99 {s['itl_p50_ms']}/{s['itl_p99_ms']} ms, goodput {s['goodput_req_s']} req/s",
-              flush=True)
+              f"{s['requests']} ok, {s['output_tok_s']} tok/s, TTFT p50/p90/p99 {s['ttft_p50_ms']}/"
+              f"{s['ttft_p90_ms']}/{s['ttft_p99_ms']} ms, ITL p50/p99 {s['itl_p50_ms']}/{s['itl_p99_ms']} ms, "
+              f"goodput {s['goodput_req_s']} req/s" + (f", {s['kv']}" if "kv" in s else ""), flush=True)
     import os
 
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-    result = {"label": a.label, "url": a.url, "prompt_len": a.prompt_len, "output_len": a.output_len, "runs": runs}
+    result = {"label": a.label, "url": a.url, "prompt_len": a.prompt_len, "output_len": a.output_len,
+              "shared_prefix": a.shared_prefix, "conversations": a.conversations, "turns": a.turns,
+              "turn_len": a.turn_len, "runs": runs}
     with open(a.out + ".json", "w") as f:
         json.dump(result, f, indent=1)
     if len(runs) > 1 or rates[0] is not None:

@@ -1,11 +1,16 @@
 """Pulling one request's KV blocks from a prefill worker.
 
 Block ownership on the decode side:
-- `pull` allocates the request's local blocks under its request id, then starts
-  one READ of the remote blocks into them. From then until `agent.release()`
-  returns, the blocks belong to the transfer: nothing frees or reuses them.
+- `pull` first shares the blocks of the prompt's longest full-block prefix that
+  this worker's own prefix cache holds (ref-counted, as `KVCacheManager.match_prefix`
+  does; they are never written), then allocates the rest under the request id,
+  and starts one READ of only the remote blocks past that prefix (a KVHandle's
+  block ids are in token order) into the newly allocated ones. From then until
+  `agent.release()` returns, the blocks belong to the transfer: nothing frees or
+  reuses them. A prompt whose every block is cached here is not read at all.
 - `release()` is called on every path (done, failed, timed out, cancelled by an
-  abort); only after it returns are failed blocks freed, so a block is never
+  abort); only after it returns are failed blocks freed (shared ones lose this
+  request's reference, nothing more), so a block is never
   handed to another request while a write into it may still land.
 - On success the blocks pass to the engine request, which frees them when it ends.
 - Every pull ends by telling the prefill worker (ReleaseKV, idempotent), so its
@@ -18,9 +23,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 
 import grpc
 
+from engine.request import Request, SamplingParams
 from kvtransfer import KVLayout, KVTransferAgent, TransferStatus
 from proto import disagg_pb2, disagg_pb2_grpc
 from worker.async_engine import AsyncEngine
@@ -64,8 +71,11 @@ class KVPuller:
         self.agent.add_remote(md.agent_name, md.metadata)
         self._known_agents.add(md.agent_name)
 
-    async def pull(self, rid: str, h: disagg_pb2.KVHandle) -> bool:
-        """True: the request's local blocks now hold the KV of `h.num_tokens` tokens. False: recompute."""
+    async def pull(self, rid: str, h: disagg_pb2.KVHandle, prompt_token_ids: Sequence[int] = ()) -> bool:
+        """True: the request's local blocks now hold the KV of `h.num_tokens` tokens. False: recompute.
+
+        With the prompt's token ids, blocks of its prefix already cached here are shared, not pulled.
+        """
         lease_left = h.lease_deadline - time.time() - LEASE_MARGIN_S
         if lease_left < self.cfg.timeout_s * 0.1:
             log.warning("%s: lease of its KV has %.1fs left; recomputing instead of pulling", rid, lease_left)
@@ -73,23 +83,45 @@ class KVPuller:
             return False
         await self._ensure_remote(h)
         kv = self.aengine.engine.kv
-        if not await self.aengine.run_between_steps(lambda: kv.allocate(rid, h.num_tokens)):
+        cached = await self.aengine.run_between_steps(lambda: self._reserve(rid, h, prompt_token_ids))
+        if cached is None:
             log.warning("%s: no free blocks for %d pulled tokens; recomputing", rid, h.num_tokens)
             self._release_remote(h, rid)
             return False
         deadline = time.monotonic() + min(self.cfg.timeout_s, lease_left)
-        return await self._read(rid, h, list(kv.block_table(rid)), deadline)
+        return await self._read(rid, h, list(kv.block_table(rid)), cached, deadline)
 
-    async def _read(self, rid: str, h: disagg_pb2.KVHandle, local: list[int], deadline: float) -> bool:
+    def _reserve(self, rid: str, h: disagg_pb2.KVHandle, prompt: Sequence[int]) -> int | None:
+        """Runs between steps. Share the locally cached full-block prefix of the prompt, allocate the other blocks
+        of `h.num_tokens` tokens; returns how many leading blocks are shared, None (holding nothing) if short."""
+        kv = self.aengine.engine.kv
+        cached = 0
+        if len(prompt) == h.num_tokens and not kv.has(rid):
+            # One token past the prompt, so every full block of the prompt may match: its KV all arrives here,
+            # none has to be left for a step to compute (match_prefix's rule for local prefills).
+            probe = Request(rid, list(prompt), SamplingParams(max_tokens=1), output_token_ids=[0])
+            cached = min(kv.match_prefix(probe) // kv.block_size, len(h.block_ids))
+        if not kv.allocate(rid, h.num_tokens):
+            if cached:
+                kv.free(rid)  # give the shared prefix back
+            return None
+        return cached
+
+    async def _read(self, rid: str, h: disagg_pb2.KVHandle, local: list[int], cached: int, deadline: float) -> bool:
+        """READ the remote blocks past the first `cached` (those are shared from the local cache) into `local`."""
         t0, handle, ok = time.monotonic(), None, False
+        remote, dst = list(h.block_ids)[cached:], local[cached:]
         try:
-            handle = self.agent.start_read(h.agent_name, list(h.block_ids), local, tag=rid)
-            while (st := self.agent.poll(handle)) is TransferStatus.PENDING and time.monotonic() < deadline:
-                await asyncio.sleep(0.0005)
-            ok = st is TransferStatus.DONE
-            if not ok:
-                log.warning("%s: KV pull %s after %.2fs", rid, "failed" if st is TransferStatus.FAILED else "timed out",
-                            time.monotonic() - t0)
+            if not dst:
+                ok = True  # every block was cached here: nothing to read
+            else:
+                handle = self.agent.start_read(h.agent_name, remote, dst, tag=rid)
+                while (st := self.agent.poll(handle)) is TransferStatus.PENDING and time.monotonic() < deadline:
+                    await asyncio.sleep(0.0005)
+                ok = st is TransferStatus.DONE
+                if not ok:
+                    log.warning("%s: KV pull %s after %.2fs", rid,
+                                "failed" if st is TransferStatus.FAILED else "timed out", time.monotonic() - t0)
         except Exception:  # noqa: BLE001 - any transfer error means recompute, never a dead stream
             log.exception("%s: KV pull raised", rid)
         finally:
@@ -97,8 +129,9 @@ class KVPuller:
                 self.agent.release(handle)  # after this, no write can land in `local`
             if ok:
                 self.counters.transfers += 1
-                self.counters.transfer_bytes += len(local) * self.layout.block_bytes
+                self.counters.transfer_bytes += len(dst) * self.layout.block_bytes
                 self.counters.transfer_seconds += time.monotonic() - t0
+                self.counters.pull_cached_blocks += cached
             else:
                 self.counters.transfer_failures += 1
                 self.aengine.call_soon(lambda: self.aengine.engine.kv.free(rid))

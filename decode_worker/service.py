@@ -54,7 +54,7 @@ class DecodeService(WorkerServicerBase):
         first = [request.first_token]
         if request.HasField("kv"):
             try:
-                if await self.puller.pull(rid, request.kv):
+                if await self.puller.pull(rid, request.kv, prompt):
                     return self.aengine.add_request(rid, prompt, params, output_token_ids=first,
                                                     num_computed_tokens=request.kv.num_tokens), False
             except TransferSetupError as e:

@@ -17,8 +17,16 @@ class RouterConfig:
     port: int = 8000  # HTTP port
     model_name: str = "smollm2"  # the model id clients must send and /v1/models lists
     api_keys: tuple[str, ...] = ()  # accepted bearer keys; empty: no authentication
-    prefill_policy: str = "least_loaded"  # how a prefill worker is picked: round_robin | least_loaded
-    decode_policy: str = "least_loaded"  # how a decode worker is picked: round_robin | least_loaded
+    prefill_policy: str = "least_loaded"  # how a prefill worker is picked: round_robin | least_loaded | kv_aware
+    decode_policy: str = "least_loaded"  # how a decode worker is picked: round_robin | least_loaded | kv_aware
+    # kv_aware picks the highest overlap_weight * (cached prefix blocks / prompt blocks) - load_weight * load;
+    # load: prefill = queued prefill tokens / prompt tokens, decode = KV usage (router/policy.py, KVAware).
+    prefill_overlap_weight: float = 1.0
+    prefill_load_weight: float = 1.0
+    decode_overlap_weight: float = 1.0
+    decode_load_weight: float = 1.0
+    kv_expect_ttl_s: float = 10.0  # a routed prompt's blocks count as cached on its worker this long before its
+    # KV events confirm them (so prompts sharing a prefix within one poll interval meet); 0: events only
     health_interval_s: float = 1.0  # seconds between Health + Load polls of every worker
     rpc_timeout_s: float = 2.0  # deadline of control RPCs (Health, Load, Abort, ReleaseKV)
     worker_timeout_s: float = 60.0  # deadline of a Prefill, and the longest a Decode stream may stay silent
@@ -36,6 +44,9 @@ class RouterConfig:
             (all(isinstance(k, str) and k for k in self.api_keys), "router.api_keys must be non-empty strings"),
             (self.prefill_policy in POLICIES, f"router.prefill_policy must be one of {', '.join(POLICIES)}"),
             (self.decode_policy in POLICIES, f"router.decode_policy must be one of {', '.join(POLICIES)}"),
+            (all(x >= 0 for x in (self.prefill_overlap_weight, self.prefill_load_weight, self.decode_overlap_weight,
+                                  self.decode_load_weight)), "router.*_overlap_weight / *_load_weight must be >= 0"),
+            (self.kv_expect_ttl_s >= 0, "router.kv_expect_ttl_s must be >= 0"),
             (self.health_interval_s > 0, "router.health_interval_s must be positive"),
             (self.rpc_timeout_s > 0, "router.rpc_timeout_s must be positive"),
             (self.worker_timeout_s > 0, "router.worker_timeout_s must be positive"),

@@ -59,8 +59,11 @@ class Generation:
         self.tokenizer = tokenizer
         self.workers = workers
         self.metrics = metrics
-        self._prefill_policy = make_policy(config.prefill_policy, "prefill")
-        self._decode_policy = make_policy(config.decode_policy, "decode")
+        index, ttl = workers.kv_index, config.kv_expect_ttl_s
+        self._prefill_policy = make_policy(config.prefill_policy, "prefill", index, ttl,
+                                           config.prefill_overlap_weight, config.prefill_load_weight)
+        self._decode_policy = make_policy(config.decode_policy, "decode", index, ttl,
+                                          config.decode_overlap_weight, config.decode_load_weight)
         # Cleanup RPCs run as tasks referenced here, so they finish even when the request's task is cancelled.
         self._cleanups: set[asyncio.Task[None]] = set()
 
@@ -105,14 +108,17 @@ class Generation:
         candidates = self.workers.candidates("prefill")
         if not candidates or len(job.prompt_ids) < self.config.conditional_disagg_min_prompt_tokens:
             return None
-        p = self._prefill_policy.choose(candidates)
+        p = self._prefill_policy.choose(candidates, job.prompt_ids)
+        self.metrics.observe_placement("prefill", self._prefill_policy.last)
         if p.stub is None:
             return None
         req = disagg_pb2.PrefillRequest(version=PROTOCOL_VERSION, request_id=job.request_id,
                                         prompt_token_ids=job.prompt_ids, params=params_to_proto(job.params))
         flight.prefill = p
+        placed = self._prefill_policy.last
+        cached = placed.matched_blocks * p.kv_block_size if placed is not None else 0
         try:
-            with p.dispatched(len(job.prompt_ids)):
+            with p.dispatched(len(job.prompt_ids), len(job.prompt_ids) - cached):
                 resp = await p.stub.Prefill(req, timeout=self.config.worker_timeout_s)
         except grpc.aio.AioRpcError as e:
             err = self._rpc_error(p, e, "prefill")
@@ -131,7 +137,7 @@ class Generation:
         req = _decode_request(job, first)
         tried: set[str] = set()
         while True:
-            d = self._choose_decode(tried)
+            d = self._choose_decode(tried, job.prompt_ids)
             tried.add(d.address)
             with d.dispatched(len(job.prompt_ids)):
                 call = d.stub.Decode(req, timeout=self.config.request_timeout_s)  # type: ignore[union-attr]
@@ -150,11 +156,13 @@ class Generation:
                     yield out
                 return
 
-    def _choose_decode(self, exclude: set[str]) -> WorkerState:
+    def _choose_decode(self, exclude: set[str], prompt_ids: list[int]) -> WorkerState:
         candidates = [w for w in self.workers.candidates("decode") if w.address not in exclude and w.stub]
         if not candidates:
             raise APIError(503, "no healthy decode worker is available", code="no_healthy_worker")
-        return self._decode_policy.choose(candidates)
+        d = self._decode_policy.choose(candidates, prompt_ids)
+        self.metrics.observe_placement("decode", self._decode_policy.last)
+        return d
 
     def _has_decode(self, exclude: set[str]) -> bool:
         return any(w.address not in exclude for w in self.workers.candidates("decode"))

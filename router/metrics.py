@@ -1,14 +1,24 @@
-"""Prometheus metrics of one router: request latencies and counts, plus every worker's latest Load report."""
+"""Prometheus metrics of one router: request latencies and counts, plus every worker's latest Load report.
+
+KV-aware routing: each worker's prefix-cache hit rate (`disagg_worker_prefix_cache_hit_rate`, from the
+`prefix_*_tokens` counters of its Load report), the blocks the router's index holds for it, and the router's own
+prediction for what it routed (`disagg_router_predicted_*`: how many of each prompt's full blocks the chosen
+worker was expected to have cached).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from router.registry import WorkerRegistry
+
+if TYPE_CHECKING:
+    from router.policy import Placement
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
                    80.0, 160.0)
@@ -22,13 +32,19 @@ LOAD_GAUGES = {
     "queued_prefill_tokens": "Prompt tokens waiting to be prefilled on the worker",
     "kv_usage": "Fraction of the worker's KV blocks in use",
     "kv_blocks_free": "Free KV blocks on the worker",
+    "prompt_tokens": "Prompt tokens the worker ran through the model since start (prefix-cache hits excluded)",
     "transfers": "KV transfers the worker has done since start",
     "transfer_bytes": "KV bytes the worker has transferred since start",
     "transfer_seconds": "Seconds the worker has spent on KV transfers since start",
     "transfer_failures": "KV transfers that failed on the worker since start",
     "recomputes": "Prompts the worker recomputed because a KV pull failed, since start",
     "leases_expired": "KV leases that expired unclaimed on the worker since start",
+    "kv_cached_blocks": "Full KV blocks in the worker's prefix cache",
+    "prefix_query_tokens": "Prompt tokens the worker looked up in its prefix cache since start",
+    "prefix_hit_tokens": "Prompt tokens the worker found in its prefix cache since start",
+    "pull_cached_blocks": "Prompt blocks a decode worker found in its own cache instead of pulling, since start",
 }
+OVERLAP_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99, 1.0)
 
 
 class WorkerCollector(Collector):
@@ -43,16 +59,28 @@ class WorkerCollector(Collector):
         in_flight = GaugeMetricFamily("disagg_worker_in_flight", "Requests this router has running on the worker",
                                       labels=labels)
         gauges = {f: GaugeMetricFamily(f"disagg_worker_{f}", text, labels=labels) for f, text in LOAD_GAUGES.items()}
+        hit_rate = GaugeMetricFamily("disagg_worker_prefix_cache_hit_rate",
+                                     "Prompt tokens found in the worker's prefix cache / tokens looked up, since start",
+                                     labels=labels)
+        indexed = GaugeMetricFamily("disagg_router_kv_index_blocks",
+                                    "KV blocks the router's index says the worker caches (from its KV events)",
+                                    labels=labels)
+        index = self._workers.kv_index
         for w in self._workers.workers():
             values = [w.address, w.role or "unknown"]
             healthy.add_metric(values, 1.0 if w.healthy else 0.0)
             in_flight.add_metric(values, float(w.in_flight))
+            indexed.add_metric(values, float(index.num_blocks(w.address)))
             if w.load is not None:
                 for f, gauge in gauges.items():
                     gauge.add_metric(values, float(getattr(w.load, f)))
+                q = w.load.prefix_query_tokens
+                hit_rate.add_metric(values, w.load.prefix_hit_tokens / q if q else 0.0)
         yield healthy
         yield in_flight
         yield from gauges.values()
+        yield hit_rate
+        yield indexed
 
 
 class RouterMetrics:
@@ -71,7 +99,29 @@ class RouterMetrics:
                                 ["endpoint", "status"], registry=r)
         self.prompt_tokens = Counter("disagg_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
         self.generation_tokens = Counter("disagg_generation_tokens", "Tokens generated", registry=r)
+        self.routed = Counter("disagg_router_routed", "Requests routed, by phase and worker", ["phase", "worker"],
+                              registry=r)
+        self.prompt_blocks = Counter("disagg_router_prompt_blocks", "Full prompt blocks of routed requests",
+                                     ["phase", "worker"], registry=r)
+        self.predicted_hit_blocks = Counter(
+            "disagg_router_predicted_hit_blocks",
+            "Of those, blocks the router predicted the chosen worker had cached (a leading run, from its index)",
+            ["phase", "worker"], registry=r)
+        self.predicted_overlap = Histogram("disagg_router_predicted_overlap",
+                                           "Predicted cached fraction of each routed prompt's full blocks", ["phase"],
+                                           buckets=OVERLAP_BUCKETS, registry=r)
         r.register(WorkerCollector(workers))
+
+    def observe_placement(self, phase: str, placement: Placement | None) -> None:
+        """Count one routing decision and its predicted prefix overlap."""
+        if placement is None:
+            return
+        worker = placement.worker.address
+        self.routed.labels(phase=phase, worker=worker).inc()
+        if placement.prompt_blocks:
+            self.prompt_blocks.labels(phase=phase, worker=worker).inc(placement.prompt_blocks)
+            self.predicted_hit_blocks.labels(phase=phase, worker=worker).inc(placement.matched_blocks)
+            self.predicted_overlap.labels(phase=phase).observe(placement.overlap)
 
     def count_request(self, endpoint: str, status: int) -> None:
         self.requests.labels(endpoint=endpoint, status=str(status)).inc()

@@ -1,7 +1,12 @@
-"""The workers the router knows: their channels, health, roles and latest load.
+"""The workers the router knows: their channels, health, roles and latest load, and which KV blocks they cache.
 
 A background task polls every worker's `Health` and `Load`. A worker that fails a poll, or whose RPC fails with
 UNAVAILABLE, is unhealthy and gets no new requests until a poll succeeds again.
+
+Each Load poll also carries the worker's prefix-cache events since this router's cursor (epoch, sequence number),
+or a full snapshot when the worker cannot give them (it restarted, or the events were trimmed); `KVIndex` keeps
+block hash -> workers from them, for the `kv_aware` policy (router/policy.py). See `LoadRequest` in
+proto/disagg.proto for the protocol.
 """
 
 from __future__ import annotations
@@ -9,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -31,6 +37,92 @@ CHANNEL_OPTIONS = [
 ]
 
 
+class KVIndex:
+    """Block hash -> the workers (by address) that cache it, from their KV events.
+
+    Besides what the workers confirmed, the router may `expect` blocks: a prompt routed to a worker will be
+    cached there once it has run, well before the next poll reports it. Expected entries count as held until
+    the worker's events confirm them or `ttl_s` passes, so requests sharing a prefix that arrive within one poll
+    interval still find each other. A "removed" event, a snapshot or the worker's removal drops entries.
+    Roles need no separate index: a policy only asks about the candidates of its own phase.
+    """
+
+    def __init__(self) -> None:
+        self._holders: dict[int, set[str]] = {}  # confirmed: hash -> addresses
+        self._held: dict[str, set[int]] = {}  # confirmed: address -> hashes
+        self._expected: dict[str, dict[int, float]] = {}  # address -> hash -> monotonic deadline
+
+    def num_blocks(self, address: str) -> int:
+        """Blocks the worker is known (confirmed) to cache."""
+        return len(self._held.get(address, ()))
+
+    def holds(self, address: str, block_hash: int, now: float | None = None) -> bool:
+        if address in self._holders.get(block_hash, ()):
+            return True
+        deadline = self._expected.get(address, {}).get(block_hash)
+        return deadline is not None and deadline > (time.monotonic() if now is None else now)
+
+    def stored(self, address: str, hashes: Iterable[int]) -> None:
+        held, expected = self._held.setdefault(address, set()), self._expected.get(address, {})
+        for h in hashes:
+            self._holders.setdefault(h, set()).add(address)
+            held.add(h)
+            expected.pop(h, None)
+
+    def removed(self, address: str, hashes: Iterable[int]) -> None:
+        held, expected = self._held.get(address, set()), self._expected.get(address, {})
+        for h in hashes:
+            holders = self._holders.get(h)
+            if holders is not None:
+                holders.discard(address)
+                if not holders:
+                    del self._holders[h]
+            held.discard(h)
+            expected.pop(h, None)
+
+    def apply(self, address: str, events: Iterable[tuple[bool, int]]) -> None:
+        """(removed, hash) events in the order the worker published them."""
+        for removed, h in events:
+            (self.removed if removed else self.stored)(address, (h,))
+
+    def replace(self, address: str, hashes: Iterable[int]) -> None:
+        """A snapshot: the worker caches exactly `hashes` now (expected entries are dropped too)."""
+        self.drop(address)
+        self.stored(address, hashes)
+
+    def drop(self, address: str) -> None:
+        """Forget everything about the worker."""
+        self.removed(address, list(self._held.get(address, ())))
+        self._held.pop(address, None)
+        self._expected.pop(address, None)
+
+    def expect(self, address: str, hashes: Iterable[int], ttl_s: float) -> None:
+        """The worker will cache `hashes` soon (a prompt was routed there); count them as held for `ttl_s`."""
+        if ttl_s <= 0:
+            return
+        now = time.monotonic()
+        expected, held = self._expected.setdefault(address, {}), self._held.get(address, set())
+        if len(expected) > 4 * len(held) + 65536:  # keep it bounded when a worker never confirms
+            for h in [h for h, t in expected.items() if t <= now]:
+                del expected[h]
+        for h in hashes:
+            if h not in held:
+                expected[h] = now + ttl_s
+
+    def match(self, hashes: Sequence[int], addresses: Iterable[str]) -> dict[str, int]:
+        """For each worker, how many leading blocks of `hashes` it holds (a prefix cache hits only a prefix)."""
+        now = time.monotonic()
+        out = dict.fromkeys(addresses, 0)
+        alive = list(out)
+        for i, h in enumerate(hashes):
+            alive = [a for a in alive if self.holds(a, h, now)]
+            if not alive:
+                break
+            for a in alive:
+                out[a] = i + 1
+        return out
+
+
 @dataclass
 class WorkerState:
     """One worker as the router sees it."""
@@ -49,6 +141,10 @@ class WorkerState:
     error: str = ""  # why it is unhealthy
     in_flight: int = 0  # requests this router has running on it now
     in_flight_tokens: int = 0  # prompt tokens of those requests
+    in_flight_new_tokens: int = 0  # of which not predicted to be in its prefix cache (the work it has to do)
+    kv_block_size: int = 0  # tokens per KV block, from Health; 0: unknown (no KV-aware routing to it)
+    kv_epoch: int = 0  # KV event cursor: the worker's epoch and the last event applied to the index
+    kv_seq: int = 0
     _removed: bool = field(default=False, repr=False)
 
     @property
@@ -60,15 +156,19 @@ class WorkerState:
         return self.routable and self.role in (PREFILL_ROLES if phase == "prefill" else DECODE_ROLES)
 
     @contextlib.contextmanager
-    def dispatched(self, prompt_tokens: int) -> Iterator[None]:
-        """Count a request as in flight on this worker for the duration of the block."""
+    def dispatched(self, prompt_tokens: int, new_tokens: int | None = None) -> Iterator[None]:
+        """Count a request as in flight on this worker for the duration of the block; `new_tokens`: those of its
+        prompt tokens the worker is expected to compute (default all)."""
+        new = prompt_tokens if new_tokens is None else new_tokens
         self.in_flight += 1
         self.in_flight_tokens += prompt_tokens
+        self.in_flight_new_tokens += new
         try:
             yield
         finally:
             self.in_flight -= 1
             self.in_flight_tokens -= prompt_tokens
+            self.in_flight_new_tokens -= new
 
 
 class WorkerRegistry:
@@ -80,6 +180,7 @@ class WorkerRegistry:
         self.rpc_timeout_s = rpc_timeout_s
         self._workers: dict[str, WorkerState] = {a: WorkerState(a) for a in dict.fromkeys(addresses)}
         self._task: asyncio.Task[None] | None = None
+        self.kv_index = KVIndex()
 
     @property
     def running(self) -> bool:
@@ -137,6 +238,7 @@ class WorkerRegistry:
         if w is None:
             return
         w._removed = True
+        self.kv_index.drop(address)
         log.info("worker %s removed", address)
         await _close(w)
 
@@ -168,7 +270,8 @@ class WorkerRegistry:
             return
         try:
             health = await w.stub.Health(disagg_pb2.HealthRequest(), timeout=self.rpc_timeout_s)
-            load = await w.stub.Load(disagg_pb2.LoadRequest(), timeout=self.rpc_timeout_s)
+            load = await w.stub.Load(disagg_pb2.LoadRequest(want_kv_events=True, kv_epoch=w.kv_epoch,
+                                                            kv_events_after=w.kv_seq), timeout=self.rpc_timeout_s)
         except grpc.aio.AioRpcError as e:
             self._set_health(w, False, f"{e.code().name}: {e.details()}")
             return
@@ -179,7 +282,38 @@ class WorkerRegistry:
             return
         w.worker_id, w.role, w.model = health.worker_id, health.role, health.model
         w.max_model_len, w.remote_draining, w.load = health.max_model_len, health.draining, load
+        w.kv_block_size = health.kv_block_size
+        if load.HasField("kv_events"):
+            if not w._removed:
+                self._apply_kv(w, load.kv_events)
+            load.ClearField("kv_events")  # applied; the stored report stays small
         self._set_health(w, health.ok, "" if health.ok else "worker reports not ok")
+
+    def _apply_kv(self, w: WorkerState, kv: disagg_pb2.KVEvents) -> None:
+        """Bring the index up to a worker's KV events (or snapshot); answers older than the cursor are skipped
+        (two polls of one worker may overlap), and a gap makes the next poll ask for a snapshot."""
+        if not kv.epoch:
+            return  # a worker that does not publish events
+        if kv.snapshot:
+            if kv.epoch != w.kv_epoch or kv.seq >= w.kv_seq:
+                if kv.epoch != w.kv_epoch and w.kv_epoch:
+                    log.info("worker %s: new KV event epoch (restarted); index rebuilt from its snapshot", w.address)
+                self.kv_index.replace(w.address, kv.cached_hashes)
+                w.kv_epoch, w.kv_seq = kv.epoch, kv.seq
+            return
+        if kv.epoch != w.kv_epoch:  # events of an epoch we hold no cursor in: start over from a snapshot
+            w.kv_epoch = w.kv_seq = 0
+            return
+        first = kv.seq - len(kv.events) + 1  # sequence number of events[0]
+        if first > w.kv_seq + 1:
+            log.warning("worker %s: KV events %d..%d missing; asking for a snapshot", w.address, w.kv_seq + 1,
+                        first - 1)
+            w.kv_epoch = w.kv_seq = 0
+            return
+        skip = w.kv_seq + 1 - first
+        if skip < len(kv.events):
+            self.kv_index.apply(w.address, ((e.removed, e.block_hash) for e in kv.events[skip:]))
+            w.kv_seq = kv.seq
 
     def _set_health(self, w: WorkerState, healthy: bool, reason: str) -> None:
         if healthy != w.healthy:

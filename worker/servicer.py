@@ -1,14 +1,22 @@
 """The gRPC methods every worker answers: Health, Load, Abort, GetTransferMetadata.
 
 Role-specific methods (Prefill, ReleaseKV / Decode) live in prefill_worker/ and decode_worker/.
+
+Load also publishes the worker's prefix-cache events (block hashes stored / evicted) for KV-aware routing;
+see `KVEventLog` and `LoadRequest` in proto/disagg.proto.
 """
 
 from __future__ import annotations
 
+import itertools
+import secrets
+from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import grpc
 
+from engine.block_pool import KVEvent
 from engine.request import InvalidRequestError, SamplingParams
 from kvtransfer import KVLayout, KVTransferAgent
 from proto import PROTOCOL_VERSION, disagg_pb2, disagg_pb2_grpc
@@ -26,6 +34,57 @@ class TransferCounters:
     transfer_failures: int = 0
     recomputes: int = 0
     leases_expired: int = 0
+    pull_cached_blocks: int = 0  # decode: prompt blocks found in the local prefix cache instead of pulled
+
+
+class KVEventLog:
+    """The prefix-cache events this worker publishes, numbered 1, 2, ... within a random epoch.
+
+    Protocol (the wire side is `LoadRequest` / `LoadReport` in proto/disagg.proto): a caller sends the epoch and
+    the last sequence number it has applied and gets the events after it, or a snapshot of every cached hash
+    when those events are gone (another epoch, i.e. the worker restarted; trimmed from this bounded log; or no
+    cursor yet). Reading consumes nothing, so any number of routers and tools may call Load.
+
+    Threads: `extend` runs on the engine loop thread between steps (a hook drains `BlockPool.events`), and Load
+    reads on the same thread; the engine itself is never read by Load, and `cached` (the snapshot) is kept here,
+    in step with the numbered events, so a snapshot and its sequence number always agree.
+    """
+
+    def __init__(self, capacity: int, epoch: int | None = None) -> None:
+        self.epoch = epoch if epoch else secrets.randbits(63) | 1  # never 0: 0 means "no cursor" on the wire
+        self.seq = 0  # sequence number of the latest event
+        self.cached: set[int] = set()
+        self._events: deque[tuple[bool, int]] = deque(maxlen=max(1, capacity))  # (removed, block hash)
+
+    def extend(self, events: Iterable[KVEvent]) -> None:
+        for e in events:
+            removed = e.kind == "removed"
+            if removed:
+                self.cached.discard(e.block_hash)
+            else:
+                self.cached.add(e.block_hash)
+            self._events.append((removed, e.block_hash))
+            self.seq += 1
+
+    def since(self, epoch: int, after: int) -> list[tuple[bool, int]] | None:
+        """The events numbered after `after` in `epoch`, in order; None when a snapshot is needed instead."""
+        if epoch != self.epoch or after > self.seq or after < self.seq - len(self._events):
+            return None
+        n = self.seq - after
+        return list(itertools.islice(self._events, len(self._events) - n, None))
+
+    def fill(self, rep: disagg_pb2.LoadReport, req: disagg_pb2.LoadRequest) -> None:
+        rep.kv_cached_blocks = len(self.cached)
+        if not req.want_kv_events:
+            return
+        out = rep.kv_events
+        out.epoch, out.seq = self.epoch, self.seq
+        events = self.since(req.kv_epoch, req.kv_events_after)
+        if events is None:
+            out.snapshot = True
+            out.cached_hashes.extend(self.cached)
+        else:
+            out.events.extend(disagg_pb2.KVEvent(removed=r, block_hash=h) for r, h in events)
 
 
 class WorkerServicerBase(disagg_pb2_grpc.WorkerServicer):
@@ -37,17 +96,27 @@ class WorkerServicerBase(disagg_pb2_grpc.WorkerServicer):
         self.layout = KVLayout.from_cache(aengine.engine.runner.kv_cache)
         self.counters = TransferCounters()
         self.draining = False
+        kv = aengine.engine.kv
+        self.kv_events = KVEventLog(capacity=max(4096, 4 * kv.num_blocks))
+        self.prefix_counts = (0, 0)  # (query tokens, hit tokens) of the engine's prefix cache, read between steps
+        aengine.add_hook(self._drain_kv_events)
+
+    def _drain_kv_events(self) -> None:
+        """Engine-loop hook (between steps): move the block pool's new events into the published log."""
+        kv = self.aengine.engine.kv
+        self.kv_events.extend(kv.pool.drain_events())
+        self.prefix_counts = (kv.query_tokens, kv.hit_tokens)
 
     async def Health(self, request: disagg_pb2.HealthRequest, context: grpc.aio.ServicerContext
                      ) -> disagg_pb2.HealthResponse:
         eng = self.aengine.engine
         return disagg_pb2.HealthResponse(ok=self.aengine.healthy, worker_id=self.worker_id, role=self.config.role,
                                          model=self.config.engine.model, max_model_len=eng.max_model_len,
-                                         draining=self.draining)
+                                         draining=self.draining, kv_block_size=self.layout.block_size)
 
     async def Load(self, request: disagg_pb2.LoadRequest, context: grpc.aio.ServicerContext) -> disagg_pb2.LoadReport:
         s, st, c = self.aengine.snapshot, self.aengine.engine.stats, self.counters
-        return disagg_pb2.LoadReport(
+        rep = disagg_pb2.LoadReport(
             worker_id=self.worker_id, role=self.config.role, num_waiting=s.num_waiting, num_running=s.num_running,
             queued_prefill_tokens=s.queued_prefill_tokens, kv_blocks_total=s.kv_blocks_total,
             kv_blocks_free=s.kv_blocks_free, kv_usage=1.0 - s.kv_blocks_free / max(1, s.kv_blocks_total),
@@ -55,7 +124,11 @@ class WorkerServicerBase(disagg_pb2_grpc.WorkerServicer):
             preemptions=st.preemptions, transfers=c.transfers, transfer_bytes=c.transfer_bytes,
             transfer_seconds=c.transfer_seconds, transfer_failures=c.transfer_failures, recomputes=c.recomputes,
             leases_expired=c.leases_expired, leased_requests=self.num_leased(),
+            prefix_query_tokens=self.prefix_counts[0], prefix_hit_tokens=self.prefix_counts[1],
+            pull_cached_blocks=c.pull_cached_blocks,
         )
+        self.kv_events.fill(rep, request)
+        return rep
 
     def num_leased(self) -> int:
         return 0
