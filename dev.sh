@@ -14,6 +14,10 @@ if [ ! -f "$STAMP" ]; then
     bash scripts/install.sh "$VENV/bin/python"
     rm -f "$VENV"/.installed-* && touch "$STAMP"
 fi
+# Generated gRPC stubs are not in git: (re)generate them whenever the .proto is newer (e.g. after a pull).
+if [ ! -f proto/disagg_pb2.py ] || [ proto/disagg.proto -nt proto/disagg_pb2.py ]; then
+    bash scripts/gen_proto.sh "$VENV/bin/python"
+fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 cmd=${1:-help}; shift || true
