@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import tempfile
+import time
 from typing import Any
 
 import httpx
@@ -44,6 +45,7 @@ def warm_up(url: str, n: int) -> None:
     for i in range(n):
         body = {"model": "smollm2", "prompt": [200 + i] * 40, "max_tokens": 4, "ignore_eos": True}
         httpx.post(f"{url}/v1/completions", json=body, timeout=300).raise_for_status()
+    time.sleep(2.0)  # let the router poll every worker, so the run's first /metrics read includes the warm-up
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
