@@ -322,7 +322,7 @@ def test_cuda_caches_move_byte_exact(backend: str) -> None:
 
 def test_registry_errors() -> None:
     assert {"local", "tcp", "nixl"} <= set(available_backends())
-    with pytest.raises(ValueError, match="known backends: local, nixl, tcp"):
+    with pytest.raises(ValueError, match="known backends: cuda_ipc, local, nixl, tcp"):
         create_agent("rdma", "x", make_cache(None))
     with pytest.raises(TypeError):
         create_agent("tcp", "x", make_cache(None), no_such_option=1)
