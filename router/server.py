@@ -44,6 +44,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="prompts shorter than N tokens skip the prefill pool; the decode worker prefills them "
                         f"locally (default {DEFAULTS.conditional_disagg_min_prompt_tokens}: always disaggregate)")
     _add_timing_flags(p)
+    for key in ("prefill_overlap_weight", "prefill_load_weight", "decode_overlap_weight", "decode_load_weight"):
+        p.add_argument(f"--{key.replace('_', '-')}", dest=key, type=float, default=getattr(DEFAULTS, key),
+                       help=f"kv_aware cost weight (default {getattr(DEFAULTS, key):g}; see router/policy.py)")
+    p.add_argument("--kv-expect-ttl", "--kv-expect-ttl-s", dest="kv_expect_ttl_s", type=float,
+                   default=DEFAULTS.kv_expect_ttl_s, metavar="SECONDS",
+                   help=f"how long a routed prompt counts as cached before its worker confirms it "
+                        f"(default {DEFAULTS.kv_expect_ttl_s:g})")
     p.add_argument("--max-model-len", type=int, metavar="TOKENS",
                    help="context length to enforce (default: the smallest the workers report)")
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
@@ -73,6 +80,9 @@ def config_from_args(a: argparse.Namespace) -> RouterConfig:
         prefill_policy=a.prefill_policy, decode_policy=a.decode_policy, health_interval_s=a.health_interval_s,
         rpc_timeout_s=a.rpc_timeout_s, worker_timeout_s=a.worker_timeout_s, request_timeout_s=a.request_timeout_s,
         conditional_disagg_min_prompt_tokens=a.conditional_disagg_min_prompt_tokens, max_model_len=a.max_model_len,
+        prefill_overlap_weight=a.prefill_overlap_weight, prefill_load_weight=a.prefill_load_weight,
+        decode_overlap_weight=a.decode_overlap_weight, decode_load_weight=a.decode_load_weight,
+        kv_expect_ttl_s=a.kv_expect_ttl_s,
     )
 
 
