@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 
+# Triton decides at decoration time whether a kernel runs in its CPU interpreter, and the engine imports
+# the kernels (engine.models.ops) long before tests/test_kernels.py runs: set the mode for the whole session.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
