@@ -12,7 +12,7 @@ import torch
 from engine.config import EngineConfig, SpeculativeConfig
 from engine.kv_cache_manager import KVCacheManager, cdiv
 from engine.model_runner import DTYPES, ModelRunner, num_kv_blocks
-from engine.request import FinishReason, InvalidRequestError, Request, SamplingParams
+from engine.request import FinishReason, InvalidRequestError, Request, RequestStatus, SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.spec_decode import build_proposer
 
@@ -147,26 +147,25 @@ class LLMEngine:
         if self.proposer is not None:
             draft_probs = self.proposer.propose(out, self.kv)
             self.scheduler.apply_proposals(out)
-        lens_before = {s.request.request_id: len(s.request.output_token_ids) for s in out.scheduled}
-        lp_before = {s.request.request_id: len(s.request.logprobs) for s in out.scheduled}
         for s in out.scheduled:
-            start = s.request.num_computed_tokens
-            self.stats.prompt_tokens_computed += max(0, min(start + s.num_new_tokens, s.request.num_prompt_tokens) - start)
+            r, start = s.request, s.request.num_computed_tokens
+            if start < len(r.prompt_token_ids):
+                self.stats.prompt_tokens_computed += min(start + s.num_new_tokens, len(r.prompt_token_ids)) - start
         samples = self.runner.execute(out, self.kv, draft_probs)
         self.scheduler.update(out, samples)
         self.stats.steps += 1
         self._count_spec(out)
         results = []
         for s in out.scheduled:
-            r = s.request
-            new = r.output_token_ids[lens_before[r.request_id]:]
-            self.stats.generation_tokens += len(new)
-            self.stats.sampling_request_steps += bool(new)
-            if new or r.is_finished:
-                results.append(StepOutput(r.request_id, new, r.is_finished,
+            r, n = s.request, s.num_output_tokens
+            self.stats.generation_tokens += n
+            self.stats.sampling_request_steps += n > 0
+            finished = r.status == RequestStatus.FINISHED
+            if n or finished:
+                results.append(StepOutput(r.request_id, r.output_token_ids[-n:] if n else [], finished,
                                           r.finish_reason.value if r.finish_reason else None, r.stop_reason,
-                                          r.logprobs[lp_before[r.request_id]:]))
-            if r.is_finished:
+                                          r.logprobs[-s.num_logprobs:] if s.num_logprobs else []))
+            if finished:
                 self.requests.pop(r.request_id, None)
                 if self.proposer is not None:
                     self.proposer.remove(r.request_id)

@@ -14,6 +14,7 @@ import hashlib
 from array import array
 
 from engine.block_pool import BlockPool
+from engine.block_table import BlockTableArray
 from engine.request import Request
 
 ROOT_HASH = 0
@@ -45,6 +46,7 @@ class KVCacheManager:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
         self._tables: dict[str, list[int]] = {}
+        self.table_array = BlockTableArray()  # follows every change to _tables
         self._hashes: dict[str, list[int]] = {}  # chained hashes of the request's full, registered blocks
         self.query_tokens = 0  # prompt tokens looked up in the prefix cache
         self.hit_tokens = 0  # of which found cached
@@ -72,12 +74,19 @@ class KVCacheManager:
 
     def allocate(self, request_id: str, total_tokens: int) -> bool:
         """Grow the request's table to hold `total_tokens`; False (and no change) if blocks are short."""
+        table = self._tables.get(request_id)
+        if table is not None and len(table) * self.block_size >= total_tokens:
+            return True  # the common decode step: room is left in the last block
         need = self.blocks_needed(request_id, total_tokens)
         if need > self.pool.num_free:
             return False
-        table = self._tables.setdefault(request_id, [])
+        if table is None:
+            table = self._tables[request_id] = []
+            self.table_array.extend(request_id, [])
         if need:
-            table.extend(self.pool.allocate(need))
+            new = self.pool.allocate(need)
+            table.extend(new)
+            self.table_array.extend(request_id, new)
         return True
 
     def match_prefix(self, req: Request) -> int:
@@ -105,6 +114,7 @@ class KVCacheManager:
         if hits:
             self.pool.touch(hits)
             self._tables[req.request_id] = hits
+            self.table_array.extend(req.request_id, hits)
             self._hashes[req.request_id] = hashes
         return len(hits) * self.block_size
 
@@ -128,10 +138,23 @@ class KVCacheManager:
         """Release every block of the request (last block first, so a prefix's tail is evicted before its head)."""
         self._hashes.pop(request_id, None)
         table = self._tables.pop(request_id, None)
+        self.table_array.release(request_id)
         if not table:
             return 0
         self.pool.free(table[::-1])
         return len(table)
+
+    def trim(self, request_id: str, keep: int) -> bool:
+        """Free the request's blocks after its first `keep`; the caller guarantees they hold no computed (so no
+        cached) token. Returns whether anything was freed."""
+        table = self._tables.get(request_id)
+        if table is None or len(table) <= keep:
+            return False
+        tail = table[keep:]
+        del table[keep:]
+        self.table_array.truncate(request_id, keep)
+        self.pool.free(tail[::-1])
+        return True
 
     def slots(self, request_id: str, start: int, end: int) -> list[int]:
         """Slot ids of token positions [start, end) of the request."""

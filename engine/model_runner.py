@@ -12,10 +12,12 @@ into the accepted drafts plus one token of the target's.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from engine.attention.base import AttentionMetadata, get_attention_backend
@@ -119,7 +121,8 @@ class ModelRunner:
         one sampled token; with drafts, the accepted drafts followed by the target's token. `draft_probs` holds
         the proposer's distributions q ([k, vocab]) of sampled requests whose drafts were sampled, not looked up."""
         input_ids, positions, meta, logits_idx = self._prepare(out, kv)
-        sampling = [s for s in out.scheduled if s.samples]
+        samples = [s.samples for s in out.scheduled]
+        sampling = [s for s, f in zip(out.scheduled, samples, strict=True) if f]
         if self.graphs is not None and meta.decode_only and self.graphs.can_run(len(out.scheduled)):
             logits = self.graphs.run(input_ids, positions, meta)  # decode: every row samples, no drafts
         else:
@@ -135,7 +138,7 @@ class ModelRunner:
         else:
             verdicts = [[t] for t in self.sampler.sample(logits, requests)]
         results: Iterator[list[SampleResult]] = iter(verdicts)
-        return [next(results) if s.samples else None for s in out.scheduled]
+        return [next(results) if f else None for f in samples]
 
     def _prepare(
         self, out: SchedulerOutput, kv: KVCacheManager
@@ -167,35 +170,40 @@ def build_batch(
     """Flatten sequences into (input_ids, positions, attention metadata, rows whose logits are wanted).
 
     Block tables and slots come from `kv`, so any model whose KV cache has the same block size and block
-    count (a draft model's own cache) can run on the same metadata.
+    count (a draft model's own cache) can run on the same metadata. Everything is computed with numpy over
+    the manager's block-table array and reaches the device in one copy: per-sequence Python work is only
+    reading each sequence's fields.
     """
-    ids: list[int] = []
-    pos: list[int] = []
-    slots: list[int] = []
-    qsl, seq_lens, tables, logits_idx = [0], [], [], []
-    for s in seqs:
-        end = s.start + len(s.token_ids)
-        ids.extend(s.token_ids)
-        pos.extend(range(s.start, end))
-        slots.extend(kv.slots(s.request_id, s.start, end))
-        qsl.append(qsl[-1] + len(s.token_ids))
-        seq_lens.append(end)
-        tables.append(kv.block_table(s.request_id))
-        logits_idx.extend(range(qsl[-1] - s.num_logits, qsl[-1]))
-    width = max(len(t) for t in tables)
-    padded = [t + [0] * (width - len(t)) for t in tables]
+    n, bs = len(seqs), kv.block_size
+    lens = np.fromiter((len(s.token_ids) for s in seqs), np.int64, n)
+    starts = np.fromiter((s.start for s in seqs), np.int64, n)
+    num_logits = np.fromiter((s.num_logits for s in seqs), np.int64, n)
+    qsl = np.zeros(n + 1, np.int64)
+    np.cumsum(lens, out=qsl[1:])
+    total = int(qsl[-1])
+    seq_of = np.repeat(np.arange(n), lens)
+    pos = np.arange(total) - qsl[:-1][seq_of] + starts[seq_of]
+    tables = kv.table_array.gather([s.request_id for s in seqs])
+    slots = tables[seq_of, pos // bs].astype(np.int64) * bs + pos % bs
+    ends = qsl[1:]
+    first_logit = np.repeat(ends - num_logits, num_logits)
+    logits_idx = first_logit + np.arange(len(first_logit)) - np.repeat(np.cumsum(num_logits) - num_logits, num_logits)
+    ids = np.fromiter(itertools.chain.from_iterable(s.token_ids for s in seqs), np.int64, total)
+    seq_lens = starts + lens
+    # One host buffer, one copy: [ids | positions | slots | logits rows] as int64, then [qsl | seq_lens | tables].
+    parts = [ids, pos, slots, logits_idx, qsl, seq_lens, tables.reshape(-1)]
+    sizes = [len(p) for p in parts]
+    host = torch.empty(sum(sizes), dtype=torch.int64, pin_memory=device.type == "cuda")
+    np.concatenate(parts, out=host.numpy(), casting="unsafe")
+    dev = host.to(device, non_blocking=True)
+    d_ids, d_pos, d_slots, d_logits, rest = torch.split(dev, [*sizes[:4], sum(sizes[4:])])
+    d_qsl, d_lens, d_tables = torch.split(rest.to(torch.int32), sizes[4:])
     meta = AttentionMetadata(
-        query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-        block_tables=torch.tensor(padded, dtype=torch.int32, device=device),
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-        max_query_len=max(len(s.token_ids) for s in seqs),
-        max_seq_len=max(seq_lens),
-        query_start_loc_cpu=qsl,
-        seq_lens_cpu=seq_lens,
+        query_start_loc=d_qsl, seq_lens=d_lens, block_tables=d_tables.view(n, tables.shape[1]), slot_mapping=d_slots,
+        max_query_len=int(lens.max()), max_seq_len=int(seq_lens.max()),
+        query_start_loc_cpu=qsl.tolist(), seq_lens_cpu=seq_lens.tolist(),
     )
-    return (torch.tensor(ids, dtype=torch.int64, device=device), torch.tensor(pos, dtype=torch.int64, device=device),
-            meta, torch.tensor(logits_idx, dtype=torch.int64, device=device))
+    return d_ids, d_pos, meta, d_logits
 
 
 def _token_slice(r: Request, start: int, end: int) -> list[int]:

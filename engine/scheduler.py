@@ -47,6 +47,8 @@ class ScheduledRequest:
     num_new_tokens: int  # tokens computed this step, starting at request.num_computed_tokens (drafts included)
     num_spec_tokens: int = 0  # of which draft tokens (request.spec_token_ids) to verify; slots until proposals are in
     num_accepted_tokens: int = 0  # draft tokens the target accepted (set by Scheduler.update)
+    num_output_tokens: int = 0  # tokens appended to the request's output this step (set by Scheduler.update)
+    num_logprobs: int = 0  # logprob records appended this step (set by Scheduler.update)
 
     @property
     def samples(self) -> bool:
@@ -120,7 +122,7 @@ class Scheduler:
             budget -= n
             i += 1
         # Draft slots come second, from what every running request's own token left of budget and free blocks.
-        for s in out.scheduled:
+        for s in out.scheduled if self.num_spec_tokens else ():
             if budget <= 0:
                 break
             if s.request.num_tokens - s.request.num_computed_tokens == 1:
@@ -197,20 +199,24 @@ class Scheduler:
         finished = []
         for sched, sample in zip(out.scheduled, samples, strict=True):
             req = sched.request
-            drafts, req.spec_token_ids = req.spec_token_ids, []
-            tokens = [sample] if isinstance(sample, SampleResult) else (sample or [])
+            drafts = req.spec_token_ids
+            if drafts:
+                req.spec_token_ids = []
+            tokens = () if sample is None else (sample,) if isinstance(sample, SampleResult) else sample
             if len(tokens) > sched.num_spec_tokens + 1:
                 raise RuntimeError(f"{req.request_id}: {len(tokens)} tokens for {sched.num_spec_tokens} drafts")
             sched.num_accepted_tokens = max(0, len(tokens) - 1)
             # Positions whose input token is now known: the known tokens scheduled, plus one per accepted draft.
             computed = req.num_computed_tokens + sched.num_new_tokens - sched.num_spec_tokens + sched.num_accepted_tokens
             reason = None
-            if not req.is_finished:
+            if req.status != RequestStatus.FINISHED:
                 for i, t in enumerate(tokens):
                     assert i == len(tokens) - 1 or t.token_id == drafts[i], "accepted token is not the draft"
                     req.output_token_ids.append(t.token_id)
+                    sched.num_output_tokens += 1
                     if t.logprob is not None:
                         req.logprobs.append((t.logprob, t.top_logprobs or []))
+                        sched.num_logprobs += 1
                     reason = self._stop_reason(req, t.token_id)
                     if reason is not None:
                         break
@@ -225,14 +231,8 @@ class Scheduler:
 
     def _trim_blocks(self, req: Request, keep: int) -> bool:
         """Free the request's blocks after the first `keep` (they hold no computed token, so none is cached)."""
-        table = self.kv._tables.get(req.request_id)  # the manager has no shrink operation; only this uses it
-        if table is None or len(table) <= keep:
-            return False
         assert keep * self.kv.block_size >= req.num_computed_tokens, "trimming a block with computed tokens"
-        tail = table[keep:]
-        del table[keep:]
-        self.kv.pool.free(tail[::-1])
-        return True
+        return self.kv.trim(req.request_id, keep)
 
     def _stop_reason(self, req: Request, token: int) -> FinishReason | None:
         p = req.params

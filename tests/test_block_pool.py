@@ -38,6 +38,33 @@ def test_manager_slots_follow_block_table() -> None:
     assert kv.free("r") == 3 and kv.num_free_blocks == 10
 
 
+def test_build_batch_matches_per_token_construction() -> None:
+    """The vectorised batch builder against the obvious per-token loop, on a mixed prefill/decode/draft batch."""
+    import torch
+
+    from engine.model_runner import BatchSeq, build_batch
+
+    kv = KVCacheManager(num_blocks=40, block_size=4)
+    seqs = [BatchSeq("a", 0, [5, 6, 7, 8, 9], 1), BatchSeq("b", 13, [3], 1), BatchSeq("c", 6, [1, 2, 3], 3),
+            BatchSeq("d", 2, [4, 4], 0)]
+    for s in seqs:
+        assert kv.allocate(s.request_id, s.start + len(s.token_ids))
+    kv.free("a")  # rows are reused: a fresh request takes a released row
+    assert kv.allocate("a", 5)
+    ids, pos, meta, logits_idx = build_batch(seqs, kv, torch.device("cpu"))
+    assert ids.tolist() == [5, 6, 7, 8, 9, 3, 1, 2, 3, 4, 4]
+    assert pos.tolist() == [0, 1, 2, 3, 4, 13, 6, 7, 8, 2, 3]
+    want_slots = [sl for s in seqs for sl in kv.slots(s.request_id, s.start, s.start + len(s.token_ids))]
+    assert meta.slot_mapping.tolist() == want_slots and meta.slot_mapping.dtype == torch.int64
+    assert meta.query_start_loc.tolist() == [0, 5, 6, 9, 11] and meta.query_start_loc_cpu == [0, 5, 6, 9, 11]
+    assert meta.seq_lens.tolist() == [5, 14, 9, 4] and meta.seq_lens.dtype == torch.int32
+    assert logits_idx.tolist() == [4, 5, 6, 7, 8]
+    assert (meta.max_query_len, meta.max_seq_len) == (5, 14)
+    for i, s in enumerate(seqs):
+        table = kv.block_table(s.request_id)
+        assert meta.block_tables[i, : len(table)].tolist() == table
+
+
 class PoolMachine(RuleBasedStateMachine):
     """Random allocate / grow / share / free sequences keep the pool consistent."""
 
@@ -73,6 +100,14 @@ class PoolMachine(RuleBasedStateMachine):
         self.kv.pool.incref(blocks)
         self.shared.append(blocks)
 
+    @precondition(lambda self: self.sizes)
+    @rule(data=st.data())
+    def trim(self, data: st.DataObject) -> None:
+        rid = data.draw(st.sampled_from(sorted(self.sizes)))
+        keep = data.draw(st.integers(1, -(-self.sizes[rid] // 4)))
+        self.kv.trim(rid, keep)
+        self.sizes[rid] = min(self.sizes[rid], keep * 4)
+
     @precondition(lambda self: self.shared)
     @rule()
     def unshare(self) -> None:
@@ -92,6 +127,9 @@ class PoolMachine(RuleBasedStateMachine):
         assert len(owned) == len(set(owned)), "a block is owned by two requests"
         for rid, n in self.sizes.items():
             assert len(self.kv.block_table(rid)) == -(-n // 4)
+            arr = self.kv.table_array
+            row = arr.row(rid)
+            assert arr.array[row, : arr.lengths[row]].tolist() == self.kv.block_table(rid), "array mirror drifted"
 
     def teardown(self) -> None:
         for blocks in self.shared:
