@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-sequential", dest="sequential", action="store_false",
                     help="skip the one-prompt-at-a-time HF baseline (slow)")
     a = ap.parse_args(argv)
-    from engine.tokenizer import Tokenizer, smollm2_gguf_path
+    from engine.loader import smollm2_gguf_path
+    from engine.tokenizer import Tokenizer
 
     prompts = make_prompts(Tokenizer.from_gguf(smollm2_gguf_path()), a.num_prompts, a.min_len, a.max_len, a.seed)
     total = a.num_prompts * a.new_tokens

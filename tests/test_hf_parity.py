@@ -63,7 +63,8 @@ def check_setting(name: str, cfg: EngineConfig, prompts, ref, ref_top2) -> None:
 # ---- the real SmolLM2 weights (GGUF, read by both sides) ------------------------------------------------------
 @pytest.fixture(scope="module")
 def smollm2_reference():
-    from engine.tokenizer import Tokenizer, smollm2_gguf_path
+    from engine.loader import smollm2_gguf_path
+    from engine.tokenizer import Tokenizer
 
     tok = Tokenizer.from_gguf(smollm2_gguf_path())
     with open(__file__) as f:

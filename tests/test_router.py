@@ -20,7 +20,8 @@ import openai
 import pytest
 import uvicorn
 
-from engine.tokenizer import Tokenizer, smollm2_gguf_path
+from engine.loader import smollm2_gguf_path
+from engine.tokenizer import Tokenizer
 from proto import disagg_pb2, disagg_pb2_grpc
 from router.app import create_app
 from router.config import RouterConfig

@@ -421,7 +421,8 @@ def test_sampled_distribution_matches_no_spec(method: str, models: dict[str, str
 
 # ---- the real SmolLM2 -----------------------------------------------------------------------------------------
 def test_smollm2_greedy_ngram_and_self() -> None:
-    from engine.tokenizer import Tokenizer, smollm2_gguf_path
+    from engine.loader import smollm2_gguf_path
+    from engine.tokenizer import Tokenizer
 
     tok = Tokenizer.from_gguf(smollm2_gguf_path())
     text = "The quick brown fox jumps over the lazy dog near the river bank at dawn."

@@ -15,7 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.tokenizer import IncrementalDetokenizer, StopChecker, Tokenizer, smollm2_gguf_path
+from engine.loader import smollm2_gguf_path
+from engine.tokenizer import IncrementalDetokenizer, StopChecker, Tokenizer
 
 TEXTS = [
     "Hello world",
