@@ -37,6 +37,7 @@ from worker.servicer import TransferCounters, layout_from_proto
 log = logging.getLogger(__name__)
 
 LEASE_MARGIN_S = 1.0  # a pull must end this long before the prefill worker may free the blocks
+POLL_S = 0.0002  # between polls of a pending read: the added latency is at most this; the loop yields to the server
 
 
 class TransferSetupError(RuntimeError):
@@ -117,7 +118,7 @@ class KVPuller:
             else:
                 handle = self.agent.start_read(h.agent_name, remote, dst, tag=rid)
                 while (st := self.agent.poll(handle)) is TransferStatus.PENDING and time.monotonic() < deadline:
-                    await asyncio.sleep(0.0005)
+                    await asyncio.sleep(POLL_S)
                 ok = st is TransferStatus.DONE
                 if not ok:
                     log.warning("%s: KV pull %s after %.2fs", rid,

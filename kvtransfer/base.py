@@ -119,6 +119,8 @@ class TransferHandle:
 
 
 def check_block_ids(ids: list[int], num_blocks: int, side: str) -> None:
+    if all(type(b) is int for b in ids) and (not ids or min(ids) >= 0 and max(ids) < num_blocks):
+        return  # the common case, without building a list
     bad = [b for b in ids if not isinstance(b, int) or isinstance(b, bool) or not 0 <= b < num_blocks]
     if bad:
         raise ValueError(f"{side} block ids out of range [0, {num_blocks}): {bad[:8]}")

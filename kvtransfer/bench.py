@@ -22,7 +22,7 @@ from kvtransfer.registry import create_agent
 
 SHAPE_TAIL = (32, 2, 16, 8, 128)  # one Llama-3-8B block: 2 MiB in fp16
 WAIT_S = 120.0
-POLL_S = 0.0005
+POLL_S = 0.0002  # as decode_worker/kv_pull.py polls
 
 
 def make_cache(num_blocks: int, fill: bool, device: str = "cpu") -> torch.Tensor:

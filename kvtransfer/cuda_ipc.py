@@ -16,6 +16,7 @@ import json
 import time
 from typing import Any
 
+import numpy as np
 import torch
 
 from kvtransfer.base import DEFAULT_RELEASE_TIMEOUT_S, KVLayout, KVTransferAgent, TransferError, TransferHandle, TransferStatus
@@ -29,15 +30,18 @@ except ImportError:  # triton missing: scattered reads fall back to one memcpy p
 _BYTES_FIELDS = (1, 4, 6)  # positions of the bytes items in torch's `_share_cuda_()` tuple
 
 
-def block_runs(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[int, int, int]]:
+def run_starts(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Indices where a new run begins: a run is a stretch where both sides are consecutive block ids."""
+    if len(src) == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate([[0], np.flatnonzero((np.diff(src) != 1) | (np.diff(dst) != 1)) + 1])
+
+
+def block_runs(src: np.ndarray, dst: np.ndarray) -> list[tuple[int, int, int]]:
     """(src start, dst start, length) for maximal runs where both sides are consecutive."""
-    runs: list[tuple[int, int, int]] = []
-    for s, d in zip(src, dst, strict=True):
-        if runs and runs[-1][0] + runs[-1][2] == s and runs[-1][1] + runs[-1][2] == d:
-            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
-        else:
-            runs.append((s, d, 1))
-    return runs
+    starts = run_starts(src, dst)
+    lengths = np.diff(np.concatenate([starts, [len(src)]]))
+    return list(zip(src[starts].tolist(), dst[starts].tolist(), lengths.tolist(), strict=True))
 
 
 @register_backend("cuda_ipc")
@@ -89,13 +93,13 @@ class CudaIpcAgent(KVTransferAgent):
         dev = self.kv_cache.device
         self._stream.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(self._stream):
-            runs = block_runs(handle.remote_blocks, handle.local_blocks)
-            if len(runs) <= 4 or copy_blocks is None:  # mostly consecutive: plain device memcpys
-                for s, d, n in runs:
+            ids = np.array([handle.remote_blocks, handle.local_blocks], dtype=np.int64)
+            if len(run_starts(ids[0], ids[1])) <= 4 or copy_blocks is None:  # mostly consecutive: device memcpys
+                for s, d, n in block_runs(ids[0], ids[1]):
                     self.kv_cache[d : d + n].copy_(src[s : s + n], non_blocking=True)
             else:  # scattered: one gather-scatter launch
-                ids = torch.tensor([handle.remote_blocks, handle.local_blocks], dtype=torch.int64).to(dev, non_blocking=True)
-                copy_blocks(src, self.kv_cache, ids[0], ids[1])
+                dev_ids = torch.from_numpy(ids).pin_memory().to(dev, non_blocking=True)
+                copy_blocks(src, self.kv_cache, dev_ids[0], dev_ids[1])
             done = torch.cuda.Event()
             done.record(self._stream)
         handle.state = done

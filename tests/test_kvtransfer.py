@@ -344,3 +344,16 @@ def test_missing_nixl_gives_an_install_hint(monkeypatch: pytest.MonkeyPatch) -> 
     assert "nixl" not in available_backends()
     with pytest.raises(BackendUnavailableError, match="pip install nixl-cu12"):
         create_agent("nixl", "x", make_cache(None))
+
+
+def test_cuda_ipc_block_runs() -> None:
+    """The CUDA IPC reader copies maximal runs where both sides' ids are consecutive (one memcpy each)."""
+    import numpy as np
+
+    from kvtransfer.cuda_ipc import block_runs, run_starts
+
+    src, dst = np.array([0, 1, 2, 7, 8, 9, 3]), np.array([3, 4, 9, 10, 11, 12, 0])
+    assert block_runs(src, dst) == [(0, 3, 2), (2, 9, 1), (7, 10, 3), (3, 0, 1)]
+    assert block_runs(np.arange(5), np.arange(5) + 9) == [(0, 9, 5)]
+    assert len(run_starts(np.arange(6), np.arange(6)[::-1])) == 6
+    assert block_runs(np.zeros(0, np.int64), np.zeros(0, np.int64)) == []
