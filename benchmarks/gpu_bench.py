@@ -98,7 +98,7 @@ def decode(eng, batches: list[int], ctxs: list[int], copy_tb_s: float) -> list[d
             graphs = eng.runner.graphs
             gpu_ms = None
             if graphs is not None and graphs.can_run(B):  # the forward alone, without scheduling and sampling
-                g = graphs.graphs[next(s for s in graphs.sizes if s >= B)]
+                g = graphs.graphs[(next(s for s in graphs.sizes if s >= B), 1)]
                 gpu_ms = round(bench_ms(g.replay), 3)
             for rid in ids:
                 eng.abort(rid)

@@ -6,14 +6,15 @@ accept on the real SmolLM2, and the end-to-end speedup the two give.
 
 verify  Llama-3-8B shape, dummy bf16 weights. One step of B sequences at `--context` tokens, each computing
         1 + k tokens (its own token and k drafts) with logits at all of them, as the target does when it
-        verifies: host batch building + forward + LM head + argmax, timed with CUDA events. k = 0 is a plain
-        decode step, run both eager and as a CUDA-graph replay (the engine runs decode steps as graphs and
-        verification steps eagerly: their token count per sequence varies).
+        verifies: input staging + forward + LM head + argmax, timed with CUDA events, both as the engine
+        runs it (a CUDA graph per (batch bucket, 1 + k), engine/cuda_graph.py) and eagerly. k = 0 is a
+        plain decode step.
 accept  The real SmolLM2-135M (bf16) with the n-gram proposer on the copy and open-ended workloads of
         benchmarks/spec_decode.py, one request at a time: acceptance rate, tokens per verification and the
         measured wall-clock speedup over no speculation, for each k; greedy outputs are checked equal.
-Speedup at 8B shape (batch B, k drafts) = tokens per verification(k) x decode step(graph) / verify step(k):
-the SmolLM2 acceptance applied to the 8B cost curve (n-gram proposing costs host time only).
+Projected speedup at 8B shape (batch B, k drafts) = tokens per step / (f x verify(k) / decode + 1 - f), f being
+the share of steps that verified drafts: the SmolLM2 acceptance applied to the 8B graph cost curve (n-gram
+proposing costs host time only).
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ from benchmarks.gpu_bench import LLAMA3_8B, bench_ms, dummy_engine
 
 
 def verify_costs(batches: list[int], context: int, ks: list[int]) -> list[dict]:
-    from engine.model_runner import BatchSeq, build_batch
+    from engine.batch import BatchSeq, build_batch
 
     eng = dummy_engine(max_batched=8192, max_seqs=max(batches), budget_gib=24)
+    assert eng.runner.graphs is not None, "needs CUDA graphs (triton attention on CUDA)"
     runner, kv, rows = eng.runner, eng.kv, []
     for B in batches:
         rids = [f"v{B}-{i}" for i in range(B)]
@@ -40,22 +42,25 @@ def verify_costs(batches: list[int], context: int, ks: list[int]) -> list[dict]:
 
         def step(k: int, graph: bool = False, rids: list[str] = rids) -> None:
             seqs = [BatchSeq(rid, context, [7] * (k + 1), k + 1) for rid in rids]
-            ids, pos, meta, logits_idx = build_batch(seqs, kv, runner.device)
             if graph:
-                logits = runner.graphs.run(ids, pos, meta)
+                logits = runner.graphs.run(seqs, kv, k + 1)
             else:
+                ids, pos, meta, logits_idx = build_batch(seqs, kv, runner.device)
                 hidden = runner.model(ids, pos, runner.kv_cache, meta, runner.attn)
                 logits = runner.model.compute_logits(hidden[logits_idx])
             logits.argmax(dim=-1)
 
-        base_graph = bench_ms(lambda: step(0, graph=True)) if runner.graphs is not None else None
-        base_eager = bench_ms(lambda: step(0))
+        base_graph = bench_ms(lambda: step(0, graph=True))
         for k in [0, *ks]:
-            ms = base_eager if k == 0 else bench_ms(lambda k=k: step(k))
-            rows.append({"batch": B, "context": context, "k": k, "verify_ms": round(ms, 3),
-                         "decode_graph_ms": None if base_graph is None else round(base_graph, 3),
-                         "decode_eager_ms": round(base_eager, 3),
-                         "cost_vs_graph_decode": None if base_graph is None else round(ms / base_graph, 3)})
+            eager = bench_ms(lambda k=k: step(k))
+            graph = base_graph
+            if k:
+                runner.prepare_speculation(k)
+                graph = bench_ms(lambda k=k: step(k, graph=True))
+            rows.append({"batch": B, "context": context, "k": k, "verify_eager_ms": round(eager, 3),
+                         "verify_graph_ms": round(graph, 3), "decode_graph_ms": round(base_graph, 3),
+                         "cost_vs_graph_decode": round(graph / base_graph, 3),
+                         "eager_cost_vs_graph_decode": round(eager / base_graph, 3)})
             print("verify", rows[-1], flush=True)
         for rid in rids:
             kv.free(rid)
@@ -111,7 +116,7 @@ def projected(verify: list[dict], accept: list[dict]) -> list[dict]:
     for a in accept:
         for B in sorted({b for b, _ in cost}):
             c = cost.get((B, a["k"]))
-            if c is None or c["decode_graph_ms"] is None:
+            if c is None:
                 continue
             f = a["verifying_fraction"]
             rows.append({"workload": a["workload"], "batch": B, "k": a["k"], "tokens_per_step": a["tokens_per_step"],

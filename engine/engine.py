@@ -86,6 +86,7 @@ class LLMEngine:
         self.config = dataclasses.replace(self.config, speculative=spec)
         self.proposer = build_proposer(self.config, self.runner, self.kv.num_blocks, self.max_model_len)
         self.scheduler.num_spec_tokens = spec.num_speculative_tokens if self.proposer is not None and spec else 0
+        self.runner.prepare_speculation(self.scheduler.num_spec_tokens)
 
     # ---- requests -------------------------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:

@@ -12,15 +12,13 @@ into the accepted drafts plus one token of the target's.
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from engine.attention.base import AttentionMetadata, get_attention_backend
+from engine.attention.base import get_attention_backend
+from engine.batch import BatchSeq, build_batch
 from engine.config import CacheConfig, EngineConfig, ModelConfig
 from engine.cuda_graph import CUDAGraphRunner
 from engine.kv_cache_manager import KVCacheManager
@@ -109,10 +107,16 @@ class ModelRunner:
         if device.type == "cuda" and not config.enforce_eager and self.attn.name == "triton":
             self.graphs = CUDAGraphRunner(self.model, self.kv_cache, self.attn, config.cuda_graph_max_batch,
                                           max_model_len, config.cache.block_size)
-            self.graphs.capture()
+            spec = config.speculative
+            self.graphs.capture(verify_q=1 + spec.num_speculative_tokens if spec else 0)
         log.info("model %s: %d layers, KV cache %d blocks x %d tokens (%.1f MiB), attention=%s",
                  config.model, cfg.num_layers, num_blocks, config.cache.block_size,
                  self.kv_cache.numel() * dtype.itemsize / 2**20, self.attn.name)
+
+    def prepare_speculation(self, num_speculative_tokens: int) -> None:
+        """Capture verification graphs for 1 + k tokens per request (decode graphs exist already)."""
+        if self.graphs is not None and num_speculative_tokens:
+            self.graphs.capture(verify_q=1 + num_speculative_tokens)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, kv: KVCacheManager,
@@ -120,16 +124,20 @@ class ModelRunner:
         """Per scheduled request: None (no token this step) or its new tokens, in order. Without drafts that is
         one sampled token; with drafts, the accepted drafts followed by the target's token. `draft_probs` holds
         the proposer's distributions q ([k, vocab]) of sampled requests whose drafts were sampled, not looked up."""
-        input_ids, positions, meta, logits_idx = self._prepare(out, kv)
         samples = [s.samples for s in out.scheduled]
-        sampling = [s for s, f in zip(out.scheduled, samples, strict=True) if f]
-        if self.graphs is not None and meta.decode_only and self.graphs.can_run(len(out.scheduled)):
-            logits = self.graphs.run(input_ids, positions, meta)  # decode: every row samples, no drafts
+        seqs = self._sequences(out, samples)
+        q = None
+        if self.graphs is not None:
+            q = self.graphs.query_len([len(s.token_ids) for s in seqs], [s.num_logits for s in seqs])
+        if q is not None:  # decode, or decode + drafts: every row samples
+            logits = self.graphs.run(seqs, kv, q)
         else:
+            input_ids, positions, meta, logits_idx = build_batch(seqs, kv, self.device)
             hidden = self.model(input_ids, positions, self.kv_cache, meta, self.attn)
-            if not sampling:
+            if not any(samples):
                 return [None] * len(out.scheduled)
             logits = self.model.compute_logits(hidden[logits_idx])
+        sampling = [s for s, f in zip(out.scheduled, samples, strict=True) if f]
         requests = [s.request for s in sampling]
         if any(s.num_spec_tokens for s in sampling):
             drafts = [s.request.spec_token_ids for s in sampling]
@@ -140,70 +148,17 @@ class ModelRunner:
         results: Iterator[list[SampleResult]] = iter(verdicts)
         return [next(results) if f else None for f in samples]
 
-    def _prepare(
-        self, out: SchedulerOutput, kv: KVCacheManager
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+    @staticmethod
+    def _sequences(out: SchedulerOutput, samples: list[bool]) -> list[BatchSeq]:
         seqs = []
-        for s in out.scheduled:
+        for s, sampled in zip(out.scheduled, samples, strict=True):
             r = s.request
             start, known_end = r.num_computed_tokens, r.num_computed_tokens + s.num_new_tokens - s.num_spec_tokens
             tokens = _token_slice(r, start, known_end)
             if s.num_spec_tokens:
                 tokens = tokens + r.spec_token_ids[: s.num_spec_tokens]
-            seqs.append(BatchSeq(r.request_id, start, tokens, 1 + s.num_spec_tokens if s.samples else 0))
-        return build_batch(seqs, kv, self.device)
-
-
-@dataclass
-class BatchSeq:
-    """One sequence's share of a forward pass: `token_ids` at positions `start`, `start + 1`, ..."""
-
-    request_id: str  # whose block table gives the KV slots
-    start: int  # position of token_ids[0]
-    token_ids: list[int]
-    num_logits: int  # logits are wanted at this many last positions
-
-
-def build_batch(
-    seqs: list[BatchSeq], kv: KVCacheManager, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
-    """Flatten sequences into (input_ids, positions, attention metadata, rows whose logits are wanted).
-
-    Block tables and slots come from `kv`, so any model whose KV cache has the same block size and block
-    count (a draft model's own cache) can run on the same metadata. Everything is computed with numpy over
-    the manager's block-table array and reaches the device in one copy: per-sequence Python work is only
-    reading each sequence's fields.
-    """
-    n, bs = len(seqs), kv.block_size
-    lens = np.fromiter((len(s.token_ids) for s in seqs), np.int64, n)
-    starts = np.fromiter((s.start for s in seqs), np.int64, n)
-    num_logits = np.fromiter((s.num_logits for s in seqs), np.int64, n)
-    qsl = np.zeros(n + 1, np.int64)
-    np.cumsum(lens, out=qsl[1:])
-    total = int(qsl[-1])
-    seq_of = np.repeat(np.arange(n), lens)
-    pos = np.arange(total) - qsl[:-1][seq_of] + starts[seq_of]
-    tables = kv.table_array.gather([s.request_id for s in seqs])
-    slots = tables[seq_of, pos // bs].astype(np.int64) * bs + pos % bs
-    ends = qsl[1:]
-    first_logit = np.repeat(ends - num_logits, num_logits)
-    logits_idx = first_logit + np.arange(len(first_logit)) - np.repeat(np.cumsum(num_logits) - num_logits, num_logits)
-    ids = np.fromiter(itertools.chain.from_iterable(s.token_ids for s in seqs), np.int64, total)
-    seq_lens = starts + lens
-    # One host buffer, one copy: [ids | positions | slots | logits rows] as int64, then [qsl | seq_lens | tables].
-    parts = [ids, pos, slots, logits_idx, qsl, seq_lens, tables.reshape(-1)]
-    sizes = [len(p) for p in parts]
-    host = torch.empty(sum(sizes), dtype=torch.int64, pin_memory=device.type == "cuda")
-    np.concatenate(parts, out=host.numpy(), casting="unsafe")
-    dev = host.to(device, non_blocking=True)
-    d_ids, d_pos, d_slots, d_logits, rest = torch.split(dev, [*sizes[:4], sum(sizes[4:])])
-    d_qsl, d_lens, d_tables = torch.split(rest.to(torch.int32), sizes[4:])
-    meta = AttentionMetadata(
-        query_start_loc=d_qsl, seq_lens=d_lens, block_tables=d_tables.view(n, tables.shape[1]), slot_mapping=d_slots,
-        max_query_len=int(lens.max()), max_seq_len=int(seq_lens.max()),
-        query_start_loc_cpu=qsl.tolist(), seq_lens_cpu=seq_lens.tolist(),
-    )
-    return d_ids, d_pos, meta, d_logits
+            seqs.append(BatchSeq(r.request_id, start, tokens, 1 + s.num_spec_tokens if sampled else 0))
+        return seqs
 
 
 def _token_slice(r: Request, start: int, end: int) -> list[int]:

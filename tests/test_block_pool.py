@@ -42,7 +42,7 @@ def test_build_batch_matches_per_token_construction() -> None:
     """The vectorised batch builder against the obvious per-token loop, on a mixed prefill/decode/draft batch."""
     import torch
 
-    from engine.model_runner import BatchSeq, build_batch
+    from engine.batch import BatchSeq, build_batch
 
     kv = KVCacheManager(num_blocks=40, block_size=4)
     seqs = [BatchSeq("a", 0, [5, 6, 7, 8, 9], 1), BatchSeq("b", 13, [3], 1), BatchSeq("c", 6, [1, 2, 3], 3),

@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.attention.base import AttentionMetadata, get_attention_backend
+from engine.batch import BatchSeq, build_batch
 from engine.config import ConfigError, EngineConfig, SpeculativeConfig
 from engine.kv_cache_manager import KVCacheManager
-from engine.model_runner import DTYPES, BatchSeq, _token_slice, build_batch, load_model
+from engine.model_runner import DTYPES, _token_slice, load_model
 from engine.request import Request
 from engine.sampler import mix_seed
 from engine.scheduler import ScheduledRequest, SchedulerOutput
