@@ -83,9 +83,12 @@ class CUDAGraphRunner:
             if need > self.max_tokens:  # grow the inputs; graphs captured on the old buffers are dropped
                 self.graphs.clear()
                 self.logits.clear()
+                self.pool = None  # its graphs are gone: a pool without graphs cannot be captured into
                 self._alloc_buffers(need)
             for key in [k for k in self.graphs if k[1] > 1]:  # one verification width at a time
                 del self.graphs[key], self.logits[key]
+            if not self.graphs:
+                self.pool = None
             self.verify_q = verify_q
         shapes = [(bs, 1) for bs in self.sizes]
         if self.verify_q > 1:

@@ -97,6 +97,26 @@ def bench(backend: str, mib: int, repeat: int, device: str = "cpu") -> dict[str,
             "median_gib_s": nbytes / statistics.median(times) / 2**30}
 
 
+def kernel_sweep(mib: int) -> None:
+    """The gather-scatter kernel alone (one process, CUDA events) for a few tile shapes, same bytes."""
+    from kvtransfer.gpu_copy import copy_blocks
+
+    num = mib * 2**20 // (make_cache(1, fill=False)[0].numel() * 2)
+    src, dst = make_cache(num, fill=False, device="cuda"), make_cache(num, fill=False, device="cuda")
+    ids = torch.arange(num, device="cuda")
+    for block, warps in [(2048, 4), (4096, 4), (4096, 8), (8192, 8), (16384, 16)]:
+        copy_blocks(src, dst, ids, ids.flip(0), block=block, num_warps=warps)
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(5):
+            copy_blocks(src, dst, ids, ids.flip(0), block=block, num_warps=warps)
+        b.record()
+        b.synchronize()
+        ms = a.elapsed_time(b) / 5
+        print(f"copy_blocks kernel block={block} warps={warps}: {ms:.2f} ms ({mib / 1024 / ms * 1e3:.0f} GiB/s)", flush=True)
+    del src, dst
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("backends", nargs="*", default=["local", "tcp", "nixl"])
@@ -116,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         t = (time.perf_counter() - t0) / args.repeat
         print(f"device copy {args.mib} MiB: {t * 1e3:.2f} ms ({args.mib / 1024 / t:.2f} GiB/s moved)", flush=True)
         del x, y
+        kernel_sweep(args.mib)
     for backend in args.backends:
         r = bench(backend, args.mib, args.repeat, args.device)
         print(f"{r['backend']:6s} {args.device} {r['bytes'] / 2**20:.0f} MiB in {r['blocks']} blocks: "

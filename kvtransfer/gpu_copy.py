@@ -18,8 +18,10 @@ def _copy_blocks_kernel(src_ptr, dst_ptr, src_ids_ptr, dst_ids_ptr, block_words,
     tl.store(dst_ptr + d * block_words + offs, tl.load(src_ptr + s * block_words + offs, mask=m), mask=m)
 
 
-def copy_blocks(src: torch.Tensor, dst: torch.Tensor, src_ids: torch.Tensor, dst_ids: torch.Tensor) -> None:
-    """dst[dst_ids[i]] = src[src_ids[i]] for whole blocks (first dim); both pools contiguous, same layout."""
+def copy_blocks(src: torch.Tensor, dst: torch.Tensor, src_ids: torch.Tensor, dst_ids: torch.Tensor, *,
+                block: int = 2048, num_warps: int = 4) -> None:
+    """dst[dst_ids[i]] = src[src_ids[i]] for whole blocks (first dim); both pools contiguous, same layout.
+    Tuning knobs: `block` (8-byte words per program, a power of two), `num_warps`."""
     assert src.is_contiguous() and dst.is_contiguous() and src.shape[1:] == dst.shape[1:] and src.dtype == dst.dtype
     assert src_ids.shape == dst_ids.shape and src_ids.dim() == 1 and src_ids.device == dst.device
     block_bytes = dst[0].numel() * dst.element_size()
@@ -27,8 +29,8 @@ def copy_blocks(src: torch.Tensor, dst: torch.Tensor, src_ids: torch.Tensor, dst
     s, d = src.view(src.shape[0], -1).view(word), dst.view(dst.shape[0], -1).view(word)
     n, words = src_ids.numel(), s.shape[1]
     if n:
-        block = 2048
-        _copy_blocks_kernel[(n, triton.cdiv(words, block))](s, d, src_ids, dst_ids, words, BLOCK=block)
+        _copy_blocks_kernel[(n, triton.cdiv(words, block))](s, d, src_ids, dst_ids, words, BLOCK=block,
+                                                            num_warps=num_warps)
 
 
 def copy_blocks_ref(src: torch.Tensor, dst: torch.Tensor, src_ids: torch.Tensor, dst_ids: torch.Tensor) -> None:
