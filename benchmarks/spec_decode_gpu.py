@@ -29,6 +29,7 @@ import torch
 from benchmarks.gpu_bench import LLAMA3_8B, bench_ms, dummy_engine
 
 
+@torch.inference_mode()  # as the engine runs steps (graph buffers are inference tensors)
 def verify_costs(batches: list[int], context: int, ks: list[int]) -> list[dict]:
     from engine.batch import BatchSeq, build_batch
 
