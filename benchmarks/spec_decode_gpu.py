@@ -70,7 +70,7 @@ def verify_costs(batches: list[int], context: int, ks: list[int]) -> list[dict]:
     return rows
 
 
-def acceptance(ks: list[int], new_tokens: int, device: str = "cuda") -> list[dict]:
+def acceptance(ks: list[int], new_tokens: int, device: str = "cuda", dtype: str = "bfloat16") -> list[dict]:
     from benchmarks.spec_decode import COPY_TEXTS, OPEN_QUESTIONS, generate
     from engine.config import CacheConfig, EngineConfig, SpeculativeConfig
     from engine.engine import LLMEngine
@@ -84,7 +84,6 @@ def acceptance(ks: list[int], new_tokens: int, device: str = "cuda") -> list[dic
 
     workloads = {"copy": [chat(f"Repeat the following text exactly: {t}") for t in COPY_TEXTS],
                  "open": [chat(q) for q in OPEN_QUESTIONS]}
-    dtype = "bfloat16" if device == "cuda" else "float32"
     engine = LLMEngine(EngineConfig(model="smollm2", device=device, dtype=dtype, cache=CacheConfig(num_blocks=2048)))
     rows = []
     for wl, prompts in workloads.items():
@@ -133,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--context", type=int, default=1024, help="tokens of context per sequence when verifying")
     ap.add_argument("--ks", default="1,2,3,4,5,6,8", help="draft tokens per step to measure")
     ap.add_argument("--new-tokens", type=int, default=128, help="tokens generated per prompt in the accept part")
+    ap.add_argument("--dtype", default="bfloat16", help="SmolLM2's dtype in the accept part (float32: bit-exact greedy)")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"), help="folder for spec_decode_gpu.json")
     a = ap.parse_args(argv)
     parts, ks = set(a.parts.split(",")), [int(k) for k in a.ks.split(",")]
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     if "verify" in parts:
         res["verify"] = verify_costs([int(b) for b in a.batches.split(",")], a.context, ks)
     if "accept" in parts:
-        res["accept"] = acceptance(ks, a.new_tokens)
+        res["accept"] = acceptance(ks, a.new_tokens, dtype=a.dtype)
     if "verify" in res and "accept" in res:
         res["projected_8b"] = projected(res["verify"], res["accept"])
         for r in res["projected_8b"]:
