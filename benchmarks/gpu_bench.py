@@ -142,10 +142,12 @@ def offline(batch: int = 64, prompt: int = 512, out: int = 256) -> dict:
     params = SamplingParams(max_tokens=out, temperature=0, ignore_eos=True)
     llm.generate([p.tolist() for p in prompts[:4]], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
     torch.cuda.synchronize()
+    steps = _time_steps(llm.engine)
     t0 = time.perf_counter()
     llm.generate([p.tolist() for p in prompts], params)
     torch.cuda.synchronize()
-    ours = batch * out / (time.perf_counter() - t0)
+    wall = time.perf_counter() - t0
+    ours = batch * out / wall
     del llm
     gc.collect()
     torch.cuda.empty_cache()
@@ -170,8 +172,28 @@ def offline(batch: int = 64, prompt: int = 512, out: int = 256) -> dict:
     del model
     gc.collect()
     torch.cuda.empty_cache()
+    with_prompt = [t for t, p in steps if p]
+    decode_only = sorted(t for t, p in steps if not p)
     return {"batch": batch, "prompt": prompt, "output": out, "engine_tok_s": round(ours, 1), "hf_tok_s": round(hf, 1),
-            "speedup": round(ours / hf, 2)}
+            "speedup": round(ours / hf, 2), "wall_s": round(wall, 3), "steps": len(steps),
+            "steps_with_prompt_tokens": len(with_prompt), "with_prompt_s": round(sum(with_prompt), 3),
+            "decode_only_s": round(sum(decode_only), 3),
+            "decode_step_ms_median": round(decode_only[len(decode_only) // 2] * 1e3, 3) if decode_only else None}
+
+
+def _time_steps(engine) -> list[tuple[float, int]]:  # noqa: ANN001
+    """Wrap engine.step to record (seconds, prompt tokens computed) per step; a step ends with its host sync."""
+    steps: list[tuple[float, int]] = []
+    step = engine.step
+
+    def timed():  # noqa: ANN202
+        p0, t0 = engine.stats.prompt_tokens_computed, time.perf_counter()
+        res = step()
+        steps.append((time.perf_counter() - t0, engine.stats.prompt_tokens_computed - p0))
+        return res
+
+    engine.step = timed
+    return steps
 
 
 def parity(path: str) -> dict:
