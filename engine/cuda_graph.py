@@ -4,14 +4,16 @@ Decode is launch-bound at small batch: a 32-layer model issues hundreds of small
 replays them with one launch. A graph is keyed by (batch bucket, q), q being the tokens each sequence
 computes: q = 1 for plain decode, q = 1 + k when the target verifies up to k draft tokens per request.
 A batch of B sequences runs in the smallest bucket >= B; every sequence is padded to q tokens and the
-bucket to its size with padding rows. Padding never writes KV (slot -1) and real queries never see it: a
-padding token sits after the sequence's real tokens and attention is causal by position; padding rows
-have seq_len q over block-table row 0 (reads of real blocks, results dropped). Only the attention backends
+bucket to its size with padding rows. For attention every token is its own virtual sequence (token j of a
+sequence at position p sees the first p + j + 1 positions through the sequence's block table), so
+verification runs the decode kernel, which splits long contexts across SMs, instead of the prefill kernel's
+128-row tiles. Padding never writes KV (slot -1), and no real query sees it: its positions lie after the real
+tokens. Padding reads one position of a real block and its output is dropped. Only the attention backends
 that take device-side metadata alone (triton) can be captured: the torch reference reads host lengths.
 
 Inputs reach the graphs' static buffers in two host-to-device copies per step (one int64 buffer for token
-ids, positions and slots, one int32 buffer for lengths and block tables), filled with numpy from the KV
-cache manager's block-table array: no per-step tensor building beyond that.
+ids, positions and slots, one int32 buffer for lengths and block-table rows) from pinned host twins filled
+with numpy from the KV cache manager's block-table array: no per-step tensor building beyond that.
 """
 
 from __future__ import annotations
@@ -52,20 +54,27 @@ class CUDAGraphRunner:
         self.pool = None
 
     def _alloc_buffers(self, max_tokens: int) -> None:
-        dev = self.kv_cache.device
-        # Static inputs: views of two packed buffers, so a step's inputs arrive in two copies.
-        self.buf64 = torch.zeros(3 * max_tokens, dtype=torch.int64, device=dev)  # ids | positions | slots
-        self.buf32 = torch.zeros(self.max_batch * (1 + self.max_blocks), dtype=torch.int32, device=dev)
-        self.max_tokens = max_tokens
+        dev, pin = self.kv_cache.device, self.kv_cache.is_cuda
+        n = self.max_tokens = max_tokens
+        # Static inputs: views of two packed buffers (and pinned host twins), so a step's inputs arrive in two
+        # copies: int64 ids | positions | slots, int32 seq_lens | block tables, one row per token.
+        self.buf64 = torch.zeros(3 * n, dtype=torch.int64, device=dev)
+        self.buf32 = torch.zeros(n * (1 + self.max_blocks), dtype=torch.int32, device=dev)
+        self.host64 = torch.zeros(3 * n, dtype=torch.int64, pin_memory=pin)
+        self.host32 = torch.zeros(n * (1 + self.max_blocks), dtype=torch.int32, pin_memory=pin)
+        self.copied = torch.cuda.Event() if pin else None  # the host twins may be rewritten once it is done
 
     def _views(self, bs: int, q: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Every token is its own (virtual) sequence for attention: token j of a sequence starting at position p
+        attends to the first p + j + 1 positions through the sequence's block table, so decode and verification
+        both run the decode kernel (flash-decoding splits) with one query per row."""
         T, n = bs * q, self.max_tokens
         ids, pos, slots = self.buf64[:T], self.buf64[n : n + T], self.buf64[2 * n : 2 * n + T]
-        seq_lens = self.buf32[:bs]
-        tables = self.buf32[self.max_batch : self.max_batch + bs * self.max_blocks].view(bs, self.max_blocks)
-        qsl = torch.arange(0, T + 1, q, dtype=torch.int32, device=self.kv_cache.device)  # constant per graph
+        seq_lens = self.buf32[:T]
+        tables = self.buf32[n : n + T * self.max_blocks].view(T, self.max_blocks)
+        qsl = torch.arange(T + 1, dtype=torch.int32, device=self.kv_cache.device)  # constant per graph
         meta = AttentionMetadata(query_start_loc=qsl, seq_lens=seq_lens, block_tables=tables, slot_mapping=slots,
-                                 max_query_len=q, max_seq_len=self.max_model_len, query_start_loc_cpu=[],
+                                 max_query_len=1, max_seq_len=self.max_model_len, query_start_loc_cpu=[],
                                  seq_lens_cpu=[])
         return ids, pos, meta
 
@@ -118,7 +127,7 @@ class CUDAGraphRunner:
         ids.zero_()
         pos.zero_()
         meta.slot_mapping.fill_(-1)
-        meta.seq_lens.fill_(q)
+        meta.seq_lens.fill_(1)
         meta.block_tables.zero_()
 
     def query_len(self, token_counts: Sequence[int], logit_counts: Sequence[int]) -> int | None:
@@ -136,39 +145,37 @@ class CUDAGraphRunner:
     def run(self, seqs: Sequence[BatchSeq], kv: KVCacheManager, q: int) -> torch.Tensor:
         """Replay the (bucket, q) graph for these sequences; returns logits at every real token, in order."""
         B = len(seqs)
-        token_ids = [s.token_ids for s in seqs]
-        starts = [s.start for s in seqs]
         bs = next(s for s in self.sizes if s >= B)
-        n, T = self.max_tokens, bs * q
-        lens = np.fromiter((len(t) for t in token_ids), np.int64, B)
-        start = np.fromiter(starts, np.int64, B)
+        n, T, mb = self.max_tokens, bs * q, self.max_blocks
+        lens = np.fromiter((len(s.token_ids) for s in seqs), np.int64, B)
+        start = np.fromiter((s.start for s in seqs), np.int64, B)
         tables = kv.table_array.gather([s.request_id for s in seqs])
-        pin = self.kv_cache.is_cuda
-        host64 = torch.empty(3 * n, dtype=torch.int64, pin_memory=pin)
-        h = host64.numpy()
-        ids, pos, slots = h[:T].reshape(bs, q), h[n : n + T].reshape(bs, q), h[2 * n : 2 * n + T].reshape(bs, q)
+        if self.copied is not None:
+            self.copied.synchronize()  # the previous step's copies out of the host twins have landed
+        h64, h32 = self.host64.numpy(), self.host32.numpy()
+        ids, pos, slots = h64[:T].reshape(bs, q), h64[n : n + T].reshape(bs, q), h64[2 * n : 2 * n + T].reshape(bs, q)
         ids[:] = 0
         if q == 1:
-            ids[:B, 0] = np.fromiter((t[0] for t in token_ids), np.int64, B)
+            ids[:B, 0] = np.fromiter((s.token_ids[0] for s in seqs), np.int64, B)
         else:
-            for i, t in enumerate(token_ids):
-                ids[i, : len(t)] = t
+            for i, s in enumerate(seqs):
+                ids[i, : len(s.token_ids)] = s.token_ids
         pos[:] = np.arange(q)
         pos[:B] += start[:, None]
         real = np.arange(q)[None, :] < lens[:, None]
-        blk = np.minimum(pos[:B] // self.block_size, tables.shape[1] - 1)
+        blk = tables[np.arange(B)[:, None], np.minimum(pos[:B] // self.block_size, tables.shape[1] - 1)]
         slots[:] = -1
-        slots[:B] = np.where(real, tables[np.arange(B)[:, None], blk].astype(np.int64) * self.block_size
-                             + pos[:B] % self.block_size, -1)
-        host32 = torch.empty(self.max_batch + bs * self.max_blocks, dtype=torch.int32, pin_memory=pin)
-        h32 = host32.numpy()
-        h32[:bs] = q  # padding rows: q tokens over block 0
-        h32[:B] = start + q
-        t32 = h32[self.max_batch :].reshape(bs, self.max_blocks)
-        t32[:] = 0
-        t32[:B, : tables.shape[1]] = tables
-        self.buf64[: 3 * n].copy_(host64, non_blocking=True)
-        self.buf32[: len(h32)].copy_(host32, non_blocking=True)
+        slots[:B] = np.where(real, blk.astype(np.int64) * self.block_size + pos[:B] % self.block_size, -1)
+        seq_lens = h32[:T].reshape(bs, q)
+        seq_lens[:] = 1  # padding reads one slot of column 0 (a real block) and is dropped
+        seq_lens[:B] = np.where(real, pos[:B] + 1, 1)
+        rows = h32[n : n + T * mb].reshape(T, mb)  # columns past a row's blocks keep stale, valid ids
+        rows[: B * q, : tables.shape[1]] = np.repeat(tables, q, axis=0) if q > 1 else tables
+        rows[B * q :, 0] = 0
+        self.buf64.copy_(self.host64, non_blocking=True)
+        self.buf32[: n + T * mb].copy_(self.host32[: n + T * mb], non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
         if (bs, q) in self.graphs:
             self.graphs[(bs, q)].replay()
             logits = self.logits[(bs, q)]
@@ -176,5 +183,5 @@ class CUDAGraphRunner:
             logits = self._forward(bs, q)
         if q == 1:
             return logits[:B]
-        rows = (np.arange(B)[:, None] * q + np.arange(q)[None, :])[real]
-        return logits[torch.from_numpy(rows).to(logits.device, non_blocking=True)]
+        keep = (np.arange(B)[:, None] * q + np.arange(q)[None, :])[real]
+        return logits[torch.from_numpy(keep).to(logits.device, non_blocking=True)]
