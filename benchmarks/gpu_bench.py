@@ -177,6 +177,8 @@ def offline(batch: int = 64, prompt: int = 512, out: int = 256) -> dict:
     return {"batch": batch, "prompt": prompt, "output": out, "engine_tok_s": round(ours, 1), "hf_tok_s": round(hf, 1),
             "speedup": round(ours / hf, 2), "wall_s": round(wall, 3), "steps": len(steps),
             "steps_with_prompt_tokens": len(with_prompt), "with_prompt_s": round(sum(with_prompt), 3),
+            "with_prompt_ms": [round(t * 1e3, 1) for t in with_prompt],
+            "prompt_tokens_per_step": [p for _, p in steps if p],
             "decode_only_s": round(sum(decode_only), 3),
             "decode_step_ms_median": round(decode_only[len(decode_only) // 2] * 1e3, 3) if decode_only else None}
 

@@ -4,11 +4,12 @@ Decode is launch-bound at small batch: a 32-layer model issues hundreds of small
 replays them with one launch. A graph is keyed by (batch bucket, q), q being the tokens each sequence
 computes: q = 1 for plain decode, q = 1 + k when the target verifies up to k draft tokens per request.
 A batch of B sequences runs in the smallest bucket >= B; every sequence is padded to q tokens and the
-bucket to its size with padding rows. For attention every token is its own virtual sequence (token j of a
-sequence at position p sees the first p + j + 1 positions through the sequence's block table), so
-verification runs the decode kernel, which splits long contexts across SMs, instead of the prefill kernel's
-128-row tiles. Padding never writes KV (slot -1), and no real query sees it: its positions lie after the real
-tokens. Padding reads one position of a real block and its output is dropped. Only the attention backends
+bucket to its size with padding rows. For attention a small verification batch (up to PER_TOKEN_MAX_ROWS
+tokens) treats every token as its own virtual sequence (token j of a sequence at position p sees the first
+p + j + 1 positions through the sequence's block table), so it runs the decode kernel, which splits long
+contexts across SMs; a larger one keeps one sequence per row of q queries and runs the prefill kernel, which
+reads each context once. Padding never writes KV (slot -1), and no real query sees it: its positions lie
+after the real tokens. Padding reads a real block and its output is dropped. Only the attention backends
 that take device-side metadata alone (triton) can be captured: the torch reference reads host lengths.
 
 Inputs reach the graphs' static buffers in two host-to-device copies per step (one int64 buffer for token
@@ -32,6 +33,7 @@ from engine.models.llama import LlamaForCausalLM
 log = logging.getLogger(__name__)
 
 VERIFY_MAX_BATCH = 64  # verification graphs cover batches up to this: speculation pays at small batch
+PER_TOKEN_MAX_ROWS = 64  # H100, 8B shape: per-token attention beats per-sequence up to about this many tokens
 
 
 def bucket_sizes(max_batch: int) -> list[int]:
@@ -64,17 +66,22 @@ class CUDAGraphRunner:
         self.host32 = torch.zeros(n * (1 + self.max_blocks), dtype=torch.int32, pin_memory=pin)
         self.copied = torch.cuda.Event() if pin else None  # the host twins may be rewritten once it is done
 
+    @staticmethod
+    def per_token(bs: int, q: int) -> bool:
+        """Attention layout of the (bs, q) graph: one virtual sequence per token (the decode kernel) up to
+        PER_TOKEN_MAX_ROWS rows, beyond that one sequence per row of q queries (the prefill kernel), which reads
+        each context once instead of q times."""
+        return q == 1 or bs * q <= PER_TOKEN_MAX_ROWS
+
     def _views(self, bs: int, q: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """Every token is its own (virtual) sequence for attention: token j of a sequence starting at position p
-        attends to the first p + j + 1 positions through the sequence's block table, so decode and verification
-        both run the decode kernel (flash-decoding splits) with one query per row."""
         T, n = bs * q, self.max_tokens
         ids, pos, slots = self.buf64[:T], self.buf64[n : n + T], self.buf64[2 * n : 2 * n + T]
-        seq_lens = self.buf32[:T]
-        tables = self.buf32[n : n + T * self.max_blocks].view(T, self.max_blocks)
-        qsl = torch.arange(T + 1, dtype=torch.int32, device=self.kv_cache.device)  # constant per graph
+        rows, step = (T, 1) if self.per_token(bs, q) else (bs, q)
+        seq_lens = self.buf32[:rows]
+        tables = self.buf32[n : n + rows * self.max_blocks].view(rows, self.max_blocks)
+        qsl = torch.arange(0, T + 1, step, dtype=torch.int32, device=self.kv_cache.device)  # constant per graph
         meta = AttentionMetadata(query_start_loc=qsl, seq_lens=seq_lens, block_tables=tables, slot_mapping=slots,
-                                 max_query_len=1, max_seq_len=self.max_model_len, query_start_loc_cpu=[],
+                                 max_query_len=step, max_seq_len=self.max_model_len, query_start_loc_cpu=[],
                                  seq_lens_cpu=[])
         return ids, pos, meta
 
@@ -127,7 +134,7 @@ class CUDAGraphRunner:
         ids.zero_()
         pos.zero_()
         meta.slot_mapping.fill_(-1)
-        meta.seq_lens.fill_(1)
+        meta.seq_lens.fill_(meta.max_query_len)
         meta.block_tables.zero_()
 
     def query_len(self, token_counts: Sequence[int], logit_counts: Sequence[int]) -> int | None:
@@ -166,14 +173,23 @@ class CUDAGraphRunner:
         blk = tables[np.arange(B)[:, None], np.minimum(pos[:B] // self.block_size, tables.shape[1] - 1)]
         slots[:] = -1
         slots[:B] = np.where(real, blk.astype(np.int64) * self.block_size + pos[:B] % self.block_size, -1)
-        seq_lens = h32[:T].reshape(bs, q)
-        seq_lens[:] = 1  # padding reads one slot of column 0 (a real block) and is dropped
-        seq_lens[:B] = np.where(real, pos[:B] + 1, 1)
-        rows = h32[n : n + T * mb].reshape(T, mb)  # columns past a row's blocks keep stale, valid ids
-        rows[: B * q, : tables.shape[1]] = np.repeat(tables, q, axis=0) if q > 1 else tables
-        rows[B * q :, 0] = 0
+        if self.per_token(bs, q):
+            seq_lens = h32[:T].reshape(bs, q)
+            seq_lens[:] = 1  # padding reads one slot of column 0 (a real block) and is dropped
+            seq_lens[:B] = np.where(real, pos[:B] + 1, 1)
+            rows = h32[n : n + T * mb].reshape(T, mb)  # columns past a row's blocks keep stale, valid ids
+            rows[: B * q, : tables.shape[1]] = np.repeat(tables, q, axis=0) if q > 1 else tables
+            rows[B * q :, 0] = 0
+            used = n + T * mb
+        else:  # one row per sequence: its real tokens, then padding, which no real query sees (causal)
+            h32[:bs] = q
+            h32[:B] = start + q
+            rows = h32[n : n + bs * mb].reshape(bs, mb)
+            rows[:B, : tables.shape[1]] = tables
+            rows[B:, 0] = 0
+            used = n + bs * mb
         self.buf64.copy_(self.host64, non_blocking=True)
-        self.buf32[: n + T * mb].copy_(self.host32[: n + T * mb], non_blocking=True)
+        self.buf32[:used].copy_(self.host32[:used], non_blocking=True)
         if self.copied is not None:
             self.copied.record()
         if (bs, q) in self.graphs:

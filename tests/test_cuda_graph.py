@@ -58,8 +58,12 @@ def test_decode_batch_padded_to_bucket(runner: ModelRunner) -> None:
     assert same_kv, "padding rows wrote KV"
 
 
-def test_verification_batch_with_uneven_drafts(runner: ModelRunner) -> None:
-    """Requests with 2, 1 and 0 drafts in one q = 3 graph: pads after each request's real tokens."""
+@pytest.mark.parametrize("per_token_rows", [64, 0], ids=["per-token", "per-sequence"])
+def test_verification_batch_with_uneven_drafts(runner: ModelRunner, per_token_rows: int,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests with 2, 1 and 0 drafts in one q = 3 graph: pads after each request's real tokens, in both
+    attention layouts (one virtual sequence per token: decode kernel; one per request: prefill kernel)."""
+    monkeypatch.setattr("engine.cuda_graph.PER_TOKEN_MAX_ROWS", per_token_rows)
     seqs = [BatchSeq("a", 6, [11, 20, 21], 3), BatchSeq("b", 13, [12, 22], 2), BatchSeq("c", 3, [13], 1)]
     eager, padded, same_kv = run_both(runner, seqs, q=3)
     assert padded.shape == eager.shape == (6, TINY.vocab_size)
