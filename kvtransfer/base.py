@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -124,6 +125,34 @@ def check_block_ids(ids: list[int], num_blocks: int, side: str) -> None:
     bad = [b for b in ids if not isinstance(b, int) or isinstance(b, bool) or not 0 <= b < num_blocks]
     if bad:
         raise ValueError(f"{side} block ids out of range [0, {num_blocks}): {bad[:8]}")
+
+
+class NotificationInbox:
+    """Tags of reads peers finished on our blocks, pushed from transfer threads, drained by `notifications()`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tags: list[str] = []
+
+    def push(self, tag: str) -> None:
+        with self._lock:
+            self._tags.append(tag)
+
+    def drain(self) -> list[str]:
+        with self._lock:
+            out, self._tags = self._tags, []
+        return out
+
+
+def parse_json_metadata(metadata: bytes, backend: str) -> dict[str, Any]:
+    """A peer's JSON metadata for `backend`; ValueError if it is not that."""
+    try:
+        md = json.loads(metadata)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"not {backend} metadata: {e}") from None
+    if not isinstance(md, dict) or md.get("backend") != backend:
+        raise ValueError(f"not {backend} metadata")
+    return md
 
 
 class KVTransferAgent(ABC):

@@ -14,12 +14,19 @@ from __future__ import annotations
 import base64
 import json
 import time
-from typing import Any
 
 import numpy as np
 import torch
 
-from kvtransfer.base import DEFAULT_RELEASE_TIMEOUT_S, KVLayout, KVTransferAgent, TransferError, TransferHandle, TransferStatus
+from kvtransfer.base import (
+    DEFAULT_RELEASE_TIMEOUT_S,
+    KVLayout,
+    KVTransferAgent,
+    TransferError,
+    TransferHandle,
+    TransferStatus,
+    parse_json_metadata,
+)
 from kvtransfer.registry import register_backend
 
 try:
@@ -69,7 +76,7 @@ class CudaIpcAgent(KVTransferAgent):
     def add_remote(self, name: str, metadata: bytes) -> None:
         if name in self._remotes:
             return
-        md = _parse(metadata)
+        md = parse_json_metadata(metadata, "cuda_ipc")
         self.layout.check_compatible(KVLayout.from_dict(md["layout"]))
         share = list(md["share"])
         for i in _BYTES_FIELDS:
@@ -117,13 +124,3 @@ class CudaIpcAgent(KVTransferAgent):
 
     def _close(self) -> None:
         self._remotes.clear()
-
-
-def _parse(metadata: bytes) -> dict[str, Any]:
-    try:
-        md = json.loads(metadata)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"not cuda_ipc metadata: {e}") from None
-    if not isinstance(md, dict) or md.get("backend") != "cuda_ipc":
-        raise ValueError("not cuda_ipc metadata")
-    return md

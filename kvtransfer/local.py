@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import threading
 import uuid
-from typing import Any
 
 import torch
 
@@ -20,8 +19,10 @@ from kvtransfer.base import (
     DEFAULT_RELEASE_TIMEOUT_S,
     KVLayout,
     KVTransferAgent,
+    NotificationInbox,
     TransferError,
     TransferHandle,
+    parse_json_metadata,
 )
 from kvtransfer.registry import register_backend
 
@@ -59,8 +60,7 @@ class LocalAgent(ThreadedReads, KVTransferAgent):
         super().__init__(name, kv_cache, fault=fault, release_timeout_s=release_timeout_s)
         self.fabric = fabric
         self._remotes: dict[str, tuple[str, int]] = {}  # label -> (agent name on the fabric, num_blocks)
-        self._notif_lock = threading.Lock()
-        self._notifs: list[str] = []
+        self._inbox = NotificationInbox()
         fabric.join(self)
 
     def metadata(self) -> bytes:
@@ -68,20 +68,14 @@ class LocalAgent(ThreadedReads, KVTransferAgent):
                            "num_blocks": self.num_blocks, "layout": self.layout.to_dict()}).encode()
 
     def add_remote(self, name: str, metadata: bytes) -> None:
-        md = _parse_metadata(metadata)
+        md = parse_json_metadata(metadata, "local")
         if md["fabric"] != self.fabric.token:
             raise ValueError(f"remote {name!r} is on another LocalFabric; local agents must share one")
         self.layout.check_compatible(KVLayout.from_dict(md["layout"]))
         self._remotes[name] = (str(md["name"]), int(md["num_blocks"]))
 
     def notifications(self) -> list[str]:
-        with self._notif_lock:
-            out, self._notifs = self._notifs, []
-        return out
-
-    def _notify(self, tag: str) -> None:
-        with self._notif_lock:
-            self._notifs.append(tag)
+        return self._inbox.drain()
 
     def _remote_num_blocks(self, remote: str) -> int | None:
         if remote not in self._remotes:
@@ -103,17 +97,7 @@ class LocalAgent(ThreadedReads, KVTransferAgent):
                 self.kv_cache[dst].copy_(peer.kv_cache[src])
                 if sync:  # a device copy is only queued: it must have landed before the lock is let go
                     torch.cuda.current_stream(self.kv_cache.device if self.kv_cache.is_cuda else None).synchronize()
-        peer._notify(handle.tag)
+        peer._inbox.push(handle.tag)
 
     def _close(self) -> None:
         self.fabric.leave(self)
-
-
-def _parse_metadata(metadata: bytes) -> dict[str, Any]:
-    try:
-        md = json.loads(metadata)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"not local-backend metadata: {e}") from None
-    if not isinstance(md, dict) or md.get("backend") != "local":
-        raise ValueError("not local-backend metadata")
-    return md

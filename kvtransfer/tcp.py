@@ -35,6 +35,7 @@ from kvtransfer.base import (
     KVLayout,
     KVTransferAgent,
     LayoutMismatchError,
+    NotificationInbox,
     TransferError,
     TransferHandle,
     check_block_ids,
@@ -181,9 +182,8 @@ class TcpAgent(ThreadedReads, KVTransferAgent):
         self.memory = BlockMemory(kv_cache, self.layout.block_bytes)
         self._connect_timeout_s, self._io_timeout_s = connect_timeout_s, io_timeout_s
         self._remotes: dict[str, tuple[str, int]] = {}
-        self._notif_lock = threading.Lock()
-        self._notifs: list[str] = []
-        self._server = _BlockServer(self, host, port, io_timeout_s, self._notify)
+        self._inbox = NotificationInbox()
+        self._server = _BlockServer(self, host, port, io_timeout_s, self._inbox.push)
         self.address = (advertise_host or host, self._server.port)
 
     def metadata(self) -> bytes:
@@ -194,13 +194,7 @@ class TcpAgent(ThreadedReads, KVTransferAgent):
         self._remotes[name] = parse_address(metadata)
 
     def notifications(self) -> list[str]:
-        with self._notif_lock:
-            out, self._notifs = self._notifs, []
-        return out
-
-    def _notify(self, tag: str) -> None:
-        with self._notif_lock:
-            self._notifs.append(tag)
+        return self._inbox.drain()
 
     def _remote_num_blocks(self, remote: str) -> int | None:
         if remote not in self._remotes:
