@@ -167,9 +167,9 @@ class CUDAGraphRunner:
         else:
             for i, s in enumerate(seqs):
                 ids[i, : len(s.token_ids)] = s.token_ids
-        pos[:] = np.arange(q)
-        pos[:B] += start[:, None]
         real = np.arange(q)[None, :] < lens[:, None]
+        pos[:] = 0  # padding sits at position 0: past the real tokens it could run beyond the rotary table
+        pos[:B] = np.where(real, start[:, None] + np.arange(q)[None, :], 0)
         blk = tables[np.arange(B)[:, None], np.minimum(pos[:B] // self.block_size, tables.shape[1] - 1)]
         slots[:] = -1
         slots[:B] = np.where(real, blk.astype(np.int64) * self.block_size + pos[:B] % self.block_size, -1)
