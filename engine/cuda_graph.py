@@ -153,41 +153,11 @@ class CUDAGraphRunner:
         """Replay the (bucket, q) graph for these sequences; returns logits at every real token, in order."""
         B = len(seqs)
         bs = next(s for s in self.sizes if s >= B)
-        n, T, mb = self.max_tokens, bs * q, self.max_blocks
-        lens = np.fromiter((len(s.token_ids) for s in seqs), np.int64, B)
-        start = np.fromiter((s.start for s in seqs), np.int64, B)
         tables = kv.table_array.gather([s.request_id for s in seqs])
         if self.copied is not None:
             self.copied.synchronize()  # the previous step's copies out of the host twins have landed
-        h64, h32 = self.host64.numpy(), self.host32.numpy()
-        ids, pos, slots = h64[:T].reshape(bs, q), h64[n : n + T].reshape(bs, q), h64[2 * n : 2 * n + T].reshape(bs, q)
-        ids[:] = 0
-        if q == 1:
-            ids[:B, 0] = np.fromiter((s.token_ids[0] for s in seqs), np.int64, B)
-        else:
-            for i, s in enumerate(seqs):
-                ids[i, : len(s.token_ids)] = s.token_ids
-        real = np.arange(q)[None, :] < lens[:, None]
-        pos[:] = 0  # padding sits at position 0: past the real tokens it could run beyond the rotary table
-        pos[:B] = np.where(real, start[:, None] + np.arange(q)[None, :], 0)
-        blk = tables[np.arange(B)[:, None], np.minimum(pos[:B] // self.block_size, tables.shape[1] - 1)]
-        slots[:] = -1
-        slots[:B] = np.where(real, blk.astype(np.int64) * self.block_size + pos[:B] % self.block_size, -1)
-        if self.per_token(bs, q):
-            seq_lens = h32[:T].reshape(bs, q)
-            seq_lens[:] = 1  # padding reads one slot of column 0 (a real block) and is dropped
-            seq_lens[:B] = np.where(real, pos[:B] + 1, 1)
-            rows = h32[n : n + T * mb].reshape(T, mb)  # columns past a row's blocks keep stale, valid ids
-            rows[: B * q, : tables.shape[1]] = np.repeat(tables, q, axis=0) if q > 1 else tables
-            rows[B * q :, 0] = 0
-            used = n + T * mb
-        else:  # one row per sequence: its real tokens, then padding, which no real query sees (causal)
-            h32[:bs] = q
-            h32[:B] = start + q
-            rows = h32[n : n + bs * mb].reshape(bs, mb)
-            rows[:B, : tables.shape[1]] = tables
-            rows[B:, 0] = 0
-            used = n + bs * mb
+        real, pos = self._stage_tokens(seqs, tables, bs, q)
+        used = self._stage_attention(tables, real, pos, bs, q)
         self.buf64.copy_(self.host64, non_blocking=True)
         self.buf32[:used].copy_(self.host32[:used], non_blocking=True)
         if self.copied is not None:
@@ -201,3 +171,45 @@ class CUDAGraphRunner:
             return logits[:B]
         keep = (np.arange(B)[:, None] * q + np.arange(q)[None, :])[real]
         return logits[torch.from_numpy(keep).to(logits.device, non_blocking=True)]
+
+    def _stage_tokens(self, seqs: Sequence[BatchSeq], tables: np.ndarray, bs: int, q: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids, positions and KV slots into the int64 host twin; returns ([B, q] real-token mask, positions)."""
+        B, n, T = len(seqs), self.max_tokens, bs * q
+        h64 = self.host64.numpy()
+        ids, pos, slots = h64[:T].reshape(bs, q), h64[n : n + T].reshape(bs, q), h64[2 * n : 2 * n + T].reshape(bs, q)
+        ids[:] = 0
+        if q == 1:
+            ids[:B, 0] = np.fromiter((s.token_ids[0] for s in seqs), np.int64, B)
+        else:
+            for i, s in enumerate(seqs):
+                ids[i, : len(s.token_ids)] = s.token_ids
+        lens = np.fromiter((len(s.token_ids) for s in seqs), np.int64, B)
+        start = np.fromiter((s.start for s in seqs), np.int64, B)
+        real = np.arange(q)[None, :] < lens[:, None]
+        pos[:] = 0  # padding sits at position 0: past the real tokens it could run beyond the rotary table
+        pos[:B] = np.where(real, start[:, None] + np.arange(q)[None, :], 0)
+        blk = tables[np.arange(B)[:, None], np.minimum(pos[:B] // self.block_size, tables.shape[1] - 1)]
+        slots[:] = -1
+        slots[:B] = np.where(real, blk.astype(np.int64) * self.block_size + pos[:B] % self.block_size, -1)
+        return real, pos[:B]
+
+    def _stage_attention(self, tables: np.ndarray, real: np.ndarray, pos: np.ndarray, bs: int, q: int) -> int:
+        """Sequence lengths and block-table rows into the int32 host twin; returns how much of it to copy."""
+        B, n, mb, h32 = len(real), self.max_tokens, self.max_blocks, self.host32.numpy()
+        if self.per_token(bs, q):
+            T = bs * q
+            seq_lens = h32[:T].reshape(bs, q)
+            seq_lens[:] = 1  # padding reads one slot of column 0 (a real block) and is dropped
+            seq_lens[:B] = np.where(real, pos + 1, 1)
+            rows = h32[n : n + T * mb].reshape(T, mb)  # columns past a row's blocks keep stale, valid ids
+            rows[: B * q, : tables.shape[1]] = np.repeat(tables, q, axis=0) if q > 1 else tables
+            rows[B * q :, 0] = 0
+            return n + T * mb
+        # One row per sequence: its real tokens, then padding, which no real query sees (attention is causal).
+        h32[:bs] = q
+        h32[:B] = pos[:, 0] + q
+        rows = h32[n : n + bs * mb].reshape(bs, mb)
+        rows[:B, : tables.shape[1]] = tables
+        rows[B:, 0] = 0
+        return n + bs * mb
