@@ -39,6 +39,7 @@ from kvtransfer.base import (
     BackendUnavailableError,
     KVLayout,
     KVTransferAgent,
+    NotificationInbox,
     TransferError,
     TransferHandle,
     TransferStatus,
@@ -51,6 +52,7 @@ INSTALL_HINT = "install it with: python -m pip install nixl-cu12"
 # The "nixl" meta package re-exports whichever CUDA build is installed; nixl-cu12 alone installs nixl_cu12.
 _API_MODULES = ("nixl._api", "nixl_cu12._api", "nixl_cu13._api")
 POLL_INTERVAL_S = 0.0005
+PROGRESS_INTERVAL_S = 0.001  # the Python progress poller's period (progress_thread=False)
 
 
 def load_nixl_api() -> ModuleType:
@@ -107,14 +109,24 @@ class _Xfer:
 
 @register_backend("nixl")
 class NixlAgent(KVTransferAgent):
+    """`progress_thread`: True runs NIXL's own progress thread, which spins (sched_yield) and so takes a core;
+    False drives UCX progress from a Python thread that polls every `PROGRESS_INTERVAL_S` and sleeps in
+    between: what a host with fewer cores than busy processes wants. Either way a peer's reads of our blocks
+    progress while this process is busy elsewhere (a one-sided read over TCP needs the owner's progress)."""
+
     def __init__(self, name: str, kv_cache: torch.Tensor, *, nixl_backends: tuple[str, ...] = ("UCX",),
-                 fault: str | None = None, release_timeout_s: float = DEFAULT_RELEASE_TIMEOUT_S) -> None:
+                 progress_thread: bool = True, fault: str | None = None,
+                 release_timeout_s: float = DEFAULT_RELEASE_TIMEOUT_S) -> None:
         api = load_nixl_api()
         super().__init__(name, kv_cache, fault=fault, release_timeout_s=release_timeout_s)
         self.memory = BlockMemory(kv_cache, self.layout.block_bytes)
         # The NIXL agent is built without thread sync; every call into it holds this lock.
         self._nx_lock = threading.Lock()
-        self._agent = api.nixl_agent(name, api.nixl_agent_config(backends=list(nixl_backends)))
+        config = api.nixl_agent_config(enable_prog_thread=progress_thread, backends=list(nixl_backends))
+        self._agent = api.nixl_agent(name, config)
+        self._inbox = NotificationInbox()  # notifications the progress poller collected
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
         missing = [b for b in nixl_backends if b not in self._agent.backends]
         if missing:
             raise TransferError(f"NIXL could not create backend(s) {missing}; plugins here: "
@@ -122,6 +134,20 @@ class NixlAgent(KVTransferAgent):
         self._reg = self._agent.register_memory(kv_cache)
         self._local_dlist = self._agent.prep_xfer_dlist("NIXL_INIT_AGENT", self._descs(), self.memory.mem_type)
         self._remotes: dict[str, _Remote] = {}
+        if not progress_thread:
+            self._poller = threading.Thread(target=self._progress, name=f"nixl-progress-{name}", daemon=True)
+            self._poller.start()
+
+    def _progress(self) -> None:
+        """Reading notifications makes the UCX worker progress; what it reads waits in the inbox."""
+        while not self._stop.wait(PROGRESS_INTERVAL_S):
+            for tag in self._read_notifs():
+                self._inbox.push(tag)
+
+    def _read_notifs(self) -> list[str]:
+        with self._nx_lock:
+            notifs = self._agent.get_new_notifs()
+        return [m.decode(errors="replace") for msgs in notifs.values() for m in msgs]
 
     @classmethod
     def is_available(cls) -> bool:
@@ -163,9 +189,7 @@ class NixlAgent(KVTransferAgent):
         self._remotes[name] = _Remote(nixl_name, int(header["num_blocks"]), dlist, digest)
 
     def notifications(self) -> list[str]:
-        with self._nx_lock:
-            notifs = self._agent.get_new_notifs()
-        return [m.decode(errors="replace") for msgs in notifs.values() for m in msgs]
+        return self._inbox.drain() + self._read_notifs()
 
     def _remote_num_blocks(self, remote: str) -> int | None:
         if remote not in self._remotes:
@@ -212,6 +236,9 @@ class NixlAgent(KVTransferAgent):
                 xfer.freed = True
 
     def _close(self) -> None:
+        self._stop.set()
+        if self._poller is not None:
+            self._poller.join()
         with self._nx_lock:
             for remote in self._remotes.values():
                 remote.dlist.release()

@@ -29,11 +29,16 @@ def make_cache(seed: int | None, num_blocks: int = NUM_BLOCKS, block_size: int =
     return torch.randn(shape, generator=g).to(dtype).to(device)
 
 
+# Test variants of a backend: the name tests use -> (registered backend, agent options).
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"nixl-poll": ("nixl", {"progress_thread": False})}
+
+
 def make_agent(backend: str, name: str, kv_cache: torch.Tensor, fabric: LocalFabric | None = None,
                **options: Any) -> KVTransferAgent:
     if backend == "local":
         options["fabric"] = fabric
-    return create_agent(backend, name, kv_cache, **options)
+    backend, extra = VARIANTS.get(backend, (backend, {}))
+    return create_agent(backend, name, kv_cache, **extra, **options)
 
 
 def wait_notifications(agent: KVTransferAgent, count: int, timeout: float) -> list[str]:
@@ -79,7 +84,7 @@ def handle_command(agent: KVTransferAgent, op: str, args: tuple[Any, ...]) -> An
 
 def _child_main(conn: Connection, backend: str, name: str, seed: int, device: str) -> None:
     try:
-        agent = create_agent(backend, name, make_cache(seed, device=device))
+        agent = make_agent(backend, name, make_cache(seed, device=device))
     except Exception as e:  # noqa: BLE001 - reported as the answer to the parent's first command
         conn.send(("err", f"peer could not create its agent: {e!r}"))
         return

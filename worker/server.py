@@ -33,6 +33,8 @@ def build_service(config: WorkerConfig, aengine: AsyncEngine, address: str) -> W
     opts = {"fault": config.transfer.fault} if config.role == "decode" else {}
     if config.transfer.backend == "tcp":
         opts["host"] = config.transfer.host
+    if config.transfer.backend == "nixl":
+        opts["progress_thread"] = config.transfer.nixl_progress_thread
     agent = create_agent(config.transfer.backend, config.worker_id, engine.runner.kv_cache, **opts)
     if config.role == "prefill":
         from prefill_worker.service import PrefillService
