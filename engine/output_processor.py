@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.tokenizer import IncrementalDetokenizer, StopChecker, Tokenizer
+from engine.detokenizer import IncrementalDetokenizer, StopChecker
+from engine.tokenizer import Tokenizer
 
 
 @dataclass

@@ -15,8 +15,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from engine.detokenizer import IncrementalDetokenizer, StopChecker
 from engine.loader import smollm2_gguf_path
-from engine.tokenizer import IncrementalDetokenizer, StopChecker, Tokenizer
+from engine.tokenizer import Tokenizer
 
 TEXTS = [
     "Hello world",
