@@ -30,7 +30,7 @@ LLAMA3_8B_SHAPE = {"vocab_size": 49152, "hidden_size": 4096, "intermediate_size"
 def cluster_yaml(a: argparse.Namespace, prefill_replicas: int) -> dict:
     pools = {"prefill": {"replicas": prefill_replicas}, "decode": {"replicas": 1}}
     transfer = {"backend": a.backend, "timeout_s": 10, "lease_s": 30,
-                "nixl_progress_thread": a.nixl_progress == "thread"}
+                "nixl_progress_thread": {"auto": None, "thread": True, "poll": False}[a.nixl_progress]}
     if a.device == "cpu":
         return {"model": "smollm2", "engine": {"cache": {"memory_budget_bytes": int(a.kv_gib * 2**30)}},
                 "transfer": transfer, "router": {"health_interval_s": 0.5}, "pools": pools}
@@ -66,8 +66,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--num-requests", type=int, default=48, help="requests per rate")
     ap.add_argument("--prompt-len", default="1024:2048", help="prompt tokens N or A:B")
     ap.add_argument("--output-len", default="128", help="output tokens N or A:B")
-    ap.add_argument("--nixl-progress", default="thread", choices=["thread", "poll"],
-                    help="NIXL progress: its own spinning thread, or a Python thread polling every 1 ms")
+    ap.add_argument("--nixl-progress", default="auto", choices=["auto", "thread", "poll"],
+                    help="NIXL progress: its own spinning thread, a Python thread polling every 1 ms, or auto "
+                         "(thread for GPU KV, poll for CPU KV)")
     ap.add_argument("--backend", default="cuda_ipc", help="KV transfer backend for the disaggregated run")
     ap.add_argument("--kv-gib", type=float, default=10.0, help="KV cache per worker, GiB")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"), help="output folder")

@@ -111,17 +111,20 @@ class _Xfer:
 class NixlAgent(KVTransferAgent):
     """`progress_thread`: True runs NIXL's own progress thread, which spins (sched_yield) and so takes a core;
     False drives UCX progress from a Python thread that polls every `PROGRESS_INTERVAL_S` and sleeps in
-    between: what a host with fewer cores than busy processes wants. Either way a peer's reads of our blocks
-    progress while this process is busy elsewhere (a one-sided read over TCP needs the owner's progress)."""
+    between, leaving the cores to the engine; None picks True for a GPU pool, False for a CPU pool (whose
+    engine needs the cores). Either way a peer's reads of our blocks progress while this process is busy
+    elsewhere (a one-sided read over TCP needs the owner's progress)."""
 
     def __init__(self, name: str, kv_cache: torch.Tensor, *, nixl_backends: tuple[str, ...] = ("UCX",),
-                 progress_thread: bool = True, fault: str | None = None,
+                 progress_thread: bool | None = None, fault: str | None = None,
                  release_timeout_s: float = DEFAULT_RELEASE_TIMEOUT_S) -> None:
         api = load_nixl_api()
         super().__init__(name, kv_cache, fault=fault, release_timeout_s=release_timeout_s)
         self.memory = BlockMemory(kv_cache, self.layout.block_bytes)
         # The NIXL agent is built without thread sync; every call into it holds this lock.
         self._nx_lock = threading.Lock()
+        if progress_thread is None:
+            progress_thread = kv_cache.is_cuda
         config = api.nixl_agent_config(enable_prog_thread=progress_thread, backends=list(nixl_backends))
         self._agent = api.nixl_agent(name, config)
         self._inbox = NotificationInbox()  # notifications the progress poller collected

@@ -20,7 +20,7 @@ def start_cluster(tmp_path, name: str, **overrides: Any) -> LocalCluster:  # noq
     cfg: dict[str, Any] = {
         "model": "smollm2",
         "engine": {"cache": {"num_blocks": 192}, "scheduler": {"max_num_seqs": 32, "max_num_batched_tokens": 1024}},
-        "transfer": {"backend": "nixl", "timeout_s": 10, "lease_s": 30, "nixl_progress_thread": False},
+        "transfer": {"backend": "nixl", "timeout_s": 10, "lease_s": 30},
         "router": {"health_interval_s": 0.5},
         "pools": {"prefill": {"replicas": 1}, "decode": {"replicas": 1}},
     }

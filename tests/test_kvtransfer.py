@@ -40,7 +40,7 @@ from tests.test_kvtransfer_peer import (
     wait_notifications,
 )
 
-BACKENDS = ["local", "tcp", "nixl", "nixl-poll"]  # nixl-poll: NIXL progressed by a polling Python thread
+BACKENDS = ["local", "tcp", "nixl", "nixl-thread"]  # nixl on CPU pools polls; nixl-thread: NIXL's own thread
 PEER_SEED = 1234
 PEER_SCRATCH = list(range(40, NUM_BLOCKS))  # the peer's blocks it reads into; other tests read only below
 DONE, FAILED, PENDING = TransferStatus.DONE, TransferStatus.FAILED, TransferStatus.PENDING

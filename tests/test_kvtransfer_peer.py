@@ -30,7 +30,7 @@ def make_cache(seed: int | None, num_blocks: int = NUM_BLOCKS, block_size: int =
 
 
 # Test variants of a backend: the name tests use -> (registered backend, agent options).
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"nixl-poll": ("nixl", {"progress_thread": False})}
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"nixl-thread": ("nixl", {"progress_thread": True})}
 
 
 def make_agent(backend: str, name: str, kv_cache: torch.Tensor, fabric: LocalFabric | None = None,

@@ -19,8 +19,8 @@ class TransferConfig:
     timeout_s: float = 10.0  # a pull slower than this is abandoned and the prompt recomputed locally
     lease_s: float = 30.0  # a prefill worker keeps finished prompts' blocks this long for the pull
     fault: str | None = None  # test-only fault injection on the decode side's reads: fail | hang
-    nixl_progress_thread: bool = True  # NIXL's own (spinning) progress thread; false: a Python thread polls
-    # every 1 ms instead, which leaves the cores to the engines on hosts with few of them
+    nixl_progress_thread: bool | None = None  # true: NIXL's own (spinning) progress thread; false: a Python thread
+    # polls NIXL every 1 ms, leaving the cores to the engine; null: true for a GPU KV cache, false for a CPU one
 
     def __post_init__(self) -> None:
         if self.backend not in ("nixl", "tcp", "cuda_ipc"):
