@@ -17,18 +17,24 @@ import pytest  # noqa: E402
 def make_tiny_llama(folder: str, seed: int = 0):  # noqa: ANN201 - transformers model
     """A random tiny Llama (GQA, Llama-3.1 rope scaling, untied embeddings) saved as an HF safetensors folder."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=384, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
-                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
-                      rope_theta=500000.0, tie_word_embeddings=False, initializer_range=0.3,
-                      bos_token_id=1, eos_token_id=2,
-                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
-    model = LlamaForCausalLM(cfg).eval()
+    model = LlamaForCausalLM(tiny_llama_config()).eval()
     model.save_pretrained(folder)
     return model
+
+
+def tiny_llama_config(vocab: int = 384):  # noqa: ANN201 - transformers LlamaConfig
+    """The tiny Llama's shape: GQA, Llama-3.1 rope scaling, untied embeddings, large init (peaked logits)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                       num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
+                       rope_theta=500000.0, tie_word_embeddings=False, initializer_range=0.3,
+                       bos_token_id=1, eos_token_id=2,
+                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
 
 
 @pytest.fixture(scope="session")

@@ -35,16 +35,12 @@ def save_llama(folder: str, *, vocab: int = 384, seed: int = 0, cycle_scale: flo
     cycle_scale: the LM head maps each token's embedding to the next token of a fixed 7-cycle and the layers'
     outputs are scaled by this factor (small: the cycle wins mostly). perturb: add N(0, perturb * std) noise
     to every weight (a draft model that mostly agrees with the unperturbed one)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
+
+    from tests.conftest import tiny_llama_config
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
-                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
-                      rope_theta=500000.0, tie_word_embeddings=False, initializer_range=0.3,
-                      bos_token_id=1, eos_token_id=2,
-                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
-    model = LlamaForCausalLM(cfg).eval()
+    model = LlamaForCausalLM(tiny_llama_config(vocab)).eval()
     with torch.no_grad():
         if cycle_scale is not None:
             order = torch.randperm(vocab, generator=torch.Generator().manual_seed(seed))
