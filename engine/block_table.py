@@ -1,10 +1,9 @@
-"""A 2-D int32 mirror of every request's block table, so a step gathers a batch's tables with one index.
+"""Every request's block table as one row of a 2-D int32 array, so a step gathers a batch's tables with one index.
 
-The KV cache manager's per-request lists stay the source of truth (the pool and the transfer code read
-them); this array follows each change to them: rows are appended to, cut or released, never rebuilt.
-Building a step's `[B, max_blocks]` table is then `array[rows, :width]` instead of padding B Python lists
-and converting them element by element, which at batch 256 and 2k context cost milliseconds a step.
-Rows and columns grow by doubling; a released row is reused by the next request.
+Rows are appended to, cut or released, never rebuilt. Building a step's `[B, max_blocks]` table is then
+`array[rows, :width]` instead of padding B Python lists and converting them element by element, which at
+batch 256 and 2k context cost milliseconds a step. Rows and columns grow by doubling; a released row is
+reused by the next request.
 """
 
 from __future__ import annotations
@@ -24,6 +23,19 @@ class BlockTableArray:
     def row(self, request_id: str) -> int:
         return self._row[request_id]
 
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._row
+
+    def length(self, request_id: str) -> int:
+        """Blocks the request holds (0 without a row)."""
+        r = self._row.get(request_id)
+        return 0 if r is None else int(self.lengths[r])
+
+    def get(self, request_id: str) -> list[int]:
+        """The request's block ids in order ([] without a row)."""
+        r = self._row.get(request_id)
+        return [] if r is None else self.array[r, : self.lengths[r]].tolist()
+
     def rows(self, request_ids: list[str]) -> np.ndarray:
         return np.fromiter((self._row[r] for r in request_ids), dtype=np.int64, count=len(request_ids))
 
@@ -39,15 +51,22 @@ class BlockTableArray:
         self.array[r, n:end] = block_ids
         self.lengths[r] = end
 
-    def truncate(self, request_id: str, keep: int) -> None:
+    def truncate(self, request_id: str, keep: int) -> list[int]:
+        """Keep the first `keep` blocks; returns the ids cut off."""
         r = self._row[request_id]
-        self.lengths[r] = min(int(self.lengths[r]), keep)
+        n = int(self.lengths[r])
+        cut = self.array[r, keep:n].tolist()
+        self.lengths[r] = min(n, keep)
+        return cut
 
-    def release(self, request_id: str) -> None:
+    def release(self, request_id: str) -> list[int]:
+        """Drop the request's row; returns the ids it held."""
+        ids = self.get(request_id)
         r = self._row.pop(request_id, None)
         if r is not None:
             self.lengths[r] = 0
             self._free_rows.append(r)
+        return ids
 
     def gather(self, request_ids: list[str]) -> np.ndarray:
         """[len(request_ids), widest table] int32; entries past a row's length are stale, never read."""

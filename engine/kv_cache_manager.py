@@ -45,8 +45,7 @@ class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
-        self._tables: dict[str, list[int]] = {}
-        self.table_array = BlockTableArray()  # follows every change to _tables
+        self.table_array = BlockTableArray()  # the block tables: one row per request holding blocks
         self._hashes: dict[str, list[int]] = {}  # chained hashes of the request's full, registered blocks
         self.query_tokens = 0  # prompt tokens looked up in the prefix cache
         self.hit_tokens = 0  # of which found cached
@@ -63,30 +62,24 @@ class KVCacheManager:
         return self.pool.usage
 
     def block_table(self, request_id: str) -> list[int]:
-        return self._tables.get(request_id, [])
+        return self.table_array.get(request_id)
 
     def has(self, request_id: str) -> bool:
-        return request_id in self._tables
+        return request_id in self.table_array
 
     def blocks_needed(self, request_id: str, total_tokens: int) -> int:
         """New blocks required for the request to hold `total_tokens` tokens."""
-        return max(0, cdiv(total_tokens, self.block_size) - len(self._tables.get(request_id, ())))
+        return max(0, cdiv(total_tokens, self.block_size) - self.table_array.length(request_id))
 
     def allocate(self, request_id: str, total_tokens: int) -> bool:
         """Grow the request's table to hold `total_tokens`; False (and no change) if blocks are short."""
-        table = self._tables.get(request_id)
-        if table is not None and len(table) * self.block_size >= total_tokens:
+        tables = self.table_array
+        if request_id in tables and tables.length(request_id) * self.block_size >= total_tokens:
             return True  # the common decode step: room is left in the last block
         need = self.blocks_needed(request_id, total_tokens)
         if need > self.pool.num_free:
             return False
-        if table is None:
-            table = self._tables[request_id] = []
-            self.table_array.extend(request_id, [])
-        if need:
-            new = self.pool.allocate(need)
-            table.extend(new)
-            self.table_array.extend(request_id, new)
+        tables.extend(request_id, self.pool.allocate(need) if need else [])
         return True
 
     def match_prefix(self, req: Request) -> int:
@@ -94,7 +87,7 @@ class KVCacheManager:
 
         At least one token is always left to compute, so the step produces logits to sample from.
         """
-        assert req.request_id not in self._tables, "match_prefix on a request that already holds blocks"
+        assert req.request_id not in self.table_array, "match_prefix on a request that already holds blocks"
         if not self.pool.enable_caching:
             return 0
         tokens = req.all_token_ids
@@ -113,20 +106,19 @@ class KVCacheManager:
         self.hit_tokens += min(len(hits) * self.block_size, req.num_prompt_tokens)
         if hits:
             self.pool.touch(hits)
-            self._tables[req.request_id] = hits
             self.table_array.extend(req.request_id, hits)
             self._hashes[req.request_id] = hashes
         return len(hits) * self.block_size
 
     def cache_full_blocks(self, req: Request) -> None:
         """Register the hashes of blocks that became full with computed tokens."""
-        if not self.pool.enable_caching or req.request_id not in self._tables:
+        if not self.pool.enable_caching or req.request_id not in self.table_array:
             return
         hashes = self._hashes.setdefault(req.request_id, [])
         full = req.num_computed_tokens // self.block_size
         if full <= len(hashes):
             return
-        table, bs = self._tables[req.request_id], self.block_size
+        table, bs = self.table_array.get(req.request_id), self.block_size
         tokens = req.all_token_ids[len(hashes) * bs : full * bs]
         parent = hashes[-1] if hashes else ROOT_HASH
         for j in range(full - len(hashes)):
@@ -137,8 +129,7 @@ class KVCacheManager:
     def free(self, request_id: str) -> int:
         """Release every block of the request (last block first, so a prefix's tail is evicted before its head)."""
         self._hashes.pop(request_id, None)
-        table = self._tables.pop(request_id, None)
-        self.table_array.release(request_id)
+        table = self.table_array.release(request_id)
         if not table:
             return 0
         self.pool.free(table[::-1])
@@ -147,16 +138,12 @@ class KVCacheManager:
     def trim(self, request_id: str, keep: int) -> bool:
         """Free the request's blocks after its first `keep`; the caller guarantees they hold no computed (so no
         cached) token. Returns whether anything was freed."""
-        table = self._tables.get(request_id)
-        if table is None or len(table) <= keep:
+        if self.table_array.length(request_id) <= keep:
             return False
-        tail = table[keep:]
-        del table[keep:]
-        self.table_array.truncate(request_id, keep)
-        self.pool.free(tail[::-1])
+        self.pool.free(self.table_array.truncate(request_id, keep)[::-1])
         return True
 
     def slots(self, request_id: str, start: int, end: int) -> list[int]:
         """Slot ids of token positions [start, end) of the request."""
-        table, bs = self._tables[request_id], self.block_size
+        table, bs = self.table_array.get(request_id), self.block_size
         return [table[i // bs] * bs + i % bs for i in range(start, end)]
