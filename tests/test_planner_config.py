@@ -82,6 +82,8 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"ray": {"namespace": ""}}, "ray.namespace must be a non-empty string"),
     ({"ray": {"router_resources": {"num_cpus": "two"}}}, "ray.router_resources: num_cpus must be a number"),
     ({"ray": {"drain_timeout": 5}}, "unknown key(s) in ray: drain_timeout"),
+    ({"transfer": {"backend": "nixl", "nixl_progress_thread": "yes"}},
+     "transfer.nixl_progress_thread must be true, false or null"),
 ]
 
 

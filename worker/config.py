@@ -27,6 +27,8 @@ class TransferConfig:
             raise ConfigError(f"transfer.backend must be nixl, tcp or cuda_ipc, got {self.backend!r}")
         if self.timeout_s <= 0 or self.lease_s <= self.timeout_s:
             raise ConfigError("transfer needs 0 < timeout_s < lease_s (a pull must end before its lease does)")
+        if self.nixl_progress_thread not in (None, True, False):
+            raise ConfigError(f"transfer.nixl_progress_thread must be true, false or null, got {self.nixl_progress_thread!r}")
         if self.fault not in (None, "fail", "hang"):
             raise ConfigError(f"transfer.fault must be fail or hang, got {self.fault!r}")
 
