@@ -74,9 +74,10 @@ class KVCacheManager:
     def allocate(self, request_id: str, total_tokens: int) -> bool:
         """Grow the request's table to hold `total_tokens`; False (and no change) if blocks are short."""
         tables = self.table_array
-        if request_id in tables and tables.length(request_id) * self.block_size >= total_tokens:
+        held = tables.length(request_id)
+        if held * self.block_size >= total_tokens and (held or request_id in tables):
             return True  # the common decode step: room is left in the last block
-        need = self.blocks_needed(request_id, total_tokens)
+        need = max(0, cdiv(total_tokens, self.block_size) - held)
         if need > self.pool.num_free:
             return False
         tables.extend(request_id, self.pool.allocate(need) if need else [])
