@@ -172,6 +172,7 @@ class EngineConfig:
     max_model_len: int | None = None  # cap on prompt + output tokens; None means the model's context
     enforce_eager: bool = False  # never use CUDA graphs (they are used on CUDA with the triton backend)
     cuda_graph_max_batch: int = 256  # largest decode batch captured in a CUDA graph
+    overlap_steps: bool | None = None  # queue each decode step before reading the last one's tokens; None: on CUDA
     seed: int = 0  # seed for dummy weights and for unseeded sampling
     cache: CacheConfig = field(default_factory=CacheConfig)  # KV cache settings
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)  # batching settings
@@ -183,6 +184,8 @@ class EngineConfig:
         _check(self.attention_backend in ("auto", "torch", "triton"), f"unknown attention_backend {self.attention_backend!r}")
         _check(self.load_format != "dummy" or self.dummy_model is not None, "load_format dummy needs dummy_model")
         _check(self.max_model_len is None or self.max_model_len > 0, "max_model_len must be positive")
+        _check(self.overlap_steps is None or isinstance(self.overlap_steps, bool),
+               f"overlap_steps must be true, false or null, got {self.overlap_steps!r}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EngineConfig:

@@ -52,7 +52,6 @@ class CUDAGraphRunner:
         self.verify_q = 0  # 1 + k when verification graphs are captured, else 0
         self._alloc_buffers(self.max_batch)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        self.logits: dict[tuple[int, int], torch.Tensor] = {}
         self.pool = None
 
     def _alloc_buffers(self, max_tokens: int) -> None:
@@ -65,6 +64,7 @@ class CUDAGraphRunner:
         self.host64 = torch.zeros(3 * n, dtype=torch.int64, pin_memory=pin)
         self.host32 = torch.zeros(n * (1 + self.max_blocks), dtype=torch.int32, pin_memory=pin)
         self.copied = torch.cuda.Event() if pin else None  # the host twins may be rewritten once it is done
+        self.logits_out = torch.empty(n, self.model.config.vocab_size, dtype=torch.float32, device=dev)
 
     @staticmethod
     def per_token(bs: int, q: int) -> bool:
@@ -88,7 +88,9 @@ class CUDAGraphRunner:
     def _forward(self, bs: int, q: int) -> torch.Tensor:
         ids, pos, meta = self._views(bs, q)
         hidden = self.model(ids, pos, self.kv_cache, meta, self.attn)
-        return self.model.compute_logits(hidden)
+        # Every graph writes the one logits buffer (sampling reads it before the next replay, in stream order):
+        # a buffer per graph would hold ~1 GB at a 128k vocabulary over the decode buckets.
+        return self.model.compute_logits(hidden, self.logits_out[: bs * q])
 
     @torch.inference_mode()
     def capture(self, verify_q: int = 0) -> None:
@@ -98,11 +100,10 @@ class CUDAGraphRunner:
             need = max(self.max_batch, verify_q * min(self.max_batch, VERIFY_MAX_BATCH))
             if need > self.max_tokens:  # grow the inputs; graphs captured on the old buffers are dropped
                 self.graphs.clear()
-                self.logits.clear()
                 self.pool = None  # its graphs are gone: a pool without graphs cannot be captured into
                 self._alloc_buffers(need)
             for key in [k for k in self.graphs if k[1] > 1]:  # one verification width at a time
-                del self.graphs[key], self.logits[key]
+                del self.graphs[key]
             if not self.graphs:
                 self.pool = None
             self.verify_q = verify_q
@@ -119,7 +120,7 @@ class CUDAGraphRunner:
             torch.cuda.synchronize()
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=self.pool):
-                self.logits[(bs, q)] = self._forward(bs, q)
+                self._forward(bs, q)
             if self.pool is None:
                 self.pool = g.pool()
             self.graphs[(bs, q)] = g
@@ -149,8 +150,10 @@ class CUDAGraphRunner:
             return self.verify_q
         return None
 
-    def run(self, seqs: Sequence[BatchSeq], kv: KVCacheManager, q: int) -> torch.Tensor:
-        """Replay the (bucket, q) graph for these sequences; returns logits at every real token, in order."""
+    def run(self, seqs: Sequence[BatchSeq], kv: KVCacheManager, q: int, input_ids: torch.Tensor | None = None
+            ) -> torch.Tensor:
+        """Replay the (bucket, q) graph for these sequences; returns logits at every real token, in order.
+        `input_ids` (decode only: one per sequence, on the device) replaces the staged token ids."""
         B = len(seqs)
         bs = next(s for s in self.sizes if s >= B)
         tables = kv.table_array.gather([s.request_id for s in seqs])
@@ -160,11 +163,14 @@ class CUDAGraphRunner:
         used = self._stage_attention(tables, real, pos, bs, q)
         self.buf64.copy_(self.host64, non_blocking=True)
         self.buf32[:used].copy_(self.host32[:used], non_blocking=True)
+        if input_ids is not None:
+            assert q == 1 and input_ids.shape == (B,), "device input ids are one token per decoding sequence"
+            self.buf64[:B].copy_(input_ids)
         if self.copied is not None:
             self.copied.record()
         if (bs, q) in self.graphs:
             self.graphs[(bs, q)].replay()
-            logits = self.logits[(bs, q)]
+            logits = self.logits_out[: bs * q]
         else:  # off CUDA (tests): the captured computation, run eagerly
             logits = self._forward(bs, q)
         if q == 1:

@@ -11,7 +11,8 @@ import torch
 
 from engine.config import EngineConfig, SpeculativeConfig
 from engine.kv_cache_manager import KVCacheManager, cdiv
-from engine.model_runner import DTYPES, ModelRunner, num_kv_blocks
+from engine.lookahead import Lookahead, launch_lookahead
+from engine.model_runner import DTYPES, LaunchedStep, ModelRunner, num_kv_blocks
 from engine.request import FinishReason, InvalidRequestError, Request, RequestStatus, SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.spec_decode import build_proposer
@@ -44,6 +45,8 @@ class EngineStats:
     spec_verifications: int = 0  # (request, step) pairs that verified at least one draft token
     spec_proposed_tokens: int = 0  # draft tokens the target verified
     spec_accepted_tokens: int = 0  # of which it accepted
+    lookahead_steps: int = 0  # steps queued before the previous step's tokens were read (engine/lookahead.py)
+    lookahead_taken: int = 0  # of which the next schedule took (the rest were dropped: wasted device time)
 
     @property
     def acceptance_rate(self) -> float:
@@ -76,6 +79,8 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, self.model_config.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
+        self.overlap = config.overlap_steps if config.overlap_steps is not None else self.device.type == "cuda"
+        self.lookahead: Lookahead | None = None
         self.set_speculative(config.speculative)
 
     def set_speculative(self, spec: SpeculativeConfig | None) -> None:
@@ -84,6 +89,7 @@ class LLMEngine:
         if self.has_unfinished():
             raise RuntimeError("cannot change speculative decoding while requests are in flight")
         self.config = dataclasses.replace(self.config, speculative=spec)
+        self.lookahead = None
         self.proposer = build_proposer(self.config, self.runner, self.kv.num_blocks, self.max_model_len)
         self.scheduler.num_spec_tokens = spec.num_speculative_tokens if self.proposer is not None and spec else 0
         self.runner.prepare_speculation(self.scheduler.num_spec_tokens)
@@ -130,6 +136,8 @@ class LLMEngine:
         if req is None or req.is_finished:
             return False
         req.keep_blocks_on_finish = False
+        if self.lookahead is not None and any(r is req for r in self.lookahead.requests):
+            self.lookahead.fence()  # its blocks go back to the pool now: no queued write may land in them later
         self.scheduler.finish(req, FinishReason.ABORT)
         if self.proposer is not None:
             self.proposer.remove(request_id)
@@ -152,7 +160,7 @@ class LLMEngine:
             r, start = s.request, s.request.num_computed_tokens
             if start < len(r.prompt_token_ids):
                 self.stats.prompt_tokens_computed += min(start + s.num_new_tokens, len(r.prompt_token_ids)) - start
-        samples = self.runner.execute(out, self.kv, draft_probs)
+        samples = self._launch(out, draft_probs).wait()
         self.scheduler.update(out, samples)
         self.stats.steps += 1
         self._count_spec(out)
@@ -170,7 +178,22 @@ class LLMEngine:
                 self.requests.pop(r.request_id, None)
                 if self.proposer is not None:
                     self.proposer.remove(r.request_id)
+        if self.lookahead is not None and self.lookahead.holds_ended_request():
+            self.lookahead.fence()  # see engine/lookahead.py: blocks freed under a queued write
         return results
+
+    def _launch(self, out: SchedulerOutput, draft_probs: dict[str, torch.Tensor] | None) -> LaunchedStep:
+        """Queue this step (or take the one queued ahead for it), then, with overlap on, queue a guess of the
+        next one before anything waits for this one's tokens."""
+        launched = self.lookahead.take(out) if self.lookahead is not None else None
+        self.stats.lookahead_taken += launched is not None
+        if launched is None:
+            launched = self.runner.launch(out, self.kv, draft_probs)
+        self.lookahead = None
+        if self.overlap:
+            self.lookahead = launch_lookahead(self.runner, self.kv, self.scheduler, out, launched)
+            self.stats.lookahead_steps += self.lookahead is not None
+        return launched
 
     def _count_spec(self, out: SchedulerOutput) -> None:
         verified = [s for s in out.scheduled if s.num_spec_tokens]

@@ -13,7 +13,8 @@ into the accepted drafts plus one token of the target's.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 
@@ -31,7 +32,7 @@ from engine.loader import (
 )
 from engine.models.llama import LlamaForCausalLM
 from engine.request import Request
-from engine.sampler import Sampler, SampleResult
+from engine.sampler import DeviceSamples, Sampler, SampleResult, row_tensor
 from engine.scheduler import SchedulerOutput
 from engine.spec_decode.rejection_sampler import rejection_sample
 
@@ -89,6 +90,36 @@ def num_kv_blocks(cfg: ModelConfig, cache: CacheConfig, dtype: torch.dtype) -> i
     return max(1, cache.memory_budget_bytes // kv_bytes_per_block(cfg, cache.block_size, dtype))
 
 
+@dataclass
+class LaunchedStep:
+    """A step whose kernels are queued. The runner's contract back to the engine: `wait()` gives per scheduled
+    request None (no token this step) or its new tokens."""
+
+    rows: list[int | None]  # per scheduled request: its row among the sampled ones, None if it samples nothing
+    samples: DeviceSamples | None = None  # plain sampling of the sampled rows, still on its way to the host
+    verdicts: list[list[SampleResult]] | None = None  # speculative verdicts per sampled row (already on the host)
+
+    def wait(self) -> list[list[SampleResult] | None]:
+        if self.verdicts is not None:
+            per = self.verdicts
+        else:
+            per = [[r] for r in self.samples.results()] if self.samples is not None else []
+        return [None if i is None else per[i] for i in self.rows]
+
+    def select(self, requests: list[int]) -> LaunchedStep:
+        """The same launched work seen by a later step that schedules only these of its requests."""
+        return LaunchedStep([self.rows[i] for i in requests], self.samples, self.verdicts)
+
+    def input_ids_for(self, requests: list[int]) -> torch.Tensor:
+        """The device tokens sampled for these scheduled requests, as the next step's input ids (no host sync)."""
+        assert self.samples is not None and self.samples.tokens is not None, "nothing was sampled on the device"
+        rows = [self.rows[i] for i in requests]
+        tokens = self.samples.tokens
+        if rows == list(range(tokens.shape[0])):
+            return tokens
+        return tokens[row_tensor(rows, tokens.device, torch.long)]
+
+
 class ModelRunner:
     """Runs one scheduled step on the model and samples where a request's computed tokens caught up."""
 
@@ -118,35 +149,59 @@ class ModelRunner:
         if self.graphs is not None and num_speculative_tokens:
             self.graphs.capture(verify_q=1 + num_speculative_tokens)
 
-    @torch.inference_mode()
     def execute(self, out: SchedulerOutput, kv: KVCacheManager,
                 draft_probs: dict[str, torch.Tensor] | None = None) -> list[list[SampleResult] | None]:
         """Per scheduled request: None (no token this step) or its new tokens, in order. Without drafts that is
         one sampled token; with drafts, the accepted drafts followed by the target's token. `draft_probs` holds
         the proposer's distributions q ([k, vocab]) of sampled requests whose drafts were sampled, not looked up."""
+        return self.launch(out, kv, draft_probs).wait()
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput, kv: KVCacheManager,
+               draft_probs: dict[str, torch.Tensor] | None = None) -> LaunchedStep:
+        """Queue the step's kernels and the copy of its sampled tokens; `wait()` on the result reads them.
+        Verifying drafts decides acceptance on the host, so a step with drafts has waited when this returns."""
         samples = [s.samples for s in out.scheduled]
-        seqs = self._sequences(out, samples)
-        q = None
-        if self.graphs is not None:
-            q = self.graphs.query_len([len(s.token_ids) for s in seqs], [s.num_logits for s in seqs])
-        if q is not None:  # decode, or decode + drafts: every row samples
-            logits = self.graphs.run(seqs, kv, q)
-        else:
-            input_ids, positions, meta, logits_idx = build_batch(seqs, kv, self.device)
-            hidden = self.model(input_ids, positions, self.kv_cache, meta, self.attn)
-            if not any(samples):
-                return [None] * len(out.scheduled)
-            logits = self.model.compute_logits(hidden[logits_idx])
+        rows, n = [], 0
+        for f in samples:
+            rows.append(n if f else None)
+            n += f
+        logits = self._logits(self._sequences(out, samples), kv)
+        if logits is None:
+            return LaunchedStep(rows)
         sampling = [s for s, f in zip(out.scheduled, samples, strict=True) if f]
         requests = [s.request for s in sampling]
         if any(s.num_spec_tokens for s in sampling):
             drafts = [s.request.spec_token_ids for s in sampling]
             probs = [(draft_probs or {}).get(r.request_id) for r in requests]
-            verdicts = rejection_sample(self.sampler, logits, requests, drafts, probs)
-        else:
-            verdicts = [[t] for t in self.sampler.sample(logits, requests)]
-        results: Iterator[list[SampleResult]] = iter(verdicts)
-        return [next(results) if f else None for f in samples]
+            return LaunchedStep(rows, verdicts=rejection_sample(self.sampler, logits, requests, drafts, probs))
+        return LaunchedStep(rows, self.sampler.sample_async(logits, requests))
+
+    @torch.inference_mode()
+    def launch_decode(self, requests: list[Request], input_ids: torch.Tensor, kv: KVCacheManager) -> LaunchedStep:
+        """Queue a decode step for requests whose newest token is not appended yet: `input_ids[i]` (on the
+        device, just sampled) is the token of requests[i] at position `requests[i].num_tokens`."""
+        assert input_ids.shape == (len(requests),), "one input token per request"
+        seqs = [BatchSeq(r.request_id, r.num_tokens, [0], 1) for r in requests]
+        logits = self._logits(seqs, kv, input_ids)
+        assert logits is not None
+        return LaunchedStep(list(range(len(requests))), self.sampler.sample_async(logits, requests, ahead=1))
+
+    def _logits(self, seqs: list[BatchSeq], kv: KVCacheManager, input_ids: torch.Tensor | None = None
+                ) -> torch.Tensor | None:
+        """Forward the batch (a CUDA graph where one fits); logits where sequences want them, None if nowhere.
+        `input_ids`, when given, replaces the host token ids (one per sequence) on the device."""
+        if self.graphs is not None:
+            q = self.graphs.query_len([len(s.token_ids) for s in seqs], [s.num_logits for s in seqs])
+            if q is not None:  # decode, or decode + drafts: every row samples
+                return self.graphs.run(seqs, kv, q, input_ids)
+        ids, positions, meta, logits_idx = build_batch(seqs, kv, self.device)
+        if input_ids is not None:
+            ids.copy_(input_ids)
+        hidden = self.model(ids, positions, self.kv_cache, meta, self.attn)
+        if not len(logits_idx):
+            return None
+        return self.model.compute_logits(hidden[logits_idx])
 
     @staticmethod
     def _sequences(out: SchedulerOutput, samples: list[bool]) -> list[BatchSeq]:

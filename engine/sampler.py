@@ -44,7 +44,7 @@ def mix_seed(seed: int, index: int) -> int:
     return _splitmix64(_splitmix64(seed & _MASK64) ^ (index & _MASK64)) >> 1
 
 
-def _has_penalty(p: SamplingParams) -> bool:
+def has_penalty(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
 
 
@@ -52,8 +52,13 @@ def _has_filter(p: SamplingParams) -> bool:
     return p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0
 
 
-def _row_tensor(values: list[float] | list[int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    return torch.tensor(values, dtype=dtype, device=device)
+def row_tensor(values: list[float] | list[int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A small host list on the device without a stream sync: a blocking copy would wait for every kernel queued
+    before it, including a step launched ahead (engine/lookahead.py)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _token_counts(seqs: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
@@ -75,13 +80,13 @@ def _apply_penalties(logits: torch.Tensor, requests: Sequence[Request]) -> torch
     if any(p.repetition_penalty != 1.0 for p in params):
         seqs = [r.all_token_ids if r.params.repetition_penalty != 1.0 else [] for r in requests]
         seen = _token_counts(seqs, vocab, device) > 0
-        rep = _row_tensor([p.repetition_penalty for p in params], device, torch.float32)[:, None]
+        rep = row_tensor([p.repetition_penalty for p in params], device, torch.float32)[:, None]
         logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
     if any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params):
         seqs = [r.output_token_ids if r.params.frequency_penalty or r.params.presence_penalty else [] for r in requests]
         counts = _token_counts(seqs, vocab, device)
-        freq = _row_tensor([p.frequency_penalty for p in params], device, torch.float32)[:, None]
-        pres = _row_tensor([p.presence_penalty for p in params], device, torch.float32)[:, None]
+        freq = row_tensor([p.frequency_penalty for p in params], device, torch.float32)[:, None]
+        pres = row_tensor([p.presence_penalty for p in params], device, torch.float32)[:, None]
         logits = logits - freq * counts - pres * (counts > 0).float()
     return logits
 
@@ -93,9 +98,9 @@ def _apply_filters(logits: torch.Tensor, params: Sequence[SamplingParams]) -> to
     kept set never depends on how the sort orders ties.
     """
     vocab, device = logits.shape[1], logits.device
-    top_k = _row_tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device, torch.long)
-    top_p = _row_tensor([p.top_p if p.top_p < 1.0 else float("inf") for p in params], device, torch.float32)
-    min_p = _row_tensor([p.min_p for p in params], device, torch.float32)
+    top_k = row_tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device, torch.long)
+    top_p = row_tensor([p.top_p if p.top_p < 1.0 else float("inf") for p in params], device, torch.float32)
+    min_p = row_tensor([p.min_p for p in params], device, torch.float32)
     sorted_l, order = logits.sort(dim=-1, descending=True)
     sorted_l = sorted_l.masked_fill(sorted_l < sorted_l.gather(1, top_k[:, None] - 1), float("-inf"))
     probs = sorted_l.softmax(dim=-1)
@@ -114,9 +119,9 @@ def process_logits(logits: torch.Tensor, requests: Sequence[Request]) -> torch.T
     if not rand:
         return logits
     params = [requests[i].params for i in rand]
-    idx = _row_tensor(rand, logits.device, torch.long)
+    idx = row_tensor(rand, logits.device, torch.long)
     sub = logits if len(rand) == len(requests) else logits[idx]
-    sub = sub / _row_tensor([p.temperature for p in params], logits.device, torch.float32)[:, None]
+    sub = sub / row_tensor([p.temperature for p in params], logits.device, torch.float32)[:, None]
     if any(_has_filter(p) for p in params):
         sub = _apply_filters(sub, params)
     return sub if len(rand) == len(requests) else logits.index_copy(0, idx, sub)
@@ -131,61 +136,96 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, requests: Sequence[Request]) -> list[SampleResult]:
         """Row i of `logits` ([N, V], any float dtype and device) gives the next token of requests[i]."""
+        return self.sample_async(logits, requests).results()
+
+    def sample_async(self, logits: torch.Tensor, requests: Sequence[Request], ahead: int = 0) -> DeviceSamples:
+        """Queue the sampling kernels and the copy of their results to the host; nothing waits for the device.
+        `ahead` is how many sampled tokens of every request are not in its output yet (1 for a step launched
+        before the previous one's tokens were read): a seeded row draws the noise of its true output index."""
         if logits.dim() != 2 or logits.shape[0] != len(requests):
             raise ValueError(f"logits of shape {tuple(logits.shape)} do not match {len(requests)} requests")
-        if not requests:
-            return []
         params = [r.params for r in requests]
-        if all(p.greedy and p.logprobs is None and not _has_penalty(p) for p in params):
-            return [SampleResult(t, None, None) for t in logits.argmax(dim=-1).tolist()]
+        assert not (ahead and any(has_penalty(p) for p in params)), "penalties need every earlier token"
+        if not requests:
+            return DeviceSamples(None, params)
+        if all(p.greedy and p.logprobs is None and not has_penalty(p) for p in params):
+            return DeviceSamples(logits.argmax(dim=-1), params)
         logits = logits.float()
         raw_logprobs = logits.log_softmax(dim=-1) if any(p.logprobs is not None for p in params) else None
         processed = process_logits(logits, requests)
         tokens = processed.argmax(dim=-1)
         rand = [i for i, p in enumerate(params) if not p.greedy]
         if rand:
-            idx = _row_tensor(rand, logits.device, torch.long)
+            idx = row_tensor(rand, logits.device, torch.long)
             probs = processed[idx].softmax(dim=-1)
-            noise = self._noise([requests[i] for i in rand], logits.shape[1], logits.device)
+            noise = self._noise([requests[i] for i in rand], logits.shape[1], logits.device, ahead)
             tokens[idx] = (probs / noise).argmax(dim=-1)
-        return _results(tokens, raw_logprobs, params)
+        return DeviceSamples(tokens, params, raw_logprobs)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
             self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[device]
 
-    def _noise(self, requests: Sequence[Request], vocab: int, device: torch.device) -> torch.Tensor:
+    def _noise(self, requests: Sequence[Request], vocab: int, device: torch.device, ahead: int = 0) -> torch.Tensor:
         """[len(requests), vocab] Exp(1) noise; a seeded row's comes from its own fresh generator."""
         noise = torch.empty(len(requests), vocab, dtype=torch.float32, device=device)
         unseeded = [i for i, r in enumerate(requests) if r.params.seed is None]
         if unseeded:
             draw = torch.empty(len(unseeded), vocab, dtype=torch.float32, device=device)
             draw.exponential_(generator=self._generator(device))
-            noise.index_copy_(0, _row_tensor(unseeded, device, torch.long), draw)
+            noise.index_copy_(0, row_tensor(unseeded, device, torch.long), draw)
         for i, r in enumerate(requests):
             if r.params.seed is not None:
-                gen = torch.Generator(device=device).manual_seed(mix_seed(r.params.seed, len(r.output_token_ids)))
+                gen = torch.Generator(device=device).manual_seed(mix_seed(r.params.seed, len(r.output_token_ids) + ahead))
                 noise[i].exponential_(generator=gen)
         # A zero draw would turn a dropped token's 0/0 into NaN, which argmax would pick.
         return noise.clamp_min_(torch.finfo(torch.float32).tiny)
 
 
-def _results(
-    tokens: torch.Tensor, raw_logprobs: torch.Tensor | None, params: Sequence[SamplingParams]
-) -> list[SampleResult]:
-    """Pack everything into one float64 tensor so the device->host copy happens once."""
-    if raw_logprobs is None:
-        return [SampleResult(t, None, None) for t in tokens.tolist()]
-    k = max(p.logprobs or 0 for p in params)
-    chosen = raw_logprobs.gather(1, tokens[:, None])
-    top_v, top_i = raw_logprobs.topk(k, dim=-1)
-    rows = torch.cat([tokens[:, None].double(), chosen.double(), top_i.double(), top_v.double()], dim=1).tolist()
-    results = []
-    for p, row in zip(params, rows, strict=True):
-        if p.logprobs is None:
-            results.append(SampleResult(int(row[0]), None, None))
-            continue
-        top = [(int(t), v) for t, v in zip(row[2 : 2 + p.logprobs], row[2 + k : 2 + k + p.logprobs], strict=True)]
-        results.append(SampleResult(int(row[0]), row[1], top))
-    return results
+class DeviceSamples:
+    """Sampled tokens (and logprobs) of one batch, on their way to the host.
+
+    Everything the host will read is packed into one tensor whose copy to (pinned) host memory is queued at
+    construction, with an event after it; `results()` waits for that event only. A blocking `.tolist()` would
+    wait for the whole stream instead, including a step launched after this one.
+    """
+
+    def __init__(self, tokens: torch.Tensor | None, params: Sequence[SamplingParams],
+                 raw_logprobs: torch.Tensor | None = None) -> None:
+        self.tokens = tokens  # [N] int64 on the device: the next step's input ids when it is launched ahead
+        self.params = list(params)
+        self.k = max((p.logprobs or 0 for p in params), default=0) if raw_logprobs is not None else 0
+        self._host: torch.Tensor | None = None
+        self._ready: torch.cuda.Event | None = None
+        if tokens is None:
+            return
+        packed = tokens
+        if raw_logprobs is not None:
+            chosen = raw_logprobs.gather(1, tokens[:, None])
+            top_v, top_i = raw_logprobs.topk(self.k, dim=-1)
+            packed = torch.cat([tokens[:, None].double(), chosen.double(), top_i.double(), top_v.double()], dim=1)
+        if packed.is_cuda:
+            self._host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            self._host.copy_(packed, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host = packed
+
+    def results(self) -> list[SampleResult]:
+        """Wait for this batch's copy (not for later work on the stream) and unpack it."""
+        if self._host is None:
+            return []
+        if self._ready is not None:
+            self._ready.synchronize()
+        if self._host.dim() == 1:
+            return [SampleResult(t, None, None) for t in self._host.tolist()]
+        k, results = self.k, []
+        for p, row in zip(self.params, self._host.tolist(), strict=True):
+            if p.logprobs is None:
+                results.append(SampleResult(int(row[0]), None, None))
+                continue
+            top = [(int(t), v) for t, v in zip(row[2 : 2 + p.logprobs], row[2 + k : 2 + k + p.logprobs], strict=True)]
+            results.append(SampleResult(int(row[0]), row[1], top))
+        return results

@@ -31,7 +31,8 @@ def runner() -> ModelRunner:
 
 
 @torch.inference_mode()
-def run_both(runner: ModelRunner, seqs: list[BatchSeq], q: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def run_both(runner: ModelRunner, seqs: list[BatchSeq], q: int, ids_on_device: bool = False
+             ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     kv = KVCacheManager(48, BS)
     kv.allocate("other", 9)  # rows and blocks not at zero
     for s in seqs:
@@ -46,7 +47,11 @@ def run_both(runner: ModelRunner, seqs: list[BatchSeq], q: int) -> tuple[torch.T
     graphs = CUDAGraphRunner(runner.model, runner.kv_cache, runner.attn, max_batch=8, max_model_len=64, block_size=BS)
     graphs.capture(verify_q=3)
     assert graphs.query_len([len(s.token_ids) for s in seqs], [s.num_logits for s in seqs]) == q
-    padded = graphs.run(seqs, kv, q)
+    if ids_on_device:  # the host sees placeholders; the real ids arrive as a device tensor (engine/lookahead.py)
+        ids = torch.tensor([s.token_ids[0] for s in seqs], device=runner.device)
+        padded = graphs.run([BatchSeq(s.request_id, s.start, [0], 1) for s in seqs], kv, q, ids)
+    else:
+        padded = graphs.run(seqs, kv, q)
     # KV the eager batch did not write must be untouched; what it wrote must match (up to the kernels' order of
     # summation: the padded layout may run the decode kernel where the eager batch ran the prefill kernel).
     untouched = eager_cache == start_cache
@@ -61,6 +66,13 @@ def test_decode_batch_padded_to_bucket(runner: ModelRunner) -> None:
     assert padded.shape == eager.shape == (3, TINY.vocab_size)
     torch.testing.assert_close(padded, eager, rtol=1e-4, atol=1e-4)
     assert same_kv, "padding rows wrote KV"
+
+
+def test_decode_ids_from_the_device(runner: ModelRunner) -> None:
+    seqs = [BatchSeq("a", 5, [11], 1), BatchSeq("b", 13, [12], 1), BatchSeq("c", 2, [13], 1)]
+    eager, padded, same_kv = run_both(runner, seqs, q=1, ids_on_device=True)
+    assert same_kv
+    torch.testing.assert_close(padded, eager, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("per_token_rows", [64, 0], ids=["per-token", "per-sequence"])

@@ -186,6 +186,8 @@ class LlamaForCausalLM(nn.Module):
                 return name.replace(part, fused), start, rows
         return None
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Float32 logits [T, vocab]; written into `out` when given (a buffer shared by all CUDA graphs)."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        logits = F.linear(hidden, weight)
+        return logits.float() if out is None else out.copy_(logits)

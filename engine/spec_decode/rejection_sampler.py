@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import torch
 
 from engine.request import Request
-from engine.sampler import Sampler, SampleResult, _results, process_logits
+from engine.sampler import DeviceSamples, Sampler, SampleResult, process_logits
 from engine.spec_decode.sampling import VERIFY_SALT, RowView, race, seeded_generator
 
 
@@ -115,7 +115,7 @@ def _test_sampled_drafts(
     def result(g: int, token: int) -> SampleResult:
         if raw is None:
             return SampleResult(token, None, None)
-        return _results(torch.tensor([token], device=device), raw[g : g + 1], [row_views[g].params])[0]
+        return DeviceSamples(torch.tensor([token], device=device), [row_views[g].params], raw[g : g + 1]).results()[0]
 
     decided: dict[int, tuple[list[SampleResult], bool]] = {}
     g = 0

@@ -1,0 +1,121 @@
+"""Overlapped steps (engine/lookahead.py): queueing a guess of the next decode step before reading this one's
+tokens changes nothing the engine outputs, whatever the schedule does meanwhile, and leaks no block."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from engine.config import CacheConfig, ConfigError, EngineConfig, SchedulerConfig
+from engine.engine import LLMEngine
+from engine.request import SamplingParams
+
+SCENARIOS = {
+    "room for all": dict(cache=CacheConfig(num_blocks=128), scheduler=SchedulerConfig()),
+    # requests join as others finish; prompts are prefilled in chunks beside decoding requests
+    "joins and chunks": dict(cache=CacheConfig(num_blocks=128),
+                             scheduler=SchedulerConfig(max_num_seqs=3, max_num_batched_tokens=24)),
+    "preemption": dict(cache=CacheConfig(num_blocks=9), scheduler=SchedulerConfig()),
+    "prefix caching": dict(cache=CacheConfig(num_blocks=128, enable_prefix_caching=True), scheduler=SchedulerConfig()),
+}
+
+
+def workload() -> dict[str, tuple[list[int], SamplingParams]]:
+    shared = list(range(40, 76))  # a 36-token prefix for the prefix-cache scenario
+    return {
+        "greedy": ([3, 4, 5, 6], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)),
+        "short": ([7, 8], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)),
+        "seeded": ([9, 10, 11], SamplingParams(max_tokens=18, temperature=0.9, top_p=0.9, seed=7, ignore_eos=True)),
+        "logprobs": ([12, 13, 14, 15, 16], SamplingParams(max_tokens=12, temperature=0, logprobs=3, ignore_eos=True)),
+        "stops": (shared + [1], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, stop_token_ids=(5, 9))),
+        "shared": (shared + [2], SamplingParams(max_tokens=15, temperature=0, ignore_eos=True)),
+        "one": ([20, 21, 22], SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)),
+    }
+
+
+def run(engine: LLMEngine, reqs: dict[str, tuple[list[int], SamplingParams]]) -> dict[str, tuple]:
+    free0 = engine.kv.num_free_blocks
+    for rid, (prompt, params) in reqs.items():
+        engine.add_request(rid, prompt, params)
+    tokens: dict[str, list[int]] = {rid: [] for rid in reqs}
+    logprobs: dict[str, list[float]] = {rid: [] for rid in reqs}
+    reasons: dict[str, str | None] = {}
+    while engine.has_unfinished():
+        for so in engine.step():
+            tokens[so.request_id].extend(so.new_token_ids)
+            logprobs[so.request_id].extend(lp for lp, _ in so.new_logprobs)
+            if so.finished:
+                reasons[so.request_id] = so.finish_reason
+    assert engine.kv.num_free_blocks == free0, "blocks leaked"
+    return {rid: (tokens[rid], logprobs[rid], reasons[rid]) for rid in reqs}
+
+
+def make(tiny_llama_dir: str, overlap: bool, **kw) -> LLMEngine:  # noqa: ANN003 - EngineConfig fields
+    return LLMEngine(EngineConfig(model=tiny_llama_dir, overlap_steps=overlap, **kw))
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_overlap_changes_no_output(tiny_llama_dir: str, name: str) -> None:
+    plain = run(make(tiny_llama_dir, False, **SCENARIOS[name]), workload())
+    eng = make(tiny_llama_dir, True, **SCENARIOS[name])
+    overlapped = run(eng, workload())
+    for rid, (tokens, lps, reason) in plain.items():
+        o_tokens, o_lps, o_reason = overlapped[rid]
+        assert o_tokens == tokens and o_reason == reason, rid
+        assert all(math.isclose(a, b, abs_tol=1e-4) for a, b in zip(lps, o_lps, strict=True)), rid
+    st = eng.stats
+    assert st.lookahead_taken > 0 and st.lookahead_steps >= st.lookahead_taken
+    if name == "preemption":
+        assert st.preemptions > 0
+    if name == "joins and chunks":
+        assert st.lookahead_steps > st.lookahead_taken, "a join should have dropped a guess"
+    assert eng.lookahead is None or not eng.has_unfinished()
+
+
+def test_guess_survives_a_stop_token(tiny_llama_dir: str) -> None:
+    """A request that stops on a token sits in the queued guess; the rest of the guess is still taken."""
+    probe = run(make(tiny_llama_dir, False), {"p": ([3, 4, 5], SamplingParams(max_tokens=12, temperature=0,
+                                                                               ignore_eos=True))})["p"][0]
+    stop = probe[4]
+    reqs = {"stopper": ([3, 4, 5], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
+                                                  stop_token_ids=(stop,))),
+            "runner": ([6, 7, 8], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))}
+    plain = run(make(tiny_llama_dir, False), reqs)
+    eng = make(tiny_llama_dir, True)
+    assert run(eng, reqs) == plain
+    assert plain["stopper"][0] == probe[: probe.index(stop) + 1] and plain["stopper"][2] == "stop"
+    # every decode step after the first was taken from a guess, the stop included
+    assert eng.stats.lookahead_steps - eng.stats.lookahead_taken <= 1
+
+
+def test_abort_while_a_guess_is_queued(tiny_llama_dir: str) -> None:
+    eng = make(tiny_llama_dir, True)
+    free0 = eng.kv.num_free_blocks
+    p = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    eng.add_request("a", [3, 4, 5], p)
+    eng.add_request("b", [6, 7, 8], p)
+    for _ in range(4):
+        eng.step()
+    assert eng.lookahead is not None
+    assert eng.abort("a")
+    rest = []
+    while eng.has_unfinished():
+        rest += [t for so in eng.step() for t in so.new_token_ids]
+    assert eng.kv.num_free_blocks == free0
+    alone = run(make(tiny_llama_dir, False), {"b": ([6, 7, 8], p)})["b"][0]
+    assert rest == alone[len(alone) - len(rest):]
+
+
+def test_no_guess_with_penalties(tiny_llama_dir: str) -> None:
+    eng = make(tiny_llama_dir, True)
+    reqs = {"pen": ([3, 4, 5], SamplingParams(max_tokens=10, temperature=0, repetition_penalty=1.3, ignore_eos=True)),
+            "g": ([6, 7], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))}
+    assert run(eng, reqs) == run(make(tiny_llama_dir, False), reqs)
+    assert eng.stats.lookahead_steps == 0
+
+
+def test_overlap_config() -> None:
+    with pytest.raises(ConfigError, match="overlap_steps"):
+        EngineConfig(overlap_steps="yes")  # type: ignore[arg-type]
+    assert EngineConfig.from_dict({"overlap_steps": None}).overlap_steps is None
