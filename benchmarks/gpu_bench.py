@@ -8,7 +8,9 @@
 - decode:   Llama-3-8B shape, dummy bf16 weights, batch x context grid: ms/step and tok/s against the HBM floor
             (weight bytes + KV bytes read) / copy bandwidth;
 - prefill:  one prompt of 512..8192 tokens: achieved TFLOP/s against the matmul rate;
-- offline:  batch 64, prompt 512, output 256: engine output tok/s against HF transformers `generate`.
+- offline:  batch 64, prompt 512, output 256: engine output tok/s against HF transformers `generate`;
+- profile:  the kernels of one batch-1 decode graph replay (context 512) with their device time, and the
+            replay's wall time: what the time above the HBM floor is spent on.
 """
 
 from __future__ import annotations
@@ -121,6 +123,33 @@ def decode(eng, batches: list[int], ctxs: list[int], copy_tb_s: float) -> list[d
     return rows
 
 
+def profile(eng, B: int = 1, ctx: int = 512, reps: int = 10) -> dict:  # noqa: ANN001
+    """Device time per kernel name in one decode graph replay, against the replay's wall time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    for i in range(B):
+        eng.kv.allocate(f"prof{i}", ctx)
+        eng.add_request(f"prof{i}", [1] * ctx, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True),
+                        output_token_ids=[2], num_computed_tokens=ctx)
+    for _ in range(3):
+        eng.step()
+    torch.cuda.synchronize()
+    g = eng.runner.graphs.graphs[(next(s for s in eng.runner.graphs.sizes if s >= B), 1)]
+    wall = bench_ms(g.replay)
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            g.replay()
+        torch.cuda.synchronize()
+    kernels = sorted(((e.key, e.device_time_total / reps / 1e3, e.count / reps) for e in prof.key_averages()
+                      if e.device_time_total > 0), key=lambda k: -k[1])
+    for i in range(B):
+        eng.abort(f"prof{i}")
+    busy = sum(k[1] for k in kernels)
+    return {"batch": B, "ctx": ctx, "replay_ms": round(wall, 3), "kernel_ms": round(busy, 3),
+            "kernels": [{"name": n[:90], "ms": round(ms, 4), "calls": c} for n, ms, c in kernels[:20]]}
+
+
 def prefill(eng, lengths: list[int], matmul_tflop_s: float) -> list[dict]:  # noqa: ANN001
     cfg, rows = LLAMA3_8B, []
     for T in lengths:
@@ -150,8 +179,10 @@ def offline(batch: int = 64, prompt: int = 512, out: int = 256) -> dict:
     llm = LLM("llama3-8b-dummy", load_format="dummy", dummy_model=LLAMA3_8B, dtype="bfloat16", device="cuda",
               kv_cache_memory=24 * 2**30, max_num_seqs=batch, max_num_batched_tokens=8192)
     params = SamplingParams(max_tokens=out, temperature=0, ignore_eos=True)
-    # Warm-up with the timed batch's shapes, so Triton compiles every kernel specialization before the clock runs.
-    llm.generate([p.tolist() for p in prompts], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+    # Warm-up with the timed batch's shapes, so Triton compiles every kernel specialization before the clock runs;
+    # other tokens, so the prefix cache holds none of the timed prompts (HF gets no such help either).
+    warm = torch.randint(1000, 100000, (batch, prompt), generator=g)
+    llm.generate([p.tolist() for p in warm], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
     torch.cuda.synchronize()
     steps = _time_steps(llm.engine)
     t0 = time.perf_counter()
@@ -218,28 +249,30 @@ def parity(path: str) -> dict:
     params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
     res = {}
     for dtype in ("float32", "bfloat16"):
-        ref = LLM(path, device="cuda", dtype=dtype, attention_backend="torch", enforce_eager=True).generate(prompts, params)
+        ref = LLM(path, device="cuda", dtype=dtype, attention_backend="torch", enforce_eager=True,
+                  overlap_steps=False).generate(prompts, params)
         fast_llm = LLM(path, device="cuda", dtype=dtype, attention_backend="triton")
         fast = fast_llm.generate(prompts, params)
         same = sum(a.token_ids == b.token_ids for a, b in zip(ref, fast, strict=True))
         first_diff = [next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids, strict=True)) if x != y), None)
                       for a, b in zip(ref, fast, strict=True)]
         res[dtype] = {"identical": f"{same}/{len(prompts)}", "first_divergence": first_diff,
-                      "graphs": fast_llm.engine.runner.graphs is not None, "sample": fast[0].text[:60]}
+                      "graphs": fast_llm.engine.runner.graphs is not None, "sample": fast[0].text[:60],
+                      "overlapped_steps": fast_llm.engine.stats.lookahead_taken}
         print("parity", dtype, res[dtype], flush=True)
     return res
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", default="all", help="comma list of ceilings,parity,decode,prefill,offline (default all)")
+    ap.add_argument("--parts", default="all", help="comma list of ceilings,parity,decode,prefill,offline,profile (default all)")
     ap.add_argument("--smollm2", default="", help="path of the SmolLM2 GGUF for the parity part")
     ap.add_argument("--batches", default="1,8,32,64,128,256", help="decode batch sizes")
     ap.add_argument("--contexts", default="512,2048", help="decode context lengths")
     ap.add_argument("--prefill-lengths", default="512,1024,2048,4096,8192", help="prefill prompt lengths")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"), help="folder for gpu_bench.json")
     a = ap.parse_args(argv)
-    parts = {"ceilings", "parity", "decode", "prefill", "offline"} if a.parts == "all" else set(a.parts.split(","))
+    parts = {"ceilings", "parity", "decode", "prefill", "offline", "profile"} if a.parts == "all" else set(a.parts.split(","))
     res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     res["ceilings"] = ceilings()
     print("ceilings", res["ceilings"], flush=True)
@@ -247,11 +280,14 @@ def main(argv: list[str] | None = None) -> None:
         from engine.loader import smollm2_gguf_path
 
         res["parity"] = parity(a.smollm2 or smollm2_gguf_path())
-    if parts & {"decode", "prefill"}:
+    if parts & {"decode", "prefill", "profile"}:
         eng = dummy_engine(max_batched=8192, max_seqs=256, budget_gib=40)
         if "decode" in parts:
             res["decode"] = decode(eng, [int(x) for x in a.batches.split(",")], [int(x) for x in a.contexts.split(",")],
                                    res["ceilings"]["copy_tb_s"])
+        if "profile" in parts:
+            res["profile"] = profile(eng)
+            print("profile", json.dumps(res["profile"], indent=1), flush=True)
         if "prefill" in parts:
             res["prefill"] = prefill(eng, [int(x) for x in a.prefill_lengths.split(",")],
                                      res["ceilings"]["matmul_tflop_s"])
