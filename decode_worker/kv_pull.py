@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import grpc
 
 from engine.request import Request, SamplingParams
-from kvtransfer import KVLayout, KVTransferAgent, TransferStatus
+from kvtransfer import KVLayout, KVTransferAgent, TransferHandle, TransferStatus
 from proto import disagg_pb2, disagg_pb2_grpc
 from worker.async_engine import AsyncEngine
 from worker.config import TransferConfig
@@ -37,7 +37,6 @@ from worker.servicer import TransferCounters, layout_from_proto
 log = logging.getLogger(__name__)
 
 LEASE_MARGIN_S = 1.0  # a pull must end this long before the prefill worker may free the blocks
-POLL_S = 0.0002  # between polls of a pending read: the added latency is at most this; the loop yields to the server
 
 
 class TransferSetupError(RuntimeError):
@@ -117,8 +116,9 @@ class KVPuller:
                 ok = True  # every block was cached here: nothing to read
             else:
                 handle = self.agent.start_read(h.agent_name, remote, dst, tag=rid)
-                while (st := self.agent.poll(handle)) is TransferStatus.PENDING and time.monotonic() < deadline:
-                    await asyncio.sleep(POLL_S)
+                # On a worker thread, so the loop keeps serving. If this task is cancelled meanwhile, `finally`
+                # releases the handle at once; the abandoned thread's wait then ends soon after release() does.
+                st = await asyncio.to_thread(self._wait_until, handle, deadline)
                 ok = st is TransferStatus.DONE
                 if not ok:
                     log.warning("%s: KV pull %s after %.2fs", rid,
@@ -138,6 +138,11 @@ class KVPuller:
                 self.aengine.call_soon(lambda: self.aengine.engine.kv.free(rid))
             self._release_remote(h, rid)
         return ok
+
+    def _wait_until(self, handle: TransferHandle, deadline: float) -> TransferStatus:
+        # The time left is taken when the thread starts, not when the wait was queued: a busy default executor
+        # must not push the wait past the pull's deadline (and so past the lease).
+        return self.agent.wait(handle, deadline - time.monotonic())
 
     def _release_remote(self, h: disagg_pb2.KVHandle, rid: str) -> None:
         """Tell the prefill worker it may free the blocks now (fire and forget; its lease is the backstop)."""

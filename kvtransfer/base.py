@@ -19,8 +19,10 @@ Ownership rules (every backend guarantees them; callers rely on them):
   with the peer freeing its blocks copies garbage but never corrupts memory that is not part of a pool.
 - A tag is reported by the peer's `notifications()` only for a read that completed in full.
 
-Threading: all methods may be called from any thread. `poll()` never raises for transfer errors: a broken
-connection, a refused read or a backend error all end as `TransferStatus.FAILED` (see `handle.error`).
+Threading: all methods may be called from any thread. `poll()` and `wait()` never raise for transfer errors: a
+broken connection, a refused read or a backend error all end as `TransferStatus.FAILED` (see `handle.error`).
+`wait()` blocks only its own thread; it may run while other threads poll, wait on or release the same handle,
+and it returns soon after another thread's `release()` of that handle returns.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import json
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -39,6 +42,7 @@ import torch
 from kvtransfer.faults import FaultInjector
 
 DEFAULT_RELEASE_TIMEOUT_S = 5.0
+WAIT_POLL_S = 0.0002  # period of the default _wait(): the latency it adds to a read is at most about this
 
 
 class LayoutMismatchError(ValueError):
@@ -120,8 +124,8 @@ class TransferHandle:
 
 
 def check_block_ids(ids: list[int], num_blocks: int, side: str) -> None:
-    if all(type(b) is int for b in ids) and (not ids or min(ids) >= 0 and max(ids) < num_blocks):
-        return  # the common case, without building a list
+    if not ids or set(map(type, ids)) == {int} and min(ids) >= 0 and max(ids) < num_blocks:
+        return  # the common case, without building a list (map(type) runs in C: this is per read, per block)
     bad = [b for b in ids if not isinstance(b, int) or isinstance(b, bool) or not 0 <= b < num_blocks]
     if bad:
         raise ValueError(f"{side} block ids out of range [0, {num_blocks}): {bad[:8]}")
@@ -212,6 +216,25 @@ class KVTransferAgent(ABC):
     def _poll(self, handle: TransferHandle) -> TransferStatus:
         """DONE only once every byte is in the local blocks."""
 
+    def _wait(self, handle: TransferHandle, timeout_s: float) -> None:
+        """Block until `_poll(handle)` would not say PENDING, the handle is released, or `timeout_s` passes.
+
+        Called only for a started read that was PENDING and unreleased when wait() looked; another thread may
+        release it meanwhile. Default: poll every WAIT_POLL_S. An override may return early, or late by a
+        bounded overrun it documents; wait() takes the status from poll() either way, so `_poll` must keep
+        saying DONE or FAILED once it has."""
+        self._poll_until(handle, time.monotonic() + timeout_s, lambda: self._poll(handle))
+
+    @staticmethod
+    def _poll_until(handle: TransferHandle, deadline: float, probe: Callable[[], TransferStatus]) -> None:
+        # `released` is checked on every round: a wait must end soon after another thread's release(), or a
+        # cancelled waiter's thread would stay parked on a dead handle until its whole timeout passed.
+        while not handle.released and probe() is TransferStatus.PENDING:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(WAIT_POLL_S, left))
+
     @abstractmethod
     def _release(self, handle: TransferHandle, deadline: float) -> None:
         """Stop the read and free its resources; on return nothing writes into its local blocks any more.
@@ -261,6 +284,21 @@ class KVTransferAgent(ABC):
         if status is not TransferStatus.PENDING:
             self._finish(handle, status, handle.error)
         return handle.status
+
+    def wait(self, handle: TransferHandle, timeout_s: float) -> TransferStatus:
+        """Block until the read is no longer PENDING or `timeout_s` (<= 0: not at all) has passed; return what
+        poll() then returns (PENDING on a timeout). Never raises for transfer errors, and a read that ends here
+        is counted once, however many threads wait on or poll it."""
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        if handle.status is TransferStatus.PENDING and not handle.released:
+            try:
+                if handle.fault is not None:  # nothing was started: only release() ends a faked read
+                    self._poll_until(handle, deadline, lambda: self.faults.status(handle))
+                else:
+                    self._wait(handle, max(0.0, deadline - time.monotonic()))
+            except Exception as e:  # noqa: BLE001 - see module docstring: errors surface as FAILED
+                self._finish(handle, TransferStatus.FAILED, f"wait failed: {e!r}")
+        return self.poll(handle)
 
     def _finish(self, handle: TransferHandle, status: TransferStatus, error: str | None) -> None:
         with self._lock:

@@ -1,9 +1,11 @@
 """Same-host GPU peers: map the peer's KV pool into this process with CUDA IPC, copy blocks device-to-device.
 
 The prefill worker exports an IPC handle of its (single-allocation) KV cache; the decode worker opens it once
-and a READ is a few `copy_` calls on a side stream, one per run of consecutive blocks, at device-copy speed.
-Completion is an event on that stream. A GPU copy cannot be cancelled, so `release()` waits for the event:
-bounded by the copy itself, which takes microseconds to milliseconds.
+and a READ is a few `copy_` calls on a side stream, one per run of consecutive blocks, at device-copy speed
+(or one gather-scatter kernel for scattered ids). Completion is an event on that stream: `wait()` blocks on it
+rather than polling it, and since a GPU copy cannot be cancelled, `release()` waits for it too. Either wait is
+bounded by the copy itself (microseconds to milliseconds) plus whatever work the caller's stream had queued
+when the read started, which the side stream waits for.
 
 There is no reverse channel: `notifications()` is always empty and the reader's completion reaches the
 prefill worker as the ReleaseKV RPC (its lease is the backstop), exactly as for a failed read.
@@ -49,6 +51,20 @@ def block_runs(src: np.ndarray, dst: np.ndarray) -> list[tuple[int, int, int]]:
     starts = run_starts(src, dst)
     lengths = np.diff(np.concatenate([starts, [len(src)]]))
     return list(zip(src[starts].tolist(), dst[starts].tolist(), lengths.tolist(), strict=True))
+
+
+def event_done_within(done: torch.cuda.Event, timeout_s: float) -> bool:
+    """Whether the work before `done` has completed, blocking for it only if `timeout_s` > 0.
+
+    The block is not cut off at the timeout (CUDA has no timed event wait, and the copy cannot be cancelled
+    anyway): it can overrun by the rest of the copy and of the work it queued behind, milliseconds, never an
+    unbounded time since nothing in it waits on a peer or the network. synchronize() releases the GIL."""
+    if done.query():
+        return True
+    if timeout_s <= 0:
+        return False
+    done.synchronize()
+    return True
 
 
 @register_backend("cuda_ipc")
@@ -105,8 +121,13 @@ class CudaIpcAgent(KVTransferAgent):
                 for s, d, n in block_runs(ids[0], ids[1]):
                     self.kv_cache[d : d + n].copy_(src[s : s + n], non_blocking=True)
             else:  # scattered: one gather-scatter launch
-                dev_ids = torch.from_numpy(ids).pin_memory().to(dev, non_blocking=True)
+                # From pageable memory on purpose: the driver stages these few bytes before the call returns (seen
+                # on an H100 even with 0.2 s of work queued ahead on the stream), so `ids` may die at once, and
+                # nothing page-locked is allocated (or cached and fenced) per read.
+                dev_ids = torch.from_numpy(ids).to(dev, non_blocking=True)
                 copy_blocks(src, self.kv_cache, dev_ids[0], dev_ids[1])
+            # Not blocking-sync: its synchronize() woke ~0.1 ms after the copy on an H100, no better than the old
+            # poll loop. The default spins (GIL released) for the rest of the copy, one core per waiting read.
             done = torch.cuda.Event()
             done.record(self._stream)
         handle.state = done
@@ -114,13 +135,14 @@ class CudaIpcAgent(KVTransferAgent):
     def _poll(self, handle: TransferHandle) -> TransferStatus:
         return TransferStatus.DONE if handle.state.query() else TransferStatus.PENDING
 
+    def _wait(self, handle: TransferHandle, timeout_s: float) -> None:
+        if handle.state is not None:
+            event_done_within(handle.state, timeout_s)
+
     def _release(self, handle: TransferHandle, deadline: float) -> None:
-        if handle.state is None:
-            return
-        while not handle.state.query():  # a queued GPU copy cannot be recalled; wait for it to land
-            if time.monotonic() > deadline:
-                raise TransferError(f"GPU copy of read {handle.tag!r} still running at the release deadline")
-            time.sleep(0.0002)
+        # A queued GPU copy cannot be recalled: the blocks are free only once it has landed.
+        if handle.state is not None and not event_done_within(handle.state, deadline - time.monotonic()):
+            raise TransferError(f"GPU copy of read {handle.tag!r} still running at the release deadline")
 
     def _close(self) -> None:
         self._remotes.clear()

@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pytest
@@ -25,6 +26,7 @@ from kvtransfer import (
     KVTransferAgent,
     LayoutMismatchError,
     LocalFabric,
+    TransferError,
     TransferStatus,
     available_backends,
     create_agent,
@@ -178,6 +180,69 @@ def test_fault_hang_stays_pending_and_release_meets_its_deadline(fresh: Pair) ->
     assert pending.released
 
 
+def test_wait_returns_done_once_the_data_arrived(fresh: Pair) -> None:
+    rng = random.Random(13)
+    remote, local = rng.sample(range(40), 10), rng.sample(range(NUM_BLOCKS), 10)
+    handle = fresh.agent.start_read("prefill", remote, local, tag="w-1")
+    try:
+        assert fresh.agent.wait(handle, 20.0) is DONE, handle.error
+        # Checked before release(): DONE alone must mean every byte is in place.
+        assert same_bytes(fresh.agent.kv_cache[local], fresh.expected[remote])
+    finally:
+        fresh.agent.release(handle)
+    assert fresh.agent.wait(handle, 5.0) is DONE  # a released, finished read keeps its status
+    assert fresh.peer.call("notifications", 1, 10.0) == ["w-1"]
+
+
+def test_wait_and_poll_count_a_read_once(fresh: Pair) -> None:
+    before = fresh.agent.bytes_moved
+    handle = fresh.agent.start_read("prefill", list(range(16)), list(range(16, 32)), tag="w-once")
+    with ThreadPoolExecutor(4) as pool:  # every waiter and poller races to record the same completion
+        waits = [pool.submit(fresh.agent.wait, handle, 20.0) for _ in range(3)]
+        polled = wait_done(fresh.agent, [handle])
+        statuses = [w.result() for w in waits]
+    statuses += [fresh.agent.wait(handle, 1.0), fresh.agent.poll(handle)]
+    fresh.agent.release(handle)
+    assert polled == [DONE] and statuses == [DONE] * 5
+    assert fresh.agent.bytes_moved - before == 16 * fresh.agent.layout.block_bytes
+    assert fresh.peer.call("notifications", 1, 10.0) == ["w-once"]
+
+
+def test_wait_on_a_hung_read_times_out_pending_and_ends_at_release(fresh: Pair) -> None:
+    agent = side_agent(fresh, "decode-wait-hang", fault="hang", release_timeout_s=1.0)
+    try:
+        handle = agent.start_read("prefill", [1, 2], [5, 6], tag="wh-1")
+        t0 = time.monotonic()
+        assert agent.wait(handle, 0.05) is PENDING
+        assert 0.05 <= time.monotonic() - t0 < 1.0
+        assert agent.poll(handle) is PENDING and agent.wait(handle, 0.0) is PENDING
+        with ThreadPoolExecutor(1) as pool:
+            waiter = pool.submit(agent.wait, handle, 30.0)
+            time.sleep(0.1)
+            t0 = time.monotonic()
+            agent.release(handle)  # as an aborted pull does while its wait runs on another thread
+            assert waiter.result(timeout=5.0) is FAILED
+        assert time.monotonic() - t0 < 1.0
+        assert agent.bytes_moved == 0 and not agent.kv_cache.any()
+    finally:
+        agent.close()
+
+
+def test_wait_on_a_failing_read_returns_failed_at_once(fresh: Pair) -> None:
+    agent = side_agent(fresh, "decode-wait-fail", fault="fail")
+    try:
+        handle = agent.start_read("prefill", [1, 2], [5, 6], tag="wf-1")
+        t0 = time.monotonic()
+        assert agent.wait(handle, 30.0) is FAILED and "fail" in (handle.error or "")
+        assert time.monotonic() - t0 < 1.0
+        assert agent.poll(handle) is FAILED
+        agent.release(handle)
+        assert agent.bytes_moved == 0
+    finally:
+        agent.close()
+    assert fresh.peer.call("notifications", 1, 0.3) == []
+
+
 def test_block_ids_are_validated(fresh: Pair) -> None:
     agent = fresh.agent
     with pytest.raises(ValueError, match="local block ids out of range"):
@@ -294,6 +359,31 @@ def test_tcp_release_stops_an_inflight_write() -> None:
         agent.close()
 
 
+def test_tcp_wait_times_out_on_a_stalled_read_and_ends_at_release() -> None:
+    """The backend's own wait (not a faked read): a read stuck mid-block times out PENDING, like poll."""
+    agent = create_agent("tcp", "wait-reader", make_cache(None), release_timeout_s=2.0)
+    listener = socket.create_server(("127.0.0.1", 0))
+    go_on = threading.Event()
+    server = threading.Thread(target=_stalling_server, args=(listener, agent.layout, go_on), daemon=True)
+    server.start()
+    try:
+        agent.add_remote("staller", f"127.0.0.1:{listener.getsockname()[1]}".encode())
+        handle = agent.start_read("staller", [0, 1], [2, 3], tag="ws-1")
+        t0 = time.monotonic()
+        assert agent.wait(handle, 0.1) is PENDING
+        assert time.monotonic() - t0 >= 0.1 and agent.poll(handle) is PENDING
+        with ThreadPoolExecutor(1) as pool:
+            waiter = pool.submit(agent.wait, handle, 30.0)
+            time.sleep(0.1)
+            agent.release(handle)
+            assert waiter.result(timeout=5.0) is FAILED
+        assert agent.bytes_moved == 0
+    finally:
+        go_on.set()
+        listener.close()
+        agent.close()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_cuda_caches_move_byte_exact(backend: str) -> None:
@@ -318,6 +408,88 @@ def test_cuda_caches_move_byte_exact(backend: str) -> None:
     finally:
         reader.close()
         peer.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", [*BACKENDS, "cuda_ipc"])
+def test_cuda_wait_returns_done_once_the_data_arrived(backend: str) -> None:
+    fabric = LocalFabric() if backend == "local" else None
+    reader = make_agent(backend, f"cuda-wait-decode-{backend}", make_cache(None, device="cuda"), fabric=fabric)
+    peer = (InProcessPeer(backend, f"cuda-wait-prefill-{backend}", PEER_SEED, fabric, device="cuda") if fabric
+            else ProcessPeer(backend, f"cuda-wait-prefill-{backend}", PEER_SEED, device="cuda"))
+    try:
+        reader.add_remote("prefill", peer.call("metadata"))
+        expected, before = make_cache(PEER_SEED), reader.bytes_moved
+        # cuda_ipc: scattered ids take the gather-scatter kernel (ids copied to the device), runs the memcpys.
+        for tag, remote, local in [("cw-scattered", [5, 0, 33, 12, 7, 20], [40, 2, 19, 3, 30, 1]),
+                                   ("cw-runs", [10, 11, 12, 13], [20, 21, 22, 23])]:
+            handle = reader.start_read("prefill", remote, local, tag=tag)
+            try:
+                assert reader.wait(handle, 20.0) is DONE, handle.error
+                assert same_bytes(reader.kv_cache[local].cpu(), expected[remote])
+                assert reader.poll(handle) is DONE and reader.wait(handle, 1.0) is DONE
+            finally:
+                reader.release(handle)
+        assert reader.bytes_moved - before == 10 * reader.layout.block_bytes
+    finally:
+        reader.close()
+        peer.close()
+
+
+@contextlib.contextmanager
+def cuda_ipc_reader(name: str) -> Iterator[KVTransferAgent]:
+    """A cuda_ipc reader of a peer (in a child process, as CUDA IPC needs) whose cache is make_cache(PEER_SEED)."""
+    reader = make_agent("cuda_ipc", name, make_cache(None, device="cuda"))
+    try:
+        peer = ProcessPeer("cuda_ipc", f"{name}-owner", PEER_SEED, device="cuda")
+    except BaseException:
+        reader.close()
+        raise
+    try:
+        reader.add_remote("prefill", peer.call("metadata"))
+        yield reader
+    finally:
+        reader.close()
+        peer.close()
+
+
+def queue_gpu_work() -> None:
+    """About 0.1 s of work on this thread's current stream: a read started now waits for it on the GPU."""
+    torch.cuda._sleep(200_000_000)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_ipc_wait_on_a_queued_copy() -> None:
+    remote, local = [3, 9, 1, 27, 4, 15], [0, 8, 16, 24, 32, 40]
+    with cuda_ipc_reader("ipc-wait-queued") as reader:
+        queue_gpu_work()
+        handle = reader.start_read("prefill", remote, local, tag="q-1")
+        t0 = time.monotonic()
+        assert reader.wait(handle, 0.0) is PENDING and reader.poll(handle) is PENDING
+        assert time.monotonic() - t0 < 0.05  # a spent timeout never blocks on the event
+        assert reader.wait(handle, 20.0) is DONE, handle.error
+        assert same_bytes(reader.kv_cache[local].cpu(), make_cache(PEER_SEED)[remote])
+        reader.release(handle)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_ipc_release_waits_for_the_copy_within_its_deadline() -> None:
+    remote, local = [3, 9, 1, 27, 4, 15], [0, 8, 16, 24, 32, 40]
+    with cuda_ipc_reader("ipc-release-queued") as reader:
+        queue_gpu_work()
+        handle = reader.start_read("prefill", remote, local, tag="r-1")
+        reader.release(handle)  # returns only once the copy has landed
+        assert same_bytes(reader.kv_cache[local].cpu(), make_cache(PEER_SEED)[remote])
+        reader.kv_cache.zero_()
+        reader.release_timeout_s = 0.0  # no time to wait: release() must refuse, the blocks stay owned
+        queue_gpu_work()
+        handle = reader.start_read("prefill", remote, local, tag="r-2")
+        with pytest.raises(TransferError, match="still running"):
+            reader.release(handle)
+        assert not handle.released
+        assert reader.wait(handle, 20.0) is DONE
+        reader.release(handle)
+        assert handle.released and reader.bytes_moved == 6 * reader.layout.block_bytes
 
 
 def test_registry_errors() -> None:
