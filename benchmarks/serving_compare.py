@@ -37,6 +37,7 @@ def cluster_yaml(a: argparse.Namespace, prefill_replicas: int) -> dict:
     tokenizer, kv_gib = a.tokenizer, a.kv_gib
     return {"model": tokenizer,
             "engine": {"load_format": "dummy", "dummy_model": LLAMA3_8B_SHAPE, "dtype": "bfloat16", "device": "cuda",
+                       "overlap_steps": {"auto": None, "on": True, "off": False}[a.overlap],
                        "cache": {"memory_budget_bytes": int(kv_gib * 2**30)},
                        "scheduler": {"max_num_seqs": 128, "max_num_batched_tokens": 8192}},
             "transfer": transfer, "router": {"health_interval_s": 0.5}, "pools": pools}
@@ -69,6 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--nixl-progress", default="auto", choices=["auto", "thread", "poll"],
                     help="NIXL progress: its own spinning thread, a Python thread polling every 1 ms, or auto "
                          "(thread for GPU KV, poll for CPU KV)")
+    ap.add_argument("--overlap", default="auto", choices=["auto", "on", "off"],
+                    help="engine.overlap_steps of the GPU workers: queue each decode step before reading the last "
+                         "one's tokens (auto: on for CUDA)")
     ap.add_argument("--backend", default="cuda_ipc", help="KV transfer backend for the disaggregated run")
     ap.add_argument("--kv-gib", type=float, default=10.0, help="KV cache per worker, GiB")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"), help="output folder")
