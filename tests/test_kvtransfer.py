@@ -330,14 +330,25 @@ def _stalling_server(listener: socket.socket, layout: KVLayout, go_on: threading
             conn.sendall(b"\x22" * (layout.block_bytes * 2))
 
 
-def test_tcp_release_stops_an_inflight_write() -> None:
-    agent = create_agent("tcp", "cancel-reader", make_cache(None), release_timeout_s=2.0)
+@contextlib.contextmanager
+def stalled_tcp_reader(name: str) -> Iterator[tuple[KVTransferAgent, threading.Event, threading.Thread]]:
+    """A tcp agent whose remote "staller" sends half a block, then waits for the event before the rest."""
+    agent = create_agent("tcp", name, make_cache(None), release_timeout_s=2.0)
     listener = socket.create_server(("127.0.0.1", 0))
     go_on = threading.Event()
     server = threading.Thread(target=_stalling_server, args=(listener, agent.layout, go_on), daemon=True)
     server.start()
     try:
         agent.add_remote("staller", f"127.0.0.1:{listener.getsockname()[1]}".encode())
+        yield agent, go_on, server
+    finally:
+        go_on.set()
+        listener.close()
+        agent.close()
+
+
+def test_tcp_release_stops_an_inflight_write() -> None:
+    with stalled_tcp_reader("cancel-reader") as (agent, go_on, server):
         handle = agent.start_read("staller", [0, 1], [2, 3], tag="c-1")
         flat = agent.kv_cache[2].view(-1).view(torch.uint8)
         deadline = time.monotonic() + 5.0
@@ -353,21 +364,11 @@ def test_tcp_release_stops_an_inflight_write() -> None:
         time.sleep(0.1)
         assert same_bytes(agent.kv_cache, snapshot)  # nothing landed after release()
         assert not agent.kv_cache[3].any() and agent.poll(handle) is FAILED
-    finally:
-        go_on.set()
-        listener.close()
-        agent.close()
 
 
 def test_tcp_wait_times_out_on_a_stalled_read_and_ends_at_release() -> None:
     """The backend's own wait (not a faked read): a read stuck mid-block times out PENDING, like poll."""
-    agent = create_agent("tcp", "wait-reader", make_cache(None), release_timeout_s=2.0)
-    listener = socket.create_server(("127.0.0.1", 0))
-    go_on = threading.Event()
-    server = threading.Thread(target=_stalling_server, args=(listener, agent.layout, go_on), daemon=True)
-    server.start()
-    try:
-        agent.add_remote("staller", f"127.0.0.1:{listener.getsockname()[1]}".encode())
+    with stalled_tcp_reader("wait-reader") as (agent, _, _):
         handle = agent.start_read("staller", [0, 1], [2, 3], tag="ws-1")
         t0 = time.monotonic()
         assert agent.wait(handle, 0.1) is PENDING
@@ -378,10 +379,6 @@ def test_tcp_wait_times_out_on_a_stalled_read_and_ends_at_release() -> None:
             agent.release(handle)
             assert waiter.result(timeout=5.0) is FAILED
         assert agent.bytes_moved == 0
-    finally:
-        go_on.set()
-        listener.close()
-        agent.close()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
