@@ -153,7 +153,7 @@ class CUDAGraphRunner:
     def run(self, seqs: Sequence[BatchSeq], kv: KVCacheManager, q: int, input_ids: torch.Tensor | None = None
             ) -> torch.Tensor:
         """Replay the (bucket, q) graph for these sequences; returns logits at every real token, in order.
-        `input_ids` (decode only: one per sequence, on the device) replaces the staged token ids."""
+        `input_ids` (decode only, on the device) replaces the staged token ids of the first sequences."""
         B = len(seqs)
         bs = next(s for s in self.sizes if s >= B)
         tables = kv.table_array.gather([s.request_id for s in seqs])
@@ -164,8 +164,8 @@ class CUDAGraphRunner:
         self.buf64.copy_(self.host64, non_blocking=True)
         self.buf32[:used].copy_(self.host32[:used], non_blocking=True)
         if input_ids is not None:
-            assert q == 1 and input_ids.shape == (B,), "device input ids are one token per decoding sequence"
-            self.buf64[:B].copy_(input_ids)
+            assert q == 1 and input_ids.shape[0] <= B, "device input ids: one token each of the first sequences"
+            self.buf64[: input_ids.shape[0]].copy_(input_ids)
         if self.copied is not None:
             self.copied.record()
         if (bs, q) in self.graphs:

@@ -47,6 +47,7 @@ class EngineStats:
     spec_accepted_tokens: int = 0  # of which it accepted
     lookahead_steps: int = 0  # steps queued before the previous step's tokens were read (engine/lookahead.py)
     lookahead_taken: int = 0  # of which the next schedule took (the rest were dropped: wasted device time)
+    lookahead_postponed: int = 0  # joining requests left to the next guess instead of dropping the queued step
 
     @property
     def acceptance_rate(self) -> float:
@@ -156,11 +157,12 @@ class LLMEngine:
         if self.proposer is not None:
             draft_probs = self.proposer.propose(out, self.kv)
             self.scheduler.apply_proposals(out)
+        launched = self._launch(out, draft_probs)
         for s in out.scheduled:
             r, start = s.request, s.request.num_computed_tokens
             if start < len(r.prompt_token_ids):
                 self.stats.prompt_tokens_computed += min(start + s.num_new_tokens, len(r.prompt_token_ids)) - start
-        samples = self._launch(out, draft_probs).wait()
+        samples = launched.wait()
         self.scheduler.update(out, samples)
         self.stats.steps += 1
         self._count_spec(out)
@@ -184,14 +186,20 @@ class LLMEngine:
 
     def _launch(self, out: SchedulerOutput, draft_probs: dict[str, torch.Tensor] | None) -> LaunchedStep:
         """Queue this step (or take the one queued ahead for it), then, with overlap on, queue a guess of the
-        next one before anything waits for this one's tokens."""
-        launched = self.lookahead.take(out) if self.lookahead is not None else None
-        self.stats.lookahead_taken += launched is not None
-        if launched is None:
+        next one before anything waits for this one's tokens. Rows postponed into that guess leave `out`."""
+        taken = self.lookahead.take(out) if self.lookahead is not None else None
+        joining: list[Request] = []
+        if taken is not None:
+            launched, postpone = taken
+            joining = [out.scheduled[j].request for j in postpone]
+            out.scheduled = [s for j, s in enumerate(out.scheduled) if j not in set(postpone)]
+            self.stats.lookahead_taken += 1
+            self.stats.lookahead_postponed += len(joining)
+        else:
             launched = self.runner.launch(out, self.kv, draft_probs)
         self.lookahead = None
         if self.overlap:
-            self.lookahead = launch_lookahead(self.runner, self.kv, self.scheduler, out, launched)
+            self.lookahead = launch_lookahead(self.runner, self.kv, self.scheduler, out, launched, joining)
             self.stats.lookahead_steps += self.lookahead is not None
         return launched
 

@@ -15,7 +15,11 @@ Who is in the guess: every request of step N that samples, unless step N can end
 the context limit). No guess when step N has a prompt chunk that does not sample, when requests verify
 drafts, when a request uses penalties (they count tokens the host has not seen) or when a waiting request
 could be admitted (the next schedule would differ). A request that stops on a stop token is in the guess
-and simply missing from the next schedule: the rest of the guess is still taken.
+and simply missing from the next schedule: the rest of the guess is still taken. A request that joins with
+one token to decode (a decode worker's pulled request) does not make the guess wasted either: the queued step
+is taken for the guessed rows, the joining request is left out of this step and computed in the next guess
+(its token is on the host), one step later than without overlap. A joining request is in the next guess or
+there is no next guess, so it is postponed once at most.
 
 Blocks. The guess writes the KV of each of its requests at one position past the computed ones, in a block
 allocated before launch (the block the scheduler would allocate next). When such a request finishes, is
@@ -47,18 +51,25 @@ class Lookahead:
     starts: list[int]  # the position each row computes: the request's token count when the guess was made
     done: torch.cuda.Event | None  # recorded after the step's kernels (None off CUDA: already done)
 
-    def take(self, out: SchedulerOutput) -> LaunchedStep | None:
-        """The queued work as `out`'s step, if `out` schedules nothing but guessed rows exactly as guessed."""
+    def take(self, out: SchedulerOutput) -> tuple[LaunchedStep, list[int]] | None:
+        """The queued work as `out`'s step if every guessed row `out` schedules is exactly as guessed, with the
+        indices of `out.scheduled` to postpone: requests joining with one known token to decode (a pulled
+        request), which the next guess computes instead of this step being launched anew. None: launch `out`."""
         row_of = {id(r): i for i, r in enumerate(self.requests)}
-        rows = []
-        for s in out.scheduled:
+        rows, joining = [], []
+        for j, s in enumerate(out.scheduled):
             i = row_of.get(id(s.request))
-            if i is None or s.num_new_tokens != 1 or s.num_spec_tokens or not s.samples:
+            if s.num_spec_tokens or not s.samples or s.num_new_tokens != 1:
                 return None
-            if s.request.num_computed_tokens != self.starts[i]:
+            if i is None:
+                if has_penalty(s.request.params):
+                    return None
+                joining.append(j)
+            elif s.request.num_computed_tokens != self.starts[i]:
                 return None  # preempted and rescheduled, or otherwise not where the guess computed
-            rows.append(i)
-        return self.step.select(rows)
+            else:
+                rows.append(i)
+        return (self.step.select(rows), joining) if rows else None
 
     def holds_ended_request(self) -> bool:
         """Whether a guessed request is no longer running: its blocks may be free while the guess writes them."""
@@ -87,9 +98,10 @@ def guess_rows(out: SchedulerOutput, scheduler: Scheduler) -> list[int]:
 
 
 def launch_lookahead(runner: ModelRunner, kv: KVCacheManager, scheduler: Scheduler, out: SchedulerOutput,
-                     launched: LaunchedStep) -> Lookahead | None:
+                     launched: LaunchedStep, joining: list[Request]) -> Lookahead | None:
     """Queue the guessed next step after `launched` (the step of `out`), or None when there is no guess or a
-    guessed request's next KV slot has no block."""
+    guessed request's next KV slot has no block. `joining` (postponed from this step, their next token known on
+    the host) go into the guess after the guessed rows, at the position they would have computed now."""
     rows = guess_rows(out, scheduler)
     if not rows or launched.samples is None:
         return None
@@ -97,9 +109,10 @@ def launch_lookahead(runner: ModelRunner, kv: KVCacheManager, scheduler: Schedul
     for r in requests:  # the slot of position num_tokens, as the next schedule would allocate it
         if not kv.allocate(r.request_id, r.num_tokens + 1):
             return None
-    step = runner.launch_decode(requests, launched.input_ids_for(rows), kv)
+    step = runner.launch_decode(requests, launched.input_ids_for(rows), kv, joining)
     done = None
     if runner.device.type == "cuda":
         done = torch.cuda.Event()
         done.record()
-    return Lookahead(step, requests, [r.num_tokens for r in requests], done)
+    starts = [r.num_tokens for r in requests] + [r.num_computed_tokens for r in joining]
+    return Lookahead(step, requests + joining, starts, done)

@@ -13,7 +13,7 @@ into the accepted drafts plus one token of the target's.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -178,26 +178,33 @@ class ModelRunner:
         return LaunchedStep(rows, self.sampler.sample_async(logits, requests))
 
     @torch.inference_mode()
-    def launch_decode(self, requests: list[Request], input_ids: torch.Tensor, kv: KVCacheManager) -> LaunchedStep:
+    def launch_decode(self, requests: list[Request], input_ids: torch.Tensor, kv: KVCacheManager,
+                      known: Sequence[Request] = ()) -> LaunchedStep:
         """Queue a decode step for requests whose newest token is not appended yet: `input_ids[i]` (on the
-        device, just sampled) is the token of requests[i] at position `requests[i].num_tokens`."""
+        device, just sampled) is the token of requests[i] at position `requests[i].num_tokens`. Rows for the
+        `known` requests follow, each computing its last known token (at `num_computed_tokens`)."""
         assert input_ids.shape == (len(requests),), "one input token per request"
+        assert all(r.num_tokens - r.num_computed_tokens == 1 for r in known), "known rows decode their last token"
         seqs = [BatchSeq(r.request_id, r.num_tokens, [0], 1) for r in requests]
+        seqs += [BatchSeq(r.request_id, r.num_computed_tokens, _token_slice(r, r.num_computed_tokens, r.num_tokens), 1)
+                 for r in known]
         logits = self._logits(seqs, kv, input_ids)
         assert logits is not None
-        return LaunchedStep(list(range(len(requests))), self.sampler.sample_async(logits, requests, ahead=1))
+        rows, ahead = list(range(len(seqs))), [1] * len(requests) + [0] * len(known)
+        return LaunchedStep(rows, self.sampler.sample_async(logits, [*requests, *known], ahead=ahead))
 
     def _logits(self, seqs: list[BatchSeq], kv: KVCacheManager, input_ids: torch.Tensor | None = None
                 ) -> torch.Tensor | None:
         """Forward the batch (a CUDA graph where one fits); logits where sequences want them, None if nowhere.
-        `input_ids`, when given, replaces the host token ids (one per sequence) on the device."""
+        `input_ids`, when given, replaces the host token ids of the first len(input_ids) sequences (one token
+        each) on the device."""
         if self.graphs is not None:
             q = self.graphs.query_len([len(s.token_ids) for s in seqs], [s.num_logits for s in seqs])
             if q is not None:  # decode, or decode + drafts: every row samples
                 return self.graphs.run(seqs, kv, q, input_ids)
         ids, positions, meta, logits_idx = build_batch(seqs, kv, self.device)
         if input_ids is not None:
-            ids.copy_(input_ids)
+            ids[: input_ids.shape[0]].copy_(input_ids)
         hidden = self.model(ids, positions, self.kv_cache, meta, self.attn)
         if not len(logits_idx):
             return None

@@ -138,14 +138,17 @@ class Sampler:
         """Row i of `logits` ([N, V], any float dtype and device) gives the next token of requests[i]."""
         return self.sample_async(logits, requests).results()
 
-    def sample_async(self, logits: torch.Tensor, requests: Sequence[Request], ahead: int = 0) -> DeviceSamples:
+    def sample_async(self, logits: torch.Tensor, requests: Sequence[Request], ahead: int | Sequence[int] = 0
+                     ) -> DeviceSamples:
         """Queue the sampling kernels and the copy of their results to the host; nothing waits for the device.
-        `ahead` is how many sampled tokens of every request are not in its output yet (1 for a step launched
-        before the previous one's tokens were read): a seeded row draws the noise of its true output index."""
+        `ahead` (per row, or one for all) is how many sampled tokens of a request are not in its output yet (1
+        for a step launched before the previous one's tokens were read): a seeded row draws the noise of its
+        true output index."""
         if logits.dim() != 2 or logits.shape[0] != len(requests):
             raise ValueError(f"logits of shape {tuple(logits.shape)} do not match {len(requests)} requests")
         params = [r.params for r in requests]
-        assert not (ahead and any(has_penalty(p) for p in params)), "penalties need every earlier token"
+        ahead = [ahead] * len(requests) if isinstance(ahead, int) else list(ahead)
+        assert not any(a and has_penalty(p) for a, p in zip(ahead, params, strict=True)), "penalties need all tokens"
         if not requests:
             return DeviceSamples(None, params)
         if all(p.greedy and p.logprobs is None and not has_penalty(p) for p in params):
@@ -158,7 +161,7 @@ class Sampler:
         if rand:
             idx = row_tensor(rand, logits.device, torch.long)
             probs = processed[idx].softmax(dim=-1)
-            noise = self._noise([requests[i] for i in rand], logits.shape[1], logits.device, ahead)
+            noise = self._noise([requests[i] for i in rand], logits.shape[1], logits.device, [ahead[i] for i in rand])
             tokens[idx] = (probs / noise).argmax(dim=-1)
         return DeviceSamples(tokens, params, raw_logprobs)
 
@@ -167,9 +170,11 @@ class Sampler:
             self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[device]
 
-    def _noise(self, requests: Sequence[Request], vocab: int, device: torch.device, ahead: int = 0) -> torch.Tensor:
+    def _noise(self, requests: Sequence[Request], vocab: int, device: torch.device,
+               ahead: Sequence[int] | None = None) -> torch.Tensor:
         """[len(requests), vocab] Exp(1) noise; a seeded row's comes from its own fresh generator."""
         noise = torch.empty(len(requests), vocab, dtype=torch.float32, device=device)
+        offset = ahead or [0] * len(requests)
         unseeded = [i for i, r in enumerate(requests) if r.params.seed is None]
         if unseeded:
             draw = torch.empty(len(unseeded), vocab, dtype=torch.float32, device=device)
@@ -177,7 +182,7 @@ class Sampler:
             noise.index_copy_(0, row_tensor(unseeded, device, torch.long), draw)
         for i, r in enumerate(requests):
             if r.params.seed is not None:
-                gen = torch.Generator(device=device).manual_seed(mix_seed(r.params.seed, len(r.output_token_ids) + ahead))
+                gen = torch.Generator(device=device).manual_seed(mix_seed(r.params.seed, len(r.output_token_ids) + offset[i]))
                 noise[i].exponential_(generator=gen)
         # A zero draw would turn a dropped token's 0/0 into NaN, which argmax would pick.
         return noise.clamp_min_(torch.finfo(torch.float32).tiny)

@@ -31,7 +31,7 @@ def runner() -> ModelRunner:
 
 
 @torch.inference_mode()
-def run_both(runner: ModelRunner, seqs: list[BatchSeq], q: int, ids_on_device: bool = False
+def run_both(runner: ModelRunner, seqs: list[BatchSeq], q: int, ids_on_device: int = 0
              ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     kv = KVCacheManager(48, BS)
     kv.allocate("other", 9)  # rows and blocks not at zero
@@ -47,9 +47,10 @@ def run_both(runner: ModelRunner, seqs: list[BatchSeq], q: int, ids_on_device: b
     graphs = CUDAGraphRunner(runner.model, runner.kv_cache, runner.attn, max_batch=8, max_model_len=64, block_size=BS)
     graphs.capture(verify_q=3)
     assert graphs.query_len([len(s.token_ids) for s in seqs], [s.num_logits for s in seqs]) == q
-    if ids_on_device:  # the host sees placeholders; the real ids arrive as a device tensor (engine/lookahead.py)
-        ids = torch.tensor([s.token_ids[0] for s in seqs], device=runner.device)
-        padded = graphs.run([BatchSeq(s.request_id, s.start, [0], 1) for s in seqs], kv, q, ids)
+    if ids_on_device:  # the host sees placeholders for the first sequences; their ids arrive as a device tensor
+        ids = torch.tensor([s.token_ids[0] for s in seqs[:ids_on_device]], device=runner.device)
+        host = [BatchSeq(s.request_id, s.start, [0], 1) for s in seqs[:ids_on_device]] + seqs[ids_on_device:]
+        padded = graphs.run(host, kv, q, ids)
     else:
         padded = graphs.run(seqs, kv, q)
     # KV the eager batch did not write must be untouched; what it wrote must match (up to the kernels' order of
@@ -68,9 +69,11 @@ def test_decode_batch_padded_to_bucket(runner: ModelRunner) -> None:
     assert same_kv, "padding rows wrote KV"
 
 
-def test_decode_ids_from_the_device(runner: ModelRunner) -> None:
+@pytest.mark.parametrize("on_device", [3, 2])
+def test_decode_ids_from_the_device(runner: ModelRunner, on_device: int) -> None:
+    """A guessed step: the first rows' ids come from the device, the rest (joining requests) from the host."""
     seqs = [BatchSeq("a", 5, [11], 1), BatchSeq("b", 13, [12], 1), BatchSeq("c", 2, [13], 1)]
-    eager, padded, same_kv = run_both(runner, seqs, q=1, ids_on_device=True)
+    eager, padded, same_kv = run_both(runner, seqs, q=1, ids_on_device=on_device)
     assert same_kv
     torch.testing.assert_close(padded, eager, rtol=1e-4, atol=1e-4)
 

@@ -119,3 +119,41 @@ def test_overlap_config() -> None:
     with pytest.raises(ConfigError, match="overlap_steps"):
         EngineConfig(overlap_steps="yes")  # type: ignore[arg-type]
     assert EngineConfig.from_dict({"overlap_steps": None}).overlap_steps is None
+
+
+def joins(eng: LLMEngine) -> dict[str, list[int]]:
+    """Two decoding requests; a prompt prefilled keeping its blocks re-joins as a pulled request would (KV in
+    place, first token known); a one-token prompt joins too. Every join has one token to compute."""
+    free0 = eng.kv.num_free_blocks
+    p = SamplingParams(max_tokens=14, temperature=0, ignore_eos=True)
+    out: dict[str, list[int]] = {"a": [], "b": [], "pulled": [], "tiny": []}
+    eng.add_request("a", [3, 4, 5], p)
+    eng.add_request("b", [6, 7, 8, 9], SamplingParams(max_tokens=14, temperature=0.8, seed=3, ignore_eos=True))
+    prompt = list(range(30, 50))
+    eng.add_request("pulled", prompt, SamplingParams(max_tokens=1, temperature=0), keep_blocks_on_finish=True)
+
+    def collect(results: list) -> None:  # noqa: ANN001 - StepOutput list
+        for so in results:
+            out[so.request_id].extend(so.new_token_ids)
+
+    for _ in range(3):
+        collect(eng.step())
+    first = out["pulled"]
+    eng.add_request("pulled", prompt, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True),
+                    output_token_ids=list(first), num_computed_tokens=len(prompt))
+    collect(eng.step())
+    eng.add_request("tiny", [11], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+    while eng.has_unfinished():
+        collect(eng.step())
+    assert eng.kv.num_free_blocks == free0, "blocks leaked"
+    return out
+
+
+def test_joining_requests_wait_one_step_in_the_next_guess(tiny_llama_dir: str) -> None:
+    """A request joining with one known token does not waste the queued step: it is postponed into the next
+    guess, and every output is still the synchronous engine's."""
+    plain = joins(make(tiny_llama_dir, False))
+    eng = make(tiny_llama_dir, True)
+    assert joins(eng) == plain
+    assert eng.stats.lookahead_postponed == 2
+    assert len(plain["pulled"]) == 8 and len(plain["tiny"]) == 5
