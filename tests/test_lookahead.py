@@ -157,3 +157,33 @@ def test_joining_requests_wait_one_step_in_the_next_guess(tiny_llama_dir: str) -
     assert joins(eng) == plain
     assert eng.stats.lookahead_postponed == 2
     assert len(plain["pulled"]) == 8 and len(plain["tiny"]) == 5
+
+
+def test_fence_before_blocks_of_a_guessed_request_go_back(tiny_llama_dir: str, monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    """The block rule of engine/lookahead.py: when a request in the queued guess ends (stop token, abort), the
+    engine waits for the guess before handing control back; in steady decoding it never waits."""
+    from engine.lookahead import Lookahead
+
+    fences: list[list[str]] = []
+    monkeypatch.setattr(Lookahead, "fence", lambda self: fences.append([r.request_id for r in self.requests]))
+    eng = make(tiny_llama_dir, True)
+    probe = run(make(tiny_llama_dir, False), {"p": ([3, 4, 5], SamplingParams(max_tokens=12, temperature=0,
+                                                                               ignore_eos=True))})["p"][0]
+    p = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    eng.add_request("stopper", [3, 4, 5], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True,
+                                                         stop_token_ids=(probe[6],)))
+    eng.add_request("aborted", [6, 7, 8], p)
+    eng.add_request("long", [9, 10], p)
+    finished = []
+    while "stopper" not in finished:
+        finished += [so.request_id for so in eng.step() if so.finished]
+    assert fences and "stopper" in fences[-1], "a stop inside the guess must fence"
+    n = len(fences)
+    for _ in range(3):
+        eng.step()
+    assert len(fences) == n, "no fence while every guessed request keeps running"
+    assert eng.lookahead is not None and eng.abort("aborted")
+    assert len(fences) == n + 1 and "aborted" in fences[-1]
+    while eng.has_unfinished():
+        eng.step()
