@@ -43,6 +43,9 @@ LOAD_GAUGES = {
     "prefix_query_tokens": "Prompt tokens the worker looked up in its prefix cache since start",
     "prefix_hit_tokens": "Prompt tokens the worker found in its prefix cache since start",
     "pull_cached_blocks": "Prompt blocks a decode worker found in its own cache instead of pulling, since start",
+    "lookahead_steps": "Decode steps the worker queued before reading the previous step's tokens, since start",
+    "lookahead_taken": "Queued-ahead steps the next schedule used (the others were wasted passes), since start",
+    "lookahead_postponed": "Joining requests computed one step later in a queued-ahead step, since start",
 }
 OVERLAP_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99, 1.0)
 

@@ -125,7 +125,8 @@ class WorkerServicerBase(disagg_pb2_grpc.WorkerServicer):
             transfer_seconds=c.transfer_seconds, transfer_failures=c.transfer_failures, recomputes=c.recomputes,
             leases_expired=c.leases_expired, leased_requests=self.num_leased(),
             prefix_query_tokens=self.prefix_counts[0], prefix_hit_tokens=self.prefix_counts[1],
-            pull_cached_blocks=c.pull_cached_blocks,
+            pull_cached_blocks=c.pull_cached_blocks, lookahead_steps=st.lookahead_steps,
+            lookahead_taken=st.lookahead_taken, lookahead_postponed=st.lookahead_postponed,
         )
         self.kv_events.fill(rep, request)
         return rep
