@@ -13,8 +13,9 @@ usual. Outputs are therefore exactly the scheduler's; a wrong guess only wastes 
 
 Who is in the guess: every request of step N that samples, unless step N can end it by length (max_tokens,
 the context limit). No guess when step N has a prompt chunk that does not sample, when requests verify
-drafts, when a request uses penalties (they count tokens the host has not seen) or when a waiting request
-could be admitted (the next schedule would differ). A request that stops on a stop token is in the guess
+drafts, when a request uses penalties (they count tokens the host has not seen) or when the head of the
+waiting queue fits the free blocks and the batch limits now (the next schedule would admit it); a queue that
+cannot move keeps the guesses going. A request that stops on a stop token is in the guess
 and simply missing from the next schedule: the rest of the guess is still taken. A request that joins with
 one token to decode (a decode worker's pulled request) does not make the guess wasted either: the queued step
 is taken for the guessed rows, the joining request is left out of this step and computed in the next guess
@@ -84,7 +85,7 @@ class Lookahead:
 def guess_rows(out: SchedulerOutput, scheduler: Scheduler) -> list[int]:
     """Indices of `out.scheduled` that will decode one token next step whatever they sample now; [] for no
     guess (the next schedule cannot be predicted)."""
-    if scheduler.num_spec_tokens or (scheduler.waiting and len(scheduler.running) < scheduler.config.max_num_seqs):
+    if scheduler.num_spec_tokens or scheduler.may_admit():
         return []
     rows = []
     for i, s in enumerate(out.scheduled):

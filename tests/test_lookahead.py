@@ -187,3 +187,30 @@ def test_fence_before_blocks_of_a_guessed_request_go_back(tiny_llama_dir: str, m
     assert len(fences) == n + 1 and "aborted" in fences[-1]
     while eng.has_unfinished():
         eng.step()
+
+
+def test_guesses_go_on_while_the_queue_cannot_move(tiny_llama_dir: str) -> None:
+    """A waiting request that does not fit the free blocks does not stop the guesses; once blocks free up it
+    is admitted (the guess of that step dropped) and every output is the synchronous engine's."""
+    p = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    reqs = {"a": (list(range(3, 40)), p), "b": (list(range(40, 77)), p),
+            "late": (list(range(80, 180)), SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))}
+    kw = dict(cache=CacheConfig(num_blocks=11, enable_prefix_caching=False), scheduler=SchedulerConfig())
+
+    def go(eng: LLMEngine) -> tuple[dict, list[bool]]:
+        for rid, (prompt, params) in reqs.items():
+            eng.add_request(rid, prompt, params)
+        out: dict[str, list[int]] = {rid: [] for rid in reqs}
+        queued = []
+        while eng.has_unfinished():
+            for so in eng.step():
+                out[so.request_id].extend(so.new_token_ids)
+            queued.append(bool(eng.scheduler.waiting) and eng.lookahead is not None)
+        return out, queued
+
+    plain, _ = go(make(tiny_llama_dir, False, **kw))
+    eng = make(tiny_llama_dir, True, **kw)
+    overlapped, queued = go(eng)
+    assert overlapped == plain
+    assert sum(queued) >= 5, "guesses should continue while 'late' waits for blocks"
+    assert eng.kv.num_free_blocks == 11
