@@ -272,7 +272,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prefill-lengths", default="512,1024,2048,4096,8192", help="prefill prompt lengths")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"), help="folder for gpu_bench.json")
     a = ap.parse_args(argv)
-    parts = {"ceilings", "parity", "decode", "prefill", "offline", "profile"} if a.parts == "all" else set(a.parts.split(","))
+    known = {"ceilings", "parity", "decode", "prefill", "offline", "profile"}
+    parts = known if a.parts == "all" else set(a.parts.split(","))
+    if parts - known:
+        ap.error(f"unknown part(s) {', '.join(sorted(parts - known))}; choose from {', '.join(sorted(known))}")
     res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     res["ceilings"] = ceilings()
     print("ceilings", res["ceilings"], flush=True)

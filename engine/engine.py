@@ -192,7 +192,9 @@ class LLMEngine:
         if taken is not None:
             launched, postpone = taken
             joining = [out.scheduled[j].request for j in postpone]
-            out.scheduled = [s for j, s in enumerate(out.scheduled) if j not in set(postpone)]
+            if postpone:
+                later = set(postpone)
+                out.scheduled = [s for j, s in enumerate(out.scheduled) if j not in later]
             self.stats.lookahead_taken += 1
             self.stats.lookahead_postponed += len(joining)
         else:

@@ -381,14 +381,24 @@ def test_tcp_wait_times_out_on_a_stalled_read_and_ends_at_release() -> None:
         assert agent.bytes_moved == 0
 
 
+@contextlib.contextmanager
+def cuda_pair(backend: str, name: str) -> Iterator[tuple[KVTransferAgent, InProcessPeer | ProcessPeer]]:
+    """A reader with a CUDA cache and a peer ("<name>-prefill-<backend>") whose cache is make_cache(PEER_SEED)."""
+    fabric = LocalFabric() if backend == "local" else None
+    reader = make_agent(backend, f"{name}-decode-{backend}", make_cache(None, device="cuda"), fabric=fabric)
+    peer = (InProcessPeer(backend, f"{name}-prefill-{backend}", PEER_SEED, fabric, device="cuda") if fabric
+            else ProcessPeer(backend, f"{name}-prefill-{backend}", PEER_SEED, device="cuda"))
+    try:
+        yield reader, peer
+    finally:
+        reader.close()
+        peer.close()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_cuda_caches_move_byte_exact(backend: str) -> None:
-    fabric = LocalFabric() if backend == "local" else None
-    reader = make_agent(backend, f"cuda-decode-{backend}", make_cache(None, device="cuda"), fabric=fabric)
-    peer = (InProcessPeer(backend, f"cuda-prefill-{backend}", PEER_SEED, fabric, device="cuda") if fabric
-            else ProcessPeer(backend, f"cuda-prefill-{backend}", PEER_SEED, device="cuda"))
-    try:
+    with cuda_pair(backend, "cuda") as (reader, peer):
         reader.add_remote("prefill", peer.call("metadata"))
         peer.call("add_remote", "decode", reader.metadata())
         remote, local = [5, 0, 33, 12, 7], [40, 2, 19, 3, 30]
@@ -402,19 +412,12 @@ def test_cuda_caches_move_byte_exact(backend: str) -> None:
         assert (status, error) == ("DONE", None)
         assert same_bytes(landed, make_cache(99)[[1, 2, 3]])
         assert wait_notifications(reader, 1, 10.0) == ["cuda-back"]
-    finally:
-        reader.close()
-        peer.close()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("backend", [*BACKENDS, "cuda_ipc"])
 def test_cuda_wait_returns_done_once_the_data_arrived(backend: str) -> None:
-    fabric = LocalFabric() if backend == "local" else None
-    reader = make_agent(backend, f"cuda-wait-decode-{backend}", make_cache(None, device="cuda"), fabric=fabric)
-    peer = (InProcessPeer(backend, f"cuda-wait-prefill-{backend}", PEER_SEED, fabric, device="cuda") if fabric
-            else ProcessPeer(backend, f"cuda-wait-prefill-{backend}", PEER_SEED, device="cuda"))
-    try:
+    with cuda_pair(backend, "cuda-wait") as (reader, peer):
         reader.add_remote("prefill", peer.call("metadata"))
         expected, before = make_cache(PEER_SEED), reader.bytes_moved
         # cuda_ipc: scattered ids take the gather-scatter kernel (ids copied to the device), runs the memcpys.
@@ -428,9 +431,6 @@ def test_cuda_wait_returns_done_once_the_data_arrived(backend: str) -> None:
             finally:
                 reader.release(handle)
         assert reader.bytes_moved - before == 10 * reader.layout.block_bytes
-    finally:
-        reader.close()
-        peer.close()
 
 
 @contextlib.contextmanager
