@@ -193,22 +193,33 @@ def run_prefill(totals: list[int], dtype: torch.dtype, iters: int, tol: float) -
 
 
 def run_write_kv(token_counts: list[int], dtype: torch.dtype, iters: int) -> None:
-    print(f"\n## write_kv  (KVH={KVH} D={D} block={BS} {dtype})")
-    print(f"{'tokens':>7} {'check':>14} {'ms':>9} {'GB/s':>8}")
+    from engine.kernels.kv_write import rotary_write_kv, rotary_write_kv_ref
+    from engine.kernels.rotary import apply_rotary
+
+    print(f"\n## write_kv, and rotary + write_kv fused  (H={H} KVH={KVH} D={D} block={BS} {dtype})")
+    print(f"{'tokens':>7} {'check':>14} {'ms':>9} {'GB/s':>8} {'fused check':>14} {'fused ms':>9} {'apart ms':>9}")
+    cos, sin = (f(torch.rand(8192, D, device=DEV) * 6) for f in (torch.cos, torch.sin))
     for T in token_counts:
         num_blocks = -(-T // BS) * 2 + 4
         big, cache = make_cache(num_blocks, dtype)
         big_ref = big.clone()
         slots = torch.randperm(num_blocks * BS, device=DEV)[:T]
         slots[::7] = -1
-        k = torch.randn(T, KVH, D, dtype=dtype, device=DEV)
-        v = torch.randn_like(k)
+        q, k, v = (torch.randn(T, n, D, dtype=dtype, device=DEV) for n in (H, KVH, KVH))
+        pos = torch.randint(0, 8192, (T,), device=DEV)
         write_kv(k, v, cache, slots)
         write_kv_ref(k, v, big_ref[:, 1], slots)
         status = check(f"write_kv T={T}", big, big_ref, 0.0)
         ms = bench(lambda: write_kv(k, v, cache, slots), iters)  # noqa: B023
+        q_ref = q.clone()
+        rotary_write_kv(pos, q, k, v, cos, sin, cache, slots)
+        rotary_write_kv_ref(pos, q_ref, k, v, cos, sin, big_ref[:, 1], slots)
+        fused = check(f"rotary_write_kv T={T}", torch.cat([q.flatten(), big.flatten()]),
+                      torch.cat([q_ref.flatten(), big_ref.flatten()]), 2e-2 if dtype != torch.float32 else 1e-5)
+        ms_fused = bench(lambda: rotary_write_kv(pos, q, k, v, cos, sin, cache, slots), iters)  # noqa: B023
+        ms_apart = bench(lambda: (apply_rotary(pos, q, k, cos, sin), write_kv(k, v, cache, slots)), iters)  # noqa: B023
         moved = 2 * 2 * T * KVH * D * k.element_size()  # read k, v; write them
-        print(f"{T:>7} {status:>14} {ms:>9.4f} {moved / ms / 1e6:>8.0f}")
+        print(f"{T:>7} {status:>14} {ms:>9.4f} {moved / ms / 1e6:>8.0f} {fused:>14} {ms_fused:>9.4f} {ms_apart:>9.4f}")
 
 
 def run_rmsnorm(rows: list[int], dtype: torch.dtype, iters: int, tol: float, hidden: int = 4096) -> None:

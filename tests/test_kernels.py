@@ -446,3 +446,49 @@ def test_copy_blocks_matches_twin() -> None:
     copy_blocks(src, dst, src_ids, dst_ids)
     copy_blocks_ref(src, want, src_ids, dst_ids)
     assert torch.equal(dst.nan_to_num(7.0), want.nan_to_num(7.0))
+
+
+@pytest.mark.parametrize("T, H, KVH, D, dtype, cache_dtype", [(5, 4, 2, 16, torch.float32, torch.float32),
+                                                              (9, 8, 2, 32, torch.bfloat16, torch.bfloat16),
+                                                              (3, 6, 3, 64, torch.float32, torch.float16)])
+def test_rotary_write_kv_matches_twin(T: int, H: int, KVH: int, D: int, dtype: torch.dtype,
+                                      cache_dtype: torch.dtype) -> None:
+    from engine.kernels.kv_write import rotary_write_kv, rotary_write_kv_ref
+    from engine.models.llama import RotaryEmbedding
+
+    seeded(T * H + D)
+    rope = RotaryEmbedding(D, 64, 10000.0, None)
+    qkv = torch.randn(T, (H + 2 * KVH) * D).to(dtype)  # strided views of one projection, as in the model
+    q, k, v = qkv.split([H * D, KVH * D, KVH * D], dim=-1)
+    q, k, v = q.view(T, H, D), k.view(T, KVH, D), v.view(T, KVH, D)
+    pos = torch.randint(0, 64, (T,))
+    slots = torch.randperm(8 * 4)[:T]
+    slots[1] = -1  # padding row: rotated query, nothing written
+    big, cache = layer_cache(8, 4, KVH, D, cache_dtype, fill="nan")
+    big_ref = big.clone()
+    q_ref, k_before = q.clone(), k.clone()
+    rotary_write_kv_ref(pos, q_ref, k.clone(), v, rope.cos, rope.sin, big_ref[:, 1], slots)
+    rotary_write_kv(pos, q, k, v, rope.cos, rope.sin, cache, slots)
+    tol = 1e-5 if dtype == cache_dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(q, q_ref, atol=tol, rtol=tol)
+    assert torch.equal(k, k_before), "the key tensor itself must be left unrotated"
+    torch.testing.assert_close(big.nan_to_num(7.0), big_ref.nan_to_num(7.0), atol=tol, rtol=tol)
+    assert big[:, 1].isnan().sum() == big_ref[:, 1].isnan().sum(), "wrote slots it should not have"
+
+
+@pytest.mark.parametrize("N, K, dtype, bias, config", [(64, 128, torch.float32, False, (8, 32, 4, 1)),
+                                                       (50, 100, torch.float32, True, (8, 32, 4, 1)),
+                                                       (96, 96, torch.bfloat16, False, (16, 32, 4, 2)),
+                                                       (33, 128, torch.float16, True, None)])
+def test_gemv_matches_twin(N: int, K: int, dtype: torch.dtype, bias: bool,
+                           config: tuple[int, int, int, int] | None) -> None:
+    from engine.kernels.gemv import gemv, gemv_ref
+
+    seeded(N + K)
+    x, w = torch.randn(1, K).to(dtype), (torch.randn(N, K) / K**0.5).to(dtype)
+    b = torch.randn(N).to(dtype) if bias else None
+    y = gemv(x, w, b, config=config)
+    assert y.shape == (1, N) and y.dtype == dtype
+    close(y, gemv_ref(x, w, b), dtype)
+    with pytest.raises(AssertionError, match="need x"):
+        gemv(torch.randn(2, K).to(dtype), w)

@@ -42,8 +42,19 @@ class AttentionMetadata:
         return self.max_query_len == 1
 
 
+@dataclass(frozen=True)
+class Rotary:
+    """Rotary position embedding for one forward pass: rotate q and k of token t by `positions[t]`."""
+
+    positions: torch.Tensor  # [T] int64
+    cos: torch.Tensor  # [max_positions, head_dim] float32, 'rotate half' layout
+    sin: torch.Tensor  # same shape
+
+
 class AttentionBackend(ABC):
-    """Writes the new K/V into the paged cache, then attends causally over each sequence's context."""
+    """Rotates the new queries and keys (when `rope` is given), writes the new K/V into the paged cache, then
+    attends causally over each sequence's context. Rotation belongs here so a backend may fuse it with the
+    KV write (one launch per layer instead of two)."""
 
     name: str = ""
 
@@ -56,6 +67,7 @@ class AttentionBackend(ABC):
         kv_cache: torch.Tensor,  # [num_blocks, 2, block_size, num_kv_heads, head_dim], one layer's view
         meta: AttentionMetadata,
         scale: float,
+        rope: Rotary | None = None,  # None: q and k arrive already rotated (or use no rotary embedding)
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
         ...
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from engine.attention.base import AttentionBackend, AttentionMetadata, register_backend
+from engine.attention.base import AttentionBackend, AttentionMetadata, Rotary, register_backend
+from engine.models import ops
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -80,6 +81,9 @@ class TorchAttention(AttentionBackend):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        rope: Rotary | None = None,
     ) -> torch.Tensor:
+        if rope is not None:
+            q, k = ops.rotary(rope.positions, q, k, rope.cos, rope.sin)
         write_kv(k, v, kv_cache, meta.slot_mapping)
         return paged_attention_ref(q, kv_cache, meta, scale)

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from engine.attention.base import AttentionBackend, AttentionMetadata, register_backend
+from engine.attention.base import AttentionBackend, AttentionMetadata, Rotary, register_backend
 from engine.kernels.decode_attention import paged_decode_attention
-from engine.kernels.kv_write import write_kv
+from engine.kernels.kv_write import rotary_write_kv, write_kv
 from engine.kernels.prefill_attention import paged_prefill_attention
 
 
@@ -32,8 +32,12 @@ class TritonAttention(AttentionBackend):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        rope: Rotary | None = None,
     ) -> torch.Tensor:
-        write_kv(k, v, kv_cache, meta.slot_mapping)
+        if rope is None:
+            write_kv(k, v, kv_cache, meta.slot_mapping)
+        else:
+            rotary_write_kv(rope.positions, q, k, v, rope.cos, rope.sin, kv_cache, meta.slot_mapping)
         if meta.decode_only and q.shape[0] == meta.seq_lens.shape[0]:
             return paged_decode_attention(q, kv_cache, meta.block_tables, meta.seq_lens, scale,
                                           self.decode_num_splits, max_seq_len=meta.max_seq_len)

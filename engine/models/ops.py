@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 try:
     from engine.kernels.activation import silu_and_mul as _silu_and_mul_kernel
+    from engine.kernels.gemv import gemv as _gemv_kernel
     from engine.kernels.rmsnorm import fused_add_rmsnorm as _add_rmsnorm_kernel
     from engine.kernels.rotary import apply_rotary as _rotary_kernel
 
@@ -32,6 +33,14 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     h32 = h.float()
     h32 = h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h32.to(h.dtype), h
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T + b. One row on CUDA (a batch-1 decode step) takes the GEMV kernel: one launch reading W at copy
+    speed, where cuBLAS splits some of these shapes over K and adds a reduction kernel."""
+    if _fast(x) and x.shape[0] == 1:
+        return _gemv_kernel(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor

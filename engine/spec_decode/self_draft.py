@@ -39,8 +39,8 @@ class SelfDraftProposer(ModelProposer):
     def _logits(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 logits_idx: torch.Tensor) -> torch.Tensor:
         m = self.model.model
-        x, residual = m.embed_tokens(input_ids), None
+        x, residual, rope = m.embed_tokens(input_ids), None, m.rotary_emb.at(positions)
         for i in range(self.num_layers):
-            x, residual = m.layers[i](x, positions, self.kv_cache[:, i], meta, self.attn, residual)
+            x, residual = m.layers[i](x, rope, self.kv_cache[:, i], meta, self.attn, residual)
         hidden = m.norm(x, residual)[0]
         return self.model.compute_logits(hidden[logits_idx])
