@@ -18,6 +18,10 @@ Ownership rules (every backend guarantees them; callers rely on them):
   own `notifications()` (the reader completed) or until its own lease on them expires. A read that races
   with the peer freeing its blocks copies garbage but never corrupts memory that is not part of a pool.
 - A tag is reported by the peer's `notifications()` only for a read that completed in full.
+- `start_read()` does not order the read after work the caller has queued on its own CUDA streams (a GPU
+  backend copies on a stream of its own, at once). So when `start_read()` is called, no queued kernel may still
+  read or write the local blocks. The engine guarantees it: it frees blocks only between steps, and its
+  lookahead fence waits for a queued guess that wrote a freed block's request before those blocks can be reused.
 
 Threading: all methods may be called from any thread. `poll()` and `wait()` never raise for transfer errors: a
 broken connection, a refused read or a backend error all end as `TransferStatus.FAILED` (see `handle.error`).
@@ -33,10 +37,11 @@ import json
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from kvtransfer.faults import FaultInjector
@@ -107,12 +112,15 @@ class KVLayout:
 
 @dataclass(eq=False)
 class TransferHandle:
-    """One READ of `remote_blocks` (peer's ids) into `local_blocks` (ours), in that order."""
+    """One READ of `remote_blocks` (peer's ids) into `local_blocks` (ours), pairwise in that order.
+
+    Both are read-only 1-D int64 numpy arrays of equal length, checked by start_read() (see block_id_array);
+    backends that need Python ints take `.tolist()`."""
 
     tag: str
     remote: str
-    remote_blocks: tuple[int, ...]
-    local_blocks: tuple[int, ...]
+    remote_blocks: np.ndarray
+    local_blocks: np.ndarray
     nbytes: int
     status: TransferStatus = TransferStatus.PENDING
     error: str | None = None
@@ -123,12 +131,27 @@ class TransferHandle:
     release_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
-def check_block_ids(ids: list[int], num_blocks: int, side: str) -> None:
-    if not ids or set(map(type, ids)) == {int} and min(ids) >= 0 and max(ids) < num_blocks:
-        return  # the common case, without building a list (map(type) runs in C: this is per read, per block)
-    bad = [b for b in ids if not isinstance(b, int) or isinstance(b, bool) or not 0 <= b < num_blocks]
-    if bad:
-        raise ValueError(f"{side} block ids out of range [0, {num_blocks}): {bad[:8]}")
+def block_id_array(ids: Sequence[int] | np.ndarray, num_blocks: int | None, side: str, *,
+                   unique: bool = False) -> np.ndarray:
+    """`ids` as a read-only 1-D int64 array, checked: integers in [0, num_blocks) ([0, 2**63) for None, a pool
+    size not known here), all distinct if `unique`; ValueError otherwise. Vectorised: it runs per read, per id."""
+    # Always a copy: the caller may reuse its own array while the read runs, and a backend may read the ids
+    # late (on its copy thread), so they must not change after start_read().
+    arr = np.array(ids)
+    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):  # kind "b" (bools) and floats refused too
+        raise ValueError(f"{side} block ids must be a flat sequence of integers, got {arr.dtype} of shape {arr.shape}")
+    top = num_blocks if num_blocks is not None else 2**63  # int64 ids: the cast below must not wrap
+    # Compared as Python ints: exact for uint64 ids past 2**63 too.
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= top):
+        bad = [b for b in arr.tolist() if not 0 <= b < top]
+        raise ValueError(f"{side} block ids out of range [0, {top}): {bad[:8]}")
+    arr = arr.astype(np.int64, copy=False)
+    if unique and arr.size > 1:
+        ordered = np.sort(arr)
+        if (ordered[1:] == ordered[:-1]).any():
+            raise ValueError(f"{side} block ids repeat: two writes would race on one block")
+    arr.flags.writeable = False
+    return arr
 
 
 class NotificationInbox:
@@ -244,22 +267,19 @@ class KVTransferAgent(ABC):
     def _close(self) -> None:
         """Free backend resources after every handle was released."""
 
-    def start_read(self, remote: str, remote_blocks: list[int], local_blocks: list[int],
-                   tag: str) -> TransferHandle:
-        """Start a non-blocking READ of `remote`'s blocks into ours (pairwise, in list order)."""
+    def start_read(self, remote: str, remote_blocks: Sequence[int] | np.ndarray,
+                   local_blocks: Sequence[int] | np.ndarray, tag: str) -> TransferHandle:
+        """Start a non-blocking READ of `remote`'s blocks into ours (pairwise, in order). The ids are copied: the
+        caller may reuse its sequences at once. See the ownership rules (module docstring) for the local blocks."""
         if self._closed:
             raise TransferError(f"agent {self.name!r} is closed")
-        remote_ids, local_ids = list(remote_blocks), list(local_blocks)
-        if len(remote_ids) != len(local_ids) or not local_ids:
+        local_ids = block_id_array(local_blocks, self.num_blocks, "local", unique=True)
+        remote_ids = block_id_array(remote_blocks, self._remote_num_blocks(remote), "remote")
+        if len(remote_ids) != len(local_ids) or not len(local_ids):
             raise ValueError(f"need equal, non-empty block lists, got {len(remote_ids)} remote "
                              f"and {len(local_ids)} local")
-        check_block_ids(local_ids, self.num_blocks, "local")
-        if len(set(local_ids)) != len(local_ids):
-            raise ValueError("local block ids repeat: two writes would race on one block")
-        remote_count = self._remote_num_blocks(remote)
-        check_block_ids(remote_ids, remote_count if remote_count is not None else 2**63, "remote")
-        handle = TransferHandle(tag=str(tag), remote=remote, remote_blocks=tuple(remote_ids),
-                                local_blocks=tuple(local_ids), nbytes=len(local_ids) * self.layout.block_bytes)
+        handle = TransferHandle(tag=str(tag), remote=remote, remote_blocks=remote_ids, local_blocks=local_ids,
+                                nbytes=len(local_ids) * self.layout.block_bytes)
         with self._lock:
             self._active.add(handle)
         if not self.faults.intercept(handle):

@@ -4,8 +4,14 @@ The prefill worker exports an IPC handle of its (single-allocation) KV cache; th
 and a READ is a few `copy_` calls on a side stream, one per run of consecutive blocks, at device-copy speed
 (or one gather-scatter kernel for scattered ids). Completion is an event on that stream: `wait()` blocks on it
 rather than polling it, and since a GPU copy cannot be cancelled, `release()` waits for it too. Either wait is
-bounded by the copy itself (microseconds to milliseconds) plus whatever work the caller's stream had queued
-when the read started, which the side stream waits for.
+bounded by the copy itself (microseconds to milliseconds) plus the earlier reads still queued on the side stream.
+
+The side stream does not wait for the caller's streams: a read starts copying at once, even while the caller has
+kernels queued. So when start_read() is called, no queued kernel may still read or write its local blocks (the
+ownership rules in kvtransfer/base.py). The engine guarantees it: blocks are freed only between steps, and its
+lookahead fence waits for a queued guess that wrote a freed block's request before the blocks can be reused.
+Waiting for the caller's current stream instead cost a pull up to two decode steps with overlapped steps (the
+running one plus the queued guess), for nothing.
 
 There is no reverse channel: `notifications()` is always empty and the reader's completion reaches the
 prefill worker as the ReleaseKV RPC (its lease is the backstop), exactly as for a failed read.
@@ -16,6 +22,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -32,11 +39,16 @@ from kvtransfer.base import (
 from kvtransfer.registry import register_backend
 
 try:
-    from kvtransfer.gpu_copy import copy_blocks
+    from kvtransfer.gpu_copy import block_words, launch_copy_blocks
 except ImportError:  # triton missing: scattered reads fall back to one memcpy per run
-    copy_blocks = None
+    block_words = launch_copy_blocks = None
 
 _BYTES_FIELDS = (1, 4, 6)  # positions of the bytes items in torch's `_share_cuda_()` tuple
+
+
+class _Remote(NamedTuple):
+    pool: torch.Tensor  # the peer's KV cache, mapped into this process
+    words: torch.Tensor | None  # block_words(pool), for the gather-scatter kernel (None without triton)
 
 
 def run_starts(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
@@ -57,7 +69,7 @@ def event_done_within(done: torch.cuda.Event, timeout_s: float) -> bool:
     """Whether the work before `done` has completed, blocking for it only if `timeout_s` > 0.
 
     The block is not cut off at the timeout (CUDA has no timed event wait, and the copy cannot be cancelled
-    anyway): it can overrun by the rest of the copy and of the work it queued behind, milliseconds, never an
+    anyway): it can overrun by the rest of the copy and of the reads queued ahead of it, milliseconds, never an
     unbounded time since nothing in it waits on a peer or the network. synchronize() releases the GIL."""
     if done.query():
         return True
@@ -75,7 +87,9 @@ class CudaIpcAgent(KVTransferAgent):
             raise ValueError("the cuda_ipc backend needs a contiguous CUDA KV cache")
         super().__init__(name, kv_cache, fault=fault, release_timeout_s=release_timeout_s)
         self._stream = torch.cuda.Stream(device=kv_cache.device)
-        self._remotes: dict[str, torch.Tensor] = {}
+        # Word views are built here and in add_remote(), once: per read they cost host time on the pull's path.
+        self._words = block_words(kv_cache) if block_words is not None else None
+        self._remotes: dict[str, _Remote] = {}
 
     @classmethod
     def is_available(cls) -> bool:
@@ -101,7 +115,7 @@ class CudaIpcAgent(KVTransferAgent):
         dtype = getattr(torch, md["dtype"])
         remote = torch.empty(0, dtype=dtype, device=self.kv_cache.device)
         remote.set_(storage, md["offset"], md["shape"])
-        self._remotes[name] = remote
+        self._remotes[name] = _Remote(remote, block_words(remote) if block_words is not None else None)
 
     def notifications(self) -> list[str]:
         return []
@@ -109,23 +123,23 @@ class CudaIpcAgent(KVTransferAgent):
     def _remote_num_blocks(self, remote: str) -> int | None:
         if remote not in self._remotes:
             raise ValueError(f"unknown remote {remote!r}: call add_remote() first")
-        return int(self._remotes[remote].shape[0])
+        return int(self._remotes[remote].pool.shape[0])
 
     def _start(self, handle: TransferHandle) -> None:
         src = self._remotes[handle.remote]
-        dev = self.kv_cache.device
-        self._stream.wait_stream(torch.cuda.current_stream(dev))
+        # No wait for the caller's streams (module docstring): the ownership rules keep queued kernels off the
+        # local blocks, and the side stream orders this copy after every earlier read's.
         with torch.cuda.stream(self._stream):
-            ids = np.array([handle.remote_blocks, handle.local_blocks], dtype=np.int64)
-            if len(run_starts(ids[0], ids[1])) <= 4 or copy_blocks is None:  # mostly consecutive: device memcpys
+            ids = np.stack([handle.remote_blocks, handle.local_blocks])
+            if len(run_starts(ids[0], ids[1])) <= 4 or src.words is None:  # mostly consecutive: device memcpys
                 for s, d, n in block_runs(ids[0], ids[1]):
-                    self.kv_cache[d : d + n].copy_(src[s : s + n], non_blocking=True)
+                    self.kv_cache[d : d + n].copy_(src.pool[s : s + n], non_blocking=True)
             else:  # scattered: one gather-scatter launch
                 # From pageable memory on purpose: the driver stages these few bytes before the call returns (seen
                 # on an H100 even with 0.2 s of work queued ahead on the stream), so `ids` may die at once, and
                 # nothing page-locked is allocated (or cached and fenced) per read.
-                dev_ids = torch.from_numpy(ids).to(dev, non_blocking=True)
-                copy_blocks(src, self.kv_cache, dev_ids[0], dev_ids[1])
+                dev_ids = torch.from_numpy(ids).to(self.kv_cache.device, non_blocking=True)
+                launch_copy_blocks(src.words, self._words, dev_ids[0], dev_ids[1])
             # Not blocking-sync: its synchronize() woke ~0.1 ms after the copy on an H100, no better than the old
             # poll loop. The default spins (GIL released) for the rest of the copy, one core per waiting read.
             done = torch.cuda.Event()

@@ -92,7 +92,7 @@ class LocalAgent(ThreadedReads, KVTransferAgent):
 
     def _copy(self, read: BackgroundRead, peer: LocalAgent, handle: TransferHandle) -> None:
         sync = self.kv_cache.is_cuda or peer.kv_cache.is_cuda
-        for src, dst in zip(handle.remote_blocks, handle.local_blocks, strict=True):
+        for src, dst in zip(handle.remote_blocks.tolist(), handle.local_blocks.tolist(), strict=True):
             with read.writing():
                 self.kv_cache[dst].copy_(peer.kv_cache[src])
                 if sync:  # a device copy is only queued: it must have landed before the lock is let go

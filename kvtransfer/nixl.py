@@ -202,8 +202,8 @@ class NixlAgent(KVTransferAgent):
     def _start(self, handle: TransferHandle) -> None:
         remote = self._remotes[handle.remote]
         with self._nx_lock:
-            xh = self._agent.make_prepped_xfer("READ", self._local_dlist, list(handle.local_blocks), remote.dlist,
-                                               list(handle.remote_blocks), notif_msg=handle.tag.encode())
+            xh = self._agent.make_prepped_xfer("READ", self._local_dlist, handle.local_blocks.tolist(), remote.dlist,
+                                               handle.remote_blocks.tolist(), notif_msg=handle.tag.encode())
             handle.state = _Xfer(xh, "PROC")
             handle.state.state = self._agent.transfer(xh)
         if handle.state.state == "ERR":

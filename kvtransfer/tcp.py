@@ -38,7 +38,7 @@ from kvtransfer.base import (
     NotificationInbox,
     TransferError,
     TransferHandle,
-    check_block_ids,
+    block_id_array,
 )
 from kvtransfer.registry import register_backend
 
@@ -141,11 +141,11 @@ class _BlockServer:
         if req.get("op") != "read" or not isinstance(req.get("tag"), str) or not isinstance(blocks, list):
             return [], "malformed read request"
         try:
-            check_block_ids(blocks, agent.num_blocks, "remote")
+            ids = block_id_array(blocks, agent.num_blocks, "remote").tolist()
             agent.layout.check_compatible(KVLayout.from_dict(req.get("layout") or {}))
         except ValueError as e:
             return [], str(e)
-        return blocks, None
+        return ids, None
 
     def close(self) -> None:
         self._stop.set()
@@ -215,11 +215,11 @@ class TcpAgent(ThreadedReads, KVTransferAgent):
             sock = conn.sock
             sock.settimeout(self._io_timeout_s)
             _tune(sock)
-            send_frame(sock, {"op": "read", "tag": handle.tag, "blocks": list(handle.remote_blocks),
+            send_frame(sock, {"op": "read", "tag": handle.tag, "blocks": handle.remote_blocks.tolist(),
                               "layout": self.layout.to_dict()})
             self._check_reply(recv_frame(sock))
             staging = self.memory.new_staging()
-            for b in handle.local_blocks:
+            for b in handle.local_blocks.tolist():
                 with read.writing():
                     recv_exact(sock, self.memory.sink(b, staging))
                     self.memory.commit(b, staging)

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 
@@ -31,6 +32,8 @@ from kvtransfer import (
     available_backends,
     create_agent,
 )
+from kvtransfer.base import block_id_array
+from kvtransfer.cuda_ipc import CudaIpcAgent, block_runs, run_starts
 from kvtransfer.tcp import recv_frame, send_frame
 from tests.test_kvtransfer_peer import (
     NUM_BLOCKS,
@@ -105,6 +108,7 @@ def test_read_is_byte_exact_and_notifies(fresh: Pair) -> None:
     remote, local = rng.sample(range(40), 12), rng.sample(range(NUM_BLOCKS), 12)  # scattered, out of order
     before = fresh.agent.bytes_moved
     handle = fresh.agent.start_read("prefill", remote, local, tag="req-1")
+    assert handle.local_blocks.dtype == np.int64 and handle.remote_blocks.tolist() == remote
     assert wait_done(fresh.agent, [handle]) == [DONE]
     fresh.agent.release(handle)
     assert same_bytes(fresh.agent.kv_cache[local], fresh.expected[remote])
@@ -266,6 +270,26 @@ def test_block_ids_are_validated(fresh: Pair) -> None:
     assert not agent.kv_cache.any()
 
 
+def test_block_id_array_copies_and_checks() -> None:
+    ids = np.array([3, 1, 2], dtype=np.int32)
+    arr = block_id_array(ids, 4, "local", unique=True)
+    assert arr.dtype == np.int64 and arr.tolist() == [3, 1, 2] and not arr.flags.writeable
+    ids[0] = 0
+    assert arr[0] == 3  # a copy: the caller may reuse its array while the read runs
+    assert block_id_array(range(2), None, "remote").tolist() == [0, 1]
+    assert block_id_array([], 4, "local").dtype == np.int64  # start_read() refuses it, saying "non-empty"
+    assert block_id_array([1, 1], 4, "remote").tolist() == [1, 1]  # only local ids must be distinct
+    for bad in ([True, False], [1.0, 2.0], ["1"], [[1], [2]], [1, None]):
+        with pytest.raises(ValueError, match="flat sequence of integers"):
+            block_id_array(bad, 4, "local")
+    with pytest.raises(ValueError, match=r"remote block ids out of range \[0, 4\): \[4, -1\]"):
+        block_id_array([0, 4, -1], 4, "remote")
+    with pytest.raises(ValueError, match=r"out of range \[0, 9223372036854775808\): \[9223372036854775808\]"):
+        block_id_array(np.array([2**63], dtype=np.uint64), None, "remote")  # not wrapped to a negative int64
+    with pytest.raises(ValueError, match="local block ids repeat"):
+        block_id_array([5, 0, 5], 8, "local", unique=True)
+
+
 def test_layout_mismatch_names_each_field() -> None:
     a = KVLayout.from_cache(make_cache(None))
     b = KVLayout.from_cache(make_cache(None, block_size=16, dtype=torch.bfloat16))
@@ -389,6 +413,7 @@ def cuda_pair(backend: str, name: str) -> Iterator[tuple[KVTransferAgent, InProc
     peer = (InProcessPeer(backend, f"{name}-prefill-{backend}", PEER_SEED, fabric, device="cuda") if fabric
             else ProcessPeer(backend, f"{name}-prefill-{backend}", PEER_SEED, device="cuda"))
     try:
+        torch.cuda.synchronize()  # the caches are written: no read is ordered after this thread's stream
         yield reader, peer
     finally:
         reader.close()
@@ -408,6 +433,7 @@ def test_cuda_caches_move_byte_exact(backend: str) -> None:
         assert same_bytes(reader.kv_cache[local].cpu(), make_cache(PEER_SEED)[remote])
         assert peer.call("notifications", 1, 10.0) == ["cuda-1"]
         reader.kv_cache.copy_(make_cache(99, device="cuda"))
+        torch.cuda.synchronize()  # the peer's read is not ordered after this thread's stream
         status, error, landed = peer.call("read", "decode", [1, 2, 3], [44, 45, 46], "cuda-back")
         assert (status, error) == ("DONE", None)
         assert same_bytes(landed, make_cache(99)[[1, 2, 3]])
@@ -434,9 +460,11 @@ def test_cuda_wait_returns_done_once_the_data_arrived(backend: str) -> None:
 
 
 @contextlib.contextmanager
-def cuda_ipc_reader(name: str) -> Iterator[KVTransferAgent]:
+def cuda_ipc_reader(name: str) -> Iterator[CudaIpcAgent]:
     """A cuda_ipc reader of a peer (in a child process, as CUDA IPC needs) whose cache is make_cache(PEER_SEED)."""
     reader = make_agent("cuda_ipc", name, make_cache(None, device="cuda"))
+    assert isinstance(reader, CudaIpcAgent)
+    torch.cuda.synchronize()  # its cache is zeroed before a copy, which does not wait for this thread's stream
     try:
         peer = ProcessPeer("cuda_ipc", f"{name}-owner", PEER_SEED, device="cuda")
     except BaseException:
@@ -450,16 +478,18 @@ def cuda_ipc_reader(name: str) -> Iterator[KVTransferAgent]:
         peer.close()
 
 
-def queue_gpu_work() -> None:
-    """About 0.1 s of work on this thread's current stream: a read started now waits for it on the GPU."""
-    torch.cuda._sleep(200_000_000)
+def queue_gpu_work(reader: CudaIpcAgent) -> None:
+    """About 0.1 s of work on the reader's copy stream: a read started now waits for it on the GPU. (Work on this
+    thread's current stream would not delay it: start_read() does not order the copy after that stream.)"""
+    with torch.cuda.stream(reader._stream):
+        torch.cuda._sleep(200_000_000)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_ipc_wait_on_a_queued_copy() -> None:
     remote, local = [3, 9, 1, 27, 4, 15], [0, 8, 16, 24, 32, 40]
     with cuda_ipc_reader("ipc-wait-queued") as reader:
-        queue_gpu_work()
+        queue_gpu_work(reader)
         handle = reader.start_read("prefill", remote, local, tag="q-1")
         t0 = time.monotonic()
         assert reader.wait(handle, 0.0) is PENDING and reader.poll(handle) is PENDING
@@ -473,13 +503,14 @@ def test_cuda_ipc_wait_on_a_queued_copy() -> None:
 def test_cuda_ipc_release_waits_for_the_copy_within_its_deadline() -> None:
     remote, local = [3, 9, 1, 27, 4, 15], [0, 8, 16, 24, 32, 40]
     with cuda_ipc_reader("ipc-release-queued") as reader:
-        queue_gpu_work()
+        queue_gpu_work(reader)
         handle = reader.start_read("prefill", remote, local, tag="r-1")
         reader.release(handle)  # returns only once the copy has landed
         assert same_bytes(reader.kv_cache[local].cpu(), make_cache(PEER_SEED)[remote])
         reader.kv_cache.zero_()
+        torch.cuda.synchronize()  # zeroed before the next copy lands, which does not wait for this stream
         reader.release_timeout_s = 0.0  # no time to wait: release() must refuse, the blocks stay owned
-        queue_gpu_work()
+        queue_gpu_work(reader)
         handle = reader.start_read("prefill", remote, local, tag="r-2")
         with pytest.raises(TransferError, match="still running"):
             reader.release(handle)
@@ -517,10 +548,6 @@ def test_missing_nixl_gives_an_install_hint(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_cuda_ipc_block_runs() -> None:
     """The CUDA IPC reader copies maximal runs where both sides' ids are consecutive (one memcpy each)."""
-    import numpy as np
-
-    from kvtransfer.cuda_ipc import block_runs, run_starts
-
     src, dst = np.array([0, 1, 2, 7, 8, 9, 3]), np.array([3, 4, 9, 10, 11, 12, 0])
     assert block_runs(src, dst) == [(0, 3, 2), (2, 9, 1), (7, 10, 3), (3, 0, 1)]
     assert block_runs(np.arange(5), np.arange(5) + 9) == [(0, 9, 5)]
