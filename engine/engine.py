@@ -11,7 +11,7 @@ import torch
 
 from engine.config import EngineConfig, SpeculativeConfig
 from engine.kv_cache_manager import KVCacheManager, cdiv
-from engine.lookahead import Lookahead, launch_lookahead
+from engine.lookahead import Lookahead, Match, SplitStep, launch_lookahead
 from engine.model_runner import DTYPES, LaunchedStep, ModelRunner, num_kv_blocks
 from engine.request import FinishReason, InvalidRequestError, Request, RequestStatus, SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
@@ -48,6 +48,7 @@ class EngineStats:
     lookahead_steps: int = 0  # steps queued before the previous step's tokens were read (engine/lookahead.py)
     lookahead_taken: int = 0  # of which the next schedule took (the rest were dropped: wasted device time)
     lookahead_postponed: int = 0  # joining requests left to the next guess instead of dropping the queued step
+    lookahead_beside: int = 0  # taken steps whose other rows (prompt chunks) were launched beside the queued one
 
     @property
     def acceptance_rate(self) -> float:
@@ -184,26 +185,39 @@ class LLMEngine:
             self.lookahead.fence()  # see engine/lookahead.py: blocks freed under a queued write
         return results
 
-    def _launch(self, out: SchedulerOutput, draft_probs: dict[str, torch.Tensor] | None) -> LaunchedStep:
+    def _launch(self, out: SchedulerOutput, draft_probs: dict[str, torch.Tensor] | None
+                ) -> LaunchedStep | SplitStep:
         """Queue this step (or take the one queued ahead for it), then, with overlap on, queue a guess of the
         next one before anything waits for this one's tokens. Rows postponed into that guess leave `out`."""
-        taken = self.lookahead.take(out) if self.lookahead is not None else None
+        match = self.lookahead.match(out) if self.lookahead is not None else None
         joining: list[Request] = []
-        if taken is not None:
-            launched, postpone = taken
-            joining = [out.scheduled[j].request for j in postpone]
-            if postpone:
-                later = set(postpone)
-                out.scheduled = [s for j, s in enumerate(out.scheduled) if j not in later]
-            self.stats.lookahead_taken += 1
-            self.stats.lookahead_postponed += len(joining)
+        if match is None:
+            launched: LaunchedStep | SplitStep = self.runner.launch(out, self.kv, draft_probs)
         else:
-            launched = self.runner.launch(out, self.kv, draft_probs)
+            launched, joining = self._take(out, match)
         self.lookahead = None
         if self.overlap:
             self.lookahead = launch_lookahead(self.runner, self.kv, self.scheduler, out, launched, joining)
             self.stats.lookahead_steps += self.lookahead is not None
         return launched
+
+    def _take(self, out: SchedulerOutput, m: Match) -> tuple[LaunchedStep | SplitStep, list[Request]]:
+        """The queued step as `out`'s, with `m.beside` launched after it; `m.joining` leave `out` (postponed)."""
+        assert self.lookahead is not None
+        guess = self.lookahead.step.select([i for _, i in m.guessed])
+        joining = [out.scheduled[j].request for j in m.joining]
+        self.stats.lookahead_taken += 1
+        self.stats.lookahead_postponed += len(joining)
+        launched: LaunchedStep | SplitStep = guess
+        if m.beside:
+            self.stats.lookahead_beside += 1
+            side = self.runner.launch(SchedulerOutput([out.scheduled[j] for j in m.beside]), self.kv)
+            where = {j: (0, k) for k, (j, _) in enumerate(m.guessed)} | {j: (1, k) for k, j in enumerate(m.beside)}
+            launched = SplitStep((guess, side), [where[j] for j in sorted(where)])
+        if m.joining:
+            later = set(m.joining)
+            out.scheduled = [s for j, s in enumerate(out.scheduled) if j not in later]
+        return launched, joining
 
     def _count_spec(self, out: SchedulerOutput) -> None:
         verified = [s for s in out.scheduled if s.num_spec_tokens]

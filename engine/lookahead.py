@@ -7,20 +7,20 @@ tokens, updating requests, scheduling, staging inputs, launching the CUDA graph)
 The engine hides that idle time by guessing. Right after queueing step N, and before waiting for its
 tokens, it queues step N+1 for the requests that will surely still be decoding, feeding each its token of
 step N straight from the device. The scheduler never sees the guess: when step N+1 is scheduled for real,
-the engine takes the queued work if the schedule asks for nothing else (each request one token at the
-position the guess used, every one of them in the guess), and otherwise drops it and launches the step as
-usual. Outputs are therefore exactly the scheduler's; a wrong guess only wastes device time.
+the engine takes the queued work if every guessed request the schedule asks for is asked for exactly as
+guessed (one token, at the position the guess used), and otherwise drops it and launches the step as usual.
+Outputs are therefore exactly the scheduler's; a wrong guess only wastes device time.
 
 Who is in the guess: every request of step N that samples, unless step N can end it by length (max_tokens,
-the context limit). No guess when step N has a prompt chunk that does not sample, when requests verify
-drafts, when a request uses penalties (they count tokens the host has not seen) or when the head of the
-waiting queue fits the free blocks and the batch limits now (the next schedule would admit it); a queue that
-cannot move keeps the guesses going. A request that stops on a stop token is in the guess
-and simply missing from the next schedule: the rest of the guess is still taken. A request that joins with
-one token to decode (a decode worker's pulled request) does not make the guess wasted either: the queued step
-is taken for the guessed rows, the joining request is left out of this step and computed in the next guess
-(its token is on the host), one step later than without overlap. A joining request is in the next guess or
-there is no next guess, so it is postponed once at most.
+the context limit). No guess when requests verify drafts or use penalties (they count tokens the host has not
+seen). A request that stops on a stop token is in the guess and simply missing from the next schedule: the
+rest of the guess is still taken. What else the schedule asks for does not waste the guess either. Prompt
+chunks (a new request admitted, a long prompt going on) are launched right after the queued step, as a
+second forward of the same step (`SplitStep`), as SGLang runs prefill and decode batches apart; the cost is
+reading the weights twice in that step, against a whole decode pass for dropping the guess. A request that
+joins with one token to decode and nothing else to launch beside (a decode worker's pulled request) is left
+out of this step and computed in the next guess (its token is on the host), one step later than without
+overlap; it is in the next guess or there is no next guess, so it is postponed once at most.
 
 Blocks. The guess writes the KV of each of its requests at one position past the computed ones, in a block
 allocated before launch (the block the scheduler would allocate next). When such a request finishes, is
@@ -39,8 +39,47 @@ import torch
 from engine.kv_cache_manager import KVCacheManager
 from engine.model_runner import LaunchedStep, ModelRunner
 from engine.request import Request, RequestStatus
-from engine.sampler import has_penalty
+from engine.sampler import DeviceSamples, SampleResult, has_penalty, row_tensor
 from engine.scheduler import Scheduler, SchedulerOutput
+
+
+@dataclass
+class Match:
+    """How a schedule uses the queued step; each list holds indices of `out.scheduled`."""
+
+    guessed: list[tuple[int, int]]  # (scheduled index, guess row): computed by the queued step
+    joining: list[int]  # one known token to decode: left out of this step, computed by the next guess
+    beside: list[int]  # everything else (prompt chunks): launched now, after the queued step
+
+
+@dataclass
+class SplitStep:
+    """One scheduled step run as two launches, the queued guess and the rows launched beside it; the same
+    contract as LaunchedStep for the engine and the next guess."""
+
+    parts: tuple[LaunchedStep, LaunchedStep]
+    where: list[tuple[int, int]]  # per scheduled request: (part, its index among that part's requests)
+
+    @property
+    def samples(self) -> DeviceSamples | None:
+        return self.parts[0].samples  # the guess always samples on the device
+
+    def wait(self) -> list[list[SampleResult] | None]:
+        per_part = [p.wait() for p in self.parts]
+        return [per_part[p][k] for p, k in self.where]
+
+    def input_ids_for(self, requests: list[int]) -> torch.Tensor:
+        pieces, order = [], []
+        for part in (0, 1):
+            mine = [(n, self.where[j][1]) for n, j in enumerate(requests) if self.where[j][0] == part]
+            if mine:
+                pieces.append(self.parts[part].input_ids_for([k for _, k in mine]))
+                order += [n for n, _ in mine]
+        ids = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+        if order == sorted(order):
+            return ids
+        back = sorted(range(len(order)), key=order.__getitem__)  # position in `ids` of the n-th request
+        return ids[row_tensor(back, ids.device, torch.long)]
 
 
 @dataclass
@@ -52,25 +91,26 @@ class Lookahead:
     starts: list[int]  # the position each row computes: the request's token count when the guess was made
     done: torch.cuda.Event | None  # recorded after the step's kernels (None off CUDA: already done)
 
-    def take(self, out: SchedulerOutput) -> tuple[LaunchedStep, list[int]] | None:
-        """The queued work as `out`'s step if every guessed row `out` schedules is exactly as guessed, with the
-        indices of `out.scheduled` to postpone: requests joining with one known token to decode (a pulled
-        request), which the next guess computes instead of this step being launched anew. None: launch `out`."""
+    def match(self, out: SchedulerOutput) -> Match | None:
+        """How `out` can use the queued step: None (launch `out` anew) unless some guessed row is scheduled and
+        every scheduled guessed row is exactly as guessed. Other scheduled requests go beside the queued step,
+        or, with one known token to decode and nothing else beside, into the next guess."""
         row_of = {id(r): i for i, r in enumerate(self.requests)}
-        rows, joining = [], []
+        m = Match([], [], [])
         for j, s in enumerate(out.scheduled):
             i = row_of.get(id(s.request))
-            if s.num_spec_tokens or not s.samples or s.num_new_tokens != 1:
+            if s.num_spec_tokens:
                 return None
             if i is None:
-                if has_penalty(s.request.params):
-                    return None
-                joining.append(j)
-            elif s.request.num_computed_tokens != self.starts[i]:
+                one_token = s.num_new_tokens == 1 and s.samples and not has_penalty(s.request.params)
+                (m.joining if one_token else m.beside).append(j)
+            elif not s.samples or s.num_new_tokens != 1 or s.request.num_computed_tokens != self.starts[i]:
                 return None  # preempted and rescheduled, or otherwise not where the guess computed
             else:
-                rows.append(i)
-        return (self.step.select(rows), joining) if rows else None
+                m.guessed.append((j, i))
+        if m.beside and m.joining:  # a launch beside happens anyway: no reason to make them wait a step
+            m.beside, m.joining = sorted(m.beside + m.joining), []
+        return m if m.guessed else None
 
     def holds_ended_request(self) -> bool:
         """Whether a guessed request is no longer running: its blocks may be free while the guess writes them."""
@@ -85,13 +125,15 @@ class Lookahead:
 def guess_rows(out: SchedulerOutput, scheduler: Scheduler) -> list[int]:
     """Indices of `out.scheduled` that will decode one token next step whatever they sample now; [] for no
     guess (the next schedule cannot be predicted)."""
-    if scheduler.num_spec_tokens or scheduler.may_admit():
+    if scheduler.num_spec_tokens:
         return []
     rows = []
     for i, s in enumerate(out.scheduled):
         r = s.request
-        if not s.samples or s.num_spec_tokens or has_penalty(r.params):
+        if s.num_spec_tokens or has_penalty(r.params):
             return []
+        if not s.samples:
+            continue  # a prompt chunk: it goes on beside the guess
         ends = len(r.output_token_ids) + 1 >= r.params.max_tokens or r.num_tokens + 1 >= scheduler.max_model_len
         if not ends:
             rows.append(i)
@@ -99,7 +141,7 @@ def guess_rows(out: SchedulerOutput, scheduler: Scheduler) -> list[int]:
 
 
 def launch_lookahead(runner: ModelRunner, kv: KVCacheManager, scheduler: Scheduler, out: SchedulerOutput,
-                     launched: LaunchedStep, joining: list[Request]) -> Lookahead | None:
+                     launched: LaunchedStep | SplitStep, joining: list[Request]) -> Lookahead | None:
     """Queue the guessed next step after `launched` (the step of `out`), or None when there is no guess or a
     guessed request's next KV slot has no block. `joining` (postponed from this step, their next token known on
     the host) go into the guess after the guessed rows, at the position they would have computed now."""

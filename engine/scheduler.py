@@ -95,15 +95,6 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def may_admit(self) -> bool:
-        """Whether the next schedule could admit the head of the waiting queue, judged from the free blocks now
-        (a prefix-cache hit or blocks freed meanwhile can make it fit where this says no)."""
-        if not self.waiting or len(self.running) >= self.config.max_num_seqs:
-            return False
-        req, budget = self.waiting[0], self.config.max_num_batched_tokens - len(self.running)
-        n = min(req.num_tokens - req.num_computed_tokens, budget)
-        return n > 0 and self.kv.blocks_needed(req.request_id, req.num_computed_tokens + n) <= self.kv.num_free_blocks
-
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
