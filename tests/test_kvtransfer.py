@@ -479,10 +479,10 @@ def cuda_ipc_reader(name: str) -> Iterator[CudaIpcAgent]:
 
 
 def queue_gpu_work(reader: CudaIpcAgent) -> None:
-    """About 0.1 s of work on the reader's copy stream: a read started now waits for it on the GPU. (Work on this
+    """About 0.2 s of work on the reader's copy stream: a read started now waits for it on the GPU. (Work on this
     thread's current stream would not delay it: start_read() does not order the copy after that stream.)"""
     with torch.cuda.stream(reader._stream):
-        torch.cuda._sleep(200_000_000)
+        torch.cuda._sleep(400_000_000)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
