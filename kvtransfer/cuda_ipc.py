@@ -58,6 +58,16 @@ def run_starts(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.flatnonzero((np.diff(src) != 1) | (np.diff(dst) != 1)) + 1])
 
 
+def id_pairs(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """[2, n rounded up to even] int64 holding src then dst ids (the padding is never read). Even rows keep the
+    dst row 16-byte aligned on the device whatever n is: Triton specialises a kernel on its pointers' alignment,
+    so an odd n would compile a second variant of the gather-scatter kernel in the middle of some pull."""
+    n = len(src)
+    ids = np.zeros((2, n + (n & 1)), dtype=np.int64)
+    ids[0, :n], ids[1, :n] = src, dst
+    return ids
+
+
 def block_runs(src: np.ndarray, dst: np.ndarray) -> list[tuple[int, int, int]]:
     """(src start, dst start, length) for maximal runs where both sides are consecutive."""
     starts = run_starts(src, dst)
@@ -90,17 +100,17 @@ class CudaIpcAgent(KVTransferAgent):
         # Word views are built here and in add_remote(), once: per read they cost host time on the pull's path.
         self._words = block_words(kv_cache) if block_words is not None else None
         self._remotes: dict[str, _Remote] = {}
-        self._warm_up()
+        if self._words is not None:
+            self._warm_up(self._words, self._words)
 
-    def _warm_up(self) -> None:
-        """Take a read's first-use costs now, not in the first pull's TTFT: Triton compiles the gather-scatter
-        kernel at its first launch in a process (2.3 s on an H100), and the side stream's first upload and
-        launch pay lazy setup. Copies block 0 onto itself: the same bytes, before anyone uses the pool."""
-        if self._words is None:
-            return
+    def _warm_up(self, src_words: torch.Tensor, dst_words: torch.Tensor) -> None:
+        """Take a read's first-use costs now, not in a pull's TTFT: Triton compiles the gather-scatter kernel at
+        its first launch in a process (2.3 s on an H100; `id_pairs` keeps it to one variant), and a peer's
+        mapped pool is touched once. Copies block 0 of `src_words` to block 0 of `dst_words`: the pool onto
+        itself at start (the same bytes), a peer's into a scratch block in add_remote()."""
         with torch.cuda.stream(self._stream):
-            ids = torch.from_numpy(np.zeros((2, 1), dtype=np.int64)).to(self.kv_cache.device, non_blocking=True)
-            launch_copy_blocks(self._words, self._words, ids[0], ids[1])
+            ids = torch.from_numpy(id_pairs(np.zeros(1), np.zeros(1))).to(self.kv_cache.device, non_blocking=True)
+            launch_copy_blocks(src_words, dst_words, ids[0, :1], ids[1, :1])
         self._stream.synchronize()
 
     @classmethod
@@ -127,7 +137,10 @@ class CudaIpcAgent(KVTransferAgent):
         dtype = getattr(torch, md["dtype"])
         remote = torch.empty(0, dtype=dtype, device=self.kv_cache.device)
         remote.set_(storage, md["offset"], md["shape"])
-        self._remotes[name] = _Remote(remote, block_words(remote) if block_words is not None else None)
+        words = block_words(remote) if block_words is not None else None
+        if words is not None:
+            self._warm_up(words, torch.empty_like(words[:1]))
+        self._remotes[name] = _Remote(remote, words)
 
     def notifications(self) -> list[str]:
         return []
@@ -142,16 +155,17 @@ class CudaIpcAgent(KVTransferAgent):
         # No wait for the caller's streams (module docstring): the ownership rules keep queued kernels off the
         # local blocks, and the side stream orders this copy after every earlier read's.
         with torch.cuda.stream(self._stream):
-            ids = np.stack([handle.remote_blocks, handle.local_blocks])
-            if len(run_starts(ids[0], ids[1])) <= 4 or src.words is None:  # mostly consecutive: device memcpys
-                for s, d, n in block_runs(ids[0], ids[1]):
+            remote_ids, local_ids = handle.remote_blocks, handle.local_blocks
+            if len(run_starts(remote_ids, local_ids)) <= 4 or src.words is None:  # mostly consecutive: memcpys
+                for s, d, n in block_runs(remote_ids, local_ids):
                     self.kv_cache[d : d + n].copy_(src.pool[s : s + n], non_blocking=True)
             else:  # scattered: one gather-scatter launch
                 # From pageable memory on purpose: the driver stages these few bytes before the call returns (seen
                 # on an H100 even with 0.2 s of work queued ahead on the stream), so `ids` may die at once, and
                 # nothing page-locked is allocated (or cached and fenced) per read.
-                dev_ids = torch.from_numpy(ids).to(self.kv_cache.device, non_blocking=True)
-                launch_copy_blocks(src.words, self._words, dev_ids[0], dev_ids[1])
+                n = len(local_ids)
+                dev_ids = torch.from_numpy(id_pairs(remote_ids, local_ids)).to(self.kv_cache.device, non_blocking=True)
+                launch_copy_blocks(src.words, self._words, dev_ids[0, :n], dev_ids[1, :n])
             # Not blocking-sync: its synchronize() woke ~0.1 ms after the copy on an H100, no better than the old
             # poll loop. The default spins (GIL released) for the rest of the copy, one core per waiting read.
             done = torch.cuda.Event()

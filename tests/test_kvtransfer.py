@@ -8,6 +8,7 @@ dependency: when it cannot be imported the nixl tests fail, they never skip.
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import socket
 import threading
@@ -478,6 +479,12 @@ def cuda_ipc_reader(name: str) -> Iterator[CudaIpcAgent]:
         peer.close()
 
 
+# The conftest runs Triton kernels in the interpreter (for the CPU kernel tests); there a gather-scatter copies
+# synchronously through the host, so no copy stays queued. On a GPU: TRITON_INTERPRET=0 pytest -k cuda.
+QUEUED_GPU_COPY = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") != "0",
+                                     reason="needs a CUDA device and compiled Triton kernels (TRITON_INTERPRET=0)")
+
+
 def queue_gpu_work(reader: CudaIpcAgent) -> None:
     """About 0.2 s of work on the reader's copy stream: a read started now waits for it on the GPU. (Work on this
     thread's current stream would not delay it: start_read() does not order the copy after that stream.)"""
@@ -485,7 +492,7 @@ def queue_gpu_work(reader: CudaIpcAgent) -> None:
         torch.cuda._sleep(400_000_000)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@QUEUED_GPU_COPY
 def test_cuda_ipc_wait_on_a_queued_copy() -> None:
     remote, local = [3, 9, 1, 27, 4, 15], [0, 8, 16, 24, 32, 40]
     with cuda_ipc_reader("ipc-wait-queued") as reader:
@@ -499,7 +506,7 @@ def test_cuda_ipc_wait_on_a_queued_copy() -> None:
         reader.release(handle)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@QUEUED_GPU_COPY
 def test_cuda_ipc_release_waits_for_the_copy_within_its_deadline() -> None:
     remote, local = [3, 9, 1, 27, 4, 15], [0, 8, 16, 24, 32, 40]
     with cuda_ipc_reader("ipc-release-queued") as reader:
@@ -553,3 +560,13 @@ def test_cuda_ipc_block_runs() -> None:
     assert block_runs(np.arange(5), np.arange(5) + 9) == [(0, 9, 5)]
     assert len(run_starts(np.arange(6), np.arange(6)[::-1])) == 6
     assert block_runs(np.zeros(0, np.int64), np.zeros(0, np.int64)) == []
+
+
+def test_cuda_ipc_id_pairs_keep_the_dst_row_aligned() -> None:
+    from kvtransfer.cuda_ipc import id_pairs
+
+    for n in (1, 2, 5, 6):
+        ids = id_pairs(np.arange(n), np.arange(n) + 100)
+        assert ids.shape == (2, n + n % 2) and ids.dtype == np.int64
+        assert ids[0, :n].tolist() == list(range(n)) and ids[1, :n].tolist() == list(range(100, 100 + n))
+        assert ids[1].ctypes.data % 16 == ids[0].ctypes.data % 16  # the dst row starts 16-byte aligned like src
