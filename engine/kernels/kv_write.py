@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.rotary import _rotate_heads, apply_rotary_ref
+from engine.kernels.rotary import _cos_sin, _rotate_heads, apply_rotary_ref
 
 
 @triton.jit
@@ -88,11 +88,7 @@ def _rotary_write_kv_kernel(
     NUM_Q: tl.constexpr, NUM_KV: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     t = tl.program_id(0)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
-    d = tl.arange(0, BLOCK_D)
-    dmask = d < HALF
-    cos = tl.load(cos_ptr + pos * cos_stride + d, mask=dmask, other=0.0)[None, :]
-    sin = tl.load(sin_ptr + pos * cos_stride + d, mask=dmask, other=0.0)[None, :]
+    cos, sin, d, dmask = _cos_sin(pos_ptr, cos_ptr, sin_ptr, t, cos_stride, HALF, BLOCK_D)
     h = tl.arange(0, BLOCK_H)
     _rotate_heads(q_ptr, t, stride_qt, stride_qh, NUM_Q, cos, sin, h, d, dmask, HALF)
     slot = tl.load(slot_ptr + t).to(tl.int64)

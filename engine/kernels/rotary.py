@@ -19,15 +19,22 @@ def _rotate_heads(base, t, stride_t, stride_h, n, cos, sin, h, d, dmask, HALF: t
 
 
 @triton.jit
-def _rotary_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr, q_stride_t, q_stride_h, k_stride_t, k_stride_h,
-                   cos_stride, NUM_Q: tl.constexpr, NUM_K: tl.constexpr, HALF: tl.constexpr,
-                   BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    t = tl.program_id(0)
+def _cos_sin(pos_ptr, cos_ptr, sin_ptr, t, cos_stride, HALF: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Token t's rotation: cos/sin rows [1, BLOCK_D] of its position, the half-dim offsets and their mask."""
     pos = tl.load(pos_ptr + t).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     dmask = d < HALF
     cos = tl.load(cos_ptr + pos * cos_stride + d, mask=dmask, other=0.0)[None, :]
     sin = tl.load(sin_ptr + pos * cos_stride + d, mask=dmask, other=0.0)[None, :]
+    return cos, sin, d, dmask
+
+
+@triton.jit
+def _rotary_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr, q_stride_t, q_stride_h, k_stride_t, k_stride_h,
+                   cos_stride, NUM_Q: tl.constexpr, NUM_K: tl.constexpr, HALF: tl.constexpr,
+                   BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0)
+    cos, sin, d, dmask = _cos_sin(pos_ptr, cos_ptr, sin_ptr, t, cos_stride, HALF, BLOCK_D)
     h = tl.arange(0, BLOCK_H)
     _rotate_heads(q_ptr, t, q_stride_t, q_stride_h, NUM_Q, cos, sin, h, d, dmask, HALF)
     _rotate_heads(k_ptr, t, k_stride_t, k_stride_h, NUM_K, cos, sin, h, d, dmask, HALF)
