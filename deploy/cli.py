@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 
@@ -18,6 +19,10 @@ def cmd_generate(a: argparse.Namespace) -> None:
     print(f"[{len(out.token_ids)} tokens, finish_reason={out.finish_reason}]", file=sys.stderr)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def cmd_serve(a: argparse.Namespace) -> None:
     import time
 
@@ -28,6 +33,9 @@ def cmd_serve(a: argparse.Namespace) -> None:
     port = pick_router_port(a.port or int(cfg.router.get("port", 8000)))
     extra = (["--model", a.model] if a.model else []) + (["--transfer-backend", a.transfer_backend]
                                                           if a.transfer_backend else [])
+    # SIGTERM (kill, systemd, docker stop) stops the cluster as Ctrl-C does: otherwise this process would die
+    # at once and leave the router and the workers running, ports and GPU memory held.
+    signal.signal(signal.SIGTERM, _interrupt)
     mode = "co-located" if cfg.colocated else "disaggregated"
     print(f"Starting router + {cfg.prefill.replicas} prefill + {cfg.decode.replicas} decode worker(s) ({mode}, "
           f"model {a.model or cfg.model}). Loading weights takes a little while...", flush=True)
