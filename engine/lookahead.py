@@ -22,11 +22,13 @@ joins with one token to decode and nothing else to launch beside (a decode worke
 out of this step and computed in the next guess (its token is on the host), one step later than without
 overlap; it is in the next guess or there is no next guess, so it is postponed once at most.
 
-Blocks. The guess writes the KV of each of its requests at one position past the computed ones, in a block
-allocated before launch (the block the scheduler would allocate next). When such a request finishes, is
+Blocks. A step's `wait()` returns once the step's own kernels have finished (its sampled tokens' copy, or an
+event after a forward that samples nothing), so when `step()` returns, the queued guess is the only GPU work
+that may still write KV. The guess writes the KV of each of its requests at one position past the computed
+ones, in a block allocated before launch (the block the scheduler would allocate next). When such a request finishes, is
 aborted or is preempted while the guess may still run, its blocks return to the pool with a write pending.
-Kernels on the same stream are ordered after it, but a KV transfer into a reused block (NIXL's copy engines)
-is not; so the engine waits for the guess to finish (`fence`) before it hands control back with such
+Kernels on the same stream are ordered after it, but a KV transfer into a reused block (NIXL's copy engines,
+cuda_ipc's own stream) is not; so the engine waits for the guess to finish (`fence`) before it hands control back with such
 blocks free. That costs the overlap of one step, only on steps where a guessed request ends.
 """
 

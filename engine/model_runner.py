@@ -98,8 +98,13 @@ class LaunchedStep:
     rows: list[int | None]  # per scheduled request: its row among the sampled ones, None if it samples nothing
     samples: DeviceSamples | None = None  # plain sampling of the sampled rows, still on its way to the host
     verdicts: list[list[SampleResult]] | None = None  # speculative verdicts per sampled row (already on the host)
+    done: torch.cuda.Event | None = None  # after the forward of a CUDA step that samples nothing
 
     def wait(self) -> list[list[SampleResult] | None]:
+        """The new tokens per scheduled request, once the step's own kernels have finished on the device (not
+        work queued after them): when the engine frees blocks after a step, no kernel of it still writes them."""
+        if self.done is not None:
+            self.done.synchronize()
         if self.verdicts is not None:
             per = self.verdicts
         else:
@@ -108,7 +113,7 @@ class LaunchedStep:
 
     def select(self, requests: list[int]) -> LaunchedStep:
         """The same launched work seen by a later step that schedules only these of its requests."""
-        return LaunchedStep([self.rows[i] for i in requests], self.samples, self.verdicts)
+        return LaunchedStep([self.rows[i] for i in requests], self.samples, self.verdicts, self.done)
 
     def input_ids_for(self, requests: list[int]) -> torch.Tensor:
         """The device tokens sampled for these scheduled requests, as the next step's input ids (no host sync)."""
@@ -167,8 +172,11 @@ class ModelRunner:
             rows.append(n if f else None)
             n += f
         logits = self._logits(self._sequences(out, samples), kv)
-        if logits is None:
-            return LaunchedStep(rows)
+        if logits is None:  # prompt chunks only: an event stands in for the sampled tokens' copy (see wait())
+            done = torch.cuda.Event() if self.device.type == "cuda" else None
+            if done is not None:
+                done.record()
+            return LaunchedStep(rows, done=done)
         sampling = [s for s, f in zip(out.scheduled, samples, strict=True) if f]
         requests = [s.request for s in sampling]
         if any(s.num_spec_tokens for s in sampling):

@@ -260,3 +260,19 @@ def test_a_prompt_arriving_mid_decode_runs_beside_the_guess(tiny_llama_dir: str)
     assert go(eng) == plain and all(len(t) == 16 for t in plain.values())
     st = eng.stats
     assert st.lookahead_beside >= 6 and st.lookahead_taken == st.lookahead_steps, st  # no guess was wasted
+
+
+def test_a_step_that_samples_nothing_still_waits_for_its_forward() -> None:
+    """The block rule's premise: wait() returns after the step's own kernels, also for a step of prompt chunks
+    that samples nothing (on CUDA an event after its forward), and select() keeps that wait."""
+    from engine.model_runner import LaunchedStep
+
+    class Event:
+        waited = 0
+
+        def synchronize(self) -> None:
+            Event.waited += 1
+
+    step = LaunchedStep([None, None], done=Event())  # type: ignore[arg-type]
+    assert step.wait() == [None, None] and Event.waited == 1
+    assert step.select([1]).wait() == [None] and Event.waited == 2
