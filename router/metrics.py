@@ -46,6 +46,7 @@ LOAD_GAUGES = {
     "lookahead_steps": "Decode steps the worker queued before reading the previous step's tokens, since start",
     "lookahead_taken": "Queued-ahead steps the next schedule used (the others were wasted passes), since start",
     "lookahead_postponed": "Joining requests computed one step later in a queued-ahead step, since start",
+    "lookahead_beside": "Queued-ahead steps taken with prompt chunks run beside them as a second forward, since start",
 }
 OVERLAP_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99, 1.0)
 

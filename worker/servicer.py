@@ -127,6 +127,7 @@ class WorkerServicerBase(disagg_pb2_grpc.WorkerServicer):
             prefix_query_tokens=self.prefix_counts[0], prefix_hit_tokens=self.prefix_counts[1],
             pull_cached_blocks=c.pull_cached_blocks, lookahead_steps=st.lookahead_steps,
             lookahead_taken=st.lookahead_taken, lookahead_postponed=st.lookahead_postponed,
+            lookahead_beside=st.lookahead_beside,
         )
         self.kv_events.fill(rep, request)
         return rep
