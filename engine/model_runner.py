@@ -154,18 +154,14 @@ class ModelRunner:
         if self.graphs is not None and num_speculative_tokens:
             self.graphs.capture(verify_q=1 + num_speculative_tokens)
 
-    def execute(self, out: SchedulerOutput, kv: KVCacheManager,
-                draft_probs: dict[str, torch.Tensor] | None = None) -> list[list[SampleResult] | None]:
-        """Per scheduled request: None (no token this step) or its new tokens, in order. Without drafts that is
-        one sampled token; with drafts, the accepted drafts followed by the target's token. `draft_probs` holds
-        the proposer's distributions q ([k, vocab]) of sampled requests whose drafts were sampled, not looked up."""
-        return self.launch(out, kv, draft_probs).wait()
-
     @torch.inference_mode()
     def launch(self, out: SchedulerOutput, kv: KVCacheManager,
                draft_probs: dict[str, torch.Tensor] | None = None) -> LaunchedStep:
-        """Queue the step's kernels and the copy of its sampled tokens; `wait()` on the result reads them.
-        Verifying drafts decides acceptance on the host, so a step with drafts has waited when this returns."""
+        """Queue the step's kernels and the copy of its sampled tokens; `wait()` on the result gives, per scheduled
+        request, None (no token this step) or its new tokens: one sampled token, or with drafts the accepted drafts
+        followed by the target's token. Verifying drafts decides acceptance on the host, so a step with drafts has
+        waited when this returns. `draft_probs` holds the proposer's distributions q ([k, vocab]) of sampled
+        requests whose drafts were sampled, not looked up."""
         samples = [s.samples for s in out.scheduled]
         rows, n = [], 0
         for f in samples:

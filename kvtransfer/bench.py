@@ -179,10 +179,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("backends", nargs="*", default=["local", "tcp", "nixl"])
     p.add_argument("--mib", type=int, default=64)
     p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--device", default="cpu", help="where both KV caches live: cpu or cuda")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both KV caches live")
     p.add_argument("--chunk-blocks", type=int, default=0,
                    help="also time the same bytes as back-to-back reads of this many blocks each (0: off)")
     args = p.parse_args(argv)
+    if args.mib < 2 or args.repeat < 1 or args.chunk_blocks < 0:
+        p.error("need --mib >= 2 (one 2 MiB block), --repeat >= 1 and --chunk-blocks >= 0")
     if args.device == "cuda":  # the baseline: a plain device-to-device copy of the same bytes, same run
         x = torch.randn(args.mib * 2**20 // 4, device="cuda")
         y = torch.empty_like(x)

@@ -29,6 +29,7 @@ from kvtransfer import (
     LayoutMismatchError,
     LocalFabric,
     TransferError,
+    TransferHandle,
     TransferStatus,
     available_backends,
     create_agent,
@@ -492,12 +493,20 @@ def queue_gpu_work(reader: CudaIpcAgent) -> None:
         torch.cuda._sleep(400_000_000)
 
 
+QUEUED_READ = ([3, 9, 1, 27, 4, 15], [0, 8, 16, 24, 32, 40])  # scattered: the gather-scatter kernel
+
+
+def start_queued_read(reader: CudaIpcAgent, tag: str) -> TransferHandle:
+    """A read of QUEUED_READ started behind queue_gpu_work(): it stays PENDING for ~0.2 s."""
+    queue_gpu_work(reader)
+    return reader.start_read("prefill", *QUEUED_READ, tag=tag)
+
+
 @QUEUED_GPU_COPY
 def test_cuda_ipc_wait_on_a_queued_copy() -> None:
-    remote, local = [3, 9, 1, 27, 4, 15], [0, 8, 16, 24, 32, 40]
+    remote, local = QUEUED_READ
     with cuda_ipc_reader("ipc-wait-queued") as reader:
-        queue_gpu_work(reader)
-        handle = reader.start_read("prefill", remote, local, tag="q-1")
+        handle = start_queued_read(reader, "q-1")
         t0 = time.monotonic()
         assert reader.wait(handle, 0.0) is PENDING and reader.poll(handle) is PENDING
         assert time.monotonic() - t0 < 0.05  # a spent timeout never blocks on the event
@@ -508,17 +517,15 @@ def test_cuda_ipc_wait_on_a_queued_copy() -> None:
 
 @QUEUED_GPU_COPY
 def test_cuda_ipc_release_waits_for_the_copy_within_its_deadline() -> None:
-    remote, local = [3, 9, 1, 27, 4, 15], [0, 8, 16, 24, 32, 40]
+    remote, local = QUEUED_READ
     with cuda_ipc_reader("ipc-release-queued") as reader:
-        queue_gpu_work(reader)
-        handle = reader.start_read("prefill", remote, local, tag="r-1")
+        handle = start_queued_read(reader, "r-1")
         reader.release(handle)  # returns only once the copy has landed
         assert same_bytes(reader.kv_cache[local].cpu(), make_cache(PEER_SEED)[remote])
         reader.kv_cache.zero_()
         torch.cuda.synchronize()  # zeroed before the next copy lands, which does not wait for this stream
         reader.release_timeout_s = 0.0  # no time to wait: release() must refuse, the blocks stay owned
-        queue_gpu_work(reader)
-        handle = reader.start_read("prefill", remote, local, tag="r-2")
+        handle = start_queued_read(reader, "r-2")
         with pytest.raises(TransferError, match="still running"):
             reader.release(handle)
         assert not handle.released

@@ -38,7 +38,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x W^T + b. One row on CUDA (a batch-1 decode step) takes the GEMV kernel: one launch reading W at copy
     speed, where cuBLAS splits some of these shapes over K and adds a reduction kernel."""
-    if _fast(x) and x.shape[0] == 1:
+    if _fast(x) and x.shape[0] == 1 and x.stride(1) == weight.stride(1) == 1 and x.dtype == weight.dtype:
         return _gemv_kernel(x, weight, bias)
     return F.linear(x, weight, bias)
 

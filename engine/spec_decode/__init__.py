@@ -8,7 +8,7 @@ One step (LLMEngine.step):
                                  and free blocks only: speculation never preempts.
     Proposer.propose()           fills request.spec_token_ids (<= its slots); returns q for sampled drafts
     Scheduler.apply_proposals()  shrinks unused slots
-    ModelRunner.execute()        target pass; logits at the last token and every draft position;
+    ModelRunner.launch()         target pass; logits at the last token and every draft position;
                                  rejection_sampler: accepted drafts + one target token per request
     Scheduler.update()           appends them one by one with the stop checks (EOS, stop ids, max_tokens,
                                  max_model_len: nothing after a stop), sets num_computed_tokens to the
