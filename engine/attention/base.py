@@ -54,7 +54,12 @@ class Rotary:
 class AttentionBackend(ABC):
     """Rotates the new queries and keys (when `rope` is given), writes the new K/V into the paged cache, then
     attends causally over each sequence's context. Rotation belongs here so a backend may fuse it with the
-    KV write (one launch per layer instead of two)."""
+    KV write (one launch per layer instead of two).
+
+    window W (sliding-window layers): a query at position p sees keys p - W + 1 .. p only. A backend never
+    reads the KV of a position before the window of the earliest query of its sequence in the batch, so block
+    table entries wholly before it may name any block (or a freed one).
+    softcap c: scores s = scale * q.k become c * tanh(s / c) before the softmax (Gemma 2)."""
 
     name: str = ""
 
@@ -68,6 +73,9 @@ class AttentionBackend(ABC):
         meta: AttentionMetadata,
         scale: float,
         rope: Rotary | None = None,  # None: q and k arrive already rotated (or use no rotary embedding)
+        *,
+        window: int | None = None,  # sliding window in keys (the query's own included); None: the whole context
+        softcap: float | None = None,  # attention logit soft-cap; None: none
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
         ...
 

@@ -33,6 +33,9 @@ class TritonAttention(AttentionBackend):
         meta: AttentionMetadata,
         scale: float,
         rope: Rotary | None = None,
+        *,
+        window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         if rope is None:
             write_kv(k, v, kv_cache, meta.slot_mapping)
@@ -40,6 +43,7 @@ class TritonAttention(AttentionBackend):
             rotary_write_kv(rope.positions, q, k, v, rope.cos, rope.sin, kv_cache, meta.slot_mapping)
         if meta.decode_only and q.shape[0] == meta.seq_lens.shape[0]:
             return paged_decode_attention(q, kv_cache, meta.block_tables, meta.seq_lens, scale,
-                                          self.decode_num_splits, max_seq_len=meta.max_seq_len)
+                                          self.decode_num_splits, window=window, softcap=softcap,
+                                          max_seq_len=meta.max_seq_len)
         return paged_prefill_attention(q, kv_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
-                                       meta.max_query_len, scale)
+                                       meta.max_query_len, scale, window=window, softcap=softcap)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 
 def interpreting() -> bool:
@@ -23,3 +25,23 @@ def dot_upcast(dtype: torch.dtype, device: torch.device) -> bool:
 
 
 ATTN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def tanh(x):  # noqa: ANN001, ANN201 - triton.jit
+    """tanh in float32 through exp of a non-positive argument: no overflow at any |x|, exact sign."""
+    t = tl.exp(-2.0 * tl.abs(x))
+    y = (1.0 - t) / (1.0 + t)
+    return tl.where(x < 0, -y, y)
+
+
+LOG2E = 1.4426950408889634
+
+
+def score_scales(scale: float, softcap: float | None) -> tuple[float, float]:
+    """(qk_scale, cap_log2) for the attention kernels' base-2 softmax: scores are dot * qk_scale without a cap,
+    tanh(dot * qk_scale) * cap_log2 with one (cap * tanh(scale * dot / cap), times log2 e)."""
+    if softcap is None:
+        return scale * LOG2E, 0.0
+    assert softcap > 0, f"softcap must be positive, got {softcap}"
+    return scale / softcap, softcap * LOG2E

@@ -8,6 +8,9 @@ softmax over its partition and writes its normalised partial output and its log-
 Stage 2 runs a program per (sequence, query head) and merges the partials: out = sum_s w_s o_s / sum_s w_s
 with w_s = 2^(lse_s - max lse). With one split, stage 1 writes the output itself and stage 2 is skipped.
 
+Sliding window W: the query (position seq_len - 1) sees keys seq_len - W .. seq_len - 1; the splits partition
+that range and nothing before it is read. Soft-cap c: scores become c * tanh(s / c) before the softmax.
+
 Sequences with seq_len 0 (CUDA-graph padding) read no K/V and produce zeros.
 """
 
@@ -17,9 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels._common import ATTN_DTYPES, dot_upcast
-
-_LOG2E = 1.4426950408889634
+from engine.kernels._common import ATTN_DTYPES, dot_upcast, score_scales, tanh
 
 
 @triton.jit
@@ -31,9 +32,9 @@ def _decode_split_kernel(
     stride_ob, stride_oh, stride_od,
     stride_pb, stride_ph, stride_ps, stride_pd,
     stride_lb, stride_lh, stride_ls,
-    scale_log2, block_size,
+    qk_scale, cap_log2, window, block_size,
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -52,8 +53,9 @@ def _decode_split_kernel(
     if UPCAST:
         q = q.to(tl.float32)
 
-    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = sid * split_len
+    lo = tl.where(window > 0, tl.maximum(seq_len - window, 0), 0)  # the first key the query sees
+    split_len = tl.cdiv(tl.cdiv(seq_len - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = lo + sid * split_len
     end = tl.minimum(start + split_len, seq_len)
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
@@ -80,7 +82,11 @@ def _decode_split_kernel(
             s = tl.dot(q, k_t, input_precision="ieee")
         else:
             s = tl.dot(q, k_t)
-        s = tl.where(n_mask[None, :], s * scale_log2, float("-inf"))
+        if SOFTCAP:  # noqa: SIM108 - constexpr branch
+            s = tanh(s * qk_scale) * cap_log2
+        else:
+            s = s * qk_scale
+        s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -162,6 +168,8 @@ def paged_decode_attention(
     scale: float,
     num_splits: int | None = None,
     *,
+    window: int | None = None,
+    softcap: float | None = None,
     max_seq_len: int | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
@@ -172,7 +180,8 @@ def paged_decode_attention(
     q: [B, H, D] fp32/bf16/fp16; kv_cache: [num_blocks, 2, block_size, KVH, D] (any strides; H % KVH == 0);
     block_tables: [B, max_blocks] int32; seq_lens: [B] int32 (0 allowed: that row comes out zero).
     num_splits: key partitions per sequence (flash-decoding); None picks it from max_seq_len (pass
-    max_seq_len to avoid a device sync) and batch size. Returns [B, H, D] in q's dtype (fp32 accumulation).
+    max_seq_len to avoid a device sync) and batch size. window: attend to the last `window` keys only;
+    softcap: scores c * tanh(s / c). Returns [B, H, D] in q's dtype (fp32 accumulation).
     Tuning knobs: block_n (keys per tile, a power of two >= 16), num_warps, num_stages.
     """
     _check(q, kv_cache, block_tables, seq_lens)
@@ -184,8 +193,9 @@ def paged_decode_attention(
     if num_splits is None:
         if max_seq_len is None:
             max_seq_len = int(seq_lens.max().item())
-        num_splits = default_num_splits(max_seq_len, B, KVH)
-    assert num_splits >= 1
+        num_splits = default_num_splits(min(max_seq_len, window or max_seq_len), B, KVH)
+    assert num_splits >= 1 and (window is None or window > 0)
+    qk_scale, cap_log2 = score_scales(scale, softcap)
     group = H // KVH
     BLOCK_G = max(16, triton.next_power_of_2(group))
     BLOCK_D = max(16, triton.next_power_of_2(D))
@@ -201,9 +211,9 @@ def paged_decode_attention(
         q, kv_cache, block_tables, seq_lens, out, part_o, part_lse,
         *q.stride(), *kv_cache.stride(), *block_tables.stride(), *out.stride(),
         *part_o.stride(), *part_lse.stride(),
-        scale * _LOG2E, kv_cache.shape[2],
+        qk_scale, cap_log2, window or 0, kv_cache.shape[2],
         HEAD_DIM=D, GROUP=group, BLOCK_G=BLOCK_G, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, NUM_SPLITS=num_splits,
-        UPCAST=dot_upcast(q.dtype, q.device), IEEE=q.dtype == torch.float32,
+        UPCAST=dot_upcast(q.dtype, q.device), IEEE=q.dtype == torch.float32, SOFTCAP=softcap is not None,
         num_warps=num_warps or 4, num_stages=num_stages or 2,
     )
     if num_splits > 1:
@@ -223,6 +233,9 @@ def paged_decode_attention_ref(
     seq_lens: torch.Tensor,
     scale: float,
     num_splits: int | None = None,
+    *,
+    window: int | None = None,
+    softcap: float | None = None,
     **_: object,
 ) -> torch.Tensor:
     """Pure-torch twin of `paged_decode_attention` (fp32 math, K/V rounded to q's dtype first as the kernel does)."""
@@ -240,5 +253,9 @@ def paged_decode_attention_ref(
         k = k.repeat_interleave(H // KVH, dim=1)
         v = v.repeat_interleave(H // KVH, dim=1)
         s = torch.einsum("hd,nhd->hn", q[b].float(), k) * scale
+        if softcap is not None:
+            s = torch.tanh(s / softcap) * softcap
+        if window is not None:
+            s[:, : max(0, n - window)] = float("-inf")
         out[b] = torch.einsum("hn,nhd->hd", s.softmax(-1), v).to(q.dtype)
     return out

@@ -9,6 +9,10 @@ that share the KV head are packed into the tile's rows (row = head_in_group * BL
 [BLOCK_M = G' * BLOCK_T, D] query tile multiplies each K/V tile once for the whole group. It walks the keys in
 BLOCK_N tiles up to the tile's last causal position with an online softmax (base 2, fp32 accumulation);
 QK^T and PV are `tl.dot`s.
+
+Sliding window W: query position p sees keys p - W + 1 .. p. A tile reads keys from the window start of its
+first query on (positions before it are never loaded, so their block-table entries are never read); key
+tiles inside every row's window and causal range run unmasked. Soft-cap c: scores become c * tanh(s / c).
 """
 
 from __future__ import annotations
@@ -17,26 +21,25 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels._common import ATTN_DTYPES, dot_upcast
-
-_LOG2E = 1.4426950408889634
+from engine.kernels._common import ATTN_DTYPES, dot_upcast, score_scales, tanh
 
 
 @triton.jit
 def _prefill_tiles(
-    acc, l_i, m_i, q, q_pos, q_ptr, cache_ptr, bt_row, head_off, lo, hi, kv_end,
-    stride_btn, stride_cb, stride_cs, stride_ckv, stride_cd, scale_log2, block_size,
+    acc, l_i, m_i, q, q_pos, q_ptr, cache_ptr, bt_row, head_off, lo, hi, kv_lo, kv_end, window,
+    stride_btn, stride_cb, stride_cs, stride_ckv, stride_cd, qk_scale, cap_log2, block_size,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    MASK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
-    """Online softmax over key tiles [lo, hi). MASK: apply causal/length masks (else every key is visible)."""
+    """Online softmax over key tiles [lo, hi); keys outside [kv_lo, kv_end) are not loaded. MASK: apply the
+    causal and window masks per row (else every loaded key is visible to every row)."""
     QDT = q_ptr.dtype.element_ty
     n_off = tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     d_mask = d < HEAD_DIM
     for n0 in range(lo, hi, BLOCK_N):
         pos = n0 + n_off
-        n_mask = pos < kv_end
+        n_mask = (pos < kv_end) & (pos >= kv_lo)
         page = tl.load(bt_row + (pos // block_size) * stride_btn, mask=n_mask, other=0).to(tl.int64)
         tok = page * stride_cb + (pos % block_size) * stride_cs + head_off
         k_t = tl.load(cache_ptr + tok[None, :] + d[:, None] * stride_cd,
@@ -52,13 +55,17 @@ def _prefill_tiles(
             s = tl.dot(q, k_t, input_precision="ieee")
         else:
             s = tl.dot(q, k_t)
-        s = s * scale_log2
+        if SOFTCAP:  # noqa: SIM108 - constexpr branch
+            s = tanh(s * qk_scale) * cap_log2
+        else:
+            s = s * qk_scale
         if MASK:
-            visible = (pos[None, :] <= q_pos[:, None]) & n_mask[None, :]
+            visible = (pos[None, :] <= q_pos[:, None]) & (pos[None, :] > q_pos[:, None] - window) & n_mask[None, :]
             s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet stays empty
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if UPCAST:
             pv = tl.dot(p.to(QDT).to(tl.float32), v)
@@ -78,9 +85,9 @@ def _prefill_kernel(
     stride_cb, stride_ckv, stride_cs, stride_ch, stride_cd,
     stride_btb, stride_btn,
     stride_ot, stride_oh, stride_od,
-    scale_log2, block_size,
+    qk_scale, cap_log2, window, block_size,
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -112,18 +119,27 @@ def _prefill_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     bt_row = bt_ptr + b.to(tl.int64) * stride_btb
     head_off = kvh * stride_ch
-    kv_end = tl.minimum(ctx_len + (mt + 1) * BLOCK_T, seq_len)
-    # Key tiles wholly at or before the tile's first query position are visible to every row: no masks there.
-    full_end = (ctx_len + mt * BLOCK_T + 1) // BLOCK_N * BLOCK_N
+    first_q = ctx_len + mt * BLOCK_T
+    kv_end = tl.minimum(first_q + BLOCK_T, seq_len)  # one past the tile's last real query position
+    w = tl.where(window > 0, window, first_q + BLOCK_T + 1)  # no window: wider than any row's context
+    kv_lo = tl.maximum(first_q - w + 1, 0)  # the first key any row of the tile sees
+    # Key tiles [mid, full_end) lie inside every row's window and at or before its position: no masks there.
+    full_end = (first_q + 1) // BLOCK_N * BLOCK_N
+    mid = tl.minimum(tl.cdiv(tl.maximum(kv_end - w, 0), BLOCK_N) * BLOCK_N, full_end)
     acc, l_i, m_i = _prefill_tiles(
-        acc, l_i, m_i, q, q_pos, q_ptr, cache_ptr, bt_row, head_off, 0, full_end, kv_end,
-        stride_btn, stride_cb, stride_cs, stride_ckv, stride_cd, scale_log2, block_size,
-        HEAD_DIM, BLOCK_D, BLOCK_N, False, UPCAST, IEEE,
+        acc, l_i, m_i, q, q_pos, q_ptr, cache_ptr, bt_row, head_off, kv_lo // BLOCK_N * BLOCK_N, mid, kv_lo, kv_end,
+        w, stride_btn, stride_cb, stride_cs, stride_ckv, stride_cd, qk_scale, cap_log2, block_size,
+        HEAD_DIM, BLOCK_D, BLOCK_N, True, UPCAST, IEEE, SOFTCAP,
     )
     acc, l_i, m_i = _prefill_tiles(
-        acc, l_i, m_i, q, q_pos, q_ptr, cache_ptr, bt_row, head_off, full_end, kv_end, kv_end,
-        stride_btn, stride_cb, stride_cs, stride_ckv, stride_cd, scale_log2, block_size,
-        HEAD_DIM, BLOCK_D, BLOCK_N, True, UPCAST, IEEE,
+        acc, l_i, m_i, q, q_pos, q_ptr, cache_ptr, bt_row, head_off, mid, full_end, kv_lo, kv_end,
+        w, stride_btn, stride_cb, stride_cs, stride_ckv, stride_cd, qk_scale, cap_log2, block_size,
+        HEAD_DIM, BLOCK_D, BLOCK_N, False, UPCAST, IEEE, SOFTCAP,
+    )
+    acc, l_i, m_i = _prefill_tiles(
+        acc, l_i, m_i, q, q_pos, q_ptr, cache_ptr, bt_row, head_off, full_end, kv_end, kv_lo, kv_end,
+        w, stride_btn, stride_cb, stride_cs, stride_ckv, stride_cd, qk_scale, cap_log2, block_size,
+        HEAD_DIM, BLOCK_D, BLOCK_N, True, UPCAST, IEEE, SOFTCAP,
     )
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -159,6 +175,8 @@ def paged_prefill_attention(
     max_query_len: int,
     scale: float,
     *,
+    window: int | None = None,
+    softcap: float | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
@@ -169,7 +187,8 @@ def paged_prefill_attention(
     q: [T, H, D] fp32/bf16/fp16, rows grouped by sequence; kv_cache: [num_blocks, 2, block_size, KVH, D] (any
     strides, new K/V already written); block_tables: [B, max_blocks] int32; query_start_loc: [B+1] int32;
     seq_lens: [B] int32 (>= each sequence's new-token count); max_query_len: >= the longest run of new tokens
-    (sizes the grid). Returns [T, H, D] in q's dtype. Tuning knobs: block_m (query rows per tile, all heads
+    (sizes the grid); window: each query attends to the last `window` keys only; softcap: scores c * tanh(s / c).
+    Returns [T, H, D] in q's dtype. Tuning knobs: block_m (query rows per tile, all heads
     of a group together), block_n (keys per tile; both powers of two >= 16), num_warps, num_stages.
     """
     _check(q, kv_cache, block_tables, query_start_loc, seq_lens)
@@ -188,15 +207,17 @@ def paged_prefill_attention(
     BLOCK_T = BLOCK_M // BLOCK_G
     for blk in (BLOCK_M, BLOCK_N):
         assert blk >= 16 and blk & (blk - 1) == 0, f"tile sizes must be powers of two >= 16, got {blk}"
+    assert window is None or window > 0, f"window must be positive, got {window}"
+    qk_scale, cap_log2 = score_scales(scale, softcap)
     num_warps = num_warps or (8 if BLOCK_M * BLOCK_D >= 128 * 128 else 4)
     num_stages = num_stages or 2
     grid = (B, KVH, triton.cdiv(max_query_len, BLOCK_T))
     _prefill_kernel[grid](
         q, kv_cache, block_tables, query_start_loc, seq_lens, out,
         *q.stride(), *kv_cache.stride(), *block_tables.stride(), *out.stride(),
-        scale * _LOG2E, kv_cache.shape[2],
+        qk_scale, cap_log2, window or 0, kv_cache.shape[2],
         HEAD_DIM=D, GROUP=group, BLOCK_T=BLOCK_T, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
-        UPCAST=dot_upcast(q.dtype, q.device), IEEE=q.dtype == torch.float32,
+        UPCAST=dot_upcast(q.dtype, q.device), IEEE=q.dtype == torch.float32, SOFTCAP=softcap is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
@@ -210,6 +231,9 @@ def paged_prefill_attention_ref(
     seq_lens: torch.Tensor,
     max_query_len: int,
     scale: float,
+    *,
+    window: int | None = None,
+    softcap: float | None = None,
     **_: object,
 ) -> torch.Tensor:
     """Pure-torch twin of `paged_prefill_attention` (fp32 math, K/V rounded to q's dtype first as the kernel does)."""
@@ -227,7 +251,11 @@ def paged_prefill_attention_ref(
         k = kv_cache[pages, 0].flatten(0, 1)[:L].to(q.dtype).float().repeat_interleave(H // KVH, dim=1)
         v = kv_cache[pages, 1].flatten(0, 1)[:L].to(q.dtype).float().repeat_interleave(H // KVH, dim=1)
         s = torch.einsum("qhd,khd->hqk", q[qsl[b] : qsl[b + 1]].float(), k) * scale
+        if softcap is not None:
+            s = torch.tanh(s / softcap) * softcap
         visible = torch.ones(n, L, dtype=torch.bool, device=q.device).tril(diagonal=L - n)
+        if window is not None:
+            visible &= torch.ones_like(visible).triu(diagonal=L - n - window + 1)
         p = s.masked_fill(~visible, float("-inf")).softmax(-1)
         out[qsl[b] : qsl[b + 1]] = torch.einsum("hqk,khd->qhd", p, v).to(q.dtype)
     return out

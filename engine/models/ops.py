@@ -1,4 +1,5 @@
-"""The few elementwise steps of the model, each with a fused Triton kernel on CUDA and plain torch elsewhere.
+"""The few elementwise and routing steps of the models, each with a fused Triton kernel on CUDA and plain torch
+elsewhere.
 
 The torch versions are written exactly as Hugging Face computes them (that is what the CPU parity tests
 check); the kernels are tested against their own torch twins in tests/test_kernels.py.
@@ -10,9 +11,13 @@ import torch
 import torch.nn.functional as F
 
 try:
+    from engine.kernels.activation import gelu_tanh_and_mul as _gelu_tanh_and_mul_kernel
     from engine.kernels.activation import silu_and_mul as _silu_and_mul_kernel
     from engine.kernels.gemv import gemv as _gemv_kernel
+    from engine.kernels.moe import fused_moe as _fused_moe_kernel
+    from engine.kernels.moe import moe_route as _moe_route_kernel
     from engine.kernels.rmsnorm import fused_add_rmsnorm as _add_rmsnorm_kernel
+    from engine.kernels.rmsnorm import qk_rms_norm as _qk_rms_norm_kernel
     from engine.kernels.rotary import apply_rotary as _rotary_kernel
 
     HAVE_TRITON = True
@@ -24,15 +29,27 @@ def _fast(x: torch.Tensor) -> bool:
     return HAVE_TRITON and x.is_cuda
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """h = x + residual (x alone when residual is None); returns (RMSNorm(h) * weight, h)."""
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 unit_offset: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """h = x + residual (x alone when residual is None); returns (RMSNorm(h) * weight, h). unit_offset: the scale
+    is (1 + weight), applied in float32 before rounding (Gemma)."""
     if _fast(x):
-        return _add_rmsnorm_kernel(x, torch.zeros_like(x) if residual is None else residual, weight, eps)
+        res = torch.zeros_like(x) if residual is None else residual
+        return _add_rmsnorm_kernel(x, res, weight, eps, unit_offset=unit_offset)
     h = x if residual is None else residual + x
     h32 = h.float()
     h32 = h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)
+    if unit_offset:
+        return (h32 * (1.0 + weight.float())).to(h.dtype), h
     return weight * h32.to(h.dtype), h
+
+
+def qk_rms_norm(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
+                unit_offset: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm over the last dim of every query head [T, H, D] and key head [T, KVH, D] (QK-norm)."""
+    if _fast(q):
+        return _qk_rms_norm_kernel(q, k, q_weight, k_weight, eps, unit_offset)
+    return add_rms_norm(q, None, q_weight, eps, unit_offset)[0], add_rms_norm(k, None, k_weight, eps, unit_offset)[0]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -58,9 +75,42 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """SwiGLU's inner product: silu(gate) * up, from the fused [T, 2I] projection."""
+def act_and_mul(gate_up: torch.Tensor, act: str) -> torch.Tensor:
+    """A gated MLP's inner product act(gate) * up from the fused [T, 2I] projection: silu (SwiGLU) or
+    gelu_tanh (GeGLU)."""
     if _fast(gate_up):
-        return _silu_and_mul_kernel(gate_up)
+        return (_silu_and_mul_kernel if act == "silu" else _gelu_tanh_and_mul_kernel)(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return (F.silu(gate) if act == "silu" else F.gelu(gate, approximate="tanh")) * up
+
+
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(x / cap): squashes x smoothly into (-cap, cap) (Gemma 2's logit soft-capping)."""
+    return torch.tanh(x / cap) * cap
+
+
+def moe_route(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits [T, E] -> (weights [T, k] float32, expert ids [T, k]): the k most probable experts of
+    softmax(logits), their probabilities renormalised to sum 1 when `normalize`."""
+    if _fast(logits):
+        return _moe_route_kernel(logits, top_k, normalize)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, weights: torch.Tensor,
+              ids: torch.Tensor, act: str) -> torch.Tensor:
+    """sum_j weights[t, j] * Expert_{ids[t, j]}(x[t]) for every token t, with expert e's gate|up weights
+    w_gate_up[e] [2I, H] and down weights w_down[e] [H, I]. On CUDA one grouped GEMM per projection; elsewhere
+    one pair of matrix multiplies per expert that any token chose, summed in expert order as transformers does."""
+    if _fast(x):
+        return _fused_moe_kernel(x, w_gate_up, w_down, weights, ids, act)
+    out = torch.zeros_like(x)
+    for e in ids.unique().tolist():
+        token, slot = torch.where(ids == e)
+        h = F.linear(act_and_mul(F.linear(x[token], w_gate_up[e]), act), w_down[e])
+        out.index_add_(0, token, (h * weights[token, slot, None]).to(out.dtype))
+    return out

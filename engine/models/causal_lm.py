@@ -1,0 +1,66 @@
+"""What every family shares around its decoder layers: embeddings -> layers -> final norm -> LM head.
+
+The forward pass takes a flat batch of new tokens from many sequences (no padding) with their positions, and
+attention metadata that says where each sequence's tokens and cached keys/values are. A decoder layer is called
+as layer(x, rope, kv_cache_of_its_layer, meta, backend, residual) -> (x, residual): the residual add is done
+by the next norm. Parameter names follow the Hugging Face checkpoints (see engine/models/checkpoint.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from engine.attention.base import AttentionBackend, AttentionMetadata
+from engine.config import ModelConfig
+from engine.models import ops
+
+
+class DecoderStack(nn.Module):
+    """The checkpoint's `model.` part: token embeddings, decoder layers, final norm, rotary tables (no weights)."""
+
+    def __init__(self, embed_tokens: nn.Module, layers: Iterable[nn.Module], norm: nn.Module, rotary_emb: nn.Module
+                 ) -> None:
+        super().__init__()
+        self.embed_tokens = embed_tokens
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
+        self.rotary_emb = rotary_emb
+
+
+class CausalLM(nn.Module):
+    """Decoder stack plus the LM head (tied to the embedding when the config says so)."""
+
+    # (model name fragment, checkpoint name fragment) for families whose checkpoints name a module differently
+    checkpoint_renames: tuple[tuple[str, str], ...] = ()
+
+    def __init__(self, cfg: ModelConfig, model: DecoderStack) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = model
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        kv_cache: torch.Tensor,  # [num_blocks, num_layers, 2, block_size, kv_heads, head_dim]
+        meta: AttentionMetadata,
+        backend: AttentionBackend,
+    ) -> torch.Tensor:  # [T, hidden]
+        assert input_ids.dim() == 1 and input_ids.shape == positions.shape
+        x, residual, rope = self.model.embed_tokens(input_ids), None, self.model.rotary_emb.at(positions)
+        for i, layer in enumerate(self.model.layers):
+            x, residual = layer(x, rope, kv_cache[:, i], meta, backend, residual)
+        return self.model.norm(x, residual)[0]
+
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Float32 logits [T, vocab] (soft-capped where the family caps them); written into `out` when given
+        (a buffer shared by all CUDA graphs)."""
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        logits = ops.linear(hidden, weight)
+        if self.config.final_logit_softcap is not None:
+            logits = ops.softcap(logits, self.config.final_logit_softcap)
+        return logits.float() if out is None else out.copy_(logits)
