@@ -28,16 +28,16 @@ ACTIVATIONS = ("silu", "gelu_tanh")
 
 
 @triton.jit
-def _route_kernel(logits_ptr, w_ptr, ids_ptr, stride_l, E, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr,
-                  NORMALIZE: tl.constexpr):
+def _route_kernel(logits_ptr, w_ptr, ids_ptr, stride_l, E, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr,
+                  BLOCK_E: tl.constexpr, NORMALIZE: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
     x = tl.load(logits_ptr + t * stride_l + e, mask=e < E, other=float("-inf")).to(tl.float32)
     p = tl.exp(x - tl.max(x, 0))
     p = p / tl.sum(p, 0)
-    j = tl.arange(0, TOP_K)
-    top_w = tl.zeros([TOP_K], tl.float32)
-    top_id = tl.zeros([TOP_K], tl.int32)
+    j = tl.arange(0, BLOCK_K)
+    top_w = tl.zeros([BLOCK_K], tl.float32)
+    top_id = tl.zeros([BLOCK_K], tl.int32)
     for i in tl.static_range(TOP_K):
         best = tl.max(p, 0)
         idx = tl.min(tl.where(p == best, e, BLOCK_E), 0)  # the lowest id among equal maxima
@@ -46,8 +46,8 @@ def _route_kernel(logits_ptr, w_ptr, ids_ptr, stride_l, E, TOP_K: tl.constexpr, 
         p = tl.where(e == idx, -1.0, p)
     if NORMALIZE:
         top_w = top_w / tl.sum(top_w, 0)
-    tl.store(w_ptr + t * TOP_K + j, top_w)
-    tl.store(ids_ptr + t * TOP_K + j, top_id.to(tl.int64))
+    tl.store(w_ptr + t * TOP_K + j, top_w, mask=j < TOP_K)
+    tl.store(ids_ptr + t * TOP_K + j, top_id.to(tl.int64), mask=j < TOP_K)
 
 
 def _check_route(logits: torch.Tensor, top_k: int) -> None:
@@ -57,14 +57,13 @@ def _check_route(logits: torch.Tensor, top_k: int) -> None:
 
 def moe_route(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [T, E] -> (weights [T, k] float32, ids [T, k] int64): the k most probable experts of softmax(logits)
-    in descending order, their probabilities renormalised to sum 1 when `normalize`. top_k: a power of two."""
+    in descending order, their probabilities renormalised to sum 1 when `normalize`."""
     _check_route(logits, top_k)
-    assert top_k & (top_k - 1) == 0, f"top_k must be a power of two, got {top_k}"
     T, E = logits.shape
     weights = torch.empty(T, top_k, dtype=torch.float32, device=logits.device)
     ids = torch.empty(T, top_k, dtype=torch.int64, device=logits.device)
     if T:
-        _route_kernel[(T,)](logits, weights, ids, logits.stride(0), E, TOP_K=top_k,
+        _route_kernel[(T,)](logits, weights, ids, logits.stride(0), E, TOP_K=top_k, BLOCK_K=triton.next_power_of_2(top_k),
                             BLOCK_E=triton.next_power_of_2(E), NORMALIZE=normalize)
     return weights, ids
 
