@@ -2,6 +2,7 @@
 # One entry point for a fresh machine: creates .venv on first use, reuses it after.
 #   ./dev.sh serve [args]   start the cluster (router + prefill + decode) with the real SmolLM2 model
 #   ./dev.sh test  [args]   run the whole test suite
+#   ./dev.sh fast  [args]   the fast tier: unit and single-process tests (no cluster processes), about 2.5 min
 #   ./dev.sh generate --prompt "..."   one offline completion
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -23,7 +24,8 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 cmd=${1:-help}; shift || true
 case "$cmd" in
     test) exec "$VENV/bin/python" -m pytest "$@" ;;
+    fast) exec "$VENV/bin/python" -m pytest -m "not cluster and not slow" "$@" ;;
     serve) exec "$VENV/bin/disagg" serve "$@" ;;
-    help|-h|--help) sed -n 2,6p "$0" ;;
+    help|-h|--help) sed -n 2,7p "$0" ;;
     *) exec "$VENV/bin/disagg" "$cmd" "$@" ;;
 esac

@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from benchmarks.given_kv import receive_given_kv
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from engine.request import SamplingParams
 
@@ -75,7 +76,7 @@ def dummy_engine(max_batched: int, max_seqs: int, budget_gib: float, eager: bool
 
 def time_steps(eng, overlap: bool, n: int = 20) -> float:  # noqa: ANN001
     """Mean ms per engine step over n steps (after 2 untimed ones in the same mode)."""
-    eng.overlap = overlap
+    eng._lookahead.enabled = overlap
     for _ in range(2):
         eng.step()
     torch.cuda.synchronize()
@@ -92,21 +93,19 @@ def decode(eng, batches: list[int], ctxs: list[int], copy_tb_s: float) -> list[d
     wbytes = weight_bytes(LLAMA3_8B)
     for ctx in ctxs:
         for B in batches:
-            if -(-(ctx + 64) // 16) * B > eng.kv.num_free_blocks:
+            if -(-(ctx + 64) // 16) * B > eng.load().kv_blocks_free:
                 rows.append({"ctx": ctx, "batch": B, "skipped": "KV does not fit"})
                 continue
             ids = []
             for i in range(B):  # KV for the context is taken as given (decode role): only decode steps are timed
                 rid = f"d{ctx}-{B}-{i}"
-                eng.kv.allocate(rid, ctx)
-                eng.add_request(rid, [1] * ctx, SamplingParams(max_tokens=64, temperature=0, ignore_eos=True),
-                                output_token_ids=[2], num_computed_tokens=ctx)
+                receive_given_kv(eng, rid, [3 + i % 500] * ctx, SamplingParams(max_tokens=64, temperature=0, ignore_eos=True))
                 ids.append(rid)
             for _ in range(3):
                 eng.step()
             ms_sync = time_steps(eng, overlap=False)  # each step waits for its tokens before the next is queued
             ms = time_steps(eng, overlap=True)  # the next step is queued first (engine/lookahead.py)
-            graphs = eng.runner.graphs
+            graphs = eng._runner.graphs
             gpu_ms = None
             if graphs is not None and graphs.query_len([1] * B, [1] * B) == 1:  # the forward alone
                 g = graphs.graphs[(next(s for s in graphs.sizes if s >= B), 1)]
@@ -129,13 +128,11 @@ def profile(eng, B: int = 1, ctx: int = 512, reps: int = 10) -> dict:  # noqa: A
     from torch.profiler import profile as torch_profile
 
     for i in range(B):
-        eng.kv.allocate(f"prof{i}", ctx)
-        eng.add_request(f"prof{i}", [1] * ctx, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True),
-                        output_token_ids=[2], num_computed_tokens=ctx)
+        receive_given_kv(eng, f"prof{i}", [3 + i % 500] * ctx, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
     for _ in range(3):
         eng.step()
     torch.cuda.synchronize()
-    g = eng.runner.graphs.graphs[(next(s for s in eng.runner.graphs.sizes if s >= B), 1)]
+    g = eng._runner.graphs.graphs[(next(s for s in eng._runner.graphs.sizes if s >= B), 1)]
     wall = bench_ms(g.replay)
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
@@ -158,7 +155,7 @@ def prefill(eng, lengths: list[int], matmul_tflop_s: float) -> list[dict]:  # no
             while eng.has_unfinished():
                 eng.step()
 
-        eng.kv.pool.enable_caching = False
+        eng._kv.pool.enable_caching = False
         ms = bench_ms(run, warmup=2, iters=5)
         dense = 2 * T * (weight_bytes(cfg) / 2 - cfg.vocab_size * cfg.hidden_size) + 2 * cfg.vocab_size * cfg.hidden_size
         attn = 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * T * T  # QK^T and PV, causal half of 4*T^2
@@ -231,9 +228,9 @@ def _time_steps(engine) -> list[tuple[float, int]]:  # noqa: ANN001
     step = engine.step
 
     def timed():  # noqa: ANN202
-        p0, t0 = engine.stats.prompt_tokens_computed, time.perf_counter()
+        p0, t0 = engine.stats.prompt_tokens, time.perf_counter()
         res = step()
-        steps.append((time.perf_counter() - t0, engine.stats.prompt_tokens_computed - p0))
+        steps.append((time.perf_counter() - t0, engine.stats.prompt_tokens - p0))
         return res
 
     engine.step = timed
@@ -257,8 +254,8 @@ def parity(path: str) -> dict:
         first_diff = [next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids, strict=True)) if x != y), None)
                       for a, b in zip(ref, fast, strict=True)]
         res[dtype] = {"identical": f"{same}/{len(prompts)}", "first_divergence": first_diff,
-                      "graphs": fast_llm.engine.runner.graphs is not None, "sample": fast[0].text[:60],
-                      "overlapped_steps": fast_llm.engine.stats.lookahead_taken}
+                      "graphs": fast_llm.engine.uses_cuda_graphs, "sample": fast[0].text[:60],
+                      "overlapped_steps": fast_llm.engine.stats.overlap_steps_used}
         print("parity", dtype, res[dtype], flush=True)
     return res
 

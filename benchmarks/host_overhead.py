@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from benchmarks.given_kv import receive_given_kv
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from engine.engine import LLMEngine
 from engine.request import SamplingParams
@@ -39,11 +40,10 @@ def step_ms(batch: int, context: int, steps: int, profile: bool) -> float:
     eng = LLMEngine(EngineConfig(model="tiny", load_format="dummy", dummy_model=TINY, dtype="float32", device="cpu",
                                  cache=CacheConfig(num_blocks=batch * (context // 16 + 8)),
                                  scheduler=SchedulerConfig(max_num_seqs=max(batch, 1), max_num_batched_tokens=8192)))
-    eng.runner.model = StubModel()
+    eng._runner.model = StubModel()
     for i in range(batch):
-        eng.kv.allocate(f"r{i}", context)
-        eng.add_request(f"r{i}", [1] * context, SamplingParams(max_tokens=steps + 10, temperature=0, ignore_eos=True),
-                        output_token_ids=[2], num_computed_tokens=context)
+        params = SamplingParams(max_tokens=steps + 10, temperature=0, ignore_eos=True)
+        receive_given_kv(eng, f"r{i}", [3 + i % 500] * context, params)
     for _ in range(3):
         eng.step()
     prof = cProfile.Profile() if profile else None

@@ -34,8 +34,8 @@ def verify_costs(batches: list[int], context: int, ks: list[int]) -> list[dict]:
     from engine.batch import BatchSeq, build_batch
 
     eng = dummy_engine(max_batched=8192, max_seqs=max(batches), budget_gib=24)
-    assert eng.runner.graphs is not None, "needs CUDA graphs (triton attention on CUDA)"
-    runner, kv, rows = eng.runner, eng.kv, []
+    assert eng._runner.graphs is not None, "needs CUDA graphs (triton attention on CUDA)"
+    runner, kv, rows = eng._runner, eng._kv, []
     for B in batches:
         rids = [f"v{B}-{i}" for i in range(B)]
         for rid in rids:

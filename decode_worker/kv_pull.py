@@ -1,21 +1,19 @@
 """Pulling one request's KV blocks from a prefill worker.
 
-Block ownership on the decode side:
-- `pull` first shares the blocks of the prompt's longest full-block prefix that
-  this worker's own prefix cache holds (ref-counted, as `KVCacheManager.match_prefix`
-  does; they are never written), then allocates the rest under the request id,
-  and starts one READ of only the remote blocks past that prefix (a KVHandle's
-  block ids are in token order) into the newly allocated ones. From then until
-  `agent.release()` returns, the blocks belong to the transfer: nothing frees or
-  reuses them. A prompt whose every block is cached here is not read at all.
-- `release()` is called on every path (done, failed, timed out, cancelled by an
-  abort); only after it returns are failed blocks freed (shared ones lose this
-  request's reference, nothing more), so a block is never
-  handed to another request while a write into it may still land.
-- On success the blocks pass to the engine request, which frees them when it ends.
-- Every pull ends by telling the prefill worker (ReleaseKV, idempotent), so its
-  blocks free now rather than at lease expiry.
-Every wait has a deadline: the pull's own timeout, and never past the lease.
+Block ownership on the decode side (the engine's half is engine/remote_kv.py):
+- `pull` asks the engine to reserve the request's blocks (`receive_kv`): the blocks of the prompt's longest
+  full-block prefix that this worker's prefix cache holds are shared (never written), the rest allocated. It
+  then starts one READ of only the remote blocks past that prefix (a KVHandle's block ids are in token order)
+  into the reservation's `blocks_to_fill`. A prompt whose every block is cached here is not read at all.
+- From then until `agent.release()` returns, those blocks belong to the transfer. `release()` is called on
+  every path (done, failed, timed out, cancelled by an abort); only after it returns does the puller report
+  `kv_received` or `kv_failed` to the engine, which then lets the request run, recomputes it, or (if it was
+  aborted or timed out meanwhile) frees the blocks it kept in quarantine. A block is never handed to another
+  request while a write into it may still land.
+- Every pull ends by telling the prefill worker (ReleaseKV, idempotent), so its blocks free now rather than at
+  lease expiry.
+Every wait has a deadline: the pull's own timeout, and never past the lease; the engine's own deadline for the
+receipt is a little later, a backstop for a pull that never reports.
 """
 
 from __future__ import annotations
@@ -23,20 +21,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
 
 import grpc
 
-from engine.request import Request, SamplingParams
+from engine.engine import StepOutput
+from engine.remote_kv import KVReservation
+from engine.request import Request
 from kvtransfer import KVLayout, KVTransferAgent, TransferHandle, TransferStatus
 from proto import disagg_pb2, disagg_pb2_grpc
+from proto.convert import layout_from_proto
 from worker.async_engine import AsyncEngine
 from worker.config import TransferConfig
-from worker.servicer import TransferCounters, layout_from_proto
+from worker.servicer import TransferCounters
 
 log = logging.getLogger(__name__)
 
 LEASE_MARGIN_S = 1.0  # a pull must end this long before the prefill worker may free the blocks
+ENGINE_GRACE_S = 2.0  # the engine stops waiting this long after the pull's own deadline (a backstop)
 
 
 class TransferSetupError(RuntimeError):
@@ -71,51 +72,34 @@ class KVPuller:
         self.agent.add_remote(md.agent_name, md.metadata)
         self._known_agents.add(md.agent_name)
 
-    async def pull(self, rid: str, h: disagg_pb2.KVHandle, prompt_token_ids: Sequence[int] = ()) -> bool:
-        """True: the request's local blocks now hold the KV of `h.num_tokens` tokens. False: recompute.
-
-        With the prompt's token ids, blocks of its prefix already cached here are shared, not pulled.
-        """
+    async def pull(self, req: Request, h: disagg_pb2.KVHandle) -> tuple[asyncio.Queue[StepOutput], bool]:
+        """Queue `req` (from `engine.make_request`, its first token sampled by the prefill worker) with its
+        prompt's KV pulled from `h`. Returns its output queue and whether the KV arrived (False: the prompt is
+        recomputed here). Raises TransferSetupError when the two workers cannot exchange KV at all."""
+        rid = req.request_id
         lease_left = h.lease_deadline - time.time() - LEASE_MARGIN_S
         if lease_left < self.cfg.timeout_s * 0.1:
             log.warning("%s: lease of its KV has %.1fs left; recomputing instead of pulling", rid, lease_left)
             self._release_remote(h, rid)
-            return False
+            return self.aengine.add(req), False
         await self._ensure_remote(h)
-        kv = self.aengine.engine.kv
-        cached = await self.aengine.run_between_steps(lambda: self._reserve(rid, h, prompt_token_ids))
-        if cached is None:
+        timeout = min(self.cfg.timeout_s, lease_left)
+        q, res = await self.aengine.receive_kv(req, h.num_tokens, timeout + ENGINE_GRACE_S)
+        if res is None:
             log.warning("%s: no free blocks for %d pulled tokens; recomputing", rid, h.num_tokens)
             self._release_remote(h, rid)
-            return False
-        deadline = time.monotonic() + min(self.cfg.timeout_s, lease_left)
-        return await self._read(rid, h, list(kv.block_table(rid)), cached, deadline)
+            return q, False
+        return q, await self._read(rid, h, res, time.monotonic() + timeout)
 
-    def _reserve(self, rid: str, h: disagg_pb2.KVHandle, prompt: Sequence[int]) -> int | None:
-        """Runs between steps. Share the locally cached full-block prefix of the prompt, allocate the other blocks
-        of `h.num_tokens` tokens; returns how many leading blocks are shared, None (holding nothing) if short."""
-        kv = self.aengine.engine.kv
-        cached = 0
-        if len(prompt) == h.num_tokens and not kv.has(rid):
-            # One token past the prompt, so every full block of the prompt may match: its KV all arrives here,
-            # none has to be left for a step to compute (match_prefix's rule for local prefills).
-            probe = Request(rid, list(prompt), SamplingParams(max_tokens=1), output_token_ids=[0])
-            cached = min(kv.match_prefix(probe) // kv.block_size, len(h.block_ids))
-        if not kv.allocate(rid, h.num_tokens):
-            if cached:
-                kv.free(rid)  # give the shared prefix back
-            return None
-        return cached
-
-    async def _read(self, rid: str, h: disagg_pb2.KVHandle, local: list[int], cached: int, deadline: float) -> bool:
-        """READ the remote blocks past the first `cached` (those are shared from the local cache) into `local`."""
+    async def _read(self, rid: str, h: disagg_pb2.KVHandle, res: KVReservation, deadline: float) -> bool:
+        """READ the remote blocks past the reservation's cached prefix into its `blocks_to_fill`."""
         t0, handle, ok = time.monotonic(), None, False
-        remote, dst = list(h.block_ids)[cached:], local[cached:]
+        cached, dst = res.num_cached_blocks, res.blocks_to_fill
         try:
             if not dst:
                 ok = True  # every block was cached here: nothing to read
             else:
-                handle = self.agent.start_read(h.agent_name, remote, dst, tag=rid)
+                handle = self.agent.start_read(h.agent_name, h.block_ids[cached:len(res.block_ids)], dst, tag=rid)
                 # On a worker thread, so the loop keeps serving. If this task is cancelled meanwhile, `finally`
                 # releases the handle at once; the abandoned thread's wait then ends soon after release() does.
                 st = await asyncio.to_thread(self._wait_until, handle, deadline)
@@ -127,15 +111,16 @@ class KVPuller:
             log.exception("%s: KV pull raised", rid)
         finally:
             if handle is not None:
-                self.agent.release(handle)  # after this, no write can land in `local`
+                self.agent.release(handle)  # after this, no write can land in `dst`
             if ok:
                 self.counters.transfers += 1
                 self.counters.transfer_bytes += len(dst) * self.layout.block_bytes
                 self.counters.transfer_seconds += time.monotonic() - t0
                 self.counters.pull_cached_blocks += cached
+                self.aengine.kv_received(rid)
             else:
                 self.counters.transfer_failures += 1
-                self.aengine.call_soon(lambda: self.aengine.engine.kv.free(rid))
+                self.aengine.kv_failed(rid)
             self._release_remote(h, rid)
         return ok
 

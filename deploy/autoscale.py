@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from engine.config import ConfigError, _from_dict
+from engine.config import ConfigError, from_mapping
 
 # pool -> metric -> (unit, True if it is a latency read from the router's histograms)
 POOL_METRICS: dict[str, dict[str, tuple[str, bool]]] = {
@@ -102,7 +102,7 @@ class AutoscalingConfig:
         for pool in ("prefill", "decode"):
             if d.get(pool) is not None:
                 d[pool] = _pool_from_dict(pool, d[pool])
-        return _from_dict(cls, d, "autoscaling")
+        return from_mapping(cls, d, "autoscaling")
 
 
 def _pool_from_dict(pool: str, d: Any) -> PoolAutoscaling:
@@ -116,7 +116,7 @@ def _pool_from_dict(pool: str, d: Any) -> PoolAutoscaling:
     if d["metric"] not in allowed:
         raise ConfigError(f"{where}.metric must be one of {', '.join(allowed)}, got {d['metric']!r}")
     try:
-        return _from_dict(PoolAutoscaling, d, where)
+        return from_mapping(PoolAutoscaling, d, where)
     except ConfigError as e:
         msg = str(e)
         raise ConfigError(msg if msg.startswith(where) else f"{where}: {msg}") from None

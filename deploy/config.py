@@ -19,7 +19,8 @@ from typing import Any
 
 from deploy.autoscale import AutoscalingConfig
 from deploy.placement import RayConfig, Resources
-from engine.config import ConfigError, EngineConfig, _from_dict
+from engine.config import ConfigError, EngineConfig, from_mapping
+from router.config import RouterConfig
 from worker.config import TransferConfig, WorkerConfig
 
 
@@ -53,7 +54,8 @@ class ClusterConfig:
         if self.decode.replicas < 1:
             raise ConfigError("pools.decode.replicas must be at least 1")
         self._check_autoscaling()
-        self.engine_config()  # validate now, not when a worker starts
+        self.engine_config()  # validate now, not when a worker or the router starts
+        self.router_config()
 
     def _check_autoscaling(self) -> None:
         if self.colocated and self.autoscaling.prefill is not None:
@@ -79,6 +81,13 @@ class ClusterConfig:
         return WorkerConfig(role=role, host=host, port=port, worker_id=worker_id, engine=self.engine_config(model),
                             transfer=transfer)
 
+    def router_settings(self) -> dict[str, Any]:
+        """The router section, its model id defaulting to the cluster's model."""
+        return {"model_name": self.model, **self.router}
+
+    def router_config(self) -> RouterConfig:
+        return RouterConfig.from_dict(self.router_settings())
+
     @property
     def colocated(self) -> bool:
         return self.prefill.replicas == 0
@@ -90,15 +99,15 @@ class ClusterConfig:
         unknown = set(pools) - {"prefill", "decode"}
         if unknown:
             raise ConfigError(f"unknown pool(s): {', '.join(sorted(unknown))} (pools are prefill and decode)")
-        d["transfer"] = _from_dict(TransferConfig, d.get("transfer", {}) or {}, "transfer")
+        d["transfer"] = from_mapping(TransferConfig, d.get("transfer", {}) or {}, "transfer")
         for name in ("prefill", "decode"):
             pool = dict(pools.get(name, {}) or {})
             if "resources" in pool:
                 pool["resources"] = Resources.from_dict(pool["resources"], f"pools.{name}.resources")
-            d[name] = _from_dict(PoolConfig, pool, f"pools.{name}")
+            d[name] = from_mapping(PoolConfig, pool, f"pools.{name}")
         d["autoscaling"] = AutoscalingConfig.from_dict(d.get("autoscaling"))
         d["ray"] = RayConfig.from_dict(d.get("ray"))
-        return _from_dict(cls, d, "cluster")
+        return from_mapping(cls, d, "cluster")
 
     @classmethod
     def load(cls, path: str) -> ClusterConfig:

@@ -36,6 +36,8 @@ class LocalCluster:
     def __init__(self, config: ClusterConfig, config_path: str | None = None, router_port: int | None = None,
                  startup_timeout_s: float = 300.0, log_dir: str | None = None, quiet: bool = False,
                  worker_args: list[str] | None = None) -> None:
+        if config_path is None and config.router:
+            raise ValueError("LocalCluster: the router reads its settings from the config file: pass config_path")
         self.config = config
         self.worker_args = worker_args or []
         self.config_path = config_path
@@ -100,13 +102,8 @@ class LocalCluster:
         raise TimeoutError(f"{name} not ready after {self.timeout:.0f}s")
 
     def start_router(self) -> None:
-        cmd = [sys.executable, "-m", "router", "--port", str(self.router_port), "--model-name", self.config.model]
-        for key, value in self.config.router.items():
-            if key in ("port", "model_name"):
-                continue
-            for v in value if isinstance(value, list) else [value]:
-                cmd += [f"--{key.replace('_', '-').rstrip('s') if key == 'api_keys' else key.replace('_', '-')}",
-                        str(v)]
+        cmd = [sys.executable, "-m", "router", "--port", str(self.router_port)]
+        cmd += ["--config", self.config_path] if self.config_path else ["--model-name", self.config.model]
         for name, p in self.procs.items():
             if name.startswith(("prefill", "decode")):
                 cmd += ["--worker", p.address]

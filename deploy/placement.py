@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.config import ConfigError, _from_dict
+from engine.config import ConfigError, from_mapping
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class Resources:
     @classmethod
     def from_dict(cls, d: Any, where: str) -> Resources:
         try:
-            return _from_dict(cls, d if d is not None else {}, where)
+            return from_mapping(cls, d if d is not None else {}, where)
         except ConfigError as e:
             msg = str(e)
             raise ConfigError(msg if msg.startswith(where) else f"{where}: {msg}") from None
@@ -72,7 +72,7 @@ class RayConfig:
         d = dict(d or {}) if isinstance(d, dict) or d is None else d
         if isinstance(d, dict) and "router_resources" in d:
             d["router_resources"] = Resources.from_dict(d["router_resources"], "ray.router_resources")
-        return _from_dict(cls, d, "ray")
+        return from_mapping(cls, d, "ray")
 
 
 def _number(x: object) -> bool:

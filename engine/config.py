@@ -1,11 +1,13 @@
 """Frozen configuration dataclasses, one per component, validated on construction.
 
-No I/O happens here: `EngineConfig.from_dict` takes an already-parsed mapping
-(the YAML loader lives in `engine.config_io`).
+No I/O happens here: `from_mapping` builds any of them from an already-parsed mapping (YAML is read by
+`deploy.config.ClusterConfig.load`). Every component's config, router and deploy included, is built with it.
 """
 
 from __future__ import annotations
 
+import types
+import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
@@ -272,31 +274,39 @@ class EngineConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EngineConfig:
         """Build from a parsed YAML/JSON mapping; unknown keys are errors."""
-        return _from_dict(cls, d, "engine")
+        return from_mapping(cls, d, "engine")
 
 
-def _from_dict(cls: type, d: dict[str, Any], where: str) -> Any:
+def from_mapping(cls: type, d: Any, where: str) -> Any:
+    """Build the frozen dataclass `cls` from a parsed YAML/JSON mapping, naming `where` in every error.
+
+    Unknown keys are errors; a nested mapping becomes the dataclass its field is typed as (also `X | None`); a
+    list becomes a tuple where the field is a tuple. Values are checked by the dataclass's own `__post_init__`.
+    """
     if not isinstance(d, dict):
         raise ConfigError(f"{where} must be a mapping, got {type(d).__name__}")
-    known = {f.name: f for f in fields(cls)}
-    unknown = set(d) - set(known)
+    known = {f.name for f in fields(cls)}
+    unknown = set(d) - known
     if unknown:
         raise ConfigError(f"unknown key(s) in {where}: {', '.join(sorted(unknown))}")
-    kwargs: dict[str, Any] = {}
-    nested = {"cache": CacheConfig, "scheduler": SchedulerConfig, "dummy_model": ModelConfig, "rope_scaling": RopeScaling,
-              "speculative": SpeculativeConfig}
-    for k, v in d.items():
-        sub = nested.get(k)
-        if sub is not None and isinstance(v, dict):
-            kwargs[k] = _from_dict(sub, v, f"{where}.{k}")
-        elif k == "eos_token_ids" and isinstance(v, list):
-            kwargs[k] = tuple(v)
-        else:
-            kwargs[k] = v
+    hints = typing.get_type_hints(cls)
+    kwargs = {k: _coerce(hints.get(k), v, f"{where}.{k}") for k, v in d.items()}
     try:
         return cls(**kwargs)
     except TypeError as e:
         raise ConfigError(f"{where}: {e}") from None
+
+
+def _coerce(hint: Any, v: Any, where: str) -> Any:
+    """A nested mapping -> the dataclass `hint` names; a list -> a tuple where `hint` is a tuple."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
+        else (hint,)
+    if isinstance(v, dict):
+        sub = next((t for t in options if isinstance(t, type) and is_dataclass(t)), None)
+        return from_mapping(sub, v, where) if sub is not None else v
+    if isinstance(v, list) and any(t is tuple or typing.get_origin(t) is tuple for t in options):
+        return tuple(v)
+    return v
 
 
 def asdict_shallow(obj: Any) -> dict[str, Any]:

@@ -1,21 +1,32 @@
-"""The engine core: requests in, token deltas out, one `step()` at a time. No networking, no text."""
+"""The engine core: requests in, token deltas out, one `step()` at a time. No networking, no text.
+
+`LLMEngine`'s public methods are the whole API the workers use (tests/test_seams.py checks that nothing outside
+engine/ reaches past them): requests (`make_request`, `add`, `add_request`, `abort`), stepping (`step`,
+`check_deadlines`), remote KV (`receive_kv`, `kv_received`, `kv_failed`, `lease`, `release_lease`; see
+engine/remote_kv.py for who owns which block when), and what the engine reports (`stats`, `load`,
+`drain_kv_events`, `kv_cache`, `cached_prefix_tokens`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from engine.config import EngineConfig, SpeculativeConfig
+from engine.block_pool import KVEvent
+from engine.config import EngineConfig, ModelConfig, SpeculativeConfig
 from engine.kv_cache_manager import KVCacheManager, cdiv
-from engine.lookahead import Lookahead, Match, SplitStep, launch_lookahead
-from engine.model_runner import DTYPES, LaunchedStep, ModelRunner, num_kv_blocks
+from engine.lookahead import Lookahead
+from engine.model_runner import DTYPES, ModelRunner, num_kv_blocks
+from engine.remote_kv import KVLease, KVReservation, RemoteKV
 from engine.request import FinishReason, InvalidRequestError, Request, RequestStatus, SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.spec_decode import build_proposer
+from engine.stats import EngineLoad, EngineStats
 
 log = logging.getLogger(__name__)
 
@@ -32,42 +43,8 @@ class StepOutput:
     new_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
 
 
-@dataclass
-class EngineStats:
-    """Counters since start: what the engine actually computed."""
-
-    prompt_tokens_computed: int = 0  # prompt positions run through the model (recomputes count again)
-    generation_tokens: int = 0  # tokens sampled
-    steps: int = 0
-    preemptions: int = 0
-    sampling_request_steps: int = 0  # (request, step) pairs that gave the request new tokens
-    spec_steps: int = 0  # steps in which the target verified draft tokens
-    spec_verifications: int = 0  # (request, step) pairs that verified at least one draft token
-    spec_proposed_tokens: int = 0  # draft tokens the target verified
-    spec_accepted_tokens: int = 0  # of which it accepted
-    lookahead_steps: int = 0  # steps queued before the previous step's tokens were read (engine/lookahead.py)
-    lookahead_taken: int = 0  # of which the next schedule took (the rest were dropped: wasted device time)
-    lookahead_postponed: int = 0  # joining requests left to the next guess instead of dropping the queued step
-    lookahead_beside: int = 0  # taken steps whose other rows (prompt chunks) were launched beside the queued one
-
-    @property
-    def acceptance_rate(self) -> float:
-        """Accepted / proposed draft tokens (0 before any proposal)."""
-        return self.spec_accepted_tokens / self.spec_proposed_tokens if self.spec_proposed_tokens else 0.0
-
-    @property
-    def mean_tokens_per_step(self) -> float:
-        """New tokens a request gets per step that gives it any: 1 without speculation, up to k + 1 with it."""
-        return self.generation_tokens / self.sampling_request_steps if self.sampling_request_steps else 0.0
-
-    @property
-    def mean_tokens_per_verification(self) -> float:
-        """Tokens per (request, step) that verified drafts: 1 + accepted drafts, before stop truncation."""
-        return 1 + self.spec_accepted_tokens / self.spec_verifications if self.spec_verifications else 0.0
-
-
 class LLMEngine:
-    """Owns the model runner, the KV cache manager and the scheduler."""
+    """Owns the model runner, the KV cache manager, the scheduler and the requests in flight."""
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -75,29 +52,45 @@ class LLMEngine:
         probe = _probe_model_config(config)
         num_blocks = num_kv_blocks(probe, config.cache, DTYPES[config.dtype])
         self.max_model_len = min(config.max_model_len or probe.max_position_embeddings, probe.max_position_embeddings)
-        self.runner = ModelRunner(config, self.device, num_blocks, self.max_model_len)
-        self.model_config = self.runner.model_config
-        self.kv = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, self.model_config.eos_token_ids)
-        self.requests: dict[str, Request] = {}
+        self._runner = ModelRunner(config, self.device, num_blocks, self.max_model_len)
+        self.model_config: ModelConfig = self._runner.model_config
+        self._kv = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        self._scheduler = Scheduler(config.scheduler, self._kv, self.max_model_len, self.model_config.eos_token_ids)
+        self._requests: dict[str, Request] = {}
         self.stats = EngineStats()
-        self.overlap = config.overlap_steps if config.overlap_steps is not None else self.device.type == "cuda"
-        self.lookahead: Lookahead | None = None
+        self._remote = RemoteKV(self._kv, self._scheduler, self.model_config.num_layers, self.stats)
+        overlap = config.overlap_steps if config.overlap_steps is not None else self.device.type == "cuda"
+        self._lookahead = Lookahead(self._runner, self._kv, self._scheduler, self.stats, overlap)
         self.set_speculative(config.speculative)
 
     def set_speculative(self, spec: SpeculativeConfig | None) -> None:
         """Turn speculative decoding on, off or to another proposer, keeping the loaded target model.
         Only while no request is in flight."""
-        if self.has_unfinished():
+        if self._requests:
             raise RuntimeError("cannot change speculative decoding while requests are in flight")
         self.config = dataclasses.replace(self.config, speculative=spec)
-        self.lookahead = None
-        self.proposer = build_proposer(self.config, self.runner, self.kv.num_blocks, self.max_model_len)
-        self.scheduler.num_spec_tokens = spec.num_speculative_tokens if self.proposer is not None and spec else 0
-        self.runner.prepare_speculation(self.scheduler.num_spec_tokens)
+        self._lookahead.drop()
+        self._proposer = build_proposer(self.config, self._runner, self._kv.num_blocks, self.max_model_len)
+        self._scheduler.num_spec_tokens = spec.num_speculative_tokens if self._proposer is not None and spec else 0
+        self._runner.prepare_speculation(self._scheduler.num_spec_tokens)
+
+    # ---- what the engine is ----------------------------------------------------------------------------------
+    @property
+    def kv_cache(self) -> torch.Tensor:
+        """The paged KV cache, [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim] (transfer agents
+        register it; docs/architecture.md "KV cache layout")."""
+        return self._runner.kv_cache
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self._kv.num_blocks
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        return self._runner.graphs is not None
 
     # ---- requests -------------------------------------------------------------------------------------------
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def validate(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
         """Raise InvalidRequestError if the request can never be served."""
         n = len(prompt_token_ids)
         if n == 0:
@@ -110,114 +103,145 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"this model's maximum context length is {self.max_model_len} tokens, but {n + params.max_tokens} "
                 f"were requested ({n} in the prompt, {params.max_tokens} for the completion)")
-        need = cdiv(n + params.max_tokens, self.kv.block_size)
-        if need > self.kv.num_blocks:
-            raise InvalidRequestError(f"request needs {need} KV blocks but the cache only has {self.kv.num_blocks}")
+        need = cdiv(n + params.max_tokens, self._kv.block_size)
+        if need > self._kv.num_blocks:
+            raise InvalidRequestError(f"request needs {need} KV blocks but the cache only has {self._kv.num_blocks}")
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    keep_blocks_on_finish: bool = False, output_token_ids: list[int] | None = None,
-                    num_computed_tokens: int = 0) -> Request:
-        """Queue a request. A request resuming elsewhere-started work passes the tokens already sampled and
-        how many tokens' KV already sits in the blocks held under its id (a decode worker after a pull)."""
-        if request_id in self.requests:
-            raise InvalidRequestError(f"duplicate request id {request_id!r}")
-        if self.kv.has(request_id) and num_computed_tokens == 0:
-            raise InvalidRequestError(f"request id {request_id!r} still holds KV blocks")
+    def make_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams, *,
+                     output_token_ids: Sequence[int] = (), lease_s: float | None = None) -> Request:
+        """A checked request, not yet queued (raises InvalidRequestError). Pure: callable from any thread.
+        `output_token_ids`: tokens already sampled elsewhere (the request resumes after them). `lease_s`: prefill
+        role, hand off after the first token and lease the KV this long (engine/remote_kv.py)."""
         self.validate(prompt_token_ids, params)
-        req = Request(request_id, list(prompt_token_ids), params, arrival_time=time.monotonic(),
-                      keep_blocks_on_finish=keep_blocks_on_finish)
-        req.output_token_ids.extend(output_token_ids or [])
-        req.num_computed_tokens = num_computed_tokens
-        self.requests[request_id] = req
-        self.scheduler.add(req)
+        req = Request(request_id, list(prompt_token_ids), params, arrival_time=time.monotonic(), lease_s=lease_s)
+        req.output_token_ids.extend(output_token_ids)
+        return req
+
+    def add(self, req: Request) -> None:
+        """Queue a request made by `make_request`. A request with tokens sampled elsewhere but no KV here is a
+        recompute (counted)."""
+        self._claim_id(req.request_id)
+        self._requests[req.request_id] = req
+        self.stats.recomputes += bool(req.output_token_ids)
+        self._scheduler.add(req)
+
+    def add_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams, *,
+                    output_token_ids: Sequence[int] = (), lease_s: float | None = None) -> Request:
+        """`make_request` + `add`."""
+        req = self.make_request(request_id, prompt_token_ids, params, output_token_ids=output_token_ids,
+                                lease_s=lease_s)
+        self.add(req)
         return req
 
     def abort(self, request_id: str) -> bool:
-        """Stop a request now and free its blocks; False if it is unknown or already finished."""
-        req = self.requests.pop(request_id, None)
+        """Stop a request now and free its blocks (or its lease); False if it is unknown or already finished.
+        A request receiving KV ends at once; its blocks are freed when the transfer reports its end."""
+        req = self._requests.pop(request_id, None)
         if req is None or req.is_finished:
-            return False
-        req.keep_blocks_on_finish = False
-        if self.lookahead is not None and any(r is req for r in self.lookahead.requests):
-            self.lookahead.fence()  # its blocks go back to the pool now: no queued write may land in them later
-        self.scheduler.finish(req, FinishReason.ABORT)
-        if self.proposer is not None:
-            self.proposer.remove(request_id)
+            return self._remote.release(request_id)
+        if req.status == RequestStatus.RECEIVING_KV:
+            self._remote.abort(req)
+        else:
+            self._lookahead.before_free(req)  # its blocks go back now: no queued write may land in them later
+            self._scheduler.finish(req, FinishReason.ABORT)
+        if self._proposer is not None:
+            self._proposer.remove(request_id)
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished
+        """Whether `step()` has work: requests waiting or running (receiving ones wait for their KV first)."""
+        return self._scheduler.has_unfinished
+
+    @property
+    def num_requests(self) -> int:
+        """Requests in flight: waiting, running or receiving KV (leased ones have finished)."""
+        return len(self._requests)
+
+    def _claim_id(self, request_id: str) -> None:
+        if request_id in self._requests:
+            raise InvalidRequestError(f"duplicate request id {request_id!r}")
+        if self._kv.has(request_id):
+            raise InvalidRequestError(f"request id {request_id!r} still holds KV blocks")
+
+    # ---- remote KV (engine/remote_kv.py) -----------------------------------------------------------------------
+    def receive_kv(self, req: Request, num_tokens: int, timeout_s: float) -> KVReservation | None:
+        """Register `req` (from `make_request`) as receiving the KV of its first `num_tokens` tokens from
+        elsewhere and reserve its blocks; None (nothing registered) when blocks are short. Report the transfer's
+        end with `kv_received` or `kv_failed`; past `timeout_s` the engine recomputes the prompt instead."""
+        self._claim_id(req.request_id)
+        res = self._remote.receive(req, num_tokens, timeout_s)
+        if res is not None:
+            self._requests[req.request_id] = req
+        return res
+
+    def kv_received(self, request_id: str, layers: range | list[int] | None = None) -> None:
+        """These layers' KV (None: all) sits in the reserved blocks and no transfer writes them any more."""
+        self._remote.received(request_id, layers)
+
+    def kv_failed(self, request_id: str) -> None:
+        """The transfer ended without the KV and writes no more: the prompt is recomputed here."""
+        self._remote.failed(request_id)
+
+    def lease(self, request_id: str) -> KVLease | None:
+        """The lease of a request that handed off (prefill role); None if it has none (any more)."""
+        return self._remote.leases.get(request_id)
+
+    def release_lease(self, request_id: str) -> bool:
+        """Free a leased request's blocks now (its KV was pulled); False if it holds no lease."""
+        return self._remote.release(request_id)
+
+    def check_deadlines(self) -> None:
+        """Recompute receipts past their deadline, free leases past theirs. `step()` does it too; an idle
+        worker's loop calls it."""
+        self._remote.expire()
+
+    def cached_prefix_tokens(self, token_ids: Sequence[int]) -> int:
+        """Tokens of `token_ids`' leading full blocks this engine's prefix cache holds (read-only lookup)."""
+        return len(self._kv.lookup_prefix(list(token_ids))[0]) * self._kv.block_size
 
     # ---- stepping ------------------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
-        out = self.scheduler.schedule()
+        """Schedule, run the model, sample, and report what each request got."""
+        self.check_deadlines()
+        out = self._scheduler.schedule()
         self.stats.preemptions += len(out.preempted)
         if out.is_empty:
             return []
         draft_probs = None
-        if self.proposer is not None:
-            draft_probs = self.proposer.propose(out, self.kv)
-            self.scheduler.apply_proposals(out)
-        launched = self._launch(out, draft_probs)
+        if self._proposer is not None:
+            draft_probs = self._proposer.propose(out, self._kv)
+            self._scheduler.apply_proposals(out)
+        launched = self._lookahead.launch(out, draft_probs)
+        self._count_prompt_tokens(out)
+        self._scheduler.update(out, launched.wait())
+        self.stats.steps += 1
+        self._count_spec(out)
+        results = [r for s in out.scheduled if (r := self._output(s)) is not None]
+        self._lookahead.after_step()  # see engine/lookahead.py: blocks freed under a queued write
+        return results
+
+    def _output(self, s) -> StepOutput | None:  # noqa: ANN001 - ScheduledRequest
+        r, n = s.request, s.num_output_tokens
+        self.stats.generation_tokens += n
+        self.stats.sampling_request_steps += n > 0
+        finished = r.status == RequestStatus.FINISHED
+        if not (n or finished):
+            return None
+        if finished:
+            self._requests.pop(r.request_id, None)
+            if r.finish_reason == FinishReason.HANDOFF:
+                self._remote.grant(r)
+            if self._proposer is not None:
+                self._proposer.remove(r.request_id)
+        return StepOutput(r.request_id, r.output_token_ids[-n:] if n else [], finished,
+                          r.finish_reason.value if r.finish_reason else None, r.stop_reason,
+                          r.logprobs[-s.num_logprobs:] if s.num_logprobs else [])
+
+    def _count_prompt_tokens(self, out: SchedulerOutput) -> None:
         for s in out.scheduled:
             r, start = s.request, s.request.num_computed_tokens
             if start < len(r.prompt_token_ids):
-                self.stats.prompt_tokens_computed += min(start + s.num_new_tokens, len(r.prompt_token_ids)) - start
-        samples = launched.wait()
-        self.scheduler.update(out, samples)
-        self.stats.steps += 1
-        self._count_spec(out)
-        results = []
-        for s in out.scheduled:
-            r, n = s.request, s.num_output_tokens
-            self.stats.generation_tokens += n
-            self.stats.sampling_request_steps += n > 0
-            finished = r.status == RequestStatus.FINISHED
-            if n or finished:
-                results.append(StepOutput(r.request_id, r.output_token_ids[-n:] if n else [], finished,
-                                          r.finish_reason.value if r.finish_reason else None, r.stop_reason,
-                                          r.logprobs[-s.num_logprobs:] if s.num_logprobs else []))
-            if finished:
-                self.requests.pop(r.request_id, None)
-                if self.proposer is not None:
-                    self.proposer.remove(r.request_id)
-        if self.lookahead is not None and self.lookahead.holds_ended_request():
-            self.lookahead.fence()  # see engine/lookahead.py: blocks freed under a queued write
-        return results
-
-    def _launch(self, out: SchedulerOutput, draft_probs: dict[str, torch.Tensor] | None
-                ) -> LaunchedStep | SplitStep:
-        """Queue this step (or take the one queued ahead for it), then, with overlap on, queue a guess of the
-        next one before anything waits for this one's tokens. Rows postponed into that guess leave `out`."""
-        match = self.lookahead.match(out) if self.lookahead is not None else None
-        joining: list[Request] = []
-        if match is None:
-            launched: LaunchedStep | SplitStep = self.runner.launch(out, self.kv, draft_probs)
-        else:
-            launched, joining = self._take(out, match)
-        self.lookahead = None
-        if self.overlap:
-            self.lookahead = launch_lookahead(self.runner, self.kv, self.scheduler, out, launched, joining)
-            self.stats.lookahead_steps += self.lookahead is not None
-        return launched
-
-    def _take(self, out: SchedulerOutput, m: Match) -> tuple[LaunchedStep | SplitStep, list[Request]]:
-        """The queued step as `out`'s, with `m.beside` launched after it; `m.joining` leave `out` (postponed)."""
-        assert self.lookahead is not None
-        guess = self.lookahead.step.select([i for _, i in m.guessed])
-        joining = [out.scheduled[j].request for j in m.joining]
-        self.stats.lookahead_taken += 1
-        self.stats.lookahead_postponed += len(joining)
-        launched: LaunchedStep | SplitStep = guess
-        if m.beside:
-            self.stats.lookahead_beside += 1
-            side = self.runner.launch(SchedulerOutput([out.scheduled[j] for j in m.beside]), self.kv)
-            where = {j: (0, k) for k, (j, _) in enumerate(m.guessed)} | {j: (1, k) for k, j in enumerate(m.beside)}
-            launched = SplitStep((guess, side), [where[j] for j in sorted(where)])
-        if m.joining:
-            later = set(m.joining)
-            out.scheduled = [s for j, s in enumerate(out.scheduled) if j not in later]
-        return launched, joining
+                self.stats.prompt_tokens += min(start + s.num_new_tokens, len(r.prompt_token_ids)) - start
 
     def _count_spec(self, out: SchedulerOutput) -> None:
         verified = [s for s in out.scheduled if s.num_spec_tokens]
@@ -226,6 +250,22 @@ class LLMEngine:
             self.stats.spec_verifications += len(verified)
             self.stats.spec_proposed_tokens += sum(s.num_spec_tokens for s in verified)
             self.stats.spec_accepted_tokens += sum(s.num_accepted_tokens for s in verified)
+
+    # ---- what the engine reports -----------------------------------------------------------------------------
+    def load(self) -> EngineLoad:
+        """The load now. Call between steps (it reads the queues)."""
+        s, kv = self._scheduler, self._kv
+        queued = sum(max(0, r.num_prompt_tokens - r.num_computed_tokens) for r in [*s.waiting, *s.running])
+        return EngineLoad(
+            num_waiting=len(s.waiting), num_running=len(s.running), num_receiving_kv=len(self._remote.receipts),
+            leased_requests=len(self._remote.leases), kv_blocks_quarantined=self._remote.num_quarantined_blocks,
+            queued_prefill_tokens=queued, kv_blocks_total=kv.num_blocks, kv_blocks_free=kv.num_free_blocks,
+            kv_usage=kv.usage(), kv_cached_blocks=kv.pool.num_cached, prefix_query_tokens=kv.query_tokens,
+            prefix_hit_tokens=kv.hit_tokens)
+
+    def drain_kv_events(self) -> list[KVEvent]:
+        """Prefix-cache events (block hash stored / evicted) since the last call. Call between steps."""
+        return self._kv.pool.drain_events()
 
 
 def _probe_model_config(config: EngineConfig):  # noqa: ANN202 - ModelConfig

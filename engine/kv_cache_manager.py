@@ -67,10 +67,6 @@ class KVCacheManager:
     def has(self, request_id: str) -> bool:
         return request_id in self.table_array
 
-    def blocks_needed(self, request_id: str, total_tokens: int) -> int:
-        """New blocks required for the request to hold `total_tokens` tokens."""
-        return max(0, cdiv(total_tokens, self.block_size) - self.table_array.length(request_id))
-
     def allocate(self, request_id: str, total_tokens: int) -> bool:
         """Grow the request's table to hold `total_tokens`; False (and no change) if blocks are short."""
         tables = self.table_array
@@ -83,26 +79,39 @@ class KVCacheManager:
         tables.extend(request_id, self.pool.allocate(need) if need else [])
         return True
 
-    def match_prefix(self, req: Request) -> int:
-        """Share the cached blocks of the request's longest cached prefix; returns tokens covered.
-
-        At least one token is always left to compute, so the step produces logits to sample from.
-        """
-        assert req.request_id not in self.table_array, "match_prefix on a request that already holds blocks"
+    def lookup_prefix(self, token_ids: list[int], max_blocks: int | None = None) -> tuple[list[int], list[int]]:
+        """(blocks, their hashes) of the longest cached run of `token_ids`' leading full blocks, at most
+        `max_blocks` of them; read-only (nothing is taken)."""
         if not self.pool.enable_caching:
-            return 0
-        tokens = req.all_token_ids
-        usable = (len(tokens) - 1) // self.block_size
+            return [], []
+        usable = len(token_ids) // self.block_size
+        if max_blocks is not None:
+            usable = min(usable, max_blocks)
         hits: list[int] = []
         hashes: list[int] = []
         h = ROOT_HASH
         for i in range(usable):
-            h = block_hash(h, tokens[i * self.block_size : (i + 1) * self.block_size])
+            h = block_hash(h, token_ids[i * self.block_size : (i + 1) * self.block_size])
             b = self.pool.lookup(h)
             if b is None:
                 break
             hits.append(b)
             hashes.append(h)
+        return hits, hashes
+
+    def match_prefix(self, req: Request, max_blocks: int | None = None) -> int:
+        """Share the cached blocks of the request's longest cached prefix; returns tokens covered.
+
+        At least one token is always left to compute, so the step produces logits to sample from. A request
+        whose KV arrives from elsewhere passes `max_blocks`, the full blocks that will arrive.
+        """
+        assert req.request_id not in self.table_array, "match_prefix on a request that already holds blocks"
+        if not self.pool.enable_caching:
+            return 0
+        tokens = req.all_token_ids
+        hits, hashes = self.lookup_prefix(tokens, (len(tokens) - 1) // self.block_size)
+        if max_blocks is not None:
+            hits, hashes = hits[:max_blocks], hashes[:max_blocks]
         self.query_tokens += req.num_prompt_tokens
         self.hit_tokens += min(len(hits) * self.block_size, req.num_prompt_tokens)
         if hits:
@@ -135,6 +144,17 @@ class KVCacheManager:
             return 0
         self.pool.free(table[::-1])
         return len(table)
+
+    def detach(self, request_id: str) -> list[int]:
+        """Take the request's blocks out of its table without freeing them (the caller frees them later with
+        `free_blocks`, e.g. once a transfer writing into them has stopped). Their hashes stay registered."""
+        self._hashes.pop(request_id, None)
+        return self.table_array.release(request_id)
+
+    def free_blocks(self, block_ids: list[int]) -> None:
+        """Free blocks taken out with `detach` (last block first, as `free` does)."""
+        if block_ids:
+            self.pool.free(block_ids[::-1])
 
     def trim(self, request_id: str, keep: int) -> bool:
         """Free the request's blocks after its first `keep`; the caller guarantees they hold no computed (so no

@@ -43,6 +43,7 @@ from engine.model_runner import LaunchedStep, ModelRunner
 from engine.request import Request, RequestStatus
 from engine.sampler import DeviceSamples, SampleResult, has_penalty, row_tensor
 from engine.scheduler import Scheduler, SchedulerOutput
+from engine.stats import EngineStats
 
 
 @dataclass
@@ -85,8 +86,8 @@ class SplitStep:
 
 
 @dataclass
-class Lookahead:
-    """A decode step queued before the previous step's tokens were read."""
+class QueuedStep:
+    """A decode step queued before the previous step's tokens were read: the guess."""
 
     step: LaunchedStep
     requests: list[Request]  # one row each, in row order
@@ -142,22 +143,79 @@ def guess_rows(out: SchedulerOutput, scheduler: Scheduler) -> list[int]:
     return rows
 
 
-def launch_lookahead(runner: ModelRunner, kv: KVCacheManager, scheduler: Scheduler, out: SchedulerOutput,
-                     launched: LaunchedStep | SplitStep, joining: list[Request]) -> Lookahead | None:
-    """Queue the guessed next step after `launched` (the step of `out`), or None when there is no guess or a
-    guessed request's next KV slot has no block. `joining` (postponed from this step, their next token known on
-    the host) go into the guess after the guessed rows, at the position they would have computed now."""
-    rows = guess_rows(out, scheduler)
-    if not rows or launched.samples is None:
-        return None
-    requests = [out.scheduled[i].request for i in rows]
-    for r in requests:  # the slot of position num_tokens, as the next schedule would allocate it
-        if not kv.allocate(r.request_id, r.num_tokens + 1):
+class Lookahead:
+    """Launches every step of the engine; with overlap on, also queues the guess of the next one and takes it
+    when the next schedule matches it. The only place where steps overlap (see the module docstring)."""
+
+    def __init__(self, runner: ModelRunner, kv: KVCacheManager, scheduler: Scheduler, stats: EngineStats,
+                 enabled: bool) -> None:
+        self.runner, self.kv, self.scheduler, self.stats, self.enabled = runner, kv, scheduler, stats, enabled
+        self.queued: QueuedStep | None = None
+
+    def launch(self, out: SchedulerOutput, draft_probs: dict[str, torch.Tensor] | None = None
+               ) -> LaunchedStep | SplitStep:
+        """Queue `out` (or take the guess queued for it), then queue the guess of the next step before anything
+        waits for this one's tokens. Rows postponed into that guess leave `out`."""
+        match = self.queued.match(out) if self.queued is not None else None
+        joining: list[Request] = []
+        if match is None:
+            launched: LaunchedStep | SplitStep = self.runner.launch(out, self.kv, draft_probs)
+        else:
+            launched, joining = self._take(out, match)
+        self.queued = None
+        if self.enabled:
+            self.queued = self._queue_guess(out, launched, joining)
+            self.stats.overlap_steps_queued += self.queued is not None
+        return launched
+
+    def after_step(self) -> None:
+        """Before the engine hands control back: wait for the guess if a request in it ended this step."""
+        if self.queued is not None and self.queued.holds_ended_request():
+            self.queued.fence()
+
+    def before_free(self, req: Request) -> None:
+        """Before `req`'s blocks go back to the pool outside a step (an abort): wait for a guess that writes them."""
+        if self.queued is not None and any(r is req for r in self.queued.requests):
+            self.queued.fence()
+
+    def drop(self) -> None:
+        self.queued = None
+
+    def _take(self, out: SchedulerOutput, m: Match) -> tuple[LaunchedStep | SplitStep, list[Request]]:
+        """The queued step as `out`'s, with `m.beside` launched after it; `m.joining` leave `out` (postponed)."""
+        assert self.queued is not None
+        guess = self.queued.step.select([i for _, i in m.guessed])
+        joining = [out.scheduled[j].request for j in m.joining]
+        self.stats.overlap_steps_used += 1
+        self.stats.overlap_joins_delayed += len(joining)
+        launched: LaunchedStep | SplitStep = guess
+        if m.beside:
+            self.stats.overlap_steps_split += 1
+            side = self.runner.launch(SchedulerOutput([out.scheduled[j] for j in m.beside]), self.kv)
+            where = {j: (0, k) for k, (j, _) in enumerate(m.guessed)} | {j: (1, k) for k, j in enumerate(m.beside)}
+            launched = SplitStep((guess, side), [where[j] for j in sorted(where)])
+        if m.joining:
+            later = set(m.joining)
+            out.scheduled = [s for j, s in enumerate(out.scheduled) if j not in later]
+        return launched, joining
+
+    def _queue_guess(self, out: SchedulerOutput, launched: LaunchedStep | SplitStep, joining: list[Request]
+                     ) -> QueuedStep | None:
+        """Queue the guessed next step after `launched` (the step of `out`), or None when there is no guess or
+        a guessed request's next KV slot has no block. `joining` (postponed from this step, their next token
+        known on the host) go into the guess after the guessed rows, at the position they would have computed
+        now."""
+        rows = guess_rows(out, self.scheduler)
+        if not rows or launched.samples is None:
             return None
-    step = runner.launch_decode(requests, launched.input_ids_for(rows), kv, joining)
-    done = None
-    if runner.device.type == "cuda":
-        done = torch.cuda.Event()
-        done.record()
-    starts = [r.num_tokens for r in requests] + [r.num_computed_tokens for r in joining]
-    return Lookahead(step, requests + joining, starts, done)
+        requests = [out.scheduled[i].request for i in rows]
+        for r in requests:  # the slot of position num_tokens, as the next schedule would allocate it
+            if not self.kv.allocate(r.request_id, r.num_tokens + 1):
+                return None
+        step = self.runner.launch_decode(requests, launched.input_ids_for(rows), self.kv, joining)
+        done = None
+        if self.runner.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+        starts = [r.num_tokens for r in requests] + [r.num_computed_tokens for r in joining]
+        return QueuedStep(step, requests + joining, starts, done)

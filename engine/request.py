@@ -73,6 +73,7 @@ class SamplingParams:
 
 
 class RequestStatus(enum.Enum):
+    RECEIVING_KV = "receiving_kv"  # blocks reserved, its KV arriving from another worker (engine/remote_kv.py)
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
@@ -82,6 +83,7 @@ class FinishReason(enum.StrEnum):
     STOP = "stop"  # EOS, a stop token or a stop string
     LENGTH = "length"  # max_tokens or the context limit
     ABORT = "abort"  # cancelled by the caller
+    HANDOFF = "handoff"  # prefill role: first token sampled, KV leased to the worker that decodes the rest
 
 
 @dataclass
@@ -102,8 +104,9 @@ class Request:
     num_preemptions: int = 0
     # Per-token logprob records: (chosen token logprob, [(token, logprob), ...]).
     logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
-    # Prefill role: keep the KV blocks after finishing (for a remote pull).
-    keep_blocks_on_finish: bool = False
+    # Prefill role: after its first token the request hands off (unless that token ends it) and its KV
+    # blocks are leased to a puller for this many seconds. None: an ordinary request.
+    lease_s: float | None = None
     # Speculative decoding: draft tokens proposed for this step, verified by the target model. They are
     # not part of output_token_ids (nor num_tokens) until accepted; the scheduler clears them after each step.
     spec_token_ids: list[int] = field(default_factory=list)
@@ -123,3 +126,15 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status == RequestStatus.FINISHED
+
+
+def check_stop(req: Request, token: int, eos_token_ids: tuple[int, ...], max_model_len: int) -> FinishReason | None:
+    """The stop rule, applied after `token` was appended to the request's output. Every engine role uses it: a
+    prefill worker's first token ends a request by the same rule as a decode worker's last."""
+    p = req.params
+    if token in p.stop_token_ids or (not p.ignore_eos and token in eos_token_ids):
+        req.stop_reason = token
+        return FinishReason.STOP
+    if len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= max_model_len:
+        return FinishReason.LENGTH
+    return None

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 from engine.config import SchedulerConfig
 from engine.kv_cache_manager import KVCacheManager, cdiv
-from engine.request import FinishReason, Request, RequestStatus
+from engine.request import FinishReason, Request, RequestStatus, check_stop
 from engine.sampler import SampleResult
 
 
@@ -86,7 +86,6 @@ class Scheduler:
         self.num_spec_tokens = num_spec_tokens  # draft slots per decoding request per step (0: no speculation)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self.num_preemptions = 0
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -187,7 +186,6 @@ class Scheduler:
         req.spec_token_ids = []
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1
-        self.num_preemptions += 1
         self.waiting.appendleft(req)
 
     def update(self, out: SchedulerOutput, samples: list[list[SampleResult] | SampleResult | None]) -> list[Request]:
@@ -217,13 +215,15 @@ class Scheduler:
                     if t.logprob is not None:
                         req.logprobs.append((t.logprob, t.top_logprobs or []))
                         sched.num_logprobs += 1
-                    reason = self._stop_reason(req, t.token_id)
+                    reason = check_stop(req, t.token_id, self.eos_token_ids, self.max_model_len)
+                    if reason is None and req.lease_s is not None:
+                        reason = FinishReason.HANDOFF  # prefill role: one token, then the KV moves on
                     if reason is not None:
                         break
             req.num_computed_tokens = min(computed, req.num_tokens)
             self.kv.cache_full_blocks(req)
             if reason is not None:
-                # a request that keeps its blocks (prefill role) keeps only those with computed tokens
+                # a request that hands its KV off (prefill role) keeps only the blocks with computed tokens
                 self._trim_blocks(req, cdiv(req.num_computed_tokens, self.kv.block_size))
                 self.finish(req, reason)
                 finished.append(req)
@@ -234,17 +234,8 @@ class Scheduler:
         assert keep * self.kv.block_size >= req.num_computed_tokens, "trimming a block with computed tokens"
         return self.kv.trim(req.request_id, keep)
 
-    def _stop_reason(self, req: Request, token: int) -> FinishReason | None:
-        p = req.params
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
-            req.stop_reason = token
-            return FinishReason.STOP
-        if len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
-            return FinishReason.LENGTH
-        return None
-
     def finish(self, req: Request, reason: FinishReason) -> None:
-        """Take the request out of the queues; free its blocks unless it keeps them for a remote pull."""
+        """Take the request out of the queues; free its blocks unless it hands them off (the engine leases them)."""
         if req.is_finished:
             return
         req.status = RequestStatus.FINISHED
@@ -253,5 +244,5 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        if not req.keep_blocks_on_finish:
+        if reason != FinishReason.HANDOFF:
             self.kv.free(req.request_id)

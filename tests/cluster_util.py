@@ -12,6 +12,7 @@ import yaml
 from deploy.config import ClusterConfig
 from deploy.local import LocalCluster
 from proto import disagg_pb2, disagg_pb2_grpc
+from proto.convert import WorkerLoad, load_from_proto
 from worker.server import free_port
 
 
@@ -34,15 +35,15 @@ def start_cluster(tmp_path, name: str, **overrides: Any) -> LocalCluster:  # noq
     return cluster
 
 
-def worker_load(address: str) -> disagg_pb2.LoadReport:
+def worker_load(address: str) -> WorkerLoad:
     async def call() -> disagg_pb2.LoadReport:
         async with grpc.aio.insecure_channel(address) as ch:
             return await disagg_pb2_grpc.WorkerStub(ch).Load(disagg_pb2.LoadRequest(), timeout=5)
 
-    return asyncio.run(call())
+    return load_from_proto(asyncio.run(call()))
 
 
-def wait_blocks_free(address: str, timeout_s: float = 5.0) -> disagg_pb2.LoadReport:
+def wait_blocks_free(address: str, timeout_s: float = 5.0) -> WorkerLoad:
     """Poll until the worker holds no KV blocks and no leases (or the timeout passes); returns the last report."""
     deadline = time.monotonic() + timeout_s
     while True:

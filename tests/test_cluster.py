@@ -17,6 +17,8 @@ from engine.llm import LLM
 from engine.request import SamplingParams
 from tests.cluster_util import start_cluster, wait_blocks_free, worker_load
 
+pytestmark = pytest.mark.cluster  # starts real router/worker processes (or Ray): not in the fast tier
+
 CHAT = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 
 

@@ -17,14 +17,14 @@ def engine(tiny_llama_dir: str) -> LLMEngine:
 
 
 def run(engine: LLMEngine, reqs: dict[str, tuple[list[int], SamplingParams]]) -> dict[str, list[int]]:
-    free0 = engine.kv.num_free_blocks
+    free0 = engine.load().kv_blocks_free
     for rid, (prompt, params) in reqs.items():
         engine.add_request(rid, prompt, params)
     out: dict[str, list[int]] = {rid: [] for rid in reqs}
     while engine.has_unfinished():
         for so in engine.step():
             out[so.request_id].extend(so.new_token_ids)
-    assert engine.kv.num_free_blocks == free0, "blocks leaked"
+    assert engine.load().kv_blocks_free == free0, "blocks leaked"
     return out
 
 
@@ -51,14 +51,14 @@ def test_stop_token_and_max_tokens(engine: LLMEngine) -> None:
 
 
 def test_abort_frees_blocks(engine: LLMEngine) -> None:
-    free0 = engine.kv.num_free_blocks
+    free0 = engine.load().kv_blocks_free
     engine.add_request("x", [9] * 100, SamplingParams(max_tokens=50, ignore_eos=True))
     engine.step()
     engine.step()
-    assert engine.kv.num_free_blocks < free0
+    assert engine.load().kv_blocks_free < free0
     assert engine.abort("x")
     assert not engine.abort("x")
-    assert engine.kv.num_free_blocks == free0 and not engine.has_unfinished()
+    assert engine.load().kv_blocks_free == free0 and not engine.has_unfinished()
 
 
 @pytest.mark.parametrize("prompt, params, match", [
@@ -67,10 +67,10 @@ def test_abort_frees_blocks(engine: LLMEngine) -> None:
     ([1, 2, 99999], SamplingParams(), "outside the vocabulary"),
 ])
 def test_bad_requests(engine: LLMEngine, prompt: list[int], params: SamplingParams, match: str) -> None:
-    free0 = engine.kv.num_free_blocks
+    free0 = engine.load().kv_blocks_free
     with pytest.raises(InvalidRequestError, match=match):
         engine.add_request("bad", prompt, params)
-    assert engine.kv.num_free_blocks == free0 and not engine.has_unfinished()
+    assert engine.load().kv_blocks_free == free0 and not engine.has_unfinished()
 
 
 def test_request_that_can_never_fit(tiny_llama_dir: str) -> None:

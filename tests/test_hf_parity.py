@@ -29,7 +29,7 @@ SETTINGS = {
 
 def run_engine(cfg: EngineConfig, prompts: list[list[int]]) -> tuple[list[list[int]], list, LLMEngine]:
     eng = LLMEngine(cfg)
-    free0 = eng.kv.num_free_blocks
+    free0 = eng.load().kv_blocks_free
     params = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True, logprobs=2)
     for i, p in enumerate(prompts):
         eng.add_request(str(i), p, params)
@@ -40,9 +40,9 @@ def run_engine(cfg: EngineConfig, prompts: list[list[int]]) -> tuple[list[list[i
         for so in eng.step():
             toks[so.request_id].extend(so.new_token_ids)
             lps[so.request_id].extend(so.new_logprobs)
-        max_running = max(max_running, len(eng.scheduler.running))
-    assert eng.kv.num_free_blocks == free0, "KV blocks leaked"
-    eng.kv.pool.check_invariants()
+        max_running = max(max_running, len(eng._scheduler.running))
+    assert eng.load().kv_blocks_free == free0, "KV blocks leaked"
+    eng._kv.pool.check_invariants()
     eng.max_running_seen = max_running  # type: ignore[attr-defined]
     keys = [str(i) for i in range(len(prompts))]
     return [toks[k] for k in keys], [lps[k] for k in keys], eng
@@ -77,6 +77,7 @@ def smollm2_reference():
     return prompts, [r[0] for r in ref], [r[1] for r in ref]
 
 
+@pytest.mark.slow  # real SmolLM2 against HF transformers: over a minute in all, not in the fast tier
 @pytest.mark.parametrize("name", list(SETTINGS))
 def test_smollm2_matches_hf(name: str, smollm2_reference) -> None:  # noqa: ANN001
     prompts, ref, ref_top2 = smollm2_reference

@@ -371,7 +371,7 @@ def test_engine_greedy_same_with_triton_backend(tiny_llama_dir: str) -> None:
     for backend in ("torch", "triton"):
         eng = LLMEngine(EngineConfig(model=tiny_llama_dir, attention_backend=backend, cache=CacheConfig(num_blocks=32),
                                      scheduler=SchedulerConfig(max_num_batched_tokens=24)))
-        assert eng.runner.attn.name == backend
+        assert eng._runner.attn.name == backend
         prompts = {"a": list(range(3, 40)), "b": list(range(3, 30)) + [7, 8], "c": [5, 9, 11]}
         params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
         for rid, p in prompts.items():

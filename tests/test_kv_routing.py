@@ -11,16 +11,18 @@ from typing import Any
 import pytest
 
 from decode_worker.kv_pull import KVPuller
-from engine.config import ConfigError
+from engine.config import CacheConfig, ConfigError, EngineConfig, ModelConfig
+from engine.engine import LLMEngine
 from engine.kv_cache_manager import KVCacheManager, prefix_hashes
 from engine.request import Request, SamplingParams
 from kvtransfer import KVLayout, LocalFabric, create_agent
 from proto import disagg_pb2
+from proto.convert import WorkerLoad, load_from_proto
 from router.config import RouterConfig
 from router.metrics import RouterMetrics
 from router.policy import KVAware, make_policy
 from router.registry import KVIndex, WorkerRegistry, WorkerState
-from tests.test_kvtransfer_peer import make_cache
+from tests.kvtransfer_peer import make_cache
 from worker.config import TransferConfig
 from worker.servicer import KVEventLog, TransferCounters
 
@@ -29,7 +31,7 @@ BS = 4  # block size of the synthetic workers
 
 def state(address: str, block_size: int = BS, **load: Any) -> WorkerState:
     return WorkerState(address, role="both", healthy=True, kv_block_size=block_size,
-                       load=disagg_pb2.LoadReport(**load))
+                       load=WorkerLoad(load))
 
 
 def prompt(seed: int, n: int) -> list[int]:
@@ -78,8 +80,9 @@ def test_event_log_cursor_snapshot_and_trim() -> None:
     assert kv.snapshot and set(kv.cached_hashes) == log.cached and (kv.epoch, kv.seq) == (7, log.seq)
     rep = disagg_pb2.LoadReport()
     log.fill(rep, disagg_pb2.LoadRequest())  # a plain Load (tests, tools): no events, nothing consumed
-    assert not rep.HasField("kv_events") and rep.kv_cached_blocks == len(log.cached)
-    assert pickle.loads(pickle.dumps({f.name: getattr(rep, f.name) for f in rep.DESCRIPTOR.fields}))  # Ray copies it
+    assert not rep.HasField("kv_events")
+    rep.stats["num_running"] = 2
+    assert pickle.loads(pickle.dumps(load_from_proto(rep))).num_running == 2  # Ray copies it
 
 
 def test_index_follows_events_gaps_and_restarts() -> None:
@@ -154,7 +157,7 @@ def test_registry_poll_feeds_the_index() -> None:
     log.extend(kv.pool.drain_events())
     asyncio.run(reg.poll_once())
     assert w.healthy and w.kv_block_size == BS and (w.kv_epoch, w.kv_seq) == (5, 4)
-    assert reg.kv_index.num_blocks("p") == 4 and not w.load.HasField("kv_events")  # applied, then dropped
+    assert reg.kv_index.num_blocks("p") == 4  # applied; the stored load keeps only figures
     cache_prompt(kv, "b", prompt(2, 8))
     log.extend(kv.pool.drain_events())
     asyncio.run(reg.poll_once())
@@ -269,30 +272,49 @@ def test_router_config_kv_weights() -> None:
 
 
 class _Loop:
-    """The part of AsyncEngine a KVPuller uses; the test itself plays the engine loop (nothing steps meanwhile)."""
+    """The part of AsyncEngine a KVPuller uses, over a real engine that is never stepped: each call is applied at
+    once, as the engine loop applies it between steps."""
 
-    def __init__(self, kv: KVCacheManager) -> None:
-        self.engine = type("E", (), {"kv": kv})()
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
 
-    async def run_between_steps(self, fn: Any) -> Any:
-        return fn()
+    def add(self, req: Request) -> asyncio.Queue:
+        self.engine.add(req)
+        return asyncio.Queue()
 
-    def call_soon(self, fn: Any) -> None:
-        fn()
+    async def receive_kv(self, req: Request, num_tokens: int, timeout_s: float) -> tuple[asyncio.Queue, Any]:
+        res = self.engine.receive_kv(req, num_tokens, timeout_s)
+        if res is None:
+            self.engine.add(req)
+        return asyncio.Queue(), res
+
+    def kv_received(self, rid: str) -> None:
+        self.engine.kv_received(rid)
+
+    def kv_failed(self, rid: str) -> None:
+        self.engine.kv_failed(rid)
 
 
-def _puller(kv: KVCacheManager, fault: str | None = None) -> tuple[KVPuller, Any, TransferCounters]:
+def _engine() -> LLMEngine:
+    """Dummy weights; KV cache laid out as make_cache's (2 layers, 2 KV heads of 32, float16, 48 blocks of BS)."""
+    shape = ModelConfig(vocab_size=16384, hidden_size=64, intermediate_size=64, num_layers=2, num_heads=2,
+                        num_kv_heads=2, head_dim=32, max_position_embeddings=256)
+    return LLMEngine(EngineConfig(model="kv", load_format="dummy", dummy_model=shape, dtype="float16",
+                                  cache=CacheConfig(block_size=BS, num_blocks=48)))
+
+
+def _puller(eng: LLMEngine, fault: str | None = None) -> tuple[KVPuller, Any, TransferCounters]:
     fabric = LocalFabric()
-    remote_cache, local_cache = make_cache(seed=1, block_size=BS), make_cache(None, block_size=BS)
+    remote_cache = make_cache(seed=1, block_size=BS)
     remote = create_agent("local", "prefill", remote_cache, fabric=fabric)
-    local = create_agent("local", "decode", local_cache, fabric=fabric, fault=fault)
+    local = create_agent("local", "decode", eng.kv_cache, fabric=fabric, fault=fault)
     local.add_remote("prefill", remote.metadata())
     counters = TransferCounters()
-    puller = KVPuller(local, _Loop(kv), TransferConfig(timeout_s=5, lease_s=30), counters,
-                      KVLayout.from_cache(local_cache))
+    puller = KVPuller(local, _Loop(eng), TransferConfig(timeout_s=5, lease_s=30), counters,
+                      KVLayout.from_cache(eng.kv_cache))
     puller._known_agents.add("prefill")
     puller._release_remote = lambda h, rid: None  # no prefill worker to tell
-    return puller, (remote_cache, local_cache, remote, local), counters
+    return puller, (remote_cache, eng.kv_cache, remote, local), counters
 
 
 def _handle(block_ids: list[int], num_tokens: int) -> disagg_pb2.KVHandle:
@@ -300,24 +322,27 @@ def _handle(block_ids: list[int], num_tokens: int) -> disagg_pb2.KVHandle:
                                lease_deadline=time.time() + 30)
 
 
+def _pull(puller: KVPuller, eng: LLMEngine, rid: str, h: disagg_pb2.KVHandle, tokens: list[int]) -> bool:
+    req = eng.make_request(rid, tokens, SamplingParams(max_tokens=4), output_token_ids=[7])
+    return asyncio.run(puller.pull(req, h))[1]
+
+
 def test_decode_pull_reads_only_blocks_past_its_cached_prefix() -> None:
-    kv = KVCacheManager(num_blocks=48, block_size=BS)
-    puller, (remote_cache, local_cache, *agents), counters = _puller(kv)
+    eng = _engine()
+    kv = eng._kv
+    puller, (remote_cache, local_cache, *agents), counters = _puller(eng)
     block_bytes = puller.layout.block_bytes
     turn1 = prompt(11, 14)  # 3 full blocks + 2 tokens
-    assert asyncio.run(puller.pull("t1", _handle([5, 9, 2, 30], 14), turn1))
+    assert _pull(puller, eng, "t1", _handle([5, 9, 2, 30], 14), turn1)
     t1 = kv.block_table("t1")
     assert len(t1) == 4 and counters.transfer_bytes == 4 * block_bytes and counters.pull_cached_blocks == 0
     assert all(local_cache[t1[i]].equal(remote_cache[r]) for i, r in enumerate([5, 9, 2, 30]))
-    req = Request("t1", turn1, SamplingParams(max_tokens=4), output_token_ids=[7])  # the engine's first step
-    req.num_computed_tokens = 15
-    kv.cache_full_blocks(req)
-    kv.free("t1")  # turn 1 ends: its blocks stay cached
+    assert eng.abort("t1")  # turn 1 ends: its full blocks (registered when the KV arrived) stay cached
 
     # turn 2 extends turn 1: its first 3 blocks are shared, only blocks 3..5 come over the wire
     turn2 = turn1[:12] + prompt(12, 10)  # 22 tokens: 5 full blocks + 2
     remote2 = [40, 41, 42, 13, 14, 15]
-    assert asyncio.run(puller.pull("t2", _handle(remote2, 22), turn2))
+    assert _pull(puller, eng, "t2", _handle(remote2, 22), turn2)
     t2 = kv.block_table("t2")
     assert t2[:3] == t1[:3] and len(t2) == 6 and len(set(t2)) == 6
     assert counters.transfer_bytes == (4 + 3) * block_bytes and counters.pull_cached_blocks == 3
@@ -326,23 +351,25 @@ def test_decode_pull_reads_only_blocks_past_its_cached_prefix() -> None:
     assert kv.query_tokens == 14 + 22 and kv.hit_tokens == 12
 
     # a prompt all of whose blocks are cached here is not read at all
-    assert asyncio.run(puller.pull("t3", _handle([40, 41, 42], 12), turn1[:12]))
+    assert _pull(puller, eng, "t3", _handle([40, 41, 42], 12), turn1[:12])
     assert kv.block_table("t3") == t1[:3] and counters.transfer_bytes == 7 * block_bytes and counters.transfers == 3
     for rid in ("t2", "t3"):
-        kv.free(rid)
+        assert eng.abort(rid)
     kv.pool.check_invariants()
-    assert kv.num_free_blocks == kv.num_blocks
+    assert eng.load().kv_blocks_free == eng.num_kv_blocks
     for a in agents:
         a.close()
 
 
 def test_failed_partial_pull_gives_back_shared_and_new_blocks() -> None:
-    kv = KVCacheManager(num_blocks=48, block_size=BS)
+    eng = _engine()
+    kv = eng._kv
     cache_prompt(kv, "old", prompt(13, 12))  # 3 cached blocks
-    puller, (*_, remote, local), counters = _puller(kv, fault="fail")
-    ok = asyncio.run(puller.pull("x", _handle([1, 2, 3, 4, 5], 18), prompt(13, 12) + prompt(14, 6)))
+    puller, (*_, remote, local), counters = _puller(eng, fault="fail")
+    ok = _pull(puller, eng, "x", _handle([1, 2, 3, 4, 5], 18), prompt(13, 12) + prompt(14, 6))
     assert not ok and counters.transfer_failures == 1 and not kv.has("x")
+    assert eng.stats.recomputes == 1 and eng.load().num_waiting == 1  # queued to recompute its prompt here
     kv.pool.check_invariants()
-    assert kv.num_free_blocks == kv.num_blocks and kv.pool.num_cached == 3  # the shared prefix is still cached
+    assert eng.load().kv_blocks_free == eng.num_kv_blocks and kv.pool.num_cached == 3  # the prefix is still cached
     remote.close()
     local.close()

@@ -18,6 +18,8 @@ from engine.llm import LLM
 from engine.request import SamplingParams
 from tests.cluster_util import start_cluster, worker_load
 
+pytestmark = pytest.mark.cluster  # starts real router/worker processes (or Ray): not in the fast tier
+
 BLOCK = 16
 MAX_TOKENS = 16
 NAMES = ["Ada", "Boris", "Chloe", "Dmitri"]  # first words of the system prompts: no block in common

@@ -37,7 +37,7 @@ from kvtransfer import (
 from kvtransfer.base import block_id_array
 from kvtransfer.cuda_ipc import CudaIpcAgent, block_runs, run_starts
 from kvtransfer.tcp import recv_frame, send_frame
-from tests.test_kvtransfer_peer import (
+from tests.kvtransfer_peer import (
     NUM_BLOCKS,
     InProcessPeer,
     ProcessPeer,

@@ -37,7 +37,7 @@ def test_stop_string_cuts_text(llm: LLM) -> None:
     cut = llm.generate("1, 2, 3, 4,", SamplingParams(max_tokens=16, temperature=0, stop=[" 7,"]))[0]
     assert cut.text == full.text[: full.text.index(" 7,")]
     assert cut.finish_reason == "stop" and cut.outputs[0].stop_reason == " 7,"
-    assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+    assert llm.engine.load().kv_blocks_free == llm.engine.num_kv_blocks
 
 
 def test_logprobs(llm: LLM) -> None:

@@ -35,7 +35,7 @@ def workload() -> dict[str, tuple[list[int], SamplingParams]]:
 
 
 def run(engine: LLMEngine, reqs: dict[str, tuple[list[int], SamplingParams]]) -> dict[str, tuple]:
-    free0 = engine.kv.num_free_blocks
+    free0 = engine.load().kv_blocks_free
     for rid, (prompt, params) in reqs.items():
         engine.add_request(rid, prompt, params)
     tokens: dict[str, list[int]] = {rid: [] for rid in reqs}
@@ -47,7 +47,7 @@ def run(engine: LLMEngine, reqs: dict[str, tuple[list[int], SamplingParams]]) ->
             logprobs[so.request_id].extend(lp for lp, _ in so.new_logprobs)
             if so.finished:
                 reasons[so.request_id] = so.finish_reason
-    assert engine.kv.num_free_blocks == free0, "blocks leaked"
+    assert engine.load().kv_blocks_free == free0, "blocks leaked"
     return {rid: (tokens[rid], logprobs[rid], reasons[rid]) for rid in reqs}
 
 
@@ -65,12 +65,12 @@ def test_overlap_changes_no_output(tiny_llama_dir: str, name: str) -> None:
         assert o_tokens == tokens and o_reason == reason, rid
         assert all(math.isclose(a, b, abs_tol=1e-4) for a, b in zip(lps, o_lps, strict=True)), rid
     st = eng.stats
-    assert st.lookahead_taken > 0 and st.lookahead_steps >= st.lookahead_taken
+    assert st.overlap_steps_used > 0 and st.overlap_steps_queued >= st.overlap_steps_used
     if name == "preemption":
         assert st.preemptions > 0
     if name == "joins and chunks":
-        assert st.lookahead_beside > 0, "prompt chunks should have run beside a taken guess"
-    assert eng.lookahead is None or not eng.has_unfinished()
+        assert st.overlap_steps_split > 0, "prompt chunks should have run beside a taken guess"
+    assert eng._lookahead.queued is None or not eng.has_unfinished()
 
 
 def test_guess_survives_a_stop_token(tiny_llama_dir: str) -> None:
@@ -86,23 +86,23 @@ def test_guess_survives_a_stop_token(tiny_llama_dir: str) -> None:
     assert run(eng, reqs) == plain
     assert plain["stopper"][0] == probe[: probe.index(stop) + 1] and plain["stopper"][2] == "stop"
     # every decode step after the first was taken from a guess, the stop included
-    assert eng.stats.lookahead_steps - eng.stats.lookahead_taken <= 1
+    assert eng.stats.overlap_steps_queued - eng.stats.overlap_steps_used <= 1
 
 
 def test_abort_while_a_guess_is_queued(tiny_llama_dir: str) -> None:
     eng = make(tiny_llama_dir, True)
-    free0 = eng.kv.num_free_blocks
+    free0 = eng.load().kv_blocks_free
     p = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     eng.add_request("a", [3, 4, 5], p)
     eng.add_request("b", [6, 7, 8], p)
     for _ in range(4):
         eng.step()
-    assert eng.lookahead is not None
+    assert eng._lookahead.queued is not None
     assert eng.abort("a")
     rest = []
     while eng.has_unfinished():
         rest += [t for so in eng.step() for t in so.new_token_ids]
-    assert eng.kv.num_free_blocks == free0
+    assert eng.load().kv_blocks_free == free0
     alone = run(make(tiny_llama_dir, False), {"b": ([6, 7, 8], p)})["b"][0]
     assert rest == alone[len(alone) - len(rest):]
 
@@ -112,7 +112,7 @@ def test_no_guess_with_penalties(tiny_llama_dir: str) -> None:
     reqs = {"pen": ([3, 4, 5], SamplingParams(max_tokens=10, temperature=0, repetition_penalty=1.3, ignore_eos=True)),
             "g": ([6, 7], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))}
     assert run(eng, reqs) == run(make(tiny_llama_dir, False), reqs)
-    assert eng.stats.lookahead_steps == 0
+    assert eng.stats.overlap_steps_queued == 0
 
 
 def test_overlap_config() -> None:
@@ -122,15 +122,16 @@ def test_overlap_config() -> None:
 
 
 def joins(eng: LLMEngine) -> dict[str, list[int]]:
-    """Two decoding requests; a prompt prefilled keeping its blocks re-joins as a pulled request would (KV in
-    place, first token known); a one-token prompt joins too. Every join has one token to compute."""
-    free0 = eng.kv.num_free_blocks
+    """Two decoding requests; a prompt prefilled under a lease (prefill role) whose KV is then received by
+    another request of the same engine (decode role: the lease's blocks copied into the reservation, as a pull
+    would); a one-token prompt joins too. Every join has one token to compute."""
+    free0 = eng.load().kv_blocks_free
     p = SamplingParams(max_tokens=14, temperature=0, ignore_eos=True)
-    out: dict[str, list[int]] = {"a": [], "b": [], "pulled": [], "tiny": []}
+    out: dict[str, list[int]] = {"a": [], "b": [], "src": [], "pulled": [], "tiny": []}
     eng.add_request("a", [3, 4, 5], p)
     eng.add_request("b", [6, 7, 8, 9], SamplingParams(max_tokens=14, temperature=0.8, seed=3, ignore_eos=True))
     prompt = list(range(30, 50))
-    eng.add_request("pulled", prompt, SamplingParams(max_tokens=1, temperature=0), keep_blocks_on_finish=True)
+    eng.add_request("src", prompt, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), lease_s=60.0)
 
     def collect(results: list) -> None:  # noqa: ANN001 - StepOutput list
         for so in results:
@@ -138,14 +139,22 @@ def joins(eng: LLMEngine) -> dict[str, list[int]]:
 
     for _ in range(3):
         collect(eng.step())
-    first = out["pulled"]
-    eng.add_request("pulled", prompt, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True),
-                    output_token_ids=list(first), num_computed_tokens=len(prompt))
+    lease = eng.lease("src")
+    assert lease is not None and out["src"]
+    req = eng.make_request("pulled", prompt, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True),
+                           output_token_ids=out["src"])
+    res = eng.receive_kv(req, lease.num_tokens, timeout_s=60.0)
+    assert res is not None
+    for src, dst in zip(lease.block_ids[res.num_cached_blocks:], res.blocks_to_fill, strict=True):
+        eng.kv_cache[dst].copy_(eng.kv_cache[src])
+    assert eng.release_lease("src")
+    eng.kv_received("pulled")
+    out["pulled"] = list(out["src"])
     collect(eng.step())
     eng.add_request("tiny", [11], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
     while eng.has_unfinished():
         collect(eng.step())
-    assert eng.kv.num_free_blocks == free0, "blocks leaked"
+    assert eng.load().kv_blocks_free == free0, "blocks leaked"
     return out
 
 
@@ -155,7 +164,7 @@ def test_joining_requests_wait_one_step_in_the_next_guess(tiny_llama_dir: str) -
     plain = joins(make(tiny_llama_dir, False))
     eng = make(tiny_llama_dir, True)
     assert joins(eng) == plain
-    assert eng.stats.lookahead_postponed == 2
+    assert eng.stats.overlap_joins_delayed == 2
     assert len(plain["pulled"]) == 8 and len(plain["tiny"]) == 5
 
 
@@ -163,10 +172,10 @@ def test_fence_before_blocks_of_a_guessed_request_go_back(tiny_llama_dir: str, m
                                                           ) -> None:
     """The block rule of engine/lookahead.py: when a request in the queued guess ends (stop token, abort), the
     engine waits for the guess before handing control back; in steady decoding it never waits."""
-    from engine.lookahead import Lookahead
+    from engine.lookahead import QueuedStep
 
     fences: list[list[str]] = []
-    monkeypatch.setattr(Lookahead, "fence", lambda self: fences.append([r.request_id for r in self.requests]))
+    monkeypatch.setattr(QueuedStep, "fence", lambda self: fences.append([r.request_id for r in self.requests]))
     eng = make(tiny_llama_dir, True)
     probe = run(make(tiny_llama_dir, False), {"p": ([3, 4, 5], SamplingParams(max_tokens=12, temperature=0,
                                                                                ignore_eos=True))})["p"][0]
@@ -183,7 +192,7 @@ def test_fence_before_blocks_of_a_guessed_request_go_back(tiny_llama_dir: str, m
     for _ in range(3):
         eng.step()
     assert len(fences) == n, "no fence while every guessed request keeps running"
-    assert eng.lookahead is not None and eng.abort("aborted")
+    assert eng._lookahead.queued is not None and eng.abort("aborted")
     assert len(fences) == n + 1 and "aborted" in fences[-1]
     while eng.has_unfinished():
         eng.step()
@@ -205,7 +214,7 @@ def test_guesses_go_on_while_the_queue_cannot_move(tiny_llama_dir: str) -> None:
         while eng.has_unfinished():
             for so in eng.step():
                 out[so.request_id].extend(so.new_token_ids)
-            queued.append(bool(eng.scheduler.waiting) and eng.lookahead is not None)
+            queued.append(bool(eng._scheduler.waiting) and eng._lookahead.queued is not None)
         return out, queued
 
     plain, _ = go(make(tiny_llama_dir, False, **kw))
@@ -213,7 +222,7 @@ def test_guesses_go_on_while_the_queue_cannot_move(tiny_llama_dir: str) -> None:
     overlapped, queued = go(eng)
     assert overlapped == plain
     assert sum(queued) >= 5, "guesses should continue while 'late' waits for blocks"
-    assert eng.kv.num_free_blocks == 11
+    assert eng.load().kv_blocks_free == 11
 
 
 def test_split_step_keeps_each_request_its_own_row() -> None:
@@ -259,7 +268,7 @@ def test_a_prompt_arriving_mid_decode_runs_beside_the_guess(tiny_llama_dir: str)
     eng = make(tiny_llama_dir, True, **kw)
     assert go(eng) == plain and all(len(t) == 16 for t in plain.values())
     st = eng.stats
-    assert st.lookahead_beside >= 6 and st.lookahead_taken == st.lookahead_steps, st  # no guess was wasted
+    assert st.overlap_steps_split >= 6 and st.overlap_steps_used == st.overlap_steps_queued, st  # no guess was wasted
 
 
 def test_a_step_that_samples_nothing_still_waits_for_its_forward() -> None:

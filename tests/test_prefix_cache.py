@@ -39,13 +39,13 @@ def test_shared_system_prompt_computed_once(tiny_llama_dir: str) -> None:
     prompts = [system + [rng.randrange(384) for _ in range(rng.randint(5, 30))] for _ in range(32)]
     cached, plain = engine(tiny_llama_dir, True), engine(tiny_llama_dir, False)
     first = run(cached, prompts[:1], "a")
-    after_first = cached.stats.prompt_tokens_computed
+    after_first = cached.stats.prompt_tokens
     rest = run(cached, prompts[1:], "b")
-    computed_rest = cached.stats.prompt_tokens_computed - after_first
+    computed_rest = cached.stats.prompt_tokens - after_first
     assert computed_rest <= 0.1 * sum(len(p) for p in prompts[1:]), computed_rest
     assert first + rest == run(plain, prompts)
-    assert cached.kv.hit_tokens >= 31 * 512
-    assert cached.kv.num_free_blocks == cached.kv.num_blocks
+    assert cached.load().prefix_hit_tokens >= 31 * 512
+    assert cached.load().kv_blocks_free == cached.num_kv_blocks
 
 
 def test_eviction_under_small_budget_keeps_outputs(tiny_llama_dir: str) -> None:
@@ -54,9 +54,9 @@ def test_eviction_under_small_budget_keeps_outputs(tiny_llama_dir: str) -> None:
     prompts = [rng.choice(bases) + [rng.randrange(384) for _ in range(rng.randint(1, 40))] for _ in range(24)]
     small = engine(tiny_llama_dir, True, num_blocks=40)
     got = [run(small, prompts[i : i + 4], f"c{i}") for i in range(0, 24, 4)]
-    assert small.kv.pool.num_evictions > 0 and small.kv.hit_tokens > 0
+    assert small._kv.pool.num_evictions > 0 and small.load().prefix_hit_tokens > 0
     assert [t for g in got for t in g] == run(engine(tiny_llama_dir, False), prompts)
-    small.kv.pool.check_invariants()
+    small._kv.pool.check_invariants()
 
 
 class CacheMachine(RuleBasedStateMachine):

@@ -31,6 +31,8 @@ from engine.llm import LLM  # noqa: E402
 from engine.request import SamplingParams  # noqa: E402
 from worker.server import free_port  # noqa: E402
 
+pytestmark = pytest.mark.cluster  # starts real router/worker processes (or Ray): not in the fast tier
+
 NS = "disagg-test"
 CHAT = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 WORDS = ["alpha", "beta", "gamma", "delta", "river", "mountain", "city", "history", "music", "science", "ocean", "forest"]

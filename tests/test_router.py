@@ -562,8 +562,10 @@ def test_registry_add_drain_remove_at_run_time(fakes: Callable[[str], FakeServer
 def test_metrics_expose_latencies_counts_and_worker_gauges(
         cluster: tuple[RouterServer, FakeWorker, FakeWorker]) -> None:
     router, p, d = cluster
-    d.load = disagg_pb2.LoadReport(role="decode", num_running=3, kv_usage=0.25, transfers=7, lookahead_steps=9,
-                                   lookahead_taken=8, lookahead_beside=3)
+    d.load = disagg_pb2.LoadReport(role="decode", stats={"num_running": 3, "kv_usage": 0.25, "transfers": 7,
+                                                         "overlap_steps_queued": 9, "overlap_steps_used": 8,
+                                                         "overlap_steps_split": 3},
+                                   stat_help={"overlap_steps_used": "Queued-ahead decode steps used"})
     client(router).completions.create(model=MODEL, prompt="hi", max_tokens=4)
     httpx.post(router.url + "/v1/chat/completions", json={"model": MODEL})
     running = f'disagg_worker_num_running{{role="decode",worker="{d.address}"}} 3.0'
@@ -576,6 +578,7 @@ def test_metrics_expose_latencies_counts_and_worker_gauges(
     assert 'disagg_requests_total{endpoint="completions",status="200"}' in text
     assert 'disagg_requests_total{endpoint="chat",status="400"}' in text
     assert f'disagg_worker_transfers{{role="decode",worker="{d.address}"}} 7.0' in text
-    assert f'disagg_worker_lookahead_taken{{role="decode",worker="{d.address}"}} 8.0' in text
-    assert f'disagg_worker_lookahead_beside{{role="decode",worker="{d.address}"}} 3.0' in text
+    assert f'disagg_worker_overlap_steps_used{{role="decode",worker="{d.address}"}} 8.0' in text
+    assert f'disagg_worker_overlap_steps_split{{role="decode",worker="{d.address}"}} 3.0' in text
+    assert "# HELP disagg_worker_overlap_steps_used Queued-ahead decode steps used" in text  # the worker's words
     assert f'disagg_worker_healthy{{role="prefill",worker="{p.address}"}} 1.0' in text

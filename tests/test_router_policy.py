@@ -7,14 +7,14 @@ from typing import Any
 import pytest
 
 from engine.config import ConfigError
-from proto import disagg_pb2
+from proto.convert import WorkerLoad
 from router.config import RouterConfig
 from router.policy import make_policy
 from router.registry import WorkerState
 
 
 def _state(address: str, **load: Any) -> WorkerState:
-    return WorkerState(address, role="both", healthy=True, load=disagg_pb2.LoadReport(**load))
+    return WorkerState(address, role="both", healthy=True, load=WorkerLoad(load))
 
 
 def test_round_robin_cycles() -> None:
@@ -28,7 +28,7 @@ def test_least_loaded_prefill_counts_queue_and_in_flight() -> None:
     a, b = _state("a", queued_prefill_tokens=500, num_waiting=1), _state("b", queued_prefill_tokens=100, num_waiting=9)
     ll = make_policy("least_loaded", "prefill")
     assert ll.choose([a, b]) is b  # fewer queued tokens wins over fewer waiting requests
-    b.load.queued_prefill_tokens = 500
+    b.load = WorkerLoad({**b.load.stats, "queued_prefill_tokens": 500})
     assert ll.choose([a, b]) is a  # tokens tie: fewer waiting
     with b.dispatched(1000):  # a burst the next Load report does not show yet
         assert ll.choose([a, b]) is a
@@ -40,7 +40,7 @@ def test_least_loaded_decode_prefers_free_kv_then_fewest_running() -> None:
     a, b = _state("a", kv_usage=0.6, num_running=1), _state("b", kv_usage=0.2, num_running=8)
     ll = make_policy("least_loaded", "decode")
     assert ll.choose([a, b]) is b
-    a.load.kv_usage = 0.21  # within one step of b: running decides
+    a.load = WorkerLoad({**a.load.stats, "kv_usage": 0.21})  # within one step of b: running decides
     assert ll.choose([a, b]) is a
     idle = [_state("x"), _state("y")]
     picked = []

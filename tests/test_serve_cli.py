@@ -9,9 +9,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from worker.server import free_port
+
+pytestmark = pytest.mark.cluster  # starts real router/worker processes (or Ray): not in the fast tier
 
 
 def children_of(pid: int) -> list[int]:

@@ -16,12 +16,12 @@ import random
 import pytest
 import torch
 
+from engine.scheduler import Scheduler
 from engine.config import CacheConfig, ConfigError, EngineConfig, SchedulerConfig, SpeculativeConfig
 from engine.engine import LLMEngine
 from engine.kv_cache_manager import KVCacheManager, cdiv, prefix_hashes
 from engine.request import FinishReason, Request, SamplingParams
 from engine.sampler import Sampler, SampleResult, process_logits
-from engine.scheduler import Scheduler
 from engine.spec_decode.ngram import ngram_lookup
 from engine.spec_decode.rejection_sampler import rejection_sample
 
@@ -98,8 +98,8 @@ def run(eng: LLMEngine, reqs: list[tuple[list[int], SamplingParams]], abort_at: 
     """Run to completion; request i joins at step arrive_at[i] (default 0) and is aborted at step abort_at[i].
     Checks on every step that no request holds more blocks than its next step can use, and at the end that every
     block is free again, the pool is consistent, and every block ever cached holds a prefix of a final sequence."""
-    free0 = eng.kv.num_free_blocks
-    k = eng.scheduler.num_spec_tokens
+    free0 = eng.load().kv_blocks_free
+    k = eng._scheduler.num_spec_tokens
     toks: list[list[int]] = [[] for _ in reqs]
     lps: list[list] = [[] for _ in reqs]
     added: dict[str, Request] = {}
@@ -114,14 +114,14 @@ def run(eng: LLMEngine, reqs: list[tuple[list[int], SamplingParams]], abort_at: 
         for so in eng.step():
             toks[int(so.request_id)].extend(so.new_token_ids)
             lps[int(so.request_id)].extend(so.new_logprobs)
-        for r in eng.scheduler.running:
-            assert len(eng.kv.block_table(r.request_id)) <= cdiv(r.num_tokens + k, BS), "holds unusable blocks"
+        for r in eng._scheduler.running:
+            assert len(eng._kv.block_table(r.request_id)) <= cdiv(r.num_tokens + k, BS), "holds unusable blocks"
             assert not r.spec_token_ids
         step += 1
-    assert eng.kv.num_free_blocks == free0, "KV blocks leaked"
-    eng.kv.pool.check_invariants()
+    assert eng.load().kv_blocks_free == free0, "KV blocks leaked"
+    eng._kv.pool.check_invariants()
     final = {h for r in added.values() for h in prefix_hashes(r.all_token_ids, BS)}
-    stored = {e.block_hash for e in eng.kv.pool.drain_events() if e.kind == "stored"}
+    stored = {e.block_hash for e in eng._kv.pool.drain_events() if e.kind == "stored"}
     assert stored <= final, "a cached block holds tokens that are not a prefix of any request's final sequence"
     return toks, lps
 
@@ -191,7 +191,7 @@ def greedy_refs(models: dict[str, str]) -> dict[str, tuple]:
         # chunked prefill (budget 40 < prompt lengths), three running at most, few blocks (preemption)
         eng = make_engine(models[name], max_num_seqs=3, budget=40, num_blocks=32)
         toks, lps = run(eng, reqs, arrive_at=ARRIVE)
-        assert eng.stats.preemptions > 0 and eng.kv.hit_tokens > 0
+        assert eng.stats.preemptions > 0 and eng.load().prefix_hit_tokens > 0
         stop = toks[5][9]
         p = reqs[5][1]
         reqs[5] = (reqs[5][0], SamplingParams(max_tokens=p.max_tokens, temperature=0, ignore_eos=True,
@@ -223,8 +223,8 @@ def test_greedy_matches_no_spec(case: str, models: dict[str, str], greedy_refs: 
         assert st.acceptance_rate == 1.0  # the draft's KV stays in sync through chunks, preemption and prefix hits
     if case in ("ngram_cycle", "draft"):
         assert 0.3 < st.acceptance_rate < 1.0, st.acceptance_rate  # drafts are accepted and rejected
-    if eng.proposer is not None and hasattr(eng.proposer, "_state"):
-        assert not eng.proposer._state  # per-request draft state dropped when requests finish
+    if eng._proposer is not None and hasattr(eng._proposer, "_state"):
+        assert not eng._proposer._state  # per-request draft state dropped when requests finish
 
 
 def test_acceptance_counters(models: dict[str, str]) -> None:
@@ -269,7 +269,7 @@ def test_scheduler_rollback_stop_and_reclaim() -> None:
     assert not a.spec_token_ids and len(kv.block_table("a")) == 3  # a keeps its slot blocks for its next drafts
     assert kv.pool.num_cached == 3  # full blocks of verified tokens only: a's tokens 0..3, b's 0..7
     out = sched.schedule()  # b's own token needs a third block: a's draft-only block goes back, nobody is preempted
-    assert sched.num_preemptions == 0 and [s.num_spec_tokens for s in out.scheduled] == [0, 3]
+    assert not out.preempted and [s.num_spec_tokens for s in out.scheduled] == [0, 3]
     assert len(kv.block_table("a")) == 2 and len(kv.block_table("b")) == 3
     b.spec_token_ids = []
     sched.apply_proposals(out)
@@ -299,7 +299,7 @@ def test_mixed_batch_with_aborts(models: dict[str, str]) -> None:
     eng = make_engine(models["tiny"], spec, max_num_seqs=4, budget=48, num_blocks=40)
     toks, _ = run(eng, reqs, abort_at=abort, arrive_at=arrive)
     assert eng.stats.spec_proposed_tokens > eng.stats.spec_accepted_tokens > 0
-    assert not eng.proposer._state  # type: ignore[union-attr]
+    assert not eng._proposer._state  # type: ignore[union-attr]
     assert toks[7] == [] and len(toks[1]) < reqs[1][1].max_tokens
     plain, _ = run(make_engine(models["tiny"], max_num_seqs=4, budget=48, num_blocks=40), reqs, arrive_at=arrive)
     for i in (0, 4):  # greedy, not aborted
@@ -442,4 +442,4 @@ def test_smollm2_greedy_ngram_and_self() -> None:
         proposed, accepted = (eng.stats.spec_proposed_tokens - before[0], eng.stats.spec_accepted_tokens - before[1])
         if spec.method == "ngram":
             assert accepted > 0.5 * proposed > 0, (accepted, proposed)  # copying text: drafts are mostly right
-    assert eng.kv.num_free_blocks == eng.kv.num_blocks
+    assert eng.load().kv_blocks_free == eng.num_kv_blocks

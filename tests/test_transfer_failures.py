@@ -16,6 +16,8 @@ from engine.request import SamplingParams
 from proto import PROTOCOL_VERSION, disagg_pb2, disagg_pb2_grpc
 from tests.cluster_util import start_cluster, wait_blocks_free, worker_load
 
+pytestmark = pytest.mark.cluster  # starts real router/worker processes (or Ray): not in the fast tier
+
 PROMPT = "The three primary colors are"
 
 

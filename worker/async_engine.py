@@ -13,24 +13,14 @@ import contextlib
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 from engine.engine import LLMEngine, StepOutput
-from engine.request import InvalidRequestError, SamplingParams
+from engine.remote_kv import KVReservation
+from engine.request import InvalidRequestError, Request, SamplingParams
+from engine.stats import EngineLoad
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EngineSnapshot:
-    """Load figures read between steps, so RPC handlers never iterate live engine queues."""
-
-    num_waiting: int = 0
-    num_running: int = 0
-    queued_prefill_tokens: int = 0
-    kv_blocks_free: int = 0
-    kv_blocks_total: int = 0
 
 
 class AsyncEngine:
@@ -38,7 +28,7 @@ class AsyncEngine:
 
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
-        self.snapshot = EngineSnapshot(kv_blocks_free=engine.kv.num_free_blocks, kv_blocks_total=engine.kv.num_blocks)
+        self.snapshot: EngineLoad = engine.load()  # read between steps, so RPC handlers never touch live queues
         self._queues: dict[str, asyncio.Queue[StepOutput]] = {}
         self._pending: list[tuple[Callable[[], Any], asyncio.Future | None]] = []
         self._hooks: list[Callable[[], None]] = []
@@ -61,28 +51,76 @@ class AsyncEngine:
         self._executor.shutdown(wait=True)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
-                    output_token_ids: list[int] | None = None, num_computed_tokens: int = 0,
-                    keep_blocks_on_finish: bool = False) -> asyncio.Queue[StepOutput]:
-        """Validate now (raises InvalidRequestError), enqueue for the next step; returns the output queue."""
-        self.engine.validate(prompt_token_ids, params)
-        q: asyncio.Queue[StepOutput] = asyncio.Queue()
-        self._queues[request_id] = q
+                    output_token_ids: list[int] | None = None, lease_s: float | None = None
+                    ) -> asyncio.Queue[StepOutput]:
+        """Check now (raises InvalidRequestError), enqueue for the next step; returns the output queue."""
+        return self.add(self.engine.make_request(request_id, prompt_token_ids, params,
+                                                 output_token_ids=output_token_ids or (), lease_s=lease_s))
 
-        def add() -> None:
-            try:
-                self.engine.add_request(request_id, prompt_token_ids, params, keep_blocks_on_finish, output_token_ids,
-                                        num_computed_tokens)
-            except InvalidRequestError as e:  # e.g. a duplicate id: end this stream, never leave it waiting
-                self._queues.pop(request_id, None)
-                q.put_nowait(StepOutput(request_id, [], True, "error", stop_reason=str(e)))
-
-        self._submit(add, None)
+    def add(self, req: Request) -> asyncio.Queue[StepOutput]:
+        """Enqueue a request from `engine.make_request` for the next step; returns its output queue."""
+        q = self._open(req.request_id)
+        self._submit(lambda: self._add(req, q), None)
         return q
 
+    async def receive_kv(self, req: Request, num_tokens: int, timeout_s: float
+                         ) -> tuple[asyncio.Queue[StepOutput], KVReservation | None]:
+        """Reserve blocks for a request (from `engine.make_request`) whose prompt KV arrives from elsewhere.
+        Returns its output queue and the reservation; with None (no free blocks) the request is already queued
+        to recompute its prompt here. After a reservation, report the transfer with `kv_received`/`kv_failed`."""
+        q = self._open(req.request_id)
+
+        def reserve() -> KVReservation | None:
+            try:
+                res = self.engine.receive_kv(req, num_tokens, timeout_s)
+            except InvalidRequestError as e:
+                self._fail(req.request_id, q, e)
+                return None
+            if res is None:
+                self._add(req, q)
+            return res
+
+        return q, await self.run_between_steps(reserve)
+
+    def kv_received(self, request_id: str) -> None:
+        self._submit(lambda: self.engine.kv_received(request_id), None)
+
+    def kv_failed(self, request_id: str) -> None:
+        self._submit(lambda: self.engine.kv_failed(request_id), None)
+
+    def _open(self, request_id: str) -> asyncio.Queue[StepOutput]:
+        if request_id in self._queues:  # another stream of this id is live: never take its outputs over
+            raise InvalidRequestError(f"duplicate request id {request_id!r}")
+        q: asyncio.Queue[StepOutput] = asyncio.Queue()
+        self._queues[request_id] = q
+        return q
+
+    def _add(self, req: Request, q: asyncio.Queue[StepOutput]) -> None:
+        try:
+            self.engine.add(req)
+        except InvalidRequestError as e:  # e.g. a duplicate id: end this stream, never leave it waiting
+            self._fail(req.request_id, q, e)
+
+    def _fail(self, request_id: str, q: asyncio.Queue[StepOutput], e: Exception) -> None:
+        if self._queues.get(request_id) is q:
+            del self._queues[request_id]
+        q.put_nowait(StepOutput(request_id, [], True, "error", stop_reason=str(e)))
+
     def abort(self, request_id: str) -> None:
-        """Stop the request at the next step boundary and free its blocks. Idempotent."""
-        self._queues.pop(request_id, None)
+        """Stop the request at the next step boundary and free its blocks (or its lease). Idempotent. Whoever
+        still waits on its output queue gets a last output with finish reason "abort"."""
+        self._end(request_id)
         self._submit(lambda: self.engine.abort(request_id), None)
+
+    async def abort_and_wait(self, request_id: str) -> bool:
+        """`abort`, returning once it is done: False if the engine knew no such request (nor lease)."""
+        self._end(request_id)
+        return await self.run_between_steps(lambda: self.engine.abort(request_id))
+
+    def _end(self, request_id: str) -> None:
+        q = self._queues.pop(request_id, None)
+        if q is not None:
+            q.put_nowait(StepOutput(request_id, [], True, "abort"))
 
     def call_soon(self, fn: Callable[[], Any]) -> None:
         """Run `fn` on the loop thread before the next step, without waiting (safe from `finally` blocks)."""
@@ -110,9 +148,10 @@ class AsyncEngine:
                 if self.engine.has_unfinished():
                     outputs = await loop.run_in_executor(self._executor, self.engine.step)
                     self._dispatch(outputs)
-                    self._take_snapshot()
+                    self.snapshot = self.engine.load()
                 else:
-                    self._take_snapshot()
+                    self.engine.check_deadlines()
+                    self.snapshot = self.engine.load()
                     self._wake.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), timeout=0.05)
@@ -145,11 +184,6 @@ class AsyncEngine:
                 q.put_nowait(so)
                 if so.finished:
                     self._queues.pop(so.request_id, None)
-
-    def _take_snapshot(self) -> None:
-        s, kv = self.engine.scheduler, self.engine.kv
-        queued = sum(max(0, r.num_prompt_tokens - r.num_computed_tokens) for r in [*s.waiting, *s.running])
-        self.snapshot = EngineSnapshot(len(s.waiting), len(s.running), queued, kv.num_free_blocks, kv.num_blocks)
 
     @property
     def healthy(self) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.config import ConfigError, EngineConfig, _from_dict
+from engine.config import ConfigError, EngineConfig, from_mapping
 
 ROLES = ("prefill", "decode")
 
@@ -54,5 +54,5 @@ class WorkerConfig:
     def from_dict(cls, d: dict[str, Any]) -> WorkerConfig:
         d = dict(d)
         engine = EngineConfig.from_dict(d.pop("engine", {}))
-        transfer = _from_dict(TransferConfig, d.pop("transfer", {}), "transfer")
-        return _from_dict(cls, {**d, "engine": engine, "transfer": transfer}, "worker")
+        transfer = from_mapping(TransferConfig, d.pop("transfer", {}), "transfer")
+        return from_mapping(cls, {**d, "engine": engine, "transfer": transfer}, "worker")

@@ -35,7 +35,7 @@ def build_service(config: WorkerConfig, aengine: AsyncEngine, address: str) -> W
         opts["host"] = config.transfer.host
     if config.transfer.backend == "nixl":
         opts["progress_thread"] = config.transfer.nixl_progress_thread
-    agent = create_agent(config.transfer.backend, config.worker_id, engine.runner.kv_cache, **opts)
+    agent = create_agent(config.transfer.backend, config.worker_id, engine.kv_cache, **opts)
     if config.role == "prefill":
         from prefill_worker.service import PrefillService
 

@@ -24,8 +24,8 @@ from deploy.config import ClusterConfig
 from deploy.planner_metrics import PlannerCollector
 from engine.tokenizer import Tokenizer
 from proto import disagg_pb2
+from proto.convert import load_from_proto
 from router.app import create_app
-from router.config import RouterConfig
 from router.registry import WorkerRegistry, WorkerState
 
 
@@ -35,11 +35,6 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
-
-
-def router_config(cfg: ClusterConfig) -> RouterConfig:
-    """The router's settings from the cluster YAML, as `disagg serve` builds them (model name = the model)."""
-    return RouterConfig.from_dict({**cfg.router, "model_name": cfg.model})
 
 
 def tokenizer_path(model: str) -> str:
@@ -56,13 +51,8 @@ def histogram_buckets(h: Histogram) -> list[tuple[float, float]]:
     return sorted((float(s.labels["le"]), float(s.value)) for s in samples)
 
 
-# LoadReport fields a snapshot carries (not all: some are long lists that nothing here reads).
-LOAD_FIELDS = ("num_waiting", "num_running", "queued_prefill_tokens", "kv_usage", "kv_blocks_free", "kv_blocks_total",
-               "leased_requests", "prompt_tokens", "generation_tokens", "transfers", "recomputes")
-
-
 def worker_view(w: WorkerState) -> dict[str, Any]:
-    load = None if w.load is None else {f: getattr(w.load, f) for f in LOAD_FIELDS}
+    load = None if w.load is None else dict(w.load.stats)
     return {"address": w.address, "worker_id": w.worker_id, "role": w.role, "healthy": w.healthy,
             "draining": w.draining or w.remote_draining, "in_flight": w.in_flight,
             "in_flight_tokens": w.in_flight_tokens, "load": load, "error": w.error}
@@ -74,7 +64,7 @@ class RouterActor:
 
     def __init__(self, cluster: dict[str, Any]) -> None:
         cfg = ClusterConfig.from_dict(cluster)
-        self.config = router_config(cfg)
+        self.config = cfg.router_config()
         self.registry = WorkerRegistry([], health_interval_s=self.config.health_interval_s,
                                        rpc_timeout_s=self.config.rpc_timeout_s)
         self.app = create_app(self.config, Tokenizer.from_model_path(tokenizer_path(cfg.model)), self.registry)
@@ -137,10 +127,11 @@ class RouterActor:
             return {"idle": False, "in_flight": w.in_flight}
         # Asked after in_flight reached 0: a lease the last Prefill created is already in this report.
         try:
-            load = await w.stub.Load(disagg_pb2.LoadRequest(), timeout=self.config.rpc_timeout_s)
+            load = load_from_proto(await w.stub.Load(disagg_pb2.LoadRequest(), timeout=self.config.rpc_timeout_s))
         except grpc.aio.AioRpcError as e:
             return {"idle": False, "error": e.code().name}
-        busy = load.num_running + load.num_waiting + load.leased_requests + w.in_flight
+        receiving = int(load.get("num_receiving_kv"))
+        busy = load.num_running + load.num_waiting + receiving + load.leased_requests + w.in_flight
         return {"idle": busy == 0, "running": load.num_running, "waiting": load.num_waiting,
                 "leased": load.leased_requests, "in_flight": w.in_flight}
 
