@@ -186,7 +186,9 @@ def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, we
     P, inter = T * k, two_i // 2
     if T == 0:
         return torch.zeros_like(x)
-    bm, bn, bk, warps = config or (_block_m(P, E), 64, 64, 4)
+    bm = _block_m(P, E)
+    # few rows per expert (decode): narrow column tiles and long K steps, so enough programs stream the weights
+    bm, bn, bk, warps = config or ((bm, 32, 128, 4) if bm == 16 else (bm, 64, 64, 4))
     num_blocks = triton.cdiv(P, bm) + min(E, P)
     sorted_ids = torch.empty(num_blocks * bm, dtype=torch.int32, device=x.device)
     block_expert = torch.empty(num_blocks, dtype=torch.int32, device=x.device)
