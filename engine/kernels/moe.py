@@ -4,10 +4,12 @@ moe_route: one program per token: softmax over the router logits, the k largest 
 ties), optionally renormalised.
 
 fused_moe, for P = T * k (token, expert) pairs:
-1. align (one program): count the pairs of each expert, pad every count to a multiple of BLOCK_M, and write
-   the pairs' ids grouped by expert into `sorted_ids` (padding rows hold P) plus the expert of each BLOCK_M
-   row block (-1 past the end). Sizes depend only on T, k and E, so the launch is CUDA-graph safe: at most
-   cdiv(P, BLOCK_M) + min(E, P) blocks can be non-empty.
+1. align (one program): count the pairs of each expert with atomic tickets (a pair's ticket is its row within its
+   expert's group), pad every count to a multiple of BLOCK_M, and write the pairs' ids grouped by expert into
+   `sorted_ids` (padding rows hold P) plus the expert of each BLOCK_M row block (-1 past the end). Rows do not
+   interact in the GEMMs and step 4 sums in pair order, so the tickets' order does not change any result. Sizes
+   depend only on T, k and E, so the launch is CUDA-graph safe: at most cdiv(P, BLOCK_M) + min(E, P) blocks can
+   be non-empty.
 2. gate/up GEMM: a program per (row block, tile of I columns) multiplies its rows of x by its expert's gate and
    up tiles and stores act(gate) * up: [P, I].
 3. down GEMM: the same over [P, I] with the down weights, each row scaled by its routing weight: [P, H].
@@ -76,14 +78,17 @@ def moe_route_ref(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[to
 
 
 @triton.jit
-def _align_kernel(ids_ptr, sorted_ptr, block_expert_ptr, P, num_blocks, E, BLOCK_E: tl.constexpr,
-                  BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr):
+def _align_kernel(ids_ptr, scratch_ptr, rank_ptr, sorted_ptr, block_expert_ptr, P, num_blocks, E,
+                  BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr):
     e = tl.arange(0, BLOCK_E)
-    counts = tl.zeros([BLOCK_E], tl.int32)
-    for p0 in range(0, P, BLOCK_P):
+    tl.store(scratch_ptr + e, tl.zeros([BLOCK_E], tl.int32))
+    tl.debug_barrier()
+    for p0 in range(0, P, BLOCK_P):  # each pair's rank among its expert's pairs: an atomic ticket (any order works)
         p = p0 + tl.arange(0, BLOCK_P)
-        ids = tl.load(ids_ptr + p, mask=p < P, other=BLOCK_E).to(tl.int32)  # BLOCK_E matches no expert
-        counts += tl.sum((ids[:, None] == e[None, :]).to(tl.int32), 0)
+        ids = tl.load(ids_ptr + p, mask=p < P, other=0).to(tl.int32)
+        tl.store(rank_ptr + p, tl.atomic_add(scratch_ptr + ids, 1, mask=p < P), mask=p < P)
+    tl.debug_barrier()
+    counts = tl.load(scratch_ptr + e, mask=e < E, other=0, cache_modifier=".cg")
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     ends = tl.cumsum(padded, 0)
     starts = ends - padded
@@ -95,15 +100,15 @@ def _align_kernel(ids_ptr, sorted_ptr, block_expert_ptr, P, num_blocks, E, BLOCK
     j = tl.arange(0, BLOCK_M)
     pad = (j[None, :] < (padded - counts)[:, None]) & (e < E)[:, None]
     tl.store(sorted_ptr + (starts + counts)[:, None] + j[None, :], P, mask=pad)  # padding rows: pair id P
-    seen = tl.zeros([BLOCK_E], tl.int32)
+    tl.debug_barrier()  # every thread has read the counts: the scratch now holds each expert's first row
+    tl.store(scratch_ptr + e, starts)
+    tl.debug_barrier()
     for p0 in range(0, P, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
-        ids = tl.load(ids_ptr + p, mask=p < P, other=BLOCK_E).to(tl.int32)
-        onehot = (ids[:, None] == e[None, :]).to(tl.int32)
-        before = tl.cumsum(onehot, 0) - onehot  # earlier pairs of the same expert within this chunk
-        dest = tl.sum(onehot * ((starts + seen)[None, :] + before), 1)
-        tl.store(sorted_ptr + dest, p, mask=p < P)
-        seen += tl.sum(onehot, 0)
+        ids = tl.load(ids_ptr + p, mask=p < P, other=0).to(tl.int32)
+        first = tl.load(scratch_ptr + ids, mask=p < P, other=0, cache_modifier=".cg")
+        rank = tl.load(rank_ptr + p, mask=p < P, other=0, cache_modifier=".cg")
+        tl.store(sorted_ptr + first + rank, p, mask=p < P)
 
 
 @triton.jit
@@ -192,8 +197,11 @@ def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, we
     num_blocks = triton.cdiv(P, bm) + min(E, P)
     sorted_ids = torch.empty(num_blocks * bm, dtype=torch.int32, device=x.device)
     block_expert = torch.empty(num_blocks, dtype=torch.int32, device=x.device)
-    _align_kernel[(1,)](ids.reshape(-1), sorted_ids, block_expert, P, num_blocks, E, BLOCK_E=triton.next_power_of_2(E),
-                        BLOCK_P=64, BLOCK_M=bm, BLOCK_B=64)
+    block_e = triton.next_power_of_2(E)
+    scratch, rank = torch.empty(block_e, dtype=torch.int32, device=x.device), torch.empty(P, dtype=torch.int32,
+                                                                                          device=x.device)
+    _align_kernel[(1,)](ids.reshape(-1), scratch, rank, sorted_ids, block_expert, P, num_blocks, E, BLOCK_E=block_e,
+                        BLOCK_P=min(1024, triton.next_power_of_2(P)), BLOCK_M=bm, BLOCK_B=64, num_warps=4)
     inner = torch.empty(P, inter, dtype=x.dtype, device=x.device)
     y = torch.empty(P, H, dtype=x.dtype, device=x.device)
     flat_w = weights.reshape(-1).float().contiguous()
