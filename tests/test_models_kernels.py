@@ -235,3 +235,30 @@ def test_fused_moe_skewed_routing_and_empty_batch() -> None:
     weights = torch.rand(T, 2)
     close(fused_moe(x, w13, w2, weights, ids), fused_moe_ref(x, w13, w2, weights, ids), torch.float32)
     assert fused_moe(x[:0], w13, w2, weights[:0], ids[:0]).shape == (0, H)
+
+
+# ------------------------------------------------------------------------------------------- CUDA-graph layouts
+
+
+@pytest.mark.parametrize("per_token_rows", [64, 0], ids=["per-token", "per-sequence"])
+def test_graph_layouts_with_windows_softcap_and_experts(per_token_rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The padded (bucket, q) batches CUDA graphs run give the eager logits and KV for a model with a sliding
+    layer, soft-capped scores and MoE layers (off CUDA the runner computes the captured shapes eagerly)."""
+    from engine.config import CacheConfig, EngineConfig, ModelConfig, MoEConfig
+    from engine.model_runner import ModelRunner
+    from tests.test_cuda_graph import BS, BatchSeq, run_both
+
+    monkeypatch.setattr("engine.cuda_graph.PER_TOKEN_MAX_ROWS", per_token_rows)
+    shape = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                        max_position_embeddings=64, architecture="mixtral", sliding_window=5, eos_token_ids=(0,),
+                        layer_types=("sliding_attention", "full_attention"), attn_logit_softcap=4.0,
+                        moe=MoEConfig(4, 2, 16))
+    runner = ModelRunner(EngineConfig(model="tiny-moe", load_format="dummy", dummy_model=shape,
+                                      attention_backend="triton", cache=CacheConfig(num_blocks=48, block_size=BS)),
+                         torch.device("cpu"), num_blocks=48, max_model_len=64)
+    decode = [BatchSeq("a", 5, [11], 1), BatchSeq("b", 13, [12], 1), BatchSeq("c", 2, [13], 1)]
+    verify = [BatchSeq("a", 16, [11, 20, 21], 3), BatchSeq("b", 13, [12, 22], 2), BatchSeq("c", 3, [13], 1)]
+    for seqs, q in ((decode, 1), (verify, 3)):
+        eager, padded, same_kv = run_both(runner, seqs, q=q)
+        torch.testing.assert_close(padded, eager, rtol=1e-4, atol=1e-4)
+        assert same_kv, "padding tokens wrote KV"
