@@ -1,0 +1,304 @@
+"""`disagg profile`: measure one worker's costs on the hardware at hand and write a profile (simulator/profile.py).
+
+    disagg profile --out benchmarks/profiles/cpu_smollm2.json                        # real SmolLM2 on the CPU
+    disagg profile --device cuda --dummy llama3-8b --out h200_llama3_8b.json         # dummy weights, 8B shape
+
+Everything goes through the engine's public API, as a worker drives it: prompts with `add_request` + `step`;
+decode steps on a batch whose context KV is taken as given (`receive_kv` + `kv_received`, benchmarks/given_kv.py);
+chunks after cached context through the prefix cache (a prompt whose first c tokens an earlier prompt left there).
+The KV transfer rate is one READ between two agents of the chosen backend (kvtransfer/bench.py), and start-up is
+the time to build the engine plus a fresh interpreter's imports of the worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from benchmarks.given_kv import receive_given_kv
+from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from engine.engine import LLMEngine
+from engine.request import SamplingParams
+from simulator.profile import ChunkCost, DecodeCosts, KVCosts, PrefillCosts, Profile, Provenance, StartupCosts, TransferCosts
+
+SHAPES: dict[str, ModelConfig] = {
+    "llama3-8b": ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+                             num_kv_heads=8, rope_theta=500000.0, max_position_embeddings=16384,
+                             eos_token_ids=(128001,), bos_token_id=128000),
+    "tiny": ModelConfig(vocab_size=1024, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
+                        num_kv_heads=2, max_position_embeddings=4096),
+}
+DEFAULTS = {  # per device: prefill lengths, decode batches, decode contexts, chunk (tokens, contexts), KV GiB
+    "cpu": ("16,64,128,256,512,1024", "1,4,16,32,64", "64,256,1024", "128:256,768", 2.0),
+    "cuda": ("128,256,512,1024,2048,4096,8192", "1,8,32,64,128,256", "256,1024,4096", "1024:1024,4096", 60.0),
+}
+
+
+def ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x]
+
+
+def build_engine(a: argparse.Namespace) -> tuple[LLMEngine, float]:
+    """The engine under test and the seconds it took to build (weights, KV, graphs)."""
+    top = max(ints(a.prefill_tokens) + [a.chunk_tokens + max(ints(a.chunk_context) or [0])])
+    sched = SchedulerConfig(max_num_seqs=max(ints(a.decode_batch)), max_num_batched_tokens=max(top, a.max_batched))
+    cache = CacheConfig(memory_budget_bytes=int(a.kv_gib * 2**30))
+    kw: dict[str, Any] = {"model": a.model, "device": a.device, "dtype": a.dtype, "cache": cache, "scheduler": sched}
+    if a.dummy:
+        kw.update(model=f"{a.dummy}-dummy", load_format="dummy", dummy_model=SHAPES[a.dummy])
+    t0 = time.perf_counter()
+    eng = LLMEngine(EngineConfig(**kw))
+    return eng, time.perf_counter() - t0
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+class Tokens:
+    """Fresh token ids for every prompt, so no measurement is served by the prefix cache unless it means to."""
+
+    def __init__(self, vocab: int) -> None:
+        self.vocab, self.next = vocab, 100
+
+    def take(self, n: int) -> list[int]:
+        out = [100 + (self.next + i) % (self.vocab - 100) for i in range(n)]
+        self.next += n
+        return out
+
+
+def run_prompt(eng: LLMEngine, rid: str, prompt: list[int], device: str) -> float:
+    """Milliseconds of the steps that prefill `prompt` (one step when it fits the token budget)."""
+    eng.add_request(rid, prompt, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+    sync(device)
+    t0 = time.perf_counter()
+    while eng.has_unfinished():
+        eng.step()
+    sync(device)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def measure_prefill(eng: LLMEngine, toks: Tokens, lengths: list[int], repeat: int, device: str) -> list[float]:
+    ids = itertools.count()
+    out = []
+    for n in tqdm(lengths, desc="prefill", leave=False):
+        run_prompt(eng, f"warm{next(ids)}", toks.take(n), device)  # compiles kernels for this shape on a GPU
+        out.append(statistics.median(run_prompt(eng, f"p{next(ids)}", toks.take(n), device) for _ in range(repeat)))
+    return out
+
+
+def measure_chunks(eng: LLMEngine, toks: Tokens, n: int, contexts: list[int], repeat: int,
+                   device: str) -> list[ChunkCost]:
+    """A chunk of n new tokens after c cached: prompt A (c tokens) runs first, then A + n new ones hits the cache."""
+    bs, ids, out = eng.config.cache.block_size, itertools.count(), []
+    for c in tqdm(contexts, desc="chunks", leave=False):
+        c -= c % bs
+        times = []
+        for _ in range(repeat + 1):
+            head = toks.take(c)
+            run_prompt(eng, f"h{next(ids)}", head, device)
+            prompt = head + toks.take(n)
+            if eng.cached_prefix_tokens(prompt) < c:
+                raise RuntimeError(f"the prefix cache lost the {c}-token context: enlarge --kv-gib")
+            times.append(run_prompt(eng, f"c{next(ids)}", prompt, device))
+        out.append(ChunkCost(tokens=n, context=c, ms=round(statistics.median(times[1:]), 4)))
+    return out
+
+
+def fit_attention(chunks: list[ChunkCost], alone_ms: float) -> float:
+    """ms per (new token, cached token) pair: least squares of (chunk ms - same chunk uncached) on n * c."""
+    xs = [c.tokens * c.context for c in chunks]
+    ys = [c.ms - alone_ms for c in chunks]
+    den = sum(x * x for x in xs)
+    return max(0.0, sum(x * y for x, y in zip(xs, ys, strict=True)) / den) if den else 0.0
+
+
+def decode_ms(eng: LLMEngine, toks: Tokens, batch: int, ctx: int, steps: int, device: str) -> float | None:
+    """ms per decode step of `batch` rows at context `ctx` (None when their KV does not fit)."""
+    bs = eng.config.cache.block_size
+    if batch * -(-(ctx + steps + 8) // bs) > eng.load().kv_blocks_free:
+        return None
+    rids = [f"d{ctx}-{batch}-{i}" for i in range(batch)]
+    for rid in rids:
+        receive_given_kv(eng, rid, toks.take(ctx), SamplingParams(max_tokens=steps + 8, temperature=0, ignore_eos=True))
+    for _ in range(3):  # the batch joins, graphs warm
+        eng.step()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        eng.step()
+    sync(device)
+    ms = (time.perf_counter() - t0) / steps * 1e3
+    for rid in rids:
+        eng.abort(rid)
+    return ms
+
+
+def measure_decode(eng: LLMEngine, toks: Tokens, batches: list[int], contexts: list[int], steps: int,
+                   device: str) -> list[list[float]]:
+    grid: list[list[float | None]] = [[None] * len(contexts) for _ in batches]
+    with tqdm(total=len(batches) * len(contexts), desc="decode", leave=False) as bar:
+        for j, ctx in enumerate(contexts):
+            for i, b in enumerate(batches):
+                grid[i][j] = decode_ms(eng, toks, b, ctx, steps, device)
+                bar.update(1)
+    return fill_grid(grid, contexts)
+
+
+def fill_grid(grid: list[list[float | None]], contexts: list[int]) -> list[list[float]]:
+    """Cells whose KV did not fit, extended linearly in context from the row's measured cells (a decode step is
+    linear in the KV it reads); a row with fewer than two measured cells is an error."""
+    out = []
+    for row in grid:
+        known = [(c, m) for c, m in zip(contexts, row, strict=True) if m is not None]
+        if len(known) < 2:
+            raise RuntimeError("a decode batch size has < 2 contexts that fit the KV budget: raise --kv-gib")
+        (c0, m0), (c1, m1) = known[-2], known[-1]
+        slope = (m1 - m0) / (c1 - c0)
+        out.append([round(m if m is not None else m1 + slope * (c - c1), 4) for c, m in zip(contexts, row, strict=True)])
+    return out
+
+
+def kv_costs(eng: LLMEngine, budget: int) -> KVCosts:
+    cache, bs = eng.kv_cache, eng.config.cache.block_size
+    per_token = cache.numel() * cache.element_size() // (eng.num_kv_blocks * bs)
+    return KVCosts(block_size=bs, bytes_per_token=int(per_token), capacity_tokens=eng.num_kv_blocks * bs,
+                   memory_budget_bytes=budget)
+
+
+def transfer_costs(backend: str, device: str, repeat: int) -> TransferCosts:
+    """Rate from a 64 MiB READ, latency from a one-block (2 MiB) READ less its bytes at that rate."""
+    if backend == "none":
+        return TransferCosts(backend="none", gib_s=1e6, latency_ms=0.0)
+    from kvtransfer.bench import bench
+
+    big = bench(backend, 64, repeat, device)
+    small = bench(backend, 2, repeat, device)
+    rate = big["median_gib_s"]
+    return TransferCosts(backend=backend, gib_s=round(rate, 4),
+                         latency_ms=round(max(0.0, small["median_s"] - 2 / 1024 / rate) * 1e3, 4))
+
+
+def process_start_s() -> float:
+    """A fresh interpreter importing the worker (what every new replica pays before building its engine)."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import worker.server"], check=True, capture_output=True)
+    return time.perf_counter() - t0
+
+
+def timed(label: str, fn: Callable[[], Any]) -> Any:
+    t0 = time.perf_counter()
+    out = fn()
+    print(f"{label}: {time.perf_counter() - t0:.1f}s", flush=True)
+    return out
+
+
+def model_summary(eng: LLMEngine, a: argparse.Namespace) -> dict[str, Any]:
+    m = eng.model_config
+    return {"name": a.dummy or a.model, "weights": "dummy" if a.dummy else "real", "dtype": a.dtype,
+            "num_layers": m.num_layers, "hidden_size": m.hidden_size, "intermediate_size": m.intermediate_size,
+            "num_heads": m.num_heads, "num_kv_heads": m.num_kv_heads, "head_dim": m.head_dim or m.hidden_size // m.num_heads,
+            "vocab_size": m.vocab_size}
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"CPU ({os.cpu_count()} cores visible, {torch.get_num_threads()} torch threads)"
+
+
+def profile(a: argparse.Namespace) -> Profile:
+    eng, engine_s = timed("engine build", lambda: build_engine(a))
+    toks = Tokens(eng.model_config.vocab_size)
+    run_prompt(eng, "warmup", toks.take(32), a.device)
+    lengths = sorted(set(ints(a.prefill_tokens)) | {a.chunk_tokens})
+    pre_ms = timed("prefill", lambda: measure_prefill(eng, toks, lengths, a.repeat, a.device))
+    chunks = timed("chunks", lambda: measure_chunks(eng, toks, a.chunk_tokens, ints(a.chunk_context), a.repeat,
+                                                    a.device))
+    attn = fit_attention(chunks, pre_ms[lengths.index(a.chunk_tokens)])
+    contexts, batches = ints(a.decode_context), ints(a.decode_batch)
+    grid = timed("decode", lambda: measure_decode(eng, toks, batches, contexts, a.decode_steps, a.device))
+    transfer = timed("transfer", lambda: transfer_costs(a.transfer_backend, a.device, a.repeat))
+    when = datetime.date.today().isoformat()
+    return Profile(
+        name=a.name or f"{a.device}-{a.dummy or a.model}", device=device_name(a.device), model=model_summary(eng, a),
+        provenance=Provenance(kind="measured", note=a.note or "measured by disagg profile on this device",
+                              date=when, command="disagg profile " + " ".join(a.argv)),
+        prefill=PrefillCosts(tokens=tuple(lengths), ms=tuple(round(m, 4) for m in pre_ms),
+                             attention_ms_per_pair=attn, chunked=tuple(chunks),
+                             max_num_batched_tokens=eng.config.scheduler.max_num_batched_tokens),
+        decode=DecodeCosts(tuple(batches), tuple(contexts), tuple(tuple(r) for r in grid)),
+        kv=kv_costs(eng, int(a.kv_gib * 2**30)), transfer=transfer,
+        startup=StartupCosts(engine_s=round(engine_s, 3), process_s=round(process_start_s(), 3)),
+        gpus_per_replica=1 if a.device.startswith("cuda") else 0,
+        extra={"torch": torch.__version__, "threads": torch.get_num_threads(), "decode_steps": a.decode_steps,
+               "repeat": a.repeat})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="disagg profile", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2", help="smollm2 (packaged), an HF folder or a .gguf file")
+    p.add_argument("--dummy", choices=sorted(SHAPES), help="random weights of this shape instead of --model")
+    p.add_argument("--device", default="cpu", help="torch device: cpu (default) or cuda")
+    p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default float32 on cpu, bfloat16 on cuda)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads on the CPU (default: what a worker started "
+                   "by disagg serve gets, half the cores)")
+    p.add_argument("--prefill-tokens", help="prompt lengths to time, comma-separated (default per device)")
+    p.add_argument("--chunk", help="N:C1,C2: time a chunk of N new tokens after C1, C2 cached ones (default per device)")
+    p.add_argument("--decode-batch", help="decode batch sizes, comma-separated (default per device)")
+    p.add_argument("--decode-context", help="decode context lengths, comma-separated (default per device)")
+    p.add_argument("--decode-steps", type=int, default=8, help="decode steps timed per grid cell (default 8)")
+    p.add_argument("--max-batched", type=int, default=0, help="engine step token budget (default: the longest prompt)")
+    p.add_argument("--kv-gib", type=float, help="KV cache budget, GiB (default 2 on cpu, 60 on cuda)")
+    p.add_argument("--transfer-backend", help="KV transfer backend to time: tcp, nixl, cuda_ipc or none "
+                   "(default tcp on cpu, cuda_ipc on cuda)")
+    p.add_argument("--repeat", type=int, default=3, help="repetitions per prefill point, median kept (default 3)")
+    p.add_argument("--name", default="", help="profile name (default DEVICE-MODEL)")
+    p.add_argument("--note", default="", help="a sentence on what was measured, kept in the file")
+    p.add_argument("--out", required=True, help="the profile JSON to write")
+    return p
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = build_parser().parse_args(argv)
+    gpu = a.device.startswith("cuda")
+    pre, batch, ctx, chunk, kv = DEFAULTS["cuda" if gpu else "cpu"]
+    a.prefill_tokens, a.decode_batch = a.prefill_tokens or pre, a.decode_batch or batch
+    a.decode_context, a.kv_gib = a.decode_context or ctx, a.kv_gib or kv
+    n, _, cs = (a.chunk or chunk).partition(":")
+    a.chunk_tokens, a.chunk_context = int(n), cs
+    a.dtype = a.dtype or ("bfloat16" if gpu else "float32")
+    a.transfer_backend = a.transfer_backend or ("cuda_ipc" if gpu else "tcp")
+    a.argv = argv
+    return a
+
+
+def main(argv: list[str] | None = None) -> Profile:
+    a = parse(argv)
+    if not a.device.startswith("cuda"):
+        torch.set_num_threads(a.threads or max(1, (os.cpu_count() or 2) // 2))
+    prof = profile(a)
+    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+    prof.save(a.out)
+    print(f"wrote {a.out}: prefill {dict(zip(prof.prefill.tokens, prof.prefill.ms, strict=True))} ms, decode batch "
+          f"{prof.decode.batch[0]} ctx {prof.decode.context[0]}: {prof.decode.ms[0][0]} ms, transfer "
+          f"{prof.transfer.gib_s} GiB/s, start-up {prof.startup.total_s:.1f}s", flush=True)
+    return prof
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Step times from a profile: what one engine step of a given shape costs on the profiled hardware.
+
+A step computes `P` prompt tokens (chunks of one or more prompts) and `B` decode rows (one token each, the rows'
+mean context `c`). Its time is split the way the hardware spends it:
+
+    step(P, pairs, B, c) = decode(B, c) - dense(B) + dense(P + B) + attention_ms_per_pair * pairs
+
+- `decode(B, c)`: the profile's decode grid, bilinear in (batch, context), extrapolated linearly past its edges
+  (a decode step reads the weights once and each row's KV, so it is linear in context);
+- `dense(n)`: the part of a step that depends only on the rows it runs (the weights' matmuls or reads), from the
+  decode grid extrapolated to context 0 for small n and from prefill steps less their in-prompt attention for
+  large n, linear between the points;
+- `pairs`: (new token, earlier token) pairs of the prompt chunks: n*(n+1)/2 within a chunk of n tokens plus n*c
+  for the c tokens cached before it.
+
+With P = 0 it is the decode grid exactly; with B = 0 and one uncached prompt it is the prefill table exactly.
+Everything here is plain Python over short lists: it runs once per simulated step.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_right
+from collections.abc import Sequence
+
+from simulator.profile import Profile
+
+
+def _segment(xs: Sequence[float], x: float) -> tuple[int, float]:
+    """(i, u): x lies at xs[i] + u * (xs[i+1] - xs[i]); u outside [0, 1] extrapolates the end segments."""
+    i = min(max(bisect_right(xs, x) - 1, 0), len(xs) - 2)
+    return i, (x - xs[i]) / (xs[i + 1] - xs[i])
+
+
+def interp(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
+    """Piecewise-linear through (xs, ys), extended linearly past both ends."""
+    i, u = _segment(xs, x)
+    return ys[i] + u * (ys[i + 1] - ys[i])
+
+
+class CostModel:
+    """Step times of one replica, from its profile."""
+
+    def __init__(self, profile: Profile) -> None:
+        self.profile = profile
+        dec = profile.decode
+        self.batch = [float(b) for b in dec.batch]
+        self.context = [float(c) for c in dec.context]
+        self.grid = [list(r) for r in dec.ms]
+        self.attn = profile.prefill.attention_ms_per_pair
+        self.dense_n, self.dense_ms_at = self._dense_points()
+
+    def _dense_points(self) -> tuple[list[float], list[float]]:
+        """(n, dense ms) from decode rows at context 0 below the shortest prompt, and from prompts above it."""
+        pre = self.profile.prefill
+        pts = {float(b): max(1e-6, self.decode_ms(b, 0.0)) for b in self.profile.decode.batch if b < pre.tokens[0]}
+        for n, ms in zip(pre.tokens, pre.ms, strict=True):
+            pts[float(n)] = max(1e-6, ms - self.attn * n * (n + 1) / 2)
+        xs = sorted(pts)
+        return xs, [pts[x] for x in xs]
+
+    def dense_ms(self, n: float) -> float:
+        """The row-dependent part of a step of n rows (0 for none)."""
+        if n <= 0:
+            return 0.0
+        return max(1e-6, interp(self.dense_n, self.dense_ms_at, n))
+
+    def decode_ms(self, batch: float, context: float) -> float:
+        """One decode step of `batch` rows at mean context `context` (0 for an empty batch)."""
+        if batch <= 0:
+            return 0.0
+        i, u = _segment(self.batch, batch)
+        j, v = _segment(self.context, context)
+        g = self.grid
+        lo = g[i][j] + v * (g[i][j + 1] - g[i][j])
+        hi = g[i + 1][j] + v * (g[i + 1][j + 1] - g[i + 1][j])
+        return max(1e-6, lo + u * (hi - lo))
+
+    def decode_slope(self, batch: float, context: float) -> float:
+        """d decode_ms / d context at this point (ms per token of mean context), >= 0."""
+        if batch <= 0:
+            return 0.0
+        i, u = _segment(self.batch, batch)
+        j, _ = _segment(self.context, context)
+        g, dc = self.grid, self.context[j + 1] - self.context[j]
+        lo = (g[i][j + 1] - g[i][j]) / dc
+        hi = (g[i + 1][j + 1] - g[i + 1][j]) / dc
+        return max(0.0, lo + u * (hi - lo))
+
+    def step_ms(self, prompt_tokens: int, pairs: float, batch: int, context: float) -> float:
+        """One step with `prompt_tokens` prompt tokens (`pairs` attention pairs) and `batch` decode rows."""
+        if prompt_tokens <= 0:
+            return self.decode_ms(batch, context)
+        base = self.decode_ms(batch, context) - self.dense_ms(batch) if batch else 0.0
+        return base + self.dense_ms(prompt_tokens + batch) + self.attn * pairs
+
+    def prefill_ms(self, tokens: int, cached: int = 0) -> float:
+        """One prompt of `tokens` new tokens after `cached` ones, alone in a step."""
+        return self.step_ms(tokens, chunk_pairs(tokens, cached), 0, 0.0)
+
+    # ---- runs of decode-only steps (the batch fixed, every row's context growing by one a step) ---------------
+    def decode_run_ms(self, batch: int, context: float, steps: int) -> float:
+        """Time of `steps` decode steps starting at mean context `context` (linear in context over the run)."""
+        a, s = self.decode_ms(batch, context), self.decode_slope(batch, context)
+        return steps * a + s * steps * (steps - 1) / 2
+
+    def decode_steps_within(self, batch: int, context: float, elapsed_ms: float) -> int:
+        """How many whole steps of such a run end within `elapsed_ms` (the inverse of `decode_run_ms`)."""
+        if elapsed_ms <= 0:
+            return 0
+        a, s = self.decode_ms(batch, context), self.decode_slope(batch, context)
+        if s < 1e-12:
+            n = elapsed_ms / a
+        else:  # s/2 n^2 + (a - s/2) n - elapsed = 0
+            b = a - s / 2
+            n = (-b + math.sqrt(b * b + 2 * s * elapsed_ms)) / s
+        n = int(n + 1e-9)
+        # the float root may land one off either way: settle it against the forward formula
+        while n > 0 and self.decode_run_ms(batch, context, n) > elapsed_ms + 1e-9:
+            n -= 1
+        while self.decode_run_ms(batch, context, n + 1) <= elapsed_ms + 1e-9:
+            n += 1
+        return n
+
+
+def chunk_pairs(tokens: int, cached: int) -> float:
+    """Attention pairs of a chunk of `tokens` new tokens after `cached` ones (each token sees itself too)."""
+    return tokens * (tokens + 1) / 2 + tokens * cached

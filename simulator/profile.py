@@ -1,0 +1,189 @@
+"""A worker's measured costs on one kind of hardware: what `disagg profile` writes and `disagg simulate` reads.
+
+One JSON file per (device, model shape, parallel size). Every figure is for one *replica* (one worker, which may
+span `gpus_per_replica` devices with tensor parallelism):
+
+- prefill: milliseconds of one engine step that computes one prompt of n tokens with nothing cached, by n; and
+  chunks of n tokens computed after c cached tokens, from which the extra cost of attending to cached context is
+  fitted (`attention_ms_per_pair`: ms per (new token, earlier token) pair);
+- decode: milliseconds of one decode step by batch size x context length (every sequence at that context);
+- kv: block size, bytes per token of KV, and how many tokens the cache held at the profiled memory budget;
+- transfer: the KV transfer rate and fixed latency of one pull (`latency_ms + bytes / rate`);
+- startup: seconds from starting a worker process to serving (weights loaded, KV allocated, graphs captured).
+
+`provenance.kind` says how the figures were obtained: `measured` (by `disagg profile` on that hardware),
+`derived` (computed from recorded measurements, listed in `provenance.sources`) or `analytic` (a roofline model,
+no measurement behind it). Simulations report the kind of every profile they use.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from engine.config import ConfigError
+
+SCHEMA = 1
+KINDS = ("measured", "derived", "analytic")
+
+
+def _require(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"profile: {msg}")
+
+
+def _ascending(xs: tuple[float, ...]) -> bool:
+    return all(a < b for a, b in zip(xs, xs[1:], strict=False))
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where the figures come from."""
+
+    kind: str  # measured | derived | analytic
+    note: str = ""  # what was measured or assumed, in words
+    sources: tuple[str, ...] = ()  # result files or commands the figures were taken from
+    date: str = ""  # when (ISO date)
+    command: str = ""  # the command that wrote this file
+
+    def __post_init__(self) -> None:
+        _require(self.kind in KINDS, f"provenance.kind must be one of {KINDS}, got {self.kind!r}")
+
+
+@dataclass(frozen=True)
+class ChunkCost:
+    """One measured prefill chunk: `tokens` new tokens after `context` cached ones took `ms`."""
+
+    tokens: int  # new tokens computed in the step
+    context: int  # tokens already in the KV cache before them
+    ms: float  # step time
+
+
+@dataclass(frozen=True)
+class PrefillCosts:
+    """Prefill step time by prompt length, and the cost of attending to cached context."""
+
+    tokens: tuple[int, ...]  # prompt lengths measured, ascending
+    ms: tuple[float, ...]  # step time of one prompt of that length, nothing cached
+    attention_ms_per_pair: float = 0.0  # extra ms per (new token, earlier token) pair of attention
+    chunked: tuple[ChunkCost, ...] = ()  # the chunk measurements the attention cost was fitted from
+    max_num_batched_tokens: int = 0  # the engine's step token budget while profiling (the largest chunk)
+
+    def __post_init__(self) -> None:
+        _require(len(self.tokens) == len(self.ms) >= 2, "prefill needs >= 2 (tokens, ms) points of equal length")
+        _require(_ascending(self.tokens) and self.tokens[0] > 0, "prefill.tokens must be positive and ascending")
+        _require(all(m > 0 for m in self.ms), "prefill.ms must be positive")
+        _require(self.attention_ms_per_pair >= 0, "prefill.attention_ms_per_pair must be >= 0")
+
+
+@dataclass(frozen=True)
+class DecodeCosts:
+    """Decode step time on a batch x context grid."""
+
+    batch: tuple[int, ...]  # batch sizes measured, ascending
+    context: tuple[int, ...]  # context lengths measured (tokens per sequence), ascending
+    ms: tuple[tuple[float, ...], ...]  # ms[i][j]: step time at batch[i], context[j]
+
+    def __post_init__(self) -> None:
+        _require(len(self.batch) >= 2 and _ascending(self.batch) and self.batch[0] >= 1,
+                 "decode.batch needs >= 2 ascending sizes >= 1")
+        _require(len(self.context) >= 2 and _ascending(self.context) and self.context[0] >= 0,
+                 "decode.context needs >= 2 ascending lengths")
+        _require(len(self.ms) == len(self.batch) and all(len(r) == len(self.context) for r in self.ms),
+                 "decode.ms must be a batch x context grid")
+        _require(all(m > 0 for r in self.ms for m in r), "decode.ms must be positive")
+
+
+@dataclass(frozen=True)
+class KVCosts:
+    """The KV cache of one replica."""
+
+    block_size: int  # tokens per block
+    bytes_per_token: int  # KV bytes of one token over all layers (one replica's share under tensor parallelism)
+    capacity_tokens: int  # tokens the cache held at `memory_budget_bytes`
+    memory_budget_bytes: int  # the KV budget profiled (a cluster config may set another)
+
+    def __post_init__(self) -> None:
+        _require(self.block_size > 0 and self.bytes_per_token > 0 and self.capacity_tokens > 0,
+                 "kv figures must be positive")
+
+
+@dataclass(frozen=True)
+class TransferCosts:
+    """One KV pull from a prefill replica to a decode replica."""
+
+    backend: str  # the transfer backend measured (tcp, nixl, cuda_ipc, rdma for analytic figures)
+    gib_s: float  # bytes moved per second, GiB/s
+    latency_ms: float = 0.0  # fixed cost of one pull (setup, notification)
+
+    def __post_init__(self) -> None:
+        _require(self.gib_s > 0 and self.latency_ms >= 0, "transfer.gib_s must be > 0 and latency_ms >= 0")
+
+
+@dataclass(frozen=True)
+class StartupCosts:
+    """How long a new replica takes before it serves."""
+
+    engine_s: float  # building the engine: weights, KV allocation, CUDA graphs
+    process_s: float = 0.0  # starting the worker process before that (interpreter, imports, gRPC server)
+
+    @property
+    def total_s(self) -> float:
+        return self.engine_s + self.process_s
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One replica's costs on one kind of hardware."""
+
+    name: str  # e.g. h200-llama3-8b
+    device: str  # the hardware, in words
+    model: dict[str, Any]  # the model shape (layers, hidden, heads, kv heads, dtype, parameters)
+    provenance: Provenance  # measured | derived | analytic, and from what
+    prefill: PrefillCosts  # prompt step times
+    decode: DecodeCosts  # decode step times
+    kv: KVCosts  # the KV cache
+    transfer: TransferCosts  # KV pulls
+    startup: StartupCosts  # time to serve
+    gpus_per_replica: int = 1  # devices one replica occupies (the tensor-parallel size); 0 for a CPU replica
+    extra: dict[str, Any] = field(default_factory=dict)  # anything else the profiler recorded (ceilings, notes)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name), "name must not be empty")
+        _require(self.gpus_per_replica >= 0, "gpus_per_replica must be >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": SCHEMA, **asdict(self)}
+
+    def save(self, path: str) -> None:
+        text = json.dumps(self.to_dict(), indent=1)
+        # lists of numbers on one line each: a decode grid reads as a table
+        text = re.sub(r"\[[\d\s,.eE+-]+\]", lambda m: re.sub(r"\s+", " ", m.group(0)).replace("[ ", "[").replace(" ]", "]"),
+                      text)
+        with open(path, "w") as f:
+            f.write(text + "\n")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Profile:
+        d = dict(d)
+        _require(d.pop("schema", SCHEMA) == SCHEMA, f"schema must be {SCHEMA}")
+        pre = dict(d["prefill"])
+        pre["chunked"] = tuple(ChunkCost(**c) for c in pre.get("chunked", ()))
+        dec = d["decode"]
+        return cls(
+            name=d["name"], device=d["device"], model=dict(d.get("model", {})),
+            provenance=Provenance(**{**d["provenance"], "sources": tuple(d["provenance"].get("sources", ()))}),
+            prefill=PrefillCosts(**{**pre, "tokens": tuple(pre["tokens"]), "ms": tuple(pre["ms"])}),
+            decode=DecodeCosts(tuple(dec["batch"]), tuple(dec["context"]), tuple(tuple(r) for r in dec["ms"])),
+            kv=KVCosts(**d["kv"]), transfer=TransferCosts(**d["transfer"]), startup=StartupCosts(**d["startup"]),
+            gpus_per_replica=int(d.get("gpus_per_replica", 1)), extra=dict(d.get("extra", {})))
+
+    @classmethod
+    def load(cls, path: str) -> Profile:
+        try:
+            with open(path) as f:
+                return cls.from_dict(json.load(f))
+        except (KeyError, TypeError) as e:
+            raise ConfigError(f"{path}: not a profile ({type(e).__name__}: {e})") from None
