@@ -197,14 +197,20 @@ def _gguf_tensors(state: dict[str, torch.Tensor], c: tf.PretrainedConfig, arch: 
     return {**out, **{k: torch.stack(v) for k, v in experts.items()}}  # experts listed in order 0, 1, ...
 
 
-@pytest.fixture(scope="module", params=list(GGUF_MODELS))
-def gguf_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple:
-    arch, make = GGUF_MODELS[request.param]
-    folder = tmp_path_factory.mktemp(request.param)
+def make_gguf(family: str, folder: Path) -> tuple[str, tf.PreTrainedModel]:
+    """The family's GGUF test model saved as an HF folder and as `folder`/model.gguf: (llama.cpp arch, model)."""
+    arch, make = GGUF_MODELS[family]
     torch.manual_seed(0)
     model = make().eval()
     model.save_pretrained(folder)
     write_gguf(folder / "model.gguf", model, arch, folder)
+    return arch, model
+
+
+@pytest.fixture(scope="module", params=list(GGUF_MODELS))
+def gguf_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    folder = tmp_path_factory.mktemp(request.param)
+    arch, model = make_gguf(request.param, folder)
     return request.param, arch, folder, model
 
 
@@ -232,15 +238,14 @@ def test_transformers_reads_the_test_gguf_alike(gguf_model: tuple) -> None:
         assert torch.allclose(t, want[name], atol=1e-6), f"{family}: {name}"
 
 
-def test_gguf_mixtral_generates_as_transformers(gguf_model: tuple) -> None:
-    family, _, folder, model = gguf_model
-    if family != "mixtral":
-        pytest.skip("one family through the whole engine is enough: the others' weights are equal")
+def test_gguf_mixtral_generates_as_transformers(tmp_path: Path) -> None:
+    """One family through the whole engine from its GGUF (the others' weights and configs are equal to theirs)."""
     from engine.engine import LLMEngine
     from engine.request import SamplingParams
 
+    _, model = make_gguf("mixtral", tmp_path)
     prompt = list(range(3, 40))
-    eng = LLMEngine(EngineConfig(model=str(folder / "model.gguf")))
+    eng = LLMEngine(EngineConfig(model=str(tmp_path / "model.gguf")))
     eng.add_request("a", prompt, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
     tokens: list[int] = []
     while eng.has_unfinished():
