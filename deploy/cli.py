@@ -120,6 +120,18 @@ def cmd_bench(a: argparse.Namespace) -> None:
     main(a.args)
 
 
+def cmd_profile(a: argparse.Namespace) -> None:
+    from benchmarks.profiler import main
+
+    main(a.args)
+
+
+def cmd_simulate(a: argparse.Namespace) -> None:
+    from simulator.cli import main
+
+    main(a.args)
+
+
 def _add_ray_commands(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("deploy", help="start router + pools as detached Ray actors on a Ray cluster, with autoscaling")
     d.add_argument("--config", required=True, help="cluster YAML (see deploy/configs/ray*.yaml)")
@@ -167,7 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ray_commands(sub)
     for name, fn, text in [("worker", cmd_worker, "run one worker process (see `disagg worker -- --help`)"),
                            ("router", cmd_router, "run the router alone (see `disagg router -- --help`)"),
-                           ("bench", cmd_bench, "load-test an OpenAI endpoint (see `disagg bench -- --help`)")]:
+                           ("bench", cmd_bench, "load-test an OpenAI endpoint (see `disagg bench -- --help`)"),
+                           ("profile", cmd_profile, "measure one worker's costs into a profile for the simulator "
+                            "(see `disagg profile -- --help`)"),
+                           ("simulate", cmd_simulate, "simulate a cluster YAML on profiled hardware under a workload "
+                            "(see `disagg simulate -- --help`)")]:
         x = sub.add_parser(name, help=text, add_help=False)
         x.add_argument("args", nargs=argparse.REMAINDER)
         x.set_defaults(fn=fn)
