@@ -274,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
+    argv = argv[1:] if argv[:1] == ["--"] else argv  # `disagg profile -- --help` passes the separator on
     a = build_parser().parse_args(argv)
     gpu = a.device.startswith("cuda")
     pre, batch, ctx, chunk, kv = DEFAULTS["cuda" if gpu else "cpu"]

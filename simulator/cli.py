@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    argv = argv[1:] if argv[:1] == ["--"] else argv  # `disagg simulate -- --help` passes the separator on
     a = build_parser().parse_args(argv)
     a.argv = argv
     result = simulate(a)

@@ -1,0 +1,170 @@
+"""The simulator against closed forms: an M/D/1 prefill queue, a saturated decode replica's throughput, the cost
+model at its profile's points, and the planner's decisions equal to its unit tests' on the same metrics."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from deploy.config import ClusterConfig
+from simulator.cluster import Cluster, chunk_lists
+from simulator.config import SimConfig
+from simulator.cost_model import CostModel
+from simulator.events import EventLoop
+from simulator.profile import DecodeCosts, KVCosts, PrefillCosts, Profile, Provenance, StartupCosts, TransferCosts
+from simulator.replica import Replica
+from simulator.request import SimRequest
+
+
+def profile(prefill_ms_per_token: float = 0.1, decode_ms: float = 10.0, kv_ms_per_token: float = 0.0,
+            batch_ms: float = 0.05) -> Profile:
+    """Linear costs: prefill n tokens = 5 + a*n ms; decode = base + batch_ms*B + kv_ms_per_token*B*context."""
+    batches, contexts = (1, 8, 64, 256), (0, 1024, 4096)
+    grid = tuple(tuple(decode_ms + batch_ms * b + kv_ms_per_token * b * c for c in contexts) for b in batches)
+    tokens = (256, 1024, 4096, 16384)
+    return Profile(
+        name="linear", device="none", model={}, provenance=Provenance("analytic", "test"),
+        prefill=PrefillCosts(tokens, tuple(5 + prefill_ms_per_token * n for n in tokens)),
+        decode=DecodeCosts(batches, contexts, grid),
+        kv=KVCosts(block_size=16, bytes_per_token=1024, capacity_tokens=10**6, memory_budget_bytes=2**30),
+        transfer=TransferCosts("none", 1e6), startup=StartupCosts(engine_s=0.0))
+
+
+def cluster_cfg(prefill: int, decode: int, max_seqs: int = 64, budget: int = 2048, **extra: object) -> ClusterConfig:
+    return ClusterConfig.from_dict({"model": "smollm2", "engine": {
+        "cache": {"memory_budget_bytes": 2**34}, "scheduler": {"max_num_seqs": max_seqs, "max_num_batched_tokens": budget}},
+        "pools": {"prefill": {"replicas": prefill}, "decode": {"replicas": decode}}, **extra})
+
+
+def poisson(rate: float, n: int, prompt: int, output: int, seed: int = 0) -> list[tuple[list[float], list[int], list[int]]]:
+    rng, t, times = random.Random(seed), 0.0, []
+    for _ in range(n):
+        t += rng.expovariate(rate)
+        times.append(t)
+    return chunk_lists(times, [prompt] * n, [output] * n)
+
+
+# ---- M/D/1 ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("rho", [0.5, 0.8])
+def test_one_prefill_replica_under_poisson_arrivals_waits_as_md1(rho: float) -> None:
+    """One prompt per step (token budget = prompt length), deterministic step D: mean wait = rho D / (2 (1 - rho))."""
+    prof, prompt = profile(), 1024
+    service = CostModel(prof).prefill_ms(prompt) / 1e3
+    rate = rho / service
+    c = Cluster(cluster_cfg(1, 1, budget=prompt), SimConfig(hop_ms=0.0), prof)
+    result = c.run(poisson(rate, 60_000, prompt, 1))
+    assert result["summary"]["completed"] == 60_000
+    wait = c.collector.ttft.mean - service
+    expected = rho * service / (2 * (1 - rho))
+    assert wait == pytest.approx(expected, rel=0.06), (wait, expected)
+
+
+# ---- a saturated decode replica ------------------------------------------------------------------------------------
+class Sink:
+    """A listener that counts what a replica reports."""
+
+    def __init__(self) -> None:
+        self.finished: list[tuple[float, SimRequest]] = []
+
+    def on_first_token(self, req: SimRequest, replica: Replica, t: float) -> None:
+        req.t_first = t
+
+    def on_second_token(self, req: SimRequest, t: float) -> None:
+        req.t_second = t
+
+    def on_finish(self, req: SimRequest, replica: Replica, t: float) -> None:
+        self.finished.append((t, req))
+
+    def on_steps(self, first_ms: float, last_ms: float, rows: int, steps: int) -> None:
+        pass
+
+
+def saturated_decode(prof: Profile, batch: int, requests: int, prompt: int, output: int, fast: bool
+                     ) -> tuple[float, list[tuple[float, SimRequest]]]:
+    """Pulled requests (KV given, first token sampled) queued on one decode replica; (seconds to finish, finishes)."""
+    from engine.config import SchedulerConfig
+
+    loop, sink = EventLoop(), Sink()
+    r = Replica("d", "decode", CostModel(prof), SchedulerConfig(max_num_seqs=batch, max_num_batched_tokens=4096),
+                10**6, 16, loop, sink, fast_forward=fast)
+    # a one-step request first, so the rest arrive while a step runs and join together when it ends
+    for i, out in enumerate([2] + [output] * requests):
+        req = SimRequest(i, 0.0, prompt, out)
+        req.generated, req.t_first = 1, 0.0
+        assert r.reserve(req)
+        r.pulled(req)
+    loop.run_until(1e9)
+    start = min(t for t, _ in sink.finished)
+    return max(t for t, _ in sink.finished) - start, [f for f in sink.finished if f[1].rid]
+
+
+@pytest.mark.parametrize("batch", [8, 64])
+def test_a_saturated_decode_replica_makes_the_profiles_tokens_per_second(batch: int) -> None:
+    prof = profile(kv_ms_per_token=0.0)
+    output, rounds = 200, 5
+    seconds, done = saturated_decode(prof, batch, batch * rounds, 128, output, fast=True)
+    assert len(done) == batch * rounds
+    tokens = batch * rounds * (output - 1)  # the first token of each came from its prefill
+    assert tokens / seconds == pytest.approx(batch / (CostModel(prof).decode_ms(batch, 0) / 1e3), rel=1e-9)
+
+
+def test_decode_steps_that_grow_with_context_sum_as_the_profile_says() -> None:
+    prof = profile(kv_ms_per_token=0.002)
+    prompt, output, batch = 1000, 300, 32
+    seconds, _ = saturated_decode(prof, batch, batch, prompt, output, fast=True)
+    cost = CostModel(prof)
+    expected = sum(cost.decode_ms(batch, prompt + j) for j in range(output - 1)) / 1e3
+    assert seconds == pytest.approx(expected, rel=1e-9)
+
+
+def test_fast_forward_finishes_every_request_when_step_by_step_does() -> None:
+    prof = profile(kv_ms_per_token=0.001)
+    rng = random.Random(1)
+    outs = [rng.randint(2, 400) for _ in range(100)]
+
+    def run(fast: bool) -> dict[int, float]:
+        from engine.config import SchedulerConfig
+
+        loop, sink = EventLoop(), Sink()
+        r = Replica("d", "decode", CostModel(prof), SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=4096),
+                    10**6, 16, loop, sink, fast_forward=fast)
+        for i, o in enumerate(outs):
+            req = SimRequest(i, 0.0, 100 + i, o)
+            req.generated, req.t_first = 1, 0.0
+            r.reserve(req)
+            loop.at(i * 0.05, r.pulled, req)
+        loop.run_until(1e9)
+        return {req.rid: t for t, req in sink.finished}
+
+    exact, fast = run(False), run(True)
+    assert exact.keys() == fast.keys() == set(range(100))
+    for rid in exact:
+        assert fast[rid] == pytest.approx(exact[rid], rel=1e-6, abs=1e-9)
+
+
+# ---- the cost model ----------------------------------------------------------------------------------------------
+def test_cost_model_returns_the_profiles_own_points() -> None:
+    prof = profile(kv_ms_per_token=0.001)
+    cost = CostModel(prof)
+    for b, row in zip(prof.decode.batch, prof.decode.ms, strict=True):
+        for c, ms in zip(prof.decode.context, row, strict=True):
+            assert cost.step_ms(0, 0, b, c) == pytest.approx(ms)
+    for n, ms in zip(prof.prefill.tokens, prof.prefill.ms, strict=True):
+        assert cost.prefill_ms(n) == pytest.approx(ms)
+    assert cost.decode_run_ms(8, 100, 0) == 0
+    for elapsed in (0.0, 11.0, 500.0, 12345.6):
+        n = cost.decode_steps_within(8, 100.0, elapsed)
+        assert cost.decode_run_ms(8, 100.0, n) <= elapsed < cost.decode_run_ms(8, 100.0, n + 1)
+
+
+def test_kv_pressure_preempts_and_every_request_still_finishes() -> None:
+    prof = profile()
+    cfg = ClusterConfig.from_dict({"model": "smollm2", "engine": {"cache": {"num_blocks": 200}, "scheduler": {
+        "max_num_seqs": 32, "max_num_batched_tokens": 2048}}, "pools": {"prefill": {"replicas": 0}}})
+    c = Cluster(cfg, SimConfig(), prof)
+    result = c.run(poisson(50.0, 300, 300, 200))
+    assert result["summary"]["completed"] == 300
+    assert c.pools["decode"].slots[0].replica.used_blocks() == pytest.approx(0.0, abs=1e-9)
+    assert math.isfinite(result["summary"]["ttft_p99_ms"])
