@@ -24,13 +24,12 @@ import time
 
 import grpc
 
-from engine.engine import StepOutput
 from engine.remote_kv import KVReservation
 from engine.request import Request
 from kvtransfer import KVLayout, KVTransferAgent, TransferHandle, TransferStatus
 from proto import disagg_pb2, disagg_pb2_grpc
 from proto.convert import layout_from_proto
-from worker.async_engine import AsyncEngine
+from worker.async_engine import AsyncEngine, Sink
 from worker.config import TransferConfig
 from worker.servicer import TransferCounters
 
@@ -72,24 +71,25 @@ class KVPuller:
         self.agent.add_remote(md.agent_name, md.metadata)
         self._known_agents.add(md.agent_name)
 
-    async def pull(self, req: Request, h: disagg_pb2.KVHandle) -> tuple[asyncio.Queue[StepOutput], bool]:
+    async def pull(self, req: Request, h: disagg_pb2.KVHandle, sink: Sink) -> bool:
         """Queue `req` (from `engine.make_request`, its first token sampled by the prefill worker) with its
-        prompt's KV pulled from `h`. Returns its output queue and whether the KV arrived (False: the prompt is
-        recomputed here). Raises TransferSetupError when the two workers cannot exchange KV at all."""
+        prompt's KV pulled from `h`, its outputs going to `sink`. Returns whether the KV arrived (False: the
+        prompt is recomputed here). Raises TransferSetupError when the two workers cannot exchange KV at all."""
         rid = req.request_id
         lease_left = h.lease_deadline - time.time() - LEASE_MARGIN_S
         if lease_left < self.cfg.timeout_s * 0.1:
             log.warning("%s: lease of its KV has %.1fs left; recomputing instead of pulling", rid, lease_left)
             self._release_remote(h, rid)
-            return self.aengine.add(req), False
+            self.aengine.add(req, sink)
+            return False
         await self._ensure_remote(h)
         timeout = min(self.cfg.timeout_s, lease_left)
-        q, res = await self.aengine.receive_kv(req, h.num_tokens, timeout + ENGINE_GRACE_S)
+        res = await self.aengine.receive_kv(req, h.num_tokens, timeout + ENGINE_GRACE_S, sink)
         if res is None:
             log.warning("%s: no free blocks for %d pulled tokens; recomputing", rid, h.num_tokens)
             self._release_remote(h, rid)
-            return q, False
-        return q, await self._read(rid, h, res, time.monotonic() + timeout)
+            return False
+        return await self._read(rid, h, res, time.monotonic() + timeout)
 
     async def _read(self, rid: str, h: disagg_pb2.KVHandle, res: KVReservation, deadline: float) -> bool:
         """READ the remote blocks past the reservation's cached prefix into its `blocks_to_fill`."""

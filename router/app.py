@@ -58,8 +58,8 @@ class RouterService:
             raise
         outputs = self.generation.stream(job)
         if stream:
-            return StreamingResponse(self._counted(responder, responder.sse(outputs), endpoint),
-                                     media_type="text/event-stream", headers=SSE_HEADERS)
+            events = responder.sse(outputs, on_end=lambda status: self.metrics.count_request(endpoint, status))
+            return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
         try:
             body = await _unless_disconnected(request, responder.collect(outputs))
         except APIError as e:
@@ -82,15 +82,6 @@ class RouterService:
         self.generation.require_decode_worker()
         responder: Responder = responder_cls(job, self.config.model_name, self.texts, include_usage=req.include_usage)
         return job, responder, bool(req.stream)
-
-    async def _counted(self, responder: Responder, events: AsyncIterator[str], endpoint: str
-                       ) -> AsyncIterator[str]:
-        try:
-            async with contextlib.aclosing(events):  # type: ignore[type-var]
-                async for event in events:
-                    yield event
-        finally:
-            self.metrics.count_request(endpoint, responder.status)
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[dict[str, Any]]) -> dict[str, Any]:
@@ -126,6 +117,7 @@ def create_app(config: RouterConfig, tokenizer: Tokenizer, registry: WorkerRegis
         try:
             yield
         finally:
+            await service.generation.streams.aclose()
             await registry.stop()
 
     app = FastAPI(title="disagg router", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)

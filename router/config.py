@@ -29,10 +29,13 @@ class RouterConfig:
     # KV events confirm them (so prompts sharing a prefix within one poll interval meet); 0: events only
     health_interval_s: float = 1.0  # seconds between Health + Load polls of every worker
     rpc_timeout_s: float = 2.0  # deadline of control RPCs (Health, Load, Abort, ReleaseKV)
-    worker_timeout_s: float = 60.0  # deadline of a Prefill, and the longest a Decode stream may stay silent
-    request_timeout_s: float = 3600.0  # deadline of a whole Decode stream
+    worker_timeout_s: float = 60.0  # deadline of a Prefill or Decode call; a decode worker that sends nothing this
+    # long while requests wait on it is lost (they move to another one)
+    request_timeout_s: float = 3600.0  # deadline of a whole request
     conditional_disagg_min_prompt_tokens: int = 0  # shorter prompts skip the prefill pool (decode prefills locally)
+    max_migrations: int = 3  # times a request may move to another decode worker when its own is lost; 0: never
     max_model_len: int | None = None  # context length to enforce; None: the smallest the workers report
+    processes: int = 1  # router processes serving the one port (SO_REUSEPORT); each polls and streams on its own
 
     def __post_init__(self) -> None:
         if isinstance(self.api_keys, list | str):
@@ -52,7 +55,9 @@ class RouterConfig:
             (self.worker_timeout_s > 0, "router.worker_timeout_s must be positive"),
             (self.request_timeout_s >= self.worker_timeout_s, "router.request_timeout_s must be >= worker_timeout_s"),
             (self.conditional_disagg_min_prompt_tokens >= 0, "router.conditional_disagg_min_prompt_tokens must be >= 0"),
+            (isinstance(self.max_migrations, int) and self.max_migrations >= 0, "router.max_migrations must be >= 0"),
             (self.max_model_len is None or self.max_model_len > 1, "router.max_model_len must be > 1"),
+            (isinstance(self.processes, int) and 1 <= self.processes <= 256, "router.processes must be in [1, 256]"),
         ]
         for ok, msg in checks:
             if not ok:

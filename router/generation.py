@@ -1,8 +1,18 @@
 """The request flow across the pools: Prefill on a prefill worker, then Decode on a decode worker.
 
 A prompt shorter than `conditional_disagg_min_prompt_tokens`, or a cluster with no prefill worker, goes straight to
-a decode worker, which prefills locally. Whatever way a request ends (finished, stop string, client gone, worker
-failure) the `finally` of `Generation.stream` tells the workers still holding it to let go.
+a decode worker, which prefills locally. A request's tokens arrive on this router's token stream from its decode
+worker (router/token_streams.py).
+
+Migration: when the decode worker carrying a request is lost (its stream broke or went silent, it ended the
+request with an error, or it refused it as unavailable), the request resumes on another decode worker with its
+prompt plus every token this router has already received, with the same sampling parameters and seed. The
+worker recomputes that context (its prefix cache helps) and samples the next token exactly as the lost one would
+have: a seeded request draws output token n from (seed, n), greedy ones are deterministic. The client's stream goes
+on: no token is repeated or missing. Each request migrates at most `max_migrations` times.
+
+Whatever way a request ends (finished, stop string, client gone, worker failure) the `finally` of
+`Generation.stream` tells the workers still holding it to let go.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ from router.job import GenerationJob
 from router.metrics import RouterMetrics
 from router.policy import make_policy
 from router.registry import WorkerRegistry, WorkerState
+from router.token_streams import TokenStreams, WorkerLost
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +57,7 @@ class _Flight:
 
     prefill: WorkerState | None = None  # Prefill RPC sent and not answered: Abort there
     lease: WorkerState | None = None  # its KV leased and not yet taken by a decode worker: ReleaseKV there
-    decode: WorkerState | None = None  # Decode stream open and not finished by the worker: Abort there
-    call: grpc.aio.UnaryStreamCall | None = None  # the open Decode call, cancelled on cleanup
+    decode: WorkerState | None = None  # Decode sent and the request not finished by the worker: Abort there
 
 
 class Generation:
@@ -64,6 +74,7 @@ class Generation:
                                            config.prefill_overlap_weight, config.prefill_load_weight)
         self._decode_policy = make_policy(config.decode_policy, "decode", index, ttl,
                                           config.decode_overlap_weight, config.decode_load_weight)
+        self.streams = TokenStreams(stall_s=config.worker_timeout_s)
         # Cleanup RPCs run as tasks referenced here, so they finish even when the request's task is cancelled.
         self._cleanups: set[asyncio.Task[None]] = set()
 
@@ -84,11 +95,11 @@ class Generation:
                     hist, since = (self.metrics.ttft, job.arrival) if last is None else (self.metrics.itl, last)
                     hist.observe(now - since)
                     last = now
-                    job.num_output_tokens += len(out.token_ids)
-                    self.metrics.generation_tokens.inc(len(out.token_ids))
+                    job.output_ids.extend(out.token_ids)
                 yield out
             self.metrics.e2e.observe(time.monotonic() - job.arrival)
         finally:
+            self.metrics.generation_tokens.inc(job.num_output_tokens)
             await self._cleanup(job.request_id, flight)
 
     async def _run(self, job: GenerationJob, flight: _Flight, text: RequestTextStream) -> AsyncIterator[Output]:
@@ -134,27 +145,77 @@ class Generation:
 
     async def _decode(self, job: GenerationJob, flight: _Flight, text: RequestTextStream,
                       first: disagg_pb2.PrefillResponse | None) -> AsyncIterator[Output]:
-        req = _decode_request(job, first)
+        """Run the decode phase on a decode worker, moving to another one whenever the one carrying it is lost."""
+        kv = first.kv if first is not None and first.HasField("kv") else None
         tried: set[str] = set()
+        migrations = 0
         while True:
             d = self._choose_decode(tried, job.prompt_ids)
             tried.add(d.address)
-            with d.dispatched(len(job.prompt_ids)):
-                call = d.stub.Decode(req, timeout=self.config.request_timeout_s)  # type: ignore[union-attr]
-                flight.decode, flight.call = d, call
-                try:
-                    chunk = await self._next_chunk(d, call)
-                except APIError as e:
-                    if e.code != "worker_unavailable" or not self._has_decode(tried):
-                        raise
-                    log.warning("%s: %s; trying another decode worker", job.request_id, e.message)
-                    call.cancel()
-                    flight.decode = flight.call = None
-                    continue
-                flight.lease = None  # the decode worker answered: it has pulled the KV or recomputed it
-                async for out in self._outputs(d, flight, text, call, chunk):
+            try:
+                async for out in self._decode_on(d, job, flight, text, kv):
                     yield out
                 return
+            except (WorkerLost, APIError) as e:
+                if isinstance(e, APIError) and e.code not in ("worker_unavailable", "worker_lost"):
+                    raise
+                moving = flight.decode is not None  # it took the request: a migration, not a retry
+                if moving:  # its lease is pulled or gone, and it may still run it (hung, not dead): Abort it there
+                    kv, flight.lease = None, None
+                    self._abort_later(d, job.request_id)
+                    flight.decode = None
+                    migrations += 1
+                if migrations > self.config.max_migrations or not self._has_decode(tried):
+                    why = ("no other decode worker to resume the request on" if migrations <= self.config.max_migrations
+                           else f"the request was moved {migrations - 1} time(s) already")
+                    raise APIError(503, f"{e.message}; {why}", code=e.code) from None
+                if moving:
+                    self.metrics.migrations.inc()
+                log.warning("%s: %s; %s on another decode worker after %d token(s)", job.request_id, e.message,
+                            "resuming" if moving else "trying", len(job.output_ids))
+
+    async def _decode_on(self, d: WorkerState, job: GenerationJob, flight: _Flight, text: RequestTextStream,
+                         kv: disagg_pb2.KVHandle | None) -> AsyncIterator[Output]:
+        """The request on decode worker `d`: Decode, then its chunks from this router's token stream."""
+        sub, stream = await self.streams.open(d, job.request_id, self.config.rpc_timeout_s,
+                                              job.arrival + self.config.request_timeout_s)
+        try:
+            with d.dispatched(len(job.prompt_ids)):
+                req = _decode_request(job, kv, self.streams.name)
+                try:
+                    await d.stub.Decode(req, timeout=self.config.worker_timeout_s)  # type: ignore[union-attr]
+                except grpc.aio.AioRpcError as e:
+                    raise self._rpc_error(d, e, "decode") from None
+                flight.decode = d
+                flight.lease = None  # the decode worker has the request: it pulled the KV or recomputes it
+                while True:
+                    for out in self._outputs(d, flight, text, await stream.next()):
+                        yield out
+                        if out.finish_reason:
+                            return
+        finally:
+            sub.close_request(job.request_id)
+
+    def _outputs(self, d: WorkerState, flight: _Flight, text: RequestTextStream,
+                 chunks: list[disagg_pb2.TokenChunk]) -> list[Output]:
+        """The chunks that arrived since the last read, as one Output (a stop string may end it early)."""
+        tokens: list[int] = []
+        logprobs: list[disagg_pb2.TokenLogprob] = []
+        finish: str | None = None
+        for chunk in chunks:
+            if chunk.finish_reason in ("error", "abort"):
+                if tokens:  # deliver what came before the worker gave up on it
+                    return [_accept(text, tokens, logprobs, None)] + self._outputs(d, flight, text, [chunk])
+                raise WorkerLost(f"decode worker {d.address} ended the request ({chunk.finish_reason}"
+                                 f"{': ' + chunk.error if chunk.error else ''})")
+            tokens.extend(chunk.token_ids)
+            logprobs.extend(chunk.logprobs)
+            if chunk.finish_reason:
+                finish = chunk.finish_reason
+                flight.decode = None  # the worker finished it: nothing to abort
+                break
+        out = _accept(text, tokens, logprobs, finish)
+        return [out] if out.token_ids or out.text or out.finish_reason else []
 
     def _choose_decode(self, exclude: set[str], prompt_ids: list[int]) -> WorkerState:
         candidates = [w for w in self.workers.candidates("decode") if w.address not in exclude and w.stub]
@@ -166,37 +227,6 @@ class Generation:
 
     def _has_decode(self, exclude: set[str]) -> bool:
         return any(w.address not in exclude for w in self.workers.candidates("decode"))
-
-    async def _outputs(self, d: WorkerState, flight: _Flight, text: RequestTextStream,
-                       call: grpc.aio.UnaryStreamCall, chunk: disagg_pb2.TokenChunk | None) -> AsyncIterator[Output]:
-        while chunk is not None:
-            if chunk.finish_reason not in ("", "stop", "length"):
-                raise APIError(503, f"decode worker {d.address} ended the request ({chunk.finish_reason})",
-                               code="worker_error")
-            out = _accept(text, list(chunk.token_ids), list(chunk.logprobs), chunk.finish_reason or None)
-            if chunk.finish_reason:
-                flight.decode = None  # the worker finished it: nothing to abort
-            if out.token_ids or out.text or out.finish_reason:
-                yield out
-            if out.finish_reason:
-                return
-            chunk = await self._next_chunk(d, call)
-        raise APIError(502, f"decode worker {d.address} closed the stream before the request finished",
-                       code="worker_error")
-
-    async def _next_chunk(self, w: WorkerState, call: grpc.aio.UnaryStreamCall) -> disagg_pb2.TokenChunk | None:
-        """The next chunk, None at the end of the stream; a silent or failed worker is an `APIError`."""
-        try:
-            # asyncio.timeout, not wait_for: wait_for drops a cancellation that lands as the read completes,
-            # and then a client that went away would not abort the request.
-            async with asyncio.timeout(self.config.worker_timeout_s):
-                msg = await call.read()
-        except TimeoutError:
-            raise APIError(503, f"worker {w.address} sent nothing for {self.config.worker_timeout_s:g}s",
-                           code="worker_timeout") from None
-        except grpc.aio.AioRpcError as e:
-            raise self._rpc_error(w, e, "decode") from None
-        return None if msg is grpc.aio.EOF else msg
 
     def _rpc_error(self, w: WorkerState, e: grpc.aio.AioRpcError, what: str) -> APIError:
         code = e.code()
@@ -212,9 +242,12 @@ class Generation:
             return APIError(400, str(e.details()))
         return APIError(502, msg, code="worker_error")
 
+    def _abort_later(self, w: WorkerState, request_id: str) -> None:
+        task = asyncio.create_task(self._control(w, "Abort", request_id), name=f"abort-{request_id}")
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
     async def _cleanup(self, request_id: str, flight: _Flight) -> None:
-        if flight.call is not None and not flight.call.done():
-            flight.call.cancel()
         rpcs = [self._control(w, "Abort", request_id) for w in (flight.decode, flight.prefill) if w is not None]
         if flight.lease is not None:
             rpcs.append(self._control(flight.lease, "ReleaseKV", request_id))
@@ -245,15 +278,15 @@ async def _gather(coros: list[Coroutine[Any, Any, None]]) -> None:
     await asyncio.gather(*coros)
 
 
-def _decode_request(job: GenerationJob, first: disagg_pb2.PrefillResponse | None) -> disagg_pb2.DecodeRequest:
-    req = disagg_pb2.DecodeRequest(version=PROTOCOL_VERSION, request_id=job.request_id,
-                                   prompt_token_ids=job.prompt_ids, params=params_to_proto(job.params))
-    if first is not None:
-        req.first_token = first.first_token
-        if first.HasField("first_logprob"):
-            req.first_logprob.CopyFrom(first.first_logprob)
-        if first.HasField("kv"):
-            req.kv.CopyFrom(first.kv)
+def _decode_request(job: GenerationJob, kv: disagg_pb2.KVHandle | None, subscriber: str
+                    ) -> disagg_pb2.DecodeRequest:
+    """The request for a decode worker: the prompt, the tokens generated so far (the prefill worker's first one,
+    or everything streamed before a migration) and, with the first token only, where its KV waits."""
+    req = disagg_pb2.DecodeRequest(version=PROTOCOL_VERSION, request_id=job.request_id, subscriber=subscriber,
+                                   prompt_token_ids=job.prompt_ids, params=params_to_proto(job.params),
+                                   output_token_ids=job.output_ids)
+    if kv is not None:
+        req.kv.CopyFrom(kv)
     return req
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from engine.request import InvalidRequestError, SamplingParams
 from engine.tokenizer import Tokenizer
@@ -26,7 +26,11 @@ class GenerationJob:
     prompt_ids: list[int]  # the whole prompt, chat template applied
     params: SamplingParams  # stop strings are applied by the router, the rest by the workers
     arrival: float  # time.monotonic() when the request arrived
-    num_output_tokens: int = 0  # tokens generated so far
+    output_ids: list[int] = field(default_factory=list)  # tokens streamed to the client so far
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_ids)
 
 
 class JobBuilder:

@@ -11,11 +11,13 @@ worker was expected to have cached).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from router.registry import WorkerRegistry
@@ -86,6 +88,8 @@ class RouterMetrics:
                                 ["endpoint", "status"], registry=r)
         self.prompt_tokens = Counter("disagg_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
         self.generation_tokens = Counter("disagg_generation_tokens", "Tokens generated", registry=r)
+        self.migrations = Counter("disagg_router_migrations", "Requests moved to another decode worker mid-stream "
+                                  "because theirs was lost", registry=r)
         self.routed = Counter("disagg_router_routed", "Requests routed, by phase and worker", ["phase", "worker"],
                               registry=r)
         self.prompt_blocks = Counter("disagg_router_prompt_blocks", "Full prompt blocks of routed requests",
@@ -97,7 +101,8 @@ class RouterMetrics:
         self.predicted_overlap = Histogram("disagg_router_predicted_overlap",
                                            "Predicted cached fraction of each routed prompt's full blocks", ["phase"],
                                            buckets=OVERLAP_BUCKETS, registry=r)
-        r.register(WorkerCollector(workers))
+        self._worker_collector = WorkerCollector(workers)
+        r.register(self._worker_collector)
 
     def observe_placement(self, phase: str, placement: Placement | None) -> None:
         """Count one routing decision and its predicted prefix overlap."""
@@ -114,5 +119,13 @@ class RouterMetrics:
         self.requests.labels(endpoint=endpoint, status=str(status)).inc()
 
     def render(self) -> tuple[bytes, str]:
-        """The exposition text and its content type."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        """The exposition text and its content type. With several router processes (`router.processes`), the
+        request counters and histograms are summed over all of them (Prometheus' multiprocess mode: each process
+        writes its values to files in PROMETHEUS_MULTIPROC_DIR); worker figures come from this process's polls,
+        which every process makes, except `in_flight`, which counts this process's requests."""
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged)
+        merged.register(self._worker_collector)
+        return generate_latest(merged), CONTENT_TYPE_LATEST

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from pydantic import BaseModel
@@ -38,6 +39,7 @@ from router.protocol import (
 log = logging.getLogger(__name__)
 
 DONE = "data: [DONE]\n\n"
+encode_string = json.encoder.encode_basestring  # type: ignore[attr-defined]  # str -> its JSON (C, no escaping of non-ASCII)
 CLIENT_GONE = 499  # nginx's status for a client that closed the connection first
 
 
@@ -67,34 +69,70 @@ class Responder(ABC):
             outs = [out async for out in outputs]
         return self._response(outs).model_dump(mode="json")
 
-    async def sse(self, outputs: AsyncIterator[Output]) -> AsyncIterator[str]:
-        """`data: {chunk}` events ending with `data: [DONE]`; closing this closes (and so aborts) `outputs`."""
+    async def sse(self, outputs: AsyncIterator[Output], on_end: Callable[[int], None] | None = None
+                  ) -> AsyncIterator[str]:
+        """`data: {chunk}` events ending with `data: [DONE]`; closing this closes (and so aborts) `outputs`.
+        `on_end(status)` is called once the stream is over, however it ended."""
         try:
-            async with contextlib.aclosing(outputs):  # type: ignore[type-var]
-                for chunk in self._opening():
-                    yield self._event(chunk)
-                async for out in outputs:
-                    chunk = self._chunk(out)
-                    if chunk is not None:
+            try:
+                async with contextlib.aclosing(outputs):  # type: ignore[type-var]
+                    for chunk in self._opening():
                         yield self._event(chunk)
-            if self.include_usage:
-                yield self._event(self._usage_chunk())
-        except APIError as e:
-            log.warning("%s: stream failed: %s", self.job.request_id, e.message)
-            self.status = e.status
-            yield sse_event(e.body())
-        except (asyncio.CancelledError, GeneratorExit):
-            self.status = CLIENT_GONE
-            raise
-        except Exception:
-            log.exception("%s: stream failed", self.job.request_id)
-            self.status = 500
-            yield sse_event(APIError(500, "internal router error").body())
-        yield DONE
+                    fast = self._fast_chunk if not self.want_logprobs else None
+                    async for out in outputs:
+                        if fast is not None:  # the per-token path: text only, from a template (see _template)
+                            yield fast(out)
+                            continue
+                        chunk = self._chunk(out)
+                        if chunk is not None:
+                            yield self._event(chunk)
+                if self.include_usage:
+                    yield self._event(self._usage_chunk())
+            except APIError as e:
+                log.warning("%s: stream failed: %s", self.job.request_id, e.message)
+                self.status = e.status
+                yield sse_event(e.body())
+            except (asyncio.CancelledError, GeneratorExit):
+                self.status = CLIENT_GONE
+                raise
+            except Exception:
+                log.exception("%s: stream failed", self.job.request_id)
+                self.status = 500
+                yield sse_event(APIError(500, "internal router error").body())
+            yield DONE
+        finally:
+            if on_end is not None:
+                on_end(self.status)
 
     def _event(self, chunk: BaseModel) -> str:
         exclude = None if self.include_usage else {"usage"}
         return f"data: {chunk.model_dump_json(exclude=exclude)}\n\n"
+
+    def _fast_chunk(self, out: Output) -> str:
+        """The event `_event(_chunk(out))` would give for an output without logprobs, with no model built: the
+        template's text slot and finish reason filled in (tests/test_router.py checks both give the same)."""
+        head, tail = self._template
+        finish = "null" if out.finish_reason is None else encode_string(out.finish_reason)
+        return f"{head}{self._text_slot(out.text)}{tail[0]}{finish}{tail[1]}"
+
+    @functools.cached_property
+    def _template(self) -> tuple[str, tuple[str, str]]:
+        """The chunk's JSON around its text and its finish reason, rendered once per request."""
+        marker_text, marker_finish = "\x00TEXT\x00", "\x00FINISH\x00"
+        chunk = self._chunk(Output([], [], marker_text, marker_finish))
+        assert chunk is not None
+        event = self._event(chunk)
+        head, rest = event.split(encode_string(marker_text) if self._text_is_string else self._text_marker(marker_text))
+        middle, end = rest.split(encode_string(marker_finish))
+        return head, (middle, end)
+
+    _text_is_string = True
+
+    def _text_slot(self, text: str) -> str:
+        return encode_string(text)
+
+    def _text_marker(self, marker: str) -> str:
+        return encode_string(marker)
 
     def _opening(self) -> list[BaseModel]:
         return []
@@ -140,6 +178,14 @@ class CompletionResponder(Responder):
 
 class ChatResponder(Responder):
     """`/v1/chat/completions`: a role delta first, then content deltas; logprobs.content per token."""
+
+    _text_is_string = False
+
+    def _text_marker(self, marker: str) -> str:
+        return '{"content":' + encode_string(marker) + "}"
+
+    def _text_slot(self, text: str) -> str:
+        return '{"content":' + encode_string(text) + "}" if text else "{}"
 
     def _logprobs(self, out: Output) -> ChatLogprobs | None:
         if not self.want_logprobs:

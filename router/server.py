@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +12,9 @@ import uvicorn
 
 from engine.config import ConfigError
 from engine.tokenizer import Tokenizer
-from router.app import create_app
 from router.config import RouterConfig
 from router.policy import POLICIES
+from router.processes import Siblings, child_index, listen_socket
 from router.registry import WorkerRegistry
 
 log = logging.getLogger("router")
@@ -46,6 +47,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--conditional-disagg-min-prompt-tokens", type=int, metavar="N",
                    help="prompts shorter than N tokens skip the prefill pool; the decode worker prefills them "
                         f"locally (default {DEFAULTS.conditional_disagg_min_prompt_tokens}: always disaggregate)")
+    p.add_argument("--max-migrations", type=int, metavar="N",
+                   help="times a request may move to another decode worker when its own is lost "
+                        f"(default {DEFAULTS.max_migrations}; 0: never)")
     _add_timing_flags(p)
     for key in ("prefill_overlap_weight", "prefill_load_weight", "decode_overlap_weight", "decode_load_weight"):
         p.add_argument(f"--{key.replace('_', '-')}", dest=key, type=float,
@@ -55,6 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         f"(default {DEFAULTS.kv_expect_ttl_s:g})")
     p.add_argument("--max-model-len", type=int, metavar="TOKENS",
                    help="context length to enforce (default: the smallest the workers report)")
+    p.add_argument("--processes", type=int, metavar="N",
+                   help=f"router processes serving the one port (SO_REUSEPORT; default {DEFAULTS.processes})")
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     p.add_argument("--access-log", action="store_true", default=False, help="log every HTTP request")
     return p.parse_args(argv)
@@ -66,8 +72,9 @@ def _add_timing_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rpc-timeout", "--rpc-timeout-s", dest="rpc_timeout_s", type=float, metavar="SECONDS",
                    help=f"deadline of Health, Load, Abort and ReleaseKV calls (default {DEFAULTS.rpc_timeout_s:g})")
     p.add_argument("--worker-timeout", "--worker-timeout-s", dest="worker_timeout_s", type=float, metavar="SECONDS",
-                   help="deadline of a Prefill, and the longest a Decode stream may stay silent before the request "
-                        f"fails (default {DEFAULTS.worker_timeout_s:g})")
+                   help="deadline of a Prefill or Decode call, and the longest a decode worker may send nothing "
+                        "while requests wait on it before they move to another worker "
+                        f"(default {DEFAULTS.worker_timeout_s:g})")
     p.add_argument("--request-timeout", "--request-timeout-s", dest="request_timeout_s", type=float,
                    metavar="SECONDS", help=f"deadline of a whole Decode stream (default {DEFAULTS.request_timeout_s:g})")
 
@@ -97,20 +104,38 @@ def tokenizer_path(a: argparse.Namespace, config: RouterConfig) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     a = parse_args(argv)
-    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    index = child_index()
+    logging.basicConfig(level=a.log_level.upper(),
+                        format=f"%(asctime)s %(levelname)s %(name)s{f'[{index}]' if index else ''}: %(message)s")
     try:
         config = config_from_args(a)
         path = tokenizer_path(a, config)
         log.info("loading tokenizer from %s", path)
         tokenizer = Tokenizer.from_model_path(path)
-    except (ConfigError, OSError, ValueError, RuntimeError) as e:  # bad flag, missing or unreadable tokenizer
+        if config.processes > 1 and config.port == 0:
+            raise ConfigError("router.processes > 1 needs a fixed router.port (every process binds the same one)")
+        sock = listen_socket(config.host, config.port)
+    except (ConfigError, OSError, ValueError, RuntimeError) as e:  # bad flag, missing tokenizer, port taken
         raise SystemExit(f"router: {e}") from None
+    siblings = Siblings(config.processes if index == 0 else 1, argv)
+    siblings.prepare()  # before router.app (and so prometheus_client) is imported
+    from router.app import create_app
+
+
     if not a.worker:
         log.warning("no --worker given: /ready stays 503 until workers are added")
     registry = WorkerRegistry(a.worker, health_interval_s=config.health_interval_s, rpc_timeout_s=config.rpc_timeout_s)
     app = create_app(config, tokenizer, registry)
-    log.info("serving model %r on http://%s:%d with %d worker(s) %s; policies prefill=%s decode=%s%s", config.model_name,
-             config.host, config.port, len(a.worker), ", ".join(a.worker), config.prefill_policy,
-             config.decode_policy, "; API keys required" if config.api_keys else "")
-    uvicorn.run(app, host=config.host, port=config.port, log_level=a.log_level.lower(), access_log=a.access_log)
+    if index == 0:
+        log.info("serving model %r on http://%s:%d (%d process%s) with %d worker(s) %s; policies prefill=%s decode=%s%s",
+                 config.model_name, config.host, config.port, config.processes, "es" if config.processes > 1 else "",
+                 len(a.worker), ", ".join(a.worker), config.prefill_policy, config.decode_policy,
+                 "; API keys required" if config.api_keys else "")
+    siblings.start()
+    try:
+        server = uvicorn.Server(uvicorn.Config(app, log_level=a.log_level.lower(), access_log=a.access_log))
+        server.run(sockets=[sock])
+    finally:
+        siblings.stop()

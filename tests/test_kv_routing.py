@@ -278,15 +278,14 @@ class _Loop:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
 
-    def add(self, req: Request) -> asyncio.Queue:
+    def add(self, req: Request, sink: Any) -> None:
         self.engine.add(req)
-        return asyncio.Queue()
 
-    async def receive_kv(self, req: Request, num_tokens: int, timeout_s: float) -> tuple[asyncio.Queue, Any]:
+    async def receive_kv(self, req: Request, num_tokens: int, timeout_s: float, sink: Any) -> Any:
         res = self.engine.receive_kv(req, num_tokens, timeout_s)
         if res is None:
             self.engine.add(req)
-        return asyncio.Queue(), res
+        return res
 
     def kv_received(self, rid: str) -> None:
         self.engine.kv_received(rid)
@@ -324,7 +323,7 @@ def _handle(block_ids: list[int], num_tokens: int) -> disagg_pb2.KVHandle:
 
 def _pull(puller: KVPuller, eng: LLMEngine, rid: str, h: disagg_pb2.KVHandle, tokens: list[int]) -> bool:
     req = eng.make_request(rid, tokens, SamplingParams(max_tokens=4), output_token_ids=[7])
-    return asyncio.run(puller.pull(req, h))[1]
+    return asyncio.run(puller.pull(req, h, lambda so: None))
 
 
 def test_decode_pull_reads_only_blocks_past_its_cached_prefix() -> None:

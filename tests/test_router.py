@@ -1,8 +1,9 @@
 """The router end to end: real HTTP into a real uvicorn server, real gRPC out to fake workers.
 
 The fake workers are `grpc.aio` servers on their own event loop thread. Prefill answers with the script's first
-token and a KV handle; Decode streams the rest of the script (the SmolLM2 encoding of SCRIPT plus EOS), one token
-per chunk. With `ignore_eos` the fake decodes endlessly (until max_tokens), which the slow-stream tests use.
+token and a KV handle; Decode starts the rest of the script (the SmolLM2 encoding of SCRIPT plus EOS), one token
+per chunk on the router's Subscribe stream. With `ignore_eos` the fake decodes endlessly (until max_tokens),
+which the slow-stream tests use.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ class FakeWorker(disagg_pb2_grpc.WorkerServicer):
         self.prefill_delay_s = 0.0  # how long Prefill takes
         self.hang_after: int | None = None  # Decode goes silent after this many output tokens
         self.load = disagg_pb2.LoadReport(role=role)
+        self.subscribers: dict[str, asyncio.Queue[disagg_pb2.TokenChunk]] = {}
+        self.scripts: dict[str, asyncio.Task[None]] = {}
 
     async def Health(self, request: Any, context: Any) -> disagg_pb2.HealthResponse:
         return disagg_pb2.HealthResponse(ok=True, worker_id=f"{self.role}@{self.address}", role=self.role,
@@ -58,6 +61,9 @@ class FakeWorker(disagg_pb2_grpc.WorkerServicer):
 
     async def Abort(self, request: disagg_pb2.AbortRequest, context: Any) -> disagg_pb2.AbortResponse:
         self.aborts.append(request.request_id)
+        task = self.scripts.pop(request.request_id, None)
+        if task is not None:
+            task.cancel()
         return disagg_pb2.AbortResponse(found=True)
 
     async def ReleaseKV(self, request: disagg_pb2.ReleaseKVRequest, context: Any) -> disagg_pb2.ReleaseKVResponse:
@@ -79,19 +85,39 @@ class FakeWorker(disagg_pb2_grpc.WorkerServicer):
                                                  block_ids=[0, 1], num_tokens=len(request.prompt_token_ids)))
         return resp
 
-    async def Decode(self, request: disagg_pb2.DecodeRequest, context: Any) -> Any:
+    async def Subscribe(self, request: disagg_pb2.SubscribeRequest, context: Any) -> Any:
+        q = self.subscribers[request.subscriber] = asyncio.Queue()
+        yield disagg_pb2.TokenBatch()
+        try:
+            while True:
+                chunks = [await q.get()]
+                while not q.empty():
+                    chunks.append(q.get_nowait())
+                yield disagg_pb2.TokenBatch(chunks=chunks)
+        finally:
+            self.subscribers.pop(request.subscriber, None)
+
+    async def Decode(self, request: disagg_pb2.DecodeRequest, context: Any) -> disagg_pb2.DecodeResponse:
         self.decodes.append(request)
         if self.decode_error is not None:
             await context.abort(self.decode_error, "injected failure")
+        q = self.subscribers[request.subscriber]
+        self.scripts[request.request_id] = asyncio.create_task(self._run(request, q))
+        return disagg_pb2.DecodeResponse()
+
+    async def _run(self, request: disagg_pb2.DecodeRequest, q: asyncio.Queue[disagg_pb2.TokenChunk]) -> None:
         try:
             async for chunk in self._script(request):
-                yield chunk
+                chunk.request_id = request.request_id
+                q.put_nowait(chunk)
         except asyncio.CancelledError:
             self.cancelled.append(request.request_id)
             raise
+        finally:
+            self.scripts.pop(request.request_id, None)
 
     async def _script(self, request: disagg_pb2.DecodeRequest) -> Any:
-        p, produced = request.params, int(request.HasField("first_token"))
+        p, produced = request.params, len(request.output_token_ids)
         script = self.tokens[:-1] if p.ignore_eos else self.tokens
         while request.request_id not in self.aborts:
             await asyncio.sleep(3600 if self.hang_after is not None and produced >= self.hang_after else self.delay_s)
@@ -261,7 +287,7 @@ def test_openai_client_streams_chat_and_completion(cluster: tuple[RouterServer, 
     rid = chunks[0].id
     assert [r.request_id for r in p.prefills].count(rid) == 1
     decode = next(r for r in d.decodes if r.request_id == rid)
-    assert decode.HasField("first_token") and decode.HasField("kv") and decode.kv.block_ids == [0, 1]
+    assert len(decode.output_token_ids) == 1 and decode.HasField("kv") and decode.kv.block_ids == [0, 1]
 
     stream = client(router).completions.create(model=MODEL, prompt="Say hello", max_tokens=50, stream=True)
     chunks = list(stream)
@@ -351,7 +377,7 @@ def test_conditional_disagg_sends_short_prompts_straight_to_decode(
     assert short.choices[0].text == long.choices[0].text == "Hello world!"
     assert [r.request_id for r in p.worker.prefills] == [long.id]
     by_id = {r.request_id: r for r in d.worker.decodes}
-    assert not by_id[short.id].HasField("first_token") and not by_id[short.id].HasField("kv")
+    assert not by_id[short.id].output_token_ids and not by_id[short.id].HasField("kv")
     assert by_id[long.id].HasField("kv")
 
 
@@ -519,7 +545,7 @@ def test_failed_prefill_falls_back_to_local_prefill(fakes: Callable[[str], FakeS
     router = routers([p.address, d.address])
     out = client(router).completions.create(model=MODEL, prompt="hi", max_tokens=3)
     assert out.choices[0].text == "Hello world!" and len(p.worker.prefills) == 1
-    assert not d.worker.decodes[0].HasField("first_token")
+    assert not d.worker.decodes[0].output_token_ids
 
 
 def test_unreachable_decode_worker_is_skipped(fakes: Callable[[str], FakeServer],
@@ -529,7 +555,9 @@ def test_unreachable_decode_worker_is_skipped(fakes: Callable[[str], FakeServer]
     router = routers([good.address, bad.address], decode_policy="round_robin")
     for _ in range(2):  # round-robin sends one of the two to the bad worker first
         assert client(router).completions.create(model=MODEL, prompt="hi", max_tokens=2).choices[0].text
-    assert len(bad.worker.decodes) == 1 and len(good.worker.decodes) == 2
+    # Every request ended on the good worker; how often the bad one was tried depends on whether a health poll
+    # (it answers Health) brought it back between the two requests.
+    assert bad.worker.decodes and len(good.worker.decodes) == 2
 
 
 # --- registry, metrics -----------------------------------------------------------------------------------
@@ -582,3 +610,22 @@ def test_metrics_expose_latencies_counts_and_worker_gauges(
     assert f'disagg_worker_overlap_steps_split{{role="decode",worker="{d.address}"}} 3.0' in text
     assert "# HELP disagg_worker_overlap_steps_used Queued-ahead decode steps used" in text  # the worker's words
     assert f'disagg_worker_healthy{{role="prefill",worker="{p.address}"}} 1.0' in text
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_templated_chunks_equal_the_models_they_stand_for(include_usage: bool) -> None:
+    """The per-token SSE path renders chunks from a template (router/responder.py `_fast_chunk`): byte for byte
+    what the pydantic models give, for text with quotes, backslashes, newlines and non-ASCII, empty text and
+    every finish reason."""
+    from engine.request import SamplingParams
+    from router.generation import Output
+    from router.job import GenerationJob
+    from router.responder import ChatResponder, CompletionResponder
+
+    job = GenerationJob("cmpl-t", [1, 2], SamplingParams(), 0.0)
+    outs = [Output([1], [], 'a "q" \\ é ✓\n', None), Output([], [], "", "stop"), Output([2], [], "x", "length")]
+    for cls in (CompletionResponder, ChatResponder):
+        r = cls(job, "model/with\"quote", None, include_usage=include_usage)  # type: ignore[arg-type]
+        for out in outs:
+            chunk = r._chunk(out)
+            assert chunk is not None and r._fast_chunk(out) == r._event(chunk)

@@ -16,12 +16,12 @@ import random
 import pytest
 import torch
 
-from engine.scheduler import Scheduler
 from engine.config import CacheConfig, ConfigError, EngineConfig, SchedulerConfig, SpeculativeConfig
 from engine.engine import LLMEngine
 from engine.kv_cache_manager import KVCacheManager, cdiv, prefix_hashes
 from engine.request import FinishReason, Request, SamplingParams
 from engine.sampler import Sampler, SampleResult, process_logits
+from engine.scheduler import Scheduler
 from engine.spec_decode.ngram import ngram_lookup
 from engine.spec_decode.rejection_sampler import rejection_sample
 

@@ -22,6 +22,8 @@ from engine.stats import EngineLoad
 
 log = logging.getLogger(__name__)
 
+Sink = Callable[[StepOutput], None]  # where a request's outputs go, one call per step that gave it any
+
 
 class AsyncEngine:
     """An engine loop task plus per-request output queues."""
@@ -29,7 +31,7 @@ class AsyncEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
         self.snapshot: EngineLoad = engine.load()  # read between steps, so RPC handlers never touch live queues
-        self._queues: dict[str, asyncio.Queue[StepOutput]] = {}
+        self._sinks: dict[str, Sink] = {}
         self._pending: list[tuple[Callable[[], Any], asyncio.Future | None]] = []
         self._hooks: list[Callable[[], None]] = []
         self._wake = asyncio.Event()
@@ -53,34 +55,35 @@ class AsyncEngine:
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
                     output_token_ids: list[int] | None = None, lease_s: float | None = None
                     ) -> asyncio.Queue[StepOutput]:
-        """Check now (raises InvalidRequestError), enqueue for the next step; returns the output queue."""
-        return self.add(self.engine.make_request(request_id, prompt_token_ids, params,
-                                                 output_token_ids=output_token_ids or (), lease_s=lease_s))
-
-    def add(self, req: Request) -> asyncio.Queue[StepOutput]:
-        """Enqueue a request from `engine.make_request` for the next step; returns its output queue."""
-        q = self._open(req.request_id)
-        self._submit(lambda: self._add(req, q), None)
+        """Check now (raises InvalidRequestError), enqueue for the next step; returns a queue of its outputs."""
+        q: asyncio.Queue[StepOutput] = asyncio.Queue()
+        self.add(self.engine.make_request(request_id, prompt_token_ids, params,
+                                          output_token_ids=output_token_ids or (), lease_s=lease_s), q.put_nowait)
         return q
 
-    async def receive_kv(self, req: Request, num_tokens: int, timeout_s: float
-                         ) -> tuple[asyncio.Queue[StepOutput], KVReservation | None]:
-        """Reserve blocks for a request (from `engine.make_request`) whose prompt KV arrives from elsewhere.
-        Returns its output queue and the reservation; with None (no free blocks) the request is already queued
-        to recompute its prompt here. After a reservation, report the transfer with `kv_received`/`kv_failed`."""
-        q = self._open(req.request_id)
+    def add(self, req: Request, sink: Sink) -> None:
+        """Enqueue a request from `engine.make_request` for the next step; its outputs go to `sink` (called on
+        the event loop, in order, the last one finished). Raises InvalidRequestError for a live duplicate id."""
+        self._open(req.request_id, sink)
+        self._submit(lambda: self._add(req, sink), None)
+
+    async def receive_kv(self, req: Request, num_tokens: int, timeout_s: float, sink: Sink) -> KVReservation | None:
+        """Reserve blocks for a request (from `engine.make_request`) whose prompt KV arrives from elsewhere; its
+        outputs go to `sink`. None (no free blocks): the request is already queued to recompute its prompt here.
+        After a reservation, report the transfer with `kv_received` / `kv_failed`."""
+        self._open(req.request_id, sink)
 
         def reserve() -> KVReservation | None:
             try:
                 res = self.engine.receive_kv(req, num_tokens, timeout_s)
             except InvalidRequestError as e:
-                self._fail(req.request_id, q, e)
+                self._fail(req.request_id, sink, e)
                 return None
             if res is None:
-                self._add(req, q)
+                self._add(req, sink)
             return res
 
-        return q, await self.run_between_steps(reserve)
+        return await self.run_between_steps(reserve)
 
     def kv_received(self, request_id: str) -> None:
         self._submit(lambda: self.engine.kv_received(request_id), None)
@@ -88,27 +91,25 @@ class AsyncEngine:
     def kv_failed(self, request_id: str) -> None:
         self._submit(lambda: self.engine.kv_failed(request_id), None)
 
-    def _open(self, request_id: str) -> asyncio.Queue[StepOutput]:
-        if request_id in self._queues:  # another stream of this id is live: never take its outputs over
+    def _open(self, request_id: str, sink: Sink) -> None:
+        if request_id in self._sinks:  # another stream of this id is live: never take its outputs over
             raise InvalidRequestError(f"duplicate request id {request_id!r}")
-        q: asyncio.Queue[StepOutput] = asyncio.Queue()
-        self._queues[request_id] = q
-        return q
+        self._sinks[request_id] = sink
 
-    def _add(self, req: Request, q: asyncio.Queue[StepOutput]) -> None:
+    def _add(self, req: Request, sink: Sink) -> None:
         try:
             self.engine.add(req)
         except InvalidRequestError as e:  # e.g. a duplicate id: end this stream, never leave it waiting
-            self._fail(req.request_id, q, e)
+            self._fail(req.request_id, sink, e)
 
-    def _fail(self, request_id: str, q: asyncio.Queue[StepOutput], e: Exception) -> None:
-        if self._queues.get(request_id) is q:
-            del self._queues[request_id]
-        q.put_nowait(StepOutput(request_id, [], True, "error", stop_reason=str(e)))
+    def _fail(self, request_id: str, sink: Sink, e: Exception) -> None:
+        if self._sinks.get(request_id) is sink:
+            del self._sinks[request_id]
+        sink(StepOutput(request_id, [], True, "error", stop_reason=str(e)))
 
     def abort(self, request_id: str) -> None:
-        """Stop the request at the next step boundary and free its blocks (or its lease). Idempotent. Whoever
-        still waits on its output queue gets a last output with finish reason "abort"."""
+        """Stop the request at the next step boundary and free its blocks (or its lease). Idempotent. Its sink
+        gets a last output with finish reason "abort"."""
         self._end(request_id)
         self._submit(lambda: self.engine.abort(request_id), None)
 
@@ -118,9 +119,9 @@ class AsyncEngine:
         return await self.run_between_steps(lambda: self.engine.abort(request_id))
 
     def _end(self, request_id: str) -> None:
-        q = self._queues.pop(request_id, None)
-        if q is not None:
-            q.put_nowait(StepOutput(request_id, [], True, "abort"))
+        sink = self._sinks.pop(request_id, None)
+        if sink is not None:
+            sink(StepOutput(request_id, [], True, "abort"))
 
     def call_soon(self, fn: Callable[[], Any]) -> None:
         """Run `fn` on the loop thread before the next step, without waiting (safe from `finally` blocks)."""
@@ -160,8 +161,9 @@ class AsyncEngine:
         except BaseException as e:  # the worker reports unhealthy rather than hanging its streams
             log.exception("engine loop failed")
             self._error = e
-            for q in self._queues.values():
-                q.put_nowait(StepOutput("", [], True, "error"))
+            for rid, sink in self._sinks.items():
+                sink(StepOutput(rid, [], True, "error", stop_reason=f"engine loop died: {e!r}"))
+            self._sinks.clear()
 
     def _apply_pending(self) -> None:
         pending, self._pending = self._pending, []
@@ -178,12 +180,13 @@ class AsyncEngine:
                 fut.set_result(result)
 
     def _dispatch(self, outputs: list[StepOutput]) -> None:
+        sinks = self._sinks
         for so in outputs:
-            q = self._queues.get(so.request_id)
-            if q is not None:
-                q.put_nowait(so)
+            sink = sinks.get(so.request_id)
+            if sink is not None:
                 if so.finished:
-                    self._queues.pop(so.request_id, None)
+                    del sinks[so.request_id]
+                sink(so)
 
     @property
     def healthy(self) -> bool:
