@@ -75,6 +75,7 @@ class Generation:
         self._decode_policy = make_policy(config.decode_policy, "decode", index, ttl,
                                           config.decode_overlap_weight, config.decode_load_weight)
         self.streams = TokenStreams(stall_s=config.worker_timeout_s)
+        workers.on_unhealthy.append(self.streams.lose)
         # Cleanup RPCs run as tasks referenced here, so they finish even when the request's task is cancelled.
         self._cleanups: set[asyncio.Task[None]] = set()
 

@@ -1,7 +1,9 @@
 """The workers the router knows: their channels, health, roles and latest load, and which KV blocks they cache.
 
-A background task polls every worker's `Health` and `Load`. A worker that fails a poll, or whose RPC fails with
-UNAVAILABLE, is unhealthy and gets no new requests until a poll succeeds again.
+A background task polls every worker's `Health` and `Load`. A worker that fails a poll (no answer within
+`rpc_timeout_s`: dead, SIGSTOPped, wedged), or whose RPC fails with UNAVAILABLE, is unhealthy and gets no new
+requests until a poll succeeds again; the requests streaming from it move to another decode worker at once
+(`on_unhealthy`). So a hung worker is detected within `health_interval_s + rpc_timeout_s`.
 
 Each Load poll also carries the worker's prefix-cache events since this router's cursor (epoch, sequence number),
 or a full snapshot when the worker cannot give them (it restarted, or the events were trimmed); `KVIndex` keeps
@@ -15,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -183,6 +185,9 @@ class WorkerRegistry:
         self._task: asyncio.Task[None] | None = None
         self.kv_index = KVIndex()
         self.stat_help: dict[str, str] = {}  # Load figure name -> its meaning, as the workers declared it
+        # Called when a healthy worker fails a poll or an RPC finds it unreachable (hang detection: the requests
+        # streaming from it move elsewhere, router/token_streams.py).
+        self.on_unhealthy: list[Callable[[WorkerState, str], None]] = []
 
     @property
     def running(self) -> bool:
@@ -318,12 +323,15 @@ class WorkerRegistry:
             w.kv_seq = kv.seq
 
     def _set_health(self, w: WorkerState, healthy: bool, reason: str) -> None:
-        if healthy != w.healthy:
+        was = w.healthy
+        w.healthy, w.error = healthy, reason
+        if healthy != was:
             if healthy:
                 log.info("worker %s (%s, %s) is healthy", w.address, w.worker_id or "?", w.role or "?")
             else:
                 log.warning("worker %s is unhealthy: %s", w.address, reason)
-        w.healthy, w.error = healthy, reason
+                for listener in self.on_unhealthy:
+                    listener(w, reason)
 
 
 def _open(w: WorkerState) -> None:

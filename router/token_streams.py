@@ -135,9 +135,13 @@ class Subscription:
             if self.requests and now - self.quiet_since > self.stall_s:
                 log.warning("worker %s sent no token for %.0fs to %d waiting request(s); giving up on its stream",
                             self.worker.address, self.stall_s, len(self.requests))
-                self._end(WorkerLost(f"worker {self.worker.address} sent nothing for {self.stall_s:g}s",
+                self.lose(WorkerLost(f"worker {self.worker.address} sent nothing for {self.stall_s:g}s",
                                      code="worker_timeout"))
-                self._task.cancel()
+
+    def lose(self, error: BaseException) -> None:
+        """Give up on this stream: its requests fail with `error`, the reader stops."""
+        self._end(error)
+        self._task.cancel()
 
     def _end(self, error: BaseException) -> None:
         if self.closed:
@@ -180,6 +184,15 @@ class TokenStreams:
             raise WorkerLost(f"worker {worker.address} did not open a token stream in {timeout_s:g}s",
                              code="worker_timeout") from None
         return sub, sub.open(request_id, deadline)
+
+    def lose(self, worker: WorkerState, reason: str) -> None:
+        """The registry found `worker` unhealthy: end its stream now; its requests move elsewhere."""
+        sub = self._subs.pop(worker.address, None)
+        if sub is not None and not sub.closed:
+            if sub.requests:
+                log.warning("worker %s is unhealthy (%s): moving its %d request(s)", worker.address, reason,
+                            len(sub.requests))
+            sub.lose(WorkerLost(f"worker {worker.address} is unhealthy: {reason}", code="worker_timeout"))
 
     async def aclose(self) -> None:
         subs, self._subs = list(self._subs.values()), {}

@@ -49,10 +49,13 @@ class FakeWorker(disagg_pb2_grpc.WorkerServicer):
         self.prefill_delay_s = 0.0  # how long Prefill takes
         self.hang_after: int | None = None  # Decode goes silent after this many output tokens
         self.load = disagg_pb2.LoadReport(role=role)
+        self.frozen = False  # as if SIGSTOPped: Health does not answer, no token is produced
         self.subscribers: dict[str, asyncio.Queue[disagg_pb2.TokenChunk]] = {}
         self.scripts: dict[str, asyncio.Task[None]] = {}
 
     async def Health(self, request: Any, context: Any) -> disagg_pb2.HealthResponse:
+        while self.frozen:
+            await asyncio.sleep(0.05)
         return disagg_pb2.HealthResponse(ok=True, worker_id=f"{self.role}@{self.address}", role=self.role,
                                          model=MODEL, max_model_len=CONTEXT)
 
@@ -121,6 +124,8 @@ class FakeWorker(disagg_pb2_grpc.WorkerServicer):
         script = self.tokens[:-1] if p.ignore_eos else self.tokens
         while request.request_id not in self.aborts:
             await asyncio.sleep(3600 if self.hang_after is not None and produced >= self.hang_after else self.delay_s)
+            while self.frozen:
+                await asyncio.sleep(0.05)
             token = script[produced % len(script)]
             produced += 1
             finish = "length" if produced >= p.max_tokens else ""
@@ -629,3 +634,73 @@ def test_templated_chunks_equal_the_models_they_stand_for(include_usage: bool) -
         for out in outs:
             chunk = r._chunk(out)
             assert chunk is not None and r._fast_chunk(out) == r._event(chunk)
+
+
+# --- migration ------------------------------------------------------------------------------------------------------
+
+
+def _migration_router(fakes: Callable[[str], FakeServer], routers: Callable[..., RouterServer], **overrides: Any
+                      ) -> tuple[RouterServer, FakeServer, FakeServer]:
+    first, second = fakes("decode"), fakes("decode")
+    router = routers([first.address, second.address], decode_policy="round_robin", **overrides)
+    return router, first, second
+
+
+def _on(fake: FakeServer, rid: str) -> bool:
+    return any(r.request_id == rid for r in fake.worker.decodes)
+
+
+@pytest.mark.parametrize("failure", ["killed", "frozen"])
+def test_lost_decode_worker_moves_the_stream_with_no_token_lost_or_repeated(
+        failure: str, fakes: Callable[[str], FakeServer], routers: Callable[..., RouterServer]) -> None:
+    """A decode worker killed (its stream breaks) or frozen (SIGSTOP: no answer to health polls) mid-stream: the
+    request resumes on the other one with the tokens already streamed, and the client sees the same text as an
+    uninterrupted run, no error, and the migration counted."""
+    router, a, b = _migration_router(fakes, routers, rpc_timeout_s=0.5)
+    body = _endless(24)
+    whole = client(router).completions.create(model=MODEL, prompt="count", max_tokens=24,
+                                              extra_body={"ignore_eos": True}).choices[0].text
+
+    def fail() -> None:
+        rid = events_holder[0]["id"]
+        victim = a if _on(a, rid) else b
+        if failure == "killed":
+            victim.stop()
+        else:
+            victim.worker.frozen = True
+
+    events_holder: list[Any] = []
+    with httpx.stream("POST", router.url + "/v1/completions", json=body, timeout=20) as r:
+        lines = r.iter_lines()
+        for line in lines:
+            if line.startswith("data: "):
+                events_holder.append(json.loads(line[len("data: "):]))
+                if len(events_holder) == 5:
+                    break
+        started = time.monotonic()
+        fail()
+        events = events_holder + sse_payloads(lines)
+    assert events[-1] == "[DONE]" and all("error" not in e for e in events[:-1] if isinstance(e, dict)), events[-3:]
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == whole
+    assert time.monotonic() - started < 5  # frozen: found within health_interval_s + rpc_timeout_s
+    rid = events[0]["id"]
+    moved = next(r for f in (a, b) for r in f.worker.decodes if r.request_id == rid and r.output_token_ids)
+    assert len(moved.output_token_ids) >= 5  # resumed after what the client already had
+    assert "disagg_router_migrations_total 1.0" in httpx.get(router.url + "/metrics").text
+    for f in (a, b):
+        f.worker.frozen = False
+
+
+def test_migrations_are_limited(fakes: Callable[[str], FakeServer], routers: Callable[..., RouterServer]) -> None:
+    router, a, b = _migration_router(fakes, routers, max_migrations=0)
+    events_holder: list[Any] = []
+    with httpx.stream("POST", router.url + "/v1/completions", json=_endless(40), timeout=20) as r:
+        lines = r.iter_lines()
+        for line in lines:
+            if line.startswith("data: "):
+                events_holder.append(json.loads(line[len("data: "):]))
+                break
+        (a if _on(a, events_holder[0]["id"]) else b).stop()
+        events = events_holder + sse_payloads(lines)
+    assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "worker_unavailable"
+    assert "moved 0 time(s) already" in events[-2]["error"]["message"]
