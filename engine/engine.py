@@ -55,7 +55,8 @@ class LLMEngine:
         self._runner = ModelRunner(config, self.device, num_blocks, self.max_model_len)
         self.model_config: ModelConfig = self._runner.model_config
         self._kv = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
-        self._scheduler = Scheduler(config.scheduler, self._kv, self.max_model_len, self.model_config.eos_token_ids)
+        self._scheduler = Scheduler(config.scheduler, self._kv, self.max_model_len, self.model_config.eos_token_ids,
+                                    kv_window=self.model_config.kv_window)
         self._requests: dict[str, Request] = {}
         self.stats = EngineStats()
         self._remote = RemoteKV(self._kv, self._scheduler, self.model_config.num_layers, self.stats)
@@ -104,6 +105,10 @@ class LLMEngine:
                 f"this model's maximum context length is {self.max_model_len} tokens, but {n + params.max_tokens} "
                 f"were requested ({n} in the prompt, {params.max_tokens} for the completion)")
         need = cdiv(n + params.max_tokens, self._kv.block_size)
+        window = self.model_config.kv_window
+        if window is not None:  # blocks before the window are released as it runs (Scheduler.kv_window)
+            step = self.config.scheduler.max_num_batched_tokens + self._scheduler.num_spec_tokens
+            need = min(need, cdiv(step + window - 1, self._kv.block_size) + 1)
         if need > self._kv.num_blocks:
             raise InvalidRequestError(f"request needs {need} KV blocks but the cache only has {self._kv.num_blocks}")
 

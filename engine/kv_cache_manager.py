@@ -47,6 +47,7 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
         self.table_array = BlockTableArray()  # the block tables: one row per request holding blocks
         self._hashes: dict[str, list[int]] = {}  # chained hashes of the request's full, registered blocks
+        self._dropped: dict[str, int] = {}  # leading table entries already released (outside every attention window)
         self.query_tokens = 0  # prompt tokens looked up in the prefix cache
         self.hit_tokens = 0  # of which found cached
 
@@ -139,17 +140,30 @@ class KVCacheManager:
     def free(self, request_id: str) -> int:
         """Release every block of the request (last block first, so a prefix's tail is evicted before its head)."""
         self._hashes.pop(request_id, None)
-        table = self.table_array.release(request_id)
+        table = self.table_array.release(request_id)[self._dropped.pop(request_id, 0):]
         if not table:
             return 0
         self.pool.free(table[::-1])
         return len(table)
 
+    def drop_leading(self, request_id: str, num_blocks: int) -> int:
+        """Release the request's first `num_blocks` blocks while it runs: no attention will read them again (they
+        lie before every layer's sliding window). Their table entries stay, so positions still map to entries,
+        but they may name blocks other requests now own: attention never reads an entry before the window. Their
+        KV stays cached (their hashes are kept) until the pool evicts them. Returns how many were released."""
+        done = self._dropped.get(request_id, 0)
+        if num_blocks <= done:
+            return 0
+        blocks = self.table_array.get(request_id)[done:num_blocks]
+        self.pool.free(blocks[::-1])
+        self._dropped[request_id] = done + len(blocks)
+        return len(blocks)
+
     def detach(self, request_id: str) -> list[int]:
         """Take the request's blocks out of its table without freeing them (the caller frees them later with
         `free_blocks`, e.g. once a transfer writing into them has stopped). Their hashes stay registered."""
         self._hashes.pop(request_id, None)
-        return self.table_array.release(request_id)
+        return self.table_array.release(request_id)[self._dropped.pop(request_id, 0):]
 
     def free_blocks(self, block_ids: list[int]) -> None:
         """Free blocks taken out with `detach` (last block first, as `free` does)."""
@@ -159,6 +173,7 @@ class KVCacheManager:
     def trim(self, request_id: str, keep: int) -> bool:
         """Free the request's blocks after its first `keep`; the caller guarantees they hold no computed (so no
         cached) token. Returns whether anything was freed."""
+        assert keep >= self._dropped.get(request_id, 0), "trimming into released leading blocks"
         if self.table_array.length(request_id) <= keep:
             return False
         self.pool.free(self.table_array.truncate(request_id, keep)[::-1])

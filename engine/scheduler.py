@@ -77,13 +77,16 @@ class Scheduler:
 
     def __init__(
         self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int, eos_token_ids: tuple[int, ...],
-        num_spec_tokens: int = 0,
+        num_spec_tokens: int = 0, kv_window: int | None = None,
     ) -> None:
         self.config = config
         self.eos_token_ids = eos_token_ids
         self.kv = kv
         self.max_model_len = max_model_len
         self.num_spec_tokens = num_spec_tokens  # draft slots per decoding request per step (0: no speculation)
+        # Every layer's sliding window (None: some layer attends to everything): blocks wholly before the window of
+        # a request's next position are released while it runs, so a long conversation holds only its window.
+        self.kv_window = kv_window
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
@@ -222,6 +225,8 @@ class Scheduler:
                         break
             req.num_computed_tokens = min(computed, req.num_tokens)
             self.kv.cache_full_blocks(req)
+            if self.kv_window is not None and req.lease_s is None:  # a leased request's KV moves on whole
+                self.kv.drop_leading(req.request_id, (req.num_computed_tokens - self.kv_window + 1) // self.kv.block_size)
             if reason is not None:
                 # a request that hands its KV off (prefill role) keeps only the blocks with computed tokens
                 self._trim_blocks(req, cdiv(req.num_computed_tokens, self.kv.block_size))

@@ -142,3 +142,26 @@ def test_sliding_window_changes_the_output(tmp_path: Path) -> None:
     model.save_pretrained(tmp_path / "full")
     ours, _ = run(engine(str(tmp_path / "full")), [prompt], "f")
     assert ours[0] != with_window
+
+
+def test_sliding_window_releases_blocks_behind_it(tmp_path: Path) -> None:
+    """Every layer slides (Mistral): blocks wholly before the window are freed while the request runs, so a
+    request longer than the whole pool is served, with HF's greedy output and never more blocks than the window
+    and one step need."""
+    model = build_hf("mistral", tmp_path)
+    prompt = torch.randint(3, VOCAB, (60,), generator=torch.Generator().manual_seed(2)).tolist()
+    ref, ref_top2 = hf_greedy(model, prompt, 40)
+    eng = LLMEngine(EngineConfig(model=str(tmp_path), cache=CacheConfig(block_size=4, num_blocks=16),
+                                 scheduler=SchedulerConfig(max_num_batched_tokens=16)))
+    eng.add_request("long", prompt, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, logprobs=2))
+    toks: list[int] = []
+    lps: list = []
+    least_free = 16
+    while eng.has_unfinished():
+        for so in eng.step():
+            toks.extend(so.new_token_ids)
+            lps.extend(so.new_logprobs)
+        least_free = min(least_free, eng.load().kv_blocks_free)
+    assert compare_greedy([toks], [lps], [ref], [ref_top2]) == 0
+    assert 16 - least_free <= -(-(16 + WINDOW - 1) // 4) + 1 < -(-100 // 4), "blocks behind the window were kept"
+    assert eng.load().kv_blocks_free == 16
