@@ -6,6 +6,10 @@ import argparse
 import logging
 import signal
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from deploy.local import LocalCluster
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
@@ -24,35 +28,49 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def cmd_serve(a: argparse.Namespace) -> None:
-    import time
-
     from deploy.config import ClusterConfig
-    from deploy.local import LocalCluster, pick_router_port
+    from deploy.local import LocalCluster, RestartPolicy, pick_router_port
+    from engine.config import ConfigError
 
-    cfg = ClusterConfig.load(a.config) if a.config else ClusterConfig()
-    port = pick_router_port(a.port or int(cfg.router.get("port", 8000)))
+    try:
+        cfg = ClusterConfig.load(a.config) if a.config else ClusterConfig()
+        restart = RestartPolicy(max_restarts=a.max_restarts, window_s=a.restart_window)
+        port = pick_router_port(cfg.router.get("host", "127.0.0.1"), a.port or int(cfg.router.get("port", 8000)),
+                                explicit=bool(a.port))
+    except ConfigError as e:
+        raise SystemExit(f"disagg serve: {e}") from None
     extra = (["--model", a.model] if a.model else []) + (["--transfer-backend", a.transfer_backend]
                                                           if a.transfer_backend else [])
+    extra += ["--drain-timeout", str(a.drain_timeout)] if a.drain_timeout is not None else []
     # SIGTERM (kill, systemd, docker stop) stops the cluster as Ctrl-C does: otherwise this process would die
     # at once and leave the router and the workers running, ports and GPU memory held.
     signal.signal(signal.SIGTERM, _interrupt)
     mode = "co-located" if cfg.colocated else "disaggregated"
     print(f"Starting router + {cfg.prefill.replicas} prefill + {cfg.decode.replicas} decode worker(s) ({mode}, "
           f"model {a.model or cfg.model}). Loading weights takes a little while...", flush=True)
-    with LocalCluster(cfg, a.config, router_port=port, log_dir=a.log_dir, quiet=a.quiet, worker_args=extra) as c:
-        model = a.model or cfg.model
-        print(f"\nReady: OpenAI-compatible API at {c.url}/v1\n\nTry:\n  curl {c.url}/v1/chat/completions "
-              f"-H 'Content-Type: application/json' \\\n    -d '{{\"model\": \"{model}\", \"messages\": "
-              f"[{{\"role\": \"user\", \"content\": \"What is the capital of France?\"}}], \"max_tokens\": 32}}'\n"
-              f"\nMetrics: {c.url}/metrics   Health: {c.url}/health   Ctrl-C stops every process.", flush=True)
-        try:
-            while all(p.popen.poll() is None for p in c.procs.values()):
-                time.sleep(0.5)
-            dead = [n for n, p in c.procs.items() if p.popen.poll() is not None]
-            print(f"process(es) exited: {', '.join(dead)}; stopping the cluster", file=sys.stderr)
-        except KeyboardInterrupt:
-            print("\nStopping...", file=sys.stderr)
+    with LocalCluster(cfg, a.config, router_port=port, log_dir=a.log_dir, quiet=a.quiet, worker_args=extra,
+                      restart=restart) as c:
+        _serve_until_stopped(c, a.model or cfg.model)
     print("Stopped.", file=sys.stderr)
+    if c.failed:
+        raise SystemExit(1)
+
+
+def _serve_until_stopped(c: LocalCluster, model: str) -> None:
+    """Print how to use the cluster, then wait for Ctrl-C / SIGTERM, or for the router to be beyond restarting
+    (workers that die are restarted by the cluster's supervision, and never stop it)."""
+    import time
+
+    print(f"\nReady: OpenAI-compatible API at {c.url}/v1\n\nTry:\n  curl {c.url}/v1/chat/completions "
+          f"-H 'Content-Type: application/json' \\\n    -d '{{\"model\": \"{model}\", \"messages\": "
+          f"[{{\"role\": \"user\", \"content\": \"What is the capital of France?\"}}], \"max_tokens\": 32}}'\n"
+          f"\nMetrics: {c.url}/metrics   Health: {c.url}/health   Ctrl-C stops every process.", flush=True)
+    try:
+        while not c.failed:
+            time.sleep(0.5)
+        print(f"the router cannot be kept running ({c.failed}); stopping the cluster", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("\nStopping...", file=sys.stderr)
 
 
 def cmd_deploy(a: argparse.Namespace) -> None:
@@ -169,11 +187,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="start router + prefill + decode workers locally; Ctrl-C stops them")
     s.add_argument("--config", help="cluster YAML (see deploy/configs/); default: 1 prefill + 1 decode, SmolLM2")
-    s.add_argument("--port", type=int, default=0, help="router HTTP port (default from config, else 8000)")
+    s.add_argument("--port", type=int, default=0, help="router HTTP port; if it is in use the command fails "
+                   "(default: the config's router.port, else 8000, and if that one is in use a free port, printed)")
     s.add_argument("--model", help="override the config's model for every worker")
     s.add_argument("--transfer-backend", choices=["nixl", "tcp"], help="override the KV transfer backend")
     s.add_argument("--log-dir", help="also write each process's log to DIR/<name>.log")
     s.add_argument("--quiet", action="store_true", help="do not echo worker/router logs to the terminal")
+    s.add_argument("--max-restarts", type=int, default=5, metavar="N", help="a worker (or the router) that exits "
+                   "is restarted, after a backoff of 1, 2, 4... up to 30 s; after N restarts within --restart-window "
+                   "a worker is left down (its pool goes on smaller) and a router ends the cluster (default 5)")
+    s.add_argument("--restart-window", type=float, default=600.0, metavar="SECONDS",
+                   help="the window --max-restarts counts restarts in (default 600)")
+    s.add_argument("--drain-timeout", type=float, metavar="SECONDS", help="a worker sent SIGTERM finishes its "
+                   "requests for this long at most, then the router moves the rest to other workers (default: the "
+                   "config's transfer.drain_timeout_s, else 60)")
     s.set_defaults(fn=cmd_serve)
 
     _add_ray_commands(sub)

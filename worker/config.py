@@ -21,6 +21,8 @@ class TransferConfig:
     fault: str | None = None  # test-only fault injection on the decode side's reads: fail | hang
     nixl_progress_thread: bool | None = None  # true: NIXL's own (spinning) progress thread; false: a Python thread
     # polls NIXL every 1 ms, leaving the cores to the engine; null: true for a GPU KV cache, false for a CPU one
+    drain_timeout_s: float = 60.0  # a worker told to stop (SIGTERM) finishes its requests and keeps its leases
+    # this long at most; then what still runs is aborted and the router moves it to another worker
 
     def __post_init__(self) -> None:
         if self.backend not in ("nixl", "tcp", "cuda_ipc"):
@@ -29,6 +31,9 @@ class TransferConfig:
             raise ConfigError("transfer needs 0 < timeout_s < lease_s (a pull must end before its lease does)")
         if self.nixl_progress_thread not in (None, True, False):
             raise ConfigError(f"transfer.nixl_progress_thread must be true, false or null, got {self.nixl_progress_thread!r}")
+        if isinstance(self.drain_timeout_s, bool) or not isinstance(self.drain_timeout_s, int | float) \
+                or self.drain_timeout_s < 0:
+            raise ConfigError(f"transfer.drain_timeout_s must be a number >= 0, got {self.drain_timeout_s!r}")
         if self.fault not in (None, "fail", "hang"):
             raise ConfigError(f"transfer.fault must be fail or hang, got {self.fault!r}")
 

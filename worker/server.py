@@ -1,16 +1,32 @@
-"""Start one worker process: engine, KV transfer agent, gRPC server. `python -m worker --help`."""
+"""Start one worker process: engine, KV transfer agent, gRPC server. `python -m worker --help`.
+
+Stopping (SIGTERM or SIGINT) is a drain, so that no request is lost:
+  1. the worker takes nothing new: Health reports `draining` (routers send it nothing more) and Prefill / Decode
+     refuse new requests;
+  2. it finishes what it runs - prefills in flight, decodes - and keeps its KV leases until a decode worker has
+     pulled them, for `transfer.drain_timeout_s` (`--drain-timeout`) at most;
+  3. then it aborts what is left: a decode request ends with finish reason "abort" on its router's token stream,
+     and the router resumes it on another decode worker (migration); a prefill in flight fails its RPC and the
+     router has a decode worker prefill it. Leases still held go with the process (their pulls fail and the decode
+     side recomputes the prompt).
+A second SIGTERM or SIGINT during the drain skips to step 3 at once.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import signal
 import socket
+import time
 
 import grpc
 
 from engine.engine import LLMEngine
+from engine.stats import EngineLoad
 from kvtransfer import create_agent
 from proto import disagg_pb2_grpc
 from worker.async_engine import AsyncEngine
@@ -49,8 +65,6 @@ async def serve(config: WorkerConfig, ready_line: bool = True) -> None:
     port = config.port or free_port(config.host)
     address = f"{config.host}:{port}"
     if not config.worker_id:
-        import dataclasses
-
         config = dataclasses.replace(config, worker_id=f"{config.role}@{port}")
     engine = LLMEngine(config.engine)
     aengine = AsyncEngine(engine)
@@ -64,16 +78,67 @@ async def serve(config: WorkerConfig, ready_line: bool = True) -> None:
              config.transfer.backend)
     if ready_line:
         print(f"READY {address}", flush=True)
-    stop = asyncio.Event()
+    stop, now = asyncio.Event(), asyncio.Event()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set():
+            log.warning("worker %s: %s again: ending the drain now", config.worker_id, sig.name)
+            now.set()
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     await stop.wait()
-    log.info("worker %s stopping", config.worker_id)
-    service.draining = True
-    await server.stop(grace=2)
+    await drain(config, service, now)
+    # The abort chunks of step 3 are in the subscribers' outboxes: the grace lets the Subscribe streams send them
+    # (a router that misses one still sees its stream end, and moves the request all the same).
+    await server.stop(grace=1)
     await aengine.stop()
     service.agent.close()
+    log.info("worker %s stopped", config.worker_id)
+
+
+async def drain(config: WorkerConfig, service: WorkerServicerBase, now: asyncio.Event) -> None:
+    """Steps 1-3 of the module docstring: refuse new work, wait until idle or the deadline (or `now`), abort the
+    rest."""
+    service.draining = True
+    deadline = time.monotonic() + config.transfer.drain_timeout_s
+    left = await held(service, deadline)
+    log.info("worker %s draining: %s request(s) to finish within %gs", config.worker_id,
+             "?" if left is None else left, config.transfer.drain_timeout_s)
+    while left != 0 and not now.is_set() and time.monotonic() < deadline:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(now.wait(), 0.1)
+        left = await held(service, deadline)
+    began = deadline - config.transfer.drain_timeout_s
+    if left == 0:
+        log.info("worker %s drained in %.1fs", config.worker_id, time.monotonic() - began)
+        return
+    aborted = [rid for sub in getattr(service, "subscribers", {}).values() for rid in list(sub.requests)]
+    for rid in aborted:
+        service.aengine.abort(rid)  # its router gets finish "abort" and resumes the request elsewhere
+    log.warning("worker %s: drain ended after %.1fs with %s request(s) left; aborted %d decode request(s) (their "
+                "routers move them); prefills in flight and leases end with the process", config.worker_id,
+                time.monotonic() - began, "?" if left is None else left, len(aborted))
+
+
+async def held(service: WorkerServicerBase, deadline: float) -> int | None:
+    """Requests the worker still holds: queued, running, receiving their KV, leased, or owned by a router stream;
+    None when the engine cannot tell by `deadline` (its loop died or is stuck in a step).
+
+    The load is read between engine steps, after every add queued before the call, so a request accepted just
+    before the drain began is counted."""
+    aengine = service.aengine
+    if not aengine.healthy:
+        return None
+    try:
+        load: EngineLoad = await asyncio.wait_for(aengine.run_between_steps(service.engine.load),
+                                                  max(0.01, deadline - time.monotonic()))
+    except (TimeoutError, RuntimeError):
+        return None
+    owned = sum(len(s.requests) for s in getattr(service, "subscribers", {}).values())
+    return max(owned, load.num_waiting + load.num_running + load.num_receiving_kv) + load.leased_requests
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -86,6 +151,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--worker-id", default="", help="name in logs and metrics (default role@port)")
     p.add_argument("--model", help="override the model: smollm2, an HF folder or a .gguf file")
     p.add_argument("--transfer-backend", choices=["nixl", "tcp"], help="override the KV transfer backend")
+    p.add_argument("--drain-timeout", type=float, metavar="SECONDS", help="on SIGTERM, the longest the worker "
+                   "finishes its running requests and keeps its KV leases before aborting the rest, which routers "
+                   "move to other workers (default: the config's transfer.drain_timeout_s, else 60; 0: at once)")
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     return p.parse_args(argv)
 
@@ -94,8 +162,12 @@ def config_from_args(a: argparse.Namespace) -> WorkerConfig:
     from deploy.config import ClusterConfig
 
     cluster = ClusterConfig.load(a.config) if a.config else ClusterConfig()
-    return cluster.worker_config(a.role, host=a.host, port=a.port, worker_id=a.worker_id, model=a.model,
-                                 transfer_backend=a.transfer_backend)
+    config = cluster.worker_config(a.role, host=a.host, port=a.port, worker_id=a.worker_id, model=a.model,
+                                   transfer_backend=a.transfer_backend)
+    if a.drain_timeout is not None:
+        config = dataclasses.replace(config, transfer=dataclasses.replace(config.transfer,
+                                                                          drain_timeout_s=a.drain_timeout))
+    return config
 
 
 def main(argv: list[str] | None = None) -> None:
