@@ -39,7 +39,8 @@ def alive(pid: int) -> bool:
 
 
 def test_sigterm_stops_every_process_of_the_cluster(tmp_path: Path) -> None:
-    """SIGTERM (kill, systemd, docker stop) must stop the router and the workers too, as Ctrl-C does."""
+    """A worker killed with -9 is restarted and the launcher goes on; SIGTERM (kill, systemd, docker stop) stops
+    the router and the workers too, as Ctrl-C does."""
     config = tmp_path / "serve.yaml"
     config.write_text(yaml.safe_dump({
         "model": "smollm2", "engine": {"cache": {"num_blocks": 64}}, "transfer": {"backend": "tcp"},
@@ -56,6 +57,15 @@ def test_sigterm_stops_every_process_of_the_cluster(tmp_path: Path) -> None:
             time.sleep(0.5)
         kids += children_of(proc.pid)
         assert len(kids) == 3, f"router + 2 workers expected, got {kids}"
+        # kill -9 of a worker stops nothing: the launcher restarts it (issue 20: it used to stop the cluster).
+        [decode] = [k for k in kids if "decode" in Path(f"/proc/{k}/cmdline").read_text()]
+        os.kill(decode, signal.SIGKILL)
+        while not (back := [k for k in children_of(proc.pid) if k not in kids]):
+            assert proc.poll() is None and time.monotonic() < deadline + 120, (tmp_path / "serve.log").read_text()
+            time.sleep(0.5)
+        kids += back
+        assert "decode" in Path(f"/proc/{back[0]}/cmdline").read_text()
+        assert "restarting it in" in (tmp_path / "serve.log").read_text()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
         time.sleep(0.5)
