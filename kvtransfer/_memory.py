@@ -32,31 +32,36 @@ class BlockMemory:
         """NIXL memory segment type."""
         return "VRAM" if self.is_cuda else "DRAM"
 
-    def new_staging(self) -> torch.Tensor | None:
-        """A per-connection bounce buffer (CUDA only); None for CPU."""
+    def new_staging(self, nbytes: int | None = None) -> torch.Tensor | None:
+        """A per-connection bounce buffer of `nbytes` (default a block; CUDA only); None for CPU."""
         if not self.is_cuda:
             return None
-        return torch.empty(self.block_bytes, dtype=torch.uint8, pin_memory=True)
+        return torch.empty(nbytes or self.block_bytes, dtype=torch.uint8, pin_memory=True)
 
-    def _range(self, block: int) -> slice:
-        return slice(block * self.block_bytes, (block + 1) * self.block_bytes)
+    def _range(self, block: int, part: tuple[int, int] | None) -> slice:
+        offset, length = part or (0, self.block_bytes)
+        start = block * self.block_bytes + offset
+        return slice(start, start + length)
 
-    def source(self, block: int, staging: torch.Tensor | None) -> memoryview:
-        """The block's bytes, to send."""
+    def source(self, block: int, staging: torch.Tensor | None, part: tuple[int, int] | None = None) -> memoryview:
+        """The block's bytes (or the `part` = (offset, length) of them), to send."""
         if self._host is not None:
-            return memoryview(self._host[self._range(block)])
+            return memoryview(self._host[self._range(block, part)])
         assert staging is not None
-        staging.copy_(self._flat[self._range(block)])
-        return memoryview(staging.numpy())
+        r = self._range(block, part)
+        staging[: r.stop - r.start].copy_(self._flat[r])
+        return memoryview(staging[: r.stop - r.start].numpy())
 
-    def sink(self, block: int, staging: torch.Tensor | None) -> memoryview:
-        """Where to receive the block's bytes; call commit() once they are all there."""
+    def sink(self, block: int, staging: torch.Tensor | None, part: tuple[int, int] | None = None) -> memoryview:
+        """Where to receive the block's bytes (or their `part`); call commit() once they are all there."""
         if self._host is not None:
-            return memoryview(self._host[self._range(block)])
+            return memoryview(self._host[self._range(block, part)])
         assert staging is not None
-        return memoryview(staging.numpy())
+        r = self._range(block, part)
+        return memoryview(staging[: r.stop - r.start].numpy())
 
-    def commit(self, block: int, staging: torch.Tensor | None) -> None:
+    def commit(self, block: int, staging: torch.Tensor | None, part: tuple[int, int] | None = None) -> None:
         if self._host is None:
             assert staging is not None
-            self._flat[self._range(block)].copy_(staging)
+            r = self._range(block, part)
+            self._flat[r].copy_(staging[: r.stop - r.start])

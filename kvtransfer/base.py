@@ -2,9 +2,11 @@
 
 Memory model. A worker's KV cache is one contiguous tensor of shape
 [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]; block `b` is the byte range
-`[data_ptr + b * block_bytes, data_ptr + (b + 1) * block_bytes)`. An agent registers the whole tensor once
-(its "pool") and moves whole blocks only. The decode side initiates: it READs a prefill agent's blocks into
-its own blocks.
+`[data_ptr + b * block_bytes, data_ptr + (b + 1) * block_bytes)`, and within it layer `l` is the contiguous
+range of `layer_bytes = block_bytes / num_layers` at offset `l * layer_bytes`. An agent registers the whole
+tensor once (its "pool"). A read moves whole blocks, or a range of layers of each block (`layers=(l0, l1)`:
+layer-wise streaming pulls each layer group as soon as the prefill has written it). The decode side initiates:
+it READs a prefill agent's blocks into its own blocks.
 
 Ownership rules (every backend guarantees them; callers rely on them):
 - From `start_read()` until `release()` returns, the LOCAL blocks of the read belong to the transfer. The
@@ -98,6 +100,20 @@ class KVLayout:
         if diffs:
             raise LayoutMismatchError("KV layout mismatch (must match exactly): " + "; ".join(diffs))
 
+    @property
+    def layer_bytes(self) -> int:
+        """Bytes of one layer of one block (its K and V), contiguous within the block."""
+        return self.block_bytes // self.num_layers
+
+    def byte_range(self, layers: tuple[int, int] | None) -> tuple[int, int]:
+        """(offset in a block, length) of a layer range; the whole block for None. ValueError if out of range."""
+        if layers is None:
+            return 0, self.block_bytes
+        l0, l1 = layers
+        if not 0 <= l0 < l1 <= self.num_layers:
+            raise ValueError(f"layer range {layers} is not within [0, {self.num_layers})")
+        return l0 * self.layer_bytes, (l1 - l0) * self.layer_bytes
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -122,6 +138,7 @@ class TransferHandle:
     remote_blocks: np.ndarray
     local_blocks: np.ndarray
     nbytes: int
+    layers: tuple[int, int] | None = None  # the layer range read of every block; None: whole blocks
     status: TransferStatus = TransferStatus.PENDING
     error: str | None = None
     fault: str | None = None
@@ -268,9 +285,11 @@ class KVTransferAgent(ABC):
         """Free backend resources after every handle was released."""
 
     def start_read(self, remote: str, remote_blocks: Sequence[int] | np.ndarray,
-                   local_blocks: Sequence[int] | np.ndarray, tag: str) -> TransferHandle:
-        """Start a non-blocking READ of `remote`'s blocks into ours (pairwise, in order). The ids are copied: the
-        caller may reuse its sequences at once. See the ownership rules (module docstring) for the local blocks."""
+                   local_blocks: Sequence[int] | np.ndarray, tag: str,
+                   layers: tuple[int, int] | None = None) -> TransferHandle:
+        """Start a non-blocking READ of `remote`'s blocks into ours (pairwise, in order), whole or only the
+        layers [l0, l1) of each. The ids are copied: the caller may reuse its sequences at once. See the
+        ownership rules (module docstring) for the local blocks."""
         if self._closed:
             raise TransferError(f"agent {self.name!r} is closed")
         local_ids = block_id_array(local_blocks, self.num_blocks, "local", unique=True)
@@ -278,8 +297,11 @@ class KVTransferAgent(ABC):
         if len(remote_ids) != len(local_ids) or not len(local_ids):
             raise ValueError(f"need equal, non-empty block lists, got {len(remote_ids)} remote "
                              f"and {len(local_ids)} local")
+        layers = None if layers is None or tuple(layers) == (0, self.layout.num_layers) else (int(layers[0]),
+                                                                                          int(layers[1]))
+        _, part = self.layout.byte_range(layers)
         handle = TransferHandle(tag=str(tag), remote=remote, remote_blocks=remote_ids, local_blocks=local_ids,
-                                nbytes=len(local_ids) * self.layout.block_bytes)
+                                nbytes=len(local_ids) * part, layers=layers)
         with self._lock:
             self._active.add(handle)
         if not self.faults.intercept(handle):

@@ -156,7 +156,11 @@ class CudaIpcAgent(KVTransferAgent):
         # local blocks, and the side stream orders this copy after every earlier read's.
         with torch.cuda.stream(self._stream):
             remote_ids, local_ids = handle.remote_blocks, handle.local_blocks
-            if len(run_starts(remote_ids, local_ids)) <= 4 or src.words is None:  # mostly consecutive: memcpys
+            if handle.layers is not None:  # a layer range: one strided copy per run of consecutive blocks
+                l0, l1 = handle.layers
+                for s, d, n in block_runs(remote_ids, local_ids):
+                    self.kv_cache[d : d + n, l0:l1].copy_(src.pool[s : s + n, l0:l1], non_blocking=True)
+            elif len(run_starts(remote_ids, local_ids)) <= 4 or src.words is None:  # mostly consecutive: memcpys
                 for s, d, n in block_runs(remote_ids, local_ids):
                     self.kv_cache[d : d + n].copy_(src.pool[s : s + n], non_blocking=True)
             else:  # scattered: one gather-scatter launch

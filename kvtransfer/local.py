@@ -92,9 +92,10 @@ class LocalAgent(ThreadedReads, KVTransferAgent):
 
     def _copy(self, read: BackgroundRead, peer: LocalAgent, handle: TransferHandle) -> None:
         sync = self.kv_cache.is_cuda or peer.kv_cache.is_cuda
+        l0, l1 = handle.layers or (0, self.layout.num_layers)
         for src, dst in zip(handle.remote_blocks.tolist(), handle.local_blocks.tolist(), strict=True):
             with read.writing():
-                self.kv_cache[dst].copy_(peer.kv_cache[src])
+                self.kv_cache[dst, l0:l1].copy_(peer.kv_cache[src, l0:l1])
                 if sync:  # a device copy is only queued: it must have landed before the lock is let go
                     torch.cuda.current_stream(self.kv_cache.device if self.kv_cache.is_cuda else None).synchronize()
         peer._inbox.push(handle.tag)

@@ -66,11 +66,13 @@ def load_nixl_api() -> ModuleType:
                                   f"({'; '.join(errors)})")
 
 
-def block_descs(base_addr: int, num_blocks: int, block_bytes: int, device_id: int) -> np.ndarray:
-    """One (addr, len, device) row per block, as NIXL's Nx3 descriptor array."""
+def block_descs(base_addr: int, num_blocks: int, block_bytes: int, device_id: int,
+                part: tuple[int, int] | None = None) -> np.ndarray:
+    """One (addr, len, device) row per block (or per block's `part` = (offset, length)), as NIXL's Nx3 array."""
+    offset, length = part or (0, block_bytes)
     descs = np.empty((num_blocks, 3), dtype=np.uint64)
-    descs[:, 0] = base_addr + np.arange(num_blocks, dtype=np.uint64) * np.uint64(block_bytes)
-    descs[:, 1] = block_bytes
+    descs[:, 0] = base_addr + offset + np.arange(num_blocks, dtype=np.uint64) * np.uint64(block_bytes)
+    descs[:, 1] = length
     descs[:, 2] = device_id
     return descs
 
@@ -96,8 +98,10 @@ def decode_metadata(metadata: bytes) -> tuple[dict[str, Any], bytes]:
 class _Remote:
     nixl_name: str
     num_blocks: int
-    dlist: Any  # nixl_prepped_dlist_handle
+    dlist: Any  # nixl_prepped_dlist_handle of whole blocks
     digest: str
+    header: dict[str, Any] = dataclasses.field(default_factory=dict)  # from its metadata: where its pool is
+    parts: dict[tuple[int, int], Any] = dataclasses.field(default_factory=dict)  # layer range -> prepped dlist
 
 
 @dataclasses.dataclass
@@ -136,6 +140,8 @@ class NixlAgent(KVTransferAgent):
                                 f"{self._agent.get_plugin_list()}")
         self._reg = self._agent.register_memory(kv_cache)
         self._local_dlist = self._agent.prep_xfer_dlist("NIXL_INIT_AGENT", self._descs(), self.memory.mem_type)
+        # Layer-range reads use descriptor lists of that range of every block, prepared on first use and kept.
+        self._local_parts: dict[tuple[int, int], Any] = {}
         self._remotes: dict[str, _Remote] = {}
         if not progress_thread:
             self._poller = threading.Thread(target=self._progress, name=f"nixl-progress-{name}", daemon=True)
@@ -160,9 +166,24 @@ class NixlAgent(KVTransferAgent):
             return False
         return True
 
-    def _descs(self) -> np.ndarray:
+    def _descs(self, part: tuple[int, int] | None = None) -> np.ndarray:
         m = self.memory
-        return block_descs(m.base_addr, self.num_blocks, self.layout.block_bytes, m.device_id)
+        return block_descs(m.base_addr, self.num_blocks, self.layout.block_bytes, m.device_id, part)
+
+    def _dlists(self, remote: _Remote, layers: tuple[int, int] | None) -> tuple[Any, Any]:
+        """(local, remote) prepared descriptor lists for whole blocks or a layer range. Call holding _nx_lock."""
+        if layers is None:
+            return self._local_dlist, remote.dlist
+        part = self.layout.byte_range(layers)
+        if layers not in self._local_parts:
+            self._local_parts[layers] = self._agent.prep_xfer_dlist("NIXL_INIT_AGENT", self._descs(part),
+                                                                    self.memory.mem_type)
+        if layers not in remote.parts:
+            h = remote.header
+            descs = block_descs(int(h["base_addr"]), int(h["num_blocks"]), int(h["block_bytes"]), int(h["device_id"]),
+                                part)
+            remote.parts[layers] = self._agent.prep_xfer_dlist(remote.nixl_name, descs, str(h["mem_type"]))
+        return self._local_parts[layers], remote.parts[layers]
 
     def metadata(self) -> bytes:
         m = self.memory
@@ -184,12 +205,13 @@ class NixlAgent(KVTransferAgent):
                             int(header["device_id"]))
         with self._nx_lock:
             if old is not None:  # the peer restarted: forget its old registration first
-                old.dlist.release()
+                for d in (old.dlist, *old.parts.values()):
+                    d.release()
                 self._agent.remove_remote_agent(old.nixl_name)
             loaded = self._agent.add_remote_agent(agent_md)
             nixl_name = loaded.decode() if isinstance(loaded, bytes) else str(loaded)
             dlist = self._agent.prep_xfer_dlist(nixl_name, descs, str(header["mem_type"]))
-        self._remotes[name] = _Remote(nixl_name, int(header["num_blocks"]), dlist, digest)
+        self._remotes[name] = _Remote(nixl_name, int(header["num_blocks"]), dlist, digest, header)
 
     def notifications(self) -> list[str]:
         return self._inbox.drain() + self._read_notifs()
@@ -202,7 +224,8 @@ class NixlAgent(KVTransferAgent):
     def _start(self, handle: TransferHandle) -> None:
         remote = self._remotes[handle.remote]
         with self._nx_lock:
-            xh = self._agent.make_prepped_xfer("READ", self._local_dlist, handle.local_blocks.tolist(), remote.dlist,
+            local_dlist, remote_dlist = self._dlists(remote, handle.layers)
+            xh = self._agent.make_prepped_xfer("READ", local_dlist, handle.local_blocks.tolist(), remote_dlist,
                                                handle.remote_blocks.tolist(), notif_msg=handle.tag.encode())
             handle.state = _Xfer(xh, "PROC")
             handle.state.state = self._agent.transfer(xh)
@@ -244,8 +267,10 @@ class NixlAgent(KVTransferAgent):
             self._poller.join()
         with self._nx_lock:
             for remote in self._remotes.values():
-                remote.dlist.release()
+                for d in (remote.dlist, *remote.parts.values()):
+                    d.release()
                 self._agent.remove_remote_agent(remote.nixl_name)
             self._remotes.clear()
-            self._local_dlist.release()
+            for d in (self._local_dlist, *self._local_parts.values()):
+                d.release()
             self._agent.deregister_memory(self._reg)

@@ -3,8 +3,10 @@
 metadata() is b"host:port" of the agent's server (bind option `host`, default 127.0.0.1; `port` 0 picks a free
 one; `advertise_host` overrides the host written into the metadata). One connection per read:
 
-    reader -> server   frame {"op": "read", "tag", "blocks": [remote ids], "layout": reader's KVLayout}
-    server -> reader   frame {"ok", "error", "layout", "num_blocks"}, then if ok the raw bytes of the blocks, in order
+    reader -> server   frame {"op": "read", "tag", "blocks": [remote ids], "layers": [l0, l1] | null,
+                              "layout": reader's KVLayout}
+    server -> reader   frame {"ok", "error", "layout", "num_blocks"}, then if ok the raw bytes of the blocks (of
+                       their layers l0..l1 only, when given), in order
     reader -> server   frame {"op": "done", "tag"} once every byte is in its blocks -> server's notifications()
 
 A frame is a 4-byte big-endian length and a JSON object. Remote block ids and the layout are checked by the
@@ -120,7 +122,7 @@ class _BlockServer:
                 conn.settimeout(self._io_timeout_s)
                 _tune(conn)
                 req = recv_frame(conn)
-                blocks, error = self._check(req)
+                blocks, part, error = self._check(req)
                 agent = self._agent
                 send_frame(conn, {"ok": error is None, "error": error, "layout": agent.layout.to_dict(),
                                   "num_blocks": agent.num_blocks})
@@ -128,24 +130,25 @@ class _BlockServer:
                     return
                 staging = agent.memory.new_staging()
                 for b in blocks:
-                    conn.sendall(agent.memory.source(b, staging))
+                    conn.sendall(agent.memory.source(b, staging, part))
                 done = recv_frame(conn)
                 if done.get("op") == "done" and done.get("tag") == req["tag"]:
                     self._on_done(req["tag"])
             except (OSError, ValueError):
                 return  # the reader went away or cancelled; nothing of ours to clean up
 
-    def _check(self, req: dict[str, Any]) -> tuple[list[int], str | None]:
+    def _check(self, req: dict[str, Any]) -> tuple[list[int], tuple[int, int] | None, str | None]:
         agent = self._agent
-        blocks = req.get("blocks")
+        blocks, layers = req.get("blocks"), req.get("layers")
         if req.get("op") != "read" or not isinstance(req.get("tag"), str) or not isinstance(blocks, list):
-            return [], "malformed read request"
+            return [], None, "malformed read request"
         try:
             ids = block_id_array(blocks, agent.num_blocks, "remote").tolist()
             agent.layout.check_compatible(KVLayout.from_dict(req.get("layout") or {}))
-        except ValueError as e:
-            return [], str(e)
-        return ids, None
+            part = None if layers is None else agent.layout.byte_range((int(layers[0]), int(layers[1])))
+        except (ValueError, TypeError, IndexError) as e:
+            return [], None, str(e)
+        return ids, part, None
 
     def close(self) -> None:
         self._stop.set()
@@ -216,13 +219,14 @@ class TcpAgent(ThreadedReads, KVTransferAgent):
             sock.settimeout(self._io_timeout_s)
             _tune(sock)
             send_frame(sock, {"op": "read", "tag": handle.tag, "blocks": handle.remote_blocks.tolist(),
-                              "layout": self.layout.to_dict()})
+                              "layers": list(handle.layers) if handle.layers else None, "layout": self.layout.to_dict()})
             self._check_reply(recv_frame(sock))
             staging = self.memory.new_staging()
+            part = None if handle.layers is None else self.layout.byte_range(handle.layers)
             for b in handle.local_blocks.tolist():
                 with read.writing():
-                    recv_exact(sock, self.memory.sink(b, staging))
-                    self.memory.commit(b, staging)
+                    recv_exact(sock, self.memory.sink(b, staging, part))
+                    self.memory.commit(b, staging, part)
             send_frame(sock, {"op": "done", "tag": handle.tag})
         finally:
             conn.close()

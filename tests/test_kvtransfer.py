@@ -120,6 +120,26 @@ def test_read_is_byte_exact_and_notifies(fresh: Pair) -> None:
     assert fresh.peer.call("notifications", 1, 10.0) == ["req-1"]
 
 
+def test_layer_range_reads_move_only_those_layers(fresh: Pair) -> None:
+    """Layer-wise streaming reads one layer group of each block at a time: exactly those bytes land, the other
+    layers stay untouched, and the two groups together equal a whole-block read."""
+    remote, local = [3, 17, 5, 30], [9, 2, 40, 11]
+    before = fresh.agent.bytes_moved
+    h = fresh.agent.start_read("prefill", remote, local, tag="layers-1#g1", layers=(1, 2))
+    assert wait_done(fresh.agent, [h]) == [DONE]
+    fresh.agent.release(h)
+    assert same_bytes(fresh.agent.kv_cache[local, 1], fresh.expected[remote, 1])
+    assert not fresh.agent.kv_cache[local, 0].any()
+    assert fresh.agent.bytes_moved - before == 4 * fresh.agent.layout.layer_bytes
+    h = fresh.agent.start_read("prefill", remote, local, tag="layers-1", layers=(0, 1))
+    assert wait_done(fresh.agent, [h]) == [DONE]
+    fresh.agent.release(h)
+    assert same_bytes(fresh.agent.kv_cache[local], fresh.expected[remote])
+    assert sorted(fresh.peer.call("notifications", 2, 10.0)) == ["layers-1", "layers-1#g1"]
+    with pytest.raises(ValueError, match="layer range"):
+        fresh.agent.start_read("prefill", remote, local, tag="bad", layers=(1, 5))
+
+
 def test_concurrent_reads(fresh: Pair) -> None:
     rng = random.Random(11)
     locals_ = rng.sample(range(NUM_BLOCKS), 24)
