@@ -36,6 +36,10 @@ SHAPES: dict[str, ModelConfig] = {
     "llama3-8b": ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
                              num_kv_heads=8, rope_theta=500000.0, max_position_embeddings=16384,
                              eos_token_ids=(128001,), bos_token_id=128000),
+    # benchmarks/serving_compare.py's GPU workers: the 8B shape with SmolLM2's vocabulary (the router detokenizes)
+    "llama3-8b-v49k": ModelConfig(vocab_size=49152, hidden_size=4096, intermediate_size=14336, num_layers=32,
+                                  num_heads=32, num_kv_heads=8, rope_theta=500000.0, max_position_embeddings=8192,
+                                  eos_token_ids=(2,), bos_token_id=1),
     "tiny": ModelConfig(vocab_size=1024, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
                         num_kv_heads=2, max_position_embeddings=4096),
 }
@@ -135,15 +139,28 @@ def decode_ms(eng: LLMEngine, toks: Tokens, batch: int, ctx: int, steps: int, de
         receive_given_kv(eng, rid, toks.take(ctx), SamplingParams(max_tokens=steps + 8, temperature=0, ignore_eos=True))
     for _ in range(3):  # the batch joins, graphs warm
         eng.step()
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        eng.step()
-    sync(device)
-    ms = (time.perf_counter() - t0) / steps * 1e3
+    ms = timed_steps(eng, steps, device)
     for rid in rids:
         eng.abort(rid)
     return ms
+
+
+def timed_steps(eng: LLMEngine, steps: int, device: str) -> float:
+    """ms per step: on a GPU the mean over back-to-back steps (each is queued before the last one's tokens are
+    read); on a CPU the median step, which a burst of other work on a shared machine moves least."""
+    if device.startswith("cuda"):
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            eng.step()
+        sync(device)
+        return (time.perf_counter() - t0) / steps * 1e3
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        eng.step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
 
 
 def measure_decode(eng: LLMEngine, toks: Tokens, batches: list[int], contexts: list[int], steps: int,

@@ -13,19 +13,22 @@ every scale decision, the timeline) and PREFIX.png (load, replicas, tail latenci
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from tqdm import tqdm
 
 from deploy.config import ClusterConfig
-from simulator.cluster import Cluster
+from simulator.cluster import Chunk, Cluster
 from simulator.config import SimConfig
+from simulator.fleet import run_fleet
 from simulator.profile import Profile
 from simulator.report import plot_timeline, summary_line
-from simulator.trace import read_trace, write_trace
+from simulator.trace import trace_chunks, write_trace
 from simulator.workload import Lengths, Workload
 
 
@@ -81,16 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-profile", help="another profile for the decode pool (default --profile)")
     add_workload_flags(p)
     add_sim_flags(p)
+    p.add_argument("--cells", type=int, default=1, help="split the fleet into this many cells, each a router + pools "
+                   "+ planner with 1/cells of the replicas, bounds and traffic (simulator/fleet.py; default 1)")
+    p.add_argument("--processes", type=int, default=1, help="simulate cells in this many processes (default 1)")
     p.add_argument("--write-trace", help="also write the workload's requests to this CSV (and simulate it)")
     p.add_argument("--out", default="benchmarks/out/sim", help="output prefix: PREFIX.json and PREFIX.png")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     return p
 
 
-def workload_from(a: argparse.Namespace) -> tuple[Any, float | None]:
-    """(chunks of arrivals, duration or None) from the flags."""
+def workload_from(a: argparse.Namespace) -> tuple[Callable[[], Iterable[Chunk]], float | None]:
+    """(a callable making the arrivals afresh, duration or None) from the flags."""
     if a.trace:
-        return [read_trace(a.trace, a.time_scale, a.start_s, a.duration_s)], (a.duration_s or None)
+        return functools.partial(trace_chunks, a.trace, a.time_scale, a.start_s, a.duration_s), (a.duration_s or None)
     if a.duration_s <= 0:
         raise SystemExit("disagg simulate: a generated workload needs --duration-s")
     mix = (Lengths.parse(a.mix_prompt_len), Lengths.parse(a.mix_output_len)) if a.mix_prompt_len else (None, None)
@@ -98,7 +104,7 @@ def workload_from(a: argparse.Namespace) -> tuple[Any, float | None]:
                  peak_rate=a.peak_rate, period_s=a.period_s, peak_at_s=a.peak_at_s, burst_factor=a.burst_factor,
                  burst_every_s=a.burst_every_s, burst_s=a.burst_s, mix_prompt=mix[0], mix_output=mix[1],
                  mix_low=a.mix_low, mix_high=a.mix_high, mix_peak_at_s=a.mix_peak_at_s, seed=a.seed)
-    return w.chunks(), a.duration_s
+    return w.chunks, a.duration_s
 
 
 def sim_config(a: argparse.Namespace) -> SimConfig:
@@ -109,16 +115,18 @@ def sim_config(a: argparse.Namespace) -> SimConfig:
 
 
 def simulate(a: argparse.Namespace) -> dict[str, Any]:
-    chunks, duration = workload_from(a)
+    workload, duration = workload_from(a)
     if a.write_trace:
-        chunks = list(chunks)
-        print(f"wrote {write_trace(a.write_trace, chunks)} requests to {a.write_trace}", flush=True)
-    cluster = Cluster(ClusterConfig.load(a.config), sim_config(a), Profile.load(a.profile),
-                      Profile.load(a.decode_profile) if a.decode_profile else None)
-    total = duration or (chunks[0][0][-1] if isinstance(chunks, list) and chunks[0][0] else None)
+        print(f"wrote {write_trace(a.write_trace, workload())} requests to {a.write_trace}", flush=True)
+    cfg, sim = ClusterConfig.load(a.config), sim_config(a)
+    prefill, decode = Profile.load(a.profile), Profile.load(a.decode_profile) if a.decode_profile else None
     t0 = time.perf_counter()
-    with tqdm(total=int(total) if total else None, unit="sim s", desc="simulating") as bar:
-        result = cluster.run(chunks, duration, bar)
+    if a.cells > 1:
+        print(f"{a.cells} cells in {min(a.cells, a.processes)} processes...", flush=True)
+        result = run_fleet(cfg, sim, prefill, decode, workload, duration, a.cells, a.processes)
+    else:
+        with tqdm(total=int(duration) if duration else None, unit="sim s", desc="simulating") as bar:
+            result = Cluster(cfg, sim, prefill, decode).run(workload(), duration, bar)
     result["wall_s"] = round(time.perf_counter() - t0, 3)
     result["command"] = "disagg simulate " + " ".join(a.argv)
     return result

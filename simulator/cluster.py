@@ -81,7 +81,7 @@ class Cluster:
         if req.prompt >= self.router_cfg.conditional_disagg_min_prompt_tokens:
             p = self.router.choose("prefill", req.prompt)
         if p is None:
-            self._to_decode(req)
+            self.loop.at(self.loop.now + self.hop, self._to_decode, req)
             return
         req.prefill_ctx = self.router.dispatch(p, req.prompt)
         self.loop.at(self.loop.now + self.hop, p.add, req)
@@ -97,9 +97,11 @@ class Cluster:
             self.loop.at(req.t_first, self._release, req)
             self._done(req, req.t_first, 0.0)
             return
-        self.loop.at(req.t_first, self._to_decode, req)
+        self.loop.at(req.t_first + self.hop, self._to_decode, req)
 
     def _to_decode(self, req: SimRequest) -> None:
+        """Pick a decode worker and hand it the request. Runs when the request reaches that worker (one hop after
+        the router has it); the choice is made then too, which moves it by one hop (1 ms) and saves an event."""
         d = self.router.choose("decode", req.prompt)
         if d is None:
             if req.prefill_at is not None:
@@ -107,10 +109,9 @@ class Cluster:
             self._fail(req)
             return
         req.decode_ctx = self.router.dispatch(d, req.prompt)
-        self.loop.at(self.loop.now + self.hop, self._pull, (req, d))
+        self._pull(req, d)
 
-    def _pull(self, arg: tuple[SimRequest, Replica]) -> None:
-        req, d = arg
+    def _pull(self, req: SimRequest, d: Replica) -> None:
         if req.prefill_at is None:
             d.add(req)  # no KV anywhere: the decode worker prefills locally
             return
@@ -140,8 +141,8 @@ class Cluster:
         req.first_gap = t + self.hop - req.t_first
         self.collector.gaps(req.first_gap, 1)
 
-    def on_steps(self, first_ms: float, last_ms: float, rows: int, steps: int) -> None:
-        self.collector.steps(first_ms, last_ms, rows, steps)
+    def on_steps(self, first_ms: float, last_ms: float, rows: int, steps: int, skip: int) -> None:
+        self.collector.steps(first_ms, last_ms, rows, steps, skip)
 
     def on_finish(self, req: SimRequest, replica: Replica, t: float) -> None:
         if req.decode_ctx is not None:

@@ -35,6 +35,8 @@ class Collector:
         self.requests: list[tuple[float, int, int, float, float, float]] | None = [] if keep_requests else None
         self.iv = Interval()
         self.timeline: list[dict[str, Any]] = []
+        self.keep_intervals = False  # also keep each interval's counts and histograms (to merge cells' timelines)
+        self.intervals: list[dict[str, Any]] = []
 
     def arrival(self, prompt: int, output: int) -> None:
         self.arrived += 1
@@ -43,25 +45,24 @@ class Collector:
         self.iv.output_tokens += output
 
     def first_token(self, ttft: float) -> None:
-        self.ttft.add(ttft)
-        self.iv.ttft.add(ttft)
+        self.iv.ttft.add(ttft)  # the run's totals are the intervals merged (`sample`)
         self.router["ttft"].add(ttft)
 
     def gaps(self, seconds: float, count: float) -> None:
         """`count` inter-token gaps of `seconds` each (token-weighted ITL)."""
         if count > 0:
-            self.itl.add(seconds, count)
             self.iv.itl.add(seconds, count)
             self.router["itl"].add(seconds, count)
 
-    def steps(self, first_ms: float, last_ms: float, rows: int, k: int) -> None:
-        """Decode steps whose rows each got a token: k steps from first_ms to last_ms (linear), `rows` rows."""
-        if k == 1 or first_ms == last_ms:
-            self.gaps(last_ms / 1e3, rows * k)
+    def steps(self, first_ms: float, last_ms: float, rows: int, k: int, skip: int = 0) -> None:
+        """k decode steps from first_ms to last_ms (linear) of `rows` rows, less `skip` gaps counted elsewhere
+        (rows whose first decode step this was: their gap is their first gap)."""
+        if k <= 2 or last_ms - first_ms < 0.02 * first_ms:  # one bin at the mean is within 1%
+            self.gaps((first_ms + last_ms) / 2e3, rows * k - skip)
             return
         half = k // 2  # two halves, each at its mean step time
         mid = first_ms + (last_ms - first_ms) * half / (k - 1)
-        self.gaps((first_ms + mid) / 2e3, rows * half)
+        self.gaps((first_ms + mid) / 2e3, rows * half - skip)
         self.gaps((mid + last_ms) / 2e3, rows * (k - half))
 
     def finish(self, arrival: float, prompt: int, output: int, ttft: float, e2e: float, itl_p99: float) -> None:
@@ -85,6 +86,8 @@ class Collector:
     def sample(self, t: float, interval_s: float, extra: dict[str, Any]) -> None:
         """Close the interval: one timeline row (rates per second over the interval, latencies in ms)."""
         iv, self.iv = self.iv, Interval()
+        self.ttft.merge(iv.ttft)
+        self.itl.merge(iv.itl)
         row = {"t": round(t, 3), "arrivals_s": round(iv.arrivals / interval_s, 3),
                "prompt_mean": round(iv.prompt_tokens / iv.arrivals, 1) if iv.arrivals else None,
                "output_mean": round(iv.output_tokens / iv.arrivals, 1) if iv.arrivals else None,
@@ -92,8 +95,26 @@ class Collector:
                "slo_met": round(iv.good / iv.done, 4) if iv.done else None,
                "ttft_p99_ms": _ms(iv.ttft.quantile(0.99)), "itl_p99_ms": _ms(iv.itl.quantile(0.99)), **extra}
         self.timeline.append(row)
+        if self.keep_intervals:
+            self.intervals.append({"arrivals": iv.arrivals, "prompt_tokens": iv.prompt_tokens, "done": iv.done,
+                                   "output_tokens": iv.output_tokens, "good": iv.good, "ttft": iv.ttft.sparse(),
+                                   "itl": iv.itl.sparse()})
+
+    def absorb(self, other: Collector) -> None:
+        """Add another run's (a cell's) distributions and counts to this one."""
+        for mine, theirs in ((self.ttft, other.ttft), (self.itl, other.itl), (self.e2e, other.e2e),
+                             (self.req_itl, other.req_itl)):
+            mine.merge(theirs)
+        for name, h in self.router.items():
+            h.counts = [a + b for a, b in zip(h.counts, other.router[name].counts, strict=True)]
+        for k in ("arrived", "completed", "failed", "good", "ttft_ok", "itl_ok", "output_tokens", "recomputes"):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
 
     def summary(self, duration_s: float) -> dict[str, Any]:
+        """The run's figures; call once, at its end (it folds the open interval into the totals)."""
+        self.ttft.merge(self.iv.ttft)
+        self.itl.merge(self.iv.itl)
+        self.iv.ttft, self.iv.itl = LogHistogram(), LogHistogram()
         total = self.completed + self.failed
         out: dict[str, Any] = {
             "arrived": self.arrived, "completed": self.completed, "failed": self.failed,

@@ -28,7 +28,11 @@ from simulator.profile import Profile
 
 def _segment(xs: Sequence[float], x: float) -> tuple[int, float]:
     """(i, u): x lies at xs[i] + u * (xs[i+1] - xs[i]); u outside [0, 1] extrapolates the end segments."""
-    i = min(max(bisect_right(xs, x) - 1, 0), len(xs) - 2)
+    i = bisect_right(xs, x) - 1
+    if i < 0:
+        i = 0
+    elif i > len(xs) - 2:
+        i = len(xs) - 2
     return i, (x - xs[i]) / (xs[i + 1] - xs[i])
 
 
@@ -48,6 +52,7 @@ class CostModel:
         self.context = [float(c) for c in dec.context]
         self.grid = [list(r) for r in dec.ms]
         self.attn = profile.prefill.attention_ms_per_pair
+        self._rows: dict[int, list[float]] = {}
         self.dense_n, self.dense_ms_at = self._dense_points()
 
     def _dense_points(self) -> tuple[list[float], list[float]]:
@@ -59,33 +64,34 @@ class CostModel:
         xs = sorted(pts)
         return xs, [pts[x] for x in xs]
 
+    def decode_slope(self, batch: int, context: float) -> float:
+        return self.decode_at(batch, context)[1]
+
     def dense_ms(self, n: float) -> float:
         """The row-dependent part of a step of n rows (0 for none)."""
         if n <= 0:
             return 0.0
         return max(1e-6, interp(self.dense_n, self.dense_ms_at, n))
 
-    def decode_ms(self, batch: float, context: float) -> float:
-        """One decode step of `batch` rows at mean context `context` (0 for an empty batch)."""
-        if batch <= 0:
-            return 0.0
-        i, u = _segment(self.batch, batch)
-        j, v = _segment(self.context, context)
-        g = self.grid
-        lo = g[i][j] + v * (g[i][j + 1] - g[i][j])
-        hi = g[i + 1][j] + v * (g[i + 1][j + 1] - g[i + 1][j])
-        return max(1e-6, lo + u * (hi - lo))
+    def _row(self, batch: int) -> list[float]:
+        """The decode grid interpolated to this batch size: ms at each profiled context (cached per batch)."""
+        row = self._rows.get(batch)
+        if row is None:
+            i, u = _segment(self.batch, batch)
+            row = self._rows[batch] = [a + u * (b - a) for a, b in zip(self.grid[i], self.grid[i + 1], strict=True)]
+        return row
 
-    def decode_slope(self, batch: float, context: float) -> float:
-        """d decode_ms / d context at this point (ms per token of mean context), >= 0."""
+    def decode_at(self, batch: int, context: float) -> tuple[float, float]:
+        """(ms of one decode step of `batch` rows at mean context `context`, d ms / d context there); (0, 0) for
+        an empty batch. Bilinear in (batch, context), extended linearly past the grid."""
         if batch <= 0:
-            return 0.0
-        i, u = _segment(self.batch, batch)
-        j, _ = _segment(self.context, context)
-        g, dc = self.grid, self.context[j + 1] - self.context[j]
-        lo = (g[i][j + 1] - g[i][j]) / dc
-        hi = (g[i + 1][j + 1] - g[i + 1][j]) / dc
-        return max(0.0, lo + u * (hi - lo))
+            return 0.0, 0.0
+        row, ctx = self._row(batch), self.context
+        j, v = _segment(ctx, context)
+        return max(1e-6, row[j] + v * (row[j + 1] - row[j])), max(0.0, (row[j + 1] - row[j]) / (ctx[j + 1] - ctx[j]))
+
+    def decode_ms(self, batch: int, context: float) -> float:
+        return self.decode_at(batch, context)[0]
 
     def step_ms(self, prompt_tokens: int, pairs: float, batch: int, context: float) -> float:
         """One step with `prompt_tokens` prompt tokens (`pairs` attention pairs) and `batch` decode rows."""
@@ -101,26 +107,33 @@ class CostModel:
     # ---- runs of decode-only steps (the batch fixed, every row's context growing by one a step) ---------------
     def decode_run_ms(self, batch: int, context: float, steps: int) -> float:
         """Time of `steps` decode steps starting at mean context `context` (linear in context over the run)."""
-        a, s = self.decode_ms(batch, context), self.decode_slope(batch, context)
-        return steps * a + s * steps * (steps - 1) / 2
+        return run_ms(*self.decode_at(batch, context), steps)
 
     def decode_steps_within(self, batch: int, context: float, elapsed_ms: float) -> int:
         """How many whole steps of such a run end within `elapsed_ms` (the inverse of `decode_run_ms`)."""
-        if elapsed_ms <= 0:
-            return 0
-        a, s = self.decode_ms(batch, context), self.decode_slope(batch, context)
-        if s < 1e-12:
-            n = elapsed_ms / a
-        else:  # s/2 n^2 + (a - s/2) n - elapsed = 0
-            b = a - s / 2
-            n = (-b + math.sqrt(b * b + 2 * s * elapsed_ms)) / s
-        n = int(n + 1e-9)
-        # the float root may land one off either way: settle it against the forward formula
-        while n > 0 and self.decode_run_ms(batch, context, n) > elapsed_ms + 1e-9:
-            n -= 1
-        while self.decode_run_ms(batch, context, n + 1) <= elapsed_ms + 1e-9:
-            n += 1
-        return n
+        return steps_within(*self.decode_at(batch, context), elapsed_ms)
+
+
+def run_ms(first_ms: float, slope: float, steps: int) -> float:
+    """`steps` steps, the first taking `first_ms` and each later one `slope` more than the one before."""
+    return steps * first_ms + slope * steps * (steps - 1) / 2
+
+
+def steps_within(first_ms: float, slope: float, elapsed_ms: float) -> int:
+    """How many whole steps of `run_ms(first_ms, slope, .)` end within `elapsed_ms`."""
+    if elapsed_ms <= 0:
+        return 0
+    if slope < 1e-12:
+        n = int(elapsed_ms / first_ms + 1e-9)
+    else:  # slope/2 n^2 + (first - slope/2) n - elapsed = 0
+        b = first_ms - slope / 2
+        n = int((-b + math.sqrt(b * b + 2 * slope * elapsed_ms)) / slope + 1e-9)
+    # the float root may land one off either way: settle it against the forward formula
+    while n > 0 and run_ms(first_ms, slope, n) > elapsed_ms + 1e-9:
+        n -= 1
+    while run_ms(first_ms, slope, n + 1) <= elapsed_ms + 1e-9:
+        n += 1
+    return n
 
 
 def chunk_pairs(tokens: int, cached: int) -> float:

@@ -20,7 +20,7 @@ class EventLoop:
 
     def at(self, t: float, fn: Callable[[Any], None], arg: Any = None) -> None:
         """Run `fn(arg)` at time `t` (never before now)."""
-        heapq.heappush(self.heap, (max(t, self.now), next(self._seq), fn, arg))
+        heapq.heappush(self.heap, (t if t > self.now else self.now, next(self._seq), fn, arg))
 
     def next_time(self) -> float:
         return self.heap[0][0] if self.heap else float("inf")

@@ -27,7 +27,7 @@ class LogHistogram:
 
     def add(self, x: float, w: float = 1.0) -> None:
         i = int((math.log(x) - LOG_MIN) / LOG_STEP) if x > 1e-5 else 0
-        self.counts[min(max(i, 0), NBINS - 1)] += w
+        self.counts[i if i < NBINS else NBINS - 1] += w
         self.total += w
         self.sum += x * w
 
@@ -35,6 +35,16 @@ class LogHistogram:
         self.counts = [a + b for a, b in zip(self.counts, other.counts, strict=True)]
         self.total += other.total
         self.sum += other.sum
+
+    def sparse(self) -> dict[int, float]:
+        """The non-empty bins (what crosses a process boundary)."""
+        return {i: c for i, c in enumerate(self.counts) if c}
+
+    def absorb_sparse(self, bins: dict[int, float]) -> None:
+        for i, c in bins.items():
+            self.counts[i] += c
+            self.total += c
+            self.sum += c * math.exp(LOG_MIN + (i + 0.5) * LOG_STEP)
 
     def quantile(self, q: float) -> float:
         """The q-quantile (NaN when empty)."""

@@ -21,7 +21,7 @@ from collections import deque
 from typing import Protocol
 
 from engine.config import SchedulerConfig
-from simulator.cost_model import CostModel, chunk_pairs
+from simulator.cost_model import CostModel, chunk_pairs, run_ms, steps_within
 from simulator.events import EventLoop
 from simulator.request import SimRequest
 
@@ -34,7 +34,7 @@ class Listener(Protocol):
     def on_first_token(self, req: SimRequest, replica: Replica, t: float) -> None: ...
     def on_second_token(self, req: SimRequest, t: float) -> None: ...
     def on_finish(self, req: SimRequest, replica: Replica, t: float) -> None: ...
-    def on_steps(self, first_ms: float, last_ms: float, rows: int, steps: int) -> None: ...
+    def on_steps(self, first_ms: float, last_ms: float, rows: int, steps: int, skip: int) -> None: ...
 
 
 class SharedDevice:
@@ -77,7 +77,9 @@ class Replica:
         self.seg_base = 0  # index of segs[0] since the replica started
         self.busy = False
         self._version = 0  # of the pending step-end event; a cut run schedules a new one
-        self._run: tuple[int, int, float, float, list[tuple[SimRequest, int]], list[SimRequest]] | None = None
+        # the step (or run of k steps) in flight: (k, batch, mean context, start, prompt chunks, rows getting their
+        # second token, first step ms, ms added per later step)
+        self._run: tuple[int, int, float, float, list[tuple[SimRequest, int]], int, float, float] | None = None
         self.steps = 0  # engine steps run (a fast-forwarded run of k counts k)
 
     # ---- what comes in ------------------------------------------------------------------------------------------
@@ -141,31 +143,35 @@ class Replica:
         run = self._run
         if run is None or run[0] <= 1:
             return
-        k, batch, context, t0 = run[0], run[1], run[2], run[3]
-        done = self.cost.decode_steps_within(batch, context, (self.loop.now - t0) * 1e3)
+        k, t0, first, slope = run[0], run[3], run[6], run[7]
+        done = steps_within(first, slope, (self.loop.now - t0) * 1e3)
         if done + 1 < k:
-            self._run = (done + 1, batch, context, t0, run[4], run[5])
+            self._run = (done + 1, *run[1:])
             self._version += 1
-            end = t0 + self.cost.decode_run_ms(batch, context, done + 1) / 1e3
-            self.loop.at(end, self._end, self._version)
+            self.loop.at(t0 + run_ms(first, slope, done + 1) / 1e3, self._end, self._version)
 
     def _start(self, t: float) -> None:
-        if self.waiting or self.partial or self.new_rows:
+        if self.waiting or self.partial:
             self._step(t)
         elif self.decoding:
             self._decode_run(t)
         else:
             self.busy, self._run = False, None
 
-    def _launch(self, t: float, ms: float, k: int, batch: int, context: float, chunks: list[tuple[SimRequest, int]],
-                rows: list[SimRequest]) -> None:
+    def _launch(self, t: float, first: float, slope: float, k: int, batch: int, context: float,
+                chunks: list[tuple[SimRequest, int]]) -> None:
+        """Run k steps from t: the first takes `first` ms, each later one `slope` ms more."""
         if self.device is not None:
-            ms *= 1 + self.device.busy
+            first *= 1 + self.device.busy
             self.device.busy += 1
+        fresh = [r for r in self.new_rows if r.t_second < 0]
+        self.new_rows = []
+        for r in fresh:  # rows that joined since the last launch get their second token when the first step ends
+            self.listener.on_second_token(r, t + first / 1e3)
         self.busy = True
-        self._run = (k, batch, context, t, chunks, rows)
+        self._run = (k, batch, context, t, chunks, len(fresh), first, slope)
         self._version += 1
-        self.loop.at(t + ms / 1e3, self._end, self._version)
+        self.loop.at(t + run_ms(first, slope, k) / 1e3, self._end, self._version)
 
     def _step(self, t: float) -> None:
         """One step by the engine's rule (prompt chunks, rows that just joined, or blocks to win back)."""
@@ -184,12 +190,14 @@ class Replica:
             tokens, pairs, budget = tokens + n, pairs + chunk_pairs(n, req.computed), budget - n
         tokens, pairs = self._admit(chunks, budget, tokens, pairs)
         batch = len(self.decoding)
-        if not chunks and not batch:
-            self.busy, self._run = False, None  # nothing fits (blocks held by transfers and leases): wait for them
+        if not chunks:
+            if batch:
+                self._decode_run(t)  # only pulled requests joined: a decode run
+            else:
+                self.busy, self._run = False, None  # nothing fits (blocks held by transfers and leases): wait
             return
         context = self.dec_ctx / batch if batch else 0.0
-        rows, self.new_rows = self.new_rows, []
-        self._launch(t, self.cost.step_ms(tokens, pairs, batch, context), 1, batch, context, chunks, rows)
+        self._launch(t, self.cost.step_ms(tokens, pairs, batch, context), 0.0, 1, batch, context, chunks)
 
     def _admit(self, chunks: list[tuple[SimRequest, int]], budget: int, tokens: int, pairs: float) -> tuple[int, float]:
         """Waiting requests into the step, in order, while budget, max_num_seqs and free blocks allow."""
@@ -222,35 +230,30 @@ class Replica:
 
     def _decode_run(self, t: float) -> None:
         """Decoding rows only: every step up to the next finish (or until blocks run short) as one event."""
+        while len(self.decoding) > 1 and self.used_blocks() + len(self.decoding) / self.bs > self.num_blocks:
+            self._preempt_newest()
         batch = len(self.decoding)
         while self._finish and self._finish[0][2] != self._finish[0][3].epoch:
             heapq.heappop(self._finish)  # stale: the row was preempted since
         k = max(1, self._finish[0][0] - self.step_count) if self._finish else 1
-        room = int((self.num_blocks - self.used_blocks()) * self.bs / batch)
-        if room < 1:
-            self._step(t)  # the step that preempts
-            return
+        room = max(1, int((self.num_blocks - self.used_blocks()) * self.bs / batch))
         k = min(k, room) if self.fast_forward else 1
         context = self.dec_ctx / batch
-        self._launch(t, self.cost.decode_run_ms(batch, context, k), k, batch, context, [], [])
+        self._launch(t, *self.cost.decode_at(batch, context), k, batch, context, [])
 
     def _end(self, version: int) -> None:
         """A step (or a fast-forwarded run of k) ended: tokens to the rows and chunks, finished rows out."""
         if version != self._version or self._run is None:
             return  # a cut run's old end
         t = self.loop.now
-        k, batch, context, t0, chunks, rows = self._run
+        k, batch, _, _, chunks, fresh, first, slope = self._run
         if self.device is not None:
             self.device.busy -= 1
         self.step_count += k
         self.dec_ctx += batch * k
         self.steps += k
-        first = (t - t0) * 1e3 if k == 1 else self.cost.decode_ms(batch, context)
-        last = first if k == 1 else self.cost.decode_ms(batch, context + k - 1)
-        fresh = [r for r in rows if r.t_second < 0]
-        self.listener.on_steps(first, last, batch - len(fresh), k)
-        for r in fresh:
-            self.listener.on_second_token(r, t)
+        last = first + slope * (k - 1)
+        self.listener.on_steps(first, last, batch, k, fresh)
         self._append_segment(last)
         for req, n in chunks:
             self.queued_tokens -= min(n, max(0, req.prompt - req.computed))

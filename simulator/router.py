@@ -65,8 +65,16 @@ class SimRouter:
         if not cands:
             return None
         if 0 < self.sample < len(cands):
-            cands = self.rng.sample(cands, self.sample)
+            cands = self._draw(cands)
         return self.replicas[self.policies[phase].choose(cands).address]
+
+    def _draw(self, cands: list[WorkerState]) -> list[WorkerState]:
+        """`sample` distinct candidates at random (two drawn directly: the common case, and 5x faster)."""
+        if self.sample != 2:
+            return self.rng.sample(cands, self.sample)
+        n, r = len(cands), self.rng.random
+        i, j = int(r() * n), int(r() * (n - 1))
+        return [cands[i], cands[j + (j >= i)]]
 
     def dispatch(self, replica: Replica, prompt_tokens: int) -> AbstractContextManager[None]:
         """Count a request in flight on the replica's worker (WorkerState.dispatched); exit the result to undo."""

@@ -34,6 +34,11 @@ def read_trace(path: str, time_scale: float = 1.0, start_s: float = 0.0, duratio
     return out
 
 
+def trace_chunks(path: str, time_scale: float = 1.0, start_s: float = 0.0, duration_s: float = 0.0) -> list[Chunk]:
+    """`read_trace` as the one chunk `Cluster.run` takes (a picklable callable for simulator/fleet.py)."""
+    return [read_trace(path, time_scale, start_s, duration_s)]
+
+
 def write_trace(path: str, chunks: Iterable[Chunk]) -> int:
     """This project's CSV (seconds, input tokens, output tokens); returns the number of requests written."""
     n = 0

@@ -77,7 +77,7 @@ class Sink:
     def on_finish(self, req: SimRequest, replica: Replica, t: float) -> None:
         self.finished.append((t, req))
 
-    def on_steps(self, first_ms: float, last_ms: float, rows: int, steps: int) -> None:
+    def on_steps(self, first_ms: float, last_ms: float, rows: int, steps: int, skip: int) -> None:
         pass
 
 

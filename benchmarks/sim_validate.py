@@ -1,0 +1,170 @@
+"""The simulator against real runs: the same trace replayed on a real local cluster and simulated from a profile.
+
+    python -m benchmarks.sim_validate --profile benchmarks/profiles/cpu_smollm2.json            # CPU, SmolLM2
+    python -m benchmarks.sim_validate --device cuda --tokenizer SMOLLM2.gguf \\
+        --profile benchmarks/profiles/GPU.json --rates 2,4,8 --num-requests 32 --prompt-len 1024:2048 --output-len 128
+    python -m benchmarks.sim_validate --sim-only --recorded benchmarks/results/gpu_serving_....json ...
+
+For each rate a Poisson trace is drawn once (seeded) and written out; each mode (disaggregated: 1 prefill + 1
+decode worker; co-located: 1 worker) replays it on a real cluster (deploy/local.py, benchmarks/serving.py's
+request and summary code, prompts of random token ids, `ignore_eos`) and simulates it on the same cluster YAML
+(benchmarks/serving_compare.py's), step by step. Reports TTFT and ITL p50/p99 and goodput of both, side by side.
+On one GPU the two worker processes share the device (`--shared-device` in the simulation).
+`--recorded` compares simulations with an earlier serving_compare JSON instead of running anything real (its
+arrivals were drawn by another generator: same distribution, not the same requests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import tempfile
+import time
+from typing import Any
+
+import httpx
+import yaml
+
+from benchmarks import serving
+from benchmarks.serving_compare import cluster_yaml
+from deploy.config import ClusterConfig
+from simulator.cluster import Cluster, chunk_lists
+from simulator.config import SimConfig
+from simulator.metrics import percentile
+from simulator.profile import Profile
+from simulator.trace import write_trace
+
+MODES = {"disaggregated": 1, "colocated": 0}
+FIGURES = ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "goodput_req_s")
+
+
+def make_trace(rate: float, n: int, prompt: str, output: str, seed: int) -> tuple[list[float], list[int], list[int]]:
+    rng = random.Random(seed)
+    (plo, phi), (olo, ohi) = serving.parse_range(prompt), serving.parse_range(output)
+    t, times = 0.0, []
+    for _ in range(n):
+        times.append(t)
+        t += rng.expovariate(rate)
+    return times, [rng.randint(plo, phi) for _ in range(n)], [rng.randint(olo, ohi) for _ in range(n)]
+
+
+async def replay(url: str, model: str, trace: tuple[list[float], list[int], list[int]], vocab: int,
+                 seed: int) -> tuple[list[serving.RequestResult], float]:
+    """Send each request at its trace time; (results, seconds from the first send to the last completion)."""
+    rng = random.Random(seed + 7)
+    prompts = [serving.random_tokens(rng, n, vocab) for n in trace[1]]
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=httpx.Limits(max_connections=256)) as client:
+        for i in range(2):  # warm-up, not timed
+            await serving.one_request(client, url, model, prompts[i][:32], 4, {})
+        t0 = time.perf_counter()
+
+        async def fire(i: int) -> serving.RequestResult:
+            await asyncio.sleep(max(0.0, trace[0][i] - (time.perf_counter() - t0)))
+            return await serving.one_request(client, url, model, prompts[i], trace[2][i], {})
+
+        results = await asyncio.gather(*(fire(i) for i in range(len(trace[0]))))
+        return list(results), time.perf_counter() - t0
+
+
+def real_run(a: argparse.Namespace, mode: str, path: str, trace: tuple[list[float], list[int], list[int]],
+             rate: float) -> dict[str, Any]:
+    from deploy.local import LocalCluster
+    from worker.server import free_port
+
+    with LocalCluster(ClusterConfig.load(path), path, router_port=free_port(), quiet=True,
+                      log_dir=os.path.join(os.path.dirname(path), mode)) as c:
+        model = "smollm2" if a.device == "cpu" else a.tokenizer
+        results, duration = asyncio.run(replay(c.url, model, trace, 49152, a.seed))
+    a.concurrency = 0
+    return serving.summarize(results, duration, rate, a)
+
+
+def simulate(a: argparse.Namespace, path: str, trace: tuple[list[float], list[int], list[int]]) -> dict[str, Any]:
+    sim = SimConfig(slo_ttft_ms=a.slo_ttft_ms, slo_itl_ms=a.slo_itl_ms, hop_ms=a.hop_ms, fast_forward=False,
+                    shared_device=a.device != "cpu", keep_requests=True, sample_s=10.0)
+    c = Cluster(ClusterConfig.load(path), sim, Profile.load(a.profile))
+    result = c.run(chunk_lists(*trace))
+    reqs = c.collector.requests or []
+    duration = max(r[0] + r[4] for r in reqs)  # first arrival at 0 to the last completion, as summarize counts
+    good = sum(1 for r in reqs if r[3] * 1e3 <= a.slo_ttft_ms and (r[2] <= 1 or r[5] * 1e3 <= a.slo_itl_ms))
+    s = result["summary"]
+    return {"completed": s["completed"], "requests": s["arrived"], "duration_s": round(duration, 3),
+            "ttft_p50_ms": round(percentile([r[3] for r in reqs], 50) * 1e3, 2),
+            "ttft_p99_ms": round(percentile([r[3] for r in reqs], 99) * 1e3, 2),
+            "itl_p50_ms": s["itl_p50_ms"], "itl_p99_ms": s["itl_p99_ms"],
+            "goodput_req_s": round(good / duration, 3), "output_tok_s": round(sum(r[2] for r in reqs) / duration, 2)}
+
+
+def compare(real: dict[str, Any], sim: dict[str, Any]) -> dict[str, float | None]:
+    """sim / real - 1 for each figure (None where the real one is 0 or missing)."""
+    return {k: (round(sim[k] / real[k] - 1, 3) if real.get(k) else None) for k in FIGURES}
+
+
+def recorded_runs(path: str) -> dict[str, dict[float, dict[str, Any]]]:
+    with open(path) as f:
+        data = json.load(f)
+    return {mode: {r["rate"]: r for r in data[mode]["runs"]} for mode in data if mode in MODES}
+
+
+def run_rate(a: argparse.Namespace, rate: float, folder: str, recorded: dict[str, Any]) -> dict[str, Any]:
+    trace = make_trace(rate, a.num_requests, a.prompt_len, a.output_len, a.seed)
+    write_trace(os.path.join(a.out, f"sim_validate_trace_{a.device}_rate{rate:g}.csv"), [trace])
+    out: dict[str, Any] = {}
+    for mode in a.modes.split(","):
+        path = os.path.join(folder, f"{mode}.yaml")
+        with open(path, "w") as f:
+            yaml.safe_dump(cluster_yaml(a, MODES[mode]), f)
+        sim = simulate(a, path, trace)
+        real = recorded.get(mode, {}).get(rate) if a.sim_only else real_run(a, mode, path, trace, rate)
+        out[mode] = {"sim": sim, "real": real, "sim_over_real_minus_1": compare(real, sim) if real else None}
+        print(f"rate {rate:g} {mode:13s} " + "  ".join(
+            f"{k} sim {sim[k]} real {real.get(k) if real else '-'}" for k in FIGURES), flush=True)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", required=True, help="the profile the simulation uses (disagg profile)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu: real SmolLM2; cuda: 8B-shaped dummy")
+    p.add_argument("--tokenizer", default="", help="SmolLM2 GGUF, the router's tokenizer (cuda runs)")
+    p.add_argument("--rates", default="0.3,0.6", help="Poisson request rates, req/s (default 0.3,0.6)")
+    p.add_argument("--num-requests", type=int, default=24, help="requests per rate (default 24)")
+    p.add_argument("--prompt-len", default="64:512", help="prompt tokens N or A:B (default 64:512)")
+    p.add_argument("--output-len", default="24", help="output tokens N or A:B (default 24)")
+    p.add_argument("--modes", default="disaggregated,colocated", help="which clusters, comma-separated")
+    p.add_argument("--slo-ttft-ms", type=float, default=3000.0, help="goodput SLO on TTFT (default 3000)")
+    p.add_argument("--slo-itl-ms", type=float, default=300.0, help="goodput SLO on a request's p99 ITL (default 300)")
+    p.add_argument("--hop-ms", type=float, default=1.0, help="simulated router <-> worker latency (default 1)")
+    p.add_argument("--backend", default="tcp", help="KV transfer backend of the real disaggregated cluster")
+    p.add_argument("--nixl-progress", default="auto", choices=["auto", "thread", "poll"], help="see serving_compare")
+    p.add_argument("--overlap", default="auto", choices=["auto", "on", "off"], help="GPU workers' overlap_steps")
+    p.add_argument("--kv-gib", type=float, default=0.25, help="KV cache per worker, GiB (default 0.25)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the trace")
+    p.add_argument("--sim-only", action="store_true", help="simulate only; compare with --recorded if given")
+    p.add_argument("--recorded", default="", help="serving_compare JSON to compare the simulations with")
+    p.add_argument("--label", default="", help="suffix of the output file name")
+    p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"), help="output folder")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    a = build_parser().parse_args(argv)
+    if a.device == "cuda" and not a.tokenizer and not a.sim_only:
+        raise SystemExit("--tokenizer is required on cuda")
+    os.makedirs(a.out, exist_ok=True)
+    recorded = recorded_runs(a.recorded) if a.recorded else {}
+    with tempfile.TemporaryDirectory() as folder:
+        res = {f"{rate:g}": run_rate(a, rate, folder, recorded) for rate in (float(x) for x in a.rates.split(","))}
+    out = {"profile": a.profile, "device": a.device, "args": {k: v for k, v in vars(a).items()}, "rates": res}
+    name = f"sim_validate_{a.device}{'_' + a.label if a.label else ''}.json"
+    with open(os.path.join(a.out, name), "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"wrote {os.path.join(a.out, name)}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
