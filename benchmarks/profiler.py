@@ -208,6 +208,19 @@ def transfer_costs(backend: str, device: str, repeat: int) -> TransferCosts:
                          latency_ms=round(max(0.0, small["median_s"] - 2 / 1024 / rate) * 1e3, 4))
 
 
+def cpu_probe_ms() -> float:
+    """A fixed piece of CPU work in this process (median of 5): how fast the cores are right now. Stored with a CPU
+    profile, so a later run on a machine shared with other jobs can tell how much slower it has become."""
+    a = torch.randn(384, 384, generator=torch.Generator().manual_seed(0))
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(100):
+            a @ a
+        times.append(time.perf_counter() - t0)
+    return round(statistics.median(times) * 1e3, 3)
+
+
 def process_start_s() -> float:
     """A fresh interpreter importing the worker (what every new replica pays before building its engine)."""
     t0 = time.perf_counter()
@@ -261,7 +274,7 @@ def profile(a: argparse.Namespace) -> Profile:
         startup=StartupCosts(engine_s=round(engine_s, 3), process_s=round(process_start_s(), 3)),
         gpus_per_replica=1 if a.device.startswith("cuda") else 0,
         extra={"torch": torch.__version__, "threads": torch.get_num_threads(), "decode_steps": a.decode_steps,
-               "repeat": a.repeat})
+               "repeat": a.repeat, **({} if a.device.startswith("cuda") else {"cpu_probe_ms": cpu_probe_ms()})})
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -34,12 +34,12 @@ from simulator.workload import Lengths, Workload
 
 DATE = "2026-12-04"
 MODELS: dict[str, dict[str, Any]] = {
-    "8b": {"profile": "benchmarks/profiles/h200_llama3_8b.json", "peak_rate": 1000.0, "trough_rate": 300.0,
+    "8b": {"profile": "benchmarks/profiles/h200_llama3_8b.json", "peak_rate": 1700.0, "trough_rate": 500.0,
            "slo_ttft_ms": 3000.0, "slo_itl_ms": 50.0, "kv_gib": 100, "max_seqs": 256,
-           "prefill": (520, 40, 700, 16000), "decode": (300, 20, 400, 0.6)},  # (start, min, max, target)
+           "prefill": (220, 40, 900, 16000), "decode": (140, 20, 500, 0.015)},  # (start, min, max, target)
     "70b": {"profile": "benchmarks/profiles/h200_llama3_70b_tp4.json", "peak_rate": 180.0, "trough_rate": 55.0,
             "slo_ttft_ms": 6000.0, "slo_itl_ms": 60.0, "kv_gib": 384, "max_seqs": 256,
-            "prefill": (40, 10, 230, 24000), "decode": (20, 5, 125, 0.6)},
+            "prefill": (40, 10, 230, 24000), "decode": (20, 5, 125, 0.03)},
 }
 
 
@@ -56,7 +56,7 @@ def fleet_yaml(m: dict[str, Any], cells: int) -> dict[str, Any]:
             "router": {"prefill_policy": "least_loaded", "decode_policy": "least_loaded", "health_interval_s": 1.0},
             "pools": {"prefill": {"replicas": int(m["prefill"][0])}, "decode": {"replicas": int(m["decode"][0])}},
             "autoscaling": {"interval_s": 10, "prefill": pool(m["prefill"], "queued_tokens"),
-                            "decode": pool(m["decode"], "kv_usage")}}
+                            "decode": pool(m["decode"], "itl_p90")}}
 
 
 def workload(m: dict[str, Any], hours: float, start_h: float = 0.0, seed: int = 0) -> Workload:

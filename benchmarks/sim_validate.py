@@ -69,23 +69,50 @@ async def replay(url: str, model: str, trace: tuple[list[float], list[int], list
         return list(results), time.perf_counter() - t0
 
 
+async def tiny_ttft(url: str, model: str, n: int = 5) -> float:
+    """Median TTFT of `n` 16-token prompts sent one at a time to the idle cluster (the serving path's own cost)."""
+    async with httpx.AsyncClient(timeout=httpx.Timeout(60.0)) as client:
+        ttfts = [(await serving.one_request(client, url, model, list(range(1000, 1016)), 2, {})).ttft for _ in range(n)]
+    return sorted(ttfts)[n // 2]
+
+
 def real_run(a: argparse.Namespace, mode: str, path: str, trace: tuple[list[float], list[int], list[int]],
-             rate: float) -> dict[str, Any]:
+             rate: float) -> tuple[dict[str, Any], dict[str, float]]:
+    """The trace on a real cluster: (serving.summarize's figures, what was measured around it: the CPU probe before
+    and after, the tiny-prompt TTFT, the load average)."""
+    from benchmarks.profiler import cpu_probe_ms
     from deploy.local import LocalCluster
     from worker.server import free_port
 
     with LocalCluster(ClusterConfig.load(path), path, router_port=free_port(), quiet=True,
                       log_dir=os.path.join(os.path.dirname(path), mode)) as c:
         model = "smollm2" if a.device == "cpu" else a.tokenizer
+        around = {"probe_before_ms": cpu_probe_ms() if a.device == "cpu" else 0.0,
+                  "tiny_ttft_ms": asyncio.run(tiny_ttft(c.url, model)) * 1e3, "load_before": os.getloadavg()[0]}
         results, duration = asyncio.run(replay(c.url, model, trace, 49152, a.seed))
+        around.update(probe_after_ms=cpu_probe_ms() if a.device == "cpu" else 0.0, load_after=os.getloadavg()[0])
     a.concurrency = 0
-    return serving.summarize(results, duration, rate, a)
+    return serving.summarize(results, duration, rate, a), around
 
 
-def simulate(a: argparse.Namespace, path: str, trace: tuple[list[float], list[int], list[int]]) -> dict[str, Any]:
-    sim = SimConfig(slo_ttft_ms=a.slo_ttft_ms, slo_itl_ms=a.slo_itl_ms, hop_ms=a.hop_ms, fast_forward=False,
+def calibration(a: argparse.Namespace, prof: Profile, around: dict[str, float]) -> tuple[float, float]:
+    """(speed factor, hop ms) from what was measured around a real run: the CPU probe against the profile's own
+    (how much slower the shared machine was then; 1 on a GPU), and the tiny-prompt TTFT less its prefill (two
+    hops: router to worker and back)."""
+    base = prof.extra.get("cpu_probe_ms")
+    probes = [around[k] for k in ("probe_before_ms", "probe_after_ms") if around.get(k)]
+    factor = (sum(probes) / len(probes) / base) if base and probes else 1.0
+    from simulator.cost_model import CostModel
+
+    prefill = CostModel(prof.scaled(factor)).prefill_ms(16)
+    return round(factor, 3), round(max(0.5, (around["tiny_ttft_ms"] - prefill) / 2), 2)
+
+
+def simulate(a: argparse.Namespace, path: str, trace: tuple[list[float], list[int], list[int]], prof: Profile,
+             hop_ms: float) -> dict[str, Any]:
+    sim = SimConfig(slo_ttft_ms=a.slo_ttft_ms, slo_itl_ms=a.slo_itl_ms, hop_ms=hop_ms, fast_forward=False,
                     shared_device=a.device != "cpu", keep_requests=True, sample_s=10.0)
-    c = Cluster(ClusterConfig.load(path), sim, Profile.load(a.profile))
+    c = Cluster(ClusterConfig.load(path), sim, prof)
     result = c.run(chunk_lists(*trace))
     reqs = c.collector.requests or []
     duration = max(r[0] + r[4] for r in reqs)  # first arrival at 0 to the last completion, as summarize counts
@@ -117,11 +144,19 @@ def run_rate(a: argparse.Namespace, rate: float, folder: str, recorded: dict[str
         path = os.path.join(folder, f"{mode}.yaml")
         with open(path, "w") as f:
             yaml.safe_dump(cluster_yaml(a, MODES[mode]), f)
-        sim = simulate(a, path, trace)
-        real = recorded.get(mode, {}).get(rate) if a.sim_only else real_run(a, mode, path, trace, rate)
+        prof = Profile.load(a.profile)
+        real, around = (recorded.get(mode, {}).get(rate), {}) if a.sim_only else real_run(a, mode, path, trace, rate)
+        sim = simulate(a, path, trace, prof, a.hop_ms)
         out[mode] = {"sim": sim, "real": real, "sim_over_real_minus_1": compare(real, sim) if real else None}
-        print(f"rate {rate:g} {mode:13s} " + "  ".join(
-            f"{k} sim {sim[k]} real {real.get(k) if real else '-'}" for k in FIGURES), flush=True)
+        if around:
+            factor, hop = calibration(a, prof, around)
+            adj = simulate(a, path, trace, prof.scaled(factor), hop)
+            out[mode].update(measured_around=around, speed_factor=factor, hop_ms=hop, sim_calibrated=adj,
+                             calibrated_over_real_minus_1=compare(real, adj))
+        for label, s in (("sim", sim), ("calibrated", out[mode].get("sim_calibrated"))):
+            if s:
+                print(f"rate {rate:g} {mode:13s} {label:10s} " + "  ".join(
+                    f"{k} {s[k]} / real {real.get(k) if real else '-'}" for k in FIGURES), flush=True)
     return out
 
 
