@@ -19,6 +19,8 @@ import torch
 
 from engine.block_pool import KVEvent
 from engine.config import EngineConfig, ModelConfig, SpeculativeConfig
+from engine.fork import PromptForks, copy_blocks
+from engine.grammar import GrammarCompiler, model_tokenizer, trim_drafts
 from engine.kv_cache_manager import KVCacheManager, cdiv
 from engine.lookahead import Lookahead
 from engine.model_runner import DTYPES, ModelRunner, num_kv_blocks
@@ -58,6 +60,14 @@ class LLMEngine:
         self._scheduler = Scheduler(config.scheduler, self._kv, self.max_model_len, self.model_config.eos_token_ids,
                                     kv_window=self.model_config.kv_window)
         self._requests: dict[str, Request] = {}
+        eos = self.model_config.eos_token_ids
+        self._runner.sampler.eos_token_ids = eos  # min_tokens bans them
+        # Structured outputs: grammars compiled against the model's tokenizer (loaded on the first one), cached.
+        self._grammars = GrammarCompiler(lambda: model_tokenizer(config.model, config.load_format),
+                                         self.model_config.vocab_size, eos)
+        # n > 1: a choice naming a sibling in params.fork_from shares its prompt's KV (engine/fork.py).
+        self._scheduler.forks = PromptForks(self._kv, self._requests.get,
+                                            lambda pairs: copy_blocks(self._runner.kv_cache, pairs))
         self.stats = EngineStats()
         self._remote = RemoteKV(self._kv, self._scheduler, self.model_config.num_layers, self.stats)
         overlap = config.overlap_steps if config.overlap_steps is not None else self.device.type == "cuda"
@@ -100,6 +110,11 @@ class LLMEngine:
         bad = next((t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < vocab)), None)
         if bad is not None:
             raise InvalidRequestError(f"prompt token id {bad!r} is outside the vocabulary [0, {vocab})")
+        bad = next((t for t in params.token_ids_in_vocab if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"sampling parameters name token id {bad} outside the vocabulary [0, {vocab})")
+        if params.structured_output:
+            self._grammars.compile(params.structured_output)  # InvalidRequestError if it does not compile
         if n + params.max_tokens > self.max_model_len:
             raise InvalidRequestError(
                 f"this model's maximum context length is {self.max_model_len} tokens, but {n + params.max_tokens} "
@@ -120,6 +135,8 @@ class LLMEngine:
         self.validate(prompt_token_ids, params)
         req = Request(request_id, list(prompt_token_ids), params, arrival_time=time.monotonic(), lease_s=lease_s)
         req.output_token_ids.extend(output_token_ids)
+        if params.structured_output:  # compiled once (cached); the matcher replays tokens generated elsewhere
+            req.grammar = self._grammars.state(params.structured_output, req.output_token_ids)
         return req
 
     def add(self, req: Request) -> None:
@@ -215,6 +232,7 @@ class LLMEngine:
         draft_probs = None
         if self._proposer is not None:
             draft_probs = self._proposer.propose(out, self._kv)
+            trim_drafts(out.scheduled, draft_probs)  # a grammar's request verifies only drafts it allows
             self._scheduler.apply_proposals(out)
         launched = self._lookahead.launch(out, draft_probs)
         self._count_prompt_tokens(out)

@@ -137,6 +137,29 @@ class KVCacheManager:
             self.pool.register(table[len(hashes)], parent)
             hashes.append(parent)
 
+    def fork(self, src: str, dst: str, num_tokens: int) -> list[tuple[int, int]] | None:
+        """Give `dst` (holding no blocks) the KV of `src`'s first `num_tokens` tokens (computed ones): the blocks
+        they fill wholly are shared (ref count + 1), a partly filled last block is copy-on-write, i.e. copied now
+        into a fresh block of `dst`'s, since `src` goes on writing its own. Returns the (src block, dst block)
+        pairs the caller copies on the device; None (nothing changed) when no block is free for the copy.
+        Leading blocks `src` released (outside every attention window) stay released entries for `dst` too."""
+        assert dst not in self.table_array, "fork into a request that holds blocks"
+        table, bs = self.table_array.get(src), self.block_size
+        full, partial = divmod(num_tokens, bs)
+        assert full + bool(partial) <= len(table), "fork of tokens the source holds no block for"
+        if partial and not self.pool.num_free:
+            return None
+        dropped = min(self._dropped.get(src, 0), full)
+        self.pool.incref(table[dropped:full])
+        pairs = [(table[full], self.pool.allocate(1)[0])] if partial else []
+        self.table_array.extend(dst, table[:full] + [b for _, b in pairs])
+        if dropped:
+            self._dropped[dst] = dropped
+        hashes = self._hashes.get(src, [])[:full]
+        if hashes:
+            self._hashes[dst] = list(hashes)
+        return pairs
+
     def free(self, request_id: str) -> int:
         """Release every block of the request (last block first, so a prefix's tail is evicted before its head)."""
         self._hashes.pop(request_id, None)

@@ -12,9 +12,10 @@ guessed (one token, at the position the guess used), and otherwise drops it and 
 Outputs are therefore exactly the scheduler's; a wrong guess only wastes device time.
 
 Who is in the guess: every request of step N that samples, unless step N can end it by length (max_tokens,
-the context limit). No guess when requests verify drafts or use penalties (they count tokens the host has not
-seen). A request that stops on a stop token is in the guess and simply missing from the next schedule: the
-rest of the guess is still taken. What else the schedule asks for does not waste the guess either. Prompt
+the context limit). No guess when requests verify drafts or use penalties, a grammar or a bad word of several
+tokens (their next logits depend on tokens the host has not seen: engine.sampler.needs_history). A request
+that stops on a stop token is in the guess and simply missing from the next schedule: the rest of the guess is
+still taken. What else the schedule asks for does not waste the guess either. Prompt
 chunks (a new request admitted, a long prompt going on) are launched right after the queued step, as a
 second forward of the same step (`SplitStep`), as SGLang runs prefill and decode batches apart; the cost is
 reading the weights twice in that step, against a whole decode pass for dropping the guess. A request that
@@ -41,7 +42,7 @@ import torch
 from engine.kv_cache_manager import KVCacheManager
 from engine.model_runner import LaunchedStep, ModelRunner
 from engine.request import Request, RequestStatus
-from engine.sampler import DeviceSamples, SampleResult, has_penalty, row_tensor
+from engine.sampler import DeviceSamples, SampleResult, needs_history, row_tensor
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.stats import EngineStats
 
@@ -105,7 +106,7 @@ class QueuedStep:
             if s.num_spec_tokens:
                 return None
             if i is None:
-                one_token = s.num_new_tokens == 1 and s.samples and not has_penalty(s.request.params)
+                one_token = s.num_new_tokens == 1 and s.samples and not needs_history(s.request.params)
                 (m.joining if one_token else m.beside).append(j)
             elif not s.samples or s.num_new_tokens != 1 or s.request.num_computed_tokens != self.starts[i]:
                 return None  # preempted and rescheduled, or otherwise not where the guess computed
@@ -133,7 +134,7 @@ def guess_rows(out: SchedulerOutput, scheduler: Scheduler) -> list[int]:
     rows = []
     for i, s in enumerate(out.scheduled):
         r = s.request
-        if s.num_spec_tokens or has_penalty(r.params):
+        if s.num_spec_tokens or needs_history(r.params):  # penalties, a grammar: they need the host's tokens
             return []
         if not s.samples:
             continue  # a prompt chunk: it goes on beside the guess

@@ -8,6 +8,7 @@ second catch up to the first; when it has, the step's logits give the next token
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -34,14 +35,26 @@ class SamplingParams:
     ignore_eos: bool = False  # keep going past EOS (fixed output lengths for benchmarks)
     logprobs: int | None = None  # return the chosen token's logprob plus this many top alternatives
     skip_special_tokens: bool = True  # leave special tokens out of the detokenized text
+    min_tokens: int = 0  # EOS and stop tokens are banned (and stop strings not checked) before this many tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), sorted by id
+    allowed_token_ids: tuple[int, ...] = ()  # only these tokens may be sampled; empty: every token
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()  # token sequences never generated (the last token is banned
+    # where the output already ends with the ones before it)
+    structured_output: str = ""  # a grammar the output must follow, engine.grammar's wire form; "": none
+    fork_from: str = ""  # n > 1: a sibling request with the same prompt whose prompt KV this one shares instead of
+    # computing it (engine/fork.py); "" or a request this engine does not hold: computed as usual
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop_token_ids, list):
-            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        for name in ("stop_token_ids", "allowed_token_ids"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         elif isinstance(self.stop, list):
             object.__setattr__(self, "stop", tuple(self.stop))
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, Mapping) else self.logit_bias
+        object.__setattr__(self, "logit_bias", tuple(sorted((int(t), float(b)) for t, b in bias)))
+        object.__setattr__(self, "bad_words_ids", tuple(tuple(w) for w in self.bad_words_ids))
         checks = [
             (isinstance(self.max_tokens, int) and self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
@@ -53,6 +66,16 @@ class SamplingParams:
             (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+            (isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
+             f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"),
+            (all(-100 <= b <= 100 for _, b in self.logit_bias), "logit_bias values must be in [-100, 100]"),
+            (all(t >= 0 for t, _ in self.logit_bias), "logit_bias keys must be token ids >= 0"),
+            (all(isinstance(t, int) and t >= 0 for t in self.allowed_token_ids),
+             "allowed_token_ids must be token ids >= 0"),
+            (all(w and all(isinstance(t, int) and t >= 0 for t in w) for w in self.bad_words_ids),
+             "bad_words_ids must be non-empty sequences of token ids"),
+            (isinstance(self.structured_output, str), "structured_output must be a string"),
+            (isinstance(self.fork_from, str), "fork_from must be a string"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -61,6 +84,12 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def token_ids_in_vocab(self) -> tuple[int, ...]:
+        """Every token id the parameters name (checked against the model's vocabulary by the engine)."""
+        return (*self.stop_token_ids, *self.allowed_token_ids, *(t for t, _ in self.logit_bias),
+                *(t for w in self.bad_words_ids for t in w))
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> SamplingParams:
@@ -110,6 +139,9 @@ class Request:
     # Speculative decoding: draft tokens proposed for this step, verified by the target model. They are
     # not part of output_token_ids (nor num_tokens) until accepted; the scheduler clears them after each step.
     spec_token_ids: list[int] = field(default_factory=list)
+    # Structured output (params.structured_output): the grammar matcher, advanced by every token appended to the
+    # output (engine.grammar.GrammarState); None without a grammar.
+    grammar: Any = None
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -132,7 +164,11 @@ def check_stop(req: Request, token: int, eos_token_ids: tuple[int, ...], max_mod
     """The stop rule, applied after `token` was appended to the request's output. Every engine role uses it: a
     prefill worker's first token ends a request by the same rule as a decode worker's last."""
     p = req.params
-    if token in p.stop_token_ids or (not p.ignore_eos and token in eos_token_ids):
+    stop_token = token in p.stop_token_ids or (not p.ignore_eos and token in eos_token_ids)
+    if stop_token and len(req.output_token_ids) > p.min_tokens:  # stop tokens count from output index min_tokens
+        req.stop_reason = token
+        return FinishReason.STOP
+    if req.grammar is not None and req.grammar.is_terminated():  # the grammar is complete: nothing may follow
         req.stop_reason = token
         return FinishReason.STOP
     if len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= max_model_len:

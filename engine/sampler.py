@@ -1,9 +1,11 @@
 """Turn a batch of logits into next tokens, vLLM order.
 
-1. logprobs from the raw logits (log_softmax before any processing);
-2. penalties: repetition (CTRL style, prompt + output), frequency and presence (OpenAI, output only);
-3. greedy rows (temperature 0) take the argmax;
-4. other rows: temperature, top-k, top-p, min-p, then an exponential race `argmax(probs / Exp(1))`.
+0. a structured-output row's grammar mask (engine/grammar.py): disallowed tokens at -inf;
+1. logprobs from those logits (log_softmax before any other processing);
+2. vLLM's request rules (engine/logits_processors.py): allowed_token_ids, bad words, min_tokens, logit_bias;
+3. penalties: repetition (CTRL style, prompt + output), frequency and presence (OpenAI, output only);
+4. greedy rows (temperature 0) take the argmax;
+5. other rows: temperature, top-k, top-p, min-p, then an exponential race `argmax(probs / Exp(1))`.
 
 A seeded request draws its noise for output index n from a fresh generator seeded with
 `mix_seed(seed, n)`, so its tokens depend on nothing but its own logits, seed and position:
@@ -18,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine import grammar
+from engine.logits_processors import apply_rules, has_multi_token_bad_word, has_rules
 from engine.request import Request, SamplingParams
 
 _MASK64 = (1 << 64) - 1
@@ -46,6 +50,17 @@ def mix_seed(seed: int, index: int) -> int:
 
 def has_penalty(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+
+
+def needs_history(p: SamplingParams) -> bool:
+    """Whether the row's next logits depend on its output tokens themselves, so it cannot be sampled ahead of the
+    host reading them (engine/lookahead.py): penalties, a grammar, a bad word of several tokens."""
+    return has_penalty(p) or bool(p.structured_output) or has_multi_token_bad_word(p)
+
+
+def _plain(p: SamplingParams) -> bool:
+    """Greedy with nothing that changes the logits or asks for logprobs: the argmax is the token."""
+    return p.greedy and p.logprobs is None and not has_penalty(p) and not has_rules(p) and not p.structured_output
 
 
 def _has_filter(p: SamplingParams) -> bool:
@@ -112,9 +127,12 @@ def _apply_filters(logits: torch.Tensor, params: Sequence[SamplingParams]) -> to
     return torch.empty_like(logits).scatter_(1, order, sorted_l)
 
 
-def process_logits(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
-    """Float32 logits after penalties and, for non-greedy rows, temperature and filters (-inf = dropped)."""
-    logits = _apply_penalties(logits.float(), requests)
+def process_logits(logits: torch.Tensor, requests: Sequence[Request], ahead: Sequence[int] | None = None,
+                   eos_token_ids: Sequence[int] = ()) -> torch.Tensor:
+    """Float32 logits after the request rules, penalties and, for non-greedy rows, temperature and filters (-inf =
+    dropped). `ahead`: per row, sampled tokens not in its output yet (min_tokens counts them)."""
+    logits = apply_rules(logits.float(), requests, ahead, eos_token_ids)
+    logits = _apply_penalties(logits, requests)
     rand = [i for i, r in enumerate(requests) if not r.params.greedy]
     if not rand:
         return logits
@@ -130,8 +148,9 @@ def process_logits(logits: torch.Tensor, requests: Sequence[Request]) -> torch.T
 class Sampler:
     """Samples one next token per row; stateless for seeded requests."""
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, eos_token_ids: tuple[int, ...] = ()) -> None:
         self.seed = seed
+        self.eos_token_ids = eos_token_ids  # banned with the stop tokens before min_tokens (the engine sets them)
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def sample(self, logits: torch.Tensor, requests: Sequence[Request]) -> list[SampleResult]:
@@ -148,14 +167,16 @@ class Sampler:
             raise ValueError(f"logits of shape {tuple(logits.shape)} do not match {len(requests)} requests")
         params = [r.params for r in requests]
         ahead = [ahead] * len(requests) if isinstance(ahead, int) else list(ahead)
-        assert not any(a and has_penalty(p) for a, p in zip(ahead, params, strict=True)), "penalties need all tokens"
+        assert not any(a and needs_history(p) for a, p in zip(ahead, params, strict=True)), "needs all tokens"
         if not requests:
             return DeviceSamples(None, params)
-        if all(p.greedy and p.logprobs is None and not has_penalty(p) for p in params):
+        if grammar.has_grammar(requests):
+            logits = grammar.apply_masks(logits, requests)
+        if all(_plain(p) for p in params):
             return DeviceSamples(logits.argmax(dim=-1), params)
         logits = logits.float()
         raw_logprobs = logits.log_softmax(dim=-1) if any(p.logprobs is not None for p in params) else None
-        processed = process_logits(logits, requests)
+        processed = process_logits(logits, requests, ahead, self.eos_token_ids)
         tokens = processed.argmax(dim=-1)
         rand = [i for i, p in enumerate(params) if not p.greedy]
         if rand:

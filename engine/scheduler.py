@@ -34,6 +34,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from engine.config import SchedulerConfig
+from engine.fork import PromptForks
 from engine.kv_cache_manager import KVCacheManager, cdiv
 from engine.request import FinishReason, Request, RequestStatus, check_stop
 from engine.sampler import SampleResult
@@ -89,6 +90,7 @@ class Scheduler:
         self.kv_window = kv_window
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.forks: PromptForks | None = None  # n > 1: sibling requests share a prompt's KV (set by the engine)
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -164,19 +166,25 @@ class Scheduler:
             s.num_new_tokens -= s.num_spec_tokens - k
             s.num_spec_tokens = k
 
+    def _next_waiting(self) -> Request | None:
+        """The first waiting request, passing over those held back until a sibling's prompt is computed (n > 1,
+        engine/fork.py): they would compute it a second time."""
+        if self.forks is None:
+            return self.waiting[0] if self.waiting else None
+        return next((r for r in self.waiting if not self.forks.held_back(r)), None)
+
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            req = self.waiting[0]
+        while budget > 0 and len(self.running) < self.config.max_num_seqs and (req := self._next_waiting()):
             hit = 0
             if req.num_computed_tokens == 0 and not self.kv.has(req.request_id):
-                hit = req.num_computed_tokens = self.kv.match_prefix(req)
+                hit = req.num_computed_tokens = (self.forks.take(req) if self.forks else 0) or self.kv.match_prefix(req)
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if not self.kv.allocate(req.request_id, req.num_computed_tokens + n):
                 if hit:  # give the shared prefix back; it is matched again when the request fits
                     self.kv.free(req.request_id)
                     req.num_computed_tokens = 0
                 break
-            self.waiting.popleft()
+            self.waiting.remove(req)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             out.scheduled.append(ScheduledRequest(req, n))
@@ -213,6 +221,9 @@ class Scheduler:
             if req.status != RequestStatus.FINISHED:
                 for i, t in enumerate(tokens):
                     assert i == len(tokens) - 1 or t.token_id == drafts[i], "accepted token is not the draft"
+                    if req.grammar is not None and not req.grammar.accept(t.token_id):
+                        reason = FinishReason.STOP  # no token was legal (engine/grammar.py): end, append nothing
+                        break
                     req.output_token_ids.append(t.token_id)
                     sched.num_output_tokens += 1
                     if t.logprob is not None:

@@ -12,6 +12,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from google.protobuf.descriptor import FieldDescriptor
+
 from engine.request import InvalidRequestError, SamplingParams
 from engine.stats import stat_items
 from kvtransfer import KVLayout
@@ -23,13 +25,32 @@ ROUTER_ONLY_PARAMS = frozenset({"stop", "skip_special_tokens"})
 Logprob = tuple[float, list[tuple[int, float]]]  # (chosen token's logprob, [(token, logprob), ...])
 
 
+def _is_map(f: FieldDescriptor) -> bool:
+    return f.message_type is not None and f.message_type.GetOptions().map_entry
+
+
+def _is_list_of_lists(f: FieldDescriptor) -> bool:
+    """A repeated message of one repeated field (TokenIds): a tuple of tuples in the engine."""
+    return f.is_repeated and f.message_type is not None and not _is_map(f)
+
+
 def params_to_proto(p: SamplingParams) -> disagg_pb2.SamplingParams:
+    """Engine params -> wire params. Tuples become repeated fields, tuples of pairs maps (logit_bias), tuples of
+    tuples repeated one-field messages (bad_words_ids)."""
     m = disagg_pb2.SamplingParams()
+    by_name = m.DESCRIPTOR.fields_by_name
     for f in fields(p):
         value = getattr(p, f.name)
         if f.name in ROUTER_ONLY_PARAMS or value is None:
             continue
-        if isinstance(value, tuple):
+        wire = by_name[f.name]
+        if _is_map(wire):
+            getattr(m, f.name).update(dict(value))
+        elif _is_list_of_lists(wire):
+            inner = wire.message_type.fields[0].name
+            for seq in value:
+                getattr(getattr(m, f.name).add(), inner).extend(seq)
+        elif isinstance(value, tuple):
             getattr(m, f.name).extend(value)
         else:
             setattr(m, f.name, value)
@@ -40,7 +61,12 @@ def params_from_proto(m: disagg_pb2.SamplingParams) -> SamplingParams:
     """Wire params -> engine params; raises InvalidRequestError naming the bad field."""
     kwargs: dict[str, Any] = {}
     for f in m.DESCRIPTOR.fields:
-        if f.is_repeated:
+        if _is_map(f):
+            kwargs[f.name] = tuple(sorted(getattr(m, f.name).items()))
+        elif _is_list_of_lists(f):
+            inner = f.message_type.fields[0].name
+            kwargs[f.name] = tuple(tuple(getattr(x, inner)) for x in getattr(m, f.name))
+        elif f.is_repeated:
             kwargs[f.name] = tuple(getattr(m, f.name))
         elif not f.has_presence or m.HasField(f.name):
             kwargs[f.name] = getattr(m, f.name)

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 
 import torch
 
+from engine import grammar
 from engine.request import Request
 from engine.sampler import DeviceSamples, Sampler, SampleResult, process_logits
 from engine.spec_decode.sampling import VERIFY_SALT, RowView, race, seeded_generator
@@ -92,7 +93,10 @@ def _test_sampled_drafts(
     device = logits.device
     rows = [first[i] + j for i in general for j in range(len(drafts[i]))]
     row_views = [views[x] for x in rows]
-    p = process_logits(logits[rows], row_views).softmax(dim=-1)  # type: ignore[arg-type]
+    target = logits[rows]
+    if grammar.has_grammar(row_views):  # each row masked by its grammar after the drafts before it (as the sampler
+        target = grammar.apply_masks(target, row_views)  # masks the other rows); drafts are legal (trimmed before)
+    p = process_logits(target, row_views, eos_token_ids=sampler.eos_token_ids).softmax(dim=-1)  # type: ignore[arg-type]
     q = torch.cat([draft_probs[i].to(device=device, dtype=torch.float32) for i in general])  # type: ignore[union-attr]
     if q.shape != p.shape:
         raise ValueError(f"draft probabilities of shape {tuple(q.shape)} for {tuple(p.shape)} target rows")
@@ -110,7 +114,7 @@ def _test_sampled_drafts(
             u[g] = torch.rand(1, generator=gen, device=device)[0]
     p_d, q_d = p.gather(1, d[:, None])[:, 0], q.gather(1, d[:, None])[:, 0]
     accept = (u * q_d < p_d).tolist()
-    raw = logits[rows].float().log_softmax(dim=-1) if any(v.params.logprobs is not None for v in row_views) else None
+    raw = target.float().log_softmax(dim=-1) if any(v.params.logprobs is not None for v in row_views) else None
 
     def result(g: int, token: int) -> SampleResult:
         if raw is None:

@@ -1,0 +1,299 @@
+"""Structured outputs: the grammar a request's output must follow, compiled once with xgrammar, applied as a mask.
+
+On the wire a grammar is one string (`SamplingParams.structured_output`): `{"kind": ..., "value": ...}` with kind
+json (value: a JSON schema), json_object, regex, choice (value: a list of strings), grammar (EBNF, or Lark) or
+structural_tag (xgrammar's structural-tag JSON). The router builds it from the HTTP request (response_format,
+guided_*, structured_outputs, tools) and checks it parses (`check_spec`); every worker compiles it against its
+tokenizer, once: compiled grammars are cached by their wire string (`GrammarCompiler`).
+
+Each request with a grammar holds a `GrammarState` (its matcher). Invariants:
+- the matcher has accepted exactly the request's output tokens (`Scheduler.update` feeds it each token before
+  appending it; a request made with tokens sampled elsewhere replays them at creation);
+- the sampler masks a row's logits to the tokens the matcher allows next, before anything else (so logprobs, as
+  in vLLM, are those of the masked logits); a row that is `k` drafts ahead (speculative verification) is masked
+  as the matcher would be after those drafts (accept, fill, roll back);
+- a token the matcher refuses is never appended: the request ends with finish reason stop (that only happens
+  when no token was legal, so the sampler picked from nothing). Once the grammar is complete only a stop token
+  is legal, and the stop rule ends the request (engine.request.check_stop).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from engine.request import InvalidRequestError
+
+if TYPE_CHECKING:
+    import xgrammar
+
+    from engine.tokenizer import Tokenizer
+
+KINDS = ("json", "json_object", "regex", "choice", "grammar", "structural_tag")
+JSON_OBJECT_SCHEMA = '{"type": "object"}'
+_CACHE_SIZE = 256  # compiled grammars kept per engine
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """A grammar as the router and the workers exchange it."""
+
+    kind: str  # one of KINDS
+    value: str = ""  # the schema / regex / EBNF / structural tag as text; choice: a JSON list of strings
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise InvalidRequestError(f"structured output kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if not isinstance(self.value, str):
+            raise InvalidRequestError("structured output value must be a string")
+
+    def to_wire(self) -> str:
+        return json.dumps({"kind": self.kind, "value": self.value}, sort_keys=True)
+
+    @classmethod
+    def from_wire(cls, wire: str) -> GrammarSpec:
+        try:
+            d = json.loads(wire)
+            return cls(d["kind"], d.get("value", ""))
+        except (ValueError, TypeError, KeyError) as e:
+            raise InvalidRequestError(f"structured_output is not a grammar spec: {e}") from None
+
+
+def _choice_ebnf(value: str) -> str:
+    choices = json.loads(value)
+    if not isinstance(choices, list) or not choices or not all(isinstance(c, str) and c for c in choices):
+        raise InvalidRequestError("guided_choice must be a non-empty list of non-empty strings")
+    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+
+
+def _error(spec: GrammarSpec, e: Exception) -> InvalidRequestError:
+    """xgrammar's message without its time stamp and C++ source location."""
+    msg = re.sub(r"^\[[^\]]*\]\s*\S+\.(cc|h):\d+:\s*", "", str(e).strip()) or type(e).__name__
+    what = {"json": "JSON schema", "json_object": "JSON object grammar", "regex": "regex", "choice": "choice",
+            "grammar": "grammar", "structural_tag": "structural tag"}[spec.kind]
+    return InvalidRequestError(f"invalid {what}: {msg}")
+
+
+def parse(spec: GrammarSpec) -> xgrammar.Grammar:
+    """The spec as an xgrammar Grammar (no tokenizer needed); InvalidRequestError saying what does not parse."""
+    import xgrammar as xgr
+
+    try:
+        if spec.kind == "json":
+            json.loads(spec.value)  # xgrammar's own message for broken JSON is less clear
+            return xgr.Grammar.from_json_schema(spec.value, any_whitespace=False)
+        if spec.kind == "json_object":
+            return xgr.Grammar.from_json_schema(JSON_OBJECT_SCHEMA, any_whitespace=False)
+        if spec.kind == "regex":
+            return xgr.Grammar.from_regex(spec.value)
+        if spec.kind == "choice":
+            return xgr.Grammar.from_ebnf(_choice_ebnf(spec.value))
+        if spec.kind == "structural_tag":
+            return xgr.Grammar.from_structural_tag(spec.value)
+        return _parse_ebnf_or_lark(spec.value)
+    except InvalidRequestError:
+        raise
+    except Exception as e:  # noqa: BLE001 - xgrammar raises RuntimeError/ValueError/its own types
+        raise _error(spec, e) from None
+
+
+def _parse_ebnf_or_lark(text: str) -> xgrammar.Grammar:
+    import xgrammar as xgr
+
+    try:
+        return xgr.Grammar.from_ebnf(text)
+    except Exception as ebnf_error:  # noqa: BLE001
+        try:
+            return xgr.Grammar.from_lark(text)
+        except Exception:  # noqa: BLE001 - report the EBNF error: GBNF is the documented syntax
+            raise ebnf_error from None
+
+
+def check_spec(wire: str) -> GrammarSpec:
+    """Parse a wire spec and its grammar; raises InvalidRequestError naming the problem."""
+    spec = GrammarSpec.from_wire(wire)
+    parse(spec)
+    return spec
+
+
+class GrammarState:
+    """One request's matcher: what its output so far allows next.
+
+    Invariant: the matcher has accepted `output_token_ids[:num_accepted]`. Tokens appended by other paths (a
+    resumed request's, a prefill worker's first token learnt late) are caught up with before the next mask."""
+
+    def __init__(self, matcher: xgrammar.GrammarMatcher) -> None:
+        self._matcher = matcher
+        self.num_accepted = 0
+        self.broken = False  # an output token the grammar refuses: nothing is legal any more
+
+    def accept(self, token_id: int) -> bool:
+        """Advance by one output token; False (and no change) if the grammar does not allow it."""
+        if self.broken or not self._matcher.accept_token(token_id):
+            return False
+        self.num_accepted += 1
+        return True
+
+    def catch_up(self, output_token_ids: Sequence[int]) -> bool:
+        """Accept the output tokens not accepted yet; False (the state is broken) if one is refused."""
+        while not self.broken and self.num_accepted < len(output_token_ids):
+            self.broken = not self.accept(output_token_ids[self.num_accepted])
+        return not self.broken
+
+    def is_terminated(self) -> bool:
+        return bool(self._matcher.is_terminated())
+
+    def valid_prefix(self, tokens: Sequence[int]) -> int:
+        """How many leading `tokens` the grammar accepts in a row (the state is unchanged afterwards)."""
+        n = 0
+        for t in tokens:
+            if self._matcher.is_terminated() or not self._matcher.accept_token(t):
+                break
+            n += 1
+        if n:
+            self._matcher.rollback(n)
+        return n
+
+    def fill(self, bitmask: torch.Tensor, row: int, ahead: Sequence[int] = ()) -> None:
+        """Write into `bitmask[row]` the tokens allowed after the output plus `ahead` (drafts, all legal); nothing
+        is allowed in a broken state."""
+        if self.broken:
+            bitmask[row].zero_()
+            return
+        m = self._matcher
+        accepted = 0
+        for t in ahead:
+            if m.is_terminated() or not m.accept_token(t):
+                break
+            accepted += 1
+        m.fill_next_token_bitmask(bitmask, row)
+        if accepted:
+            m.rollback(accepted)
+
+
+class GrammarCompiler:
+    """Compiles wire specs against the model's tokenizer, each once (LRU by wire string). The tokenizer is loaded
+    on the first grammar (`load_tokenizer`; None: this model has none, and grammars are refused)."""
+
+    def __init__(self, load_tokenizer: Callable[[], Tokenizer | None], vocab_size: int,
+                 stop_token_ids: tuple[int, ...]) -> None:
+        self._load_tokenizer = load_tokenizer
+        self.vocab_size = vocab_size
+        self.stop_token_ids = stop_token_ids
+        self._compiler: xgrammar.GrammarCompiler | None = None
+        self._cache: OrderedDict[str, xgrammar.CompiledGrammar] = OrderedDict()
+        self._lock = threading.Lock()  # make_request may run on any thread
+        self.compiles = 0  # grammars compiled (cache misses)
+        self.hits = 0  # grammars found compiled
+
+    def state(self, wire: str, output_token_ids: Sequence[int] = ()) -> GrammarState:
+        """A fresh matcher for `wire`, advanced through tokens already generated (a resumed request)."""
+        import xgrammar as xgr
+
+        matcher = xgr.GrammarMatcher(self.compile(wire), override_stop_tokens=list(self.stop_token_ids) or None)
+        state = GrammarState(matcher)
+        if not state.catch_up(output_token_ids):
+            raise InvalidRequestError(f"output token {state.num_accepted} ({output_token_ids[state.num_accepted]}) "
+                                      "does not follow the request's grammar")
+        return state
+
+    def compile(self, wire: str) -> xgrammar.CompiledGrammar:
+        with self._lock:
+            hit = self._cache.get(wire)
+            if hit is not None:
+                self._cache.move_to_end(wire)
+                self.hits += 1
+                return hit
+            compiled = self._compiler_now().compile_grammar(parse(GrammarSpec.from_wire(wire)))
+            self.compiles += 1
+            self._cache[wire] = compiled
+            if len(self._cache) > _CACHE_SIZE:
+                self._cache.popitem(last=False)
+            return compiled
+
+    def _compiler_now(self) -> xgrammar.GrammarCompiler:
+        if self._compiler is None:
+            tokenizer = self._load_tokenizer()
+            if tokenizer is None:
+                raise InvalidRequestError("structured outputs need the model's tokenizer, and this model has none")
+            self._compiler = _xgrammar_compiler(tokenizer, self.vocab_size, self.stop_token_ids)
+        return self._compiler
+
+
+def model_tokenizer(model: str, load_format: str) -> Tokenizer | None:
+    """The tokenizer of the engine's model (a .gguf's metadata or an HF folder's files); None for dummy weights
+    or a folder without one."""
+    from engine.loader import resolve_source
+    from engine.tokenizer import Tokenizer
+
+    if load_format == "dummy":
+        return None
+    try:
+        return Tokenizer.from_model_path(resolve_source(model, load_format)[1])
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _xgrammar_compiler(tokenizer: Tokenizer, vocab_size: int, stop_token_ids: tuple[int, ...]
+                       ) -> xgrammar.GrammarCompiler:
+    import xgrammar as xgr
+    from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend)
+    stops = list(stop_token_ids) or ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else None)
+    info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=vocab_size, stop_token_ids=stops)
+    return xgr.GrammarCompiler(info, max_threads=2)
+
+
+def _state_and_ahead(row: Any) -> tuple[GrammarState | None, Sequence[int]]:
+    """A sampler row's grammar, caught up with its output, and the drafts the row is ahead by: a Request, or a
+    RowView (spec_decode.sampling)."""
+    request = getattr(row, "request", row)
+    if request.grammar is not None:
+        request.grammar.catch_up(request.output_token_ids)
+    return request.grammar, getattr(row, "extra", ())
+
+
+def has_grammar(rows: Sequence[Any]) -> bool:
+    return any(_state_and_ahead(r)[0] is not None for r in rows)
+
+
+def apply_masks(logits: torch.Tensor, rows: Sequence[Any]) -> torch.Tensor:
+    """Float32 logits with each grammar row's disallowed tokens at -inf (other rows untouched). The bitmask is
+    filled on the host and reaches the device in one pinned, non-blocking copy."""
+    import xgrammar as xgr
+
+    masked = [(i, *_state_and_ahead(r)) for i, r in enumerate(rows)]
+    masked = [(i, g, ahead) for i, g, ahead in masked if g is not None]
+    logits = logits.float() if logits.dtype != torch.float32 else logits.clone()
+    if not masked:
+        return logits
+    bitmask = xgr.allocate_token_bitmask(len(rows), logits.shape[1])
+    for i, g, ahead in masked:
+        g.fill(bitmask, i, ahead)
+    if logits.device.type == "cuda":
+        bitmask = bitmask.pin_memory().to(logits.device, non_blocking=True)
+    xgr.apply_token_bitmask_inplace(logits, bitmask, indices=[i for i, _, _ in masked])
+    return logits
+
+
+def trim_drafts(scheduled: Sequence[Any], draft_probs: dict[str, torch.Tensor] | None) -> None:
+    """Speculative decoding: cut each grammar request's drafts at the first one its grammar refuses (and its q
+    rows with them), so verification only ever sees legal drafts."""
+    for s in scheduled:
+        r = s.request
+        if r.grammar is None or not r.spec_token_ids:
+            continue
+        r.grammar.catch_up(r.output_token_ids)
+        keep = r.grammar.valid_prefix(r.spec_token_ids)
+        if keep < len(r.spec_token_ids):
+            r.spec_token_ids = r.spec_token_ids[:keep]
+            if draft_probs is not None and r.request_id in draft_probs:
+                draft_probs[r.request_id] = draft_probs[r.request_id][:keep]
