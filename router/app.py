@@ -1,10 +1,11 @@
-"""The router's HTTP app: OpenAI endpoints, health, readiness and metrics."""
+"""The router's HTTP app: OpenAI endpoints, vLLM's utility endpoints, health, readiness, metrics, OpenAPI docs."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import hmac
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
@@ -17,13 +18,25 @@ from engine.tokenizer import Tokenizer
 from router.config import RouterConfig
 from router.errors import APIError, from_validation_error, install_error_handlers
 from router.generation import Generation
-from router.job import GenerationJob, JobBuilder
+from router.job import JobBuilder, RequestPlan
 from router.logprobs import TokenText
 from router.metrics import RouterMetrics
-from router.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from router.openapi import body_docs, install_openapi
+from router.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    GenerationRequest,
+    ModelCard,
+    ModelList,
+    ignored_fields,
+)
 from router.registry import WorkerRegistry
 from router.responder import CLIENT_GONE, ChatResponder, CompletionResponder, Responder
+from router.utility import utility_routes
 
+log = logging.getLogger(__name__)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -32,6 +45,7 @@ class RouterService:
 
     def __init__(self, config: RouterConfig, tokenizer: Tokenizer, workers: WorkerRegistry) -> None:
         self.config = config
+        self.tokenizer = tokenizer
         self.workers = workers
         self.metrics = RouterMetrics(workers)
         self.jobs = JobBuilder(config, tokenizer, workers)
@@ -48,40 +62,46 @@ class RouterService:
         if not any(hmac.compare_digest(key.strip().encode(), k.encode()) for k in self.config.api_keys):
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
 
+    def model_card(self) -> ModelCard:
+        name = self.config.model_name
+        return ModelCard(id=name, root=name, max_model_len=self.config.max_model_len or self.workers.max_model_len())
+
     async def generate(self, request: Request, endpoint: str) -> Response:
         """Parse, tokenize, check, then stream or collect; counts the request by its outcome."""
         arrival = time.monotonic()
         try:
-            job, responder, stream = await self._prepare(request, endpoint, arrival)
+            plan, responder = await self._prepare(request, endpoint, arrival)
         except APIError as e:
             self.metrics.count_request(endpoint, e.status)
             raise
-        outputs = self.generation.stream(job)
-        if stream:
-            events = responder.sse(outputs, on_end=lambda status: self.metrics.count_request(endpoint, status))
+        run = self.generation.stream
+        if plan.stream:
+            events = responder.sse(run, on_end=lambda status: self.metrics.count_request(endpoint, status))
             return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
         try:
-            body = await _unless_disconnected(request, responder.collect(outputs))
+            body = await _unless_disconnected(request, responder.collect(run))
         except APIError as e:
             self.metrics.count_request(endpoint, e.status)
             raise
         self.metrics.count_request(endpoint, 200)
         return JSONResponse(body)
 
-    async def _prepare(self, request: Request, endpoint: str, arrival: float
-                       ) -> tuple[GenerationJob, Responder, bool]:
-        model_cls = ChatCompletionRequest if endpoint == "chat" else CompletionRequest
+    async def _prepare(self, request: Request, endpoint: str, arrival: float) -> tuple[RequestPlan, Responder]:
+        model_cls: type[GenerationRequest] = ChatCompletionRequest if endpoint == "chat" else CompletionRequest
         try:
             req = model_cls.model_validate_json(await request.body())
         except pydantic.ValidationError as e:
             raise from_validation_error(e) from None
+        if ignored := ignored_fields(req):
+            log.warning("The following fields were present in the request but ignored: %s", sorted(ignored))
         if isinstance(req, ChatCompletionRequest):
-            job, responder_cls = self.jobs.chat(req, arrival), ChatResponder
+            plan, responder_cls = self.jobs.chat(req, arrival), ChatResponder
         else:
-            job, responder_cls = self.jobs.completion(req, arrival), CompletionResponder
+            assert isinstance(req, CompletionRequest)
+            plan, responder_cls = self.jobs.completion(req, arrival), CompletionResponder
         self.generation.require_decode_worker()
-        responder: Responder = responder_cls(job, self.config.model_name, self.texts, include_usage=req.include_usage)
-        return job, responder, bool(req.stream)
+        responder: Responder = responder_cls(plan, self.config.model_name, self.texts)
+        return plan, responder
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[dict[str, Any]]) -> dict[str, Any]:
@@ -120,36 +140,46 @@ def create_app(config: RouterConfig, tokenizer: Tokenizer, registry: WorkerRegis
             await service.generation.streams.aclose()
             await registry.stop()
 
-    app = FastAPI(title="disagg router", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="disagg router", summary="OpenAI-compatible API of a disaggregated prefill/decode cluster",
+                  lifespan=lifespan, docs_url="/docs", redoc_url=None, openapi_url="/openapi.json")
     app.state.service = service
     install_error_handlers(app)
-    app.include_router(_openai_routes(service), dependencies=[Depends(service.check_api_key)])
+    auth = [Depends(service.check_api_key)]
+    app.include_router(_openai_routes(service), dependencies=auth)
+    app.include_router(utility_routes(service.tokenizer, service.model_card, config.model_name), dependencies=auth)
     app.include_router(_ops_routes(service))
+    install_openapi(app)
     return app
 
 
 def _openai_routes(service: RouterService) -> APIRouter:
-    api = APIRouter(prefix="/v1")
+    api = APIRouter(prefix="/v1", tags=["OpenAI"])
 
-    @api.post("/completions")
+    @api.post("/completions", **body_docs(CompletionRequest, "A completion (or, with stream, its chunks)",
+                                              CompletionResponse))
     async def completions(request: Request) -> Response:
         return await service.generate(request, "completions")
 
-    @api.post("/chat/completions")
+    @api.post("/chat/completions", **body_docs(ChatCompletionRequest, "A chat completion (or its chunks)",
+                                                   ChatCompletionResponse))
     async def chat_completions(request: Request) -> Response:
         return await service.generate(request, "chat")
 
-    @api.get("/models")
+    @api.get("/models", response_model=ModelList)
     async def models() -> dict[str, Any]:
-        card = ModelCard(id=service.config.model_name, max_model_len=service.config.max_model_len
-                         or service.workers.max_model_len())
-        return ModelList(data=[card]).model_dump(mode="json")
+        return ModelList(data=[service.model_card()]).model_dump(mode="json")
+
+    @api.get("/models/{model}", response_model=ModelCard)
+    async def model(model: str) -> dict[str, Any]:
+        if model != service.config.model_name:
+            raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+        return service.model_card().model_dump(mode="json")
 
     return api
 
 
 def _ops_routes(service: RouterService) -> APIRouter:
-    ops = APIRouter()
+    ops = APIRouter(tags=["operations"])
 
     @ops.get("/health")
     async def health() -> dict[str, str]:
@@ -168,4 +198,3 @@ def _ops_routes(service: RouterService) -> APIRouter:
         return Response(body, media_type=content_type)
 
     return ops
-

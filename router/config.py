@@ -36,6 +36,7 @@ class RouterConfig:
     max_migrations: int = 3  # times a request may move to another decode worker when its own is lost; 0: never
     max_model_len: int | None = None  # context length to enforce; None: the smallest the workers report
     processes: int = 1  # router processes serving the one port (SO_REUSEPORT); each polls and streams on its own
+    max_n: int = 16  # most choices (n, best_of) one request may ask for per prompt; more is a 400
 
     def __post_init__(self) -> None:
         if isinstance(self.api_keys, list | str):
@@ -58,6 +59,7 @@ class RouterConfig:
             (isinstance(self.max_migrations, int) and self.max_migrations >= 0, "router.max_migrations must be >= 0"),
             (self.max_model_len is None or self.max_model_len > 1, "router.max_model_len must be > 1"),
             (isinstance(self.processes, int) and 1 <= self.processes <= 256, "router.processes must be in [1, 256]"),
+            (isinstance(self.max_n, int) and self.max_n >= 1, "router.max_n must be >= 1"),
         ]
         for ok, msg in checks:
             if not ok:

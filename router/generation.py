@@ -26,7 +26,6 @@ from typing import Any
 
 import grpc
 
-from engine.output_processor import RequestTextStream
 from engine.tokenizer import Tokenizer
 from proto import PROTOCOL_VERSION, disagg_pb2
 from proto.convert import params_to_proto
@@ -36,6 +35,7 @@ from router.job import GenerationJob
 from router.metrics import RouterMetrics
 from router.policy import make_policy
 from router.registry import WorkerRegistry, WorkerState
+from router.text import ChoiceText
 from router.token_streams import TokenStreams, WorkerLost
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class Generation:
     async def stream(self, job: GenerationJob) -> AsyncIterator[Output]:
         """The request's outputs; raises `APIError` when a worker fails. Close it (or cancel) to abort."""
         flight = _Flight()
-        text = RequestTextStream(self.tokenizer, job.prompt_ids, job.params.stop, job.params.skip_special_tokens)
+        text = ChoiceText(self.tokenizer, job.prompt_ids, job.text)
         self.metrics.prompt_tokens.inc(len(job.prompt_ids))
         last: float | None = None
         try:
@@ -100,11 +100,17 @@ class Generation:
                 yield out
             self.metrics.e2e.observe(time.monotonic() - job.arrival)
         finally:
+            job.placed.set()  # n > 1: siblings waiting for this choice's worker go on without it
             self.metrics.generation_tokens.inc(job.num_output_tokens)
             await self._cleanup(job.request_id, flight)
 
-    async def _run(self, job: GenerationJob, flight: _Flight, text: RequestTextStream) -> AsyncIterator[Output]:
+    async def _run(self, job: GenerationJob, flight: _Flight, text: ChoiceText) -> AsyncIterator[Output]:
         self.require_decode_worker()
+        if job.leader is not None:  # n > 1: the first choice's decode worker forks its prompt KV for this one
+            await job.leader.placed.wait()
+            async for out in self._decode(job, flight, text, None):
+                yield out
+            return
         first = await self._prefill(job, flight)
         if first is not None:
             logprobs = [first.first_logprob] if first.HasField("first_logprob") else []
@@ -144,14 +150,14 @@ class Generation:
             flight.lease = p
         return resp
 
-    async def _decode(self, job: GenerationJob, flight: _Flight, text: RequestTextStream,
+    async def _decode(self, job: GenerationJob, flight: _Flight, text: ChoiceText,
                       first: disagg_pb2.PrefillResponse | None) -> AsyncIterator[Output]:
         """Run the decode phase on a decode worker, moving to another one whenever the one carrying it is lost."""
         kv = first.kv if first is not None and first.HasField("kv") else None
         tried: set[str] = set()
         migrations = 0
         while True:
-            d = self._choose_decode(tried, job.prompt_ids)
+            d = self._sibling_worker(job, tried) or self._choose_decode(tried, job.prompt_ids)
             tried.add(d.address)
             try:
                 async for out in self._decode_on(d, job, flight, text, kv):
@@ -175,7 +181,7 @@ class Generation:
                 log.warning("%s: %s; %s on another decode worker after %d token(s)", job.request_id, e.message,
                             "resuming" if moving else "trying", len(job.output_ids))
 
-    async def _decode_on(self, d: WorkerState, job: GenerationJob, flight: _Flight, text: RequestTextStream,
+    async def _decode_on(self, d: WorkerState, job: GenerationJob, flight: _Flight, text: ChoiceText,
                          kv: disagg_pb2.KVHandle | None) -> AsyncIterator[Output]:
         """The request on decode worker `d`: Decode, then its chunks from this router's token stream."""
         sub, stream = await self.streams.open(d, job.request_id, self.config.rpc_timeout_s,
@@ -188,6 +194,8 @@ class Generation:
                 except grpc.aio.AioRpcError as e:
                     raise self._rpc_error(d, e, "decode") from None
                 flight.decode = d
+                job.placed_on = d.address  # n > 1: its siblings fork its prompt KV there
+                job.placed.set()
                 flight.lease = None  # the decode worker has the request: it pulled the KV or recomputes it
                 while True:
                     for out in self._outputs(d, flight, text, await stream.next()):
@@ -197,7 +205,7 @@ class Generation:
         finally:
             sub.close_request(job.request_id)
 
-    def _outputs(self, d: WorkerState, flight: _Flight, text: RequestTextStream,
+    def _outputs(self, d: WorkerState, flight: _Flight, text: ChoiceText,
                  chunks: list[disagg_pb2.TokenChunk]) -> list[Output]:
         """The chunks that arrived since the last read, as one Output (a stop string may end it early)."""
         tokens: list[int] = []
@@ -225,6 +233,12 @@ class Generation:
         d = self._decode_policy.choose(candidates, prompt_ids)
         self.metrics.observe_placement("decode", self._decode_policy.last)
         return d
+
+    def _sibling_worker(self, job: GenerationJob, exclude: set[str]) -> WorkerState | None:
+        """n > 1: the decode worker holding the first choice (where this one forks its prompt KV), if usable."""
+        address = job.leader.placed_on if job.leader is not None else None
+        w = self.workers.get(address) if address is not None and address not in exclude else None
+        return w if w is not None and w.stub is not None and w in self.workers.candidates("decode") else None
 
     def _has_decode(self, exclude: set[str]) -> bool:
         return any(w.address not in exclude for w in self.workers.candidates("decode"))
@@ -291,12 +305,13 @@ def _decode_request(job: GenerationJob, kv: disagg_pb2.KVHandle | None, subscrib
     return req
 
 
-def _accept(text: RequestTextStream, token_ids: list[int], logprobs: list[disagg_pb2.TokenLogprob],
+def _accept(text: ChoiceText, token_ids: list[int], logprobs: list[disagg_pb2.TokenLogprob],
             finish_reason: str | None) -> Output:
     """Detokenize one token at a time so a stop string cuts exactly at the token that completes it."""
     parts: list[str] = []
     for i, token_id in enumerate(token_ids):
-        delta = text.push([token_id], final=finish_reason is not None and i == len(token_ids) - 1)
+        last = finish_reason is not None and i == len(token_ids) - 1
+        delta = text.push([token_id], final=last, finish_reason=finish_reason if last else None)
         parts.append(delta.text)
         if delta.stopped:
             return Output(token_ids[:i + 1], logprobs[:i + 1], "".join(parts), "stop")

@@ -1,36 +1,71 @@
-"""An OpenAI request -> a `GenerationJob`: prompt token ids plus checked sampling parameters."""
+"""An OpenAI request -> a `RequestPlan`: its prompts, tokenized and checked, and one `GenerationJob` per choice.
+
+A request with p prompts and n choices each (best_of candidates when best_of > n) makes p * best_of jobs. Job j
+of a prompt is that prompt's choice j: its seed is seed + j and, after the first, it forks the first one's
+prompt KV (`params.fork_from`, engine/fork.py), so a prompt is computed once whatever n is.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import uuid
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
-from engine.request import InvalidRequestError, SamplingParams
+from engine.request import SamplingParams
 from engine.tokenizer import Tokenizer
 from router.config import RouterConfig
 from router.errors import APIError, bad_request, context_length_error
-from router.protocol import ChatCompletionRequest, CompletionRequest
+from router.params import checked_ids, for_choice, sampling_params, text_options
+from router.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest
 from router.registry import WorkerRegistry
+from router.structured import grammar_of
+from router.text import TextOptions
+from router.tools import ToolPlan, conversation, plan_tools, template_speaks_tools
 
-# SamplingParams fields an OpenAI request carries under the same name are copied by name; these are derived.
-_DERIVED = frozenset({"max_tokens", "logprobs", "stop", "stop_token_ids"})
-# Longest first, so an engine error message is attributed to the most specific field it starts with.
-_PARAM_NAMES = sorted((f.name for f in fields(SamplingParams)), key=len, reverse=True)
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class GenerationJob:
-    """One request, tokenized and checked, ready for the workers."""
+    """One choice, tokenized and checked, ready for the workers (one engine request)."""
 
-    request_id: str  # cmpl-... / chatcmpl-...; also the id on the workers
+    request_id: str  # cmpl-... / chatcmpl-... (choice i of n > 1: with -i); also the id on the workers
     prompt_ids: list[int]  # the whole prompt, chat template applied
     params: SamplingParams  # stop strings are applied by the router, the rest by the workers
     arrival: float  # time.monotonic() when the request arrived
     output_ids: list[int] = field(default_factory=list)  # tokens streamed to the client so far
+    index: int = 0  # which of the request's choices (prompt * best_of + sample)
+    text: TextOptions = field(default_factory=TextOptions)
+    leader: GenerationJob | None = None  # the choice whose prompt KV this one forks (params.fork_from)
+    placed: asyncio.Event = field(default_factory=asyncio.Event)  # set once a decode worker has this job (or it
+    # ended without one): its siblings then go to `placed_on`, where its prompt KV is
+    placed_on: str | None = None
 
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_ids)
+
+
+@dataclass
+class RequestPlan:
+    """One HTTP request: its jobs and what the response needs to know about them."""
+
+    request_id: str
+    jobs: list[GenerationJob]  # prompt p's candidates are jobs[p * best_of : (p + 1) * best_of]
+    prompts: list[list[int]]
+    n: int  # choices returned per prompt
+    best_of: int  # candidates generated per prompt (the n with the highest cumulative logprob are returned)
+    echo: list[str]  # per prompt: text every choice of it starts with ("" without echo)
+    logprobs: int | None  # what the client asked for (None: no logprobs in the response)
+    tools: ToolPlan | None = None
+    stream: bool = False
+    include_usage: bool = False
+    continuous_usage: bool = False
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
 
 
 class JobBuilder:
@@ -41,29 +76,47 @@ class JobBuilder:
         self.tokenizer = tokenizer
         self.workers = workers
 
-    def completion(self, req: CompletionRequest, arrival: float) -> GenerationJob:
-        self._check_common(req.model, req.n)
-        if isinstance(req.prompt, list) and isinstance(req.prompt[0], int):
-            ids = self._checked_ids(list(req.prompt), "prompt")  # type: ignore[arg-type]
-        else:
-            text = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
-            ids = self.tokenizer.encode(str(text))
-        if not ids:
-            raise bad_request("prompt must not be empty", param="prompt")
-        return self._job("cmpl", req, ids, req.max_tokens, req.logprobs, arrival)
+    def completion(self, req: CompletionRequest, arrival: float) -> RequestPlan:
+        self._check_common(req)
+        if req.suffix is not None:
+            raise bad_request("suffix is not supported", param="suffix")
+        if req.echo and req.logprobs is not None:
+            raise bad_request("echo with logprobs needs prompt logprobs, which are not supported", param="echo")
+        prompts = [self._prompt_ids(p) for p in req.prompts]
+        echo = [("" if not req.echo else p if isinstance(p, str) else self.tokenizer.decode(p, skip_special_tokens=False))
+                for p in req.prompts]
+        return self._plan("cmpl", req, prompts, echo, req.max_tokens, req.logprobs, arrival, None)
 
-    def chat(self, req: ChatCompletionRequest, arrival: float) -> GenerationJob:
-        self._check_common(req.model, req.n)
+    def chat(self, req: ChatCompletionRequest, arrival: float) -> RequestPlan:
+        self._check_common(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
+        tools = plan_tools(req)
+        ids = self.tokenizer.encode(self._render(req, tools), add_special_tokens=bool(req.add_special_tokens))
+        last = req.messages[-1]
+        echo = last.text if req.echo and last.role == "assistant" else ""
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        return self._plan("chatcmpl", req, [ids], [echo], req.requested_max_tokens, logprobs, arrival, tools)
+
+    def _render(self, req: ChatCompletionRequest, tools: ToolPlan | None) -> str:
+        native = template_speaks_tools(self.tokenizer)
+        messages = conversation(req, tools, native)
+        kwargs = dict(req.chat_template_kwargs or {})
+        if native and tools is not None and tools.mode != "none":
+            kwargs["tools"] = [t.model_dump(exclude_none=True) for t in tools.tools]
+        cont = bool(req.continue_final_message)
+        if cont and req.add_generation_prompt and "add_generation_prompt" in req.model_fields_set:
+            raise bad_request("continue_final_message and add_generation_prompt cannot both be true",
+                              param="continue_final_message")
         try:
-            prompt = self.tokenizer.apply_chat_template([m.for_template() for m in req.messages],
-                                                        add_generation_prompt=True)
+            prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=not cont and
+                                                        req.add_generation_prompt is not False, **kwargs)
         except ValueError as e:
             raise bad_request(str(e), param="messages") from None
-        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
-        logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        return self._job("chatcmpl", req, ids, req.requested_max_tokens, logprobs, arrival)
+        if cont:  # cut after the final message's text, leaving it open (as transformers does)
+            final = req.messages[-1].text.strip()
+            prompt = prompt[: prompt.rfind(final) + len(final)] if final and final in prompt else prompt
+        return prompt
 
     def max_model_len(self) -> int:
         """The context length to enforce: the configured one, else the smallest any worker reported."""
@@ -72,23 +125,66 @@ class JobBuilder:
             raise APIError(503, "no worker has reported its context length yet", code="no_healthy_worker")
         return n
 
-    def _check_common(self, model: str, n: int | None) -> None:
-        if model != self.config.model_name:
-            raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
-        if n not in (None, 1):
-            raise bad_request(f"n must be 1 (several choices per request are not supported), got {n}", param="n")
+    def _check_common(self, req: GenerationRequest) -> None:
+        if req.model != self.config.model_name:
+            raise APIError(404, f"The model `{req.model}` does not exist.", param="model", code="model_not_found")
+        n, limit = req.n if req.n is not None else 1, self.config.max_n
+        if not 1 <= n <= limit:
+            raise bad_request(f"n must be between 1 and {limit} (router.max_n), got {n}", param="n")
+        best_of = req.best_of if req.best_of is not None else n
+        if not n <= best_of <= limit:
+            raise bad_request(f"best_of must be between n ({n}) and {limit} (router.max_n), got {best_of}",
+                              param="best_of")
+        if req.stream and best_of > n:
+            raise bad_request("best_of > n cannot be streamed", param="best_of")
+        if req.prompt_logprobs is not None:
+            raise bad_request("prompt_logprobs is not supported", param="prompt_logprobs")
 
-    def _checked_ids(self, ids: list[int], param: str) -> list[int]:
-        vocab = self.tokenizer.vocab_size
-        bad = [i for i in ids if not 0 <= i < vocab]
-        if bad:
-            raise bad_request(f"{param} holds token ids outside the vocabulary (size {vocab}): {bad[:5]}", param=param)
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        ids = checked_ids(self.tokenizer, prompt, "prompt") if isinstance(prompt, list) else self.tokenizer.encode(prompt)
+        if not ids:
+            raise bad_request("prompt must not be empty", param="prompt")
         return ids
 
-    def _job(self, prefix: str, req: CompletionRequest | ChatCompletionRequest, ids: list[int],
-             max_tokens: int | None, logprobs: int | None, arrival: float) -> GenerationJob:
-        params = self._params(req, self._max_tokens(len(ids), max_tokens), logprobs)
-        return GenerationJob(f"{prefix}-{uuid.uuid4().hex}", ids, params, arrival)
+    def _truncated(self, req: GenerationRequest, ids: list[int]) -> list[int]:
+        k = req.truncate_prompt_tokens
+        if k is None:
+            return ids
+        if k == -1:
+            k = self.max_model_len() - 1
+        if k < 1:
+            raise bad_request(f"truncate_prompt_tokens must be -1 or at least 1, got {k}",
+                              param="truncate_prompt_tokens")
+        return ids[-k:]
+
+    def _plan(self, prefix: str, req: GenerationRequest, prompts: list[list[int]], echo: list[str],
+              max_tokens: int | None, logprobs: int | None, arrival: float, tools: ToolPlan | None) -> RequestPlan:
+        n = req.n or 1
+        best_of = req.best_of or n
+        prompts = [self._truncated(req, p) for p in prompts]
+        grammar = grammar_of(req, tools.grammar() if tools else None)
+        # Ranking best_of candidates needs each token's logprob: asked of the workers even when not shown.
+        wire_logprobs = logprobs if logprobs is not None or best_of == n else 0
+        rid = f"{prefix}-{uuid.uuid4().hex}"
+        jobs: list[GenerationJob] = []
+        for p, ids in enumerate(prompts):
+            params = sampling_params(req, self.tokenizer, self._max_tokens(len(ids), max_tokens), wire_logprobs,
+                                     grammar)
+            jobs += self._choices(rid if len(prompts) * best_of == 1 else f"{rid}-{p}", ids, params, best_of,
+                                  arrival, text_options(req, params), p * best_of)
+        return RequestPlan(rid, jobs, prompts, n, best_of, echo, logprobs, tools, bool(req.stream),
+                           req.include_usage, req.continuous_usage)
+
+    @staticmethod
+    def _choices(base: str, ids: list[int], params: SamplingParams, count: int, arrival: float, text: TextOptions,
+                 first_index: int) -> list[GenerationJob]:
+        leader = GenerationJob(base if count == 1 else f"{base}-0", ids, params, arrival, index=first_index,
+                               text=text)
+        out = [leader]
+        for j in range(1, count):
+            out.append(GenerationJob(f"{base}-{j}", ids, for_choice(params, j, leader.request_id), arrival,
+                                     index=first_index + j, text=text, leader=leader))
+        return out
 
     def _max_tokens(self, prompt_len: int, requested: int | None) -> int:
         if requested is not None and requested < 1:
@@ -97,19 +193,3 @@ class JobBuilder:
         if prompt_len >= limit or (requested is not None and prompt_len + requested > limit):
             raise context_length_error(limit, prompt_len, requested)
         return requested if requested is not None else limit - prompt_len
-
-    def _params(self, req: CompletionRequest | ChatCompletionRequest, max_tokens: int, logprobs: int | None
-                ) -> SamplingParams:
-        stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-        stop_ids = tuple(self._checked_ids(list(req.stop_token_ids or ()), "stop_token_ids"))
-        if req.seed is not None and not -(2**63) <= req.seed < 2**63:
-            raise bad_request("seed must fit in a signed 64-bit integer", param="seed")
-        given = {name: value for name in _PARAM_NAMES
-                 if name not in _DERIVED and (value := getattr(req, name, None)) is not None}
-        try:
-            return SamplingParams(**given, max_tokens=max_tokens, stop_token_ids=stop_ids, stop=stop, logprobs=logprobs)
-        except InvalidRequestError as e:
-            param = next((f for f in _PARAM_NAMES if str(e).startswith(f)), None)
-            if param == "logprobs" and isinstance(req, ChatCompletionRequest):
-                param = "top_logprobs"
-            raise bad_request(str(e), param=param) from None

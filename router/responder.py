@@ -1,7 +1,8 @@
-"""A generation's outputs -> an OpenAI response body, or a server-sent-event stream of chunks.
+"""A request's choices' outputs -> an OpenAI response body, or a server-sent-event stream of chunks.
 
 A stream that fails after it started (its 200 is already sent) ends with `data: {"error": {...}}` and then
-`data: [DONE]`, so clients never wait on a broken stream.
+`data: [DONE]`, so clients never wait on a broken stream. The plain case (one choice, text only, no per-chunk
+usage) renders each chunk from a template (`_fast_chunk`); everything else goes through the pydantic models.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from router.choices import ChoiceResult, best, collect, merged
 from router.errors import APIError
 from router.generation import Output
-from router.job import GenerationJob
+from router.job import GenerationJob, RequestPlan
 from router.logprobs import TokenText, chat_logprobs, completion_logprobs
 from router.protocol import (
     ChatChoice,
@@ -35,12 +37,15 @@ from router.protocol import (
     UsageInfo,
     now,
 )
+from router.tool_stream import ToolCallStream
+from router.tools import parse_output
 
 log = logging.getLogger(__name__)
 
 DONE = "data: [DONE]\n\n"
 encode_string = json.encoder.encode_basestring  # type: ignore[attr-defined]  # str -> its JSON (C, no escaping of non-ASCII)
 CLIENT_GONE = 499  # nginx's status for a client that closed the connection first
+Run = Callable[[GenerationJob], AsyncIterator[Output]]
 
 
 def sse_event(data: dict[str, Any] | str) -> str:
@@ -50,53 +55,61 @@ def sse_event(data: dict[str, Any] | str) -> str:
 class Responder(ABC):
     """Formats one request's outputs; `status` is the outcome once the response is done (for metrics)."""
 
-    def __init__(self, job: GenerationJob, model: str, texts: TokenText, include_usage: bool = False) -> None:
-        self.job = job
+    def __init__(self, plan: RequestPlan, model: str, texts: TokenText) -> None:
+        self.plan = plan
         self.model = model
         self.texts = texts
-        self.include_usage = include_usage
-        self.want_logprobs = job.params.logprobs is not None
+        self.include_usage = plan.include_usage
+        self.want_logprobs = plan.logprobs is not None
         self.created = now()
         self.status = 200
 
-    def usage(self) -> UsageInfo:
-        prompt, completion = len(self.job.prompt_ids), self.job.num_output_tokens
+    def usage(self, jobs: list[GenerationJob] | None = None) -> UsageInfo:
+        """Every prompt once, every choice's tokens (or just these jobs': continuous usage of one choice)."""
+        prompt = self.plan.num_prompt_tokens if jobs is None else sum(len(j.prompt_ids) for j in jobs)
+        completion = sum(j.num_output_tokens for j in (self.plan.jobs if jobs is None else jobs))
         return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
-    async def collect(self, outputs: AsyncIterator[Output]) -> dict[str, Any]:
-        """The whole response body."""
-        async with contextlib.aclosing(outputs):  # type: ignore[type-var]
-            outs = [out async for out in outputs]
-        return self._response(outs).model_dump(mode="json")
+    _rich = False  # chunks carry more than text (tool-call deltas): never the templated path
 
-    async def sse(self, outputs: AsyncIterator[Output], on_end: Callable[[int], None] | None = None
-                  ) -> AsyncIterator[str]:
-        """`data: {chunk}` events ending with `data: [DONE]`; closing this closes (and so aborts) `outputs`.
+    @property
+    def _plain(self) -> bool:
+        """Whether every chunk is text + finish reason of choice 0: the templated path."""
+        return len(self.plan.jobs) == 1 and not self.want_logprobs and not self.plan.continuous_usage \
+            and not self._rich
+
+    async def collect(self, run: Run) -> dict[str, Any]:
+        """The whole response body."""
+        results = best(await collect(self.plan.jobs, run), self.plan.best_of, self.plan.n)
+        return self._response(results).model_dump(mode="json")
+
+    async def sse(self, run: Run, on_end: Callable[[int], None] | None = None) -> AsyncIterator[str]:
+        """`data: {chunk}` events ending with `data: [DONE]`; closing this closes (and so aborts) every choice.
         `on_end(status)` is called once the stream is over, however it ended."""
         try:
             try:
-                async with contextlib.aclosing(outputs):  # type: ignore[type-var]
+                async with contextlib.aclosing(merged(self.plan.jobs, run)) as outputs:  # type: ignore[type-var]
                     for chunk in self._opening():
                         yield self._event(chunk)
-                    fast = self._fast_chunk if not self.want_logprobs else None
-                    async for out in outputs:
+                    fast = self._fast_chunk if self._plain else None
+                    async for job, out in outputs:
                         if fast is not None:  # the per-token path: text only, from a template (see _template)
                             yield fast(out)
                             continue
-                        chunk = self._chunk(out)
+                        chunk = self._chunk(job, out)
                         if chunk is not None:
                             yield self._event(chunk)
                 if self.include_usage:
                     yield self._event(self._usage_chunk())
             except APIError as e:
-                log.warning("%s: stream failed: %s", self.job.request_id, e.message)
+                log.warning("%s: stream failed: %s", self.plan.request_id, e.message)
                 self.status = e.status
                 yield sse_event(e.body())
             except (asyncio.CancelledError, GeneratorExit):
                 self.status = CLIENT_GONE
                 raise
             except Exception:
-                log.exception("%s: stream failed", self.job.request_id)
+                log.exception("%s: stream failed", self.plan.request_id)
                 self.status = 500
                 yield sse_event(APIError(500, "internal router error").body())
             yield DONE
@@ -108,9 +121,12 @@ class Responder(ABC):
         exclude = None if self.include_usage else {"usage"}
         return f"data: {chunk.model_dump_json(exclude=exclude)}\n\n"
 
+    def _chunk_usage(self, job: GenerationJob) -> UsageInfo | None:
+        return self.usage([job]) if self.plan.continuous_usage else None
+
     def _fast_chunk(self, out: Output) -> str:
-        """The event `_event(_chunk(out))` would give for an output without logprobs, with no model built: the
-        template's text slot and finish reason filled in (tests/test_router.py checks both give the same)."""
+        """The event `_event(_chunk(job, out))` would give for an output without logprobs, with no model built:
+        the template's text slot and finish reason filled in (tests/test_router.py checks both give the same)."""
         head, tail = self._template
         finish = "null" if out.finish_reason is None else encode_string(out.finish_reason)
         return f"{head}{self._text_slot(out.text)}{tail[0]}{finish}{tail[1]}"
@@ -119,7 +135,7 @@ class Responder(ABC):
     def _template(self) -> tuple[str, tuple[str, str]]:
         """The chunk's JSON around its text and its finish reason, rendered once per request."""
         marker_text, marker_finish = "\x00TEXT\x00", "\x00FINISH\x00"
-        chunk = self._chunk(Output([], [], marker_text, marker_finish))
+        chunk = self._chunk(self.plan.jobs[0], Output([], [], marker_text, marker_finish))
         assert chunk is not None
         event = self._event(chunk)
         head, rest = event.split(encode_string(marker_text) if self._text_is_string else self._text_marker(marker_text))
@@ -138,48 +154,73 @@ class Responder(ABC):
         return []
 
     @abstractmethod
-    def _chunk(self, out: Output) -> BaseModel | None: ...
+    def _chunk(self, job: GenerationJob, out: Output) -> BaseModel | None: ...
 
     @abstractmethod
     def _usage_chunk(self) -> BaseModel: ...
 
     @abstractmethod
-    def _response(self, outs: list[Output]) -> BaseModel: ...
+    def _response(self, results: list[ChoiceResult]) -> BaseModel: ...
+
+    def _echo(self, job: GenerationJob) -> str:
+        return self.plan.echo[job.index // self.plan.best_of]
+
+    def _index(self, rank: int, job: GenerationJob) -> int:
+        """A returned choice's index: prompt * n + its rank among the prompt's returned choices."""
+        return job.index // self.plan.best_of * self.plan.n + rank % self.plan.n
 
 
 class CompletionResponder(Responder):
-    """`/v1/completions`: object text_completion, legacy logprobs."""
+    """`/v1/completions`: object text_completion, legacy logprobs; echo prepends the prompt."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._offset = 0  # text_offset of the next token
+        self._offsets: dict[int, int] = {}  # per choice: text_offset of its next token
 
-    def _logprobs(self, out: Output) -> CompletionLogprobs | None:
+    def _logprobs(self, job: GenerationJob, out: Output) -> CompletionLogprobs | None:
         if not self.want_logprobs:
             return None
-        lp = completion_logprobs(self.texts, out.token_ids, out.logprobs, self._offset)
-        self._offset += sum(len(t) for t in lp.tokens)
+        offset = self._offsets.get(job.index, 0)
+        lp = completion_logprobs(self.texts, out.token_ids, out.logprobs, offset)
+        self._offsets[job.index] = offset + sum(len(t) for t in lp.tokens)
         return lp
 
-    def _chunk(self, out: Output) -> BaseModel | None:
-        choice = CompletionChoice(text=out.text, logprobs=self._logprobs(out), finish_reason=out.finish_reason)
-        return CompletionResponse(id=self.job.request_id, created=self.created, model=self.model, choices=[choice])
+    def _opening(self) -> list[BaseModel]:
+        return [CompletionResponse(id=self.plan.request_id, created=self.created, model=self.model,
+                                   choices=[CompletionChoice(index=job.index, text=self._echo(job))])
+                for job in self.plan.jobs if self._echo(job)]
+
+    def _chunk(self, job: GenerationJob, out: Output) -> BaseModel | None:
+        choice = CompletionChoice(index=job.index, text=out.text, logprobs=self._logprobs(job, out),
+                                  finish_reason=out.finish_reason)
+        return CompletionResponse(id=self.plan.request_id, created=self.created, model=self.model, choices=[choice],
+                                  usage=self._chunk_usage(job))
 
     def _usage_chunk(self) -> BaseModel:
-        return CompletionResponse(id=self.job.request_id, created=self.created, model=self.model, choices=[],
+        return CompletionResponse(id=self.plan.request_id, created=self.created, model=self.model, choices=[],
                                   usage=self.usage())
 
-    def _response(self, outs: list[Output]) -> BaseModel:
-        merged = _merge(outs)
-        choice = CompletionChoice(text=merged.text, logprobs=self._logprobs(merged), finish_reason=merged.finish_reason)
-        return CompletionResponse(id=self.job.request_id, created=self.created, model=self.model, choices=[choice],
+    def _response(self, results: list[ChoiceResult]) -> BaseModel:
+        choices = []
+        for rank, r in enumerate(results):
+            out = r.merged
+            choices.append(CompletionChoice(index=self._index(rank, r.job), text=self._echo(r.job) + out.text,
+                                            logprobs=self._logprobs(r.job, out), finish_reason=out.finish_reason))
+        return CompletionResponse(id=self.plan.request_id, created=self.created, model=self.model, choices=choices,
                                   usage=self.usage())
 
 
 class ChatResponder(Responder):
-    """`/v1/chat/completions`: a role delta first, then content deltas; logprobs.content per token."""
+    """`/v1/chat/completions`: a role delta first, then content (or tool-call) deltas; logprobs.content per token."""
 
     _text_is_string = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        tools = self.plan.tools
+        self._tool_streams = ({job.index: ToolCallStream(tools) for job in self.plan.jobs}
+                              if tools is not None and tools.parses else {})
+        self._rich = bool(self._tool_streams)
 
     def _text_marker(self, marker: str) -> str:
         return '{"content":' + encode_string(marker) + "}"
@@ -193,30 +234,55 @@ class ChatResponder(Responder):
         return ChatLogprobs(content=chat_logprobs(self.texts, out.token_ids, out.logprobs))
 
     def _opening(self) -> list[BaseModel]:
-        choice = ChatChunkChoice(delta=DeltaMessage(role="assistant", content=""))
-        return [ChatCompletionChunk(id=self.job.request_id, created=self.created, model=self.model, choices=[choice])]
+        choices = [ChatChunkChoice(index=job.index, delta=DeltaMessage(role="assistant", content=self._echo(job)))
+                   for job in self.plan.jobs]
+        return [ChatCompletionChunk(id=self.plan.request_id, created=self.created, model=self.model, choices=[c])
+                for c in choices]
 
-    def _chunk(self, out: Output) -> BaseModel | None:
-        delta = DeltaMessage(content=out.text) if out.text else DeltaMessage()
-        choice = ChatChunkChoice(delta=delta, logprobs=self._logprobs(out), finish_reason=out.finish_reason)
-        return ChatCompletionChunk(id=self.job.request_id, created=self.created, model=self.model, choices=[choice])
+    def _chunk(self, job: GenerationJob, out: Output) -> BaseModel | None:
+        finish, tools = out.finish_reason, self._tool_streams.get(job.index)
+        if tools is None:
+            delta = DeltaMessage(content=out.text) if out.text else DeltaMessage()
+        else:
+            content, calls = tools.push(out.text)
+            if finish is not None:
+                more, last = tools.finish()
+                content, calls = content + more, calls + last
+                finish = self._finish_reason(finish, tools.num_calls)
+            delta = DeltaMessage(content=content or None, tool_calls=calls or None)
+            if not (content or calls or finish or out.logprobs):
+                return None
+        choice = ChatChunkChoice(index=job.index, delta=delta, logprobs=self._logprobs(out), finish_reason=finish)
+        return ChatCompletionChunk(id=self.plan.request_id, created=self.created, model=self.model, choices=[choice],
+                                   usage=self._chunk_usage(job))
+
+    def _finish_reason(self, finish: str, num_calls: int) -> str:
+        """tool_calls when the model called tools by its own choice (auto) or was made to (required); a named
+        tool_choice keeps stop, as OpenAI does."""
+        tools = self.plan.tools
+        return "tool_calls" if num_calls and tools is not None and tools.mode in ("auto", "required") else finish
 
     def _usage_chunk(self) -> BaseModel:
-        return ChatCompletionChunk(id=self.job.request_id, created=self.created, model=self.model, choices=[],
+        return ChatCompletionChunk(id=self.plan.request_id, created=self.created, model=self.model, choices=[],
                                    usage=self.usage())
 
-    def _response(self, outs: list[Output]) -> BaseModel:
-        merged = _merge(outs)
-        choice = ChatChoice(message=ChatResponseMessage(content=merged.text), logprobs=self._logprobs(merged),
-                            finish_reason=merged.finish_reason)
-        return ChatCompletionResponse(id=self.job.request_id, created=self.created, model=self.model,
-                                      choices=[choice], usage=self.usage())
+    def _message(self, job: GenerationJob, out: Output) -> tuple[ChatResponseMessage, str | None]:
+        tools, finish = self.plan.tools, out.finish_reason
+        if tools is None or not tools.parses:
+            return ChatResponseMessage(content=self._echo(job) + out.text), finish
+        content, calls = parse_output(out.text, tools)
+        if finish is not None:
+            finish = self._finish_reason(finish, len(calls))
+        echo = self._echo(job)
+        return ChatResponseMessage(content=echo + content if content is not None else echo or None,
+                                   tool_calls=calls), finish
 
-
-def _merge(outs: list[Output]) -> Output:
-    return Output(
-        token_ids=[t for o in outs for t in o.token_ids],
-        logprobs=[lp for o in outs for lp in o.logprobs],
-        text="".join(o.text for o in outs),
-        finish_reason=outs[-1].finish_reason if outs else None,
-    )
+    def _response(self, results: list[ChoiceResult]) -> BaseModel:
+        choices = []
+        for rank, r in enumerate(results):
+            out = r.merged
+            message, finish = self._message(r.job, out)
+            choices.append(ChatChoice(index=self._index(rank, r.job), message=message, logprobs=self._logprobs(out),
+                                      finish_reason=finish))
+        return ChatCompletionResponse(id=self.plan.request_id, created=self.created, model=self.model,
+                                      choices=choices, usage=self.usage())

@@ -399,14 +399,16 @@ BAD_REQUESTS = [
     ("empty messages", "/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
     ("wrong type", "/v1/chat/completions", _chat(temperature="hot"), 400, "temperature"),
     ("bad role", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "x", "content": "hi"}]}, 400, None),
-    ("unknown field", "/v1/chat/completions", _chat(frobnicate=1), 400, "frobnicate"),
+    ("wrong type inside", "/v1/chat/completions", _chat(stream_options={"include_usage": "yes"}), 400,
+     "stream_options.include_usage"),
     ("max_tokens 0", "/v1/chat/completions", _chat(max_tokens=0), 400, "max_tokens"),
     ("bad sampling", "/v1/chat/completions", _chat(top_p=0), 400, "top_p"),
-    ("n=2", "/v1/chat/completions", _chat(n=2), 400, "n"),
+    ("n above router.max_n", "/v1/chat/completions", _chat(n=17), 400, "n"),
+    ("n=0", "/v1/chat/completions", _chat(n=0), 400, "n"),
     ("unknown model", "/v1/chat/completions", {**_chat(), "model": "gpt-9"}, 404, "model"),
     ("max_tokens beyond context", "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 1000}, 400, None),
     ("prompt too long", "/v1/completions", {"model": MODEL, "prompt": [5] * 300, "max_tokens": 1}, 400, None),
-    ("two prompts", "/v1/completions", {"model": MODEL, "prompt": ["a", "b"]}, 400, "prompt"),
+    ("an empty prompt among several", "/v1/completions", {"model": MODEL, "prompt": ["a", ""]}, 400, "prompt"),
     ("bad token id", "/v1/completions", {"model": MODEL, "prompt": [10**9]}, 400, "prompt"),
 ]
 
@@ -624,15 +626,17 @@ def test_templated_chunks_equal_the_models_they_stand_for(include_usage: bool) -
     every finish reason."""
     from engine.request import SamplingParams
     from router.generation import Output
-    from router.job import GenerationJob
+    from router.job import GenerationJob, RequestPlan
     from router.responder import ChatResponder, CompletionResponder
 
     job = GenerationJob("cmpl-t", [1, 2], SamplingParams(), 0.0)
+    plan = RequestPlan("cmpl-t", [job], [[1, 2]], 1, 1, [""], None, stream=True, include_usage=include_usage)
     outs = [Output([1], [], 'a "q" \\ é ✓\n', None), Output([], [], "", "stop"), Output([2], [], "x", "length")]
     for cls in (CompletionResponder, ChatResponder):
-        r = cls(job, "model/with\"quote", None, include_usage=include_usage)  # type: ignore[arg-type]
+        r = cls(plan, "model/with\"quote", None)  # type: ignore[arg-type]
+        assert r._plain
         for out in outs:
-            chunk = r._chunk(out)
+            chunk = r._chunk(job, out)
             assert chunk is not None and r._fast_chunk(out) == r._event(chunk)
 
 
