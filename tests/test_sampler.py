@@ -381,3 +381,53 @@ def test_sampled_token_is_allowed(data, vocab, temperature, top_k, top_p, min_p,
     kept = np.isfinite(process_logits(logits, [req]).numpy()[0])
     assert loose[token] and kept[token]
     assert not (kept & ~loose).any() and not (tight & ~kept).any()
+
+
+# ---------------------------------------------------------------- vLLM's request rules (engine/logits_processors.py)
+
+
+def test_allowed_token_ids_restrict_the_choice_and_keep_raw_logprobs() -> None:
+    logits = rand_logits(2, 16, seed=7)
+    reqs = [make_req(temperature=0, allowed_token_ids=(3, 9), logprobs=2), make_req(rid="b", temperature=0)]
+    res = Sampler().sample(logits, reqs)
+    assert res[0].token_id == (3 if logits[0, 3] > logits[0, 9] else 9)
+    assert res[1].token_id == int(logits[1].argmax())  # the other row is untouched
+    raw = logits[0].log_softmax(-1)
+    assert res[0].logprob == pytest.approx(float(raw[res[0].token_id]))  # logprobs before the rules, as vLLM
+
+
+def test_logit_bias_is_added_before_the_argmax() -> None:
+    logits = torch.zeros(1, 8)
+    logits[0, 2] = 1.0
+    assert Sampler().sample(logits, [make_req(temperature=0, logit_bias={5: 2.0})])[0].token_id == 5
+    assert Sampler().sample(logits, [make_req(temperature=0, logit_bias={2: -100})])[0].token_id != 2
+
+
+def test_min_tokens_bans_eos_and_stop_tokens_until_reached() -> None:
+    logits = torch.zeros(1, 8)
+    logits[0, 2], logits[0, 4], logits[0, 6] = 5.0, 4.0, 3.0  # eos 2 and stop token 4 lead
+    sampler = Sampler(eos_token_ids=(2,))
+    early = make_req(output=(7,), temperature=0, min_tokens=3, stop_token_ids=(4,))
+    assert sampler.sample(logits, [early])[0].token_id == 6
+    # a step launched one token ahead counts that token: output index 2 is still banned, index 3 is not
+    assert int(sampler.sample_async(logits, [early], ahead=1).results()[0].token_id) == 6
+    assert sampler.sample(logits, [make_req(output=(7, 7, 7), temperature=0, min_tokens=3)])[0].token_id == 2
+
+
+def test_bad_words_ban_the_last_token_after_their_prefix() -> None:
+    logits = torch.zeros(1, 8)
+    logits[0, 3], logits[0, 5] = 2.0, 1.0
+    one = make_req(temperature=0, bad_words_ids=((3,),))
+    assert Sampler().sample(logits, [one])[0].token_id == 5
+    after = make_req(output=(1, 6), temperature=0, bad_words_ids=((6, 3),))
+    before = make_req(output=(6, 1), temperature=0, bad_words_ids=((6, 3),))
+    assert [r.token_id for r in Sampler().sample(logits.repeat(2, 1), [after, before])] == [5, 3]
+
+
+def test_rules_apply_to_sampled_rows_too() -> None:
+    logits = rand_logits(1, 32, seed=3)
+    req = make_req(temperature=1.0, seed=5, allowed_token_ids=(1, 2, 30))
+    assert all(Sampler().sample(logits, [make_req(temperature=1.0, seed=s, allowed_token_ids=(1, 2, 30))])[0].token_id
+               in (1, 2, 30) for s in range(20))
+    processed = process_logits(logits, [req])
+    assert torch.isinf(processed[0, [0, 3, 29, 31]]).all() and torch.isfinite(processed[0, [1, 2, 30]]).all()
