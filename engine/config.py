@@ -243,6 +243,24 @@ class SpeculativeConfig:
         return self.method is not None
 
 
+PARALLEL_BACKENDS = ("auto", "nccl", "gloo")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How the ranks of a tensor-parallel engine talk (their number is EngineConfig.tensor_parallel_size)."""
+
+    backend: str = "auto"  # collectives: auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    collective_timeout_s: float = 120.0  # a rank waiting this long in a collective (or for a reply) fails the step
+    start_timeout_s: float = 900.0  # the other ranks must have started and loaded their shards within this
+
+    def __post_init__(self) -> None:
+        _check(self.backend in PARALLEL_BACKENDS, f"parallel.backend must be one of {PARALLEL_BACKENDS}, "
+               f"got {self.backend!r}")
+        _check(self.collective_timeout_s > 0, "parallel.collective_timeout_s must be positive")
+        _check(self.start_timeout_s > 0, "parallel.start_timeout_s must be positive")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything one engine instance needs."""
@@ -261,6 +279,8 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)  # KV cache settings
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)  # batching settings
     speculative: SpeculativeConfig | None = None  # speculative decoding; None (or method None) turns it off
+    tensor_parallel_size: int = 1  # ranks (one process, one device each) the model is split across (docs/parallel.md)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # how those ranks talk
 
     def __post_init__(self) -> None:
         _check(self.load_format in ("auto", "hf", "gguf", "dummy"), f"unknown load_format {self.load_format!r}")
@@ -268,6 +288,8 @@ class EngineConfig:
         _check(self.attention_backend in ("auto", "torch", "triton"), f"unknown attention_backend {self.attention_backend!r}")
         _check(self.load_format != "dummy" or self.dummy_model is not None, "load_format dummy needs dummy_model")
         _check(self.max_model_len is None or self.max_model_len > 0, "max_model_len must be positive")
+        _check(isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1,
+               f"tensor_parallel_size must be a positive int, got {self.tensor_parallel_size!r}")
         _check(self.overlap_steps is None or isinstance(self.overlap_steps, bool),
                f"overlap_steps must be true, false or null, got {self.overlap_steps!r}")
 

@@ -3,8 +3,9 @@
 `LLMEngine`'s public methods are the whole API the workers use (tests/test_seams.py checks that nothing outside
 engine/ reaches past them): requests (`make_request`, `add`, `add_request`, `abort`), stepping (`step`,
 `check_deadlines`), remote KV (`receive_kv`, `kv_received`, `kv_failed`, `lease`, `release_lease`; see
-engine/remote_kv.py for who owns which block when), and what the engine reports (`stats`, `load`,
-`drain_kv_events`, `kv_cache`, `cached_prefix_tokens`).
+engine/remote_kv.py for who owns which block when), what the engine reports (`stats`, `load`,
+`drain_kv_events`, `kv_cache`, `cached_prefix_tokens`), and its tensor-parallel ranks (`kv_layout`, `run_on_ranks`,
+`close`; docs/parallel.md).
 """
 
 from __future__ import annotations
@@ -12,18 +13,20 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from engine.block_pool import KVEvent
 from engine.config import EngineConfig, ModelConfig, SpeculativeConfig
-from engine.fork import PromptForks, copy_blocks
+from engine.fork import PromptForks
 from engine.grammar import GrammarCompiler, model_tokenizer, trim_drafts
 from engine.kv_cache_manager import KVCacheManager, cdiv
 from engine.lookahead import Lookahead
 from engine.model_runner import DTYPES, ModelRunner, num_kv_blocks
+from engine.parallel.kv_heads import KVHeadLayout
 from engine.remote_kv import KVLease, KVReservation, RemoteKV
 from engine.request import FinishReason, InvalidRequestError, Request, RequestStatus, SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
@@ -52,7 +55,7 @@ class LLMEngine:
         self.config = config
         self.device = torch.device(config.device)
         probe = _probe_model_config(config)
-        num_blocks = num_kv_blocks(probe, config.cache, DTYPES[config.dtype])
+        num_blocks = num_kv_blocks(probe, config.cache, DTYPES[config.dtype], config.tensor_parallel_size)
         self.max_model_len = min(config.max_model_len or probe.max_position_embeddings, probe.max_position_embeddings)
         self._runner = ModelRunner(config, self.device, num_blocks, self.max_model_len)
         self.model_config: ModelConfig = self._runner.model_config
@@ -66,8 +69,7 @@ class LLMEngine:
         self._grammars = GrammarCompiler(lambda: model_tokenizer(config.model, config.load_format),
                                          self.model_config.vocab_size, eos)
         # n > 1: a choice naming a sibling in params.fork_from shares its prompt's KV (engine/fork.py).
-        self._scheduler.forks = PromptForks(self._kv, self._requests.get,
-                                            lambda pairs: copy_blocks(self._runner.kv_cache, pairs))
+        self._scheduler.forks = PromptForks(self._kv, self._requests.get, self._runner.copy_blocks)  # every rank's
         self.stats = EngineStats()
         self._remote = RemoteKV(self._kv, self._scheduler, self.model_config.num_layers, self.stats)
         overlap = config.overlap_steps if config.overlap_steps is not None else self.device.type == "cuda"
@@ -89,8 +91,23 @@ class LLMEngine:
     @property
     def kv_cache(self) -> torch.Tensor:
         """The paged KV cache, [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim] (transfer agents
-        register it; docs/architecture.md "KV cache layout")."""
+        register it; docs/architecture.md "KV cache layout"). Under tensor parallelism: rank 0's shard, its KV heads
+        only (`kv_layout()`; every rank's shard through `run_on_ranks`)."""
         return self._runner.kv_cache
+
+    def kv_layout(self) -> KVHeadLayout:
+        """Which KV heads each tensor-parallel rank's cache holds (one rank: all): what a KV handshake carries."""
+        return self._runner.layout
+
+    def run_on_ranks(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
+        """fn(RankKV, *args) on every tensor-parallel rank, in its process, with its KV cache shard (a transfer
+        agent per rank registers its shard this way); results in rank order. `fn` and `args` are pickled: a
+        module-level function. Call between steps."""
+        return self._runner.run_on_ranks(fn, *args)
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks' processes (nothing to do with one rank); idempotent."""
+        self._runner.close()
 
     @property
     def num_kv_blocks(self) -> int:
@@ -214,7 +231,8 @@ class LLMEngine:
 
     def check_deadlines(self) -> None:
         """Recompute receipts past their deadline, free leases past theirs. `step()` does it too; an idle
-        worker's loop calls it."""
+        worker's loop calls it. RankFailedError when a tensor-parallel rank has died (the worker goes unhealthy)."""
+        self._runner.check_ranks()
         self._remote.expire()
 
     def cached_prefix_tokens(self, token_ids: Sequence[int]) -> int:

@@ -6,7 +6,9 @@ qwen2moe, qwen3moe, gemma2, gemma3. What llama.cpp's converter changed is undone
 - Gemma's norm weights are stored as 1 + w: w;
 - an MoE layer keeps each projection of all experts in one [E, rows, cols] tensor: one tensor per expert;
 - Llama-3.1 RoPE scaling is a rope_freqs tensor of divisors: RopeScaling.
-Names and shapes of every tensor are checked before the first one is dequantized.
+Names and shapes of every tensor are checked before the first one is dequantized. A tensor-parallel rank gets
+only its slice of each tensor (`shards`): tensors are dequantized one at a time and the slice kept, so a rank's
+memory holds its shard plus one whole tensor at most.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from engine.config import ConfigError, ModelConfig, MoEConfig, RopeScaling
-from engine.loader import WeightLoadError, check_shapes, checked
+from engine.loader import Shards, WeightLoadError, check_shapes, checked
 
 FAMILIES = {"llama": "llama", "qwen2": "llama", "qwen3": "qwen3", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe",
             "gemma2": "gemma2", "gemma3": "gemma3"}
@@ -244,8 +246,10 @@ def _dequantizable(qtype: gguf.GGMLQuantizationType) -> bool:
     return traits is None or qtype in traits or qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
 
 
-def gguf_weights(path: str, config: ModelConfig, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """(checkpoint name, CPU tensor in `dtype`) for every weight, each GGUF tensor dequantized once."""
+def gguf_weights(path: str, config: ModelConfig, dtype: torch.dtype, shards: Shards | None = None
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(checkpoint name, CPU tensor in `dtype`) for every weight (its slice where `shards` names one), each GGUF
+    tensor dequantized once."""
     reader = open_gguf(path)
     found: dict[str, tuple[str, tuple[int, ...]]] = {}
     plan: list[tuple[gguf.ReaderTensor, list[tuple[str, int | None]]]] = []
@@ -262,7 +266,7 @@ def gguf_weights(path: str, config: ModelConfig, dtype: torch.dtype) -> Iterator
             found[name] = (f"{path} [{t.name}]", _hf_shape(name, shape[1:] if e is not None else shape))
         plan.append((t, names))
     check_shapes(found, config, path)
-    return _stream(path, plan, config, dtype, permuted=_architecture(reader, path) == "llama")
+    return _stream(path, plan, config, dtype, _architecture(reader, path) == "llama", shards or {})
 
 
 def _hf_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -271,8 +275,9 @@ def _hf_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _stream(path: str, plan: list[tuple[gguf.ReaderTensor, list[tuple[str, int | None]]]], config: ModelConfig,
-            dtype: torch.dtype, permuted: bool) -> Iterator[tuple[str, torch.Tensor]]:
-    """permuted: Q/K rows in llama.cpp's interleaved order (the llama architecture, Mixtral included)."""
+            dtype: torch.dtype, permuted: bool, shards: Shards) -> Iterator[tuple[str, torch.Tensor]]:
+    """permuted: Q/K rows in llama.cpp's interleaved order (the llama architecture, Mixtral included). The whole
+    tensor is dequantized (and unpermuted) first: a shard is then a plain slice of the checkpoint tensor."""
     gemma = config.architecture.startswith("gemma")
     for t, names in tqdm(plan, desc="Loading weights", unit="tensor"):
         w = _dequantize(path, t)
@@ -284,7 +289,9 @@ def _stream(path: str, plan: list[tuple[gguf.ReaderTensor, list[tuple[str, int |
             w = w - 1
         for name, e in names:
             x = w if e is None else w[e]
-            yield name, x.reshape(_hf_shape(name, tuple(x.shape))).to(dtype)
+            x = x.reshape(_hf_shape(name, tuple(x.shape)))
+            shard = shards.get(name)
+            yield name, (x if shard is None else shard.take(x)).to(dtype)
 
 
 def _dequantize(path: str, t: gguf.ReaderTensor) -> torch.Tensor:

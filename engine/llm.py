@@ -55,9 +55,13 @@ class LLM:
     def __init__(self, model: str = "smollm2", *, load_format: str = "auto", dtype: str = "float32",
                  device: str = "cpu", max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  block_size: int = 16, num_blocks: int | None = None, kv_cache_memory: int = 512 * 2**20,
-                 max_model_len: int | None = None, seed: int = 0, **kwargs: Any) -> None:
+                 max_model_len: int | None = None, seed: int = 0, tensor_parallel_size: int = 1,
+                 **kwargs: Any) -> None:
+        """`tensor_parallel_size` N > 1 splits the model over N ranks: this process and N - 1 it starts (on GPUs
+        0..N-1 from `device`, or the CPU); `close()` stops them."""
         self.config = EngineConfig(
             model=model, load_format=load_format, dtype=dtype, device=device, max_model_len=max_model_len, seed=seed,
+            tensor_parallel_size=tensor_parallel_size,
             cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, memory_budget_bytes=kv_cache_memory),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
             **kwargs,
@@ -66,6 +70,16 @@ class LLM:
         fmt, path = resolve_source(model, load_format)
         self.tokenizer: Tokenizer | None = Tokenizer.from_model_path(path) if fmt != "dummy" else None
         self._ids = itertools.count()
+
+    def close(self) -> None:
+        """Stop the engine's other tensor-parallel ranks (nothing to stop with one)."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def chat(self, conversations: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
              use_tqdm: bool = False) -> list[RequestOutput]:

@@ -5,7 +5,8 @@ a Hugging Face safetensors folder (config.json + *.safetensors, sharded with mod
 or random "dummy" weights for a given `ModelConfig`. Names and shapes of every tensor are checked against the
 family's checkpoint layout (engine/models/registry.py) before the first tensor is read: an unsupported
 architecture, a missing, unexpected or misshapen tensor is a WeightLoadError naming the file and the tensor, and
-nothing is loaded.
+nothing is loaded. A tensor-parallel rank passes `shards` (checkpoint name -> the slice it holds) and gets only
+those slices: safetensors reads just their bytes, GGUF dequantizes one tensor at a time and keeps the slice.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import torch
@@ -22,11 +23,13 @@ from tqdm import tqdm
 
 from engine.config import ConfigError, ModelConfig
 from engine.models import registry
+from engine.models.checkpoint import Shard
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _HF_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _T = TypeVar("_T")
 Shapes = dict[str, tuple[int, ...]]
+Shards = Mapping[str, Shard]  # checkpoint name -> the slice a tensor-parallel rank holds (absent: all of it)
 
 
 class WeightLoadError(RuntimeError):
@@ -122,14 +125,16 @@ def check_shapes(found: dict[str, tuple[str, tuple[int, ...]]], config: ModelCon
     return list(expected)
 
 
-def iter_weights(fmt: str, path: str, config: ModelConfig, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, CPU tensor in `dtype`) for every weight; names and shapes are validated before the first one."""
+def iter_weights(fmt: str, path: str, config: ModelConfig, dtype: torch.dtype, shards: Shards | None = None
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, CPU tensor in `dtype`) for every weight, only its slice where `shards` names one; names and
+    (whole) shapes are validated before the first one."""
     if fmt == "hf":
-        return _hf_weights(path, config, dtype)
+        return _hf_weights(path, config, dtype, shards or {})
     if fmt == "gguf":
         from engine.gguf_loader import gguf_weights  # imports this module
 
-        return gguf_weights(path, config, dtype)
+        return gguf_weights(path, config, dtype, shards)
     raise WeightLoadError(f"{path}: cannot load weights of format {fmt!r} (dummy weights come from dummy_weights)")
 
 
@@ -155,7 +160,8 @@ def _open_safetensors(file: str) -> Any:
         raise WeightLoadError(f"{file}: corrupt or unreadable safetensors file ({e})") from e
 
 
-def _hf_weights(folder: str, config: ModelConfig, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def _hf_weights(folder: str, config: ModelConfig, dtype: torch.dtype, shards: Shards
+                ) -> Iterator[tuple[str, torch.Tensor]]:
     found: dict[str, tuple[str, tuple[int, ...]]] = {}
     for file in _hf_files(folder):
         with _open_safetensors(file) as f:
@@ -166,10 +172,11 @@ def _hf_weights(folder: str, config: ModelConfig, dtype: torch.dtype) -> Iterato
                     raise WeightLoadError(f"{file}: tensor {name} also stored in {found[name][0]}")
                 found[name] = (file, tuple(f.get_slice(name).get_shape()))
     order = check_shapes(found, config, folder)
-    return _hf_stream({name: found[name] for name in order}, dtype)
+    return _hf_stream({name: found[name] for name in order}, dtype, shards)
 
 
-def _hf_stream(found: dict[str, tuple[str, tuple[int, ...]]], dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def _hf_stream(found: dict[str, tuple[str, tuple[int, ...]]], dtype: torch.dtype, shards: Shards
+               ) -> Iterator[tuple[str, torch.Tensor]]:
     by_file: dict[str, list[str]] = {}
     for name, (file, _) in found.items():
         by_file.setdefault(file, []).append(name)
@@ -178,7 +185,8 @@ def _hf_stream(found: dict[str, tuple[str, tuple[int, ...]]], dtype: torch.dtype
             with _open_safetensors(file) as f:
                 for name in names:
                     try:
-                        tensor = f.get_tensor(name)
+                        shard = shards.get(name)
+                        tensor = f.get_tensor(name) if shard is None else f.get_slice(name)[shard.index()]
                     except Exception as e:
                         raise WeightLoadError(f"{file}: cannot read tensor {name} ({e})") from e
                     yield name, tensor.to(dtype)
@@ -186,10 +194,12 @@ def _hf_stream(found: dict[str, tuple[str, tuple[int, ...]]], dtype: torch.dtype
 
 
 def dummy_weights(
-    config: ModelConfig, dtype: torch.dtype, seed: int = 0, device: str | torch.device = "cpu"
+    config: ModelConfig, dtype: torch.dtype, seed: int = 0, device: str | torch.device = "cpu",
+    shards: Shards | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Random weights for any `config` (normal, std 0.02; RMSNorm weights 1), deterministic by seed and device,
-    generated directly in `dtype` on `device`."""
+    generated directly in `dtype` on `device`. Every tensor is drawn whole, so a rank's slice (`shards`) equals
+    that slice of one rank's weights."""
     gen = torch.Generator(device=device).manual_seed(seed)
     for name, shape in expected_shapes(config).items():
         t = torch.empty(shape, dtype=dtype, device=device)
@@ -197,4 +207,5 @@ def dummy_weights(
             t.fill_(1.0)
         else:
             t.normal_(0.0, 0.02, generator=gen)
-        yield name, t
+        shard = (shards or {}).get(name)
+        yield name, t if shard is None else shard.take(t)

@@ -1,38 +1,39 @@
 """SchedulerOutput -> flat tensors -> model -> sampler.
 
-The runner owns the weights, the KV cache tensor and the attention backend.
-Everything it needs about a step comes from the `SchedulerOutput` and the
-KV cache manager's block tables; it keeps no per-request state.
+The runner owns the model shard (weights, KV cache tensor, attention backend, CUDA graphs: engine/model_shard.py)
+and the sampler. Everything it needs about a step comes from the `SchedulerOutput` and the KV cache manager's
+block tables; it keeps no per-request state.
 
 With speculative decoding a request's new tokens end with its draft tokens
 (`request.spec_token_ids`); the runner then takes logits at its last known
 position and at every draft position, and the rejection sampler turns them
 into the accepted drafts plus one token of the target's.
+
+Under tensor parallelism (engine.tensor_parallel_size > 1, docs/parallel.md) the runner is rank 0: it starts the
+other ranks (engine/parallel/ranks.py), sends each of them every forward it runs (one step message), runs its own
+shard, and samples from the logits gathered from all ranks. Nothing else about a step changes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from engine.attention.base import get_attention_backend
-from engine.batch import BatchSeq, build_batch
-from engine.config import CacheConfig, EngineConfig, ModelConfig
-from engine.cuda_graph import CUDAGraphRunner
+from engine.batch import BatchSeq
+from engine.config import EngineConfig
 from engine.kv_cache_manager import KVCacheManager
-from engine.loader import (
-    WeightLoadError,
-    dummy_weights,
-    iter_weights,
-    load_model_config,
-    resolve_source,
-)
-from engine.models import registry
-from engine.models.causal_lm import CausalLM
-from engine.models.layers import RotaryEmbedding
+from engine.model_shard import DTYPES, ModelShard, kv_bytes_per_block, load_model, model_config_of, num_kv_blocks
+from engine.models.parallel import check_divisible
+from engine.parallel import step as msg
+from engine.parallel.group import SINGLE
+from engine.parallel.kv_heads import RankKV, kv_layout
+from engine.parallel.ranks import RankProcesses, run_everywhere
+from engine.parallel.step import StepTables
 from engine.request import Request
 from engine.sampler import DeviceSamples, Sampler, SampleResult, row_tensor
 from engine.scheduler import SchedulerOutput
@@ -40,60 +41,7 @@ from engine.spec_decode.rejection_sampler import rejection_sample
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def load_model(config: EngineConfig, device: torch.device) -> CausalLM:
-    """Build the model on the meta device, then stream weights into freshly allocated storage. Names and shapes
-    are checked before the first tensor is read, and a model is returned only once every tensor is in place."""
-    fmt, path = resolve_source(config.model, config.load_format)
-    dtype = DTYPES[config.dtype]
-    if fmt == "dummy":
-        assert config.dummy_model is not None
-        model_config = config.dummy_model
-        weights: Iterable[tuple[str, torch.Tensor]] = dummy_weights(model_config, dtype, config.seed, device=device)
-    else:
-        model_config = load_model_config(fmt, path)
-        weights = iter_weights(fmt, path, model_config, dtype)
-    with torch.device("meta"):
-        model = registry.build(model_config)
-    model = model.to(dtype).to_empty(device=device)
-    _copy_weights(model, weights, source=path)
-    for module in model.modules():
-        if isinstance(module, RotaryEmbedding):
-            module.build_cache(device)
-    return model.eval()
-
-
-def _copy_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
-    """Copy checkpoint tensors (Hugging Face names) into the model, each into its slice of a stacked parameter
-    (q/k/v, gate/up, experts) where the family stacks it."""
-    layout, params = registry.layout(model.config), dict(model.named_parameters())
-    filled: set[str] = set()
-    for name, tensor in weights:
-        slot = layout.get(name)
-        if slot is None:
-            raise WeightLoadError(f"{source}: unexpected tensor {name!r}")
-        dest = params[slot.param][slot.index]
-        if tuple(tensor.shape) != tuple(dest.shape):
-            raise WeightLoadError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                                  f"expected {tuple(dest.shape)}")
-        with torch.no_grad():
-            dest.copy_(tensor)
-        filled.add(name)
-    missing = [n for n in layout if n not in filled]
-    if missing:
-        raise WeightLoadError(f"{source}: missing tensor(s) {', '.join(missing[:5])}")
-
-
-def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
-
-
-def num_kv_blocks(cfg: ModelConfig, cache: CacheConfig, dtype: torch.dtype) -> int:
-    if cache.num_blocks is not None:
-        return cache.num_blocks
-    return max(1, cache.memory_budget_bytes // kv_bytes_per_block(cfg, cache.block_size, dtype))
+__all__ = ["DTYPES", "LaunchedStep", "ModelRunner", "kv_bytes_per_block", "load_model", "num_kv_blocks"]
 
 
 @dataclass
@@ -136,29 +84,69 @@ class ModelRunner:
 
     def __init__(self, config: EngineConfig, device: torch.device, num_blocks: int, max_model_len: int) -> None:
         self.device = device
-        self.model = load_model(config, device)
-        self.model_config: ModelConfig = self.model.config
-        cfg, dtype = self.model_config, DTYPES[config.dtype]
-        self.kv_cache = torch.zeros(
-            num_blocks, cfg.num_layers, 2, config.cache.block_size, cfg.num_kv_heads, cfg.head_dim,
-            dtype=dtype, device=device,
-        )
-        self.attn = get_attention_backend(config.attention_backend, device)
-        self.sampler = Sampler(config.seed)
-        self.graphs: CUDAGraphRunner | None = None
-        if device.type == "cuda" and not config.enforce_eager and self.attn.name == "triton":
-            self.graphs = CUDAGraphRunner(self.model, self.kv_cache, self.attn, config.cuda_graph_max_batch,
-                                          max_model_len, config.cache.block_size)
+        dtype = DTYPES[config.dtype]
+        self.ranks: RankProcesses | None = None
+        if config.tensor_parallel_size > 1:
+            check_divisible(model_config_of(config), config.tensor_parallel_size)  # before starting any rank
+            self.ranks = RankProcesses(config, device, num_blocks, max_model_len)
+        try:
+            self.shard = ModelShard(config, device, num_blocks, max_model_len, self.ranks.group if self.ranks else SINGLE)
+            if self.ranks is not None:
+                self.ranks.wait_ready()
             spec = config.speculative
-            self.graphs.capture(verify_q=1 + spec.num_speculative_tokens if spec else 0)
-        log.info("model %s: %d layers, KV cache %d blocks x %d tokens (%.1f MiB), attention=%s",
+            self._capture(1 + spec.num_speculative_tokens if spec else 0)
+        except BaseException:
+            self.close()
+            raise
+        self.model, self.kv_cache, self.attn, self.graphs = (self.shard.model, self.shard.kv_cache, self.shard.attn,
+                                                             self.shard.graphs)
+        cfg = self.model_config = self.shard.model_config
+        self.layout = kv_layout(config, cfg, num_blocks)
+        self._rank0 = RankKV(0, self.layout, self.kv_cache)
+        self.sampler = Sampler(config.seed)
+        log.info("model %s: %d layers, KV cache %d blocks x %d tokens (%.1f MiB per rank), attention=%s, %d rank(s)",
                  config.model, cfg.num_layers, num_blocks, config.cache.block_size,
-                 self.kv_cache.numel() * dtype.itemsize / 2**20, self.attn.name)
+                 self.kv_cache.numel() * dtype.itemsize / 2**20, self.attn.name, config.tensor_parallel_size)
 
     def prepare_speculation(self, num_speculative_tokens: int) -> None:
         """Capture verification graphs for 1 + k tokens per request (decode graphs exist already)."""
         if self.graphs is not None and num_speculative_tokens:
-            self.graphs.capture(verify_q=1 + num_speculative_tokens)
+            self._capture(1 + num_speculative_tokens)
+
+    def _capture(self, verify_q: int) -> None:
+        if self.shard.graphs is None:
+            return
+        with self._together():
+            if self.ranks is not None:
+                self.ranks.send_control(msg.CAPTURE, verify_q)
+            self.shard.capture(verify_q)
+
+    # ---- tensor parallelism: what the engine exposes ---------------------------------------------------------
+    def run_on_ranks(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
+        """fn(RankKV, *args) on every rank (rank 0 here, the others in their processes), results in rank order."""
+        if self.ranks is None:
+            return [fn(self._rank0, *args)]
+        return run_everywhere(self.ranks, fn, args, lambda: fn(self._rank0, *args))
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy whole KV blocks src -> dst on every rank."""
+        with self._together():
+            if self.ranks is not None and pairs:
+                self.ranks.send_control(msg.COPY, list(pairs))
+            self.shard.copy_blocks(pairs)
+
+    def check_ranks(self) -> None:
+        """RankFailedError if a rank of a tensor-parallel engine has died (nothing to check on one rank)."""
+        if self.ranks is not None:
+            self.ranks.check()
+
+    def close(self) -> None:
+        """Stop the other ranks (idempotent)."""
+        if self.ranks is not None:
+            self.ranks.close()
+
+    def _together(self) -> contextlib.AbstractContextManager[None]:
+        return self.ranks.step_guard() if self.ranks is not None else contextlib.nullcontext()
 
     @torch.inference_mode()
     def launch(self, out: SchedulerOutput, kv: KVCacheManager,
@@ -203,22 +191,25 @@ class ModelRunner:
         rows, ahead = list(range(len(seqs))), [1] * len(requests) + [0] * len(known)
         return LaunchedStep(rows, self.sampler.sample_async(logits, [*requests, *known], ahead=ahead))
 
-    def _logits(self, seqs: list[BatchSeq], kv: KVCacheManager, input_ids: torch.Tensor | None = None
-                ) -> torch.Tensor | None:
+    def draft_logits(self, seqs: list[BatchSeq], kv: KVCacheManager, num_layers: int) -> torch.Tensor:
+        """Logits of the first `num_layers` layers (+ final norm + LM head) where the sequences want them, writing
+        those layers' KV: the self-speculation draft (engine/spec_decode/self_draft.py), on every rank."""
+        logits = self._logits(seqs, kv, num_layers=num_layers)
+        assert logits is not None, "a draft pass wants logits"
+        return logits
+
+    def _logits(self, seqs: list[BatchSeq], kv: KVCacheManager, input_ids: torch.Tensor | None = None,
+                num_layers: int | None = None) -> torch.Tensor | None:
         """Forward the batch (a CUDA graph where one fits); logits where sequences want them, None if nowhere.
         `input_ids`, when given, replaces the host token ids of the first len(input_ids) sequences (one token
-        each) on the device."""
-        if self.graphs is not None:
-            q = self.graphs.query_len([len(s.token_ids) for s in seqs], [s.num_logits for s in seqs])
-            if q is not None:  # decode, or decode + drafts: every row samples
-                return self.graphs.run(seqs, kv, q, input_ids)
-        ids, positions, meta, logits_idx = build_batch(seqs, kv, self.device)
-        if input_ids is not None:
-            ids[: input_ids.shape[0]].copy_(input_ids)
-        hidden = self.model(ids, positions, self.kv_cache, meta, self.attn)
-        if not len(logits_idx):
-            return None
-        return self.model.compute_logits(hidden[logits_idx])
+        each) on the device. Under tensor parallelism every rank runs the same forward, told by one message."""
+        q = self.shard.graph_query_len(seqs) if num_layers is None else None
+        if self.ranks is None:
+            return self.shard.logits(seqs, kv, input_ids, q, num_layers)
+        tables = StepTables(kv.table_array.gather([s.request_id for s in seqs]), kv.block_size)
+        with self.ranks.step_guard():
+            self.ranks.send_step(seqs, tables.tables, q, num_layers, input_ids)
+            return self.shard.logits(seqs, tables, input_ids, q, num_layers)
 
     @staticmethod
     def _sequences(out: SchedulerOutput, samples: list[bool]) -> list[BatchSeq]:
@@ -241,3 +232,4 @@ def _token_slice(r: Request, start: int, end: int) -> list[int]:
     if start >= p:
         return r.output_token_ids[start - p : end - p]
     return r.prompt_token_ids[start:] + r.output_token_ids[: end - p]
+

@@ -4,6 +4,8 @@ The forward pass takes a flat batch of new tokens from many sequences (no paddin
 attention metadata that says where each sequence's tokens and cached keys/values are. A decoder layer is called
 as layer(x, rope, kv_cache_of_its_layer, meta, backend, residual) -> (x, residual): the residual add is done
 by the next norm. Parameter names follow the Hugging Face checkpoints (see engine/models/checkpoint.py).
+Under tensor parallelism the embeddings and the LM head hold a rank's share of the vocabulary
+(engine/models/parallel.py): the logits are gathered from every rank.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from torch import nn
 from engine.attention.base import AttentionBackend, AttentionMetadata
 from engine.config import ModelConfig
 from engine.models import ops
+from engine.models.parallel import ParallelLMHead, gather_logits
+from engine.parallel.group import current
 
 
 class DecoderStack(nn.Module):
@@ -40,7 +44,8 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = model
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_word_embeddings else ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
+        self.tp = current()
 
     def forward(
         self,
@@ -49,18 +54,23 @@ class CausalLM(nn.Module):
         kv_cache: torch.Tensor,  # [num_blocks, num_layers, 2, block_size, kv_heads, head_dim]
         meta: AttentionMetadata,
         backend: AttentionBackend,
+        num_layers: int | None = None,  # run only the first layers (a self-speculation draft); None: all
     ) -> torch.Tensor:  # [T, hidden]
         assert input_ids.dim() == 1 and input_ids.shape == positions.shape
         x, residual, rope = self.model.embed_tokens(input_ids), None, self.model.rotary_emb.at(positions)
         for i, layer in enumerate(self.model.layers):
+            if i == num_layers:
+                break
             x, residual = layer(x, rope, kv_cache[:, i], meta, backend, residual)
         return self.model.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Float32 logits [T, vocab] (soft-capped where the family caps them); written into `out` when given
-        (a buffer shared by all CUDA graphs)."""
+        (a buffer shared by all CUDA graphs). Under tensor parallelism every rank calls it (a collective) and every
+        rank gets the whole logits."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         logits = ops.linear(hidden, weight)
         if self.config.final_logit_softcap is not None:
             logits = ops.softcap(logits, self.config.final_logit_softcap)
+        logits = gather_logits(logits, self.config.vocab_size, self.tp)
         return logits.float() if out is None else out.copy_(logits)

@@ -3,7 +3,9 @@
 W_q/W_k/W_v and W_gate/W_up are stored stacked (one matrix multiply each instead of three and two); the
 residual add is folded into the following RMSNorm. Both are the same arithmetic, in fewer kernels. A module
 that stacks checkpoint tensors lists where each one goes in `checkpoint_slots` (engine/models/checkpoint.py
-turns those lists into the checkpoint layout the loader checks and the runner copies by).
+turns those lists into the checkpoint layout the loader checks and the runner copies by). Under tensor
+parallelism (engine/models/parallel.py) each rank holds its own heads and MLP columns; the arithmetic per rank is
+the same, with one all-reduce after attention and one after the MLP.
 """
 
 from __future__ import annotations
@@ -16,9 +18,18 @@ from torch import nn
 from engine.attention.base import AttentionBackend, AttentionMetadata, Rotary
 from engine.config import ModelConfig, RopeScaling
 from engine.models import ops
+from engine.models.parallel import (
+    ColumnParallelLinear,
+    Part,
+    RowParallelLinear,
+    Slots,
+    VocabParallelEmbedding,
+    even_split,
+    kv_head_range,
+)
+from engine.parallel.group import current
 
-# (checkpoint name relative to the module, parameter name relative to the module, index into that parameter)
-Slots = list[tuple[str, str, tuple[int | slice, ...]]]
+__all__ = ["Attention", "GatedMLP", "RMSNorm", "RotaryEmbedding", "ScaledEmbedding", "Slots"]
 
 
 class RMSNorm(nn.Module):
@@ -83,58 +94,63 @@ class Attention(nn.Module):
     """Grouped-query attention: num_heads queries share num_kv_heads keys/values.
 
     Per layer it may look only at the last `window` keys (sliding-window layers), cap its scores with
-    cap * tanh(s / cap), and RMS-normalise every query and key head before the rotation (QK-norm)."""
+    cap * tanh(s / cap), and RMS-normalise every query and key head before the rotation (QK-norm). Under tensor
+    parallelism a rank computes its query heads and the KV heads they share, and sums O's partial products."""
 
     def __init__(self, cfg: ModelConfig, layer: int, unit_offset_norm: bool = False) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        # W_q, W_k, W_v stacked into one matrix: one GEMM instead of three
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_proj_bias)
+        tp, d = current(), cfg.head_dim
+        q0, q1 = even_split(cfg.num_heads, tp.rank, tp.size)
+        k0, k1 = kv_head_range(cfg.num_kv_heads, tp.rank, tp.size)
+        self.num_heads, self.num_kv_heads, self.head_dim = q1 - q0, k1 - k0, d  # this rank's
+        self.q_size, self.kv_size = self.num_heads * d, self.num_kv_heads * d
+        # W_q, W_k, W_v stacked into one matrix (this rank's heads of each): one GEMM instead of three
+        q, kv = Part(cfg.num_heads * d, q0 * d, q1 * d), Part(cfg.num_kv_heads * d, k0 * d, k1 * d)
+        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, (q, kv, kv), bias=cfg.attention_bias)
+        self.o_proj = RowParallelLinear(cfg.num_heads * d, cfg.hidden_size, cfg.o_proj_bias, in_range=(q.start, q.stop))
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, unit_offset_norm) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, unit_offset_norm) if cfg.qk_norm else None
         self.scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
         self.window, self.softcap = cfg.layer_windows[layer], cfg.attn_logit_softcap
 
     def checkpoint_slots(self) -> Slots:
-        bounds = {"q": (0, self.q_size), "k": (self.q_size, self.kv_size), "v": (self.q_size + self.kv_size, self.kv_size)}
-        kinds = ("weight", "bias") if self.qkv_proj.bias is not None else ("weight",)
-        return [(f"{p}_proj.{kind}", f"qkv_proj.{kind}", (slice(start, start + rows),))
-                for p, (start, rows) in bounds.items() for kind in kinds]
+        return self.qkv_proj.stacked_slots(("q_proj", "k_proj", "v_proj"), "qkv_proj")
 
     def forward(self, x: torch.Tensor, rope: Rotary, kv_cache: torch.Tensor, meta: AttentionMetadata,
                 backend: AttentionBackend) -> torch.Tensor:
         T = x.shape[0]
-        qkv = ops.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
+        qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(T, self.num_heads, self.head_dim)
         k, v = k.view(T, self.num_kv_heads, self.head_dim), v.view(T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = ops.qk_rms_norm(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, self.q_norm.unit_offset)
         o = backend.forward(q, k, v, kv_cache, meta, self.scale, rope, window=self.window, softcap=self.softcap)
-        return ops.linear(o.reshape(T, self.q_size), self.o_proj.weight, self.o_proj.bias)
+        return self.o_proj(o.reshape(T, self.q_size))
 
 
 class GatedMLP(nn.Module):
-    """down(act(gate(x)) * up(x)): SwiGLU with silu (Shazeer 2020), GeGLU with tanh-approximated gelu."""
+    """down(act(gate(x)) * up(x)): SwiGLU with silu (Shazeer 2020), GeGLU with tanh-approximated gelu.
+    Under tensor parallelism a rank holds its share of the inner columns; `reduce` False leaves the partial sum
+    of `down` to the caller (an MoE layer reduces its experts and shared expert together)."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, act: str) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str, reduce: bool = True) -> None:
         super().__init__()
-        # W_gate and W_up stacked: one GEMM, then act(gate) * up in one pass
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
-        self.inter, self.act = intermediate_size, act
+        tp = current()
+        inner = Part(intermediate_size, *even_split(intermediate_size, tp.rank, tp.size))
+        # W_gate and W_up stacked (this rank's columns of each): one GEMM, then act(gate) * up in one pass
+        self.gate_up_proj = ColumnParallelLinear(hidden_size, (inner, inner), bias=False)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, False, (inner.start, inner.stop), reduce)
+        self.inter, self.act = inner.rows, act
 
     def checkpoint_slots(self) -> Slots:
-        return [("gate_proj.weight", "gate_up_proj.weight", (slice(0, self.inter),)),
-                ("up_proj.weight", "gate_up_proj.weight", (slice(self.inter, 2 * self.inter),))]
+        return self.gate_up_proj.stacked_slots(("gate_proj", "up_proj"), "gate_up_proj")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(ops.act_and_mul(ops.linear(x, self.gate_up_proj.weight), self.act), self.down_proj.weight)
+        return self.down_proj(ops.act_and_mul(self.gate_up_proj(x), self.act))
 
 
-class ScaledEmbedding(nn.Embedding):
+class ScaledEmbedding(VocabParallelEmbedding):
     """Token embeddings multiplied by a constant (Gemma scales by sqrt(hidden_size), rounded to the weights' dtype)."""
 
     def __init__(self, num_embeddings: int, dim: int, scale: float) -> None:

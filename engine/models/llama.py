@@ -21,6 +21,7 @@ from engine.models import hf_config
 from engine.models.causal_lm import CausalLM, DecoderStack
 from engine.models.layers import Attention, RMSNorm, RotaryEmbedding
 from engine.models.moe import HF_EXPERT_NAMES, feed_forward
+from engine.models.parallel import VocabParallelEmbedding
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -47,7 +48,7 @@ class LlamaForCausalLM(CausalLM):
     def __init__(self, cfg: ModelConfig) -> None:
         rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
         layers = [LlamaDecoderLayer(cfg, i, self.expert_names) for i in range(cfg.num_layers)]
-        super().__init__(cfg, DecoderStack(nn.Embedding(cfg.vocab_size, cfg.hidden_size), layers,
+        super().__init__(cfg, DecoderStack(VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size), layers,
                                            RMSNorm(cfg.hidden_size, cfg.rms_norm_eps), rotary))
 
 

@@ -16,6 +16,7 @@ from engine.config import ARCHITECTURES, ConfigError, ModelConfig
 from engine.models import gemma2, gemma3, llama, mixtral, qwen2_moe, qwen3, qwen3_moe
 from engine.models.causal_lm import CausalLM
 from engine.models.checkpoint import Slot, checkpoint_layout
+from engine.parallel.group import TPGroup, building
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,8 @@ def build(cfg: ModelConfig) -> CausalLM:
 
 
 @functools.lru_cache(maxsize=16)
-def layout(cfg: ModelConfig) -> dict[str, Slot]:
-    """Checkpoint name -> where it goes and its shape, for `cfg` (built on the meta device: no memory)."""
-    with torch.device("meta"):
+def layout(cfg: ModelConfig, rank: int = 0, size: int = 1) -> dict[str, Slot]:
+    """Checkpoint name -> where it goes, its shape and the slice rank `rank` of `size` holds, for `cfg` (built on
+    the meta device: no memory)."""
+    with torch.device("meta"), building(TPGroup(rank, size)):
         return checkpoint_layout(build(cfg))

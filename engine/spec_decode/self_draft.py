@@ -12,11 +12,13 @@ from __future__ import annotations
 import torch
 
 from engine.attention.base import AttentionMetadata
+from engine.batch import BatchSeq
 from engine.config import ConfigError
 from engine.kv_cache_manager import KVCacheManager
 from engine.model_runner import ModelRunner
 from engine.scheduler import ScheduledRequest
 from engine.spec_decode.draft import ModelProposer
+from engine.spec_decode.sampling import fit_vocab
 
 
 class SelfDraftProposer(ModelProposer):
@@ -29,18 +31,16 @@ class SelfDraftProposer(ModelProposer):
         if num_layers > runner.model_config.num_layers:
             raise ConfigError(f"speculative.self_draft_layers is {num_layers}, but the model has "
                               f"{runner.model_config.num_layers} layers")
-        self.model, self.kv_cache, self.attn = runner.model, runner.kv_cache, runner.attn
-        self.num_layers = num_layers
+        self.runner, self.num_layers = runner, num_layers
 
     def _start(self, s: ScheduledRequest, kv: KVCacheManager, known_end: int) -> int:
         # The target's KV is the draft's for layers < N: only a decoding request's last token is pending.
         return s.request.num_computed_tokens if s.num_spec_tokens else known_end
 
+    def _run(self, seqs: list[BatchSeq], kv: KVCacheManager) -> torch.Tensor:
+        # Through the runner: under tensor parallelism every rank runs the draft's layers too.
+        return fit_vocab(self.runner.draft_logits(seqs, kv, self.num_layers).float(), self.vocab_size)
+
     def _logits(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 logits_idx: torch.Tensor) -> torch.Tensor:
-        m = self.model.model
-        x, residual, rope = m.embed_tokens(input_ids), None, m.rotary_emb.at(positions)
-        for i in range(self.num_layers):
-            x, residual = m.layers[i](x, rope, self.kv_cache[:, i], meta, self.attn, residual)
-        hidden = m.norm(x, residual)[0]
-        return self.model.compute_logits(hidden[logits_idx])
+        raise AssertionError("self-speculation runs through ModelRunner.draft_logits (_run)")
