@@ -170,7 +170,7 @@ class JobBuilder:
         for p, ids in enumerate(prompts):
             params = sampling_params(req, self.tokenizer, self._max_tokens(len(ids), max_tokens), wire_logprobs,
                                      grammar)
-            jobs += self._choices(rid if len(prompts) * best_of == 1 else f"{rid}-{p}", ids, params, best_of,
+            jobs += self._choices(rid if len(prompts) == 1 else f"{rid}-{p}", ids, params, best_of,
                                   arrival, text_options(req, params), p * best_of)
         return RequestPlan(rid, jobs, prompts, n, best_of, echo, logprobs, tools, bool(req.stream),
                            req.include_usage, req.continuous_usage)
