@@ -6,8 +6,9 @@ analytic (a roofline with efficiencies taken from those results). Every file say
 - h200_llama3_8b.json (derived): the H200's recorded prefill table and copy rate; decode steps = the H200's HBM
   floor x the step/floor ratio the current code reached on the H100 at the same (batch, context) (the recorded
   H200 decode run predates the GEMV kernel and overlapped steps); context beyond 2,048 extends the floor linearly.
-- h100_llama3_8b_v49k.json (derived): the H100's recorded decode and prefill with the 49,152-token vocabulary
-  benchmarks/serving_compare.py gives its workers, for checking the simulator against the recorded one-GPU runs.
+- h100_llama3_8b_v49k_no_overlap.json (derived): the H100's recorded decode (overlapped steps off) and prefill
+  with the 49,152-token vocabulary benchmarks/serving_compare.py gives its workers, for checking the simulator
+  against the recorded one-GPU serving runs.
 - h200_llama3_70b_tp4.json (analytic): Llama-3-70B over 4 H200s; no multi-GPU run exists yet.
 
 Parts with no measurement behind them in any profile (labelled in each file): the cross-node KV transfer rate
@@ -52,9 +53,10 @@ def load(path: str) -> dict[str, Any]:
         return json.load(f)
 
 
-def step_floor_ratios(run: dict[str, Any]) -> dict[tuple[int, int], float]:
-    """(batch, context) -> measured step / HBM floor; a missing cell takes its batch's ratio at the shortest context."""
-    out = {(r["batch"], r["ctx"]): r["ms_step"] / r["floor_ms"] for r in run["decode"] if "ms_step" in r}
+def step_floor_ratios(run: dict[str, Any], key: str = "ms_step") -> dict[tuple[int, int], float]:
+    """(batch, context) -> measured step (`key`: ms_step, overlapped; ms_step_no_overlap) / HBM floor; a missing
+    cell takes its batch's ratio at the shortest context."""
+    out = {(r["batch"], r["ctx"]): r[key] / r["floor_ms"] for r in run["decode"] if key in r}
     for (b, _c) in list(out):
         for c in {r["ctx"] for r in run["decode"]}:
             out.setdefault((b, c), out[(b, min(c2 for b2, c2 in out if b2 == b))])
@@ -121,21 +123,24 @@ def h200_8b() -> Profile:
 
 
 def h100_8b_v49k() -> Profile:
+    """The recorded one-GPU serving runs that are complete for both modes ran with overlapped steps off, so this
+    profile's decode steps are the no-overlap ones."""
     h100 = load(H100_DECODE)
     m = shape(32, 4096, 32, 8, 14336, 49152)
     copy = h100["ceilings"]["copy_tb_s"]
     tokens, ms = prefill_from(load(H100_PREFILL)["prefill_offline_run"]["prefill"])
     return Profile(
-        name="h100-llama3-8b-v49k", device="NVIDIA H100 80GB HBM3, one GPU per replica",
+        name="h100-llama3-8b-v49k-no-overlap", device="NVIDIA H100 80GB HBM3, one GPU per replica",
         model={**m, "note": "Llama-3-8B shape with SmolLM2's 49,152-token vocabulary (benchmarks/serving_compare.py)"},
         provenance=Provenance("derived", note=(
             "derived from recorded measurements on the H100: decode = floor (this vocabulary's weights) x the "
-            "recorded step/floor ratios of the current code; prefill = the recorded table; a cuda_ipc pull on one "
+            "recorded step/floor ratios of the current code without overlapped steps (ms_step_no_overlap, as the "
+            "serving runs it is compared with); prefill = the recorded table; a cuda_ipc pull on one "
             "GPU at ~0.75 of its copy rate with 0.5 ms of start_read host time (RESULTS.md). Start-up not measured."),
             sources=(H100_DECODE, H100_PREFILL, "benchmarks/RESULTS.md (CUDA IPC KV transfer, ids as arrays)"),
             date="2026-12-04", command="python -m benchmarks.profile_derive"),
         prefill=PrefillCosts(tokens, ms, attention_ms_per_pair=attention_ms_per_pair(m), max_num_batched_tokens=8192),
-        decode=DecodeCosts(BATCHES, CONTEXTS, decode_grid(m, step_floor_ratios(h100), copy)),
+        decode=DecodeCosts(BATCHES, CONTEXTS, decode_grid(m, step_floor_ratios(h100, "ms_step_no_overlap"), copy)),
         kv=kv(m, 10.0), transfer=TransferCosts("cuda_ipc", gib_s=1000.0, latency_ms=0.5),
         startup=StartupCosts(engine_s=60.0, process_s=5.0), gpus_per_replica=1, extra={"copy_tb_s": copy})
 
@@ -188,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="benchmarks/profiles", help="folder for the profile files")
     a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
-    for name, build in (("h200_llama3_8b", h200_8b), ("h100_llama3_8b_v49k", h100_8b_v49k),
+    for name, build in (("h200_llama3_8b", h200_8b), ("h100_llama3_8b_v49k_no_overlap", h100_8b_v49k),
                         ("h200_llama3_70b_tp4", h200_70b_tp4)):
         prof = build()
         prof.save(os.path.join(a.out, f"{name}.json"))

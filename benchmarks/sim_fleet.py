@@ -36,10 +36,11 @@ DATE = "2026-12-04"
 MODELS: dict[str, dict[str, Any]] = {
     "8b": {"profile": "benchmarks/profiles/h200_llama3_8b.json", "peak_rate": 1700.0, "trough_rate": 500.0,
            "slo_ttft_ms": 3000.0, "slo_itl_ms": 50.0, "kv_gib": 100, "max_seqs": 256,
-           "prefill": (220, 40, 900, 16000), "decode": (140, 20, 500, 0.015)},  # (start, min, max, target)
-    "70b": {"profile": "benchmarks/profiles/h200_llama3_70b_tp4.json", "peak_rate": 180.0, "trough_rate": 55.0,
+           "prefill": (220, 40, 900, 16000), "decode": (140, 20, 500, 0.015),  # (start, min, max, target)
+           "peak_pools": (640, 300)},  # the planner's pools at 13:30 (from the 24-hour run), to time the peak hour
+    "70b": {"profile": "benchmarks/profiles/h200_llama3_70b_tp4.json", "peak_rate": 150.0, "trough_rate": 45.0,
             "slo_ttft_ms": 6000.0, "slo_itl_ms": 60.0, "kv_gib": 384, "max_seqs": 256,
-            "prefill": (40, 10, 230, 24000), "decode": (20, 5, 125, 0.03)},
+            "prefill": (70, 10, 260, 8000), "decode": (20, 4, 70, 0.03), "peak_pools": (200, 45)},
 }
 
 
@@ -113,10 +114,15 @@ def best_fixed_ratio(result: dict[str, Any], gpus: int) -> dict[str, Any]:
 
 
 def timing(m: dict[str, Any], cfg: dict[str, Any], cells: int, processes: int) -> dict[str, Any]:
-    """One simulated hour around the daily peak (13:30-14:30), wall clock."""
+    """One simulated hour around the daily peak (13:30-14:30), the pools starting at the planner's size then."""
+    cfg = copy.deepcopy(cfg)
+    for role, n in zip(("prefill", "decode"), m["peak_pools"], strict=True):
+        cfg["pools"][role]["replicas"] = n
     r = run(m, cfg, 1.0, 13.5, cells, processes)
     return {"simulated_h": 1.0, "window_h": [13.5, 14.5], "requests": r["summary"]["arrived"], "wall_s": r["wall_s"],
-            "cells": cells, "processes": processes, "gpus_end": r["timeline"][-1]["gpus"] if r["timeline"] else None}
+            "cells": cells, "processes": processes, "gpus_start": sum(m["peak_pools"]) * r["pools"]["prefill"][
+                "gpus_per_replica"], "slo_met_fraction": r["summary"]["slo_met_fraction"],
+            "load_average": os.getloadavg()}
 
 
 def plot_ratio(result: dict[str, Any], best: dict[str, Any], peak_gpus: int, gpus: int, path: str, title: str) -> None:

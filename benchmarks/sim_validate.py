@@ -21,6 +21,7 @@ import asyncio
 import json
 import os
 import random
+import signal
 import tempfile
 import time
 from typing import Any
@@ -176,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="tcp", help="KV transfer backend of the real disaggregated cluster")
     p.add_argument("--nixl-progress", default="auto", choices=["auto", "thread", "poll"], help="see serving_compare")
     p.add_argument("--overlap", default="auto", choices=["auto", "on", "off"], help="GPU workers' overlap_steps")
-    p.add_argument("--kv-gib", type=float, default=0.25, help="KV cache per worker, GiB (default 0.25)")
+    p.add_argument("--kv-gib", type=float, default=0.0, help="KV cache per worker, GiB (default 0.25 on cpu, 10 on cuda)")
     p.add_argument("--seed", type=int, default=0, help="seed of the trace")
     p.add_argument("--sim-only", action="store_true", help="simulate only; compare with --recorded if given")
     p.add_argument("--recorded", default="", help="serving_compare JSON to compare the simulations with")
@@ -185,10 +186,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # so a SIGTERM stops the real cluster's processes too (LocalCluster's exit)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    signal.signal(signal.SIGTERM, _interrupt)
     a = build_parser().parse_args(argv)
+    a.kv_gib = a.kv_gib or (10.0 if a.device == "cuda" else 0.25)
     if a.device == "cuda" and not a.tokenizer and not a.sim_only:
         raise SystemExit("--tokenizer is required on cuda")
+    a.tokenizer = a.tokenizer or "smollm2"  # only a name for the simulated cluster's config
     os.makedirs(a.out, exist_ok=True)
     recorded = recorded_runs(a.recorded) if a.recorded else {}
     with tempfile.TemporaryDirectory() as folder:
