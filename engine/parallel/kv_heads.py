@@ -15,6 +15,7 @@ layer group): `head_runs` gives that as strided runs of bytes within a block.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -171,3 +172,25 @@ class RankKV:
     layout: KVHeadLayout
     kv_cache: torch.Tensor  # this rank's shard: layout.shard_shape(rank)
     state: dict[str, Any] = field(default_factory=dict)
+
+
+# ---- moving KV by a plan with plain tensor copies (tests, and a reference for transfer backends) ---------------
+def read_blocks(ctx: RankKV, block_ids: Sequence[int]) -> torch.Tensor:
+    """This rank's KV of these blocks, [len(block_ids), num_layers, 2, block_size, its heads, head_dim], on the CPU."""
+    return ctx.kv_cache[torch.tensor(list(block_ids), dtype=torch.long, device=ctx.kv_cache.device)].cpu()
+
+
+def write_blocks(ctx: RankKV, block_ids: Sequence[int], per_rank: Sequence[torch.Tensor]) -> None:
+    """Write `per_rank[ctx.rank]` (as `read_blocks` returns it) into these blocks of this rank's cache."""
+    idx = torch.tensor(list(block_ids), dtype=torch.long, device=ctx.kv_cache.device)
+    ctx.kv_cache.index_copy_(0, idx, per_rank[ctx.rank].to(ctx.kv_cache.device))
+
+
+def regroup(src: KVHeadLayout, dst: KVHeadLayout, src_blocks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The same blocks (every source rank's `read_blocks`) split as the destination's ranks hold them."""
+    n = src_blocks[0].shape[0]
+    out = [src_blocks[0].new_empty(n, *dst.shard_shape(r)[1:]) for r in range(dst.tp_size)]
+    for c in plan_head_copies(src, dst):
+        out[c.dst_rank][..., c.dst_heads[0] : c.dst_heads[1], :] = \
+            src_blocks[c.src_rank][..., c.src_heads[0] : c.src_heads[1], :]
+    return out

@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import pickle
 import sys
 import threading
 import time
@@ -51,7 +52,7 @@ class RankSpec:
 def main() -> None:
     """`python -m engine.parallel.rank FD`: FD is this rank's socket to rank 0; the RankSpec arrives first."""
     conn = Connection(int(sys.argv[1]))
-    rank_main(conn.recv(), conn)
+    rank_main(pickle.loads(conn.recv_bytes()), conn)
 
 
 def rank_main(spec: RankSpec, conn: Connection) -> None:
@@ -63,12 +64,12 @@ def rank_main(spec: RankSpec, conn: Connection) -> None:
         torch.set_num_threads(spec.threads)
     code = 0
     try:
-        conn.send(("hello", os.getpid()))
+        _reply(conn, "hello", os.getpid())
         group = connect(spec.rank, spec.size, spec.port, spec.backend, spec.config.parallel.collective_timeout_s,
                         device)
         shard = ModelShard(spec.config, device, spec.num_blocks, spec.max_model_len, group)
         _trim_heap()
-        conn.send(("ready", {"pid": os.getpid(), "param_bytes": shard.param_bytes}))
+        _reply(conn, "ready", {"pid": os.getpid(), "param_bytes": shard.param_bytes})
         layout = kv_layout(spec.config, shard.model_config, spec.num_blocks)
         _serve(conn, shard, group, RankKV(spec.rank, layout, shard.kv_cache))
     except (EOFError, BrokenPipeError, ConnectionResetError):
@@ -78,7 +79,7 @@ def rank_main(spec: RankSpec, conn: Connection) -> None:
         detail = traceback.format_exc()
         log.error("rank %d failed:\n%s", spec.rank, detail)
         with contextlib.suppress(OSError):
-            conn.send(("error", detail))
+            _reply(conn, "error", detail)
         code = 1
     sys.stdout.flush()
     sys.stderr.flush()
@@ -104,14 +105,32 @@ def _serve(conn: Connection, shard: ModelShard, group: TPGroup, ctx: RankKV) -> 
         elif kind == msg.CALL:
             fn, args = msg.decode_control(buf)
             try:
-                reply = ("ok", fn(ctx, *args))
+                tag, value = "ok", fn(ctx, *args)
             except Exception:  # noqa: BLE001 - the caller's function failed, not this rank
-                reply = ("error", traceback.format_exc())
-            conn.send(reply)
+                tag, value = "error", traceback.format_exc()
+            _reply(conn, tag, value)
         elif kind == msg.STOP:
             return
         else:
             raise RuntimeError(f"unknown message kind {kind}")
+
+
+def _reply(conn: Connection, tag: str, value: object) -> None:
+    """Plain pickle: tensors travel by value (multiprocessing's pickler would pass their storage as file
+    descriptors, which needs a multiprocessing parent)."""
+    conn.send_bytes(pickle.dumps((tag, value)))
+
+
+def resident_memory(_ctx: object = None) -> dict[str, int]:
+    """This process's resident memory in bytes (VmRSS, RssAnon: anonymous pages such as weights and KV, RssFile:
+    mapped files); callable on every rank through LLMEngine.run_on_ranks."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile"):
+                out[key] = int(value.split()[0]) * 1024
+    return out
 
 
 def _exit_with_parent() -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -79,7 +80,7 @@ class RankProcesses:
         conn = Connection(ours.detach())
         self._procs.append(proc)
         self._conns.append(conn)
-        conn.send(spec)
+        conn.send_bytes(pickle.dumps(spec))
         threading.Thread(target=self._watch, args=(spec.rank, proc), name=f"tp-rank-{spec.rank}-monitor",
                          daemon=True).start()
 
@@ -156,7 +157,7 @@ class RankProcesses:
                 self._fail(f"rank {rank} did not answer within {timeout_s:g}s")
                 raise RankFailedError(self._failure)
         try:
-            return conn.recv()
+            return pickle.loads(conn.recv_bytes())
         except (EOFError, OSError) as e:
             self._fail(f"rank {rank}'s pipe closed ({e!r})")
             raise RankFailedError(self._failure) from e
