@@ -22,7 +22,8 @@ import torch
 from engine.block_pool import KVEvent
 from engine.config import EngineConfig, ModelConfig, SpeculativeConfig
 from engine.fork import PromptForks
-from engine.grammar import GrammarCompiler, model_tokenizer, trim_drafts
+from engine.grammar import trim_drafts
+from engine.grammar_compiler import GrammarCompiler, model_tokenizer, tokenizer_available
 from engine.kv_cache_manager import KVCacheManager, cdiv
 from engine.lookahead import Lookahead
 from engine.model_runner import DTYPES, ModelRunner, num_kv_blocks
@@ -67,7 +68,8 @@ class LLMEngine:
         self._runner.sampler.eos_token_ids = eos  # min_tokens bans them
         # Structured outputs: grammars compiled against the model's tokenizer (loaded on the first one), cached.
         self._grammars = GrammarCompiler(lambda: model_tokenizer(config.model, config.load_format),
-                                         self.model_config.vocab_size, eos)
+                                         self.model_config.vocab_size, eos,
+                                         available=tokenizer_available(config.model, config.load_format))
         # n > 1: a choice naming a sibling in params.fork_from shares its prompt's KV (engine/fork.py).
         self._scheduler.forks = PromptForks(self._kv, self._requests.get, self._runner.copy_blocks)  # every rank's
         self.stats = EngineStats()
@@ -131,7 +133,7 @@ class LLMEngine:
         if bad is not None:
             raise InvalidRequestError(f"sampling parameters name token id {bad} outside the vocabulary [0, {vocab})")
         if params.structured_output:
-            self._grammars.compile(params.structured_output)  # InvalidRequestError if it does not compile
+            self._grammars.check(params.structured_output)  # parses (ms); compiles in the background later
         if n + params.max_tokens > self.max_model_len:
             raise InvalidRequestError(
                 f"this model's maximum context length is {self.max_model_len} tokens, but {n + params.max_tokens} "
@@ -152,7 +154,7 @@ class LLMEngine:
         self.validate(prompt_token_ids, params)
         req = Request(request_id, list(prompt_token_ids), params, arrival_time=time.monotonic(), lease_s=lease_s)
         req.output_token_ids.extend(output_token_ids)
-        if params.structured_output:  # compiled once (cached); the matcher replays tokens generated elsewhere
+        if params.structured_output:  # compiled once, in the background; the request waits for it (scheduler)
             req.grammar = self._grammars.state(params.structured_output, req.output_token_ids)
         return req
 

@@ -4,11 +4,13 @@ On the wire a grammar is one string (`SamplingParams.structured_output`): `{"kin
 json (value: a JSON schema), json_object, regex, choice (value: a list of strings), grammar (EBNF, or Lark) or
 structural_tag (xgrammar's structural-tag JSON). The router builds it from the HTTP request (response_format,
 guided_*, structured_outputs, tools) and checks it parses (`check_spec`); every worker compiles it against its
-tokenizer, once: compiled grammars are cached by their wire string (`GrammarCompiler`).
+tokenizer, once: compiled grammars are cached by their wire string (engine/grammar_compiler.py).
 
 Each request with a grammar holds a `GrammarState` (its matcher). Invariants:
+- a request waits (held back by the scheduler) until its grammar is compiled, off the caller's thread
+  (engine/grammar_compiler.py), so a first grammar, which loads the tokenizer, never stalls a worker's loop;
 - the matcher has accepted exactly the request's output tokens (`Scheduler.update` feeds it each token before
-  appending it; a request made with tokens sampled elsewhere replays them at creation);
+  appending it; a request made with tokens sampled elsewhere replays them before its first mask);
 - the sampler masks a row's logits to the tokens the matcher allows next, before anything else (so logprobs, as
   in vLLM, are those of the masked logits); a row that is `k` drafts ahead (speculative verification) is masked
   as the matcher would be after those drafts (accept, fill, roll back);
@@ -19,11 +21,12 @@ Each request with a grammar holds a `GrammarState` (its matcher). Invariants:
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import re
-import threading
-from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,11 +37,10 @@ from engine.request import InvalidRequestError
 if TYPE_CHECKING:
     import xgrammar
 
-    from engine.tokenizer import Tokenizer
+log = logging.getLogger(__name__)
 
 KINDS = ("json", "json_object", "regex", "choice", "grammar", "structural_tag")
 JSON_OBJECT_SCHEMA = '{"type": "object"}'
-_CACHE_SIZE = 256  # compiled grammars kept per engine
 
 
 @dataclass(frozen=True)
@@ -116,8 +118,10 @@ def _parse_ebnf_or_lark(text: str) -> xgrammar.Grammar:
             raise ebnf_error from None
 
 
+@functools.lru_cache(maxsize=256)
 def check_spec(wire: str) -> GrammarSpec:
-    """Parse a wire spec and its grammar; raises InvalidRequestError naming the problem."""
+    """Parse a wire spec and its grammar (no tokenizer needed, milliseconds, cached); raises InvalidRequestError
+    naming the problem."""
     spec = GrammarSpec.from_wire(wire)
     parse(spec)
     return spec
@@ -126,48 +130,72 @@ def check_spec(wire: str) -> GrammarSpec:
 class GrammarState:
     """One request's matcher: what its output so far allows next.
 
-    Invariant: the matcher has accepted `output_token_ids[:num_accepted]`. Tokens appended by other paths (a
-    resumed request's, a prefill worker's first token learnt late) are caught up with before the next mask."""
+    Its grammar compiles in the background (`GrammarCompiler.submit`); until `ready()` the scheduler holds the
+    request back. Invariant once ready: the matcher has accepted `output_token_ids[:num_accepted]`; tokens
+    appended by other paths (a resumed request's, a prefill worker's first token learnt late) are caught up with
+    before the next mask. A grammar that failed to compile, or an output token it refuses, leaves the state
+    `broken`: nothing is legal, and the request ends with stop at its next token."""
 
-    def __init__(self, matcher: xgrammar.GrammarMatcher) -> None:
-        self._matcher = matcher
+    def __init__(self, compiled: Future[xgrammar.CompiledGrammar], stop_token_ids: tuple[int, ...]) -> None:
+        self._compiled = compiled
+        self._stop_token_ids = stop_token_ids
+        self._matcher: xgrammar.GrammarMatcher | None = None
         self.num_accepted = 0
-        self.broken = False  # an output token the grammar refuses: nothing is legal any more
+        self.broken = False
+
+    def ready(self) -> bool:
+        """Whether the grammar is compiled (or failed to: then the state is broken)."""
+        if self._matcher is not None or self.broken:
+            return True
+        if not self._compiled.done():
+            return False
+        import xgrammar as xgr
+
+        try:
+            self._matcher = xgr.GrammarMatcher(self._compiled.result(),
+                                               override_stop_tokens=list(self._stop_token_ids) or None)
+        except Exception:  # noqa: BLE001 - the request ends (stop) instead of taking the engine down
+            log.exception("a grammar failed to compile")
+            self.broken = True
+        return True
 
     def accept(self, token_id: int) -> bool:
         """Advance by one output token; False (and no change) if the grammar does not allow it."""
-        if self.broken or not self._matcher.accept_token(token_id):
+        if self.broken or self._matcher is None or not self._matcher.accept_token(token_id):
             return False
         self.num_accepted += 1
         return True
 
     def catch_up(self, output_token_ids: Sequence[int]) -> bool:
         """Accept the output tokens not accepted yet; False (the state is broken) if one is refused."""
-        while not self.broken and self.num_accepted < len(output_token_ids):
+        while self.ready() and not self.broken and self.num_accepted < len(output_token_ids):
             self.broken = not self.accept(output_token_ids[self.num_accepted])
         return not self.broken
 
     def is_terminated(self) -> bool:
-        return bool(self._matcher.is_terminated())
+        return self._matcher is not None and bool(self._matcher.is_terminated())
 
     def valid_prefix(self, tokens: Sequence[int]) -> int:
         """How many leading `tokens` the grammar accepts in a row (the state is unchanged afterwards)."""
+        m = self._matcher
+        if m is None or self.broken:
+            return 0
         n = 0
         for t in tokens:
-            if self._matcher.is_terminated() or not self._matcher.accept_token(t):
+            if m.is_terminated() or not m.accept_token(t):
                 break
             n += 1
         if n:
-            self._matcher.rollback(n)
+            m.rollback(n)
         return n
 
     def fill(self, bitmask: torch.Tensor, row: int, ahead: Sequence[int] = ()) -> None:
         """Write into `bitmask[row]` the tokens allowed after the output plus `ahead` (drafts, all legal); nothing
         is allowed in a broken state."""
-        if self.broken:
+        m = self._matcher
+        if m is None or self.broken:
             bitmask[row].zero_()
             return
-        m = self._matcher
         accepted = 0
         for t in ahead:
             if m.is_terminated() or not m.accept_token(t):
@@ -176,80 +204,6 @@ class GrammarState:
         m.fill_next_token_bitmask(bitmask, row)
         if accepted:
             m.rollback(accepted)
-
-
-class GrammarCompiler:
-    """Compiles wire specs against the model's tokenizer, each once (LRU by wire string). The tokenizer is loaded
-    on the first grammar (`load_tokenizer`; None: this model has none, and grammars are refused)."""
-
-    def __init__(self, load_tokenizer: Callable[[], Tokenizer | None], vocab_size: int,
-                 stop_token_ids: tuple[int, ...]) -> None:
-        self._load_tokenizer = load_tokenizer
-        self.vocab_size = vocab_size
-        self.stop_token_ids = stop_token_ids
-        self._compiler: xgrammar.GrammarCompiler | None = None
-        self._cache: OrderedDict[str, xgrammar.CompiledGrammar] = OrderedDict()
-        self._lock = threading.Lock()  # make_request may run on any thread
-        self.compiles = 0  # grammars compiled (cache misses)
-        self.hits = 0  # grammars found compiled
-
-    def state(self, wire: str, output_token_ids: Sequence[int] = ()) -> GrammarState:
-        """A fresh matcher for `wire`, advanced through tokens already generated (a resumed request)."""
-        import xgrammar as xgr
-
-        matcher = xgr.GrammarMatcher(self.compile(wire), override_stop_tokens=list(self.stop_token_ids) or None)
-        state = GrammarState(matcher)
-        if not state.catch_up(output_token_ids):
-            raise InvalidRequestError(f"output token {state.num_accepted} ({output_token_ids[state.num_accepted]}) "
-                                      "does not follow the request's grammar")
-        return state
-
-    def compile(self, wire: str) -> xgrammar.CompiledGrammar:
-        with self._lock:
-            hit = self._cache.get(wire)
-            if hit is not None:
-                self._cache.move_to_end(wire)
-                self.hits += 1
-                return hit
-            compiled = self._compiler_now().compile_grammar(parse(GrammarSpec.from_wire(wire)))
-            self.compiles += 1
-            self._cache[wire] = compiled
-            if len(self._cache) > _CACHE_SIZE:
-                self._cache.popitem(last=False)
-            return compiled
-
-    def _compiler_now(self) -> xgrammar.GrammarCompiler:
-        if self._compiler is None:
-            tokenizer = self._load_tokenizer()
-            if tokenizer is None:
-                raise InvalidRequestError("structured outputs need the model's tokenizer, and this model has none")
-            self._compiler = _xgrammar_compiler(tokenizer, self.vocab_size, self.stop_token_ids)
-        return self._compiler
-
-
-def model_tokenizer(model: str, load_format: str) -> Tokenizer | None:
-    """The tokenizer of the engine's model (a .gguf's metadata or an HF folder's files); None for dummy weights
-    or a folder without one."""
-    from engine.loader import resolve_source
-    from engine.tokenizer import Tokenizer
-
-    if load_format == "dummy":
-        return None
-    try:
-        return Tokenizer.from_model_path(resolve_source(model, load_format)[1])
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-def _xgrammar_compiler(tokenizer: Tokenizer, vocab_size: int, stop_token_ids: tuple[int, ...]
-                       ) -> xgrammar.GrammarCompiler:
-    import xgrammar as xgr
-    from transformers import PreTrainedTokenizerFast
-
-    hf = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend)
-    stops = list(stop_token_ids) or ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else None)
-    info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=vocab_size, stop_token_ids=stops)
-    return xgr.GrammarCompiler(info, max_threads=2)
 
 
 def _state_and_ahead(row: Any) -> tuple[GrammarState | None, Sequence[int]]:

@@ -167,11 +167,13 @@ class Scheduler:
             s.num_spec_tokens = k
 
     def _next_waiting(self) -> Request | None:
-        """The first waiting request, passing over those held back until a sibling's prompt is computed (n > 1,
-        engine/fork.py): they would compute it a second time."""
-        if self.forks is None:
-            return self.waiting[0] if self.waiting else None
-        return next((r for r in self.waiting if not self.forks.held_back(r)), None)
+        """The first waiting request, passing over those held back: until a sibling's prompt is computed (n > 1,
+        engine/fork.py; they would compute it a second time), or until their grammar is compiled (engine/grammar.py)."""
+        return next((r for r in self.waiting if not self._held_back(r)), None)
+
+    def _held_back(self, req: Request) -> bool:
+        return (req.grammar is not None and not req.grammar.ready()) or (self.forks is not None
+                                                                         and self.forks.held_back(req))
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while budget > 0 and len(self.running) < self.config.max_num_seqs and (req := self._next_waiting()):

@@ -116,6 +116,26 @@ def test_every_kind_of_grammar_constrains_the_output(model_dir: str, tokenizer: 
     assert engine._grammars.compiles == compiles, "a grammar seen before was compiled again"
 
 
+def test_a_request_waits_for_its_grammar_without_blocking_the_caller(model_dir: str) -> None:
+    """The first grammar loads the tokenizer on a background thread: make_request returns at once, the request is
+    held back until the grammar is compiled, and requests without one run meanwhile."""
+    import threading
+
+    engine = make(model_dir)
+    gate = threading.Event()
+    load = engine._grammars._load_tokenizer
+    engine._grammars._load_tokenizer = lambda: (gate.wait(10), load())[1]
+    engine.add_request("g", [5, 6, 7], SamplingParams(max_tokens=4, temperature=0,
+                                                      structured_output=spec("regex", "[ab]{3}c")))
+    engine.add_request("p", [5, 6, 7], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+    done = {so.request_id for _ in range(3) for so in engine.step() if so.finished}
+    assert done == {"p"} and not engine._kv.has("g")
+    gate.set()
+    while engine.has_unfinished():
+        done |= {so.request_id for so in engine.step() if so.finished}
+    assert done == {"p", "g"} and engine._kv.num_free_blocks == engine._kv.num_blocks
+
+
 @pytest.mark.parametrize("config", [
     dict(overlap_steps=True),
     dict(speculative=SpeculativeConfig("ngram", 3, ngram_min=1, ngram_max=2)),
@@ -136,7 +156,9 @@ def test_drafts_that_break_the_grammar_are_cut(model_dir: str, tokenizer: Tokeni
     from engine.scheduler import ScheduledRequest
 
     engine = make(model_dir)
+    engine._grammars.compile(spec("regex", "ab+c"))  # compiled already: the state is ready at once
     req = engine.make_request("r", [5, 6], SamplingParams(structured_output=spec("regex", "ab+c")))
+    assert req.grammar.ready()
     a, b, c = (tokenizer.encode(x, add_special_tokens=False)[0] for x in "abc")
     req.spec_token_ids = [a, b, b, a, c]
     import torch
