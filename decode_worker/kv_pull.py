@@ -51,16 +51,16 @@ class KVPuller:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._tasks: set[asyncio.Task] = set()
 
-    def _stub(self, address: str) -> disagg_pb2_grpc.WorkerStub:
+    def stub(self, address: str) -> disagg_pb2_grpc.WorkerStub:
         if address not in self._channels:
             self._channels[address] = grpc.aio.insecure_channel(address)
         return disagg_pb2_grpc.WorkerStub(self._channels[address])
 
-    async def _ensure_remote(self, h: disagg_pb2.KVHandle) -> None:
+    async def ensure_remote(self, h: disagg_pb2.KVHandle | disagg_pb2.KVSource) -> None:
         """Fetch the prefill agent's metadata once (gRPC side channel) and check both layouts agree."""
         if h.agent_name in self._known_agents:
             return
-        md = await self._stub(h.worker_address).GetTransferMetadata(disagg_pb2.TransferMetadataRequest(), timeout=5)
+        md = await self.stub(h.worker_address).GetTransferMetadata(disagg_pb2.TransferMetadataRequest(), timeout=5)
         if md.backend != self.agent.backend:
             raise TransferSetupError(f"prefill worker {h.worker_id} uses KV transfer backend {md.backend!r}, "
                                      f"this decode worker uses {self.agent.backend!r}")
@@ -79,15 +79,15 @@ class KVPuller:
         lease_left = h.lease_deadline - time.time() - LEASE_MARGIN_S
         if lease_left < self.cfg.timeout_s * 0.1:
             log.warning("%s: lease of its KV has %.1fs left; recomputing instead of pulling", rid, lease_left)
-            self._release_remote(h, rid)
+            self.release_remote(h, rid)
             self.aengine.add(req, sink)
             return False
-        await self._ensure_remote(h)
+        await self.ensure_remote(h)
         timeout = min(self.cfg.timeout_s, lease_left)
         res = await self.aengine.receive_kv(req, h.num_tokens, timeout + ENGINE_GRACE_S, sink)
         if res is None:
             log.warning("%s: no free blocks for %d pulled tokens; recomputing", rid, h.num_tokens)
-            self._release_remote(h, rid)
+            self.release_remote(h, rid)
             return False
         return await self._read(rid, h, res, time.monotonic() + timeout)
 
@@ -102,7 +102,7 @@ class KVPuller:
                 handle = self.agent.start_read(h.agent_name, h.block_ids[cached:len(res.block_ids)], dst, tag=rid)
                 # On a worker thread, so the loop keeps serving. If this task is cancelled meanwhile, `finally`
                 # releases the handle at once; the abandoned thread's wait then ends soon after release() does.
-                st = await asyncio.to_thread(self._wait_until, handle, deadline)
+                st = await asyncio.to_thread(self.wait_until, handle, deadline)
                 ok = st is TransferStatus.DONE
                 if not ok:
                     log.warning("%s: KV pull %s after %.2fs", rid,
@@ -121,19 +121,19 @@ class KVPuller:
             else:
                 self.counters.transfer_failures += 1
                 self.aengine.kv_failed(rid)
-            self._release_remote(h, rid)
+            self.release_remote(h, rid)
         return ok
 
-    def _wait_until(self, handle: TransferHandle, deadline: float) -> TransferStatus:
+    def wait_until(self, handle: TransferHandle, deadline: float) -> TransferStatus:
         # The time left is taken when the thread starts, not when the wait was queued: a busy default executor
         # must not push the wait past the pull's deadline (and so past the lease).
         return self.agent.wait(handle, deadline - time.monotonic())
 
-    def _release_remote(self, h: disagg_pb2.KVHandle, rid: str) -> None:
+    def release_remote(self, h: disagg_pb2.KVHandle | disagg_pb2.KVSource, rid: str) -> None:
         """Tell the prefill worker it may free the blocks now (fire and forget; its lease is the backstop)."""
         async def call() -> None:
             try:
-                await self._stub(h.worker_address).ReleaseKV(disagg_pb2.ReleaseKVRequest(request_id=rid), timeout=5)
+                await self.stub(h.worker_address).ReleaseKV(disagg_pb2.ReleaseKVRequest(request_id=rid), timeout=5)
             except grpc.aio.AioRpcError as e:
                 log.info("%s: ReleaseKV to %s failed (%s); its lease will free the blocks", rid, h.worker_id, e.code())
 

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from decode_worker.kv_pull import KVPuller, TransferSetupError
+from decode_worker.kv_stream import KVStreamPuller
 from decode_worker.subscriber import Subscriber
 from engine.request import InvalidRequestError
 from proto import PROTOCOL_VERSION, disagg_pb2
@@ -25,6 +26,7 @@ class DecodeService(WorkerServicerBase):
     def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
         super().__init__(*args, **kwargs)
         self.puller = KVPuller(self.agent, self.aengine, self.config.transfer, self.counters, self.layout)
+        self.streamer = KVStreamPuller(self.puller)
         self.subscribers: dict[str, Subscriber] = {}
 
     async def Subscribe(self, request: disagg_pb2.SubscribeRequest, context: grpc.aio.ServicerContext
@@ -45,7 +47,7 @@ class DecodeService(WorkerServicerBase):
             if sub.requests:
                 log.warning("router %s went away with %d request(s) running here; aborting them", sub.name,
                             len(sub.requests))
-            sub.close(self.aengine.abort)
+            sub.close(self._abort)
 
     async def Decode(self, request: disagg_pb2.DecodeRequest, context: grpc.aio.ServicerContext
                      ) -> disagg_pb2.DecodeResponse:
@@ -60,6 +62,10 @@ class DecodeService(WorkerServicerBase):
         generated = list(request.output_token_ids)
         try:
             req = self.engine.make_request(rid, prompt, params, output_token_ids=generated)
+            if request.HasField("kv_source") and not generated:  # layer-wise: pull while the prefill runs
+                sub.own(rid)
+                self.streamer.start(req, request.kv_source, sub.push)
+                return disagg_pb2.DecodeResponse()
             if not request.HasField("kv"):
                 self.aengine.add(req, sub.push)
                 sub.own(rid)
@@ -80,3 +86,12 @@ class DecodeService(WorkerServicerBase):
         if not pulled:
             log.info("%s: recomputing %d prompt tokens locally", rid, len(prompt))
         return disagg_pb2.DecodeResponse(kv_recomputed=not pulled)
+
+    async def Abort(self, request: disagg_pb2.AbortRequest, context: grpc.aio.ServicerContext
+                    ) -> disagg_pb2.AbortResponse:
+        self.streamer.cancel(request.request_id)  # a layer-wise pull in flight stops (and frees what it held)
+        return await super().Abort(request, context)
+
+    def _abort(self, request_id: str) -> None:
+        self.streamer.cancel(request_id)
+        self.aengine.abort(request_id)

@@ -25,10 +25,11 @@ from engine.fork import PromptForks
 from engine.grammar import trim_drafts
 from engine.grammar_compiler import GrammarCompiler, model_tokenizer, tokenizer_available
 from engine.kv_cache_manager import KVCacheManager, cdiv
+from engine.kv_progress import LayerProgress
 from engine.lookahead import Lookahead
 from engine.model_runner import DTYPES, ModelRunner, num_kv_blocks
 from engine.parallel.kv_heads import KVHeadLayout
-from engine.remote_kv import KVLease, KVReservation, RemoteKV
+from engine.remote_kv import KVLease, KVProgress, KVReservation, RemoteKV
 from engine.request import FinishReason, InvalidRequestError, Request, RequestStatus, SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.spec_decode import build_proposer
@@ -74,6 +75,10 @@ class LLMEngine:
         self._scheduler.forks = PromptForks(self._kv, self._requests.get, self._runner.copy_blocks)  # every rank's
         self.stats = EngineStats()
         self._remote = RemoteKV(self._kv, self._scheduler, self.model_config.num_layers, self.stats)
+        self._progress = LayerProgress(self.model_config.num_layers, self.device)
+        # Hooked now, not at the first prefill-role request: a hook added while a step runs on the engine thread
+        # would change the layers' hook dicts under that forward.
+        self._progress.attach(self._runner.model.model.layers)
         overlap = config.overlap_steps if config.overlap_steps is not None else self.device.type == "cuda"
         self._lookahead = Lookahead(self._runner, self._kv, self._scheduler, self.stats, overlap)
         self.set_speculative(config.speculative)
@@ -180,6 +185,7 @@ class LLMEngine:
         req = self._requests.pop(request_id, None)
         if req is None or req.is_finished:
             return self._remote.release(request_id)
+        self._progress.forget(request_id)
         if req.status == RequestStatus.RECEIVING_KV:
             self._remote.abort(req)
         else:
@@ -215,9 +221,12 @@ class LLMEngine:
             self._requests[req.request_id] = req
         return res
 
-    def kv_received(self, request_id: str, layers: range | list[int] | None = None) -> None:
-        """These layers' KV (None: all) sits in the reserved blocks and no transfer writes them any more."""
-        self._remote.received(request_id, layers)
+    def kv_received(self, request_id: str, layers: range | list[int] | None = None,
+                    output_token_ids: Sequence[int] = ()) -> None:
+        """These layers' KV (None: all) sits in the reserved blocks and no transfer writes them any more.
+        `output_token_ids`: tokens sampled elsewhere the request continues after, if `make_request` lacked them
+        (layer-wise streaming learns the prefill's first token last)."""
+        self._remote.received(request_id, layers, output_token_ids)
 
     def kv_failed(self, request_id: str) -> None:
         """The transfer ended without the KV and writes no more: the prompt is recomputed here."""
@@ -226,6 +235,21 @@ class LLMEngine:
     def lease(self, request_id: str) -> KVLease | None:
         """The lease of a request that handed off (prefill role); None if it has none (any more)."""
         return self._remote.leases.get(request_id)
+
+    def kv_progress(self, request_id: str) -> KVProgress | None:
+        """How far a prefill-role request's KV is written, layer by layer (engine/kv_progress.py), while it runs
+        and while its lease lasts; None before it is admitted or once it ended without a lease (or was released).
+        Safe to call from any thread: it reads only fields written whole."""
+        lease = self._remote.leases.get(request_id)
+        if lease is not None:
+            return KVProgress(lease.block_ids, lease.num_tokens, (lease.num_tokens,) * self.model_config.num_layers,
+                              lease.first_token)
+        layers = self._progress.layer_tokens(request_id)
+        req = self._requests.get(request_id)
+        if layers is None or req is None:
+            return None
+        blocks = tuple(self._kv.block_table(request_id))[: cdiv(req.num_prompt_tokens, self._kv.block_size)]
+        return KVProgress(blocks, req.num_prompt_tokens, layers)
 
     def release_lease(self, request_id: str) -> bool:
         """Free a leased request's blocks now (its KV was pulled); False if it holds no lease."""
@@ -254,7 +278,11 @@ class LLMEngine:
             draft_probs = self._proposer.propose(out, self._kv)
             trim_drafts(out.scheduled, draft_probs)  # a grammar's request verifies only drafts it allows
             self._scheduler.apply_proposals(out)
+        for rid in out.preempted:  # its blocks went back: a puller must start over (new block ids)
+            self._progress.forget(rid)
+        self._progress.begin(out)
         launched = self._lookahead.launch(out, draft_probs)
+        self._progress.end()
         self._count_prompt_tokens(out)
         self._scheduler.update(out, launched.wait())
         self.stats.steps += 1
@@ -274,6 +302,7 @@ class LLMEngine:
             self._requests.pop(r.request_id, None)
             if r.finish_reason == FinishReason.HANDOFF:
                 self._remote.grant(r)
+            self._progress.forget(r.request_id)
             if self._proposer is not None:
                 self._proposer.remove(r.request_id)
         return StepOutput(r.request_id, r.output_token_ids[-n:] if n else [], finished,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from engine.kv_cache_manager import KVCacheManager, cdiv
@@ -60,6 +61,17 @@ class KVLease:
     block_ids: tuple[int, ...]  # in token order
     num_tokens: int  # tokens whose KV the blocks hold
     deadline: float  # unix time at which the blocks are freed if nobody released them
+    first_token: int = 0  # the token the prefill sampled (it ends no request: the decode worker continues after it)
+
+
+@dataclass(frozen=True)
+class KVProgress:
+    """How far a prefill-role request's KV is: what a decode worker pulling it layer by layer needs."""
+
+    block_ids: tuple[int, ...]  # the prompt's blocks in token order, all allocated when the request was admitted
+    num_tokens: int  # prompt tokens
+    layer_tokens: tuple[int, ...]  # per layer: leading prompt tokens whose KV of that layer is written
+    first_token: int | None = None  # set once the request handed off: its KV is complete and leased
 
 
 @dataclass
@@ -93,8 +105,11 @@ class RemoteKV:
         self.receipts[req.request_id] = _Receipt(req, res, set(range(self.num_layers)))
         return res
 
-    def received(self, request_id: str, layers: range | list[int] | None = None) -> bool:
-        """These layers' KV has arrived; True when it was the last of them and the request joined the queue."""
+    def received(self, request_id: str, layers: range | list[int] | None = None,
+                 output_token_ids: Sequence[int] = ()) -> bool:
+        """These layers' KV has arrived; True when it was the last of them and the request joined the queue.
+        `output_token_ids`: tokens sampled elsewhere that the request continues after, when they were not known
+        at `receive` (layer-wise streaming learns the prefill's first token with the last layer group)."""
         if self._end_quarantine(request_id):
             return False
         rec = self.receipts.get(request_id)
@@ -105,6 +120,7 @@ class RemoteKV:
             return False
         del self.receipts[request_id]
         req = rec.request
+        req.output_token_ids.extend(output_token_ids)
         req.num_computed_tokens = rec.reservation.num_tokens
         req.status = RequestStatus.WAITING
         self.kv.cache_full_blocks(req)
@@ -145,7 +161,7 @@ class RemoteKV:
         """Lease a request that just handed off: its blocks stay allocated under its id until released."""
         assert req.lease_s is not None and req.finish_reason == FinishReason.HANDOFF
         lease = KVLease(req.request_id, tuple(self.kv.block_table(req.request_id)), req.num_prompt_tokens,
-                        time.time() + req.lease_s)
+                        time.time() + req.lease_s, req.output_token_ids[0])
         self.leases[req.request_id] = lease
         return lease
 

@@ -181,7 +181,10 @@ class Scheduler:
             if req.num_computed_tokens == 0 and not self.kv.has(req.request_id):
                 hit = req.num_computed_tokens = (self.forks.take(req) if self.forks else 0) or self.kv.match_prefix(req)
             n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if not self.kv.allocate(req.request_id, req.num_computed_tokens + n):
+            # A prefill-role request takes its whole prompt's blocks at once: their ids are handed out before its
+            # last chunk runs (layer-wise streaming, engine/kv_progress.py), so they must not change.
+            need = max(req.num_computed_tokens + n, req.num_prompt_tokens if req.lease_s is not None else 0)
+            if not self.kv.allocate(req.request_id, need):
                 if hit:  # give the shared prefix back; it is matched again when the request fits
                     self.kv.free(req.request_id)
                     req.num_computed_tokens = 0

@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import AsyncIterator
 
 import grpc
 
+from engine.remote_kv import KVProgress
 from engine.request import FinishReason
-from proto import disagg_pb2
+from proto import PROTOCOL_VERSION, disagg_pb2
 from proto.convert import layout_to_proto, logprob_to_proto
 from worker.servicer import WorkerServicerBase, check_request
 
 log = logging.getLogger(__name__)
+
+PROGRESS_POLL_S = 0.001  # how often WatchKV looks at a prompt's progress (a layer of a chunk takes longer)
+MAX_WATCH_WAIT_S = 60.0
 
 
 class PrefillService(WorkerServicerBase):
@@ -70,3 +76,32 @@ class PrefillService(WorkerServicerBase):
         """Engine-loop hook: free the leases whose pull completed (the transfer's notification)."""
         for tag in self.agent.notifications():
             self.engine.release_lease(tag)
+
+    async def WatchKV(self, request: disagg_pb2.WatchKVRequest, context: grpc.aio.ServicerContext
+                      ) -> AsyncIterator[disagg_pb2.KVProgress]:
+        """Layer-wise streaming: the prompt's KV progress each time it moves, until the first token."""
+        if request.version != PROTOCOL_VERSION:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"protocol version {request.version} not supported (this worker speaks {PROTOCOL_VERSION})")
+        rid = request.request_id
+        admitted_by = time.monotonic() + min(max(request.wait_s, 0.0), MAX_WATCH_WAIT_S)
+        last: KVProgress | None = None
+        while True:
+            prog = self.engine.kv_progress(rid)
+            if prog is None and (last is not None or time.monotonic() > admitted_by):
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"{rid}: no prefill here holds its KV (not admitted, "
+                                    "ended by its first token, aborted, or released)")
+            if prog is not None and prog != last:
+                yield _progress_to_proto(prog, self.engine.lease(rid))
+                if prog.first_token is not None:
+                    return
+                last = prog
+            await asyncio.sleep(PROGRESS_POLL_S)
+
+
+def _progress_to_proto(prog: KVProgress, lease) -> disagg_pb2.KVProgress:  # noqa: ANN001 - KVLease | None
+    msg = disagg_pb2.KVProgress(block_ids=prog.block_ids, num_tokens=prog.num_tokens, layer_tokens=prog.layer_tokens)
+    if prog.first_token is not None:
+        msg.first_token = prog.first_token
+        msg.lease_deadline = lease.deadline if lease is not None else 0.0
+    return msg

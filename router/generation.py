@@ -21,7 +21,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -58,6 +58,14 @@ class _Flight:
     prefill: WorkerState | None = None  # Prefill RPC sent and not answered: Abort there
     lease: WorkerState | None = None  # its KV leased and not yet taken by a decode worker: ReleaseKV there
     decode: WorkerState | None = None  # Decode sent and the request not finished by the worker: Abort there
+
+
+@dataclass
+class _Handoff:
+    """Layer-wise streaming: where the prompt's KV is being computed, and when the prefill's first token is known."""
+
+    source: disagg_pb2.KVSource
+    done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class Generation:
@@ -111,25 +119,63 @@ class Generation:
             async for out in self._decode(job, flight, text, None):
                 yield out
             return
-        first = await self._prefill(job, flight)
+        p = self._choose_prefill(job)
+        if p is not None and self.config.kv_streaming:
+            async for out in self._run_streaming(job, flight, text, p):
+                yield out
+            return
+        first = await self._prefill_on(p, job, flight) if p is not None else None
         if first is not None:
-            logprobs = [first.first_logprob] if first.HasField("first_logprob") else []
-            out = _accept(text, [first.first_token], logprobs, first.finish_reason or None)
+            out = _first_output(text, first)
             yield out
             if out.finish_reason:
                 return  # cleanup releases the KV if the worker leased it
         async for out in self._decode(job, flight, text, first):
             yield out
 
-    async def _prefill(self, job: GenerationJob, flight: _Flight) -> disagg_pb2.PrefillResponse | None:
-        """Prefill on the prefill pool; None when the decode worker should prefill locally instead."""
+    async def _run_streaming(self, job: GenerationJob, flight: _Flight, text: ChoiceText, p: WorkerState
+                             ) -> AsyncIterator[Output]:
+        """Layer-wise streaming: Decode goes out with Prefill, so the decode worker pulls the KV while the prefill
+        computes it (decode_worker/kv_stream.py); the first token still comes from the prefill worker."""
+        handoff = _Handoff(disagg_pb2.KVSource(worker_id=p.worker_id, worker_address=p.address,
+                                               agent_name=p.worker_id))
+        prefill = asyncio.create_task(self._prefill_on(p, job, flight))
+        decode = self._decode(job, flight, text, None, handoff)
+        ahead = asyncio.ensure_future(anext(decode))  # sends Decode now, then waits for the decode worker's tokens
+        try:
+            first = await prefill
+            if first is not None:
+                out = _first_output(text, first)
+                yield out  # job.output_ids holds it once we resume: a retry of the decode side may start now
+                if out.finish_reason:
+                    return
+            handoff.done.set()
+            try:
+                yield await ahead
+            except StopAsyncIteration:
+                return
+            async for out in decode:
+                yield out
+        finally:
+            handoff.done.set()
+            for task in (ahead, prefill):
+                task.cancel()
+            await asyncio.gather(ahead, prefill, return_exceptions=True)
+            await decode.aclose()
+
+    def _choose_prefill(self, job: GenerationJob) -> WorkerState | None:
+        """The prefill worker for the prompt; None when the decode worker should prefill it locally instead."""
         candidates = self.workers.candidates("prefill")
         if not candidates or len(job.prompt_ids) < self.config.conditional_disagg_min_prompt_tokens:
             return None
         p = self._prefill_policy.choose(candidates, job.prompt_ids)
         self.metrics.observe_placement("prefill", self._prefill_policy.last)
-        if p.stub is None:
-            return None
+        return p if p.stub is not None else None
+
+    async def _prefill_on(self, p: WorkerState, job: GenerationJob, flight: _Flight
+                          ) -> disagg_pb2.PrefillResponse | None:
+        """Prefill on `p`; None when it failed and the decode worker should prefill locally instead."""
+        assert p.stub is not None
         req = disagg_pb2.PrefillRequest(version=PROTOCOL_VERSION, request_id=job.request_id,
                                         prompt_token_ids=job.prompt_ids, params=params_to_proto(job.params))
         flight.prefill = p
@@ -151,21 +197,33 @@ class Generation:
         return resp
 
     async def _decode(self, job: GenerationJob, flight: _Flight, text: ChoiceText,
-                      first: disagg_pb2.PrefillResponse | None) -> AsyncIterator[Output]:
-        """Run the decode phase on a decode worker, moving to another one whenever the one carrying it is lost."""
+                      first: disagg_pb2.PrefillResponse | None, handoff: _Handoff | None = None
+                      ) -> AsyncIterator[Output]:
+        """Run the decode phase on a decode worker, moving to another one whenever the one carrying it is lost.
+        With `handoff` the first attempt pulls the KV layer-wise while the prefill runs; any later one recomputes
+        the prompt (plus the prefill's first token, once known), since that first pull already released the KV."""
         kv = first.kv if first is not None and first.HasField("kv") else None
+        source = handoff.source if handoff is not None else None
         tried: set[str] = set()
         migrations = 0
         while True:
             d = self._sibling_worker(job, tried) or self._choose_decode(tried, job.prompt_ids)
             tried.add(d.address)
             try:
-                async for out in self._decode_on(d, job, flight, text, kv):
+                async for out in self._decode_on(d, job, flight, text, kv, source):
                     yield out
                 return
             except (WorkerLost, APIError) as e:
                 if isinstance(e, APIError) and e.code not in ("worker_unavailable", "worker_lost"):
                     raise
+                if handoff is not None and source is not None:
+                    source, kv = None, None
+                    await handoff.done.wait()  # the prefill's first token, if it had one, is in job.output_ids now
+                if e.code == "kv_lost":  # the worker is fine; only the streamed KV did not arrive: send it again
+                    log.info("%s: %s; recomputing on %s", job.request_id, e.message, d.address)
+                    tried.discard(d.address)
+                    flight.decode = None
+                    continue
                 moving = flight.decode is not None  # it took the request: a migration, not a retry
                 if moving:  # its lease is pulled or gone, and it may still run it (hung, not dead): Abort it there
                     kv, flight.lease = None, None
@@ -182,13 +240,14 @@ class Generation:
                             "resuming" if moving else "trying", len(job.output_ids))
 
     async def _decode_on(self, d: WorkerState, job: GenerationJob, flight: _Flight, text: ChoiceText,
-                         kv: disagg_pb2.KVHandle | None) -> AsyncIterator[Output]:
+                         kv: disagg_pb2.KVHandle | None, source: disagg_pb2.KVSource | None = None
+                         ) -> AsyncIterator[Output]:
         """The request on decode worker `d`: Decode, then its chunks from this router's token stream."""
         sub, stream = await self.streams.open(d, job.request_id, self.config.rpc_timeout_s,
                                               job.arrival + self.config.request_timeout_s)
         try:
             with d.dispatched(len(job.prompt_ids)):
-                req = _decode_request(job, kv, self.streams.name)
+                req = _decode_request(job, kv, self.streams.name, source)
                 try:
                     await d.stub.Decode(req, timeout=self.config.worker_timeout_s)  # type: ignore[union-attr]
                 except grpc.aio.AioRpcError as e:
@@ -212,11 +271,12 @@ class Generation:
         logprobs: list[disagg_pb2.TokenLogprob] = []
         finish: str | None = None
         for chunk in chunks:
-            if chunk.finish_reason in ("error", "abort"):
+            if chunk.finish_reason in ("error", "abort", "kv_lost"):
                 if tokens:  # deliver what came before the worker gave up on it
                     return [_accept(text, tokens, logprobs, None)] + self._outputs(d, flight, text, [chunk])
                 raise WorkerLost(f"decode worker {d.address} ended the request ({chunk.finish_reason}"
-                                 f"{': ' + chunk.error if chunk.error else ''})")
+                                 f"{': ' + chunk.error if chunk.error else ''})",
+                                 code="kv_lost" if chunk.finish_reason == "kv_lost" else "worker_unavailable")
             tokens.extend(chunk.token_ids)
             logprobs.extend(chunk.logprobs)
             if chunk.finish_reason:
@@ -293,16 +353,24 @@ async def _gather(coros: list[Coroutine[Any, Any, None]]) -> None:
     await asyncio.gather(*coros)
 
 
-def _decode_request(job: GenerationJob, kv: disagg_pb2.KVHandle | None, subscriber: str
-                    ) -> disagg_pb2.DecodeRequest:
+def _decode_request(job: GenerationJob, kv: disagg_pb2.KVHandle | None, subscriber: str,
+                    source: disagg_pb2.KVSource | None = None) -> disagg_pb2.DecodeRequest:
     """The request for a decode worker: the prompt, the tokens generated so far (the prefill worker's first one,
-    or everything streamed before a migration) and, with the first token only, where its KV waits."""
+    or everything streamed before a migration) and, with the first token only, where its KV waits (or, streaming
+    layer-wise before any token, where it is being computed)."""
     req = disagg_pb2.DecodeRequest(version=PROTOCOL_VERSION, request_id=job.request_id, subscriber=subscriber,
                                    prompt_token_ids=job.prompt_ids, params=params_to_proto(job.params),
                                    output_token_ids=job.output_ids)
     if kv is not None:
         req.kv.CopyFrom(kv)
+    elif source is not None and not job.output_ids:
+        req.kv_source.CopyFrom(source)
     return req
+
+
+def _first_output(text: ChoiceText, first: disagg_pb2.PrefillResponse) -> Output:
+    logprobs = [first.first_logprob] if first.HasField("first_logprob") else []
+    return _accept(text, [first.first_token], logprobs, first.finish_reason or None)
 
 
 def _accept(text: ChoiceText, token_ids: list[int], logprobs: list[disagg_pb2.TokenLogprob],

@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-migrations", type=int, metavar="N",
                    help="times a request may move to another decode worker when its own is lost "
                         f"(default {DEFAULTS.max_migrations}; 0: never)")
+    p.add_argument("--kv-streaming", action=argparse.BooleanOptionalAction,
+                   help="send Decode together with Prefill so the decode worker pulls the KV layer group by layer "
+                        f"group while the prefill computes it (default {DEFAULTS.kv_streaming})")
     _add_timing_flags(p)
     for key in ("prefill_overlap_weight", "prefill_load_weight", "decode_overlap_weight", "decode_load_weight"):
         p.add_argument(f"--{key.replace('_', '-')}", dest=key, type=float,

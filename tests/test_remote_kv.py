@@ -139,3 +139,22 @@ def test_a_first_token_that_stops_the_request_leases_nothing(tiny_llama_dir: str
         finish |= {so.request_id: so.finish_reason for so in eng.step() if so.finished}
     assert finish == {"s": "stop", "one": "length"}  # the shared stop rule, as a decode worker would apply it
     assert eng.lease("s") is None and eng.lease("one") is None and eng.load().leased_requests == 0
+
+
+def test_progress_reports_each_layer_as_chunks_run_then_the_first_token(tiny_llama_dir: str) -> None:
+    """Layer-wise streaming reads `kv_progress`: the whole prompt's blocks from admission on, per layer the tokens
+    written after each chunk, and at the end the first token with every layer complete."""
+    eng = LLMEngine(EngineConfig(model=tiny_llama_dir, cache=CacheConfig(num_blocks=40),
+                                 scheduler=SchedulerConfig(max_num_batched_tokens=16)))
+    assert eng.kv_progress("p") is None
+    eng.add_request("p", PROMPT, GREEDY, lease_s=60.0)
+    seen = []
+    while eng.has_unfinished():
+        eng.step()
+        prog = eng.kv_progress("p")
+        assert prog is not None and len(prog.block_ids) == 3 and prog.num_tokens == len(PROMPT)
+        seen.append((prog.layer_tokens, prog.first_token))
+    layers = eng.model_config.num_layers
+    assert [s[0] for s in seen] == [(16,) * layers, (32,) * layers, (37,) * layers]  # 37 tokens in chunks of 16
+    assert seen[-1][1] == eng.lease("p").first_token and seen[0][1] is None
+    assert eng.release_lease("p") and eng.kv_progress("p") is None

@@ -67,10 +67,12 @@ class AsyncEngine:
         self._open(req.request_id, sink)
         self._submit(lambda: self._add(req, sink), None)
 
-    async def receive_kv(self, req: Request, num_tokens: int, timeout_s: float, sink: Sink) -> KVReservation | None:
+    async def receive_kv(self, req: Request, num_tokens: int, timeout_s: float, sink: Sink,
+                         recompute_if_short: bool = True) -> KVReservation | None:
         """Reserve blocks for a request (from `engine.make_request`) whose prompt KV arrives from elsewhere; its
-        outputs go to `sink`. None (no free blocks): the request is already queued to recompute its prompt here.
-        After a reservation, report the transfer with `kv_received` / `kv_failed`."""
+        outputs go to `sink`. None (no free blocks): with `recompute_if_short` the request is already queued to
+        recompute its prompt here, else nothing is registered. After a reservation, report the transfer with
+        `kv_received` / `kv_failed`."""
         self._open(req.request_id, sink)
 
         def reserve() -> KVReservation | None:
@@ -80,13 +82,16 @@ class AsyncEngine:
                 self._fail(req.request_id, sink, e)
                 return None
             if res is None:
-                self._add(req, sink)
+                if recompute_if_short:
+                    self._add(req, sink)
+                elif self._sinks.get(req.request_id) is sink:
+                    del self._sinks[req.request_id]
             return res
 
         return await self.run_between_steps(reserve)
 
-    def kv_received(self, request_id: str) -> None:
-        self._submit(lambda: self.engine.kv_received(request_id), None)
+    def kv_received(self, request_id: str, output_token_ids: list[int] | None = None) -> None:
+        self._submit(lambda: self.engine.kv_received(request_id, output_token_ids=output_token_ids or ()), None)
 
     def kv_failed(self, request_id: str) -> None:
         self._submit(lambda: self.engine.kv_failed(request_id), None)
@@ -107,10 +112,10 @@ class AsyncEngine:
             del self._sinks[request_id]
         sink(StepOutput(request_id, [], True, "error", stop_reason=str(e)))
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str, reason: str = "abort") -> None:
         """Stop the request at the next step boundary and free its blocks (or its lease). Idempotent. Its sink
-        gets a last output with finish reason "abort"."""
-        self._end(request_id)
+        gets a last output with finish reason `reason`."""
+        self._end(request_id, reason)
         self._submit(lambda: self.engine.abort(request_id), None)
 
     async def abort_and_wait(self, request_id: str) -> bool:
@@ -118,10 +123,10 @@ class AsyncEngine:
         self._end(request_id)
         return await self.run_between_steps(lambda: self.engine.abort(request_id))
 
-    def _end(self, request_id: str) -> None:
+    def _end(self, request_id: str, reason: str = "abort") -> None:
         sink = self._sinks.pop(request_id, None)
         if sink is not None:
-            sink(StepOutput(request_id, [], True, "abort"))
+            sink(StepOutput(request_id, [], True, reason))
 
     def call_soon(self, fn: Callable[[], Any]) -> None:
         """Run `fn` on the loop thread before the next step, without waiting (safe from `finally` blocks)."""

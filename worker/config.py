@@ -19,6 +19,8 @@ class TransferConfig:
     timeout_s: float = 10.0  # a pull slower than this is abandoned and the prompt recomputed locally
     lease_s: float = 30.0  # a prefill worker keeps finished prompts' blocks this long for the pull
     fault: str | None = None  # test-only fault injection on the decode side's reads: fail | hang
+    layer_groups: int = 4  # layer-wise streaming: a prompt's KV is pulled in this many groups of layers
+    stream_timeout_s: float = 300.0  # layer-wise streaming: the longest a pull may take, the prefill itself included
     nixl_progress_thread: bool | None = None  # true: NIXL's own (spinning) progress thread; false: a Python thread
     # polls NIXL every 1 ms, leaving the cores to the engine; null: true for a GPU KV cache, false for a CPU one
     drain_timeout_s: float = 60.0  # a worker told to stop (SIGTERM) finishes its requests and keeps its leases
@@ -29,6 +31,10 @@ class TransferConfig:
             raise ConfigError(f"transfer.backend must be nixl, tcp or cuda_ipc, got {self.backend!r}")
         if self.timeout_s <= 0 or self.lease_s <= self.timeout_s:
             raise ConfigError("transfer needs 0 < timeout_s < lease_s (a pull must end before its lease does)")
+        if not (isinstance(self.layer_groups, int) and self.layer_groups >= 1):
+            raise ConfigError(f"transfer.layer_groups must be a positive int, got {self.layer_groups!r}")
+        if self.stream_timeout_s <= self.timeout_s:
+            raise ConfigError("transfer.stream_timeout_s must be > timeout_s (it covers the prefill as well)")
         if self.nixl_progress_thread not in (None, True, False):
             raise ConfigError(f"transfer.nixl_progress_thread must be true, false or null, got {self.nixl_progress_thread!r}")
         if isinstance(self.drain_timeout_s, bool) or not isinstance(self.drain_timeout_s, int | float) \

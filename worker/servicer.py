@@ -36,6 +36,9 @@ class TransferCounters:
     transfer_failures: int = stat("KV transfers that failed on the worker since start")
     pull_cached_blocks: int = stat("Prompt blocks a decode worker found in its own prefix cache instead of pulling, "
                                    "since start")
+    stream_reads: int = stat("Layer-group reads of layer-wise KV pulls, since start")
+    stream_exposed_seconds: float = stat("Seconds layer-wise pulls spent reading after their prefill had finished "
+                                         "(the transfer time not hidden behind it), since start")
 
 
 class KVEventLog:
