@@ -74,12 +74,12 @@ def sim_config(m: dict[str, Any], seed: int = 0) -> SimConfig:
 
 
 def run(m: dict[str, Any], cfg: dict[str, Any], hours: float, start_h: float, cells: int, processes: int,
-        seed: int = 0) -> dict[str, Any]:
+        seed: int = 0, only: int = 0) -> dict[str, Any]:
     prof = Profile.load(m["profile"])
     w = workload(m, hours, start_h, seed)
     t0 = time.perf_counter()
     result = run_fleet(ClusterConfig.from_dict(copy.deepcopy(cfg)), sim_config(m, seed), prof, None, w.chunks,
-                       hours * 3600, cells, processes)
+                       hours * 3600, cells, processes, only)
     result["wall_s"] = round(time.perf_counter() - t0, 2)
     result["window_h"] = [start_h, start_h + hours]
     return result
@@ -165,16 +165,18 @@ def study(a: argparse.Namespace) -> dict[str, Any]:
     with open(base + "_cluster.yaml", "w") as f:
         yaml.safe_dump(cfg, f, sort_keys=False)
     gpus = Profile.load(m["profile"]).gpus_per_replica
-    auto = run(m, cfg, a.hours, 0.0, a.cells, a.processes)
+    auto = scale_to_fleet(run(m, cfg, a.hours, 0.0, a.cells, a.processes, only=a.only_cells),
+                          a.cells / (a.only_cells or a.cells))
     print("autoscaled:", summary_line(auto), f"wall {auto['wall_s']} s", flush=True)
     plot_timeline(auto, base + "_timeline.png", f"Llama-3-{a.model.upper()}: planner, {a.hours:g} h")
     peak_p = max(r["prefill"]["desired"] for r in auto["timeline"])
     peak_d = max(r["decode"]["desired"] for r in auto["timeline"])
     busiest = max(range(len(auto["timeline"])), key=lambda i: auto["timeline"][i]["arrivals_s"])
     start_h = max(0.0, auto["timeline"][busiest]["t"] / 3600 - 0.5)
-    check = run(m, fixed(cfg, peak_p, peak_d), 1.0, start_h, a.cells, a.processes)
+    check = run(m, fixed(cfg, peak_p, peak_d), 1.0, start_h, a.cells, a.processes, only=a.only_cells)
     best = best_fixed_ratio(auto, gpus)
     out = {"model": a.model, "profile": auto["profiles"], "cluster": cfg, "hours": a.hours, "cells": a.cells,
+           "cells_simulated": a.only_cells or a.cells,
            "autoscaled": {k: auto[k] for k in ("summary", "pools", "gpu_hours", "wall_s", "still_in_flight")},
            "decisions": len(auto["decisions"]),
            "fixed_for_peak": {"prefill": peak_p, "decode": peak_d, "gpus": (peak_p + peak_d) * gpus,
@@ -193,6 +195,49 @@ def study(a: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def scale_to_fleet(result: dict[str, Any], factor: float) -> dict[str, Any]:
+    """A run of some of the cells as the whole fleet's: replica counts and hours times `factor` (cells are alike:
+    each serves an independent, equal share of the traffic with the same settings); latencies and SLO fractions
+    are the simulated cells' own."""
+    if factor == 1:
+        return result
+    result["gpu_hours"] *= factor
+    for p in result["pools"].values():
+        for k in ("started", "replica_hours", "gpu_hours", "steps"):
+            p[k] *= factor
+    for row in result["timeline"]:
+        row["gpus"] = round(row["gpus"] * factor)
+        row["arrivals_s"], row["done_s"] = round(row["arrivals_s"] * factor, 3), round(row["done_s"] * factor, 3)
+        for role in ("prefill", "decode"):
+            row[role] = {k: (round(v * factor) if v is not None else None) for k, v in row[role].items()}
+    result["scaled_to_fleet_by"] = factor
+    return result
+
+
+def explore(a: argparse.Namespace) -> None:
+    """One autoscaled window, printed as a compact timeline (for trying planner settings)."""
+    from simulator.report import summary_line
+
+    m = dict(MODELS[a.model])
+    if a.decode_metric:
+        metric, _, target = a.decode_metric.partition(":")
+        m["decode"] = (*m["decode"][:3], float(target))
+    cfg = fleet_yaml(m, a.cells)
+    if a.decode_metric:
+        cfg["autoscaling"]["decode"]["metric"] = metric
+    for role, n in zip(("prefill", "decode"), a.start_pools or (), strict=False):
+        cfg["pools"][role]["replicas"] = n
+    r = run(m, cfg, a.hours, a.start_h, a.cells, a.processes, only=a.only_cells)
+    print(summary_line(r), f"wall {r['wall_s']} s")
+    for row in r["timeline"][::max(1, len(r["timeline"]) // 15)]:
+        print(f"{a.start_h + row['t'] / 3600:6.2f} h  {row['arrivals_s']:8.1f} req/s  P {row['prefill']}  "
+              f"D {row['decode']}  SLO met {row['slo_met']}  TTFT p99 {row['ttft_p99_ms']}  ITL p99 {row['itl_p99_ms']}")
+    for d in r["decisions"][:12]:
+        print(d)
+    with open(os.path.join(a.out, f"sim_fleet_{a.model}_explore.json"), "w") as f:
+        json.dump(r, f, indent=1)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="8b", choices=sorted(MODELS), help="8b (one GPU a replica) or 70b (TP=4)")
@@ -200,10 +245,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cells", type=int, default=8, help="routing cells the fleet is split into (default 8)")
     p.add_argument("--processes", type=int, default=2, help="processes simulating cells (default 2)")
     p.add_argument("--timing-only", action="store_true", help="only time one simulated peak hour")
+    p.add_argument("--explore", action="store_true", help="only the autoscaled run of --start-h + --hours, printed")
+    p.add_argument("--start-h", type=float, default=0.0, help="--explore: hour of the day to start at (default 0)")
+    p.add_argument("--start-pools", type=int, nargs=2, metavar=("P", "D"), help="--explore: pools at the start")
+    p.add_argument("--only-cells", type=int, default=0, help="simulate only this many of the cells (cells are alike; "
+                   "fleet replica counts and GPU-hours are scaled up, latencies are theirs)")
+    p.add_argument("--decode-metric", default="", help="--explore: the decode pool's METRIC:TARGET instead, e.g. "
+                   "kv_usage:0.6")
     p.add_argument("--no-timing", action="store_true", help="skip timing the peak hour")
     p.add_argument("--out", default="benchmarks/results", help="output folder")
     a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
+    if a.explore:
+        explore(a)
+        return
     if a.timing_only:
         t = timing(MODELS[a.model], fleet_yaml(MODELS[a.model], a.cells), a.cells, a.processes)
         print(json.dumps(t), flush=True)
