@@ -69,7 +69,7 @@ def rank_main(spec: RankSpec, conn: Connection) -> None:
                         device)
         shard = ModelShard(spec.config, device, spec.num_blocks, spec.max_model_len, group)
         _trim_heap()
-        _reply(conn, "ready", {"pid": os.getpid(), "param_bytes": shard.param_bytes})
+        _reply(conn, "ready", {"pid": os.getpid(), "param_bytes": shard.param_bytes, **resident_memory()})
         layout = kv_layout(spec.config, shard.model_config, spec.num_blocks)
         _serve(conn, shard, group, RankKV(spec.rank, layout, shard.kv_cache))
     except (EOFError, BrokenPipeError, ConnectionResetError):
