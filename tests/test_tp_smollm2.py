@@ -82,10 +82,11 @@ def test_each_rank_holds_a_third_of_the_weights(engines: tuple[LLMEngine, LLMEng
     per_rank = [three._runner.shard.param_bytes] + [r["param_bytes"] for r in three._runner.ranks.ready]
     assert all(0.32 < b / full < 0.36 for b in per_rank), (per_rank, full)  # a third, plus replicated norms
     mem = three.run_on_ranks(resident_memory)[1:]  # rank 0 is this test process
-    whole = subprocess.run([sys.executable, "-c", "import torch; from engine.config import EngineConfig; "
-                            "from engine.model_shard import load_model; from engine.parallel.rank import "
-                            "resident_memory as m; x = load_model(EngineConfig(), torch.device('cpu')); "
-                            "import ctypes; ctypes.CDLL('libc.so.6').malloc_trim(0); print(m()['RssAnon'])"], capture_output=True, text=True, check=True)
+    load_one_rank = ("import ctypes, torch; from engine.config import EngineConfig; from engine.model_shard import "
+                     "load_model; from engine.parallel.rank import resident_memory as m; "
+                     "x = load_model(EngineConfig(), torch.device('cpu')); ctypes.CDLL('libc.so.6').malloc_trim(0); "
+                     "print(m()['RssAnon'])")
+    whole = subprocess.run([sys.executable, "-c", load_one_rank], capture_output=True, text=True, check=True)
     one_rank, kv = int(whole.stdout), three.kv_cache.numel() * three.kv_cache.element_size()
     print(f"\nSmolLM2 float32 weights {full >> 20} MiB, TP=3 parameters per rank "
           f"{[b >> 20 for b in per_rank]} MiB; RssAnon: a one-rank process after loading {one_rank >> 20} MiB, "
