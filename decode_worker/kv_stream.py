@@ -145,6 +145,7 @@ class KVStreamPuller:
             return 0
         # Tags other than the request id: the prefill worker frees the lease only on the request's own tag
         # (or ReleaseKV, sent once every read is done).
+        t0 = time.monotonic()
         handle = p.agent.start_read(src.agent_name, remote_blocks[b0:b1], res.block_ids[b0:b1],
                                     tag=f"{rid}#{layers[0]}.{b1}", layers=layers)
         try:
@@ -154,4 +155,5 @@ class KVStreamPuller:
         if st is not TransferStatus.DONE:
             raise KVLost(f"read of layers {layers} of blocks {b0}..{b1 - 1} {st.value}: {handle.error or 'timeout'}")
         p.counters.stream_reads += 1
+        p.counters.stream_read_seconds += time.monotonic() - t0
         return handle.nbytes

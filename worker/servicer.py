@@ -37,6 +37,7 @@ class TransferCounters:
     pull_cached_blocks: int = stat("Prompt blocks a decode worker found in its own prefix cache instead of pulling, "
                                    "since start")
     stream_reads: int = stat("Layer-group reads of layer-wise KV pulls, since start")
+    stream_read_seconds: float = stat("Seconds layer-wise pulls spent in reads (the transfer itself), since start")
     stream_exposed_seconds: float = stat("Seconds layer-wise pulls spent reading after their prefill had finished "
                                          "(the transfer time not hidden behind it), since start")
 
