@@ -118,11 +118,22 @@ def timing(m: dict[str, Any], cfg: dict[str, Any], cells: int, processes: int) -
     cfg = copy.deepcopy(cfg)
     for role, n in zip(("prefill", "decode"), m["peak_pools"], strict=True):
         cfg["pools"][role]["replicas"] = n
+    cpu0 = cpu_seconds()
     r = run(m, cfg, 1.0, 13.5, cells, processes)
+    cpu = cpu_seconds() - cpu0
     return {"simulated_h": 1.0, "window_h": [13.5, 14.5], "requests": r["summary"]["arrived"], "wall_s": r["wall_s"],
             "cells": cells, "processes": processes, "gpus_start": sum(m["peak_pools"]) * r["pools"]["prefill"][
                 "gpus_per_replica"], "slo_met_fraction": r["summary"]["slo_met_fraction"],
-            "load_average": os.getloadavg()}
+            "load_average": os.getloadavg(), "cpu_s": round(cpu, 1),
+            "wall_s_on_idle_cores": round(cpu / min(processes, cells), 1)}
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its finished children (the cell processes)."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def plot_ratio(result: dict[str, Any], best: dict[str, Any], peak_gpus: int, gpus: int, path: str, title: str) -> None:

@@ -123,9 +123,10 @@ class Collector:
             "request_rate": round(self.completed / duration_s, 4) if duration_s else None,
             "goodput_req_s": round(self.good / duration_s, 4) if duration_s else None,
             "slo": {"ttft_ms": self.slo.ttft_s * 1e3, "itl_ms": self.slo.itl_s * 1e3},
-            "slo_met_fraction": round(self.good / total, 5) if total else None,
-            "ttft_slo_met_fraction": round(self.ttft_ok / total, 5) if total else None,
-            "itl_slo_met_fraction": round(self.itl_ok / total, 5) if total else None,
+            # over every request that arrived: one failed or never finished (stuck past the drain grace) missed it
+            "slo_met_fraction": round(self.good / self.arrived, 5) if self.arrived else None,
+            "ttft_slo_met_fraction": round(self.ttft_ok / self.arrived, 5) if self.arrived else None,
+            "itl_slo_met_fraction": round(self.itl_ok / self.arrived, 5) if self.arrived else None,
             "recomputes": self.recomputes}
         for name, h in (("ttft", self.ttft), ("itl", self.itl), ("e2e", self.e2e), ("request_itl_p99", self.req_itl)):
             for p in (50, 90, 99):
