@@ -22,6 +22,7 @@ from engine.stats import EngineLoad
 
 log = logging.getLogger(__name__)
 
+IDLE_WAIT_S = 0.002  # a step that scheduled nothing waits this long (or for a submission) before the next
 Sink = Callable[[StepOutput], None]  # where a request's outputs go, one call per step that gave it any
 
 
@@ -152,15 +153,16 @@ class AsyncEngine:
                 for hook in self._hooks:
                     hook()
                 if self.engine.has_unfinished():
+                    steps = self.engine.stats.steps
                     outputs = await loop.run_in_executor(self._executor, self.engine.step)
                     self._dispatch(outputs)
                     self.snapshot = self.engine.load()
+                    if self.engine.stats.steps == steps:  # nothing could run (held back: a grammar compiling,
+                        await self._idle(IDLE_WAIT_S)  # a fork's source still computing): do not spin
                 else:
                     self.engine.check_deadlines()
                     self.snapshot = self.engine.load()
-                    self._wake.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), timeout=0.05)
+                    await self._idle(0.05)
         except asyncio.CancelledError:
             raise
         except BaseException as e:  # the worker reports unhealthy rather than hanging its streams
@@ -169,6 +171,12 @@ class AsyncEngine:
             for rid, sink in self._sinks.items():
                 sink(StepOutput(rid, [], True, "error", stop_reason=f"engine loop died: {e!r}"))
             self._sinks.clear()
+
+    async def _idle(self, timeout_s: float) -> None:
+        """Sleep until something is submitted or `timeout_s` passes."""
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=timeout_s)
 
     def _apply_pending(self) -> None:
         pending, self._pending = self._pending, []
