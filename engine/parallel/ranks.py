@@ -74,8 +74,10 @@ class RankProcesses:
         a gRPC server) nor a multiprocessing spawn (which re-imports the caller's __main__); the spec goes over
         its socket, and a thread waits for its exit."""
         ours, theirs = socket.socketpair()
+        # Its own session: a terminal's Ctrl-C or a signal to the worker's process group goes to rank 0, which
+        # decides (drain, then stop); a rank ends with its pipe or its parent.
         proc = subprocess.Popen([sys.executable, "-m", "engine.parallel.rank", str(theirs.fileno())],
-                                pass_fds=(theirs.fileno(),), close_fds=True)
+                                pass_fds=(theirs.fileno(),), close_fds=True, start_new_session=True)
         theirs.close()
         conn = Connection(ours.detach())
         self._procs.append(proc)
