@@ -26,6 +26,7 @@ from engine.models.checkpoint import Slot
 from engine.models.layers import RotaryEmbedding
 from engine.models.parallel import check_divisible, kv_head_range
 from engine.parallel.group import SINGLE, TPGroup, building
+from engine.quantization import quantize_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -62,6 +63,8 @@ def load_model(config: EngineConfig, device: torch.device, tp: TPGroup = SINGLE)
             module.build_cache(device)
         if hasattr(module, "zero_padding"):
             module.zero_padding()
+    if config.quantization is not None:
+        quantize_model(model, config.quantization, device)
     return model.eval()
 
 

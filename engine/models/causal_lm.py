@@ -44,6 +44,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = model
+        self.head_weight: nn.Parameter | None = None  # set only by engine/quantization.py, for a tied LM head
         self.lm_head = None if cfg.tie_word_embeddings else ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
         self.tp = current()
 
@@ -69,6 +70,8 @@ class CausalLM(nn.Module):
         (a buffer shared by all CUDA graphs). Under tensor parallelism every rank calls it (a collective) and every
         rank gets the whole logits."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        if self.head_weight is not None:  # a quantized copy of a tied LM head (engine/quantization.py)
+            weight = self.head_weight
         logits = ops.linear(hidden, weight)
         if self.config.final_logit_softcap is not None:
             logits = ops.softcap(logits, self.config.final_logit_softcap)
