@@ -29,8 +29,9 @@ from engine.kv_progress import LayerProgress
 from engine.lookahead import Lookahead
 from engine.model_runner import DTYPES, ModelRunner, num_kv_blocks
 from engine.parallel.kv_heads import KVHeadLayout
+from engine.prompt_logprobs import take as take_prompt_logprobs
 from engine.remote_kv import KVLease, KVProgress, KVReservation, RemoteKV
-from engine.request import FinishReason, InvalidRequestError, Request, RequestStatus, SamplingParams
+from engine.request import FinishReason, InvalidRequestError, PromptLogprob, Request, RequestStatus, SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.spec_decode import build_proposer
 from engine.stats import EngineLoad, EngineStats
@@ -48,6 +49,9 @@ class StepOutput:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     new_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    # params.prompt_logprobs, in the request's first output only: None for the first prompt token, then one record
+    # per prompt token (engine/prompt_logprobs.py). None otherwise, or when its prompt was not computed here.
+    prompt_logprobs: list[PromptLogprob | None] | None = None
 
 
 class LLMEngine:
@@ -307,7 +311,7 @@ class LLMEngine:
                 self._proposer.remove(r.request_id)
         return StepOutput(r.request_id, r.output_token_ids[-n:] if n else [], finished,
                           r.finish_reason.value if r.finish_reason else None, r.stop_reason,
-                          r.logprobs[-s.num_logprobs:] if s.num_logprobs else [])
+                          r.logprobs[-s.num_logprobs:] if s.num_logprobs else [], take_prompt_logprobs(r))
 
     def _count_prompt_tokens(self, out: SchedulerOutput) -> None:
         for s in out.scheduled:

@@ -10,7 +10,7 @@ logits give its first token, so each choice samples its own.
 
 A request whose source is unknown here (finished, aborted, on another worker) or has another prompt, or that has
 output tokens already (a choice resumed after a migration), is computed as usual; the prefix cache may still
-share its full blocks.
+share its full blocks. A request asking for prompt logprobs never forks: it computes every prompt position itself.
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ class PromptForks:
     def _source(self, req: Request) -> Request | None:
         """The sibling `req` may fork from, or None when it computes its prompt itself."""
         rid = req.params.fork_from
-        if not rid or req.output_token_ids or rid == req.request_id:
-            return None
+        if not rid or req.output_token_ids or rid == req.request_id or req.needs_prompt_logprobs:
+            return None  # (prompt logprobs need every prompt position computed by the request itself)
         src = self.lookup(rid)
         if src is None or src.is_finished or src.prompt_token_ids != req.prompt_token_ids:
             return None

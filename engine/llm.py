@@ -12,7 +12,7 @@ from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.engine import LLMEngine
 from engine.loader import resolve_source
 from engine.output_processor import RequestTextStream
-from engine.request import InvalidRequestError, SamplingParams
+from engine.request import InvalidRequestError, PromptLogprob, SamplingParams
 from engine.tokenizer import Tokenizer
 
 Prompt = str | list[int] | dict[str, Any]
@@ -35,6 +35,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = True
+    prompt_logprobs: list[PromptLogprob | None] | None = None  # params.prompt_logprobs (None for the first token)
 
     @property
     def text(self) -> str:
@@ -116,6 +117,8 @@ class LLM:
         bar = tqdm(total=len(plist), desc="Generating", disable=not use_tqdm)
         while self.engine.has_unfinished():
             for so in self.engine.step():
+                if so.prompt_logprobs is not None:
+                    outs[so.request_id].prompt_logprobs = so.prompt_logprobs
                 self._apply(outs[so.request_id].outputs[0], so, streams.get(so.request_id), bar)
         bar.close()
         return sorted(outs.values(), key=lambda o: order[o.request_id])

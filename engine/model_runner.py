@@ -34,6 +34,7 @@ from engine.parallel.group import SINGLE
 from engine.parallel.kv_heads import RankKV, kv_layout
 from engine.parallel.ranks import RankProcesses, run_everywhere
 from engine.parallel.step import StepTables
+from engine.prompt_logprobs import PromptLogprobs, prompt_spans, split_logits
 from engine.request import Request
 from engine.sampler import DeviceSamples, Sampler, SampleResult, row_tensor
 from engine.scheduler import SchedulerOutput
@@ -53,12 +54,17 @@ class LaunchedStep:
     samples: DeviceSamples | None = None  # plain sampling of the sampled rows, still on its way to the host
     verdicts: list[list[SampleResult]] | None = None  # speculative verdicts per sampled row (already on the host)
     done: torch.cuda.Event | None = None  # after the forward of a CUDA step that samples nothing
+    prompt: PromptLogprobs | None = None  # prompt logprobs of the step's prompt chunks that asked for them
 
     def wait(self) -> list[list[SampleResult] | None]:
         """The new tokens per scheduled request, once the step's own kernels have finished on the device (not
-        work queued after them): when the engine frees blocks after a step, no kernel of it still writes them."""
+        work queued after them): when the engine frees blocks after a step, no kernel of it still writes them.
+        Requests that asked for prompt logprobs get this step's records appended (engine/prompt_logprobs.py)."""
         if self.done is not None:
             self.done.synchronize()
+        if self.prompt is not None:
+            self.prompt.record()
+            self.prompt = None
         if self.verdicts is not None:
             per = self.verdicts
         else:
@@ -67,7 +73,7 @@ class LaunchedStep:
 
     def select(self, requests: list[int]) -> LaunchedStep:
         """The same launched work seen by a later step that schedules only these of its requests."""
-        return LaunchedStep([self.rows[i] for i in requests], self.samples, self.verdicts, self.done)
+        return LaunchedStep([self.rows[i] for i in requests], self.samples, self.verdicts, self.done, self.prompt)
 
     def input_ids_for(self, requests: list[int]) -> torch.Tensor:
         """The device tokens sampled for these scheduled requests, as the next step's input ids (no host sync)."""
@@ -161,19 +167,27 @@ class ModelRunner:
         for f in samples:
             rows.append(n if f else None)
             n += f
-        logits = self._logits(self._sequences(out, samples), kv)
+        seqs = self._sequences(out, samples)
+        spec = [s.num_spec_tokens for s in out.scheduled]
+        spans = prompt_spans([s.request for s in out.scheduled], seqs, spec)
+        logits = self._logits(seqs, kv)
+        prompt = None
+        if spans:  # only a step with a request asking for prompt logprobs: its logits hold their rows too
+            assert logits is not None
+            logits, prompt = split_logits(logits, seqs, spec, samples, spans)
         if logits is None:  # prompt chunks only: an event stands in for the sampled tokens' copy (see wait())
             done = torch.cuda.Event() if self.device.type == "cuda" else None
             if done is not None:
                 done.record()
-            return LaunchedStep(rows, done=done)
+            return LaunchedStep(rows, done=done, prompt=prompt)
         sampling = [s for s, f in zip(out.scheduled, samples, strict=True) if f]
         requests = [s.request for s in sampling]
         if any(s.num_spec_tokens for s in sampling):
             drafts = [s.request.spec_token_ids for s in sampling]
             probs = [(draft_probs or {}).get(r.request_id) for r in requests]
-            return LaunchedStep(rows, verdicts=rejection_sample(self.sampler, logits, requests, drafts, probs))
-        return LaunchedStep(rows, self.sampler.sample_async(logits, requests))
+            return LaunchedStep(rows, verdicts=rejection_sample(self.sampler, logits, requests, drafts, probs),
+                                prompt=prompt)
+        return LaunchedStep(rows, self.sampler.sample_async(logits, requests), prompt=prompt)
 
     @torch.inference_mode()
     def launch_decode(self, requests: list[Request], input_ids: torch.Tensor, kv: KVCacheManager,

@@ -17,6 +17,11 @@ class InvalidRequestError(ValueError):
     """The request cannot be served as asked (bad parameter, too long, cannot fit)."""
 
 
+# One prompt token's record (params.prompt_logprobs): (its logprob given the tokens before it, its rank among the
+# vocabulary (1: the most likely), [(token, logprob), ...] the k most likely tokens at that position).
+PromptLogprob = tuple[float, int, list[tuple[int, float]]]
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick each next token and when to stop."""
@@ -43,6 +48,8 @@ class SamplingParams:
     structured_output: str = ""  # a grammar the output must follow, engine.grammar's wire form; "": none
     fork_from: str = ""  # n > 1: a sibling request with the same prompt whose prompt KV this one shares instead of
     # computing it (engine/fork.py); "" or a request this engine does not hold: computed as usual
+    prompt_logprobs: int | None = None  # each prompt token's logprob (after the first), its rank and this many top
+    # alternatives, returned with the first output (engine/prompt_logprobs.py); the prompt is then computed whole
 
     def __post_init__(self) -> None:
         for name in ("stop_token_ids", "allowed_token_ids"):
@@ -65,6 +72,8 @@ class SamplingParams:
             (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
             (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}"),
+            (self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs <= 20),
+             f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
             (isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
              f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"),
@@ -142,6 +151,16 @@ class Request:
     # Structured output (params.structured_output): the grammar matcher, advanced by every token appended to the
     # output (engine.grammar.GrammarState); None without a grammar.
     grammar: Any = None
+    # params.prompt_logprobs: the records of prompt tokens 1, 2, ... computed so far (position p's logits give token
+    # p + 1's), in order; handed out (and cleared) with the request's first output, after which none is computed.
+    prompt_logprobs: list[PromptLogprob] = field(default_factory=list)
+    prompt_logprobs_sent: bool = False
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Asked for prompt logprobs and not given them yet: every prompt position must be computed here (no
+        prefix-cache match, no fork of a sibling's prompt KV)."""
+        return self.params.prompt_logprobs is not None and not self.prompt_logprobs_sent
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -178,7 +178,8 @@ class Scheduler:
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while budget > 0 and len(self.running) < self.config.max_num_seqs and (req := self._next_waiting()):
             hit = 0
-            if req.num_computed_tokens == 0 and not self.kv.has(req.request_id):
+            # A request that wants prompt logprobs computes every prompt position: no cached prefix, no fork.
+            if req.num_computed_tokens == 0 and not self.kv.has(req.request_id) and not req.needs_prompt_logprobs:
                 hit = req.num_computed_tokens = (self.forks.take(req) if self.forks else 0) or self.kv.match_prefix(req)
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             # A prefill-role request takes its whole prompt's blocks at once: their ids are handed out before its
