@@ -1,0 +1,290 @@
+"""Chaos soak (issue 20): a supervised local cluster (`disagg serve`'s code path) under a mix of requests while
+workers are killed (-9), frozen (SIGSTOP/SIGCONT) and stopped (SIGTERM) on a schedule. Then it checks that
+
+  * every request the client did not cut itself got its whole answer: a stream ends with [DONE], no error event
+    and no 5xx reached a client (errors surfaced to clients: the goal is 0);
+  * every greedy and seeded answer equals the single-process engine's (engine.llm.LLM, same model);
+  * every bad input got a 4xx with an error body;
+  * afterwards each worker's free KV blocks equal its total, with no lease, no running request, no quarantined
+    block; no process of the run outlives it; the router's memory stays flat.
+
+    python -m benchmarks.chaos --requests 10000 --baseline 1000 --out benchmarks/results/chaos.json
+
+The figures: requests, faults by kind, migrations (the router's counter), errors, leaked blocks, and TTFT / ITL
+p50 and p99 as the clients measured them, in a phase without faults (--baseline) and in the chaos phase.
+Workload: benchmarks/chaos_load.py; faults: benchmarks/chaos_faults.py; tests/test_chaos.py runs a small soak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import re
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import yaml
+
+from benchmarks.chaos_faults import ACTIONS, Chaos, FaultPlan
+from benchmarks.chaos_load import Mix, Result, Spec, make_specs, run_all
+from benchmarks.serving import percentile
+from deploy.config import ClusterConfig
+from deploy.local import LocalCluster, RestartPolicy
+from proto import disagg_pb2, disagg_pb2_grpc
+from proto.convert import WorkerLoad, load_from_proto
+from worker.server import free_port
+
+log = logging.getLogger("chaos")
+
+
+@dataclass(frozen=True)
+class SoakConfig:
+    """One soak: the cluster, the load, the faults."""
+
+    requests: int = 300  # requests of the chaos phase
+    baseline: int = 0  # requests of a phase without faults first (for the latency comparison); 0: none
+    concurrency: int = 16  # requests in flight at once (closed loop)
+    prefill: int = 1  # prefill workers
+    decode: int = 2  # decode workers (at least 2: a decode worker is hit only while another one serves)
+    seed: int = 0  # the request mix and the fault schedule
+    mix: Mix = field(default_factory=Mix)  # kinds of request
+    faults: FaultPlan = field(default_factory=FaultPlan)  # what breaks, how often
+    transfer_backend: str = "tcp"  # nixl | tcp
+    settle_s: float = 60.0  # after the run: how long workers get to come back and free their blocks
+
+    def __post_init__(self) -> None:
+        if self.requests < 1 or self.concurrency < 1 or self.prefill < 0 or self.decode < 2:
+            raise ValueError("a soak needs requests >= 1, concurrency >= 1, prefill >= 0 and decode >= 2")
+
+
+def cluster_yaml(cfg: SoakConfig) -> dict[str, Any]:
+    return {
+        "model": "smollm2",
+        "engine": {"cache": {"num_blocks": 256}, "scheduler": {"max_num_seqs": 32, "max_num_batched_tokens": 1024}},
+        "transfer": {"backend": cfg.transfer_backend, "timeout_s": 5, "lease_s": 10, "drain_timeout_s": 5},
+        "router": {"health_interval_s": 0.5, "rpc_timeout_s": 2.0, "worker_timeout_s": 30, "max_migrations": 5},
+        "pools": {"prefill": {"replicas": cfg.prefill}, "decode": {"replicas": cfg.decode}},
+    }
+
+
+def references(specs: list[Spec]) -> dict[tuple[str, int, int | None], str]:
+    """The single-process engine's text for every distinct greedy / seeded request."""
+    from engine.llm import LLM
+    from engine.request import SamplingParams
+
+    keys = sorted({s.reference_key for s in specs if s.kind in ("greedy", "seeded")}, key=str)
+    params = [SamplingParams(max_tokens=n, temperature=0.0) if seed is None else
+              SamplingParams(max_tokens=n, temperature=0.8, top_p=0.95, seed=seed) for _, n, seed in keys]
+    outs = LLM("smollm2", num_blocks=512).generate([p for p, _, _ in keys], params)
+    return {k: o.text for k, o in zip(keys, outs, strict=True)}
+
+
+class RSSWatch:
+    """The router process's resident memory (MiB), sampled every `every_s` in a thread."""
+
+    def __init__(self, cluster: LocalCluster, every_s: float = 1.0) -> None:
+        self.cluster, self.every_s, self.samples = cluster, every_s, []  # (seconds since start, MiB)
+        self._stop, self._began = threading.Event(), time.monotonic()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="rss")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                status = Path(f"/proc/{self.cluster.procs['router'].popen.pid}/status").read_text()
+            except OSError:
+                continue
+            m = re.search(r"VmRSS:\s+(\d+)", status)
+            if m:  # none in a process that is exiting
+                self.samples.append((round(time.monotonic() - self._began, 1), round(int(m.group(1)) / 1024, 1)))
+
+    def stop(self) -> dict[str, Any]:
+        """Growth from the end of warm-up (the first tenth of the samples) to the end."""
+        self._stop.set()
+        self._thread.join()
+        mib = [m for _, m in self.samples]
+        if len(mib) < 2:
+            return {"samples": self.samples}
+        warm = mib[max(1, len(mib) // 10)]
+        return {"after_warmup_mib": warm, "end_mib": mib[-1], "max_mib": max(mib), "growth_mib": mib[-1] - warm,
+                "samples": self.samples}
+
+
+def evaluate(results: list[Result], refs: dict[tuple[str, int, int | None], str]) -> dict[str, Any]:
+    """What the clients got, against what they should have."""
+    errors: list[dict[str, Any]] = []
+    wrong: list[dict[str, Any]] = []
+    undone = bad_ok = 0
+    for r in results:
+        s = r.spec
+        if s.kind == "bad":
+            bad_ok += not r.error
+            if r.error:
+                errors.append({"index": s.index, "kind": s.kind, "error": r.error})
+            continue
+        if r.cut:
+            continue
+        if r.error or not r.done:
+            errors.append({"index": s.index, "kind": s.kind, "stream": s.stream, "status": r.status,
+                           "error": r.error or "no [DONE]"})
+            undone += int(s.stream and not r.done)
+        elif s.kind in ("greedy", "seeded") and r.text != refs[s.reference_key]:
+            wrong.append({"index": s.index, "kind": s.kind, "max_tokens": s.max_tokens, "got": r.text,
+                          "want": refs[s.reference_key]})
+    kinds = {k: sum(1 for r in results if r.spec.kind == k) for k in ("greedy", "seeded", "abort", "disconnect",
+                                                                       "bad")}
+    timed = [r for r in results if r.spec.kind == "greedy" and r.spec.stream and not r.error and r.done]
+    ttft = [r.ttft for r in timed if r.ttft is not None]
+    itl = [x for r in timed for x in r.itls]
+    return {"requests": len(results), "kinds": kinds, "cut_by_client": sum(r.cut for r in results),
+            "errors_to_clients": len([e for e in errors if e["kind"] != "bad"]), "bad_inputs_rejected": bad_ok,
+            "streams_without_done": undone, "wrong_text": len(wrong), "errors": errors[:50], "wrong": wrong[:20],
+            "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
+            "itl_p50_s": percentile(itl, 50), "itl_p99_s": percentile(itl, 99),
+            "wall_s": round(max(r.end for r in results) - min(r.start for r in results), 1)}
+
+
+def router_counter(cluster: LocalCluster, name: str) -> float:
+    text = httpx.get(f"{cluster.url}/metrics", timeout=10).text
+    m = re.search(rf"^{name} ([0-9.e+]+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def settle(cluster: LocalCluster, timeout_s: float) -> dict[str, dict[str, float]]:
+    """Wait until every worker is back up and holds nothing; each worker's last Load figures."""
+    deadline, out = time.monotonic() + timeout_s, {}
+    keys = ("kv_blocks_free", "kv_blocks_total", "kv_blocks_quarantined", "leased_requests", "num_running",
+            "num_waiting", "num_receiving_kv")
+    for name in [n for n in cluster.procs if n != "router"]:
+        while True:
+            p = cluster.procs[name]
+            try:
+                rep = worker_load(p.address) if p.state == "up" and p.popen.poll() is None else None
+            except grpc.RpcError:
+                rep = None
+            idle = rep is not None and rep.kv_blocks_free == rep.kv_blocks_total and not (
+                rep.leased_requests or rep.num_running or rep.num_waiting or rep.kv_blocks_quarantined)
+            if idle or p.state == "down" or time.monotonic() > deadline:
+                out[name] = {k: float(rep.stats.get(k, 0)) for k in keys} if rep else {"state": p.state}
+                break
+            time.sleep(0.5)
+    return out
+
+
+def run_phase(cluster: LocalCluster, specs: list[Spec], cfg: SoakConfig, refs: dict, faults: bool
+              ) -> dict[str, Any]:
+    chaos = Chaos(cluster, cfg.faults, seed=cfg.seed) if faults else None
+    migrations = router_counter(cluster, "disagg_router_migrations_total")
+    if chaos:
+        chaos.start()
+    try:
+        step = max(1, len(specs) // 10)
+
+        def progress(done: int) -> None:
+            if done % step == 0:
+                log.info("%d of %d requests done; faults so far: %d", done, len(specs),
+                         len(chaos.faults) if chaos else 0)
+
+        results = asyncio.run(run_all(cluster.url, specs, cfg.concurrency, progress=progress))
+    finally:
+        if chaos:
+            chaos.stop()
+    out = evaluate(results, refs)
+    out["migrations"] = router_counter(cluster, "disagg_router_migrations_total") - migrations
+    if chaos:
+        out["faults"] = {a: sum(1 for f in chaos.faults if f.action == a) for a in ACTIONS}
+        out["fault_log"] = [dataclasses.asdict(f) for f in chaos.faults]
+    return out
+
+
+def soak(cfg: SoakConfig, workdir: str) -> dict[str, Any]:
+    """The whole soak (module docstring); returns the report."""
+    specs = make_specs(cfg.baseline + cfg.requests, cfg.seed, cfg.mix)
+    t0 = time.monotonic()
+    refs = references(specs)
+    log.info("%d reference outputs in %.0fs", len(refs), time.monotonic() - t0)
+    path = os.path.join(workdir, "chaos.yaml")
+    Path(path).write_text(yaml.safe_dump(cluster_yaml(cfg)))
+    cluster = LocalCluster(ClusterConfig.load(path), path, router_port=free_port(), quiet=True, log_dir=workdir,
+                           restart=RestartPolicy(max_restarts=10**6, backoff_s=0.5, max_backoff_s=5.0))
+    report: dict[str, Any] = {"config": _plain(cfg), "references": len(refs)}
+    with cluster:
+        rss = RSSWatch(cluster)
+        if cfg.baseline:
+            report["baseline"] = run_phase(cluster, specs[:cfg.baseline], cfg, refs, faults=False)
+        report["chaos"] = run_phase(cluster, specs[cfg.baseline:], cfg, refs, faults=True)
+        report["workers_after"] = settle(cluster, cfg.settle_s)
+        report["router_rss"] = rss.stop()
+        report["restarts"] = {n: len(p.restarts) for n, p in cluster.procs.items()}
+    time.sleep(0.5)
+    report["leaked_processes"] = [pid for pid in cluster.pids if _alive(pid)]
+    report["leaked_blocks"] = sum(int(w.get("kv_blocks_total", 0) - w.get("kv_blocks_free", 0))
+                                  for w in report["workers_after"].values())
+    return report
+
+
+def worker_load(address: str) -> WorkerLoad:
+    with grpc.insecure_channel(address) as ch:
+        return load_from_proto(disagg_pb2_grpc.WorkerStub(ch).Load(disagg_pb2.LoadRequest(), timeout=10))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _plain(cfg: SoakConfig) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=list))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.chaos", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--requests", type=int, default=300, help="requests of the chaos phase (default 300)")
+    p.add_argument("--baseline", type=int, default=0, help="requests of a fault-free phase first (default 0)")
+    p.add_argument("--concurrency", type=int, default=16, help="requests in flight at once (default 16)")
+    p.add_argument("--prefill", type=int, default=1, help="prefill workers (default 1)")
+    p.add_argument("--decode", type=int, default=2, help="decode workers, at least 2 (default 2)")
+    p.add_argument("--interval", type=float, default=8.0, help="mean seconds between faults (default 8)")
+    p.add_argument("--actions", default=",".join(ACTIONS), help=f"faults to inject (default {','.join(ACTIONS)})")
+    p.add_argument("--transfer-backend", choices=["nixl", "tcp"], default="tcp", help="KV transfer (default tcp)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the request mix and the fault schedule")
+    p.add_argument("--out", help="write the report as JSON here")
+    p.add_argument("--workdir", help="cluster config and process logs (default: a temporary folder)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    a = parse_args(argv)
+    cfg = SoakConfig(requests=a.requests, baseline=a.baseline, concurrency=a.concurrency, prefill=a.prefill,
+                     decode=a.decode, seed=a.seed, transfer_backend=a.transfer_backend,
+                     faults=FaultPlan(interval_s=a.interval, actions=tuple(a.actions.split(","))))
+    workdir = a.workdir or tempfile.mkdtemp(prefix="chaos-")
+    report = soak(cfg, workdir)
+    text = json.dumps(report, indent=1)
+    if a.out:
+        Path(a.out).write_text(text)
+    summary = {k: v for k, v in report["chaos"].items() if k not in ("fault_log", "errors", "wrong")}
+    print(json.dumps({"chaos": summary, "baseline": {k: v for k, v in report.get("baseline", {}).items()
+                                                     if k not in ("errors", "wrong")},
+                      "leaked_blocks": report["leaked_blocks"], "leaked_processes": report["leaked_processes"],
+                      "router_rss": {k: v for k, v in report["router_rss"].items() if k != "samples"},
+                      "logs": workdir}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
