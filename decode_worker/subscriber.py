@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 
 from engine.engine import StepOutput
 from proto import disagg_pb2
-from proto.convert import logprob_to_proto
+from proto.convert import logprob_to_proto, prompt_logprobs_to_proto
 
 
 class Subscriber:
@@ -41,6 +41,8 @@ class Subscriber:
         chunk.token_ids.extend(so.new_token_ids)
         if so.new_logprobs:
             chunk.logprobs.extend(logprob_to_proto(lp) for lp in so.new_logprobs)
+        if so.prompt_logprobs is not None:  # the request's first output, its prompt computed here
+            chunk.prompt_logprobs.extend(prompt_logprobs_to_proto(so.prompt_logprobs))
         if so.finished:
             chunk.finish_reason = so.finish_reason or ""
             if so.finish_reason == "error":

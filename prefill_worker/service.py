@@ -18,7 +18,7 @@ import grpc
 from engine.remote_kv import KVProgress
 from engine.request import FinishReason
 from proto import PROTOCOL_VERSION, disagg_pb2
-from proto.convert import layout_to_proto, logprob_to_proto
+from proto.convert import layout_to_proto, logprob_to_proto, prompt_logprobs_to_proto
 from worker.servicer import WorkerServicerBase, check_request
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,8 @@ class PrefillService(WorkerServicerBase):
         resp = disagg_pb2.PrefillResponse(request_id=rid, first_token=out.new_token_ids[0])
         if out.new_logprobs:
             resp.first_logprob.CopyFrom(logprob_to_proto(out.new_logprobs[0]))
+        if out.prompt_logprobs is not None:  # asked for: this worker computed the whole prompt
+            resp.prompt_logprobs.extend(prompt_logprobs_to_proto(out.prompt_logprobs))
         if out.finish_reason != FinishReason.HANDOFF:  # the first token ended it: no KV is kept
             resp.finish_reason = out.finish_reason or ""
             return resp

@@ -14,7 +14,7 @@ from typing import Any
 
 from google.protobuf.descriptor import FieldDescriptor
 
-from engine.request import InvalidRequestError, SamplingParams
+from engine.request import InvalidRequestError, PromptLogprob, SamplingParams
 from engine.stats import stat_items
 from kvtransfer import KVLayout
 from proto import disagg_pb2
@@ -82,6 +82,17 @@ def logprob_to_proto(lp: Logprob) -> disagg_pb2.TokenLogprob:
 
 def logprob_from_proto(m: disagg_pb2.TokenLogprob) -> Logprob:
     return m.logprob, list(zip(m.top_ids, m.top_logprobs, strict=True))
+
+
+def prompt_logprobs_to_proto(records: list[PromptLogprob | None]) -> list[disagg_pb2.TokenLogprob]:
+    """An engine's prompt logprobs (None first) -> the wire's entries, one per prompt token after the first."""
+    return [disagg_pb2.TokenLogprob(logprob=lp, rank=rank, top_ids=[t for t, _ in top], top_logprobs=[v for _, v in top])
+            for lp, rank, top in (r for r in records if r is not None)]
+
+
+def prompt_logprobs_from_proto(entries: Iterable[disagg_pb2.TokenLogprob]) -> list[PromptLogprob | None]:
+    """The wire's entries -> the engine's shape (None for the first prompt token)."""
+    return [None, *((m.logprob, m.rank, list(zip(m.top_ids, m.top_logprobs, strict=True))) for m in entries)]
 
 
 def layout_to_proto(layout: KVLayout) -> disagg_pb2.KVLayout:

@@ -101,7 +101,8 @@ def test_the_checks_catch_a_reach() -> None:
 @pytest.mark.parametrize("params", [
     SamplingParams(),
     SamplingParams(max_tokens=7, temperature=0.0, top_k=5, top_p=0.5, min_p=0.25, seed=-3, repetition_penalty=1.5,
-                   frequency_penalty=-1.0, presence_penalty=2.0, stop_token_ids=(4, 5), ignore_eos=True, logprobs=0),
+                   frequency_penalty=-1.0, presence_penalty=2.0, stop_token_ids=(4, 5), ignore_eos=True, logprobs=0,
+                   prompt_logprobs=3),
 ])
 def test_every_sampling_parameter_crosses_the_wire_by_name(params: SamplingParams) -> None:
     wire = {f.name for f in disagg_pb2.SamplingParams.DESCRIPTOR.fields}
