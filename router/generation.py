@@ -49,6 +49,7 @@ class Output:
     logprobs: list[disagg_pb2.TokenLogprob]
     text: str
     finish_reason: str | None = None  # stop | length once the request is over
+    prompt_logprobs: list[disagg_pb2.TokenLogprob] = field(default_factory=list)  # a worker's, with its first output
 
 
 @dataclass
@@ -105,6 +106,7 @@ class Generation:
                     hist.observe(now - since)
                     last = now
                     job.output_ids.extend(out.token_ids)
+                job.keep_prompt_logprobs(out.prompt_logprobs)  # before the response reads them
                 yield out
             self.metrics.e2e.observe(time.monotonic() - job.arrival)
         finally:
@@ -177,7 +179,7 @@ class Generation:
         """Prefill on `p`; None when it failed and the decode worker should prefill locally instead."""
         assert p.stub is not None
         req = disagg_pb2.PrefillRequest(version=PROTOCOL_VERSION, request_id=job.request_id,
-                                        prompt_token_ids=job.prompt_ids, params=params_to_proto(job.params))
+                                        prompt_token_ids=job.prompt_ids, params=params_to_proto(job.wire_params))
         flight.prefill = p
         placed = self._prefill_policy.last
         cached = placed.matched_blocks * p.kv_block_size if placed is not None else 0
@@ -269,21 +271,23 @@ class Generation:
         """The chunks that arrived since the last read, as one Output (a stop string may end it early)."""
         tokens: list[int] = []
         logprobs: list[disagg_pb2.TokenLogprob] = []
+        prompt: list[disagg_pb2.TokenLogprob] = []
         finish: str | None = None
         for chunk in chunks:
             if chunk.finish_reason in ("error", "abort", "kv_lost"):
                 if tokens:  # deliver what came before the worker gave up on it
-                    return [_accept(text, tokens, logprobs, None)] + self._outputs(d, flight, text, [chunk])
+                    return [_accept(text, tokens, logprobs, None, prompt)] + self._outputs(d, flight, text, [chunk])
                 raise WorkerLost(f"decode worker {d.address} ended the request ({chunk.finish_reason}"
                                  f"{': ' + chunk.error if chunk.error else ''})",
                                  code="kv_lost" if chunk.finish_reason == "kv_lost" else "worker_unavailable")
             tokens.extend(chunk.token_ids)
             logprobs.extend(chunk.logprobs)
+            prompt.extend(chunk.prompt_logprobs)
             if chunk.finish_reason:
                 finish = chunk.finish_reason
                 flight.decode = None  # the worker finished it: nothing to abort
                 break
-        out = _accept(text, tokens, logprobs, finish)
+        out = _accept(text, tokens, logprobs, finish, prompt)
         return [out] if out.token_ids or out.text or out.finish_reason else []
 
     def _choose_decode(self, exclude: set[str], prompt_ids: list[int]) -> WorkerState:
@@ -359,7 +363,7 @@ def _decode_request(job: GenerationJob, kv: disagg_pb2.KVHandle | None, subscrib
     or everything streamed before a migration) and, with the first token only, where its KV waits (or, streaming
     layer-wise before any token, where it is being computed)."""
     req = disagg_pb2.DecodeRequest(version=PROTOCOL_VERSION, request_id=job.request_id, subscriber=subscriber,
-                                   prompt_token_ids=job.prompt_ids, params=params_to_proto(job.params),
+                                   prompt_token_ids=job.prompt_ids, params=params_to_proto(job.wire_params),
                                    output_token_ids=job.output_ids)
     if kv is not None:
         req.kv.CopyFrom(kv)
@@ -370,11 +374,11 @@ def _decode_request(job: GenerationJob, kv: disagg_pb2.KVHandle | None, subscrib
 
 def _first_output(text: ChoiceText, first: disagg_pb2.PrefillResponse) -> Output:
     logprobs = [first.first_logprob] if first.HasField("first_logprob") else []
-    return _accept(text, [first.first_token], logprobs, first.finish_reason or None)
+    return _accept(text, [first.first_token], logprobs, first.finish_reason or None, list(first.prompt_logprobs))
 
 
 def _accept(text: ChoiceText, token_ids: list[int], logprobs: list[disagg_pb2.TokenLogprob],
-            finish_reason: str | None) -> Output:
+            finish_reason: str | None, prompt: list[disagg_pb2.TokenLogprob]) -> Output:
     """Detokenize one token at a time so a stop string cuts exactly at the token that completes it."""
     parts: list[str] = []
     for i, token_id in enumerate(token_ids):
@@ -382,9 +386,9 @@ def _accept(text: ChoiceText, token_ids: list[int], logprobs: list[disagg_pb2.To
         delta = text.push([token_id], final=last, finish_reason=finish_reason if last else None)
         parts.append(delta.text)
         if delta.stopped:
-            return Output(token_ids[:i + 1], logprobs[:i + 1], "".join(parts), "stop")
+            return Output(token_ids[:i + 1], logprobs[:i + 1], "".join(parts), "stop", prompt)
     if finish_reason is not None and not token_ids:
         delta = text.push([], final=True)
         parts.append(delta.text)
         finish_reason = "stop" if delta.stopped else finish_reason
-    return Output(token_ids, logprobs[:len(token_ids)], "".join(parts), finish_reason)
+    return Output(token_ids, logprobs[:len(token_ids)], "".join(parts), finish_reason, prompt)

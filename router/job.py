@@ -8,12 +8,15 @@ prompt KV (`params.fork_from`, engine/fork.py), so a prompt is computed once wha
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from engine.request import SamplingParams
 from engine.tokenizer import Tokenizer
+from proto import disagg_pb2
 from router.config import RouterConfig
 from router.errors import APIError, bad_request, context_length_error
 from router.params import checked_ids, for_choice, sampling_params, text_options
@@ -41,10 +44,27 @@ class GenerationJob:
     placed: asyncio.Event = field(default_factory=asyncio.Event)  # set once a decode worker has this job (or it
     # ended without one): its siblings then go to `placed_on`, where its prompt KV is
     placed_on: str | None = None
+    # params.prompt_logprobs: the first complete set a worker sent (one entry per prompt token after the first)
+    prompt_logprobs: list[disagg_pb2.TokenLogprob] | None = None
 
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_ids)
+
+    @property
+    def wire_params(self) -> SamplingParams:
+        """The parameters to send a worker now: prompt logprobs only until one has sent them (the decode after a
+        prefill, or a migration, need not compute them again, and may then use its prefix cache)."""
+        if self.prompt_logprobs is None:
+            return self.params
+        return dataclasses.replace(self.params, prompt_logprobs=None)
+
+    def keep_prompt_logprobs(self, entries: Sequence[disagg_pb2.TokenLogprob]) -> None:
+        """Keep the prompt logprobs that came with an output, if they are the first complete set (a worker sends
+        them with its first output when it computed the prompt; a one-token prompt has none to send)."""
+        if self.params.prompt_logprobs is not None and self.prompt_logprobs is None \
+                and len(entries) == len(self.prompt_ids) - 1:
+            self.prompt_logprobs = list(entries)
 
 
 @dataclass
@@ -58,6 +78,8 @@ class RequestPlan:
     best_of: int  # candidates generated per prompt (the n with the highest cumulative logprob are returned)
     echo: list[str]  # per prompt: text every choice of it starts with ("" without echo)
     logprobs: int | None  # what the client asked for (None: no logprobs in the response)
+    prompt_logprobs: int | None = None  # asked for (or implied by echo with logprobs): in the response
+    echo_logprobs: bool = False  # completions echo with logprobs: the legacy logprobs cover the prompt too
     tools: ToolPlan | None = None
     stream: bool = False
     include_usage: bool = False
@@ -80,12 +102,15 @@ class JobBuilder:
         self._check_common(req)
         if req.suffix is not None:
             raise bad_request("suffix is not supported", param="suffix")
-        if req.echo and req.logprobs is not None:
-            raise bad_request("echo with logprobs needs prompt logprobs, which are not supported", param="echo")
+        echo_logprobs = bool(req.echo) and req.logprobs is not None
+        if echo_logprobs and req.prompt_logprobs is None:  # vLLM's rule: echo with logprobs scores the prompt too
+            req = req.model_copy(update={"prompt_logprobs": req.logprobs})
         prompts = [self._prompt_ids(p) for p in req.prompts]
         echo = [("" if not req.echo else p if isinstance(p, str) else self.tokenizer.decode(p, skip_special_tokens=False))
                 for p in req.prompts]
-        return self._plan("cmpl", req, prompts, echo, req.max_tokens, req.logprobs, arrival, None)
+        plan = self._plan("cmpl", req, prompts, echo, req.max_tokens, req.logprobs, arrival, None)
+        plan.echo_logprobs = echo_logprobs
+        return plan
 
     def chat(self, req: ChatCompletionRequest, arrival: float) -> RequestPlan:
         self._check_common(req)
@@ -137,8 +162,6 @@ class JobBuilder:
                               param="best_of")
         if req.stream and best_of > n:
             raise bad_request("best_of > n cannot be streamed", param="best_of")
-        if req.prompt_logprobs is not None:
-            raise bad_request("prompt_logprobs is not supported", param="prompt_logprobs")
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         ids = checked_ids(self.tokenizer, prompt, "prompt") if isinstance(prompt, list) else self.tokenizer.encode(prompt)
@@ -172,8 +195,8 @@ class JobBuilder:
                                      grammar)
             jobs += self._choices(rid if len(prompts) == 1 else f"{rid}-{p}", ids, params, best_of,
                                   arrival, text_options(req, params), p * best_of)
-        return RequestPlan(rid, jobs, prompts, n, best_of, echo, logprobs, tools, bool(req.stream),
-                           req.include_usage, req.continuous_usage)
+        return RequestPlan(rid, jobs, prompts, n, best_of, echo, logprobs, req.prompt_logprobs, False, tools,
+                           bool(req.stream), req.include_usage, req.continuous_usage)
 
     @staticmethod
     def _choices(base: str, ids: list[int], params: SamplingParams, count: int, arrival: float, text: TextOptions,

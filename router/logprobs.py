@@ -79,3 +79,19 @@ def chat_logprobs(texts: TokenText, token_ids: Sequence[int], logprobs: Sequence
         )
         for token_id, lp in zip(token_ids, logprobs, strict=False)
     ]
+
+
+def echo_logprobs(texts: TokenText, prompt_ids: Sequence[int], entries: Sequence[disagg_pb2.TokenLogprob],
+                  num_top: int) -> CompletionLogprobs:
+    """The legacy completions format over an echoed prompt (from its prompt logprobs, `entries[i]` scoring
+    prompt_ids[i + 1]): the first token has no logprob, each other one its `num_top` best alternatives, as vLLM."""
+    first = texts.text(prompt_ids[0])
+    trimmed = [disagg_pb2.TokenLogprob(logprob=lp.logprob, top_ids=lp.top_ids[:num_top],
+                                       top_logprobs=lp.top_logprobs[:num_top]) for lp in entries]
+    return concat(CompletionLogprobs(tokens=[first], token_logprobs=[None], top_logprobs=[None], text_offset=[0]),
+                  completion_logprobs(texts, prompt_ids[1:], trimmed, len(first)))
+
+
+def concat(a: CompletionLogprobs, b: CompletionLogprobs) -> CompletionLogprobs:
+    return CompletionLogprobs(tokens=a.tokens + b.tokens, token_logprobs=a.token_logprobs + b.token_logprobs,
+                              top_logprobs=a.top_logprobs + b.top_logprobs, text_offset=a.text_offset + b.text_offset)

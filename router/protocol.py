@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer
 
+from router.prompt_logprobs import OmitsAbsentPromptLogprobs, PromptLogprobs
+
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
@@ -85,7 +87,7 @@ class GenerationRequest(_Request):
     spaces_between_special_tokens: bool | None = True
     include_stop_str_in_output: bool | None = False
     echo: bool | None = False
-    prompt_logprobs: int | None = None
+    prompt_logprobs: int | None = None  # each prompt token's logprob, rank and this many alternatives (0..20)
     truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: as many as the context takes)
     bad_words: list[str] | None = None
     allowed_token_ids: list[int] | None = None
@@ -260,11 +262,12 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
-class CompletionChoice(BaseModel):
+class CompletionChoice(OmitsAbsentPromptLogprobs):
     index: int = 0
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's; streamed in the choice's first chunk
 
 
 class CompletionResponse(BaseModel):
@@ -319,7 +322,7 @@ class ChatChoice(BaseModel):
     finish_reason: str | None = None
 
 
-class ChatCompletionResponse(BaseModel):
+class ChatCompletionResponse(OmitsAbsentPromptLogprobs):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=now)
@@ -327,6 +330,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     system_fingerprint: str | None = None
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's
 
 
 class FunctionDelta(BaseModel):
@@ -368,7 +372,7 @@ class ChatChunkChoice(BaseModel):
     finish_reason: str | None = None
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(OmitsAbsentPromptLogprobs):
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int = Field(default_factory=now)
@@ -376,6 +380,7 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChatChunkChoice]
     system_fingerprint: str | None = None
     usage: UsageInfo | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # in each choice's first chunk (its prompt's)
 
 
 class ModelCard(BaseModel):

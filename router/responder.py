@@ -22,7 +22,8 @@ from router.choices import ChoiceResult, best, collect, merged
 from router.errors import APIError
 from router.generation import Output
 from router.job import GenerationJob, RequestPlan
-from router.logprobs import TokenText, chat_logprobs, completion_logprobs
+from router.logprobs import TokenText, chat_logprobs, completion_logprobs, concat, echo_logprobs
+from router.prompt_logprobs import PromptLogprobs, prompt_logprobs
 from router.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -61,6 +62,8 @@ class Responder(ABC):
         self.texts = texts
         self.include_usage = plan.include_usage
         self.want_logprobs = plan.logprobs is not None
+        self.want_prompt_logprobs = plan.prompt_logprobs is not None
+        self._started: set[int] = set()  # streaming: choices whose first chunk went out (it carries their prompt's)
         self.created = now()
         self.status = 200
 
@@ -76,7 +79,7 @@ class Responder(ABC):
     def _plain(self) -> bool:
         """Whether every chunk is text + finish reason of choice 0: the templated path."""
         return len(self.plan.jobs) == 1 and not self.want_logprobs and not self.plan.continuous_usage \
-            and not self._rich
+            and not self._rich and not self.want_prompt_logprobs
 
     async def collect(self, run: Run) -> dict[str, Any]:
         """The whole response body."""
@@ -165,34 +168,55 @@ class Responder(ABC):
     def _echo(self, job: GenerationJob) -> str:
         return self.plan.echo[job.index // self.plan.best_of]
 
+    def _prompt_logprobs(self, job: GenerationJob) -> PromptLogprobs | None:
+        """vLLM's prompt_logprobs of the job's prompt; None when not asked for (or never received)."""
+        if not self.want_prompt_logprobs or job.prompt_logprobs is None:
+            return None
+        return prompt_logprobs(self.texts.text, job.prompt_ids, job.prompt_logprobs)
+
+    def _first(self, job: GenerationJob) -> bool:
+        """Whether this is the choice's first chunk (streaming); it is then counted as sent."""
+        first = job.index not in self._started
+        self._started.add(job.index)
+        return first
+
     def _index(self, rank: int, job: GenerationJob) -> int:
         """A returned choice's index: prompt * n + its rank among the prompt's returned choices."""
         return job.index // self.plan.best_of * self.plan.n + rank % self.plan.n
 
 
 class CompletionResponder(Responder):
-    """`/v1/completions`: object text_completion, legacy logprobs; echo prepends the prompt."""
+    """`/v1/completions`: object text_completion, legacy logprobs; echo prepends the prompt (with echo and logprobs,
+    the logprobs cover the prompt's tokens first, and a stream echoes the prompt in each choice's first chunk)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._offsets: dict[int, int] = {}  # per choice: text_offset of its next token
 
-    def _logprobs(self, job: GenerationJob, out: Output) -> CompletionLogprobs | None:
+    def _logprobs(self, job: GenerationJob, out: Output, with_prompt: bool) -> CompletionLogprobs | None:
         if not self.want_logprobs:
             return None
-        offset = self._offsets.get(job.index, 0)
+        offset, head = self._offsets.get(job.index, 0), None
+        if with_prompt and self.plan.echo_logprobs:  # the echoed prompt's tokens come first, from offset 0
+            head = echo_logprobs(self.texts, job.prompt_ids, job.prompt_logprobs or [], self.plan.logprobs or 0)
+            offset = sum(len(t) for t in head.tokens)
         lp = completion_logprobs(self.texts, out.token_ids, out.logprobs, offset)
         self._offsets[job.index] = offset + sum(len(t) for t in lp.tokens)
-        return lp
+        return lp if head is None else concat(head, lp)
 
     def _opening(self) -> list[BaseModel]:
+        if self.plan.echo_logprobs:  # the prompt goes out with its logprobs, in each choice's first chunk
+            return []
         return [CompletionResponse(id=self.plan.request_id, created=self.created, model=self.model,
                                    choices=[CompletionChoice(index=job.index, text=self._echo(job))])
                 for job in self.plan.jobs if self._echo(job)]
 
     def _chunk(self, job: GenerationJob, out: Output) -> BaseModel | None:
-        choice = CompletionChoice(index=job.index, text=out.text, logprobs=self._logprobs(job, out),
-                                  finish_reason=out.finish_reason)
+        first = self._first(job) if self.want_prompt_logprobs else False
+        text = self._echo(job) + out.text if first and self.plan.echo_logprobs else out.text
+        choice = CompletionChoice(index=job.index, text=text, logprobs=self._logprobs(job, out, first),
+                                  finish_reason=out.finish_reason,
+                                  prompt_logprobs=self._prompt_logprobs(job) if first else None)
         return CompletionResponse(id=self.plan.request_id, created=self.created, model=self.model, choices=[choice],
                                   usage=self._chunk_usage(job))
 
@@ -205,7 +229,8 @@ class CompletionResponder(Responder):
         for rank, r in enumerate(results):
             out = r.merged
             choices.append(CompletionChoice(index=self._index(rank, r.job), text=self._echo(r.job) + out.text,
-                                            logprobs=self._logprobs(r.job, out), finish_reason=out.finish_reason))
+                                            logprobs=self._logprobs(r.job, out, True), finish_reason=out.finish_reason,
+                                            prompt_logprobs=self._prompt_logprobs(r.job)))
         return CompletionResponse(id=self.plan.request_id, created=self.created, model=self.model, choices=choices,
                                   usage=self.usage())
 
@@ -250,11 +275,16 @@ class ChatResponder(Responder):
                 content, calls = content + more, calls + last
                 finish = self._finish_reason(finish, tools.num_calls)
             delta = DeltaMessage(content=content or None, tool_calls=calls or None)
-            if not (content or calls or finish or out.logprobs):
+            if not (content or calls or finish or out.logprobs or self._owes_prompt_logprobs(job)):
                 return None
+        first = self._first(job) if self.want_prompt_logprobs else False
         choice = ChatChunkChoice(index=job.index, delta=delta, logprobs=self._logprobs(out), finish_reason=finish)
         return ChatCompletionChunk(id=self.plan.request_id, created=self.created, model=self.model, choices=[choice],
-                                   usage=self._chunk_usage(job))
+                                   usage=self._chunk_usage(job),
+                                   prompt_logprobs=self._prompt_logprobs(job) if first else None)
+
+    def _owes_prompt_logprobs(self, job: GenerationJob) -> bool:
+        return self.want_prompt_logprobs and job.index not in self._started
 
     def _finish_reason(self, finish: str, num_calls: int) -> str:
         """tool_calls when the model called tools by its own choice (auto) or was made to (required); a named
@@ -285,4 +315,5 @@ class ChatResponder(Responder):
             choices.append(ChatChoice(index=self._index(rank, r.job), message=message, logprobs=self._logprobs(out),
                                       finish_reason=finish))
         return ChatCompletionResponse(id=self.plan.request_id, created=self.created, model=self.model,
-                                      choices=choices, usage=self.usage())
+                                      choices=choices, usage=self.usage(),
+                                      prompt_logprobs=self._prompt_logprobs(self.plan.jobs[0]))

@@ -330,7 +330,7 @@ BAD = [
     ("unknown tool", {"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
      "tool_choice"),
     ("required without tools", {"tool_choice": "required"}, "tool_choice"),
-    ("prompt_logprobs", {"prompt_logprobs": 1}, "prompt_logprobs"),
+    ("prompt_logprobs out of range", {"prompt_logprobs": 21}, "prompt_logprobs"),
     ("truncate_prompt_tokens 0", {"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
     ("wrong type", {"min_tokens": "3"}, "min_tokens"),
 ]
