@@ -1,7 +1,8 @@
 """`disagg deploy` on a real Ray cluster: a single-node head on 127.0.0.1 that the test starts (custom resources
 prefill_slot / decode_slot stand in for GPU node types) and stops. Router, planner and workers are detached Ray
 actors running the real SmolLM2 model; the tests drive them only through the CLI, HTTP and Ray, in order:
-deploy -> stream -> autoscale up and down under load -> kill a worker -> shutdown.
+deploy -> stream -> autoscale up and down under load -> kill a worker -> kill a router replica -> kill the planner
+-> shutdown while a request runs.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from deploy.ray.head import LOOPBACK_ENV, LocalRayHead
 os.environ.update(LOOPBACK_ENV)  # before Ray is imported: this test process is a Ray driver on 127.0.0.1 too
 
 import json  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
@@ -42,7 +44,7 @@ CONFIG: dict[str, Any] = {
     "model": "smollm2",
     "engine": {"cache": {"num_blocks": 128}, "scheduler": {"max_num_seqs": 16, "max_num_batched_tokens": 512}},
     "transfer": {"backend": "tcp", "timeout_s": 10, "lease_s": 30},
-    "router": {"health_interval_s": 0.5},
+    "router": {"health_interval_s": 0.5, "processes": 2},  # two router replicas behind the one port
     "pools": {"prefill": {"replicas": 1, "resources": {"num_cpus": 0, "custom": {"prefill_slot": 1}}},
               "decode": {"replicas": 1, "resources": {"num_cpus": 0, "custom": {"decode_slot": 1}}}},
     "autoscaling": {"interval_s": 1, "prefill": {
@@ -125,7 +127,7 @@ def deployment(tmp_path_factory, reference: dict[str, str]) -> Iterator[Deployme
 def test_deploy_starts_router_and_pools_that_outlive_the_driver(deployment: Deployment,
                                                                  reference: dict[str, str]) -> None:
     d = deployment
-    assert sorted(ray.util.list_named_actors()) == ["decode-0", "planner", "prefill-0", "router"]
+    assert sorted(ray.util.list_named_actors()) == ["decode-0", "planner", "prefill-0", "router", "router-1"]
     st = status(d)
     assert st["router"] == d.url
     for pool in ("prefill", "decode"):
@@ -255,9 +257,85 @@ def pid_alive(pid: int) -> bool:
         return f.read().split(")")[-1].split()[0] != "Z"
 
 
-def test_shutdown_drains_and_leaves_no_actor_behind(deployment: Deployment) -> None:
+def complete_fresh(d: Deployment, max_tokens: int = 8) -> str:
+    """A greedy completion on a new connection (the kernel picks a router replica for each one)."""
+    r = httpx.post(f"{d.url}/v1/completions", json={"model": "smollm2", "prompt": "The three primary colors are",
+                                                    "max_tokens": max_tokens, "temperature": 0}, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+def test_a_killed_router_replica_restarts_while_the_other_serves(deployment: Deployment,
+                                                                 reference: dict[str, str]) -> None:
     d = deployment
+    router = ray.get_actor("router")
+    pid = ray.get(router.pid.remote(), timeout=30)
+    os.kill(pid, signal.SIGKILL)
+    served = [complete_fresh(d) for _ in range(6)]  # router-1 takes every new connection meanwhile
+    assert served == [reference["colors"]] * 6
+
+    def rebuilt() -> bool:
+        try:
+            snap = ray.get(router.snapshot.remote(), timeout=10)
+        except ray.exceptions.RayError:
+            return False
+        return len([w for w in snap["workers"] if w["healthy"]]) == 2
+
+    wait_for("the router replica back with its registry rebuilt from the workers", rebuilt, timeout_s=120)
+    assert ray.get(router.pid.remote(), timeout=30) != pid
+    assert ray.get(router.get_url.remote(), timeout=30) == d.url
+    assert [complete_fresh(d) for _ in range(4)] == [reference["colors"]] * 4
+
+
+def test_a_killed_planner_restarts_adopts_the_pools_and_still_replaces_workers(deployment: Deployment,
+                                                                               reference: dict[str, str]) -> None:
+    d = deployment
+    before = {p: [r["name"] for r in v["replicas"]] for p, v in status(d)["pools"].items()}
+    os.kill(ray.get(ray.get_actor("planner").pid.remote(), timeout=30), signal.SIGKILL)
+
+    def adopted() -> dict[str, Any] | None:
+        r = disagg(d.head, "status", "--address", d.head.address, "--namespace", NS, "--json", timeout=60)
+        return json.loads(r.stdout) if r.returncode == 0 else None
+
+    st = wait_for("the planner back", adopted, timeout_s=120, every_s=2.0)
+    assert {p: [r["name"] for r in v["replicas"]] for p, v in st["pools"].items()} == before
+    assert all(r["state"] == "ready" for v in st["pools"].values() for r in v["replicas"])
+    # The restarted planner still does its job: a worker that dies is replaced, under a name not taken yet.
+    [victim] = before["decode"]
+    os.kill(ray.get(ray.get_actor(victim).info.remote(), timeout=30)["pid"], signal.SIGKILL)
+
+    def replaced() -> list[str]:
+        reps = status(d)["pools"]["decode"]["replicas"]
+        return [r["name"] for r in reps if r["state"] == "ready" and r["name"] != victim]
+
+    [new] = wait_for("a replacement decode replica", replaced, timeout_s=240, every_s=2.0)
+    assert int(new.split("-")[1]) > int(victim.split("-")[1])
+    wait_for("the router serving through it", lambda: httpx.get(f"{d.url}/ready", timeout=10).status_code == 200,
+             timeout_s=60)
+    assert complete_fresh(d) == reference["colors"]
+    record_pids(d)
+
+
+def test_shutdown_drains_and_leaves_no_actor_behind(deployment: Deployment, reference: dict[str, str]) -> None:
+    d = deployment
+    running: list[str] = []  # a request in flight when the shutdown begins finishes (the workers drain)
+    first = threading.Event()
+
+    def chat() -> None:
+        stream = client(d).chat.completions.create(model="smollm2", messages=CHAT, max_tokens=32, temperature=0,
+                                                   stream=True)
+        parts = []
+        for ch in stream:
+            parts.append(ch.choices[0].delta.content or "" if ch.choices else "")
+            first.set()
+        running.append("".join(parts))
+
+    t = threading.Thread(target=chat)
+    t.start()
+    assert first.wait(60)
     r = disagg(d.head, "shutdown", "--address", d.head.address, "--namespace", NS, "--timeout", "60")
+    t.join(timeout=60)
+    assert running == [reference["chat"]]
     assert r.returncode == 0, r.stderr[-3000:]
     assert "killed without draining" not in r.stdout
     assert ray.util.list_named_actors(all_namespaces=True) == []

@@ -1,8 +1,10 @@
 """`disagg deploy | status | shutdown`: drive a deployment on a Ray cluster from any machine that can reach it.
 
-`deploy` starts the router actor, then the planner actor, which starts the pools' worker actors and registers them
-with the router. All are detached and named in the deployment's namespace, so they outlive the driver; `status`
-and `shutdown` find them again by name.
+`deploy` starts the router actors (`router.processes` of them, sharing the served port), then the planner actor,
+which starts the pools' worker actors and registers them with every router. All are detached and named in the
+deployment's namespace, so they outlive the driver; `status` and `shutdown` find them again by name. Routers and
+the planner are restarted by Ray when they die (`max_restarts=-1`) and rebuild their state from the worker actors;
+worker actors are not (the planner replaces a dead one with a new replica).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from ray.exceptions import RayError
 from deploy.config import ClusterConfig
 from deploy.ray.planner_actor import PLANNER_NAME, ROUTER_NAME, PlannerActor
 from deploy.ray.router_actor import RouterActor
+from deploy.ray.routers import router_name
 
 log = logging.getLogger("disagg.deploy")
 
@@ -63,14 +66,17 @@ def deploy(config_path: str, address: str = "auto", namespace: str | None = None
         raise DeployError(f"a deployment already runs in Ray namespace {ns!r}: `disagg shutdown --namespace {ns}` "
                           "it first, or deploy into another --namespace")
     timeout = timeout_s or cfg.ray.startup_timeout_s
+    if cfg.router_config().processes > 1 and cfg.router_config().port == 0:
+        raise DeployError("router.processes > 1 needs a fixed router.port: the router replicas share it")
     pin = cfg.ray.router_resources
     try:
-        router = RouterActor.options(name=ROUTER_NAME, namespace=ns, lifetime="detached", max_restarts=0,
-                                     **pin.ray_options()).remote(raw)
-        url = ray.get(router.start.remote(), timeout=timeout)
-        log.info("router serving at %s", url)
+        routers = [RouterActor.options(name=router_name(i), namespace=ns, lifetime="detached", max_restarts=-1,
+                                       **pin.ray_options()).remote(raw)
+                   for i in range(cfg.router_config().processes)]
+        urls = ray.get([r.start.remote() for r in routers], timeout=timeout)
+        log.info("router(s) serving at %s", ", ".join(urls))
         # The planner goes where the router goes (a sliver of each of its custom resources), using no CPU.
-        planner = PlannerActor.options(name=PLANNER_NAME, namespace=ns, lifetime="detached",
+        planner = PlannerActor.options(name=PLANNER_NAME, namespace=ns, lifetime="detached", max_restarts=-1,
                                        resources={k: 0.01 for k in pin.custom}).remote(raw, ns)
         return ray.get(planner.start.remote(timeout), timeout=timeout + CONTROL_TIMEOUT_S)
     except BaseException:
@@ -100,7 +106,7 @@ def shutdown(address: str = "auto", namespace: str = "disagg", timeout_s: float 
         log.warning("no planner in namespace %r; removing its actors without draining", namespace)
     except RayError as e:
         log.warning("the planner could not drain the pools (%s); removing its actors without draining", e)
-    leftovers = [n for n in named_actors() if n not in (PLANNER_NAME, ROUTER_NAME)]
+    leftovers = [n for n in named_actors() if n != PLANNER_NAME and n.split("-")[0] != ROUTER_NAME]
     kill_all(timeout_s=CONTROL_TIMEOUT_S)
     return leftovers
 
@@ -119,7 +125,10 @@ def kill_all(timeout_s: float) -> None:
 
 def format_status(st: dict[str, Any]) -> str:
     """`disagg status` as text: one row per replica, one line per pool, the latest decisions."""
-    lines = [f"Router: {st['router']}/v1   (Ray namespace {st['namespace']}, planner every {st['interval_s']:g}s)", ""]
+    lines = [f"Router: {st['router']}/v1   (Ray namespace {st['namespace']}, planner every {st['interval_s']:g}s)"]
+    if len(st.get("routers", [])) > 1:
+        lines.append(f"Router replicas serving: {len(st['routers'])} ({', '.join(st['routers'])})")
+    lines.append("")
     row = "{:<8} {:<11} {:<9} {:<22} {:<7} {:>9} {:>7} {:>7} {:>10} {:>6}"
     lines.append(row.format("POOL", "REPLICA", "STATE", "ADDRESS", "HEALTHY", "IN-FLIGHT", "WAITING", "RUNNING",
                             "QUEUED-TOK", "KV-USE"))

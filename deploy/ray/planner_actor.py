@@ -5,8 +5,15 @@ Every `autoscaling.interval_s` it
   2. reads one router snapshot and turns it into one metric sample per autoscaled pool (deploy/pool_metrics.py);
   3. asks the policy for each pool's replica count (a fixed pool keeps `pools.<pool>.replicas`);
   4. starts or drains replicas to match - a dead replica is replaced here too, since it no longer counts;
-  5. logs every scale decision with the numbers behind it and pushes a report to the router's /metrics.
+  5. logs every scale decision with the numbers behind it and pushes a report to the router's /metrics;
+  6. makes every router replica know exactly its workers (deploy/ray/routers.py): a router that restarted, or
+     missed a change while it was down, catches up here.
 New actors that find no node with their resources pend; Ray's autoscaler (if the cluster has one) adds the node.
+
+Restarts: the launcher creates the planner with `max_restarts=-1`. A restarted planner (Ray reran `__init__`)
+queues `recover()` on itself: it adopts every worker actor it finds (worker_actor.discover), names new replicas
+after the highest index in use, keeps each pool's size within its bounds, and resumes the loop. Scale decisions
+and their history start again (the policy's window refills within `window_s`).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import os
 import time
 from typing import Any
 
@@ -26,16 +34,19 @@ from deploy.config import ClusterConfig
 from deploy.planner import Decision, PolicyState, Sample, decide
 from deploy.planner_metrics import PoolReport
 from deploy.pool_metrics import pool_sample
-from deploy.ray.replica_pool import ReplicaPool, call
+from deploy.ray.replica_pool import ReplicaPool
+from deploy.ray.routers import ROUTER_NAME, RouterSet
+from deploy.ray.worker_actor import discover, reconstructed
 
 log = logging.getLogger("disagg.planner")
 
-ROUTER_NAME = "router"
+__all__ = ["PLANNER_NAME", "ROUTER_NAME", "PlannerActor"]
+
 PLANNER_NAME = "planner"
 FIXED_INTERVAL_S = 5.0  # tick period when no pool autoscales (replacing dead replicas still needs a loop)
 
 
-@ray.remote(num_cpus=0, max_restarts=0)
+@ray.remote(num_cpus=0, max_restarts=-1)
 class PlannerActor:
     """Owns the deployment's worker actors; `start` brings the pools up, `shutdown` drains and stops them."""
 
@@ -43,11 +54,11 @@ class PlannerActor:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.cfg = ClusterConfig.from_dict(cluster)
         self.namespace = namespace
-        self.router = ray.get_actor(ROUTER_NAME, namespace=namespace)
-        counters: dict[str, itertools.count[int]] = collections.defaultdict(itertools.count)
+        self.routers = RouterSet(namespace, self.cfg.router_config().processes)
+        self.counters: dict[str, itertools.count[int]] = collections.defaultdict(itertools.count)
         roles = [r for r in ("prefill", "decode") if self.cfg.pool(r).replicas > 0]
-        self.pools = {r: ReplicaPool(r, cluster, self.router, namespace, lambda role: f"{role}-{next(counters[role])}")
-                      for r in roles}
+        self.pools = {r: ReplicaPool(r, cluster, self.routers, namespace,
+                                     lambda role: f"{role}-{next(self.counters[role])}") for r in roles}
         self.desired = {r: self.cfg.pool(r).replicas for r in roles}
         self.windows: dict[str, collections.deque[Sample]] = {r: collections.deque() for r in roles}
         self.policy_states = {r: PolicyState() for r in roles}
@@ -58,6 +69,9 @@ class PlannerActor:
         self._prev_snapshot: dict[str, Any] | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = asyncio.Event()  # set by shutdown: the loop ends after its current tick
+        if reconstructed():
+            log.warning("planner actor restarted; adopting the running replicas")
+            ray.get_runtime_context().current_actor.recover.remote()  # runs once __init__ has returned
 
     def _autoscaled(self) -> bool:
         return any(self.cfg.autoscaling.pool(r) is not None for r in self.pools)
@@ -79,6 +93,33 @@ class PlannerActor:
             await asyncio.sleep(0.25)
         return await self.status()
 
+    async def recover(self) -> None:
+        """After a restart: adopt the worker actors found, then plan as before (module docstring)."""
+        for attempt in itertools.count(1):
+            try:  # without the list it would start a second set of replicas: retry until it comes
+                found = await asyncio.to_thread(discover, self.namespace)
+                break
+            except Exception:
+                log.exception("could not list the worker actors (attempt %d); retrying", attempt)
+                await asyncio.sleep(min(30.0, 2.0 * attempt))
+        for info in sorted(found, key=lambda i: int(i["name"].split("-")[1])):
+            role, index = info["name"].split("-")
+            self.counters[role] = itertools.count(max(int(index) + 1, next(self.counters[role])))
+            if role in self.pools and (info["alive"] or not info["address"]):
+                self.pools[role].adopt(info)
+            else:  # its worker exited while no planner watched: remove the actor, the pool replaces it
+                ray.kill(info["handle"], no_restart=True)
+        for role, pool in self.pools.items():
+            policy = self.cfg.autoscaling.pool(role)
+            if policy is not None:
+                self.desired[role] = max(policy.min_replicas, min(policy.max_replicas, len(pool.active())))
+        log.info("planner recovered: %s, desired %s", self._counts(), self.desired)
+        self._task = asyncio.create_task(self._run(), name="planner")
+
+    async def pid(self) -> int:
+        """The actor's process id (tests kill it to check the restart)."""
+        return os.getpid()
+
     async def shutdown(self, timeout_s: float) -> dict[str, Any]:
         """Stop planning, drain every replica (up to `timeout_s`), stop them all, and stop the router."""
         self._closing.set()
@@ -88,8 +129,7 @@ class PlannerActor:
                 await asyncio.wait_for(asyncio.shield(self._task), self.interval_s + 60)
             self._task.cancel()
         await asyncio.gather(*(p.stop_all(timeout_s) for p in self.pools.values()))
-        with contextlib.suppress(ray.exceptions.RayError):
-            await call(self.router.stop.remote(), timeout_s=15)
+        await self.routers.stop()
         return {"stopped": True}
 
     async def _run(self) -> None:
@@ -108,13 +148,16 @@ class PlannerActor:
             await pool.poll_starting()
             await pool.check_alive()
             await pool.poll_draining()
-        snapshot = await call(self.router.snapshot.remote())
+        snapshot = await self.routers.snapshot()
         now = time.monotonic()
         for role, pool in self.pools.items():
             self._plan(role, snapshot, now)
             await pool.reconcile(self.desired[role], snapshot)
         self._prev_snapshot = snapshot
-        await call(self.router.set_planner_report.remote(self.report()))
+        replicas = [r for p in self.pools.values() for r in p.replicas.values() if r.address]
+        await self.routers.reconcile([r.address for r in replicas if r.state == "ready"],
+                                     [r.address for r in replicas if r.state == "draining"])
+        await self.routers.set_planner_report(self.report())
 
     def _plan(self, role: str, snapshot: dict[str, Any], now: float) -> None:
         """Update `desired[role]` from the policy; fixed pools keep their configured size."""
@@ -166,8 +209,8 @@ class PlannerActor:
 
     async def status(self) -> dict[str, Any]:
         """Pools, replicas (with the router's view of their health and load), and recent decisions."""
-        snapshot = await call(self.router.snapshot.remote())
-        url = await call(self.router.get_url.remote())
+        snapshot = await self.routers.snapshot()
+        urls = await self.routers.urls()
         seen = {w["address"]: w for w in snapshot["workers"]}
         pools = {}
         for role, pool in self.pools.items():
@@ -178,7 +221,8 @@ class PlannerActor:
                            "autoscaling": dataclasses.asdict(policy) if policy else None,
                            "value": d.value if d else None, "reason": d.reason if d else "",
                            "failures": list(pool.failures)}
-        return {"router": url, "namespace": self.namespace, "interval_s": self.interval_s, "pools": pools,
+        return {"router": urls[0] if urls else "", "routers": urls, "namespace": self.namespace,
+                "interval_s": self.interval_s, "pools": pools,
                 "decisions": list(self.decisions)[-20:]}
 
 

@@ -3,8 +3,11 @@
 A replica goes starting -> ready -> draining -> gone, or straight to gone when it dies or fails to start.
   starting  the actor exists (or waits for a node with its resources) and its worker is loading
   ready     the worker printed READY and the router routes to it
-  draining  the router sends it nothing new; it is stopped once it holds no request and no KV lease
-Only `ReplicaPool` changes these states, and only from the planner actor's event loop.
+  draining  the routers send it nothing new, and its worker got SIGTERM: it finishes its requests and keeps its KV
+            leases until pulled (worker/server.py), then exits; past `ray.drain_timeout_s` (or `disagg shutdown
+            --timeout`) a second signal ends the drain and its remaining decode requests move to other workers
+Only `ReplicaPool` changes these states, and only from the planner actor's event loop. A planner that restarted
+adopts the replicas it finds (`adopt`): ready, or draining if their actor was told to stop.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from ray.actor import ActorHandle
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from deploy.config import ClusterConfig
-from deploy.ray.worker_actor import WorkerActor
+from deploy.ray.routers import RouterSet
+from deploy.ray.worker_actor import KILL_AFTER_S, WorkerActor
 
 log = logging.getLogger("disagg.planner")
 
@@ -40,6 +44,7 @@ class Replica:
     state: str = "starting"  # starting | ready | draining
     address: str = ""  # gRPC host:port once ready
     drain_started: float = 0.0  # time.monotonic() when draining began
+    stopping: asyncio.Task[int | None] | None = None  # the actor's graceful stop(), once draining began here
 
 
 async def call(ref: ray.ObjectRef, timeout_s: float = CALL_TIMEOUT_S) -> Any:
@@ -53,12 +58,12 @@ async def call(ref: ray.ObjectRef, timeout_s: float = CALL_TIMEOUT_S) -> Any:
 class ReplicaPool:
     """The replicas of one role (prefill | decode)."""
 
-    def __init__(self, role: str, cluster: dict[str, Any], router: ActorHandle, namespace: str,
+    def __init__(self, role: str, cluster: dict[str, Any], routers: RouterSet, namespace: str,
                  new_name: Callable[[str], str]) -> None:
         cfg = ClusterConfig.from_dict(cluster)
         self.role = role
         self.cluster = cluster
-        self.router = router
+        self.routers = routers
         self.namespace = namespace
         self.resources = cfg.pool(role).resources
         self.startup_timeout_s = cfg.ray.startup_timeout_s
@@ -101,7 +106,7 @@ class ReplicaPool:
                 continue
             try:
                 r.address = r.ready.result()
-                await call(self.router.add_worker.remote(r.address))
+                await self.routers.add_worker(r.address)
             except RayError as e:
                 await self._fail(r, str(e))
                 continue
@@ -118,13 +123,14 @@ class ReplicaPool:
     # ---- liveness ---------------------------------------------------------------------------------------------
     async def check_alive(self) -> list[str]:
         """Drop ready or draining replicas whose actor or worker process died; returns their names."""
-        watched = [r for r in self.replicas.values() if r.state != "starting"]
+        watched = [r for r in self.replicas.values() if r.state != "starting" and r.stopping is None]
         answers = await asyncio.gather(*(call(r.handle.info.remote()) for r in watched), return_exceptions=True)
         dead = []
         for r, a in zip(watched, answers, strict=True):
             if isinstance(a, RayActorError) or (isinstance(a, dict) and not a["alive"]):
                 why = "actor died" if isinstance(a, RayActorError) else f"worker exited with code {a['returncode']}"
-                log.warning("%s: replica %s (%s) is gone: %s", self.role, r.name, r.address, why)
+                log.log(logging.INFO if r.state == "draining" else logging.WARNING, "%s: replica %s (%s) is gone: %s",
+                        self.role, r.name, r.address, why)
                 if r.state == "ready":
                     self.replaced += 1
                 dead.append(r.name)
@@ -140,8 +146,9 @@ class ReplicaPool:
         if len(active) > desired:
             await self.drain(len(active) - desired, snapshot)
 
-    async def drain(self, n: int, snapshot: dict[str, Any]) -> None:
-        """Take `n` replicas out: starting ones first (nothing runs on them), then the ready ones with least work."""
+    async def drain(self, n: int, snapshot: dict[str, Any], timeout_s: float | None = None) -> None:
+        """Take `n` replicas out: starting ones first (nothing runs on them), then the ready ones with least work.
+        A ready one is drained by its worker (module docstring), for `timeout_s` (default ray.drain_timeout_s)."""
         in_flight = {w["address"]: w["in_flight"] for w in snapshot.get("workers", [])}
         starting = sorted((r for r in self.active() if r.state == "starting"), key=lambda r: -r.created)
         ready = sorted((r for r in self.active() if r.state == "ready"),
@@ -151,46 +158,61 @@ class ReplicaPool:
                 log.info("%s: cancelling replica %s, still starting", self.role, r.name)
                 await self._forget(r)
                 continue
-            await call(self.router.drain_worker.remote(r.address))
+            # Routers first: once the worker refuses new requests, none may still be on the way to it.
+            await self.routers.drain_worker(r.address)
             r.state, r.drain_started = "draining", time.monotonic()
-            log.info("%s: draining replica %s (%s)", self.role, r.name, r.address)
+            limit = self.drain_timeout_s if timeout_s is None else timeout_s
+            r.stopping = asyncio.create_task(self._stop_gracefully(r, limit), name=f"drain-{r.name}")
+            log.info("%s: draining replica %s (%s), at most %.0fs", self.role, r.name, r.address, limit)
+
+    async def _stop_gracefully(self, r: Replica, timeout_s: float) -> int | None:
+        """The actor's stop(): SIGTERM, a second signal after `timeout_s`, SIGKILL after KILL_AFTER_S more."""
+        try:
+            return await call(r.handle.stop.remote(timeout_s), timeout_s=timeout_s + KILL_AFTER_S + 30)
+        except RayError as e:  # the actor died or does not answer: the kill in _forget ends it
+            log.warning("%s: stopping replica %s: %s", self.role, r.name, e)
+            return None
 
     async def poll_draining(self) -> None:
-        """Stop draining replicas that hold no work any more, or have drained for longer than the timeout."""
-        for r in [r for r in self.replicas.values() if r.state == "draining"]:
-            try:
-                status = await call(self.router.drain_status.remote(r.address))
-            except RayError as e:
-                status = {"idle": False, "error": str(e)}
-            overdue = time.monotonic() - r.drain_started > self.drain_timeout_s
-            if status["idle"] or overdue:
-                log.info("%s: replica %s drained in %.1fs%s; stopping it", self.role, r.name,
-                         time.monotonic() - r.drain_started, f" (timeout, still {status})" if overdue else "")
+        """Take out the draining replicas whose worker has exited."""
+        for r in [r for r in self.replicas.values() if r.state == "draining" and r.stopping is not None]:
+            if r.stopping.done():
+                log.info("%s: replica %s drained and stopped in %.1fs (exit code %s)", self.role, r.name,
+                         time.monotonic() - r.drain_started, r.stopping.result())
                 await self._forget(r)
 
     async def stop_all(self, timeout_s: float) -> None:
-        """Drain every replica, wait up to `timeout_s` for them to go idle, then stop whatever is left."""
-        await self.drain(len(self.active()), {})
-        deadline = time.monotonic() + timeout_s
-        while self.replicas and time.monotonic() < deadline:
-            await self.poll_draining()
-            if self.replicas:
-                await asyncio.sleep(0.2)
+        """Drain every replica at once, giving their requests `timeout_s` to finish, then stop whatever is left."""
+        await self.drain(len(self.active()), {}, timeout_s=timeout_s)
+        draining = [r.stopping for r in self.replicas.values() if r.stopping is not None]
+        await asyncio.gather(*draining)
         for r in list(self.replicas.values()):
             await self._forget(r)
         await asyncio.gather(*self._stopping)
 
+    def adopt(self, info: dict[str, Any]) -> Replica:
+        """A replica found alive after the planner restarted (worker_actor.discover): ready once it has an address
+        (its routers are caught up by the next reconcile), draining if its actor was told to stop."""
+        done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        if info["address"]:
+            done.set_result(info["address"])
+        else:
+            done = asyncio.wrap_future(info["handle"].wait_ready.remote(self.startup_timeout_s).future())
+        r = Replica(info["name"], info["handle"], time.monotonic(), done, address=info["address"])
+        r.state = "draining" if info["stopping"] else ("ready" if info["address"] else "starting")
+        r.drain_started = r.created
+        self.replicas[r.name] = r
+        log.info("%s: adopted replica %s (%s, %s)", self.role, r.name, r.state, r.address or "not ready yet")
+        return r
+
     async def _forget(self, r: Replica) -> None:
-        """Take the replica out of the pool and the router now; stop and kill its actor in the background (a
-        graceful stop takes seconds, and the planner's tick must not wait for it). Never raises."""
+        """Take the replica out of the pool and the routers now; stop and kill its actor in the background (the
+        planner's tick must not wait for it). Never raises."""
         self.replicas.pop(r.name, None)
         if not r.ready.done():
             r.ready.cancel()
         if r.address:
-            try:
-                await call(self.router.remove_worker.remote(r.address))
-            except RayError as e:
-                log.warning("%s: could not remove %s from the router: %s", self.role, r.address, e)
+            await self.routers.remove_worker(r.address)
         task = asyncio.create_task(self._stop_actor(r), name=f"stop-{r.name}")
         self._stopping.add(task)
         task.add_done_callback(self._stopping.discard)
@@ -198,5 +220,5 @@ class ReplicaPool:
     async def _stop_actor(self, r: Replica) -> None:
         if r.state != "starting":  # a starting actor may not even be placed; killing it kills its worker too
             with contextlib.suppress(RayError):  # already dead: the kill below is enough
-                await call(r.handle.stop.remote(), timeout_s=30)
+                await call(r.handle.stop.remote(0.0), timeout_s=KILL_AFTER_S + 15)
         ray.kill(r.handle, no_restart=True)

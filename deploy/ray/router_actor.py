@@ -3,13 +3,22 @@
 Running in the actor's own loop (as Ray Serve's proxy does) lets the planner's calls - add, drain, remove a worker,
 read a snapshot - act on the live `WorkerRegistry` directly, with no admin HTTP API and no locks: every method
 here runs on the same loop as the request handlers, so nothing interleaves inside one method body.
+
+Restarts: the launcher creates router actors with `max_restarts=-1`. When one dies (its process killed, an OOM),
+Ray starts it again with the same arguments; `__init__` sees it was reconstructed and queues `recover()` on
+itself, which rebuilds the worker registry from the worker actors themselves (worker_actor.discover: every live
+worker's address, draining if it is stopping) before it serves again, so it never serves with an empty registry.
+Load and the KV-aware index then come from the registry's first polls (a new cursor asks each worker for a
+snapshot of its cached blocks). Counters in /metrics start again from zero. Several replicas (`router.processes`)
+bind the one port with SO_REUSEPORT; while one restarts, the others take every new connection (routers.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
+import logging
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,11 +31,15 @@ from prometheus_client import Histogram
 
 from deploy.config import ClusterConfig
 from deploy.planner_metrics import PlannerCollector
+from deploy.ray.worker_actor import discover, reconstructed
 from engine.tokenizer import Tokenizer
 from proto import disagg_pb2
 from proto.convert import load_from_proto
 from router.app import create_app
+from router.processes import listen_socket
 from router.registry import WorkerRegistry, WorkerState
+
+log = logging.getLogger("disagg.router")
 
 
 class _Server(uvicorn.Server):
@@ -73,14 +86,34 @@ class RouterActor:
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
         self.url = ""
+        self.restarted = reconstructed()
+        if self.restarted:
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+            log.warning("router actor restarted; recovering its workers before serving again")
+            ray.get_runtime_context().current_actor.recover.remote()  # runs once __init__ has returned
+
+    async def recover(self, timeout_s: float = 60.0) -> str:
+        """After a restart: register every live worker actor (draining ones as draining), then serve."""
+        try:
+            found = await asyncio.to_thread(discover, ray.get_runtime_context().namespace)
+        except Exception:  # serve anyway: the planner's next tick registers the workers (routers.py reconcile)
+            log.exception("could not list the worker actors")
+            found = []
+        for w in found:
+            if w["alive"] and w["address"]:
+                await self.registry.add(w["address"])
+                if w["stopping"]:
+                    self.registry.set_draining(w["address"])
+        log.info("router recovered %d worker(s) from the worker actors", len(self.registry.workers()))
+        return await self.start(timeout_s)
 
     async def start(self, timeout_s: float = 60.0) -> str:
         """Bind, serve, and return the base URL once uvicorn has started (the port is bound here, so a busy port
-        is an OSError from this call rather than uvicorn's sys.exit inside the actor)."""
+        is an OSError from this call rather than uvicorn's sys.exit inside the actor). Idempotent."""
+        if self._server is not None:
+            return self.url
         host, port = self.config.host, self.config.port
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
+        sock = listen_socket(host, port)  # SO_REUSEPORT: the other router replicas serve the same port
         server = self._server = _Server(uvicorn.Config(self.app, log_level="warning", access_log=False))
         self._task = asyncio.create_task(server.serve(sockets=[sock]), name="uvicorn")
         deadline = time.monotonic() + timeout_s
@@ -105,6 +138,10 @@ class RouterActor:
 
     async def get_url(self) -> str:
         return self.url
+
+    async def pid(self) -> int:
+        """The actor's process id (tests kill it to check the restart)."""
+        return os.getpid()
 
     async def add_worker(self, address: str) -> None:
         await self.registry.add(address)

@@ -27,6 +27,7 @@ import ray
 import yaml
 
 PR_SET_PDEATHSIG = 1
+KILL_AFTER_S = 15.0  # after the drain was cut short, how long a worker gets to exit before SIGKILL
 _LIBC = ctypes.CDLL(None, use_errno=True)
 
 
@@ -43,6 +44,32 @@ def worker_yaml(cluster: dict[str, Any], host: str) -> dict[str, Any]:
     out = dict(cluster)
     out["transfer"] = {**(cluster.get("transfer") or {}), "host": host}
     return out
+
+
+def reconstructed() -> bool:
+    """Inside an actor: whether it is a restart of one that died (Ray reran `__init__` with the same arguments)."""
+    try:
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:  # noqa: BLE001 - the state API is unreachable: behave as a first start
+        return False
+
+
+def discover(namespace: str, timeout_s: float = 30.0) -> list[dict[str, Any]]:
+    """`info()` of every worker actor of the deployment (named prefill-N / decode-N in `namespace`), each with its
+    "handle": how a router or planner that restarted rebuilds its view from the workers themselves. Actors that
+    do not answer within `timeout_s` (dying, or still being placed) are left out."""
+    names = [n for n in ray.util.list_named_actors() if n.split("-")[0] in ("prefill", "decode")]
+    handles = {n: ray.get_actor(n, namespace=namespace) for n in names}
+    refs = {n: h.info.remote() for n, h in handles.items()}
+    ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+    found = []
+    for name, ref in refs.items():
+        if ref in ready:
+            try:
+                found.append({**ray.get(ref), "handle": handles[name]})
+            except ray.exceptions.RayError:
+                continue  # died meanwhile
+    return found
 
 
 @ray.remote(max_concurrency=4)
@@ -64,6 +91,7 @@ class WorkerActor:
         self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                       preexec_fn=_die_with_parent)
         self._lines: collections.deque[str] = collections.deque(maxlen=200)
+        self._stopping = False  # stop() was called: the worker drains and exits
         self._ready = threading.Event()
         threading.Thread(target=self._pump, daemon=True, name=f"log-{name}").start()
 
@@ -78,23 +106,29 @@ class WorkerActor:
         return self.address
 
     def info(self) -> dict[str, Any]:
-        """Liveness of the worker process (the actor answering says nothing about it)."""
+        """Liveness of the worker process (the actor answering says nothing about it), and whether it was told to
+        stop (a planner that restarts finds draining replicas by this)."""
         code = self._proc.poll()
         return {"name": self.name, "role": self.role, "address": self.address, "node": self.host,
-                "pid": self._proc.pid, "alive": code is None, "returncode": code}
+                "pid": self._proc.pid, "alive": code is None, "returncode": code, "stopping": self._stopping}
 
     def log_tail(self, lines: int = 30) -> str:
         return "".join(list(self._lines)[-lines:])
 
     def stop(self, timeout_s: float = 10.0) -> int | None:
-        """SIGTERM the worker (it stops serving and closes its transfer agent), SIGKILL it after `timeout_s`."""
-        if self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGTERM)
+        """Stop the worker gracefully (worker/server.py): SIGTERM starts its drain - nothing new, running requests
+        finish, leases wait to be pulled, for its `transfer.drain_timeout_s` at most; if it still runs after
+        `timeout_s`, SIGINT ends the drain at once (its decode requests move to other workers); SIGKILL after
+        KILL_AFTER_S more. Returns the exit code."""
+        self._stopping = True
+        for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGINT, KILL_AFTER_S), (signal.SIGKILL, None)):
+            if self._proc.poll() is not None:
+                break
+            self._proc.send_signal(sig)
             try:
-                self._proc.wait(timeout=timeout_s)
+                self._proc.wait(timeout=wait_s)
             except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(timeout=timeout_s)
+                continue
         shutil.rmtree(self._dir, ignore_errors=True)
         return self._proc.returncode
 
