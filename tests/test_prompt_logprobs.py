@@ -122,6 +122,24 @@ def test_a_request_preempted_mid_prompt_records_each_position_once(tiny_llama_di
     assert out["b"]["tokens"] == run(small, {"b2": (b, pb)})["b2"]["tokens"]
 
 
+def test_with_overlapped_steps_the_chunks_run_beside_the_guess(tiny_llama_dir: str, reference: torch.Tensor) -> None:
+    """A decoding request keeps the engine guessing ahead; the prompt's chunks then run beside the taken guess
+    (engine/lookahead.py SplitStep) and their prompt logprobs are the same."""
+    eng = LLMEngine(EngineConfig(model=tiny_llama_dir, dtype="float32", overlap_steps=True,
+                                 cache=CacheConfig(num_blocks=64), scheduler=SchedulerConfig(max_num_batched_tokens=16)))
+    eng.add_request("decoding", [3, 4, 5], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    for _ in range(3):
+        eng.step()
+    eng.add_request("asked", PROMPT, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, prompt_logprobs=4))
+    out: dict[str, Any] = {"tokens": [], "prompt": [], "outputs": 0}
+    while eng.has_unfinished():
+        for so in eng.step():
+            if so.request_id == "asked":
+                record(out, so)
+    assert eng.stats.overlap_steps_split > 0 and eng.load().kv_blocks_free == eng.num_kv_blocks
+    check_against(reference, out["prompt"][0], 4)
+
+
 def test_prompt_logprobs_are_checked() -> None:
     with pytest.raises(InvalidRequestError, match="prompt_logprobs must be in"):
         SamplingParams(prompt_logprobs=21)
