@@ -1,6 +1,7 @@
 """The vLLM-compatible API against a real cluster (router + prefill + decode processes, SmolLM2, KV over NIXL):
 the OpenAI client's parse helper with a pydantic model, tool calls with tool_choice="required", guided choices,
-and n > 1 choices forked on the decode worker equal to the single-process engine's; no block is left held."""
+and n > 1 choices forked on the decode worker and prompt logprobs equal to the single-process engine's; no block is
+left held."""
 
 from __future__ import annotations
 
@@ -107,4 +108,30 @@ def test_n_choices_fork_one_prompt_and_equal_the_engine(cluster, reference: LLM)
             streamed[c.index] = streamed.get(c.index, "") + c.text
     greedy = reference.generate(prompt, SamplingParams(max_tokens=16, temperature=0))[0].text
     assert streamed == {0: greedy, 1: greedy}
+    no_blocks_held(cluster)
+
+
+def test_prompt_logprobs_equal_the_engine(cluster, reference: LLM) -> None:  # noqa: ANN001
+    """The prefill worker computes them and the router returns them in vLLM's shape: equal to the single-process
+    engine's; echo with logprobs shows the same numbers over the prompt; the greedy text is unchanged."""
+    prompt = "The quick brown fox jumps over the lazy dog. In the beginning, there was a small village where"
+    ref = reference.generate(prompt, SamplingParams(max_tokens=8, temperature=0, prompt_logprobs=3))[0]
+    ids = ref.prompt_token_ids
+    pre, dec = (cluster.procs[name].address for name in ("prefill-0", "decode-0"))
+    before = worker_load(pre).prompt_tokens, worker_load(dec).prompt_tokens
+    out = client(cluster).completions.create(model="smollm2", prompt=prompt, max_tokens=8, temperature=0,
+                                             extra_body={"prompt_logprobs": 3})
+    got = out.choices[0].model_extra["prompt_logprobs"]
+    assert out.choices[0].text == ref.text and len(got) == len(ids) and got[0] is None and ref.prompt_logprobs
+    for i, (entry, (logprob, rank, top)) in enumerate(zip(got[1:], ref.prompt_logprobs[1:], strict=True), start=1):
+        assert entry[str(ids[i])]["logprob"] == pytest.approx(logprob, abs=1e-4) and entry[str(ids[i])]["rank"] == rank
+        assert {int(t) for t in entry} == {ids[i], *(t for t, _ in top)}
+        assert all(entry[str(t)]["logprob"] == pytest.approx(v, abs=1e-4) for t, v in top)
+    echo = client(cluster).completions.create(model="smollm2", prompt=prompt, max_tokens=2, temperature=0, echo=True,
+                                              logprobs=1)
+    lp = echo.choices[0].logprobs
+    assert echo.choices[0].text.startswith(prompt) and lp.token_logprobs[0] is None
+    assert lp.token_logprobs[1 : len(ids)] == pytest.approx([r[0] for r in ref.prompt_logprobs[1:]], abs=1e-4)
+    # The prefill worker computed the whole prompt both times (no prefix-cache hit); the decode worker none of it.
+    assert (worker_load(pre).prompt_tokens - before[0], worker_load(dec).prompt_tokens - before[1]) == (2 * len(ids), 0)
     no_blocks_held(cluster)
