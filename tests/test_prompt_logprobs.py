@@ -107,6 +107,18 @@ def test_the_prefix_cache_is_not_used_for_such_a_prompt(engine: LLMEngine, refer
     assert out["asked"]["tokens"] == hit["hit"]["tokens"]
 
 
+def test_a_sibling_asking_for_them_computes_its_prompt_instead_of_forking(engine: LLMEngine,
+                                                                          reference: torch.Tensor) -> None:
+    first = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, prompt_logprobs=2)
+    sibling = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, prompt_logprobs=2, fork_from="first")
+    forked = engine._scheduler.forks.forked  # white-box: the fork counter (engine/fork.py)
+    out = run(engine, {"first": (PROMPT, first), "sibling": (PROMPT, sibling)})
+    assert engine._scheduler.forks.forked == forked
+    for rid in ("first", "sibling"):
+        check_against(reference, out[rid]["prompt"][0], 2)
+    assert out["sibling"]["tokens"] == out["first"]["tokens"]
+
+
 def test_a_request_preempted_mid_prompt_records_each_position_once(tiny_llama_dir: str, hf: Any) -> None:
     """Five blocks: `a` (3 blocks of prompt) needs its 4th while `b` is in its prompt's second block, so `b` is
     preempted there and computes its prompt again; its records are those of one pass."""
