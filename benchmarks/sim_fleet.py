@@ -40,7 +40,7 @@ MODELS: dict[str, dict[str, Any]] = {
            "peak_pools": (640, 300)},  # the planner's pools at 13:30 (from the 24-hour run), to time the peak hour
     "70b": {"profile": "benchmarks/profiles/h200_llama3_70b_tp4.json", "peak_rate": 150.0, "trough_rate": 45.0,
             "slo_ttft_ms": 6000.0, "slo_itl_ms": 60.0, "kv_gib": 384, "max_seqs": 256,
-            "prefill": (70, 10, 260, 8000), "decode": (20, 4, 70, 0.03), "peak_pools": (200, 45)},
+            "prefill": (70, 10, 260, 8000), "decode": (20, 4, 70, 0.02), "peak_pools": (200, 45)},
 }
 
 

@@ -80,7 +80,8 @@ async def tiny_ttft(url: str, model: str, n: int = 5) -> float:
 def real_run(a: argparse.Namespace, mode: str, path: str, trace: tuple[list[float], list[int], list[int]],
              rate: float) -> tuple[dict[str, Any], dict[str, float]]:
     """The trace on a real cluster: (serving.summarize's figures, what was measured around it: the CPU probe before
-    and after, the tiny-prompt TTFT, the load average)."""
+    and after (benchmarks/profiler.py; against the profile's own it says how much slower the shared machine was),
+    the TTFT of a tiny prompt on the idle cluster (the serving path's own cost), the load average)."""
     from benchmarks.profiler import cpu_probe_ms
     from deploy.local import LocalCluster
     from worker.server import free_port
@@ -94,19 +95,6 @@ def real_run(a: argparse.Namespace, mode: str, path: str, trace: tuple[list[floa
         around.update(probe_after_ms=cpu_probe_ms() if a.device == "cpu" else 0.0, load_after=os.getloadavg()[0])
     a.concurrency = 0
     return serving.summarize(results, duration, rate, a), around
-
-
-def calibration(a: argparse.Namespace, prof: Profile, around: dict[str, float]) -> tuple[float, float]:
-    """(speed factor, hop ms) from what was measured around a real run: the CPU probe against the profile's own
-    (how much slower the shared machine was then; 1 on a GPU), and the tiny-prompt TTFT less its prefill (two
-    hops: router to worker and back)."""
-    base = prof.extra.get("cpu_probe_ms")
-    probes = [around[k] for k in ("probe_before_ms", "probe_after_ms") if around.get(k)]
-    factor = (sum(probes) / len(probes) / base) if base and probes else 1.0
-    from simulator.cost_model import CostModel
-
-    prefill = CostModel(prof.scaled(factor)).prefill_ms(16)
-    return round(factor, 3), round(max(0.5, (around["tiny_ttft_ms"] - prefill) / 2), 2)
 
 
 def simulate(a: argparse.Namespace, path: str, trace: tuple[list[float], list[int], list[int]], prof: Profile,
@@ -149,15 +137,10 @@ def run_rate(a: argparse.Namespace, rate: float, folder: str, recorded: dict[str
         real, around = (recorded.get(mode, {}).get(rate), {}) if a.sim_only else real_run(a, mode, path, trace, rate)
         sim = simulate(a, path, trace, prof, a.hop_ms)
         out[mode] = {"sim": sim, "real": real, "sim_over_real_minus_1": compare(real, sim) if real else None}
-        if around:
-            factor, hop = calibration(a, prof, around)
-            adj = simulate(a, path, trace, prof.scaled(factor), hop)
-            out[mode].update(measured_around=around, speed_factor=factor, hop_ms=hop, sim_calibrated=adj,
-                             calibrated_over_real_minus_1=compare(real, adj))
-        for label, s in (("sim", sim), ("calibrated", out[mode].get("sim_calibrated"))):
-            if s:
-                print(f"rate {rate:g} {mode:13s} {label:10s} " + "  ".join(
-                    f"{k} {s[k]} / real {real.get(k) if real else '-'}" for k in FIGURES), flush=True)
+        if around:  # how busy the shared machine was: the probe against the profile's, the load average
+            out[mode]["measured_around"] = {**around, "profile_probe_ms": prof.extra.get("cpu_probe_ms")}
+        print(f"rate {rate:g} {mode:13s} " + "  ".join(
+            f"{k} sim {sim[k]} / real {real.get(k) if real else '-'}" for k in FIGURES), flush=True)
     return out
 
 

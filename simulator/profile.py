@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from engine.config import ConfigError
@@ -153,14 +153,6 @@ class Profile:
     def __post_init__(self) -> None:
         _require(bool(self.name), "name must not be empty")
         _require(self.gpus_per_replica >= 0, "gpus_per_replica must be >= 0")
-
-    def scaled(self, factor: float) -> Profile:
-        """The same hardware running `factor` times slower (every step time multiplied; KV, transfer, start-up kept)."""
-        pre = replace(self.prefill, ms=tuple(m * factor for m in self.prefill.ms),
-                      attention_ms_per_pair=self.prefill.attention_ms_per_pair * factor,
-                      chunked=tuple(replace(c, ms=c.ms * factor) for c in self.prefill.chunked))
-        dec = replace(self.decode, ms=tuple(tuple(m * factor for m in r) for r in self.decode.ms))
-        return replace(self, prefill=pre, decode=dec, extra={**self.extra, "scaled_by": factor})
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema": SCHEMA, **asdict(self)}
