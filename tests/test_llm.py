@@ -7,6 +7,8 @@ import pytest
 from engine.llm import LLM
 from engine.request import InvalidRequestError, SamplingParams
 
+pytestmark = pytest.mark.slow  # the real SmolLM2 loaded and run end to end: not in the fast tier
+
 
 @pytest.fixture(scope="module")
 def llm() -> LLM:

@@ -54,6 +54,7 @@ def smollm2_hf(smollm2: tuple) -> torch.nn.Module:
     )
 
 
+@pytest.mark.slow  # the real SmolLM2 (and transformers' copy of it): not in the fast tier
 def test_smollm2_config(smollm2: tuple, smollm2_hf: torch.nn.Module) -> None:
     _, config, _ = smollm2
     assert (config.num_layers, config.hidden_size, config.num_heads, config.num_kv_heads) == (30, 576, 9, 3)
@@ -65,6 +66,7 @@ def test_smollm2_config(smollm2: tuple, smollm2_hf: torch.nn.Module) -> None:
     assert config.rope_theta == hf.rope_parameters["rope_theta"] == 100000.0
 
 
+@pytest.mark.slow  # the real SmolLM2 (and transformers' copy of it): not in the fast tier
 def test_smollm2_weights_equal_transformers(smollm2: tuple, smollm2_hf: torch.nn.Module) -> None:
     _, config, weights = smollm2
     state = smollm2_hf.state_dict()
@@ -75,6 +77,7 @@ def test_smollm2_weights_equal_transformers(smollm2: tuple, smollm2_hf: torch.nn
     assert torch.equal(state["lm_head.weight"], weights["model.embed_tokens.weight"])
 
 
+@pytest.mark.slow  # the real SmolLM2 (and transformers' copy of it): not in the fast tier
 def test_smollm2_bfloat16() -> None:
     path = smollm2_gguf_path()
     config = load_model_config("gguf", path)

@@ -104,6 +104,7 @@ def test_continuous_batching_matches_hf(family: tuple) -> None:
     assert eng.load().kv_blocks_free == free0, "KV blocks leaked"
 
 
+@pytest.mark.slow  # every family twice more: not in the fast tier
 def test_prefix_cache_and_self_speculation_match_hf(family: tuple) -> None:
     name, folder, prompts, ref, ref_top2 = family
     eng = engine(folder, speculative=SpeculativeConfig(method="self", num_speculative_tokens=3, self_draft_layers=1))

@@ -416,6 +416,7 @@ def test_sampled_distribution_matches_no_spec(method: str, models: dict[str, str
 
 
 # ---- the real SmolLM2 -----------------------------------------------------------------------------------------
+@pytest.mark.slow  # the real SmolLM2: not in the fast tier
 def test_smollm2_greedy_ngram_and_self() -> None:
     from engine.loader import smollm2_gguf_path
     from engine.tokenizer import Tokenizer

@@ -28,6 +28,8 @@ from engine.parallel.kv_heads import read_blocks, regroup, write_blocks
 from engine.request import SamplingParams
 from tests.hf_reference import compare_greedy
 
+pytestmark = pytest.mark.slow  # real rank processes (gloo): not in the fast tier
+
 PROMPTS = [list(range(3, 3 + n)) for n in (5, 17, 40, 64)]
 GREEDY = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=2)
 
