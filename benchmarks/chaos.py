@@ -228,8 +228,10 @@ def soak(cfg: SoakConfig, workdir: str) -> dict[str, Any]:
         report["restarts"] = {n: len(p.restarts) for n, p in cluster.procs.items()}
     time.sleep(0.5)
     report["leaked_processes"] = [pid for pid in cluster.pids if _alive(pid)]
-    report["leaked_blocks"] = sum(int(w.get("kv_blocks_total", 0) - w.get("kv_blocks_free", 0))
-                                  for w in report["workers_after"].values())
+    after = report["workers_after"]
+    report["leaked_blocks"] = sum(int(w["kv_blocks_total"] - w["kv_blocks_free"]) for w in after.values()
+                                  if "kv_blocks_total" in w)
+    report["workers_not_answering"] = [n for n, w in after.items() if "kv_blocks_total" not in w]
     return report
 
 
@@ -269,6 +271,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     a = parse_args(argv)
     cfg = SoakConfig(requests=a.requests, baseline=a.baseline, concurrency=a.concurrency, prefill=a.prefill,
                      decode=a.decode, seed=a.seed, transfer_backend=a.transfer_backend,
@@ -282,6 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps({"chaos": summary, "baseline": {k: v for k, v in report.get("baseline", {}).items()
                                                      if k not in ("errors", "wrong")},
                       "leaked_blocks": report["leaked_blocks"], "leaked_processes": report["leaked_processes"],
+                      "workers_not_answering": report["workers_not_answering"], "workers_after": report["workers_after"],
                       "router_rss": {k: v for k, v in report["router_rss"].items() if k != "samples"},
                       "logs": workdir}, indent=1))
 

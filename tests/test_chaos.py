@@ -31,5 +31,5 @@ def test_small_chaos_soak_loses_nothing(tmp_path: Path) -> None:
     for name, load in report["workers_after"].items():
         assert load.get("kv_blocks_free") == load.get("kv_blocks_total") > 0, (name, load, where)
         assert load["leased_requests"] == load["num_running"] == load["kv_blocks_quarantined"] == 0, (name, load)
-    assert report["leaked_blocks"] == 0 and report["leaked_processes"] == []
+    assert report["leaked_blocks"] == 0 and report["leaked_processes"] == [] and report["workers_not_answering"] == []
     assert report["router_rss"]["growth_mib"] < 64, report["router_rss"]

@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import faulthandler
 import logging
 import signal
 import socket
@@ -35,6 +36,7 @@ from worker.servicer import WorkerServicerBase
 
 log = logging.getLogger("worker")
 
+TEARDOWN_S = 30.0  # after the drain, the longest stopping the server, the engine and the transfer agent may take
 GRPC_OPTIONS = [("grpc.max_send_message_length", 64 * 2**20), ("grpc.max_receive_message_length", 64 * 2**20)]
 
 
@@ -91,11 +93,15 @@ async def serve(config: WorkerConfig, ready_line: bool = True) -> None:
         loop.add_signal_handler(sig, on_signal, sig)
     await stop.wait()
     await drain(config, service, now)
+    # A stopping worker must exit: if the teardown below blocks (a transfer or engine step that never returns),
+    # every thread's stack goes to the log and the process exits with code 1 after TEARDOWN_S.
+    faulthandler.dump_traceback_later(TEARDOWN_S, exit=True)
     # The abort chunks of step 3 are in the subscribers' outboxes: the grace lets the Subscribe streams send them
     # (a router that misses one still sees its stream end, and moves the request all the same).
     await server.stop(grace=1)
     await aengine.stop()
     service.agent.close()
+    faulthandler.cancel_dump_traceback_later()
     log.info("worker %s stopped", config.worker_id)
 
 
