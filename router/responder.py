@@ -91,17 +91,19 @@ class Responder(ABC):
         `on_end(status)` is called once the stream is over, however it ended."""
         try:
             try:
-                async with contextlib.aclosing(merged(self.plan.jobs, run)) as outputs:  # type: ignore[type-var]
-                    for chunk in self._opening():
-                        yield self._event(chunk)
-                    fast = self._fast_chunk if self._plain else None
-                    async for job, out in outputs:
-                        if fast is not None:  # the per-token path: text only, from a template (see _template)
+                for chunk in self._opening():
+                    yield self._event(chunk)
+                if self._plain:  # the per-token path: one choice, text only, from a template (see _template)
+                    async with contextlib.aclosing(run(self.plan.jobs[0])) as plain:  # type: ignore[type-var]
+                        fast = self._fast_chunk
+                        async for out in plain:
                             yield fast(out)
-                            continue
-                        chunk = self._chunk(job, out)
-                        if chunk is not None:
-                            yield self._event(chunk)
+                else:
+                    async with contextlib.aclosing(merged(self.plan.jobs, run)) as outputs:  # type: ignore[type-var]
+                        async for job, out in outputs:
+                            chunk = self._chunk(job, out)
+                            if chunk is not None:
+                                yield self._event(chunk)
                 if self.include_usage:
                     yield self._event(self._usage_chunk())
             except APIError as e:
