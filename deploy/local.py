@@ -114,15 +114,11 @@ class LocalCluster:
         if self.restart is not None:
             threading.Thread(target=self._supervise, daemon=True, name="supervisor").start()
 
-    def worker_cmd(self, name: str, port: int, restarts: int = 0) -> list[str]:
-        """The command of worker `name`; a restarted one (its `restarts`-th start) is named `name.restarts`: a
-        worker's id names its KV transfer agent, and peers keep an agent's address (its transfer port, which the
-        new process draws afresh) by that name, so a reused name would send their pulls to the dead process."""
+    def worker_cmd(self, name: str, port: int) -> list[str]:
         role, idx = name.split("-")
         pool = getattr(self.config, role)
         port = port or (pool.base_port + int(idx) if pool.base_port else 0)
-        worker_id = f"{name}.{restarts}" if restarts else name
-        cmd = [sys.executable, "-m", "worker", "--role", role, "--worker-id", worker_id, "--port", str(port)]
+        cmd = [sys.executable, "-m", "worker", "--role", role, "--worker-id", name, "--port", str(port)]
         if self.config_path:
             cmd += ["--config", self.config_path]
         return cmd + self.worker_args
@@ -240,7 +236,7 @@ class LocalCluster:
         if p.name == "router":
             cmd = self.router_cmd()
         else:
-            cmd = self.worker_cmd(p.name, int(p.address.rsplit(":", 1)[1]) if p.address else 0, len(p.restarts) + 1)
+            cmd = self.worker_cmd(p.name, int(p.address.rsplit(":", 1)[1]) if p.address else 0)
         q = self._spawn(p.name, cmd)
         q.address, q.restarts, q.state = p.address, [*p.restarts, now], "starting"
         if p.name == "router":

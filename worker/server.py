@@ -116,7 +116,8 @@ async def drain(config: WorkerConfig, service: WorkerServicerBase, now: asyncio.
     while left != 0 and not now.is_set() and time.monotonic() < deadline:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(now.wait(), 0.1)
-        left = await held(service, deadline)
+        seen = await held(service, deadline)
+        left = left if seen is None and left is not None else seen  # a read cut by the deadline keeps the count
     began = deadline - config.transfer.drain_timeout_s
     if left == 0:
         log.info("worker %s drained in %.1fs", config.worker_id, time.monotonic() - began)
