@@ -30,7 +30,17 @@ from benchmarks.given_kv import receive_given_kv
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from engine.engine import LLMEngine
 from engine.request import SamplingParams
-from simulator.profile import ChunkCost, DecodeCosts, KVCosts, PrefillCosts, Profile, Provenance, StartupCosts, TransferCosts
+from simulator.profile import (
+    ChunkCost,
+    CoRunCosts,
+    DecodeCosts,
+    KVCosts,
+    PrefillCosts,
+    Profile,
+    Provenance,
+    StartupCosts,
+    TransferCosts,
+)
 
 SHAPES: dict[str, ModelConfig] = {
     "llama3-8b": ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
@@ -221,6 +231,39 @@ def cpu_probe_ms() -> float:
     return round(statistics.median(times) * 1e3, 3)
 
 
+CO_RUNNERS = {  # a process that keeps the rest of the machine busy until killed, printing "go" once it runs
+    "cpu": "import torch\ntorch.set_num_threads(1)\na = torch.randn(768, 768)\nprint('go', flush=True)\n"
+           "while True:\n    a @ a\n",
+    "cuda": "import torch\na = torch.randn(8192, 8192, device='cuda', dtype=torch.bfloat16)\nprint('go', flush=True)\n"
+            "while True:\n    a @ a\n    torch.cuda.synchronize()\n",
+}
+
+
+def co_run(eng: LLMEngine, toks: Tokens, device: str, repeat: int) -> CoRunCosts:
+    """Prefill and decode step times while another process runs matmuls on the rest of the machine (the other core)
+    or on the same GPU, over the same alone: what a second worker on one host costs the first."""
+    gpu = device.startswith("cuda")
+    n, batch, ctx = (2048, 32, 1024) if gpu else (256, 4, 256)
+
+    def measure() -> tuple[float, float]:
+        pre = statistics.median(run_prompt(eng, f"co{i}-{time.monotonic_ns()}", toks.take(n), device)
+                                for i in range(repeat))
+        return pre, decode_ms(eng, toks, batch, ctx, 8, device) or 0.0
+
+    alone = measure()
+    proc = subprocess.Popen([sys.executable, "-c", CO_RUNNERS["cuda" if gpu else "cpu"]], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "go"
+        busy = measure()
+    finally:
+        proc.kill()
+        proc.wait()
+    return CoRunCosts(prefill=round(max(1.0, busy[0] / alone[0]), 3), decode=round(max(1.0, busy[1] / alone[1]), 3),
+                      note=f"prefill of {n} tokens and decode of {batch} x {ctx}, alone and beside a process "
+                           f"running {'bf16 8192^3 matmuls on the same GPU' if gpu else 'fp32 768^3 matmuls, 1 thread'}")
+
+
 def process_start_s() -> float:
     """A fresh interpreter importing the worker (what every new replica pays before building its engine)."""
     t0 = time.perf_counter()
@@ -261,6 +304,7 @@ def profile(a: argparse.Namespace) -> Profile:
     contexts, batches = ints(a.decode_context), ints(a.decode_batch)
     grid = timed("decode", lambda: measure_decode(eng, toks, batches, contexts, a.decode_steps, a.device))
     transfer = timed("transfer", lambda: transfer_costs(a.transfer_backend, a.device, a.repeat))
+    corun = timed("co-run", lambda: co_run(eng, toks, a.device, a.repeat)) if a.co_run else None
     when = datetime.date.today().isoformat()
     return Profile(
         name=a.name or f"{a.device}-{a.dummy or a.model}", device=device_name(a.device), model=model_summary(eng, a),
@@ -272,7 +316,7 @@ def profile(a: argparse.Namespace) -> Profile:
         decode=DecodeCosts(tuple(batches), tuple(contexts), tuple(tuple(r) for r in grid)),
         kv=kv_costs(eng, int(a.kv_gib * 2**30)), transfer=transfer,
         startup=StartupCosts(engine_s=round(engine_s, 3), process_s=round(process_start_s(), 3)),
-        gpus_per_replica=1 if a.device.startswith("cuda") else 0,
+        gpus_per_replica=1 if a.device.startswith("cuda") else 0, co_run=corun,
         extra={"torch": torch.__version__, "threads": torch.get_num_threads(), "decode_steps": a.decode_steps,
                "repeat": a.repeat, **({} if a.device.startswith("cuda") else {"cpu_probe_ms": cpu_probe_ms()})})
 
@@ -296,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transfer-backend", help="KV transfer backend to time: tcp, nixl, cuda_ipc or none "
                    "(default tcp on cpu, cuda_ipc on cuda)")
     p.add_argument("--repeat", type=int, default=3, help="repetitions per prefill point, median kept (default 3)")
+    p.add_argument("--no-co-run", dest="co_run", action="store_false", help="skip timing steps beside a busy "
+                   "co-runner process (what a second worker on the same host or GPU costs; ~30 s)")
     p.add_argument("--name", default="", help="profile name (default DEVICE-MODEL)")
     p.add_argument("--note", default="", help="a sentence on what was measured, kept in the file")
     p.add_argument("--out", required=True, help="the profile JSON to write")

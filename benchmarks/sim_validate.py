@@ -9,7 +9,8 @@ For each rate a Poisson trace is drawn once (seeded) and written out; each mode 
 decode worker; co-located: 1 worker) replays it on a real cluster (deploy/local.py, benchmarks/serving.py's
 request and summary code, prompts of random token ids, `ignore_eos`) and simulates it on the same cluster YAML
 (benchmarks/serving_compare.py's), step by step. Reports TTFT and ITL p50/p99 and goodput of both, side by side.
-On one GPU the two worker processes share the device (`--shared-device` in the simulation).
+All workers of a real cluster share one machine (its cores, or its one GPU): the simulation runs them on one
+shared device, each step slowed by the co-run multipliers the profile measured while another process was busy.
 `--recorded` compares simulations with an earlier serving_compare JSON instead of running anything real (its
 arrivals were drawn by another generator: same distribution, not the same requests).
 """
@@ -100,7 +101,7 @@ def real_run(a: argparse.Namespace, mode: str, path: str, trace: tuple[list[floa
 def simulate(a: argparse.Namespace, path: str, trace: tuple[list[float], list[int], list[int]], prof: Profile,
              hop_ms: float) -> dict[str, Any]:
     sim = SimConfig(slo_ttft_ms=a.slo_ttft_ms, slo_itl_ms=a.slo_itl_ms, hop_ms=hop_ms, fast_forward=False,
-                    shared_device=a.device != "cpu", keep_requests=True, sample_s=10.0)
+                    shared_device=True, keep_requests=True, sample_s=10.0)
     c = Cluster(ClusterConfig.load(path), sim, prof)
     result = c.run(chunk_lists(*trace))
     reqs = c.collector.requests or []

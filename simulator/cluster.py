@@ -46,7 +46,7 @@ class Cluster:
         self.loop = EventLoop()
         self.router = SimRouter(self.router_cfg, sim.route_sample, sim.seed)
         self.collector = Collector(SLO(sim.slo_ttft_ms / 1e3, sim.slo_itl_ms / 1e3), sim.keep_requests)
-        self.device = SharedDevice() if sim.shared_device else None
+        self.device = SharedDevice(prefill.co_run) if sim.shared_device else None
         self.hop = sim.hop_ms / 1e3
         self.nic_free: dict[str, float] = {}  # decode replica -> when its link finishes the pulls queued on it
         self.pools = {r: self._pool(r) for r in ("prefill", "decode") if cluster.pool(r).replicas > 0}

@@ -20,7 +20,7 @@ class SimConfig:
     # plus the profile's start-up (process + engine)
     route_sample: int = 0  # candidates drawn at random for the routing policy (0: the whole pool, as the router does)
     fast_forward: bool = True  # run decode-only stretches as one event; off: one event per step (exact gaps)
-    shared_device: bool = False  # every replica on one device (worker processes sharing one GPU)
+    shared_device: bool = False  # every replica on one machine/device (workers sharing a VM's cores or one GPU)
     sample_s: float = 60.0  # timeline resolution, seconds
     drain_timeout_s: float = 600.0  # a draining replica is stopped after this even if it still has work
     drain_grace_s: float = 600.0  # after the last arrival, how long requests still in flight may take to finish

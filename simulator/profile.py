@@ -135,6 +135,19 @@ class StartupCosts:
 
 
 @dataclass(frozen=True)
+class CoRunCosts:
+    """How much slower a step runs while another process keeps the rest of the machine busy: the other core of a
+    2-core VM (whose cores may be hyperthreads of one), or the same GPU (two workers on one card)."""
+
+    prefill: float  # a prefill step's time multiplier
+    decode: float  # a decode step's time multiplier
+    note: str = ""  # what the co-runner was
+
+    def __post_init__(self) -> None:
+        _require(self.prefill >= 1 and self.decode >= 1, "co_run multipliers must be >= 1")
+
+
+@dataclass(frozen=True)
 class Profile:
     """One replica's costs on one kind of hardware."""
 
@@ -148,6 +161,7 @@ class Profile:
     transfer: TransferCosts  # KV pulls
     startup: StartupCosts  # time to serve
     gpus_per_replica: int = 1  # devices one replica occupies (the tensor-parallel size); 0 for a CPU replica
+    co_run: CoRunCosts | None = None  # slowdown beside another busy process on the same machine/device (measured)
     extra: dict[str, Any] = field(default_factory=dict)  # anything else the profiler recorded (ceilings, notes)
 
     def __post_init__(self) -> None:
@@ -178,7 +192,8 @@ class Profile:
             prefill=PrefillCosts(**{**pre, "tokens": tuple(pre["tokens"]), "ms": tuple(pre["ms"])}),
             decode=DecodeCosts(tuple(dec["batch"]), tuple(dec["context"]), tuple(tuple(r) for r in dec["ms"])),
             kv=KVCosts(**d["kv"]), transfer=TransferCosts(**d["transfer"]), startup=StartupCosts(**d["startup"]),
-            gpus_per_replica=int(d.get("gpus_per_replica", 1)), extra=dict(d.get("extra", {})))
+            gpus_per_replica=int(d.get("gpus_per_replica", 1)), extra=dict(d.get("extra", {})),
+            co_run=CoRunCosts(**d["co_run"]) if d.get("co_run") else None)
 
     @classmethod
     def load(cls, path: str) -> Profile:

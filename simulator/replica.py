@@ -23,6 +23,7 @@ from typing import Protocol
 from engine.config import SchedulerConfig
 from simulator.cost_model import CostModel, chunk_pairs, run_ms, steps_within
 from simulator.events import EventLoop
+from simulator.profile import CoRunCosts
 from simulator.request import SimRequest
 
 SEGMENTS_KEPT = 8192  # step-time segments kept before the ones no running row needs are dropped
@@ -38,10 +39,20 @@ class Listener(Protocol):
 
 
 class SharedDevice:
-    """Replicas on one device (two worker processes on one GPU): a step runs `1 + others busy` times slower."""
+    """Replicas on one machine or device (worker processes on one 2-core VM, or on one GPU). A step that starts while
+    another of them is in a step runs `co_run` times slower (a profile's measured multipliers), or, without them,
+    `1 + others busy` times (processor sharing)."""
 
-    def __init__(self) -> None:
+    def __init__(self, co_run: CoRunCosts | None = None) -> None:
         self.busy = 0  # replicas of this device in a step now
+        self.co_run = co_run
+
+    def slowdown(self, prompt: bool) -> float:
+        if not self.busy:
+            return 1.0
+        if self.co_run is None:
+            return 1.0 + self.busy
+        return self.co_run.prefill if prompt else self.co_run.decode
 
 
 def cdiv(a: int, b: int) -> int:
@@ -162,7 +173,7 @@ class Replica:
                 chunks: list[tuple[SimRequest, int]]) -> None:
         """Run k steps from t: the first takes `first` ms, each later one `slope` ms more."""
         if self.device is not None:
-            first *= 1 + self.device.busy
+            first *= self.device.slowdown(bool(chunks))
             self.device.busy += 1
         fresh = [r for r in self.new_rows if r.t_second < 0]
         self.new_rows = []
