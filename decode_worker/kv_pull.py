@@ -51,6 +51,10 @@ class KVPuller:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._tasks: set[asyncio.Task] = set()
 
+    def forget_agent(self, agent_name: str) -> None:
+        """Fetch this peer's transfer metadata again next time (it may have restarted under the same name)."""
+        self._known_agents.discard(agent_name)
+
     def stub(self, address: str) -> disagg_pb2_grpc.WorkerStub:
         if address not in self._channels:
             self._channels[address] = grpc.aio.insecure_channel(address)
@@ -82,14 +86,33 @@ class KVPuller:
             self.release_remote(h, rid)
             self.aengine.add(req, sink)
             return False
-        await self.ensure_remote(h)
+        try:
+            await self.ensure_remote(h)
+        except grpc.aio.AioRpcError as e:  # the prefill worker is gone (or restarting): its KV with it
+            log.warning("%s: no transfer metadata from %s (%s); recomputing", rid, h.worker_id, e.code().name)
+            self.aengine.add(req, sink)
+            return False
         timeout = min(self.cfg.timeout_s, lease_left)
-        res = await self.aengine.receive_kv(req, h.num_tokens, timeout + ENGINE_GRACE_S, sink)
+        res = await self.reserve(req, h.num_tokens, timeout + ENGINE_GRACE_S, sink)
         if res is None:
             log.warning("%s: no free blocks for %d pulled tokens; recomputing", rid, h.num_tokens)
             self.release_remote(h, rid)
             return False
         return await self._read(rid, h, res, time.monotonic() + timeout)
+
+    async def reserve(self, req: Request, num_tokens: int, timeout_s: float, sink: Sink,
+                      recompute_if_short: bool = True) -> KVReservation | None:
+        """`aengine.receive_kv`, safe to cancel: the reservation is made between steps, possibly after the caller
+        was cancelled. Then no transfer will ever report on it, so it is reported failed here (its blocks go back;
+        the caller's abort ends the request) before the cancellation goes on."""
+        task = asyncio.ensure_future(self.aengine.receive_kv(req, num_tokens, timeout_s, sink, recompute_if_short))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            res = await task
+            if res is not None:
+                self.aengine.kv_failed(req.request_id)
+            raise
 
     async def _read(self, rid: str, h: disagg_pb2.KVHandle, res: KVReservation, deadline: float) -> bool:
         """READ the remote blocks past the reservation's cached prefix into its `blocks_to_fill`."""
@@ -121,6 +144,8 @@ class KVPuller:
             else:
                 self.counters.transfer_failures += 1
                 self.aengine.kv_failed(rid)
+                # The peer may have restarted under the same name with a new transfer address: ask it again.
+                self.forget_agent(h.agent_name)
             self.release_remote(h, rid)
         return ok
 

@@ -72,8 +72,7 @@ class KVStreamPuller:
         t0, res, first, moved = time.monotonic(), None, None, 0
         try:
             await p.ensure_remote(src)
-            res = await p.aengine.receive_kv(req, req.num_prompt_tokens, p.cfg.stream_timeout_s, sink,
-                                             recompute_if_short=False)
+            res = await p.reserve(req, req.num_prompt_tokens, p.cfg.stream_timeout_s, sink, recompute_if_short=False)
             if res is None:
                 raise KVLost(f"no free blocks for {req.num_prompt_tokens} tokens")
             first, moved = await self._follow(rid, src, res, t0 + p.cfg.stream_timeout_s)
@@ -81,6 +80,7 @@ class KVStreamPuller:
             raise  # aborted: the engine already ended it; the finally frees what it held
         except Exception as e:  # noqa: BLE001 - any failure ends the request as kv_lost, never a dead stream
             log.warning("%s: layer-wise KV pull failed after %.2fs: %s", rid, time.monotonic() - t0, e)
+            p.forget_agent(src.agent_name)
         finally:
             p.release_remote(src, rid)
             self._end(rid, res, first, moved, time.monotonic() - t0, sink)

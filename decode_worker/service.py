@@ -16,8 +16,8 @@ from decode_worker.kv_pull import KVPuller, TransferSetupError
 from decode_worker.kv_stream import KVStreamPuller
 from decode_worker.subscriber import Subscriber
 from engine.request import InvalidRequestError
-from proto import PROTOCOL_VERSION, disagg_pb2
-from worker.servicer import WorkerServicerBase, check_request
+from proto import DRAINING, NO_SUBSCRIPTION, PROTOCOL_VERSION, disagg_pb2
+from worker.servicer import WorkerServicerBase, check_request, refuse
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +54,11 @@ class DecodeService(WorkerServicerBase):
         params = await check_request(request.version, request.params, context)
         rid, prompt = request.request_id, list(request.prompt_token_ids)
         if self.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker {self.worker_id} is draining")
+            await refuse(context, grpc.StatusCode.UNAVAILABLE, DRAINING, f"worker {self.worker_id} is draining")
         sub = self.subscribers.get(request.subscriber)
         if sub is None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"no Subscribe stream named {request.subscriber!r}: subscribe first")
+            await refuse(context, grpc.StatusCode.FAILED_PRECONDITION, NO_SUBSCRIPTION,
+                         f"no Subscribe stream named {request.subscriber!r}: subscribe first")
         generated = list(request.output_token_ids)
         try:
             req = self.engine.make_request(rid, prompt, params, output_token_ids=generated)

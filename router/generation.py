@@ -20,9 +20,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
 
@@ -37,6 +36,7 @@ from router.policy import make_policy
 from router.registry import WorkerRegistry, WorkerState
 from router.text import ChoiceText
 from router.token_streams import TokenStreams, WorkerLost
+from router.worker_calls import WorkerCalls
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class Output:
 
 @dataclass
 class _Flight:
-    """Which workers still hold the request; what `_cleanup` must undo if the request ends early."""
+    """Which workers still hold the request; what `calls.release_all` must undo if the request ends early."""
 
     prefill: WorkerState | None = None  # Prefill RPC sent and not answered: Abort there
     lease: WorkerState | None = None  # its KV leased and not yet taken by a decode worker: ReleaseKV there
@@ -85,8 +85,7 @@ class Generation:
                                           config.decode_overlap_weight, config.decode_load_weight)
         self.streams = TokenStreams(stall_s=config.worker_timeout_s)
         workers.on_unhealthy.append(self.streams.lose)
-        # Cleanup RPCs run as tasks referenced here, so they finish even when the request's task is cancelled.
-        self._cleanups: set[asyncio.Task[None]] = set()
+        self.calls = WorkerCalls(config, workers)
 
     def require_decode_worker(self) -> None:
         if not self.workers.candidates("decode"):
@@ -112,7 +111,8 @@ class Generation:
         finally:
             job.placed.set()  # n > 1: siblings waiting for this choice's worker go on without it
             self.metrics.generation_tokens.inc(job.num_output_tokens)
-            await self._cleanup(job.request_id, flight)
+            await self.calls.release_all(job.request_id, [w for w in (flight.decode, flight.prefill) if w is not None],
+                                         flight.lease)
 
     async def _run(self, job: GenerationJob, flight: _Flight, text: ChoiceText) -> AsyncIterator[Output]:
         self.require_decode_worker()
@@ -185,9 +185,12 @@ class Generation:
         cached = placed.matched_blocks * p.kv_block_size if placed is not None else 0
         try:
             with p.dispatched(len(job.prompt_ids), len(job.prompt_ids) - cached):
-                resp = await p.stub.Prefill(req, timeout=self.config.worker_timeout_s)
+                resp = await self.calls.unless_lost(p, p.stub.Prefill(req, timeout=self.config.worker_timeout_s))
+        except WorkerLost as e:
+            log.warning("%s: %s; the decode worker prefills instead", job.request_id, e.message)
+            return None  # flight.prefill stays set: it gets an Abort, in case it wakes up
         except grpc.aio.AioRpcError as e:
-            err = self._rpc_error(p, e, "prefill")
+            err = self.calls.error(p, e, "prefill")
             if err.status == 400:
                 raise err from None
             log.warning("%s: prefill on %s failed (%s); the decode worker prefills instead", job.request_id,
@@ -229,7 +232,7 @@ class Generation:
                 moving = flight.decode is not None  # it took the request: a migration, not a retry
                 if moving:  # its lease is pulled or gone, and it may still run it (hung, not dead): Abort it there
                     kv, flight.lease = None, None
-                    self._abort_later(d, job.request_id)
+                    self.calls.abort_later(d, job.request_id)
                     flight.decode = None
                     migrations += 1
                 if migrations > self.config.max_migrations or not self._has_decode(tried):
@@ -253,7 +256,7 @@ class Generation:
                 try:
                     await d.stub.Decode(req, timeout=self.config.worker_timeout_s)  # type: ignore[union-attr]
                 except grpc.aio.AioRpcError as e:
-                    raise self._rpc_error(d, e, "decode") from None
+                    raise self.calls.error(d, e, "decode") from None
                 flight.decode = d
                 job.placed_on = d.address  # n > 1: its siblings fork its prompt KV there
                 job.placed.set()
@@ -306,56 +309,6 @@ class Generation:
 
     def _has_decode(self, exclude: set[str]) -> bool:
         return any(w.address not in exclude for w in self.workers.candidates("decode"))
-
-    def _rpc_error(self, w: WorkerState, e: grpc.aio.AioRpcError, what: str) -> APIError:
-        code = e.code()
-        msg = f"{what} on worker {w.address} failed: {code.name}: {e.details()}"
-        if code == grpc.StatusCode.UNAVAILABLE:
-            self.workers.mark_unavailable(w, f"{code.name}: {e.details()}")
-            return APIError(503, msg, code="worker_unavailable")
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return APIError(503, msg, code="worker_timeout")
-        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            return APIError(503, msg, code="worker_overloaded")
-        if code == grpc.StatusCode.INVALID_ARGUMENT:
-            return APIError(400, str(e.details()))
-        return APIError(502, msg, code="worker_error")
-
-    def _abort_later(self, w: WorkerState, request_id: str) -> None:
-        task = asyncio.create_task(self._control(w, "Abort", request_id), name=f"abort-{request_id}")
-        self._cleanups.add(task)
-        task.add_done_callback(self._cleanups.discard)
-
-    async def _cleanup(self, request_id: str, flight: _Flight) -> None:
-        rpcs = [self._control(w, "Abort", request_id) for w in (flight.decode, flight.prefill) if w is not None]
-        if flight.lease is not None:
-            rpcs.append(self._control(flight.lease, "ReleaseKV", request_id))
-        if not rpcs:
-            return
-        task = asyncio.create_task(_gather(rpcs), name=f"cleanup-{request_id}")
-        self._cleanups.add(task)
-        task.add_done_callback(self._cleanups.discard)
-        await asyncio.shield(task)
-
-    async def _control(self, w: WorkerState, method: str, request_id: str) -> None:
-        """Abort or ReleaseKV on a worker, best effort: a failure is logged, never raised."""
-        stub = w.stub
-        if stub is None:
-            return
-        try:
-            if method == "Abort":
-                await stub.Abort(disagg_pb2.AbortRequest(request_id=request_id), timeout=self.config.rpc_timeout_s)
-            else:
-                await stub.ReleaseKV(disagg_pb2.ReleaseKVRequest(request_id=request_id),
-                                     timeout=self.config.rpc_timeout_s)
-            log.debug("%s: %s sent to %s", request_id, method, w.address)
-        except grpc.aio.AioRpcError as e:
-            log.info("%s: %s on %s failed: %s", request_id, method, w.address, e.code().name)
-
-
-async def _gather(coros: list[Coroutine[Any, Any, None]]) -> None:
-    await asyncio.gather(*coros)
-
 
 def _decode_request(job: GenerationJob, kv: disagg_pb2.KVHandle | None, subscriber: str,
                     source: disagg_pb2.KVSource | None = None) -> disagg_pb2.DecodeRequest:

@@ -281,7 +281,8 @@ class _Loop:
     def add(self, req: Request, sink: Any) -> None:
         self.engine.add(req)
 
-    async def receive_kv(self, req: Request, num_tokens: int, timeout_s: float, sink: Any) -> Any:
+    async def receive_kv(self, req: Request, num_tokens: int, timeout_s: float, sink: Any,
+                         recompute_if_short: bool = True) -> Any:
         res = self.engine.receive_kv(req, num_tokens, timeout_s)
         if res is None:
             self.engine.add(req)

@@ -23,7 +23,7 @@ import uvicorn
 
 from engine.loader import smollm2_gguf_path
 from engine.tokenizer import Tokenizer
-from proto import disagg_pb2, disagg_pb2_grpc
+from proto import DRAINING, NO_SUBSCRIPTION, REASON_KEY, disagg_pb2, disagg_pb2_grpc
 from router.app import create_app
 from router.config import RouterConfig
 from router.registry import WorkerRegistry
@@ -50,6 +50,7 @@ class FakeWorker(disagg_pb2_grpc.WorkerServicer):
         self.hang_after: int | None = None  # Decode goes silent after this many output tokens
         self.load = disagg_pb2.LoadReport(role=role)
         self.frozen = False  # as if SIGSTOPped: Health does not answer, no token is produced
+        self.refusal = ""  # with decode_error: the reason named in the trailing metadata (proto.REASON_KEY)
         self.subscribers: dict[str, asyncio.Queue[disagg_pb2.TokenChunk]] = {}
         self.scripts: dict[str, asyncio.Task[None]] = {}
 
@@ -78,6 +79,8 @@ class FakeWorker(disagg_pb2_grpc.WorkerServicer):
         if self.prefill_error is not None:
             await context.abort(self.prefill_error, "injected failure")
         await asyncio.sleep(self.prefill_delay_s)
+        while self.frozen:
+            await asyncio.sleep(0.05)
         resp = disagg_pb2.PrefillResponse(request_id=request.request_id, first_token=self.tokens[0])
         if request.params.HasField("logprobs"):
             resp.first_logprob.CopyFrom(fake_logprob(self.tokens[0], request.params.logprobs))
@@ -103,7 +106,8 @@ class FakeWorker(disagg_pb2_grpc.WorkerServicer):
     async def Decode(self, request: disagg_pb2.DecodeRequest, context: Any) -> disagg_pb2.DecodeResponse:
         self.decodes.append(request)
         if self.decode_error is not None:
-            await context.abort(self.decode_error, "injected failure")
+            await context.abort(self.decode_error, "injected failure",
+                                trailing_metadata=((REASON_KEY, self.refusal),) if self.refusal else ())
         q = self.subscribers[request.subscriber]
         self.scripts[request.request_id] = asyncio.create_task(self._run(request, q))
         return disagg_pb2.DecodeResponse()
@@ -708,3 +712,32 @@ def test_migrations_are_limited(fakes: Callable[[str], FakeServer], routers: Cal
         events = events_holder + sse_payloads(lines)
     assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "worker_unavailable"
     assert "moved 0 time(s) already" in events[-2]["error"]["message"]
+
+
+@pytest.mark.parametrize("reason", [DRAINING, NO_SUBSCRIPTION])
+def test_a_refused_decode_goes_elsewhere_without_marking_the_worker_dead(
+        reason: str, fakes: Callable[[str], FakeServer], routers: Callable[..., RouterServer]) -> None:
+    """A draining worker (or one whose token stream this router gave up on) refuses Decode: the request goes to
+    another decode worker, and the refusing one is not marked unhealthy (a draining one finishes what it runs)."""
+    good, refusing = fakes("decode"), fakes("decode")
+    refusing.worker.decode_error, refusing.worker.refusal = grpc.StatusCode.UNAVAILABLE, reason
+    if reason == NO_SUBSCRIPTION:
+        refusing.worker.decode_error = grpc.StatusCode.FAILED_PRECONDITION
+    router = routers([refusing.address, good.address], decode_policy="round_robin")
+    for _ in range(2):
+        assert client(router).completions.create(model=MODEL, prompt="hi", max_tokens=2).choices[0].text
+    assert refusing.worker.decodes and len(good.worker.decodes) == 2
+    w = router.registry.get(refusing.address)
+    assert w is not None and w.healthy and w.remote_draining == (reason == DRAINING)
+
+
+def test_a_frozen_prefill_worker_is_given_up_on_and_the_decode_worker_prefills(
+        fakes: Callable[[str], FakeServer], routers: Callable[..., RouterServer]) -> None:
+    p, d = fakes("prefill"), fakes("decode")
+    router = routers([p.address, d.address], rpc_timeout_s=0.5)
+    p.worker.frozen = True  # its Prefill never answers, nor do its health polls
+    started = time.monotonic()
+    out = client(router).completions.create(model=MODEL, prompt="hi", max_tokens=3)
+    assert out.choices[0].text == "Hello world!" and time.monotonic() - started < 4
+    assert not d.worker.decodes[-1].output_token_ids  # prefilled locally
+    p.worker.frozen = False

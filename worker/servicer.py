@@ -20,7 +20,7 @@ from engine.block_pool import KVEvent
 from engine.request import InvalidRequestError, SamplingParams
 from engine.stats import stat
 from kvtransfer import KVLayout, KVTransferAgent
-from proto import PROTOCOL_VERSION, disagg_pb2, disagg_pb2_grpc
+from proto import PROTOCOL_VERSION, REASON_KEY, disagg_pb2, disagg_pb2_grpc
 from proto.convert import layout_to_proto, load_to_proto, params_from_proto
 from worker.async_engine import AsyncEngine
 from worker.config import WorkerConfig
@@ -128,6 +128,11 @@ class WorkerServicerBase(disagg_pb2_grpc.WorkerServicer):
                                   context: grpc.aio.ServicerContext) -> disagg_pb2.TransferMetadataResponse:
         return disagg_pb2.TransferMetadataResponse(backend=self.agent.backend, agent_name=self.worker_id,
                                                    metadata=self.agent.metadata(), layout=layout_to_proto(self.layout))
+
+
+async def refuse(context: grpc.aio.ServicerContext, code: grpc.StatusCode, reason: str, message: str) -> None:
+    """Abort the call with `code` and `message`, naming `reason` in the trailing metadata for the router."""
+    await context.abort(code, message, trailing_metadata=((REASON_KEY, reason),))
 
 
 async def check_request(version: int, params: disagg_pb2.SamplingParams, context: grpc.aio.ServicerContext
