@@ -31,7 +31,7 @@ from proto.convert import params_to_proto
 from router.config import RouterConfig
 from router.errors import APIError
 from router.job import GenerationJob
-from router.metrics import RouterMetrics
+from router.metrics import HistogramTally, RouterMetrics
 from router.policy import make_policy
 from router.registry import WorkerRegistry, WorkerState
 from router.text import ChoiceText
@@ -97,18 +97,22 @@ class Generation:
         text = ChoiceText(self.tokenizer, job.prompt_ids, job.text)
         self.metrics.prompt_tokens.inc(len(job.prompt_ids))
         last: float | None = None
+        itl = HistogramTally(self.metrics.itl)
         try:
             async for out in self._run(job, flight, text):
-                now = time.monotonic()
                 if out.token_ids:
-                    hist, since = (self.metrics.ttft, job.arrival) if last is None else (self.metrics.itl, last)
-                    hist.observe(now - since)
+                    now = time.monotonic()
+                    if last is None:
+                        self.metrics.ttft.observe(now - job.arrival)
+                    else:
+                        itl.observe(now - last)
                     last = now
                     job.output_ids.extend(out.token_ids)
                 job.keep_prompt_logprobs(out.prompt_logprobs)  # before the response reads them
                 yield out
             self.metrics.e2e.observe(time.monotonic() - job.arrival)
         finally:
+            itl.flush()
             job.placed.set()  # n > 1: siblings waiting for this choice's worker go on without it
             self.metrics.generation_tokens.inc(job.num_output_tokens)
             await self.calls.release_all(job.request_id, [w for w in (flight.decode, flight.prefill) if w is not None],

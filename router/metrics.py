@@ -12,6 +12,7 @@ worker was expected to have cached).
 from __future__ import annotations
 
 import os
+from bisect import bisect_left
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -70,6 +71,41 @@ class WorkerCollector(Collector):
         yield from gauges.values()
         yield hit_rate
         yield indexed
+
+
+class HistogramTally:
+    """One request's observations of a histogram, added to it every `flush_every` observations and at the end.
+
+    A streamed token then costs a bisect and two adds instead of `Histogram.observe` (a lock per value, and in
+    multiprocess mode an mmap write per bucket increment). The histogram lags a stream by at most `flush_every`
+    observations; `flush` must be called when the request ends (the router does so in a `finally`).
+    """
+
+    def __init__(self, histogram: Histogram, flush_every: int = 64) -> None:
+        self._histogram = histogram
+        self._bounds: list[float] = list(histogram._upper_bounds)  # noqa: SLF001 (the histogram's own buckets)
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+        self._pending = 0
+        self._flush_every = flush_every
+
+    def observe(self, amount: float) -> None:
+        self._counts[bisect_left(self._bounds, amount)] += 1  # Histogram.observe's rule: first bound >= amount
+        self._sum += amount
+        self._pending += 1
+        if self._pending >= self._flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        h = self._histogram
+        for i, n in enumerate(self._counts):
+            if n:
+                h._buckets[i].inc(n)  # noqa: SLF001
+                self._counts[i] = 0
+        h._sum.inc(self._sum)  # noqa: SLF001
+        self._sum, self._pending = 0.0, 0
 
 
 class RouterMetrics:
