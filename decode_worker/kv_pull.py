@@ -24,11 +24,12 @@ import time
 
 import grpc
 
+from engine.parallel.kv_heads import KVHeadLayout
 from engine.remote_kv import KVReservation
 from engine.request import Request
 from kvtransfer import KVLayout, KVTransferAgent, TransferHandle, TransferStatus
 from proto import disagg_pb2, disagg_pb2_grpc
-from proto.convert import layout_from_proto
+from proto.convert import kv_heads_from_proto, layout_from_proto
 from worker.async_engine import AsyncEngine, Sink
 from worker.config import TransferConfig
 from worker.servicer import TransferCounters
@@ -43,11 +44,29 @@ class TransferSetupError(RuntimeError):
     """The two workers cannot exchange KV at all (layout or backend mismatch); not worth a retry."""
 
 
+class KVUnmappable(TransferSetupError):
+    """The transfer cannot map the two workers' tensor-parallel KV layouts onto each other: the decode worker
+    prefills the prompt itself rather than move part of its heads."""
+
+
+def check_mappable(local: KVHeadLayout, remote: KVHeadLayout | None, peer: str) -> None:
+    """KVUnmappable unless a pull moves every KV head. Each rank of a worker holds only its heads, and the agent
+    registers rank 0's shard only: with more than one rank on either side a pull would move rank 0's heads alone
+    and the rest of the cache would be left stale, silently. A peer that does not say (no `kv_heads`) is refused."""
+    if remote is None:
+        raise KVUnmappable(f"prefill worker {peer} does not describe its tensor-parallel KV layout")
+    if local.tp_size > 1 or remote.tp_size > 1:
+        raise KVUnmappable(f"KV of a tensor-parallel worker cannot move yet (prefill {peer}: {remote.tp_size} "
+                           f"rank(s), this decode worker: {local.tp_size})")
+
+
 class KVPuller:
     def __init__(self, agent: KVTransferAgent, aengine: AsyncEngine, cfg: TransferConfig,
-                 counters: TransferCounters, layout: KVLayout) -> None:
+                 counters: TransferCounters, layout: KVLayout, kv_heads: KVHeadLayout) -> None:
         self.agent, self.aengine, self.cfg, self.counters, self.layout = agent, aengine, cfg, counters, layout
+        self.kv_heads = kv_heads
         self._known_agents: set[str] = set()
+        self._unmappable: dict[str, str] = {}  # peer agent -> why its KV cannot be pulled (logged once)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._tasks: set[asyncio.Task] = set()
 
@@ -65,6 +84,11 @@ class KVPuller:
         if h.agent_name in self._known_agents:
             return
         md = await self.stub(h.worker_address).GetTransferMetadata(disagg_pb2.TransferMetadataRequest(), timeout=5)
+        try:
+            remote = kv_heads_from_proto(md.kv_heads) if md.HasField("kv_heads") else None
+        except ValueError as e:
+            raise TransferSetupError(f"prefill worker {h.worker_id} sent a bad KV head layout: {e}") from None
+        check_mappable(self.kv_heads, remote, h.worker_id)
         if md.backend != self.agent.backend:
             raise TransferSetupError(f"prefill worker {h.worker_id} uses KV transfer backend {md.backend!r}, "
                                      f"this decode worker uses {self.agent.backend!r}")
@@ -90,6 +114,14 @@ class KVPuller:
             await self.ensure_remote(h)
         except grpc.aio.AioRpcError as e:  # the prefill worker is gone (or restarting): its KV with it
             log.warning("%s: no transfer metadata from %s (%s); recomputing", rid, h.worker_id, e.code().name)
+            self.aengine.add(req, sink)
+            return False
+        except KVUnmappable as e:  # never move part of the heads: prefill here instead
+            if self._unmappable.get(h.agent_name) != str(e):
+                self._unmappable[h.agent_name] = str(e)
+                log.warning("%s; prefilling its requests on this decode worker instead", e)
+            log.info("%s: KV layouts cannot be mapped; recomputing the prompt locally", rid)
+            self.release_remote(h, rid)
             self.aengine.add(req, sink)
             return False
         timeout = min(self.cfg.timeout_s, lease_left)

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 class DecodeService(WorkerServicerBase):
     def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
         super().__init__(*args, **kwargs)
-        self.puller = KVPuller(self.agent, self.aengine, self.config.transfer, self.counters, self.layout)
+        self.puller = KVPuller(self.agent, self.aengine, self.config.transfer, self.counters, self.layout,
+                               self.kv_heads)
         self.streamer = KVStreamPuller(self.puller)
         self.subscribers: dict[str, Subscriber] = {}
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from google.protobuf.descriptor import FieldDescriptor
 
+from engine.parallel.kv_heads import KVHeadLayout
 from engine.request import InvalidRequestError, PromptLogprob, SamplingParams
 from engine.stats import stat_items
 from kvtransfer import KVLayout
@@ -101,6 +102,17 @@ def layout_to_proto(layout: KVLayout) -> disagg_pb2.KVLayout:
 
 def layout_from_proto(m: disagg_pb2.KVLayout) -> KVLayout:
     return KVLayout.from_dict({f.name: getattr(m, f.name) for f in m.DESCRIPTOR.fields})
+
+
+def kv_heads_to_proto(layout: KVHeadLayout) -> disagg_pb2.KVHeadLayout:
+    d = layout.to_dict()
+    return disagg_pb2.KVHeadLayout(**{**d, "heads": [disagg_pb2.HeadRange(start=a, stop=b) for a, b in d["heads"]]})
+
+
+def kv_heads_from_proto(m: disagg_pb2.KVHeadLayout) -> KVHeadLayout:
+    """ValueError when the ranges do not describe the model's heads (a malformed or truncated message)."""
+    return KVHeadLayout(m.num_kv_heads, tuple((h.start, h.stop) for h in m.heads), m.num_layers, m.block_size,
+                        m.head_dim, m.dtype, m.num_blocks)
 
 
 def load_to_proto(worker_id: str, role: str, stat_objects: Iterable[Any], want_help: bool) -> disagg_pb2.LoadReport:

@@ -311,7 +311,7 @@ def _puller(eng: LLMEngine, fault: str | None = None) -> tuple[KVPuller, Any, Tr
     local.add_remote("prefill", remote.metadata())
     counters = TransferCounters()
     puller = KVPuller(local, _Loop(eng), TransferConfig(timeout_s=5, lease_s=30), counters,
-                      KVLayout.from_cache(eng.kv_cache))
+                      KVLayout.from_cache(eng.kv_cache), eng.kv_layout())
     puller._known_agents.add("prefill")
     puller.release_remote = lambda h, rid: None  # no prefill worker to tell
     return puller, (remote_cache, eng.kv_cache, remote, local), counters

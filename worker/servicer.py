@@ -21,7 +21,7 @@ from engine.request import InvalidRequestError, SamplingParams
 from engine.stats import stat
 from kvtransfer import KVLayout, KVTransferAgent
 from proto import PROTOCOL_VERSION, REASON_KEY, disagg_pb2, disagg_pb2_grpc
-from proto.convert import layout_to_proto, load_to_proto, params_from_proto
+from proto.convert import kv_heads_to_proto, layout_to_proto, load_to_proto, params_from_proto
 from worker.async_engine import AsyncEngine
 from worker.config import WorkerConfig
 
@@ -98,7 +98,8 @@ class WorkerServicerBase(disagg_pb2_grpc.WorkerServicer):
         self.aengine = aengine
         self.engine = aengine.engine
         self.agent = agent
-        self.layout = KVLayout.from_cache(self.engine.kv_cache)
+        self.layout = KVLayout.from_cache(self.engine.kv_cache)  # rank 0's shard
+        self.kv_heads = self.engine.kv_layout()  # every tensor-parallel rank's heads
         self.counters = TransferCounters()
         self.draining = False
         self.kv_events = KVEventLog(capacity=max(4096, 4 * self.engine.num_kv_blocks))
@@ -127,7 +128,8 @@ class WorkerServicerBase(disagg_pb2_grpc.WorkerServicer):
     async def GetTransferMetadata(self, request: disagg_pb2.TransferMetadataRequest,
                                   context: grpc.aio.ServicerContext) -> disagg_pb2.TransferMetadataResponse:
         return disagg_pb2.TransferMetadataResponse(backend=self.agent.backend, agent_name=self.worker_id,
-                                                   metadata=self.agent.metadata(), layout=layout_to_proto(self.layout))
+                                                   metadata=self.agent.metadata(), layout=layout_to_proto(self.layout),
+                                                   kv_heads=kv_heads_to_proto(self.kv_heads))
 
 
 async def refuse(context: grpc.aio.ServicerContext, code: grpc.StatusCode, reason: str, message: str) -> None:
