@@ -5,8 +5,9 @@ Memory model. A worker's KV cache is one contiguous tensor of shape
 `[data_ptr + b * block_bytes, data_ptr + (b + 1) * block_bytes)`, and within it layer `l` is the contiguous
 range of `layer_bytes = block_bytes / num_layers` at offset `l * layer_bytes`. An agent registers the whole
 tensor once (its "pool"). A read moves whole blocks, or a range of layers of each block (`layers=(l0, l1)`:
-layer-wise streaming pulls each layer group as soon as the prefill has written it). The decode side initiates:
-it READs a prefill agent's blocks into its own blocks.
+layer-wise streaming pulls each layer group as soon as the prefill has written it), and between tensor-parallel
+shards of different widths a range of KV heads (`heads=(remote heads, local heads)`, kvtransfer/parts.py). The
+decode side initiates: it READs a prefill agent's blocks into its own blocks.
 
 Ownership rules (every backend guarantees them; callers rely on them):
 - From `start_read()` until `release()` returns, the LOCAL blocks of the read belong to the transfer. The
@@ -47,6 +48,7 @@ import numpy as np
 import torch
 
 from kvtransfer.faults import FaultInjector
+from kvtransfer.parts import HeadRanges, block_runs
 
 DEFAULT_RELEASE_TIMEOUT_S = 5.0
 WAIT_POLL_S = 0.0002  # period of the default _wait(): the latency it adds to a read is at most about this
@@ -139,6 +141,7 @@ class TransferHandle:
     local_blocks: np.ndarray
     nbytes: int
     layers: tuple[int, int] | None = None  # the layer range read of every block; None: whole blocks
+    heads: HeadRanges | None = None  # (remote shard's heads, local shard's heads); None: whole shards
     status: TransferStatus = TransferStatus.PENDING
     error: str | None = None
     fault: str | None = None
@@ -286,10 +289,11 @@ class KVTransferAgent(ABC):
 
     def start_read(self, remote: str, remote_blocks: Sequence[int] | np.ndarray,
                    local_blocks: Sequence[int] | np.ndarray, tag: str,
-                   layers: tuple[int, int] | None = None) -> TransferHandle:
+                   layers: tuple[int, int] | None = None, heads: HeadRanges | None = None) -> TransferHandle:
         """Start a non-blocking READ of `remote`'s blocks into ours (pairwise, in order), whole or only the
-        layers [l0, l1) of each. The ids are copied: the caller may reuse its sequences at once. See the
-        ownership rules (module docstring) for the local blocks."""
+        layers [l0, l1) of each, of every KV head or of `heads` (the peer's shard's range into ours). The ids are
+        copied: the caller may reuse its sequences at once. See the ownership rules (module docstring) for the
+        local blocks."""
         if self._closed:
             raise TransferError(f"agent {self.name!r} is closed")
         local_ids = block_id_array(local_blocks, self.num_blocks, "local", unique=True)
@@ -299,9 +303,13 @@ class KVTransferAgent(ABC):
                              f"and {len(local_ids)} local")
         layers = None if layers is None or tuple(layers) == (0, self.layout.num_layers) else (int(layers[0]),
                                                                                           int(layers[1]))
-        _, part = self.layout.byte_range(layers)
+        if heads is not None:
+            heads = ((int(heads[0][0]), int(heads[0][1])), (int(heads[1][0]), int(heads[1][1])))
+            if heads[0][1] - heads[0][0] != heads[1][1] - heads[1][0]:
+                raise ValueError(f"head ranges {heads} differ in size")
+        part = block_runs(self.layout, layers, heads[1] if heads else None).nbytes
         handle = TransferHandle(tag=str(tag), remote=remote, remote_blocks=remote_ids, local_blocks=local_ids,
-                                nbytes=len(local_ids) * part, layers=layers)
+                                nbytes=len(local_ids) * part, layers=layers, heads=heads)
         with self._lock:
             self._active.add(handle)
         if not self.faults.intercept(handle):

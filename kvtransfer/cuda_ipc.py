@@ -2,7 +2,8 @@
 
 The prefill worker exports an IPC handle of its (single-allocation) KV cache; the decode worker opens it once
 and a READ is a few `copy_` calls on a side stream, one per run of consecutive blocks, at device-copy speed
-(or one gather-scatter kernel for scattered ids). Completion is an event on that stream: `wait()` blocks on it
+(or one gather-scatter kernel for scattered ids; a layer or head range is a strided copy per run of blocks, not
+run on a GPU here yet). Completion is an event on that stream: `wait()` blocks on it
 rather than polling it, and since a GPU copy cannot be cancelled, `release()` waits for it too. Either wait is
 bounded by the copy itself (microseconds to milliseconds) plus the earlier reads still queued on the side stream.
 
@@ -36,6 +37,7 @@ from kvtransfer.base import (
     TransferStatus,
     parse_json_metadata,
 )
+from kvtransfer.parts import check_mappable, check_shards
 from kvtransfer.registry import register_backend
 
 try:
@@ -49,6 +51,7 @@ _BYTES_FIELDS = (1, 4, 6)  # positions of the bytes items in torch's `_share_cud
 class _Remote(NamedTuple):
     pool: torch.Tensor  # the peer's KV cache, mapped into this process
     words: torch.Tensor | None  # block_words(pool), for the gather-scatter kernel (None without triton)
+    layout: KVLayout  # the peer's (its shard's width may differ from ours: reads of head ranges)
 
 
 def run_starts(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
@@ -129,7 +132,8 @@ class CudaIpcAgent(KVTransferAgent):
         if name in self._remotes:
             return
         md = parse_json_metadata(metadata, "cuda_ipc")
-        self.layout.check_compatible(KVLayout.from_dict(md["layout"]))
+        layout = KVLayout.from_dict(md["layout"])
+        check_shards(self.layout, layout)  # each read checks its heads fit
         share = list(md["share"])
         for i in _BYTES_FIELDS:
             share[i] = base64.b64decode(share[i])
@@ -140,7 +144,7 @@ class CudaIpcAgent(KVTransferAgent):
         words = block_words(remote) if block_words is not None else None
         if words is not None:
             self._warm_up(words, torch.empty_like(words[:1]))
-        self._remotes[name] = _Remote(remote, words)
+        self._remotes[name] = _Remote(remote, words, layout)
 
     def notifications(self) -> list[str]:
         return []
@@ -152,14 +156,17 @@ class CudaIpcAgent(KVTransferAgent):
 
     def _start(self, handle: TransferHandle) -> None:
         src = self._remotes[handle.remote]
+        check_mappable(self.layout, src.layout, handle.heads)
         # No wait for the caller's streams (module docstring): the ownership rules keep queued kernels off the
         # local blocks, and the side stream orders this copy after every earlier read's.
         with torch.cuda.stream(self._stream):
             remote_ids, local_ids = handle.remote_blocks, handle.local_blocks
-            if handle.layers is not None:  # a layer range: one strided copy per run of consecutive blocks
-                l0, l1 = handle.layers
+            if handle.layers is not None or handle.heads is not None:  # one strided copy per run of blocks
+                l0, l1 = handle.layers or (0, self.layout.num_layers)
+                (a, b), (c, e) = handle.heads or ((0, src.layout.num_kv_heads), (0, self.layout.num_kv_heads))
                 for s, d, n in block_runs(remote_ids, local_ids):
-                    self.kv_cache[d : d + n, l0:l1].copy_(src.pool[s : s + n, l0:l1], non_blocking=True)
+                    self.kv_cache[d : d + n, l0:l1, :, :, c:e].copy_(src.pool[s : s + n, l0:l1, :, :, a:b],
+                                                                      non_blocking=True)
             elif len(run_starts(remote_ids, local_ids)) <= 4 or src.words is None:  # mostly consecutive: memcpys
                 for s, d, n in block_runs(remote_ids, local_ids):
                     self.kv_cache[d : d + n].copy_(src.pool[s : s + n], non_blocking=True)

@@ -2,8 +2,8 @@
 
 Pass the same `fabric=LocalFabric()` to every agent that should see the others. metadata() is a small JSON
 document naming the agent and its fabric; add_remote() checks both layouts agree. A read copies block by
-block on a daemon thread; release() of a PENDING read stops it between two block copies and waits, up to its
-deadline, for the copy in progress to end.
+block on a daemon thread (a head range of each, between tensor-parallel shards of different widths); release() of a
+PENDING read stops it between two block copies and waits, up to its deadline, for the copy in progress to end.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from kvtransfer.base import (
     TransferHandle,
     parse_json_metadata,
 )
+from kvtransfer.parts import check_mappable, check_shards
 from kvtransfer.registry import register_backend
 
 
@@ -71,7 +72,7 @@ class LocalAgent(ThreadedReads, KVTransferAgent):
         md = parse_json_metadata(metadata, "local")
         if md["fabric"] != self.fabric.token:
             raise ValueError(f"remote {name!r} is on another LocalFabric; local agents must share one")
-        self.layout.check_compatible(KVLayout.from_dict(md["layout"]))
+        check_shards(self.layout, KVLayout.from_dict(md["layout"]))  # each read checks its heads fit
         self._remotes[name] = (str(md["name"]), int(md["num_blocks"]))
 
     def notifications(self) -> list[str]:
@@ -86,6 +87,7 @@ class LocalAgent(ThreadedReads, KVTransferAgent):
         peer = self.fabric.lookup(self._remotes[handle.remote][0])
         if peer is None:
             raise TransferError(f"remote {handle.remote!r} has left the fabric")
+        check_mappable(self.layout, peer.layout, handle.heads)
         read = BackgroundRead(f"kv-local-{self.name}-{handle.tag}")
         handle.state = read
         read.start(lambda r: self._copy(r, peer, handle))
@@ -93,9 +95,10 @@ class LocalAgent(ThreadedReads, KVTransferAgent):
     def _copy(self, read: BackgroundRead, peer: LocalAgent, handle: TransferHandle) -> None:
         sync = self.kv_cache.is_cuda or peer.kv_cache.is_cuda
         l0, l1 = handle.layers or (0, self.layout.num_layers)
+        (a, b), (c, d) = handle.heads or ((0, peer.layout.num_kv_heads), (0, self.layout.num_kv_heads))
         for src, dst in zip(handle.remote_blocks.tolist(), handle.local_blocks.tolist(), strict=True):
             with read.writing():
-                self.kv_cache[dst, l0:l1].copy_(peer.kv_cache[src, l0:l1])
+                self.kv_cache[dst, l0:l1, :, :, c:d].copy_(peer.kv_cache[src, l0:l1, :, :, a:b])
                 if sync:  # a device copy is only queued: it must have landed before the lock is let go
                     torch.cuda.current_stream(self.kv_cache.device if self.kv_cache.is_cuda else None).synchronize()
         peer._inbox.push(handle.tag)

@@ -3,7 +3,9 @@
 The whole kv_cache tensor is registered once ("DRAM" for CPU tensors, "VRAM" for CUDA ones). Every block is
 one NIXL descriptor (addr, block_bytes, device_id); the local and each remote list are prepared once
 (prep_xfer_dlist) and a read selects blocks by index (make_prepped_xfer). NIXL delivers the read's tag to
-the peer as a notification when the read completes.
+the peer as a notification when the read completes. A head range between tensor-parallel shards of different
+widths (kvtransfer/parts.py) is one descriptor per run on each side - per (block, layer, K/V, token) where a side's
+shard has more heads than the range - built for the read (initialize_xfer), not prepared.
 
 metadata() is self-describing, never pickle: b"KVNIXL1\\n", a 4-byte big-endian length, a JSON header (NIXL
 agent name, pool base address, block count, block bytes, memory type, device id, KVLayout), then the NIXL
@@ -44,6 +46,7 @@ from kvtransfer.base import (
     TransferHandle,
     TransferStatus,
 )
+from kvtransfer.parts import BlockRuns, block_runs, check_mappable, check_shards, pair_runs
 from kvtransfer.registry import register_backend
 
 MAGIC = b"KVNIXL1\n"
@@ -74,6 +77,14 @@ def block_descs(base_addr: int, num_blocks: int, block_bytes: int, device_id: in
     descs[:, 0] = base_addr + offset + np.arange(num_blocks, dtype=np.uint64) * np.uint64(block_bytes)
     descs[:, 1] = length
     descs[:, 2] = device_id
+    return descs
+
+
+def _run_descs(runs: BlockRuns, base_addr: int, block_bytes: int, device_id: int, blocks: np.ndarray) -> np.ndarray:
+    """One (addr, len, device) row per run of every block, as NIXL's Nx3 array."""
+    addrs = runs.addresses(base_addr, block_bytes, blocks)
+    descs = np.empty((len(addrs), 3), dtype=np.uint64)
+    descs[:, 0], descs[:, 1], descs[:, 2] = addrs, runs.length, device_id
     return descs
 
 
@@ -196,7 +207,7 @@ class NixlAgent(KVTransferAgent):
 
     def add_remote(self, name: str, metadata: bytes) -> None:
         header, agent_md = decode_metadata(metadata)
-        self.layout.check_compatible(KVLayout.from_dict(header.get("layout") or {}))
+        check_shards(self.layout, KVLayout.from_dict(header.get("layout") or {}))  # each read checks its heads
         digest = hashlib.sha256(metadata).hexdigest()
         old = self._remotes.get(name)
         if old is not None and old.digest == digest:
@@ -223,10 +234,33 @@ class NixlAgent(KVTransferAgent):
 
     def _start(self, handle: TransferHandle) -> None:
         remote = self._remotes[handle.remote]
+        remote_layout = KVLayout.from_dict(remote.header.get("layout") or {})
+        check_mappable(self.layout, remote_layout, handle.heads)
+        if handle.heads is not None:
+            self._start_heads(handle, remote, remote_layout)
+            return
         with self._nx_lock:
             local_dlist, remote_dlist = self._dlists(remote, handle.layers)
             xh = self._agent.make_prepped_xfer("READ", local_dlist, handle.local_blocks.tolist(), remote_dlist,
                                                handle.remote_blocks.tolist(), notif_msg=handle.tag.encode())
+            handle.state = _Xfer(xh, "PROC")
+            handle.state.state = self._agent.transfer(xh)
+        if handle.state.state == "ERR":
+            raise TransferError("NIXL refused to post the read")
+
+    def _start_heads(self, handle: TransferHandle, remote: _Remote, remote_layout: KVLayout) -> None:
+        """A head range: one descriptor per run on both sides, paired run for run (parts.pair_runs)."""
+        assert handle.heads is not None
+        theirs, ours = pair_runs(block_runs(remote_layout, handle.layers, handle.heads[0]),
+                                 block_runs(self.layout, handle.layers, handle.heads[1]))
+        h, m = remote.header, self.memory
+        remote_descs = _run_descs(theirs, int(h["base_addr"]), int(h["block_bytes"]), int(h["device_id"]),
+                                  handle.remote_blocks)
+        local_descs = _run_descs(ours, m.base_addr, self.layout.block_bytes, m.device_id, handle.local_blocks)
+        with self._nx_lock:
+            xh = self._agent.initialize_xfer("READ", self._agent.get_xfer_descs(local_descs, m.mem_type),
+                                             self._agent.get_xfer_descs(remote_descs, str(h["mem_type"])),
+                                             remote.nixl_name, handle.tag.encode())
             handle.state = _Xfer(xh, "PROC")
             handle.state.state = self._agent.transfer(xh)
         if handle.state.state == "ERR":

@@ -4,9 +4,13 @@ metadata() is b"host:port" of the agent's server (bind option `host`, default 12
 one; `advertise_host` overrides the host written into the metadata). One connection per read:
 
     reader -> server   frame {"op": "read", "tag", "blocks": [remote ids], "layers": [l0, l1] | null,
-                              "layout": reader's KVLayout}
+                              "heads": [h0, h1] | null, "part_bytes", "layout": reader's KVLayout}
     server -> reader   frame {"ok", "error", "layout", "num_blocks"}, then if ok the raw bytes of the blocks (of
-                       their layers l0..l1 only, when given), in order
+                       their layers l0..l1 and the server's heads h0..h1 only, when given), in order
+
+Without "heads" both layouts must match exactly; with them (tensor-parallel shards of different widths) only
+what a head range needs (kvtransfer/parts.py), and the server checks that it sends `part_bytes` per block, what
+the reader scatters into its own head range.
     reader -> server   frame {"op": "done", "tag"} once every byte is in its blocks -> server's notifications()
 
 A frame is a 4-byte big-endian length and a JSON object. Remote block ids and the layout are checked by the
@@ -42,6 +46,7 @@ from kvtransfer.base import (
     TransferHandle,
     block_id_array,
 )
+from kvtransfer.parts import BlockRuns, HeadRanges, block_runs, check_mappable, check_shards
 from kvtransfer.registry import register_backend
 
 _LEN = struct.Struct("!I")
@@ -122,7 +127,7 @@ class _BlockServer:
                 conn.settimeout(self._io_timeout_s)
                 _tune(conn)
                 req = recv_frame(conn)
-                blocks, part, error = self._check(req)
+                blocks, runs, error = self._check(req)
                 agent = self._agent
                 send_frame(conn, {"ok": error is None, "error": error, "layout": agent.layout.to_dict(),
                                   "num_blocks": agent.num_blocks})
@@ -130,25 +135,33 @@ class _BlockServer:
                     return
                 staging = agent.memory.new_staging()
                 for b in blocks:
-                    conn.sendall(agent.memory.source(b, staging, part))
+                    conn.sendall(agent.memory.source(b, staging, runs))
                 done = recv_frame(conn)
                 if done.get("op") == "done" and done.get("tag") == req["tag"]:
                     self._on_done(req["tag"])
             except (OSError, ValueError):
                 return  # the reader went away or cancelled; nothing of ours to clean up
 
-    def _check(self, req: dict[str, Any]) -> tuple[list[int], tuple[int, int] | None, str | None]:
+    def _check(self, req: dict[str, Any]) -> tuple[list[int], BlockRuns | None, str | None]:
         agent = self._agent
-        blocks, layers = req.get("blocks"), req.get("layers")
+        blocks, layers, heads = req.get("blocks"), req.get("layers"), req.get("heads")
         if req.get("op") != "read" or not isinstance(req.get("tag"), str) or not isinstance(blocks, list):
             return [], None, "malformed read request"
         try:
             ids = block_id_array(blocks, agent.num_blocks, "remote").tolist()
-            agent.layout.check_compatible(KVLayout.from_dict(req.get("layout") or {}))
-            part = None if layers is None else agent.layout.byte_range((int(layers[0]), int(layers[1])))
+            reader = KVLayout.from_dict(req.get("layout") or {})
+            layers = None if layers is None else (int(layers[0]), int(layers[1]))
+            heads = None if heads is None else (int(heads[0]), int(heads[1]))
+            if heads is None:
+                agent.layout.check_compatible(reader)
+            else:  # our head range (checked by block_runs); `part_bytes` says the reader's is as long
+                check_shards(agent.layout, reader)
+            runs = block_runs(agent.layout, layers, heads)
+            if req.get("part_bytes", runs.nbytes) != runs.nbytes:
+                raise ValueError(f"the reader expects {req.get('part_bytes')} bytes a block, this part is {runs.nbytes}")
         except (ValueError, TypeError, IndexError) as e:
             return [], None, str(e)
-        return ids, part, None
+        return ids, runs, None
 
     def close(self) -> None:
         self._stop.set()
@@ -218,24 +231,26 @@ class TcpAgent(ThreadedReads, KVTransferAgent):
             sock = conn.sock
             sock.settimeout(self._io_timeout_s)
             _tune(sock)
+            runs = block_runs(self.layout, handle.layers, handle.heads[1] if handle.heads else None)
             send_frame(sock, {"op": "read", "tag": handle.tag, "blocks": handle.remote_blocks.tolist(),
-                              "layers": list(handle.layers) if handle.layers else None, "layout": self.layout.to_dict()})
-            self._check_reply(recv_frame(sock))
+                              "layers": list(handle.layers) if handle.layers else None,
+                              "heads": list(handle.heads[0]) if handle.heads else None, "part_bytes": runs.nbytes,
+                              "layout": self.layout.to_dict()})
+            self._check_reply(recv_frame(sock), handle.heads)
             staging = self.memory.new_staging()
-            part = None if handle.layers is None else self.layout.byte_range(handle.layers)
             for b in handle.local_blocks.tolist():
                 with read.writing():
-                    recv_exact(sock, self.memory.sink(b, staging, part))
-                    self.memory.commit(b, staging, part)
+                    recv_exact(sock, self.memory.sink(b, staging, runs))
+                    self.memory.commit(b, staging, runs)
             send_frame(sock, {"op": "done", "tag": handle.tag})
         finally:
             conn.close()
 
-    def _check_reply(self, reply: dict[str, Any]) -> None:
+    def _check_reply(self, reply: dict[str, Any], heads: HeadRanges | None = None) -> None:
         if reply.get("ok"):
             return
         try:
-            self.layout.check_compatible(KVLayout.from_dict(reply.get("layout") or {}))
+            check_mappable(self.layout, KVLayout.from_dict(reply.get("layout") or {}), heads)
         except LayoutMismatchError:
             raise  # the reader's view of the mismatch reads better than the server's
         except ValueError:
