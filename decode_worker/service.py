@@ -16,7 +16,7 @@ from decode_worker.kv_pull import KVPuller, TransferSetupError
 from decode_worker.kv_stream import KVStreamPuller
 from decode_worker.subscriber import Subscriber
 from engine.request import InvalidRequestError
-from proto import DRAINING, NO_SUBSCRIPTION, PROTOCOL_VERSION, disagg_pb2
+from proto import NO_SUBSCRIPTION, PROTOCOL_VERSION, disagg_pb2
 from worker.servicer import WorkerServicerBase, check_request, refuse
 
 log = logging.getLogger(__name__)
@@ -54,8 +54,7 @@ class DecodeService(WorkerServicerBase):
                      ) -> disagg_pb2.DecodeResponse:
         params = await check_request(request.version, request.params, context)
         rid, prompt = request.request_id, list(request.prompt_token_ids)
-        if self.draining:
-            await refuse(context, grpc.StatusCode.UNAVAILABLE, DRAINING, f"worker {self.worker_id} is draining")
+        await self.refuse_unless_serving(context)
         sub = self.subscribers.get(request.subscriber)
         if sub is None:
             await refuse(context, grpc.StatusCode.FAILED_PRECONDITION, NO_SUBSCRIPTION,

@@ -16,9 +16,10 @@ def cmd_generate(a: argparse.Namespace) -> None:
     from engine.llm import LLM
     from engine.request import SamplingParams
 
-    llm = LLM(a.model, device=a.device, dtype=a.dtype)
+    llm = LLM(a.model, device=a.device, dtype=a.dtype, tensor_parallel_size=a.tensor_parallel_size)
     params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed)
     out = llm.generate(a.prompt, params)[0] if a.raw else llm.chat([{"role": "user", "content": a.prompt}], params)[0]
+    llm.close()
     print(out.text)
     print(f"[{len(out.token_ids)} tokens, finish_reason={out.finish_reason}]", file=sys.stderr)
 
@@ -42,6 +43,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
     extra = (["--model", a.model] if a.model else []) + (["--transfer-backend", a.transfer_backend]
                                                           if a.transfer_backend else [])
     extra += ["--drain-timeout", str(a.drain_timeout)] if a.drain_timeout is not None else []
+    extra += ["--tensor-parallel-size", str(a.tensor_parallel_size)] if a.tensor_parallel_size else []
     # SIGTERM (kill, systemd, docker stop) stops the cluster as Ctrl-C does: otherwise this process would die
     # at once and leave the router and the workers running, ports and GPU memory held.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -183,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None, help="sampling seed")
     g.add_argument("--device", default="cpu", help="torch device (default cpu)")
     g.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    g.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N", help="split the model across N ranks "
+                   "(processes, one device each; default 1)")
     g.set_defaults(fn=cmd_generate)
 
     s = sub.add_parser("serve", help="start router + prefill + decode workers locally; Ctrl-C stops them")
@@ -201,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--drain-timeout", type=float, metavar="SECONDS", help="a worker sent SIGTERM finishes its "
                    "requests for this long at most, then the router moves the rest to other workers (default: the "
                    "config's transfer.drain_timeout_s, else 60)")
+    s.add_argument("--tensor-parallel-size", type=int, metavar="N", help="split the model of every worker across N "
+                   "ranks (processes, one device each; docs/parallel.md) (default: each pool's tensor_parallel_size "
+                   "in the config, else engine.tensor_parallel_size, else 1)")
     s.set_defaults(fn=cmd_serve)
 
     _add_ray_commands(sub)

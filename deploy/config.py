@@ -6,7 +6,9 @@
     router: {port: 8000, prefill_policy: least_loaded, ...}
     pools:
       prefill: {replicas: 1}       # 0 = co-located: decode workers prefill locally
-      decode: {replicas: 1, resources: {num_gpus: 1}}   # resources: what a replica reserves on Ray
+      decode: {replicas: 1, tensor_parallel_size: 2, resources: {num_gpus: 1}}
+      # tensor_parallel_size: ranks per worker of the pool (default: engine.tensor_parallel_size, else 1); on Ray a
+      # replica reserves `resources` per rank (num_cpus, num_gpus), custom resources once (docs/parallel.md)
     autoscaling: {...}             # optional, per pool (deploy/autoscale.py); Ray only
     ray: {namespace: disagg, ...}  # optional (deploy/placement.py); Ray only
 """
@@ -30,11 +32,15 @@ class PoolConfig:
 
     replicas: int = 1  # workers started in this pool
     base_port: int = 0  # first worker's gRPC port, the rest count up; 0 = any free ports
-    resources: Resources = field(default_factory=Resources)  # what each replica reserves on a Ray node
+    resources: Resources = field(default_factory=Resources)  # what each rank of a replica reserves on a Ray node
+    tensor_parallel_size: int | None = None  # ranks per worker (one process and device each); None: the engine's
 
     def __post_init__(self) -> None:
         if self.replicas < 0:
             raise ConfigError(f"pool replicas must be >= 0, got {self.replicas}")
+        tp = self.tensor_parallel_size
+        if tp is not None and (isinstance(tp, bool) or not isinstance(tp, int) or tp < 1):
+            raise ConfigError(f"pool tensor_parallel_size must be a positive int, got {tp!r}")
 
 
 @dataclass(frozen=True)
@@ -54,7 +60,8 @@ class ClusterConfig:
         if self.decode.replicas < 1:
             raise ConfigError("pools.decode.replicas must be at least 1")
         self._check_autoscaling()
-        self.engine_config()  # validate now, not when a worker or the router starts
+        for role in ("prefill", "decode"):
+            self.engine_config(role=role)  # validate now, not when a worker or the router starts
         self.router_config()
 
     def _check_autoscaling(self) -> None:
@@ -72,14 +79,26 @@ class ClusterConfig:
             raise KeyError(f"no pool {name!r} (pools are prefill and decode)")
         return getattr(self, name)
 
-    def engine_config(self, model: str | None = None) -> EngineConfig:
-        return EngineConfig.from_dict({**self.engine, "model": model or self.model})
+    def engine_config(self, model: str | None = None, role: str | None = None,
+                      tensor_parallel_size: int | None = None) -> EngineConfig:
+        """The engine of a worker of `role`'s pool (None: the engine section alone); `tensor_parallel_size`
+        overrides the pool's and the engine section's."""
+        d = {**self.engine, "model": model or self.model}
+        tp = tensor_parallel_size or (self.pool(role).tensor_parallel_size if role is not None else None)
+        if tp is not None:
+            d["tensor_parallel_size"] = tp
+        return EngineConfig.from_dict(d)
+
+    def tensor_parallel_size(self, role: str) -> int:
+        """Ranks per worker of `role`'s pool."""
+        return self.engine_config(role=role).tensor_parallel_size
 
     def worker_config(self, role: str, host: str = "127.0.0.1", port: int = 0, worker_id: str = "",
-                      model: str | None = None, transfer_backend: str | None = None) -> WorkerConfig:
+                      model: str | None = None, transfer_backend: str | None = None,
+                      tensor_parallel_size: int | None = None) -> WorkerConfig:
         transfer = self.transfer if not transfer_backend else dataclasses.replace(self.transfer, backend=transfer_backend)
-        return WorkerConfig(role=role, host=host, port=port, worker_id=worker_id, engine=self.engine_config(model),
-                            transfer=transfer)
+        return WorkerConfig(role=role, host=host, port=port, worker_id=worker_id, transfer=transfer,
+                            engine=self.engine_config(model, role, tensor_parallel_size))
 
     def router_settings(self) -> dict[str, Any]:
         """The router section, its model id defaulting to the cluster's model."""

@@ -17,9 +17,9 @@ import grpc
 
 from engine.remote_kv import KVProgress
 from engine.request import FinishReason
-from proto import DRAINING, PROTOCOL_VERSION, disagg_pb2
+from proto import PROTOCOL_VERSION, disagg_pb2
 from proto.convert import layout_to_proto, logprob_to_proto, prompt_logprobs_to_proto
-from worker.servicer import WorkerServicerBase, check_request, refuse
+from worker.servicer import WorkerServicerBase, check_request
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,7 @@ class PrefillService(WorkerServicerBase):
                       ) -> disagg_pb2.PrefillResponse:
         params = await check_request(request.version, request.params, context)
         rid, prompt = request.request_id, list(request.prompt_token_ids)
-        if self.draining:
-            await refuse(context, grpc.StatusCode.UNAVAILABLE, DRAINING, f"worker {self.worker_id} is draining")
+        await self.refuse_unless_serving(context)
         try:
             q = self.aengine.add_request(rid, prompt, params, lease_s=self.config.transfer.lease_s)
         except ValueError as e:

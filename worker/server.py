@@ -10,6 +10,11 @@ Stopping (SIGTERM or SIGINT) is a drain, so that no request is lost:
      router has a decode worker prefill it. Leases still held go with the process (their pulls fail and the decode
      side recomputes the prompt).
 A second SIGTERM or SIGINT during the drain skips to step 3 at once.
+
+A worker whose engine dies (a step raised; under tensor parallelism a rank process died, engine/parallel/ranks.py)
+ends its requests with an error (routers move decode requests to other workers), answers Health with ok false and
+refuses new requests for ENGINE_FAILED_EXIT_S, then exits 1 so that its supervisor starts it again. Every way out
+stops the engine's other ranks.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import faulthandler
 import logging
 import signal
 import socket
+import sys
 import time
 
 import grpc
@@ -37,6 +43,8 @@ from worker.servicer import WorkerServicerBase
 log = logging.getLogger("worker")
 
 TEARDOWN_S = 30.0  # after the drain, the longest stopping the server, the engine and the transfer agent may take
+ENGINE_FAILED_EXIT_S = 5.0  # a worker whose engine died (a tensor-parallel rank lost, say) reports unhealthy this
+# long - health polls and token streams see it - then exits 1, so its supervisor (disagg serve, Ray) starts it again
 GRPC_OPTIONS = [("grpc.max_send_message_length", 64 * 2**20), ("grpc.max_receive_message_length", 64 * 2**20)]
 
 
@@ -63,12 +71,21 @@ def build_service(config: WorkerConfig, aengine: AsyncEngine, address: str) -> W
     return DecodeService(config, aengine, agent)
 
 
-async def serve(config: WorkerConfig, ready_line: bool = True) -> None:
+async def serve(config: WorkerConfig, ready_line: bool = True) -> int:
+    """Run the worker until it is told to stop (returns 0) or its engine dies (returns 1). The engine's other
+    tensor-parallel ranks are stopped on every way out."""
     port = config.port or free_port(config.host)
     address = f"{config.host}:{port}"
     if not config.worker_id:
         config = dataclasses.replace(config, worker_id=f"{config.role}@{port}")
     engine = LLMEngine(config.engine)
+    try:
+        return await _serve(config, engine, address, ready_line)
+    finally:
+        engine.close()  # ranks 1..N-1 exit (nothing to do for one rank)
+
+
+async def _serve(config: WorkerConfig, engine: LLMEngine, address: str, ready_line: bool) -> int:
     aengine = AsyncEngine(engine)
     service = build_service(config, aengine, address)
     server = grpc.aio.server(options=GRPC_OPTIONS)
@@ -76,23 +93,19 @@ async def serve(config: WorkerConfig, ready_line: bool = True) -> None:
     server.add_insecure_port(address)
     await aengine.start()
     await server.start()
-    log.info("worker %s (%s) serving on %s, KV transfer %s", config.worker_id, config.role, address,
-             config.transfer.backend)
+    log.info("worker %s (%s) serving on %s, KV transfer %s, %d rank(s)", config.worker_id, config.role, address,
+             config.transfer.backend, config.engine.tensor_parallel_size)
     if ready_line:
         print(f"READY {address}", flush=True)
-    stop, now = asyncio.Event(), asyncio.Event()
-
-    def on_signal(sig: signal.Signals) -> None:
-        if stop.is_set():
-            log.warning("worker %s: %s again: ending the drain now", config.worker_id, sig.name)
-            now.set()
-        stop.set()
-
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal, sig)
-    await stop.wait()
-    await drain(config, service, now)
+    stop, now = stop_signals(config.worker_id)
+    failed = await stopped_or_failed(stop, aengine)
+    if failed is None:
+        await drain(config, service, now)
+    else:  # its requests already ended with an error (their routers move them); nothing is left to drain
+        log.error("worker %s: the engine failed (%r); unhealthy, exiting in %gs", config.worker_id, failed,
+                  ENGINE_FAILED_EXIT_S)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), ENGINE_FAILED_EXIT_S)
     # A stopping worker must exit: if the teardown below blocks (a transfer or engine step that never returns),
     # every thread's stack goes to the log and the process exits with code 1 after TEARDOWN_S.
     faulthandler.dump_traceback_later(TEARDOWN_S, exit=True)
@@ -103,6 +116,35 @@ async def serve(config: WorkerConfig, ready_line: bool = True) -> None:
     service.agent.close()
     faulthandler.cancel_dump_traceback_later()
     log.info("worker %s stopped", config.worker_id)
+    return 0 if failed is None else 1
+
+
+def stop_signals(worker_id: str) -> tuple[asyncio.Event, asyncio.Event]:
+    """(stop, now): SIGTERM or SIGINT sets `stop` (drain); a second one sets `now` too (end the drain)."""
+    stop, now = asyncio.Event(), asyncio.Event()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set():
+            log.warning("worker %s: %s again: ending the drain now", worker_id, sig.name)
+            now.set()
+        stop.set()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    return stop, now
+
+
+async def stopped_or_failed(stop: asyncio.Event, aengine: AsyncEngine) -> BaseException | None:
+    """Wait for a stop signal (None) or the engine loop's death (its error)."""
+    signalled = asyncio.ensure_future(stop.wait())
+    died = asyncio.ensure_future(aengine.failed())
+    await asyncio.wait({signalled, died}, return_when=asyncio.FIRST_COMPLETED)
+    signalled.cancel()
+    if stop.is_set():
+        died.cancel()
+        return None
+    return died.result()
 
 
 async def drain(config: WorkerConfig, service: WorkerServicerBase, now: asyncio.Event) -> None:
@@ -158,6 +200,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--worker-id", default="", help="name in logs and metrics (default role@port)")
     p.add_argument("--model", help="override the model: smollm2, an HF folder or a .gguf file")
     p.add_argument("--transfer-backend", choices=["nixl", "tcp"], help="override the KV transfer backend")
+    p.add_argument("--tensor-parallel-size", type=int, metavar="N", help="split the model across N ranks (this "
+                   "process and N - 1 it starts, one device each; docs/parallel.md) (default: the config's pool "
+                   "tensor_parallel_size, else engine.tensor_parallel_size, else 1)")
     p.add_argument("--drain-timeout", type=float, metavar="SECONDS", help="on SIGTERM, the longest the worker "
                    "finishes its running requests and keeps its KV leases before aborting the rest, which routers "
                    "move to other workers (default: the config's transfer.drain_timeout_s, else 60; 0: at once)")
@@ -170,7 +215,7 @@ def config_from_args(a: argparse.Namespace) -> WorkerConfig:
 
     cluster = ClusterConfig.load(a.config) if a.config else ClusterConfig()
     config = cluster.worker_config(a.role, host=a.host, port=a.port, worker_id=a.worker_id, model=a.model,
-                                   transfer_backend=a.transfer_backend)
+                                   transfer_backend=a.transfer_backend, tensor_parallel_size=a.tensor_parallel_size)
     if a.drain_timeout is not None:
         config = dataclasses.replace(config, transfer=dataclasses.replace(config.transfer,
                                                                           drain_timeout_s=a.drain_timeout))
@@ -180,4 +225,4 @@ def config_from_args(a: argparse.Namespace) -> WorkerConfig:
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(config_from_args(a)))
+    sys.exit(asyncio.run(serve(config_from_args(a))))

@@ -20,7 +20,7 @@ from engine.block_pool import KVEvent
 from engine.request import InvalidRequestError, SamplingParams
 from engine.stats import stat
 from kvtransfer import KVLayout, KVTransferAgent
-from proto import PROTOCOL_VERSION, REASON_KEY, disagg_pb2, disagg_pb2_grpc
+from proto import DRAINING, PROTOCOL_VERSION, REASON_KEY, disagg_pb2, disagg_pb2_grpc
 from proto.convert import kv_heads_to_proto, layout_to_proto, load_to_proto, params_from_proto
 from worker.async_engine import AsyncEngine
 from worker.config import WorkerConfig
@@ -104,6 +104,14 @@ class WorkerServicerBase(disagg_pb2_grpc.WorkerServicer):
         self.draining = False
         self.kv_events = KVEventLog(capacity=max(4096, 4 * self.engine.num_kv_blocks))
         aengine.add_hook(lambda: self.kv_events.extend(self.engine.drain_kv_events()))
+
+    async def refuse_unless_serving(self, context: grpc.aio.ServicerContext) -> None:
+        """Refuse a new request (UNAVAILABLE: the router sends it elsewhere) while draining or once the engine died
+        (a tensor-parallel rank lost: the worker is unhealthy and about to exit)."""
+        if self.draining:
+            await refuse(context, grpc.StatusCode.UNAVAILABLE, DRAINING, f"worker {self.worker_id} is draining")
+        if not self.aengine.healthy:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker {self.worker_id}: its engine failed")
 
     async def Health(self, request: disagg_pb2.HealthRequest, context: grpc.aio.ServicerContext
                      ) -> disagg_pb2.HealthResponse:
