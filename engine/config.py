@@ -271,6 +271,8 @@ class EngineConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16
     quantization: str | None = None  # weights quantized at load: int8 (weight-only, per channel; CPU) or null
     device: str = "cpu"  # torch device string
+    cpu_threads: int | str = "adaptive"  # CPU, one rank: threads per step; adaptive = the cores the rest of the
+    # machine leaves idle, at least the process's starting count (OMP_NUM_THREADS); N = always N
     attention_backend: str = "auto"  # auto | torch | triton
     max_model_len: int | None = None  # cap on prompt + output tokens; None means the model's context
     enforce_eager: bool = False  # never use CUDA graphs (they are used on CUDA with the triton backend)
@@ -292,6 +294,9 @@ class EngineConfig:
         _check(self.max_model_len is None or self.max_model_len > 0, "max_model_len must be positive")
         _check(isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1,
                f"tensor_parallel_size must be a positive int, got {self.tensor_parallel_size!r}")
+        _check(self.cpu_threads == "adaptive" or (isinstance(self.cpu_threads, int) and not isinstance(
+            self.cpu_threads, bool) and self.cpu_threads >= 1),
+            f"cpu_threads must be adaptive or a positive int, got {self.cpu_threads!r}")
         _check(self.overlap_steps is None or isinstance(self.overlap_steps, bool),
                f"overlap_steps must be true, false or null, got {self.overlap_steps!r}")
 

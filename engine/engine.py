@@ -21,6 +21,7 @@ import torch
 
 from engine.block_pool import KVEvent
 from engine.config import EngineConfig, ModelConfig, SpeculativeConfig
+from engine.cpu_threads import cpu_threads_for
 from engine.fork import PromptForks
 from engine.grammar import trim_drafts
 from engine.grammar_compiler import GrammarCompiler, model_tokenizer, tokenizer_available
@@ -83,6 +84,7 @@ class LLMEngine:
         # Hooked now, not at the first prefill-role request: a hook added while a step runs on the engine thread
         # would change the layers' hook dicts under that forward.
         self._progress.attach(self._runner.model.model.layers)
+        self._threads = cpu_threads_for(config, self.device)
         overlap = config.overlap_steps if config.overlap_steps is not None else self.device.type == "cuda"
         self._lookahead = Lookahead(self._runner, self._kv, self._scheduler, self.stats, overlap)
         self.set_speculative(config.speculative)
@@ -277,6 +279,9 @@ class LLMEngine:
         self.stats.preemptions += len(out.preempted)
         if out.is_empty:
             return []
+        if self._threads is not None:
+            self.stats.cpu_threads = self._threads.apply()
+            self.stats.cpu_thread_changes = self._threads.changes
         draft_probs = None
         if self._proposer is not None:
             draft_probs = self._proposer.propose(out, self._kv)

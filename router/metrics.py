@@ -73,6 +73,22 @@ class WorkerCollector(Collector):
         yield indexed
 
 
+class BulkHistogram(Histogram):
+    """A histogram that also takes observations already counted per bucket (`HistogramTally`'s)."""
+
+    @property
+    def bounds(self) -> list[float]:
+        """Every bucket's upper bound, +Inf last."""
+        return list(self._upper_bounds)
+
+    def add(self, counts: list[int], total: float) -> None:
+        """Add `counts[i]` observations to bucket i (as `observe` would have) and `total` to the sum."""
+        for bucket, n in zip(self._buckets, counts, strict=True):
+            if n:
+                bucket.inc(n)
+        self._sum.inc(total)
+
+
 class HistogramTally:
     """One request's observations of a histogram, added to it every `flush_every` observations and at the end.
 
@@ -81,9 +97,9 @@ class HistogramTally:
     observations; `flush` must be called when the request ends (the router does so in a `finally`).
     """
 
-    def __init__(self, histogram: Histogram, flush_every: int = 64) -> None:
+    def __init__(self, histogram: BulkHistogram, flush_every: int = 64) -> None:
         self._histogram = histogram
-        self._bounds: list[float] = list(histogram._upper_bounds)  # noqa: SLF001 (the histogram's own buckets)
+        self._bounds = histogram.bounds
         self._counts = [0] * len(self._bounds)
         self._sum = 0.0
         self._pending = 0
@@ -97,15 +113,10 @@ class HistogramTally:
             self.flush()
 
     def flush(self) -> None:
-        if not self._pending:
-            return
-        h = self._histogram
-        for i, n in enumerate(self._counts):
-            if n:
-                h._buckets[i].inc(n)  # noqa: SLF001
-                self._counts[i] = 0
-        h._sum.inc(self._sum)  # noqa: SLF001
-        self._sum, self._pending = 0.0, 0
+        if self._pending:
+            self._histogram.add(self._counts, self._sum)
+            self._counts = [0] * len(self._bounds)
+            self._sum, self._pending = 0.0, 0
 
 
 class RouterMetrics:
@@ -116,7 +127,7 @@ class RouterMetrics:
         r = self.registry
         self.ttft = Histogram("disagg_ttft_seconds", "Arrival to first token", buckets=LATENCY_BUCKETS,
                               registry=r)
-        self.itl = Histogram("disagg_inter_token_latency_seconds", "Gap between successive token chunks",
+        self.itl = BulkHistogram("disagg_inter_token_latency_seconds", "Gap between successive token chunks",
                              buckets=ITL_BUCKETS, registry=r)
         self.e2e = Histogram("disagg_e2e_latency_seconds", "Arrival to last token of finished requests",
                              buckets=LATENCY_BUCKETS, registry=r)
