@@ -5,7 +5,9 @@ Block ownership on the decode side (the engine's half is engine/remote_kv.py):
   full-block prefix that this worker's prefix cache holds are shared (never written), the rest allocated. It
   then starts one READ of only the remote blocks past that prefix (a KVHandle's block ids are in token order)
   into the reservation's `blocks_to_fill`. A prompt whose every block is cached here is not read at all.
-- From then until `agent.release()` returns, those blocks belong to the transfer. `release()` is called on
+- From then until `agent.release()` returns, those blocks belong to the transfer, on every tensor-parallel rank
+  (the agent is one per rank, worker/kv_agents.py: a read is a part per decode rank, each reading its own heads
+  from the prefill rank that holds them; release() releases every part). `release()` is called on
   every path (done, failed, timed out, cancelled by an abort); only after it returns does the puller report
   `kv_received` or `kv_failed` to the engine, which then lets the request run, recomputes it, or (if it was
   aborted or timed out meanwhile) frees the blocks it kept in quarantine. A block is never handed to another
@@ -24,14 +26,15 @@ import time
 
 import grpc
 
-from engine.parallel.kv_heads import KVHeadLayout
+from engine.parallel.kv_heads import HeadCopy, KVHeadLayout, plan_head_copies
 from engine.remote_kv import KVReservation
 from engine.request import Request
-from kvtransfer import KVLayout, KVTransferAgent, TransferHandle, TransferStatus
+from kvtransfer import KVLayout, TransferStatus
 from proto import disagg_pb2, disagg_pb2_grpc
-from proto.convert import kv_heads_from_proto, layout_from_proto
+from proto.convert import kv_heads_from_proto
 from worker.async_engine import AsyncEngine, Sink
 from worker.config import TransferConfig
+from worker.kv_agents import WorkerAgents, WorkerRead
 from worker.servicer import TransferCounters
 
 log = logging.getLogger(__name__)
@@ -49,19 +52,22 @@ class KVUnmappable(TransferSetupError):
     prefills the prompt itself rather than move part of its heads."""
 
 
-def check_mappable(local: KVHeadLayout, remote: KVHeadLayout | None, peer: str) -> None:
-    """KVUnmappable unless a pull moves every KV head. Each rank of a worker holds only its heads, and the agent
-    registers rank 0's shard only: with more than one rank on either side a pull would move rank 0's heads alone
-    and the rest of the cache would be left stale, silently. A peer that does not say (no `kv_heads`) is refused."""
+def check_mappable(local: KVHeadLayout, remote: KVHeadLayout | None, peer: str) -> list[HeadCopy]:
+    """Every KV head of the decode worker's ranks, from the prefill ranks that hold it (worker/kv_agents.py reads
+    by this plan); KVUnmappable when there is none. Each rank of a worker holds only its heads: a pull that could
+    not say where every head comes from would leave part of the cache stale, silently. So a peer that does not
+    describe its ranks (no `kv_heads`), or whose model's KV differs (heads, layers, block size, dtype), is
+    refused."""
     if remote is None:
         raise KVUnmappable(f"prefill worker {peer} does not describe its tensor-parallel KV layout")
-    if local.tp_size > 1 or remote.tp_size > 1:
-        raise KVUnmappable(f"KV of a tensor-parallel worker cannot move yet (prefill {peer}: {remote.tp_size} "
-                           f"rank(s), this decode worker: {local.tp_size})")
+    try:
+        return plan_head_copies(remote, local)
+    except ValueError as e:
+        raise KVUnmappable(f"prefill worker {peer}: {e}") from None
 
 
 class KVPuller:
-    def __init__(self, agent: KVTransferAgent, aengine: AsyncEngine, cfg: TransferConfig,
+    def __init__(self, agent: WorkerAgents, aengine: AsyncEngine, cfg: TransferConfig,
                  counters: TransferCounters, layout: KVLayout, kv_heads: KVHeadLayout) -> None:
         self.agent, self.aengine, self.cfg, self.counters, self.layout = agent, aengine, cfg, counters, layout
         self.kv_heads = kv_heads
@@ -73,6 +79,7 @@ class KVPuller:
     def forget_agent(self, agent_name: str) -> None:
         """Fetch this peer's transfer metadata again next time (it may have restarted under the same name)."""
         self._known_agents.discard(agent_name)
+        self.agent.forget_peer(agent_name)
 
     def stub(self, address: str) -> disagg_pb2_grpc.WorkerStub:
         if address not in self._channels:
@@ -80,7 +87,9 @@ class KVPuller:
         return disagg_pb2_grpc.WorkerStub(self._channels[address])
 
     async def ensure_remote(self, h: disagg_pb2.KVHandle | disagg_pb2.KVSource) -> None:
-        """Fetch the prefill agent's metadata once (gRPC side channel) and check both layouts agree."""
+        """Once per peer: fetch the prefill worker's transfer metadata (gRPC side channel: its head layout and one
+        agent per rank), plan which of its ranks each of our ranks reads which heads from, and register its agents
+        on our ranks that read from them."""
         if h.agent_name in self._known_agents:
             return
         md = await self.stub(h.worker_address).GetTransferMetadata(disagg_pb2.TransferMetadataRequest(), timeout=5)
@@ -92,11 +101,12 @@ class KVPuller:
         if md.backend != self.agent.backend:
             raise TransferSetupError(f"prefill worker {h.worker_id} uses KV transfer backend {md.backend!r}, "
                                      f"this decode worker uses {self.agent.backend!r}")
-        try:
-            self.layout.check_compatible(layout_from_proto(md.layout))
+        agents = [(md.agent_name, md.metadata)] + [(a.agent_name, a.metadata)
+                                                   for a in sorted(md.rank_agents, key=lambda a: a.rank)]
+        try:  # off the loop: registering on ranks 1..N-1 is a call into their processes
+            await asyncio.to_thread(self.agent.add_peer, md.agent_name, remote, agents)
         except ValueError as e:
-            raise TransferSetupError(f"KV layout of prefill worker {h.worker_id} differs: {e}") from None
-        self.agent.add_remote(md.agent_name, md.metadata)
+            raise KVUnmappable(f"prefill worker {h.worker_id}: {e}") from None
         self._known_agents.add(md.agent_name)
 
     async def pull(self, req: Request, h: disagg_pb2.KVHandle, sink: Sink) -> bool:
@@ -169,7 +179,7 @@ class KVPuller:
                 self.agent.release(handle)  # after this, no write can land in `dst`
             if ok:
                 self.counters.transfers += 1
-                self.counters.transfer_bytes += len(dst) * self.layout.block_bytes
+                self.counters.transfer_bytes += handle.nbytes if handle is not None else 0  # every rank's part
                 self.counters.transfer_seconds += time.monotonic() - t0
                 self.counters.pull_cached_blocks += cached
                 self.aengine.kv_received(rid)
@@ -181,7 +191,7 @@ class KVPuller:
             self.release_remote(h, rid)
         return ok
 
-    def wait_until(self, handle: TransferHandle, deadline: float) -> TransferStatus:
+    def wait_until(self, handle: WorkerRead, deadline: float) -> TransferStatus:
         # The time left is taken when the thread starts, not when the wait was queued: a busy default executor
         # must not push the wait past the pull's deadline (and so past the lease).
         return self.agent.wait(handle, deadline - time.monotonic())

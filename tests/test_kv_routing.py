@@ -24,6 +24,7 @@ from router.policy import KVAware, make_policy
 from router.registry import KVIndex, WorkerRegistry, WorkerState
 from tests.kvtransfer_peer import make_cache
 from worker.config import TransferConfig
+from worker.kv_agents import LocalRank, WorkerAgents
 from worker.servicer import KVEventLog, TransferCounters
 
 BS = 4  # block size of the synthetic workers
@@ -308,9 +309,10 @@ def _puller(eng: LLMEngine, fault: str | None = None) -> tuple[KVPuller, Any, Tr
     remote_cache = make_cache(seed=1, block_size=BS)
     remote = create_agent("local", "prefill", remote_cache, fabric=fabric)
     local = create_agent("local", "decode", eng.kv_cache, fabric=fabric, fault=fault)
-    local.add_remote("prefill", remote.metadata())
+    agents = WorkerAgents([LocalRank(local)], eng.kv_layout(), "local")
+    agents.add_peer("prefill", eng.kv_layout(), [("prefill", remote.metadata())])
     counters = TransferCounters()
-    puller = KVPuller(local, _Loop(eng), TransferConfig(timeout_s=5, lease_s=30), counters,
+    puller = KVPuller(agents, _Loop(eng), TransferConfig(timeout_s=5, lease_s=30), counters,
                       KVLayout.from_cache(eng.kv_cache), eng.kv_layout())
     puller._known_agents.add("prefill")
     puller.release_remote = lambda h, rid: None  # no prefill worker to tell

@@ -8,11 +8,15 @@ import pytest
 import torch
 
 from decode_worker.kv_pull import KVUnmappable, check_mappable
+from engine.config import CacheConfig
 from engine.parallel.kv_heads import KVHeadLayout, head_runs
+from engine.request import SamplingParams
 from kvtransfer import KVLayout, LayoutMismatchError, LocalFabric, TransferStatus
 from kvtransfer.parts import BlockRuns, block_runs, pair_runs
 from proto.convert import kv_heads_from_proto, kv_heads_to_proto
 from tests.kvtransfer_peer import make_agent, wait_done
+from tests.test_tp_engine import PROMPTS, make
+from worker.kv_agents import WorkerAgents
 
 
 def smollm2(tp: int) -> KVHeadLayout:
@@ -38,13 +42,16 @@ def test_guard_refuses_a_peer_that_does_not_describe_its_ranks() -> None:
 
 
 @pytest.mark.parametrize("local, remote", [(1, 3), (3, 1), (2, 2)])
-def test_guard_refuses_tensor_parallel_pairs_the_transfer_cannot_map(local: int, remote: int) -> None:
-    """Equal sizes included: rank 0's shards agree field for field, yet a pull through rank 0's agent alone would
-    move a third (a half) of the heads."""
-    lay = (lambda tp: KVHeadLayout.of(2, tp, 30, 16, 64, "float32", 100)) if 2 in (local, remote) else smollm2
-    with pytest.raises(KVUnmappable, match="tensor-parallel"):
-        check_mappable(lay(local), lay(remote), "prefill-0")
-    check_mappable(lay(1), lay(1), "prefill-0")
+def test_every_decode_head_has_a_source(local: int, remote: int) -> None:
+    plan = check_mappable(smollm2(local) if local != 2 else KVHeadLayout.of(2, 2, 30, 16, 64, "float32", 9),
+                          smollm2(remote) if remote != 2 else KVHeadLayout.of(2, 2, 30, 16, 64, "float32", 9), "p")
+    assert sum(c.num_heads for c in plan) == (3 if local != 2 else 2)
+
+
+def test_guard_refuses_workers_of_different_models() -> None:
+    other = KVHeadLayout.of(3, 3, 24, 16, 64, "float32", 100)
+    with pytest.raises(KVUnmappable, match="num_layers: 24 vs 30"):
+        check_mappable(smollm2(1), other, "prefill-0")
 
 
 # ---- head-range reads between shards of different widths (every backend that moves bytes here) -------------------
@@ -129,3 +136,58 @@ def test_head_reads_need_the_same_block_shape() -> None:
     finally:
         reader.close()
         owner.close()
+
+
+# ---- one agent per rank: real rank processes (slow tier) --------------------------------------------------------
+def _agents(eng, backend: str, name: str):  # noqa: ANN001, ANN202
+    return WorkerAgents.start(eng, backend, name, {})
+
+
+def _peer_agents(agents) -> list[tuple[str, bytes]]:  # noqa: ANN001
+    return [(agents.name, agents.metadata())] + [(a.name, a.metadata) for a in agents.rank_agents()]
+
+
+def _pull(src, dst, src_agents, dst_agents, rid: str) -> list[int]:  # noqa: ANN001
+    """Prefill the prompt on `src` under a lease, read its KV into `dst` through the agents (one per rank, head
+    ranges by the plan), decode there; the whole output."""
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    src.add_request(rid, PROMPTS[3], params, lease_s=60)
+    first = [t for _ in range(50) if src.has_unfinished() for so in src.step() for t in so.new_token_ids]
+    lease = src.lease(rid)
+    res = dst.receive_kv(dst.make_request(rid, PROMPTS[3], params, output_token_ids=first), len(PROMPTS[3]), 30)
+    assert lease is not None and res is not None and not res.num_cached_blocks
+    read = dst_agents.start_read(src_agents.name, lease.block_ids, res.blocks_to_fill, tag=rid)
+    assert dst_agents.wait(read, 30) is TransferStatus.DONE, read.error
+    dst_agents.release(read)
+    assert len(read.parts) == 2  # 2 -> 1: rank 0 reads a head from each; 1 -> 2 and 2 -> 2: one part per rank
+    assert src.release_lease(rid)
+    dst.kv_received(rid)
+    out = [t for _ in range(50) if dst.has_unfinished() for so in dst.step() for t in so.new_token_ids]
+    return first + out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["tcp", "nixl"])
+def test_rank_agents_move_kv_between_engines_of_different_sizes(tiny_llama_dir: str, backend: str) -> None:
+    """Prefill 2 ranks -> decode 1, 1 -> 2 and 2 -> 2 (rank r <- rank r, whole blocks): each equals a local run."""
+    cache = CacheConfig(num_blocks=64, enable_prefix_caching=False)  # every pull reads the whole prompt
+    one, two, other = (make(tiny_llama_dir, tp, cache=cache) for tp in (1, 2, 2))
+    agents = {n: _agents(e, backend, f"{backend}-{n}") for n, e in (("one", one), ("two", two), ("other", other))}
+    try:
+        assert len(agents["two"].rank_agents()) == 1
+        for a, b in (("one", "two"), ("two", "one"), ("two", "other")):
+            agents[b].add_peer(agents[a].name, {"one": one, "two": two, "other": other}[a].kv_layout(),
+                               _peer_agents(agents[a]))
+        params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+        one.add_request("local", PROMPTS[3], params)
+        local = [t for _ in range(50) if one.has_unfinished() for so in one.step() for t in so.new_token_ids]
+        assert _pull(two, one, agents["two"], agents["one"], "2to1") == local
+        assert _pull(one, two, agents["one"], agents["two"], "1to2") == local
+        assert _pull(two, other, agents["two"], agents["other"], "2to2") == local
+        for e in (one, two, other):
+            assert e.load().kv_blocks_free == 64
+    finally:
+        for a in agents.values():
+            a.close()
+        two.close()
+        other.close()

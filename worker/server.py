@@ -34,10 +34,10 @@ import grpc
 
 from engine.engine import LLMEngine
 from engine.stats import EngineLoad
-from kvtransfer import create_agent
 from proto import disagg_pb2_grpc
 from worker.async_engine import AsyncEngine
 from worker.config import WorkerConfig
+from worker.kv_agents import WorkerAgents
 from worker.servicer import WorkerServicerBase
 
 log = logging.getLogger("worker")
@@ -61,7 +61,7 @@ def build_service(config: WorkerConfig, aengine: AsyncEngine, address: str) -> W
         opts["host"] = config.transfer.host
     if config.transfer.backend == "nixl":
         opts["progress_thread"] = config.transfer.nixl_progress_thread
-    agent = create_agent(config.transfer.backend, config.worker_id, engine.kv_cache, **opts)
+    agent = WorkerAgents.start(engine, config.transfer.backend, config.worker_id, opts)  # one per rank
     if config.role == "prefill":
         from prefill_worker.service import PrefillService
 

@@ -19,11 +19,12 @@ import grpc
 from engine.block_pool import KVEvent
 from engine.request import InvalidRequestError, SamplingParams
 from engine.stats import stat
-from kvtransfer import KVLayout, KVTransferAgent
+from kvtransfer import KVLayout
 from proto import DRAINING, PROTOCOL_VERSION, REASON_KEY, disagg_pb2, disagg_pb2_grpc
 from proto.convert import kv_heads_to_proto, layout_to_proto, load_to_proto, params_from_proto
 from worker.async_engine import AsyncEngine
 from worker.config import WorkerConfig
+from worker.kv_agents import WorkerAgents
 
 
 @dataclass
@@ -92,7 +93,7 @@ class KVEventLog:
 
 
 class WorkerServicerBase(disagg_pb2_grpc.WorkerServicer):
-    def __init__(self, config: WorkerConfig, aengine: AsyncEngine, agent: KVTransferAgent) -> None:
+    def __init__(self, config: WorkerConfig, aengine: AsyncEngine, agent: WorkerAgents) -> None:
         self.config = config
         self.worker_id = config.worker_id
         self.aengine = aengine
@@ -135,9 +136,12 @@ class WorkerServicerBase(disagg_pb2_grpc.WorkerServicer):
 
     async def GetTransferMetadata(self, request: disagg_pb2.TransferMetadataRequest,
                                   context: grpc.aio.ServicerContext) -> disagg_pb2.TransferMetadataResponse:
+        """The handshake a puller needs: every rank's heads and agent (rank 0's is agent_name / metadata)."""
+        ranks = [disagg_pb2.RankAgent(rank=a.rank, agent_name=a.name, metadata=a.metadata)
+                 for a in self.agent.rank_agents()]
         return disagg_pb2.TransferMetadataResponse(backend=self.agent.backend, agent_name=self.worker_id,
                                                    metadata=self.agent.metadata(), layout=layout_to_proto(self.layout),
-                                                   kv_heads=kv_heads_to_proto(self.kv_heads))
+                                                   kv_heads=kv_heads_to_proto(self.kv_heads), rank_agents=ranks)
 
 
 async def refuse(context: grpc.aio.ServicerContext, code: grpc.StatusCode, reason: str, message: str) -> None:
