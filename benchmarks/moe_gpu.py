@@ -28,6 +28,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from benchmarks.gpu_bench import bench_ms, ceilings
 from engine.attention.base import AttentionMetadata, get_attention_backend
 from engine.config import CacheConfig, EngineConfig, ModelConfig, MoEConfig, SchedulerConfig
 
@@ -39,32 +40,6 @@ QWEN3_30B_A3B = ModelConfig(vocab_size=151936, hidden_size=2048, intermediate_si
 BF16 = 2  # bytes per weight and per KV element
 SWEEP = [(16, 32, 128, 4), (16, 64, 64, 4), (16, 64, 128, 8), (32, 64, 64, 4), (64, 64, 64, 4), (64, 128, 64, 8),
          (64, 128, 32, 4)]
-
-
-def bench_ms(fn: Callable[[], object], warmup: int = 3, iters: int = 20) -> float:
-    """Median milliseconds of `fn` timed with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
-
-
-def ceilings() -> dict:
-    n = 2**30
-    x = torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    copy_ms = bench_ms(lambda: y.copy_(x))
-    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
-    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
-    mm_ms = bench_ms(lambda: a @ b)
-    return {"copy_tb_s": 2 * n / copy_ms / 1e9, "matmul_tflop_s": 2 * 8192**3 / mm_ms / 1e9}
 
 
 # ------------------------------------------------------------------------------------------ the MoE kernel

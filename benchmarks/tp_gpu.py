@@ -29,6 +29,7 @@ os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
 
 import torch  # noqa: E402
 
+from benchmarks.gpu_bench import bench_ms, ceilings
 from engine.config import CacheConfig, EngineConfig, ModelConfig, RopeScaling, SchedulerConfig  # noqa: E402
 
 LLAMA3_70B = ModelConfig(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64,
@@ -87,31 +88,6 @@ def prefill_flops(cfg: ModelConfig, T: int) -> int:
     layer_matmuls = read - cfg.vocab_size * cfg.hidden_size
     attention = 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * T * T
     return 2 * T * layer_matmuls + attention + 2 * cfg.vocab_size * cfg.hidden_size
-
-
-def bench_ms(fn, warmup: int = 3, iters: int = 20) -> float:  # noqa: ANN001
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
-
-
-def ceilings() -> dict:
-    n = 2**30
-    x = torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    copy_ms = bench_ms(lambda: y.copy_(x))
-    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
-    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
-    mm_ms = bench_ms(lambda: a @ b)
-    return {"copy_tb_s": round(2 * n / copy_ms / 1e9, 3), "matmul_tflop_s": round(2 * 8192**3 / mm_ms / 1e9, 1)}
 
 
 def _allreduce_rank(rank: int, size: int, port: int, out: dict) -> None:
