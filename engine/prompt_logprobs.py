@@ -24,7 +24,7 @@ import torch
 
 from engine.batch import BatchSeq
 from engine.request import PromptLogprob, Request
-from engine.sampler import row_tensor
+from engine.sampler import copy_to_host, row_tensor
 
 ROWS_PER_SLICE = 1024  # rows turned to float32 logprobs at once: bounds the extra memory of a long chunk
 
@@ -90,14 +90,7 @@ class PromptLogprobs:
                 rows = logits[s.row + a - s.lo : s.row + b - s.lo]
                 pieces.append(self._score(rows, s.request.prompt_token_ids[a + 1 : b + 1]))
         packed = torch.cat(pieces)
-        self._ready: torch.cuda.Event | None = None
-        if packed.is_cuda:
-            self._host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
-            self._host.copy_(packed, non_blocking=True)
-            self._ready = torch.cuda.Event()
-            self._ready.record()
-        else:
-            self._host = packed
+        self._host, self._ready = copy_to_host(packed)
 
     def _score(self, rows: torch.Tensor, targets: list[int]) -> torch.Tensor:
         """[n, 2 + 2k] float64: per row, the target's logprob, its rank, the top k ids, their logprobs."""

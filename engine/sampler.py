@@ -67,6 +67,18 @@ def _has_filter(p: SamplingParams) -> bool:
     return p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0
 
 
+def copy_to_host(t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """`t` on the host: a CUDA tensor is copied into pinned memory without waiting, and the event returned is what
+    to synchronize on before reading the copy; a CPU tensor is returned as it is (event None)."""
+    if not t.is_cuda:
+        return t, None
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
+
+
 def row_tensor(values: list[float] | list[int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """A small host list on the device without a stream sync: a blocking copy would wait for every kernel queued
     before it, including a step launched ahead (engine/lookahead.py)."""
@@ -231,13 +243,7 @@ class DeviceSamples:
             chosen = raw_logprobs.gather(1, tokens[:, None])
             top_v, top_i = raw_logprobs.topk(self.k, dim=-1)
             packed = torch.cat([tokens[:, None].double(), chosen.double(), top_i.double(), top_v.double()], dim=1)
-        if packed.is_cuda:
-            self._host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
-            self._host.copy_(packed, non_blocking=True)
-            self._ready = torch.cuda.Event()
-            self._ready.record()
-        else:
-            self._host = packed
+        self._host, self._ready = copy_to_host(packed)
 
     def results(self) -> list[SampleResult]:
         """Wait for this batch's copy (not for later work on the stream) and unpack it."""
