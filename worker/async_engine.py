@@ -115,9 +115,11 @@ class AsyncEngine:
 
     def abort(self, request_id: str, reason: str = "abort") -> None:
         """Stop the request at the next step boundary and free its blocks (or its lease). Idempotent. Its sink
-        gets a last output with finish reason `reason`."""
+        gets a last output with finish reason `reason`. After the loop died there is nothing left to stop: safe to
+        call from cleanup paths then too."""
         self._end(request_id, reason)
-        self._submit(lambda: self.engine.abort(request_id), None)
+        if self._error is None:
+            self._submit(lambda: self.engine.abort(request_id), None)
 
     async def abort_and_wait(self, request_id: str) -> bool:
         """`abort`, returning once it is done: False if the engine knew no such request (nor lease)."""
@@ -166,11 +168,24 @@ class AsyncEngine:
         except asyncio.CancelledError:
             raise
         except BaseException as e:  # the worker reports unhealthy rather than hanging its streams
+            # A tensor-parallel rank that died lands here too (RankFailedError from step or check_deadlines).
             log.exception("engine loop failed")
             self._error = e
             for rid, sink in self._sinks.items():
                 sink(StepOutput(rid, [], True, "error", stop_reason=f"engine loop died: {e!r}"))
             self._sinks.clear()
+            # Nothing will run what was queued: its callers (an RPC waiting for a reservation, say) fail now rather
+            # than wait for ever.
+            pending, self._pending = self._pending, []
+            for _fn, fut in pending:
+                if fut is not None and not fut.done():
+                    fut.set_exception(RuntimeError(f"engine loop died: {e!r}"))
+
+    async def failed(self) -> BaseException | None:
+        """Wait until the loop ends: the error that ended it, or None when it was stopped."""
+        if self._task is not None:
+            await asyncio.shield(asyncio.gather(self._task, return_exceptions=True))
+        return self._error
 
     async def _idle(self, timeout_s: float) -> None:
         """Sleep until something is submitted or `timeout_s` passes."""
