@@ -122,8 +122,10 @@ class AsyncEngine:
             self._submit(lambda: self.engine.abort(request_id), None)
 
     async def abort_and_wait(self, request_id: str) -> bool:
-        """`abort`, returning once it is done: False if the engine knew no such request (nor lease)."""
+        """`abort`, returning once it is done: False if the engine knew no such request (nor lease), or is dead."""
         self._end(request_id)
+        if self._error is not None:
+            return False
         return await self.run_between_steps(lambda: self.engine.abort(request_id))
 
     def _end(self, request_id: str, reason: str = "abort") -> None:
