@@ -25,6 +25,7 @@ from ray.actor import ActorHandle
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from deploy.config import ClusterConfig
+from deploy.ray.rank_bundles import actor_options, remove_group
 from deploy.ray.routers import RouterSet
 from deploy.ray.worker_actor import KILL_AFTER_S, WorkerActor
 
@@ -66,6 +67,7 @@ class ReplicaPool:
         self.routers = routers
         self.namespace = namespace
         self.resources = cfg.pool(role).resources
+        self.tensor_parallel_size = cfg.tensor_parallel_size(role)  # ranks per replica
         self.startup_timeout_s = cfg.ray.startup_timeout_s
         self.drain_timeout_s = cfg.ray.drain_timeout_s
         self.new_name = new_name
@@ -88,12 +90,16 @@ class ReplicaPool:
     def start(self) -> Replica:
         """Ask Ray for one more worker actor; it may pend until a node with its resources joins."""
         name = self.new_name(self.role)
+        # N ranks: a placement group of N bundles on one node (deploy/ray/rank_bundles.py); the actor pends until
+        # Ray has reserved all of it.
+        options = actor_options(name, self.resources, self.tensor_parallel_size)
         handle = WorkerActor.options(name=name, namespace=self.namespace, lifetime="detached", max_restarts=0,
-                                     **self.resources.ray_options()).remote(name, self.role, self.cluster)
+                                     **options).remote(name, self.role, self.cluster)
         r = Replica(name, handle, time.monotonic(), asyncio.wrap_future(
             handle.wait_ready.remote(self.startup_timeout_s).future()))
         self.replicas[name] = r
-        log.info("%s: starting replica %s (resources %s)", self.role, name, self.resources.ray_options())
+        log.info("%s: starting replica %s (resources %s per rank, %d rank(s))", self.role, name,
+                 self.resources.ray_options(), self.tensor_parallel_size)
         return r
 
     async def poll_starting(self) -> None:
@@ -222,3 +228,4 @@ class ReplicaPool:
             with contextlib.suppress(RayError):  # already dead: the kill below is enough
                 await call(r.handle.stop.remote(0.0), timeout_s=KILL_AFTER_S + 15)
         ray.kill(r.handle, no_restart=True)
+        remove_group(r.name)  # its ranks' bundles (none with one rank)

@@ -7,6 +7,8 @@ itself, because:
   * an engine crash or OOM kill ends the child, and the actor reports it (`info`) instead of dying mid-call;
   * GPUs Ray assigns to the actor (CUDA_VISIBLE_DEVICES) and its OMP_NUM_THREADS pass to the child unchanged.
 The child is tied to the actor with PR_SET_PDEATHSIG: when the actor dies (ray.kill, node loss), so does the worker.
+A worker of N > 1 tensor-parallel ranks runs in bundle 0 of its replica's placement group and holds the other
+bundles while it lives (deploy/ray/rank_bundles.py); its child sees every rank's GPUs.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from typing import Any
 
 import ray
 import yaml
+
+from deploy.config import ClusterConfig
+from deploy.ray.rank_bundles import reserve_ranks
 
 PR_SET_PDEATHSIG = 1
 KILL_AFTER_S = 15.0  # after the drain was cut short, how long a worker gets to exit before SIGKILL
@@ -80,14 +85,21 @@ class WorkerActor:
         self.name, self.role = name, role
         self.host = ray.util.get_node_ip_address()
         self.address = ""
+        env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        cfg = ClusterConfig.from_dict(cluster)
+        tp, res = cfg.tensor_parallel_size(role), cfg.pool(role).resources
+        self._slots: list[Any] = []  # the other ranks' bundles (deploy/ray/rank_bundles.py)
+        if tp > 1:
+            self._slots, gpus = reserve_ranks(res, tp)
+            if res.num_gpus:  # the worker starts its ranks on GPUs 0..N-1 as it sees them: every rank's, in order
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
         self._dir = tempfile.mkdtemp(prefix=f"disagg-{name}-")
         path = os.path.join(self._dir, "cluster.yaml")
         with open(path, "w") as f:
             yaml.safe_dump(worker_yaml(cluster, self.host), f)
         cmd = [sys.executable, "-m", "worker", "--role", role, "--worker-id", name, "--host", self.host,
                "--config", path]
-        env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-        env.setdefault("HF_HUB_OFFLINE", "1")
         self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                       preexec_fn=_die_with_parent)
         self._lines: collections.deque[str] = collections.deque(maxlen=200)
