@@ -184,6 +184,7 @@ def test_rank_agents_move_kv_between_engines_of_different_sizes(tiny_llama_dir: 
         assert _pull(two, one, agents["two"], agents["one"], "2to1") == local
         assert _pull(one, two, agents["one"], agents["two"], "1to2") == local
         assert _pull(two, other, agents["two"], agents["other"], "2to2") == local
+        abort_mid_read(two, other, agents["two"], backend)
         for e in (one, two, other):
             assert e.load().kv_blocks_free == 64
     finally:
@@ -191,3 +192,27 @@ def test_rank_agents_move_kv_between_engines_of_different_sizes(tiny_llama_dir: 
             a.close()
         two.close()
         other.close()
+
+
+def abort_mid_read(src, dst, src_agents, backend: str) -> None:  # noqa: ANN001
+    """A pull whose parts hang on both decode ranks, aborted: the request ends at once, its blocks stay out of the
+    pool (quarantine) until every rank's part is released, then all of them come back; the prefill's lease too."""
+    hang = WorkerAgents.start(dst, backend, f"{backend}-hang", {"fault": "hang"})
+    try:
+        hang.add_peer(src_agents.name, src.kv_layout(), _peer_agents(src_agents))
+        params = SamplingParams(max_tokens=4, temperature=0)
+        src.add_request("ab", PROMPTS[2], params, lease_s=60)
+        first = [t for _ in range(50) if src.has_unfinished() for so in src.step() for t in so.new_token_ids]
+        lease = src.lease("ab")
+        res = dst.receive_kv(dst.make_request("ab", PROMPTS[2], params, output_token_ids=first), len(PROMPTS[2]), 30)
+        assert lease is not None and res is not None
+        read = hang.start_read(src_agents.name, lease.block_ids, res.blocks_to_fill, tag="ab")
+        assert len(read.parts) == 2 and hang.wait(read, 0.5) is TransferStatus.PENDING
+        assert dst.abort("ab")  # the client went away mid-pull
+        assert dst.load().kv_blocks_free == 64 - len(res.block_ids), "quarantined while the parts may write"
+        hang.release(read)  # every rank's part stopped
+        dst.kv_failed("ab")
+        assert dst.load().kv_blocks_free == 64
+        assert src.release_lease("ab")
+    finally:
+        hang.close()

@@ -62,15 +62,17 @@ def rank_agent_name(worker: str, rank: int) -> str:
 
 def start_rank_agent(ctx: RankKV, spec: RankAgentSpec) -> RankAgentInfo | None:
     """run_on_ranks target: build rank ctx.rank's agent on its shard and serve it; None on rank 0, whose agent the
-    worker builds itself on `engine.kv_cache`. The server is kept in the rank's state for as long as it lives."""
+    worker builds itself on `engine.kv_cache`. The server is kept in the rank's state (by agent name) for as long
+    as the rank lives."""
     if ctx.rank == 0:
         return None
-    old = ctx.state.pop("agent_server", None)
+    name = rank_agent_name(spec.worker, ctx.rank)
+    old = ctx.state.pop(("agent_server", name), None)  # the same agent started again replaces the old one
     if old is not None:
         old.close()
-    agent = create_agent(spec.backend, rank_agent_name(spec.worker, ctx.rank), ctx.kv_cache, **spec.options)
+    agent = create_agent(spec.backend, name, ctx.kv_cache, **spec.options)
     server = AgentServer(agent, spec.authkey)
-    ctx.state["agent_server"] = server
+    ctx.state[("agent_server", name)] = server
     log.info("rank %d: KV transfer agent %s (%s) on its shard %s", ctx.rank, agent.name, spec.backend,
              tuple(ctx.kv_cache.shape))
     return RankAgentInfo(ctx.rank, agent.name, agent.metadata(), server.address)
