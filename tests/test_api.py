@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -83,7 +84,7 @@ def setup(tokenizer: Tokenizer) -> Iterator[tuple[RouterServer, ScriptedWorker, 
     thread.start()
     script = tokenizer.encode(SCRIPT) + [tokenizer.eos_token_id]
     p, d = FakeServer(loop, ScriptedWorker("prefill", script)), FakeServer(loop, ScriptedWorker("decode", script))
-    router = RouterServer(loop, tokenizer, [p.address, d.address])
+    router = RouterServer(loop, tokenizer, [p.address, d.address], max_n=8)  # a configured limit (default 16)
     wait_for(lambda: httpx.get(router.url + "/ready").status_code == 200, 10)
     yield router, p.worker, d.worker  # type: ignore[misc]
     router.stop()
@@ -316,34 +317,64 @@ def test_openai_parse_helper_with_a_pydantic_model(setup: tuple[RouterServer, An
 
 
 BAD = [
-    ("n above the limit", {"n": 17}, "n"),
-    ("best_of below n", {"n": 2, "best_of": 1}, "best_of"),
-    ("best_of streamed", {"best_of": 2, "stream": True}, "best_of"),
-    ("logit_bias key", {"logit_bias": {"x": 1}}, "logit_bias"),
-    ("logit_bias token", {"logit_bias": {"999999": 1}}, "logit_bias"),
-    ("allowed_token_ids empty", {"allowed_token_ids": []}, "allowed_token_ids"),
-    ("min_tokens above max_tokens", {"min_tokens": 50, "max_tokens": 5}, "min_tokens"),
-    ("invalid JSON schema", {"guided_json": {"type": "frobnicate"}}, "guided_json"),
-    ("regex that does not compile", {"guided_regex": "(ab"}, "guided_regex"),
-    ("grammar that does not compile", {"guided_grammar": "root ::= nothing"}, "guided_grammar"),
-    ("two structured outputs", {"guided_regex": "a", "response_format": {"type": "json_object"}}, "guided_regex"),
+    ("n above the configured limit", {"n": 9}, "n", r"n must be between 1 and 8 \(router.max_n\), got 9"),
+    ("best_of below n", {"n": 2, "best_of": 1}, "best_of", "best_of must be between n"),
+    ("best_of above the configured limit", {"best_of": 9}, "best_of", r"and 8 \(router.max_n\), got 9"),
+    ("best_of streamed", {"best_of": 2, "stream": True}, "best_of", "cannot be streamed"),
+    ("logit_bias key", {"logit_bias": {"x": 1}}, "logit_bias", "keys must be token ids"),
+    ("logit_bias token", {"logit_bias": {"999999": 1}}, "logit_bias", "outside the vocabulary"),
+    ("allowed_token_ids empty", {"allowed_token_ids": []}, "allowed_token_ids", "must not be empty"),
+    ("min_tokens above max_tokens", {"min_tokens": 50, "max_tokens": 5}, "min_tokens", "min_tokens"),
+    ("invalid JSON schema", {"guided_json": {"type": "frobnicate"}}, "guided_json", "invalid JSON schema"),
+    ("invalid JSON schema in response_format",
+     {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frobnicate"}}}},
+     "response_format", "invalid JSON schema"),
+    ("guided_json not JSON", {"guided_json": "{nope"}, "guided_json", "not valid JSON"),
+    ("regex that does not compile", {"guided_regex": "(ab"}, "guided_regex", "invalid regex"),
+    ("regex in structured_outputs that does not compile", {"structured_outputs": {"regex": "[a-"}},
+     "structured_outputs", "invalid regex"),
+    ("grammar that does not compile", {"guided_grammar": "root ::= nothing"}, "guided_grammar",
+     "invalid grammar: .*nothing"),
+    ("empty guided_choice", {"guided_choice": []}, "guided_choice", "non-empty list"),
+    ("two structured outputs", {"guided_regex": "a", "response_format": {"type": "json_object"}}, "guided_regex",
+     "only one structured output"),
     ("unknown tool", {"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
-     "tool_choice"),
-    ("required without tools", {"tool_choice": "required"}, "tool_choice"),
-    ("prompt_logprobs out of range", {"prompt_logprobs": 21}, "prompt_logprobs"),
-    ("truncate_prompt_tokens 0", {"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
-    ("wrong type", {"min_tokens": "3"}, "min_tokens"),
+     "tool_choice", "'nope', which is not among the tools"),
+    ("required without tools", {"tool_choice": "required"}, "tool_choice", "requires tools"),
+    ("tool parameters not an object schema",
+     {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]}, "tools",
+     "parameters must be a JSON schema of an object"),
+    ("prompt_logprobs out of range", {"prompt_logprobs": 21}, "prompt_logprobs", "prompt_logprobs"),
+    ("truncate_prompt_tokens 0", {"truncate_prompt_tokens": 0}, "truncate_prompt_tokens", "-1 or at least 1, got 0"),
+    ("wrong type", {"min_tokens": "3"}, "min_tokens", "min_tokens"),
 ]
 
 
-@pytest.mark.parametrize(("extra", "param"), [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+@pytest.mark.parametrize(("extra", "param", "message"), [b[1:] for b in BAD], ids=[b[0] for b in BAD])
 def test_bad_input_is_a_400_saying_what_is_wrong(setup: tuple[RouterServer, Any, Any], extra: dict[str, Any],
-                                                 param: str) -> None:
-    router, _, _ = setup
+                                                 param: str, message: str) -> None:
+    router, p, d = setup
+    before = len(p.prefills), len(d.decodes)
     r = post(router, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **extra})
     assert r.status_code == 400, r.text
     error = r.json()["error"]
-    assert error["param"] == param and error["type"] == "invalid_request_error" and len(error["message"]) > 10
+    assert error["param"] == param and error["type"] == "invalid_request_error", error
+    assert re.search(message, error["message"]), error
+    assert (len(p.prefills), len(d.decodes)) == before  # refused before any worker was asked
+
+
+def test_bad_input_on_completions_and_through_the_client(setup: tuple[RouterServer, Any, Any]) -> None:
+    """The same checks on /v1/completions; the openai client raises BadRequestError carrying the message."""
+    router, _, _ = setup
+    for extra, message in [({"n": 9}, "router.max_n"), ({"guided_regex": "(ab"}, "invalid regex"),
+                           ({"guided_grammar": "root ::= nothing"}, "invalid grammar")]:
+        with pytest.raises(openai.BadRequestError, match=message) as e:
+            client(router).completions.create(model=MODEL, prompt="hi", max_tokens=4, extra_body=extra)
+        assert e.value.status_code == 400
+    with pytest.raises(openai.BadRequestError, match="not among the tools"):
+        client(router).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                               tools=[WEATHER_TOOL],
+                                               tool_choice={"type": "function", "function": {"name": "nope"}})
 
 
 # --- endpoints ------------------------------------------------------------------------------------------------------
