@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,10 @@ def run_guidellm(exe: str, a: argparse.Namespace, work: Path) -> dict[str, Any]:
            "--data", f"kind=synthetic_text,prompt_tokens={a.prompt_tokens},output_tokens={a.output_tokens}",
            "--tokenizer", f"kind=huggingface_auto,model={save_tokenizer(work / 'tokenizer')}",
            "--output", f"kind=json,path={out}", "--disable-console-interactive"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    # guidellm's worker processes: its default is one per stream (up to 10), each a Python process with its own
+    # event loop; on a small machine they take the CPU the server needs, so by default one, like the bench's client.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "GUIDELLM__MAX_WORKER_PROCESSES": str(getattr(a, "guidellm_processes", 1))}
     subprocess.run(cmd, check=True, env=env, timeout=a.timeout)
     return guidellm_figures(json.loads(out.read_text()))
 
@@ -111,14 +115,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--output-tokens", type=int, default=32)
     p.add_argument("--guidellm", default=os.environ.get("GUIDELLM", "guidellm"), help="guidellm executable")
+    p.add_argument("--guidellm-processes", type=int, default=1,
+                   help="guidellm's worker processes (default 1; guidellm's own default is one per stream, up to 10)")
     p.add_argument("--timeout", type=float, default=1800.0)
     p.add_argument("--out", default="benchmarks/out/guidellm_compare.json")
     a = p.parse_args(argv)
+    # The machine's load average (1, 5, 15 min, as `uptime` prints it) around each tool's run: on a shared machine
+    # it says how much of a difference between the two is other work.
+    loadavg = {"before": os.getloadavg()}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         g = run_guidellm(a.guidellm, a, work)
+        loadavg["after_guidellm"] = os.getloadavg()
         d = run_disagg_bench(a, work)
-    result = {"load": {k: getattr(a, k) for k in ("streams", "requests", "prompt_tokens", "output_tokens")},
+        loadavg["after_disagg_bench"] = os.getloadavg()
+    result = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu_count": os.cpu_count(),
+              "load": {k: getattr(a, k) for k in ("streams", "requests", "prompt_tokens", "output_tokens",
+                                                  "guidellm_processes")},
+              "loadavg": {k: [round(x, 2) for x in v] for k, v in loadavg.items()},
               "guidellm": g, "disagg_bench": d, "guidellm_over_disagg_bench": compare(g, d)}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=2))

@@ -46,9 +46,12 @@ def test_guidellm_and_disagg_bench_agree(tmp_path: Path) -> None:
         d = run_disagg_bench(load, tmp_path)
         assert (g["successful"], g["errored"], g["incomplete"]) == (32, 0, 0), g
         assert (d["successful"], d["errored"]) == (32, 0), d
-        # Same load, same server: the medians agree within noise (a shared 2-core machine: a factor, not percent).
-        for key in ("ttft_p50_ms", "itl_p50_ms"):
-            assert 0.5 <= g[key] / d[key] <= 2.0, (key, g, d)
+        # Same load, same server: the medians agree within noise. On 2 shared cores that is a factor, not percent
+        # (benchmarks/RESULTS.md, "guidellm and disagg bench"): at 8 streams TTFT is mostly queueing, and one tool's
+        # own TTFT p50 spread 2.5x over three runs; ITL p50 spread 15%, and 0.77-1.10x between the tools.
+        bounds = {"ttft_p50_ms": (1 / 3, 3.0), "itl_p50_ms": (0.5, 2.0)}
+        for key, (low, high) in bounds.items():
+            assert low <= g[key] / d[key] <= high, (key, g, d)
         for name in ("prefill-0", "decode-0"):
             rep = wait_blocks_free(cluster.procs[name].address)
             assert rep.kv_blocks_free == rep.kv_blocks_total
