@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -104,17 +105,43 @@ def run_prompt(eng: LLMEngine, rid: str, prompt: list[int], device: str) -> floa
     return (time.perf_counter() - t0) * 1e3
 
 
-def measure_prefill(eng: LLMEngine, toks: Tokens, lengths: list[int], repeat: int, device: str) -> list[float]:
+class Alone:
+    """Measurements of an engine alone on its machine. A CPU engine with adaptive threads (engine/cpu_threads.py,
+    what a worker runs) takes every core only while the rest of the machine is idle: a measurement whose last step
+    ran on fewer (another job took some) is made again after a pause, up to `tries` times, and counted if it
+    still did."""
+
+    def __init__(self, eng: LLMEngine, device: str, tries: int = 6, pause_s: float = 2.0) -> None:
+        adaptive = not device.startswith("cuda") and eng.config.cpu_threads == "adaptive"
+        self.eng, self.want = eng, len(os.sched_getaffinity(0)) if adaptive else 0
+        self.tries, self.pause_s = tries, pause_s
+        self.retried = self.short = 0  # measurements made again; measurements kept although short of cores
+
+    def __call__(self, measure: Callable[[], Any]) -> Any:
+        for i in range(self.tries):
+            out = measure()
+            if not self.want or self.eng.stats.cpu_threads >= self.want:
+                return out
+            if i < self.tries - 1:
+                self.retried += 1
+                time.sleep(self.pause_s)
+        self.short += 1
+        return out
+
+
+def measure_prefill(eng: LLMEngine, toks: Tokens, lengths: list[int], repeat: int, device: str,
+                    alone: Alone) -> list[float]:
     ids = itertools.count()
     out = []
     for n in tqdm(lengths, desc="prefill", leave=False):
         run_prompt(eng, f"warm{next(ids)}", toks.take(n), device)  # compiles kernels for this shape on a GPU
-        out.append(statistics.median(run_prompt(eng, f"p{next(ids)}", toks.take(n), device) for _ in range(repeat)))
+        out.append(statistics.median(alone(partial(run_prompt, eng, f"p{next(ids)}", toks.take(n), device))
+                                     for _ in range(repeat)))
     return out
 
 
 def measure_chunks(eng: LLMEngine, toks: Tokens, n: int, contexts: list[int], repeat: int,
-                   device: str) -> list[ChunkCost]:
+                   device: str, alone: Alone) -> list[ChunkCost]:
     """A chunk of n new tokens after c cached: prompt A (c tokens) runs first, then A + n new ones hits the cache."""
     bs, ids, out = eng.config.cache.block_size, itertools.count(), []
     for c in tqdm(contexts, desc="chunks", leave=False):
@@ -126,7 +153,7 @@ def measure_chunks(eng: LLMEngine, toks: Tokens, n: int, contexts: list[int], re
             prompt = head + toks.take(n)
             if eng.cached_prefix_tokens(prompt) < c:
                 raise RuntimeError(f"the prefix cache lost the {c}-token context: enlarge --kv-gib")
-            times.append(run_prompt(eng, f"c{next(ids)}", prompt, device))
+            times.append(alone(partial(run_prompt, eng, f"c{next(ids)}", prompt, device)))
         out.append(ChunkCost(tokens=n, context=c, ms=round(statistics.median(times[1:]), 4)))
     return out
 
@@ -139,12 +166,17 @@ def fit_attention(chunks: list[ChunkCost], alone_ms: float) -> float:
     return max(0.0, sum(x * y for x, y in zip(xs, ys, strict=True)) / den) if den else 0.0
 
 
-def decode_ms(eng: LLMEngine, toks: Tokens, batch: int, ctx: int, steps: int, device: str) -> float | None:
+def decode_ms(eng: LLMEngine, toks: Tokens, batch: int, ctx: int, steps: int, device: str,
+              alone: Alone | None = None) -> float | None:
     """ms per decode step of `batch` rows at context `ctx` (None when their KV does not fit)."""
     bs = eng.config.cache.block_size
     if batch * -(-(ctx + steps + 8) // bs) > eng.load().kv_blocks_free:
         return None
-    rids = [f"d{ctx}-{batch}-{i}" for i in range(batch)]
+    return (alone or (lambda f: f()))(partial(_decode_once, eng, toks, batch, ctx, steps, device))
+
+
+def _decode_once(eng: LLMEngine, toks: Tokens, batch: int, ctx: int, steps: int, device: str) -> float:
+    rids = [f"d{ctx}-{batch}-{i}-{time.monotonic_ns()}" for i in range(batch)]
     for rid in rids:
         receive_given_kv(eng, rid, toks.take(ctx), SamplingParams(max_tokens=steps + 8, temperature=0, ignore_eos=True))
     for _ in range(3):  # the batch joins, graphs warm
@@ -174,12 +206,12 @@ def timed_steps(eng: LLMEngine, steps: int, device: str) -> float:
 
 
 def measure_decode(eng: LLMEngine, toks: Tokens, batches: list[int], contexts: list[int], steps: int,
-                   device: str) -> list[list[float]]:
+                   device: str, alone: Alone) -> list[list[float]]:
     grid: list[list[float | None]] = [[None] * len(contexts) for _ in batches]
     with tqdm(total=len(batches) * len(contexts), desc="decode", leave=False) as bar:
         for j, ctx in enumerate(contexts):
             for i, b in enumerate(batches):
-                grid[i][j] = decode_ms(eng, toks, b, ctx, steps, device)
+                grid[i][j] = decode_ms(eng, toks, b, ctx, steps, device, alone)
                 bar.update(1)
     return fill_grid(grid, contexts)
 
@@ -218,19 +250,6 @@ def transfer_costs(backend: str, device: str, repeat: int) -> TransferCosts:
                          latency_ms=round(max(0.0, small["median_s"] - 2 / 1024 / rate) * 1e3, 4))
 
 
-def cpu_probe_ms() -> float:
-    """A fixed piece of CPU work in this process (median of 5): how fast the cores are right now. Stored with a CPU
-    profile, so a later run on a machine shared with other jobs can tell how much slower it has become."""
-    a = torch.randn(384, 384, generator=torch.Generator().manual_seed(0))
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(100):
-            a @ a
-        times.append(time.perf_counter() - t0)
-    return round(statistics.median(times) * 1e3, 3)
-
-
 CO_RUNNERS = {  # a process that keeps the rest of the machine busy until killed, printing "go" once it runs
     "cpu": "import torch\ntorch.set_num_threads(1)\na = torch.randn(768, 768)\nprint('go', flush=True)\n"
            "while True:\n    a @ a\n",
@@ -239,29 +258,33 @@ CO_RUNNERS = {  # a process that keeps the rest of the machine busy until killed
 }
 
 
-def co_run(eng: LLMEngine, toks: Tokens, device: str, repeat: int) -> CoRunCosts:
+def co_run(eng: LLMEngine, toks: Tokens, device: str, repeat: int, alone_check: Alone) -> CoRunCosts:
     """Prefill and decode step times while another process runs matmuls on the rest of the machine (the other core)
-    or on the same GPU, over the same alone: what a second worker on one host costs the first."""
+    or on the same GPU, over the same alone: what a second worker on one host costs the first. A CPU engine with
+    adaptive threads runs beside it on the cores left (the note says how many)."""
     gpu = device.startswith("cuda")
     n, batch, ctx = (2048, 32, 1024) if gpu else (256, 4, 256)
 
-    def measure() -> tuple[float, float]:
-        pre = statistics.median(run_prompt(eng, f"co{i}-{time.monotonic_ns()}", toks.take(n), device)
+    def measure(check: Callable[[Callable[[], Any]], Any]) -> tuple[float, float]:
+        pre = statistics.median(check(partial(run_prompt, eng, f"co{i}-{time.monotonic_ns()}", toks.take(n), device))
                                 for i in range(repeat))
-        return pre, decode_ms(eng, toks, batch, ctx, 8, device) or 0.0
+        return pre, decode_ms(eng, toks, batch, ctx, 8, device, check) or 0.0
 
-    alone = measure()
+    alone = measure(alone_check)
     proc = subprocess.Popen([sys.executable, "-c", CO_RUNNERS["cuda" if gpu else "cpu"]], stdout=subprocess.PIPE,
                             text=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "go"
-        busy = measure()
+        time.sleep(0.5)  # an adaptive engine sees the co-runner's core busy
+        busy = measure(lambda f: f())
     finally:
         proc.kill()
         proc.wait()
+    threads = "" if gpu else f" (this engine on {eng.stats.cpu_threads} thread(s) beside it)"
     return CoRunCosts(prefill=round(max(1.0, busy[0] / alone[0]), 3), decode=round(max(1.0, busy[1] / alone[1]), 3),
                       note=f"prefill of {n} tokens and decode of {batch} x {ctx}, alone and beside a process "
-                           f"running {'bf16 8192^3 matmuls on the same GPU' if gpu else 'fp32 768^3 matmuls, 1 thread'}")
+                           f"running {'bf16 8192^3 matmuls on the same GPU' if gpu else 'fp32 768^3 matmuls, 1 thread'}"
+                           + threads)
 
 
 def process_start_s() -> float:
@@ -297,14 +320,15 @@ def profile(a: argparse.Namespace) -> Profile:
     toks = Tokens(eng.model_config.vocab_size)
     run_prompt(eng, "warmup", toks.take(32), a.device)
     lengths = sorted(set(ints(a.prefill_tokens)) | {a.chunk_tokens})
-    pre_ms = timed("prefill", lambda: measure_prefill(eng, toks, lengths, a.repeat, a.device))
+    alone = Alone(eng, a.device)
+    pre_ms = timed("prefill", lambda: measure_prefill(eng, toks, lengths, a.repeat, a.device, alone))
     chunks = timed("chunks", lambda: measure_chunks(eng, toks, a.chunk_tokens, ints(a.chunk_context), a.repeat,
-                                                    a.device))
+                                                    a.device, alone))
     attn = fit_attention(chunks, pre_ms[lengths.index(a.chunk_tokens)])
     contexts, batches = ints(a.decode_context), ints(a.decode_batch)
-    grid = timed("decode", lambda: measure_decode(eng, toks, batches, contexts, a.decode_steps, a.device))
+    grid = timed("decode", lambda: measure_decode(eng, toks, batches, contexts, a.decode_steps, a.device, alone))
     transfer = timed("transfer", lambda: transfer_costs(a.transfer_backend, a.device, a.repeat))
-    corun = timed("co-run", lambda: co_run(eng, toks, a.device, a.repeat)) if a.co_run else None
+    corun = timed("co-run", lambda: co_run(eng, toks, a.device, a.repeat, alone)) if a.co_run else None
     when = datetime.date.today().isoformat()
     return Profile(
         name=a.name or f"{a.device}-{a.dummy or a.model}", device=device_name(a.device), model=model_summary(eng, a),
@@ -317,8 +341,10 @@ def profile(a: argparse.Namespace) -> Profile:
         kv=kv_costs(eng, int(a.kv_gib * 2**30)), transfer=transfer,
         startup=StartupCosts(engine_s=round(engine_s, 3), process_s=round(process_start_s(), 3)),
         gpus_per_replica=1 if a.device.startswith("cuda") else 0, co_run=corun,
-        extra={"torch": torch.__version__, "threads": torch.get_num_threads(), "decode_steps": a.decode_steps,
-               "repeat": a.repeat, **({} if a.device.startswith("cuda") else {"cpu_probe_ms": cpu_probe_ms()})})
+        extra={"torch": torch.__version__, "decode_steps": a.decode_steps, "repeat": a.repeat,
+               **({} if a.device.startswith("cuda") else {
+                   "cpu_threads": eng.config.cpu_threads, "threads_alone": alone.want or torch.get_num_threads(),
+                   "remeasured_short_of_cores": alone.retried, "kept_short_of_cores": alone.short})})
 
 
 def build_parser() -> argparse.ArgumentParser:

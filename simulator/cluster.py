@@ -20,11 +20,12 @@ from simulator.autoscaler import Autoscaler
 from simulator.collector import Collector
 from simulator.config import SimConfig
 from simulator.cost_model import CostModel
+from simulator.device import CpuCores, SharedDevice
 from simulator.events import EventLoop
 from simulator.metrics import SLO, request_itl_p99
 from simulator.pool import Pool
 from simulator.profile import Profile
-from simulator.replica import Replica, SharedDevice
+from simulator.replica import Replica
 from simulator.request import SimRequest
 from simulator.router import SimRouter
 
@@ -46,7 +47,7 @@ class Cluster:
         self.loop = EventLoop()
         self.router = SimRouter(self.router_cfg, sim.route_sample, sim.seed)
         self.collector = Collector(SLO(sim.slo_ttft_ms / 1e3, sim.slo_itl_ms / 1e3), sim.keep_requests)
-        self.device = SharedDevice(prefill.co_run) if sim.shared_device else None
+        self.device = shared_device(self.loop, prefill) if sim.shared_device else None
         self.hop = sim.hop_ms / 1e3
         self.nic_free: dict[str, float] = {}  # decode replica -> when its link finishes the pulls queued on it
         self.pools = {r: self._pool(r) for r in ("prefill", "decode") if cluster.pool(r).replicas > 0}
@@ -234,3 +235,13 @@ class Cluster:
 def chunk_lists(times: Iterable[float], prompts: Iterable[int], outputs: Iterable[int]) -> list[Chunk]:
     """One chunk of plain lists (what `Cluster.run` takes) from any sequences."""
     return [([float(x) for x in times], [int(x) for x in prompts], [int(x) for x in outputs])]
+
+
+def shared_device(loop: EventLoop, profile: Profile) -> SharedDevice:
+    """The one machine or device every replica runs on: a CPU profile measured with adaptive threads (every core
+    alone) shares its cores the way engine/cpu_threads.py does; anything else by the profile's co-run multipliers."""
+    cores = int(profile.extra.get("threads_alone") or 0)
+    if profile.gpus_per_replica == 0 and profile.extra.get("cpu_threads") == "adaptive" and cores > 0:
+        return CpuCores(loop, profile.co_run, cores)
+    return SharedDevice(loop, profile.co_run)
+

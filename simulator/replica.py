@@ -22,8 +22,8 @@ from typing import Protocol
 
 from engine.config import SchedulerConfig
 from simulator.cost_model import CostModel, chunk_pairs, run_ms, steps_within
+from simulator.device import SharedDevice
 from simulator.events import EventLoop
-from simulator.profile import CoRunCosts
 from simulator.request import SimRequest
 
 SEGMENTS_KEPT = 8192  # step-time segments kept before the ones no running row needs are dropped
@@ -36,23 +36,6 @@ class Listener(Protocol):
     def on_second_token(self, req: SimRequest, t: float) -> None: ...
     def on_finish(self, req: SimRequest, replica: Replica, t: float) -> None: ...
     def on_steps(self, first_ms: float, last_ms: float, rows: int, steps: int, skip: int) -> None: ...
-
-
-class SharedDevice:
-    """Replicas on one machine or device (worker processes on one 2-core VM, or on one GPU). A step that starts while
-    another of them is in a step runs `co_run` times slower (a profile's measured multipliers), or, without them,
-    `1 + others busy` times (processor sharing)."""
-
-    def __init__(self, co_run: CoRunCosts | None = None) -> None:
-        self.busy = 0  # replicas of this device in a step now
-        self.co_run = co_run
-
-    def slowdown(self, prompt: bool) -> float:
-        if not self.busy:
-            return 1.0
-        if self.co_run is None:
-            return 1.0 + self.busy
-        return self.co_run.prefill if prompt else self.co_run.decode
 
 
 def cdiv(a: int, b: int) -> int:
@@ -90,7 +73,7 @@ class Replica:
         self._version = 0  # of the pending step-end event; a cut run schedules a new one
         # the step (or run of k steps) in flight: (k, batch, mean context, start, prompt chunks, rows getting their
         # second token, first step ms, ms added per later step)
-        self._run: tuple[int, int, float, float, list[tuple[SimRequest, int]], int, float, float] | None = None
+        self._run: tuple[int, int, float, float, list[tuple[SimRequest, int]], list[SimRequest], float, float] | None = None
         self.steps = 0  # engine steps run (a fast-forwarded run of k counts k)
 
     # ---- what comes in ------------------------------------------------------------------------------------------
@@ -158,8 +141,7 @@ class Replica:
         done = steps_within(first, slope, (self.loop.now - t0) * 1e3)
         if done + 1 < k:
             self._run = (done + 1, *run[1:])
-            self._version += 1
-            self.loop.at(t0 + run_ms(first, slope, done + 1) / 1e3, self._end, self._version)
+            self.schedule_end(t0 + run_ms(first, slope, done + 1) / 1e3)
 
     def _start(self, t: float) -> None:
         if self.waiting or self.partial:
@@ -171,18 +153,22 @@ class Replica:
 
     def _launch(self, t: float, first: float, slope: float, k: int, batch: int, context: float,
                 chunks: list[tuple[SimRequest, int]]) -> None:
-        """Run k steps from t: the first takes `first` ms, each later one `slope` ms more."""
-        if self.device is not None:
-            first *= self.device.slowdown(bool(chunks))
-            self.device.busy += 1
+        """Run k steps from t: the first takes `first` ms, each later one `slope` ms more (alone)."""
         fresh = [r for r in self.new_rows if r.t_second < 0]
         self.new_rows = []
+        self.busy = True
+        self._run = (k, batch, context, t, chunks, fresh, first, slope)
+        if self.device is not None:  # one step (no fast-forward), its end moved as co-runners start and stop
+            self.device.start(self, first, bool(chunks))
+            return
         for r in fresh:  # rows that joined since the last launch get their second token when the first step ends
             self.listener.on_second_token(r, t + first / 1e3)
-        self.busy = True
-        self._run = (k, batch, context, t, chunks, len(fresh), first, slope)
+        self.schedule_end(t + run_ms(first, slope, k) / 1e3)
+
+    def schedule_end(self, t: float) -> None:
+        """The step (or run) in flight ends at `t`; an end scheduled before is void."""
         self._version += 1
-        self.loop.at(t + run_ms(first, slope, k) / 1e3, self._end, self._version)
+        self.loop.at(t, self._end, self._version)
 
     def _step(self, t: float) -> None:
         """One step by the engine's rule (prompt chunks, rows that just joined, or blocks to win back)."""
@@ -257,14 +243,17 @@ class Replica:
         if version != self._version or self._run is None:
             return  # a cut run's old end
         t = self.loop.now
-        k, batch, _, _, chunks, fresh, first, slope = self._run
-        if self.device is not None:
-            self.device.busy -= 1
+        k, batch, _, t0, chunks, fresh, first, slope = self._run
+        if self.device is not None:  # the step as it ran beside its co-runners
+            self.device.finish(self)
+            first = (t - t0) * 1e3
+            for r in fresh:
+                self.listener.on_second_token(r, t)
         self.step_count += k
         self.dec_ctx += batch * k
         self.steps += k
         last = first + slope * (k - 1)
-        self.listener.on_steps(first, last, batch, k, fresh)
+        self.listener.on_steps(first, last, batch, k, len(fresh))
         self._append_segment(last)
         for req, n in chunks:
             self.queued_tokens -= min(n, max(0, req.prompt - req.computed))

@@ -1,0 +1,135 @@
+"""Replicas sharing one machine or device: worker processes on one VM's cores, or on one GPU.
+
+A step's cost in the profile is its time alone. While other replicas of the device run steps too, it goes slower,
+and its rate changes whenever a co-runner starts or ends a step (so a one-second prefill overlapped by a 100 ms
+decode step is slowed for those 100 ms only):
+
+- `SharedDevice` (a GPU, or any device without a better model): beside busy co-runners a step runs the profile's
+  measured `co_run.prefill` / `co_run.decode` times slower; without those, `1 + others busy` times (processor
+  sharing).
+- `CpuCores` (worker processes on one machine's cores): each replica picks its thread count at the start of a
+  step as engine/cpu_threads.py's adaptive rule does (the cores the others left idle over the last sample period,
+  at least one); threads share the cores fairly when there are more threads than cores. A step on all cores runs
+  at the profile's speed (the profile is measured alone, on every core), on one core `co_run` times slower.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from simulator.events import EventLoop
+from simulator.profile import CoRunCosts
+
+
+class Stepper(Protocol):
+    """What a device needs of a replica: to move the end of its step in flight."""
+
+    def schedule_end(self, t: float) -> None: ...
+
+
+class _Step:
+    """A step in flight on the device: the work left in ms of its time alone, and how fast it goes now."""
+
+    __slots__ = ("left_ms", "prompt", "rate", "since", "threads")
+
+    def __init__(self, work_ms: float, prompt: bool, now: float, threads: int = 1) -> None:
+        self.left_ms, self.prompt, self.rate, self.since, self.threads = work_ms, prompt, 1.0, now, threads
+
+
+class SharedDevice:
+    """The replicas of one machine or device and their steps in flight."""
+
+    def __init__(self, loop: EventLoop, co_run: CoRunCosts | None = None) -> None:
+        self.loop = loop
+        self.co_run = co_run
+        self.steps: dict[Stepper, _Step] = {}
+
+    @property
+    def busy(self) -> int:
+        """Replicas of this device in a step now."""
+        return len(self.steps)
+
+    def slowdown(self, prompt: bool, others: int) -> float:
+        """How many times slower than alone a step runs while `others` co-runners are in a step."""
+        if not others:
+            return 1.0
+        if self.co_run is None:
+            return 1.0 + others
+        return self.co_run.prefill if prompt else self.co_run.decode
+
+    def start(self, replica: Stepper, work_ms: float, prompt: bool) -> None:
+        """`replica` starts a step of `work_ms` (its time alone); every step in flight gets its new end."""
+        self._settle()
+        self.steps[replica] = _Step(work_ms, prompt, self.loop.now, self._threads_for(replica))
+        self._reschedule()
+
+    def finish(self, replica: Stepper) -> None:
+        """`replica`'s step ended: the others speed up."""
+        self._settle()
+        del self.steps[replica]
+        self._reschedule()
+
+    def _threads_for(self, replica: Stepper) -> int:
+        return 1
+
+    def _settle(self) -> None:
+        """Charge every step in flight for the time since its rate last changed."""
+        now = self.loop.now
+        for s in self.steps.values():
+            s.left_ms = max(0.0, s.left_ms - (now - s.since) * 1e3 * s.rate)
+            s.since = now
+
+    def _rates(self) -> None:
+        others = len(self.steps) - 1
+        for s in self.steps.values():
+            s.rate = 1.0 / self.slowdown(s.prompt, others)
+
+    def _reschedule(self) -> None:
+        self._rates()
+        now = self.loop.now
+        for replica, s in self.steps.items():
+            replica.schedule_end(now + s.left_ms / s.rate / 1e3)
+
+
+class CpuCores(SharedDevice):
+    """Worker processes on `cores` cores, each choosing its threads per step (engine/cpu_threads.py, adaptive)."""
+
+    def __init__(self, loop: EventLoop, co_run: CoRunCosts | None, cores: int, period_s: float = 0.1) -> None:
+        super().__init__(loop, co_run)
+        self.cores, self.period_s = max(1, cores), period_s
+        self.used: dict[Stepper, float] = {}  # core-seconds each replica has used
+        self.total = 0.0  # core-seconds all of them have used (the machine's busy time)
+        self.sample: dict[Stepper, tuple[float, float, float]] = {}  # (time, total, own) at its last look
+        self.threads: dict[Stepper, int] = {}  # the count its last look chose
+
+    def _threads_for(self, replica: Stepper) -> int:
+        """CpuThreads.apply: look again when the last look is a period old; the idle cores, at least one."""
+        now = self.loop.now
+        t0, total0, own0 = self.sample.get(replica, (-1e9, 0.0, 0.0))
+        if now - t0 >= self.period_s:
+            own = self.used.get(replica, 0.0)
+            others = max(0.0, (self.total - total0) - (own - own0)) / (now - t0) if t0 > -1e9 else 0.0
+            self.threads[replica] = max(1, min(self.cores, int(self.cores - others + 0.7)))
+            self.sample[replica] = (now, self.total, own)
+        return self.threads.get(replica, 1)
+
+    def _settle(self) -> None:
+        now = self.loop.now
+        for replica, s in self.steps.items():
+            dt = now - s.since
+            cores_used = s.threads * self._share()
+            self.used[replica] = self.used.get(replica, 0.0) + dt * cores_used
+            self.total += dt * cores_used
+        super()._settle()
+
+    def _share(self) -> float:
+        """Of one core, what each thread gets (all threads alike when there are more than cores)."""
+        demand = sum(s.threads for s in self.steps.values())
+        return min(1.0, self.cores / demand) if demand else 1.0
+
+    def _rates(self) -> None:
+        share = self._share()
+        for s in self.steps.values():
+            one = self.slowdown(s.prompt, 1) if self.cores > 1 else 1.0  # one thread's time over all cores'
+            frac = (s.threads - 1) / (self.cores - 1) if self.cores > 1 else 1.0
+            s.rate = share * (1.0 / one + (1.0 - 1.0 / one) * frac)
