@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 PROMPTS = ["The capital of France is", "Three primary colors are"]
 MAX_TOKENS = 8
-LONG = 40  # the request a rank is killed under
+LONG = 32  # the request a rank is killed under
 RANKS = {"prefill-0": 1, "prefill-1": 3, "decode-0": 3, "decode-1": 1}
 
 
@@ -63,22 +64,35 @@ def write_config(path: Path, streaming: bool) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference() -> dict[tuple[str, int], str]:
-    """The single-process engine's greedy text per (prompt, max_tokens)."""
+def launched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """The workers, loading (the router starts once they are READY, in `cluster`)."""
+    tmp = tmp_path_factory.mktemp("tp_cluster")
+    path = tmp / "cluster.yaml"
+    write_config(path, streaming=False)
+    c = MixedCluster(ClusterConfig.load(str(path)), str(path), router_port=free_port(), quiet=True,
+                     log_dir=str(tmp), startup_timeout_s=600)
+    try:
+        for name in RANKS:
+            c.start_worker(name)
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(launched: LocalCluster) -> dict[tuple[str, int], str]:
+    """The single-process engine's greedy text per (prompt, max_tokens), computed while the workers load."""
     llm = LLM("smollm2", num_blocks=64)
     return {(p, n): llm.generate(p, SamplingParams(max_tokens=n, temperature=0))[0].text
             for p in PROMPTS for n in (MAX_TOKENS, LONG)}
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> LocalCluster:
-    tmp = tmp_path_factory.mktemp("tp_cluster")
-    path = tmp / "cluster.yaml"
-    write_config(path, streaming=False)
-    c = MixedCluster(ClusterConfig.load(str(path)), str(path), router_port=free_port(), quiet=True,
-                     log_dir=str(tmp), startup_timeout_s=600)
-    with c:
-        yield c
+def cluster(launched: LocalCluster, reference: dict) -> LocalCluster:
+    for name in RANKS:
+        launched.wait_worker(name)
+    launched.start_router()
+    return launched
 
 
 def complete(c: LocalCluster, prompt: str, max_tokens: int = MAX_TOKENS) -> str:
@@ -190,3 +204,16 @@ def test_kill_9_of_a_decode_rank_moves_its_request_and_takes_the_worker_down(clu
     for p in PROMPTS:  # the pool goes on with decode-1
         assert complete(cluster, p) == reference[p, MAX_TOKENS]
     assert_idle(cluster, ["prefill-0", "prefill-1", "decode-1"])
+
+
+def test_kill_9_of_a_prefill_rank_sends_prompts_elsewhere(cluster: LocalCluster, reference: dict) -> None:
+    """A prefill worker whose rank died refuses Prefill until it exits: the decode worker prefills instead (or the
+    other prefill worker does), the text is unchanged, and nothing is left held."""
+    victim = cluster.procs["prefill-1"]
+    ranks = rank_pids(victim.popen.pid)
+    os.kill(ranks[0], signal.SIGKILL)
+    for p in PROMPTS * 2:  # round-robin sends some of these to prefill-1 until the router sees it unhealthy
+        assert complete(cluster, p) == reference[p, MAX_TOKENS]
+    assert victim.popen.wait(timeout=60) == 1
+    wait_gone(ranks, 30)
+    assert_idle(cluster, ["prefill-0", "decode-1"])

@@ -177,6 +177,8 @@ class WorkerAgents:
         self.name = ranks[0].name
         self._peers: dict[str, _Peer] = {}
         self._added: set[tuple[int, str]] = set()  # (our rank, peer agent) already registered there
+        # Two pulls from a new peer may register it at once (from threads): one at a time, the second finds it.
+        self._peer_lock = threading.Lock()
 
     @classmethod
     def start(cls, engine: LLMEngine, backend: str, name: str, options: dict[str, Any]) -> WorkerAgents:
@@ -221,18 +223,20 @@ class WorkerAgents:
         if len(agents) != heads.tp_size:
             raise ValueError(f"peer {name} names {len(agents)} rank agent(s) for {heads.tp_size} rank(s)")
         plan = plan_head_copies(heads, self.kv_heads)
-        for c in plan:
-            peer_agent, metadata = agents[c.src_rank]
-            if (c.dst_rank, peer_agent) not in self._added:
-                self.ranks[c.dst_rank].add_remote(peer_agent, metadata)
-                self._added.add((c.dst_rank, peer_agent))
-        self._peers[name] = _Peer(heads, plan, [a for a, _ in agents])
+        with self._peer_lock:
+            for c in plan:
+                peer_agent, metadata = agents[c.src_rank]
+                if (c.dst_rank, peer_agent) not in self._added:
+                    self.ranks[c.dst_rank].add_remote(peer_agent, metadata)
+                    self._added.add((c.dst_rank, peer_agent))
+            self._peers[name] = _Peer(heads, plan, [a for a, _ in agents])
 
     def forget_peer(self, name: str) -> None:
         """Register the peer again next time (it may have restarted with new agents under the same names)."""
-        peer = self._peers.pop(name, None)
-        if peer is not None:
-            self._added -= {(c.dst_rank, peer.agents[c.src_rank]) for c in peer.plan}
+        with self._peer_lock:
+            peer = self._peers.pop(name, None)
+            if peer is not None:
+                self._added -= {(c.dst_rank, peer.agents[c.src_rank]) for c in peer.plan}
 
     def knows(self, name: str) -> bool:
         return name in self._peers
