@@ -11,6 +11,11 @@ transfer hides behind the prefill, and what is left exposed is at most the last 
 Block ownership is the whole pull's (decode_worker/kv_pull.py): every read is released before the next step of
 the protocol, and the engine hears `kv_received` or the failure only then.
 
+Tensor parallelism: each group read is one part per decode rank (worker/kv_agents.py), each reading its heads of the
+group from the prefill rank that holds them. The progress comes from the prefill's rank 0 only, and that is enough:
+rank 0 finishes layer l only after that layer's row-parallel all-reduce, which needs every rank to have run its
+attention for layer l, i.e. written its KV of that layer.
+
 Failure: the decode worker does not know the first token until the end, so it never recomputes on its own (it
 could sample a different first token than the one the router already streamed). Any failure (the prefill worker
 gone, its request ended or preempted, a read failed or timed out, no free blocks) ends the request here with
