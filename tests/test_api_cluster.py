@@ -1,7 +1,7 @@
 """The vLLM-compatible API against a real cluster (router + prefill + decode processes, SmolLM2, KV over NIXL):
-the OpenAI client's parse helper with a pydantic model, tool calls with tool_choice="required", guided choices,
-and n > 1 choices forked on the decode worker and prompt logprobs equal to the single-process engine's; no block is
-left held."""
+the OpenAI client's parse helper with a pydantic model, tool calls with tool_choice="required", guided choices, a
+grammar that leaves no legal token, and n > 1 choices forked on the decode worker and prompt logprobs equal to the
+single-process engine's; no block is left held."""
 
 from __future__ import annotations
 
@@ -89,6 +89,22 @@ def test_guided_choice_and_regex(cluster) -> None:  # noqa: ANN001
     date = cl.completions.create(model="smollm2", prompt="The date today is", max_tokens=20, temperature=0.7, seed=1,
                                  extra_body={"guided_regex": r"[0-9]{4}-[0-9]{2}-[0-9]{2}"})
     assert len(date.choices[0].text) == 10 and date.choices[0].text[4] == "-"
+
+
+def test_a_grammar_that_leaves_no_legal_token_ends_with_stop(cluster) -> None:  # noqa: ANN001
+    """guided_regex "yes" with min_tokens past its end: once "yes" is out only EOS is legal, and min_tokens bans it.
+    Every choice ends with finish_reason "stop" (no hang), streamed or not, with n > 1, and no block is held after."""
+    cl = client(cluster)
+    body = {"guided_regex": "yes", "min_tokens": 8}
+    out = cl.completions.create(model="smollm2", prompt="Is Paris in France?", max_tokens=16, temperature=0.8, seed=1,
+                                n=2, extra_body=body)
+    assert [(c.text, c.finish_reason) for c in out.choices] == [("yes", "stop")] * 2, out
+    chat = cl.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Is Paris in France?"}],
+                                      max_tokens=16, temperature=0, stream=True, extra_body=body)
+    chunks = [ch for ch in chat if ch.choices]
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == "yes"
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    no_blocks_held(cluster)
 
 
 def test_n_choices_fork_one_prompt_and_equal_the_engine(cluster, reference: LLM) -> None:  # noqa: ANN001
