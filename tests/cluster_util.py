@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any
 
@@ -52,3 +53,20 @@ def wait_blocks_free(address: str, timeout_s: float = 5.0) -> WorkerLoad:
         if idle or time.monotonic() > deadline:
             return rep
         time.sleep(0.1)
+
+
+def rank_pids(pid: int) -> list[int]:
+    """The worker's rank processes: its children that run engine.parallel.rank."""
+    kids = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/children") as f:
+            kids += [int(k) for k in f.read().split()]
+    out = []
+    for k in kids:
+        try:
+            with open(f"/proc/{k}/cmdline", "rb") as f:
+                if b"engine.parallel.rank" in f.read():
+                    out.append(k)
+        except FileNotFoundError:
+            continue
+    return sorted(out)

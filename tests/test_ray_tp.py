@@ -1,6 +1,6 @@
 """A tensor-parallel worker replica on a real Ray cluster (one node on 127.0.0.1, CPU bundles): a placement group of
 one bundle per rank packed on one node (STRICT_PACK), the worker actor in bundle 0 and a slot holding each other
-bundle, the worker serving with its ranks; stopping the replica gives every bundle back."""
+bundle, the worker serving with its ranks; stopping the replica stops its ranks and gives every bundle back."""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ from deploy.placement import Resources  # noqa: E402
 from deploy.ray.rank_bundles import actor_options, group_name, rank_bundles, remove_group  # noqa: E402
 from deploy.ray.worker_actor import WorkerActor  # noqa: E402
 from proto import disagg_pb2, disagg_pb2_grpc  # noqa: E402
+from tests.cluster_util import rank_pids  # noqa: E402
+from tests.test_tp_engine import wait_gone  # noqa: E402
 
 NS = "disagg-tp-test"
 
@@ -70,7 +72,10 @@ def test_a_replica_of_two_ranks_is_a_packed_placement_group(tiny_llama_dir: str)
             assert ray.available_resources().get("CPU", 0) == 0, "both bundles are held"
             md = metadata(address)
             assert len(md.kv_heads.heads) == 2 and [a.rank for a in md.rank_agents] == [1]
-            assert ray.get(actor.stop.remote(10), timeout=60) == 0
+            ranks = rank_pids(ray.get(actor.info.remote(), timeout=30)["pid"])
+            assert len(ranks) == 1
+            assert ray.get(actor.stop.remote(10), timeout=60) == 0  # SIGTERM: a drain, then the ranks stop too
+            wait_gone(ranks, 30)
             ray.kill(actor, no_restart=True)
             remove_group("decode-0")
             deadline = time.monotonic() + 30

@@ -28,7 +28,7 @@ from deploy.config import ClusterConfig
 from deploy.local import LocalCluster
 from engine.llm import LLM
 from engine.request import SamplingParams
-from tests.cluster_util import wait_blocks_free, worker_load
+from tests.cluster_util import rank_pids, wait_blocks_free, worker_load
 from tests.test_tp_engine import wait_gone
 from worker.server import free_port
 
@@ -76,7 +76,10 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]
             c.start_worker(name)
         yield c
     finally:
+        live = [c.procs[n].popen.pid for n in RANKS if n in c.procs and c.procs[n].popen.poll() is None]
+        ranks = [r for pid in live for r in rank_pids(pid)]
         c.stop()
+    wait_gone(ranks, 30)  # a stopped worker stops its ranks
 
 
 @pytest.fixture(scope="module")
@@ -104,23 +107,6 @@ def complete(c: LocalCluster, prompt: str, max_tokens: int = MAX_TOKENS) -> str:
 
 def loads(c: LocalCluster) -> dict[str, Any]:
     return {n: worker_load(c.procs[n].address) for n in RANKS if c.procs[n].popen.poll() is None}
-
-
-def rank_pids(pid: int) -> list[int]:
-    """The worker's rank processes: its children that run engine.parallel.rank."""
-    kids = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/children") as f:
-            kids += [int(k) for k in f.read().split()]
-    out = []
-    for k in kids:
-        try:
-            with open(f"/proc/{k}/cmdline", "rb") as f:
-                if b"engine.parallel.rank" in f.read():
-                    out.append(k)
-        except FileNotFoundError:
-            continue
-    return sorted(out)
 
 
 def assert_idle(c: LocalCluster, names: list[str]) -> None:
