@@ -98,12 +98,34 @@ def parse(spec: GrammarSpec) -> xgrammar.Grammar:
         if spec.kind == "choice":
             return xgr.Grammar.from_ebnf(_choice_ebnf(spec.value))
         if spec.kind == "structural_tag":
-            return xgr.Grammar.from_structural_tag(spec.value)
+            return _structural_tag(spec.value)
         return _parse_ebnf_or_lark(spec.value)
     except InvalidRequestError:
         raise
     except Exception as e:  # noqa: BLE001 - xgrammar raises RuntimeError/ValueError/its own types
         raise _error(spec, e) from None
+
+
+def _structural_tag(text: str) -> xgrammar.Grammar:
+    """xgrammar's structural tag (`{"type": "structural_tag", "format": ...}`), or vLLM's form of it, which
+    response_format {"type": "structural_tag", "structures": [{"begin", "schema", "end"}], "triggers": [...]}
+    sends: xgrammar 0.2 takes that one only through its older (tags, triggers) call, as vLLM's backend does."""
+    import xgrammar as xgr
+
+    tag = json.loads(text)
+    if not (isinstance(tag, dict) and "structures" in tag and "format" not in tag):
+        return xgr.Grammar.from_structural_tag(text)
+    structures, triggers = tag["structures"], tag.get("triggers")
+    if not isinstance(structures, list) or not isinstance(triggers, list) or not triggers:
+        raise ValueError("structures must be a list and triggers a non-empty list of strings")
+    items = []
+    for s in structures:
+        if not isinstance(s, dict) or not {"begin", "end"} <= set(s):
+            raise ValueError(f"each structure needs begin, schema and end, got {s!r}")
+        schema = s.get("schema", {})
+        items.append(xgr.StructuralTagItem(begin=s["begin"], end=s["end"],
+                                           schema=schema if isinstance(schema, str) else json.dumps(schema)))
+    return xgr.Grammar.from_structural_tag(items, triggers)
 
 
 def _parse_ebnf_or_lark(text: str) -> xgrammar.Grammar:

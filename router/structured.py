@@ -37,7 +37,12 @@ def _from_response_format(req: GenerationRequest) -> list[tuple[str, GrammarSpec
         if rf.json_schema is None or rf.json_schema.schema_ is None:
             raise bad_request("response_format json_schema needs json_schema.schema", param="response_format")
         return [("response_format", GrammarSpec("json", json.dumps(rf.json_schema.schema_)))]
-    tag = {"structures": rf.structures or [], "triggers": rf.triggers or []} if rf.format is None else rf.format
+    # As vLLM: xgrammar's structural tag is the whole {"type": "structural_tag", "format": ...}; the older form
+    # (structures + triggers) goes as it is (engine/grammar.py compiles either).
+    if rf.format is not None:
+        tag: dict[str, Any] = {"type": "structural_tag", "format": rf.format}
+    else:
+        tag = {"structures": rf.structures or [], "triggers": rf.triggers or []}
     return [("response_format", GrammarSpec("structural_tag", json.dumps(tag)))]
 
 

@@ -157,6 +157,11 @@ def test_unknown_fields_are_ignored_with_a_warning(setup: tuple[RouterServer, An
                                                   "stream_options": {"include_usage": True, "new_option": 2}})
     assert r.status_code == 200, r.text
     assert "ignored: ['frobnicate', 'service_tier', 'stream_options.new_option']" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="router.app"):  # vLLM's fields are known, even when they change nothing
+        r = post(router, "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 3,
+                                             "spaces_between_special_tokens": False, "skip_special_tokens": True})
+    assert r.status_code == 200 and "ignored" not in caplog.text, (r.text, caplog.text)
 
 
 def test_extension_parameters_reach_the_workers(setup: tuple[RouterServer, Any, ScriptedWorker],
@@ -314,6 +319,66 @@ def test_openai_parse_helper_with_a_pydantic_model(setup: tuple[RouterServer, An
     assert done.choices[0].message.parsed == City(name="Paris", population=2102650)
     grammar = GrammarSpec.from_wire(decodes_of(d, done.id)[0].params.structured_output)
     assert grammar.kind == "json" and json.loads(grammar.value)["required"] == ["name", "population"]
+
+
+CITY = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+TAG_FORMAT = {"type": "tag", "begin": "<f>", "content": {"type": "json_schema", "json_schema": CITY}, "end": "</f>"}
+VLLM_TAG = {"structures": [{"begin": "<f>", "schema": CITY, "end": "</f>"}], "triggers": ["<f"]}
+STRUCTURED = [
+    ("response_format json_object", {"response_format": {"type": "json_object"}}, GrammarSpec("json_object")),
+    ("response_format json_schema strict",
+     {"response_format": {"type": "json_schema", "json_schema": {"name": "city", "strict": True, "schema": CITY}}},
+     GrammarSpec("json", json.dumps(CITY))),
+    ("response_format structural_tag", {"response_format": {"type": "structural_tag", "format": TAG_FORMAT}},
+     GrammarSpec("structural_tag", json.dumps({"type": "structural_tag", "format": TAG_FORMAT}))),
+    ("response_format structural_tag, vLLM's older form", {"response_format": {"type": "structural_tag", **VLLM_TAG}},
+     GrammarSpec("structural_tag", json.dumps(VLLM_TAG))),
+    ("guided_json as text", {"guided_json": json.dumps(CITY)}, GrammarSpec("json", json.dumps(CITY))),
+    ("guided_choice", {"guided_choice": ["yes", "no"]}, GrammarSpec("choice", '["yes", "no"]')),
+    ("guided_grammar GBNF", {"guided_grammar": 'root ::= "yes" | "no"'}, GrammarSpec("grammar", 'root ::= "yes" | "no"')),
+    ("guided_grammar Lark", {"guided_grammar": 'start: "yes" | "no"'}, GrammarSpec("grammar", 'start: "yes" | "no"')),
+    ("structured_outputs json", {"structured_outputs": {"json": CITY}}, GrammarSpec("json", json.dumps(CITY))),
+    ("structured_outputs choice", {"structured_outputs": {"choice": ["a", "b"]}}, GrammarSpec("choice", '["a", "b"]')),
+    ("structured_outputs grammar", {"structured_outputs": {"grammar": 'root ::= "a"'}},
+     GrammarSpec("grammar", 'root ::= "a"')),
+    ("structured_outputs json_object", {"structured_outputs": {"json_object": True}}, GrammarSpec("json_object")),
+    ("structured_outputs structural_tag",
+     {"structured_outputs": {"structural_tag": json.dumps({"type": "structural_tag", "format": TAG_FORMAT})}},
+     GrammarSpec("structural_tag", json.dumps({"type": "structural_tag", "format": TAG_FORMAT}))),
+]
+
+
+@pytest.mark.parametrize(("extra", "grammar"), [s[1:] for s in STRUCTURED], ids=[s[0] for s in STRUCTURED])
+def test_every_structured_output_field_becomes_the_grammar_on_the_wire(
+        setup: tuple[RouterServer, Any, ScriptedWorker], extra: dict[str, Any], grammar: GrammarSpec) -> None:
+    router, p, d = setup
+    r = post(router, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **extra})
+    assert r.status_code == 200, r.text
+    rid = r.json()["id"]
+    assert [GrammarSpec.from_wire(q.params.structured_output) for q in p.prefills if q.request_id == rid] == [grammar]
+    assert GrammarSpec.from_wire(decodes_of(d, rid)[0].params.structured_output) == grammar
+
+
+def test_tool_choice_none_and_parallel_tool_calls_false(setup: tuple[RouterServer, Any, ScriptedWorker],
+                                                        tokenizer: Tokenizer, scripted: Callable[..., None]) -> None:
+    router, _, d = setup
+    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    scripted(text)
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    none = client(router).chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER_TOOL],
+                                                  tool_choice="none")
+    # none: the tools are not in the prompt, no grammar, and the output is content even when it looks like a call
+    assert none.choices[0].message.content == text and not none.choices[0].message.tool_calls
+    assert none.choices[0].finish_reason == "stop"
+    sent = decodes_of(d, none.id)[0]
+    assert "get_weather" not in tokenizer.decode(sent.prompt_token_ids, skip_special_tokens=False)
+    assert not sent.params.structured_output
+    scripted('[{"name": "get_weather", "parameters": {"city": "Oslo"}}]')
+    one = client(router).chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER_TOOL],
+                                                 tool_choice="required", parallel_tool_calls=False)
+    assert [c.function.name for c in one.choices[0].message.tool_calls] == ["get_weather"]
+    array = json.loads(GrammarSpec.from_wire(decodes_of(d, one.id)[0].params.structured_output).value)
+    assert (array["minItems"], array["maxItems"]) == (1, 1)
 
 
 BAD = [

@@ -116,6 +116,31 @@ def test_every_kind_of_grammar_constrains_the_output(model_dir: str, tokenizer: 
     assert engine._grammars.compiles == compiles, "a grammar seen before was compiled again"
 
 
+def test_json_object_lark_and_structural_tags_constrain_the_output(model_dir: str, tokenizer: Tokenizer) -> None:
+    """The kinds the workload above leaves out: json_object, a Lark grammar, xgrammar's structural tag, and vLLM's
+    form of it (structures + triggers: free text until a trigger, then the structure's schema)."""
+    def p(grammar: str, **kw) -> SamplingParams:  # noqa: ANN003
+        return SamplingParams(**{"max_tokens": 32, "temperature": 0.9, "seed": 5, **kw}, structured_output=grammar)
+
+    city = {"enum": ["Paris", "Rome"]}  # no room for whitespace: a random model ends it in a few tokens
+    tag = {"type": "structural_tag", "format": {"type": "tag", "begin": "<f>", "end": "</f>",
+                                                "content": {"type": "json_schema", "json_schema": city}}}
+    vllm_tag = {"structures": [{"begin": "<f>", "schema": city, "end": "</f>"}], "triggers": ["<f"]}
+    out = run(make(model_dir), {
+        "json_object": p(spec("json_object")),
+        "lark": p(spec("grammar", 'start: "[" item ("," item)* "]"\nitem: "yes" | "no"'), max_tokens=12),
+        "tag": p(spec("structural_tag", tag)),
+        "vllm_tag": p(spec("structural_tag", vllm_tag), max_tokens=16),
+    })
+    text = {rid: tokenizer.decode(t) for rid, (t, _) in out.items()}
+    # A random model writes an object key until max_tokens: an object was begun, and one that ended parses.
+    assert text["json_object"].startswith("{"), text
+    assert out["json_object"][1] == "length" or isinstance(json.loads(text["json_object"]), dict), text
+    assert re.fullmatch(r"\[(yes|no)(,(yes|no))*\]?", text["lark"].rstrip("]") + "]"), text
+    assert text["tag"] in ('<f>"Paris"</f>', '<f>"Rome"</f>') and out["tag"][1] == "stop", text
+    assert out["vllm_tag"][1] in ("stop", "length")  # free text until a trigger (a random model): it ran and ended
+
+
 def test_a_request_waits_for_its_grammar_without_blocking_the_caller(model_dir: str) -> None:
     """The first grammar loads the tokenizer on a background thread: make_request returns at once, the request is
     held back until the grammar is compiled, and requests without one run meanwhile."""
@@ -198,6 +223,8 @@ def test_a_resumed_request_replays_its_tokens(model_dir: str, tokenizer: Tokeniz
     (spec("json", {"type": "frobnicate"}), "invalid JSON schema"),
     (spec("grammar", "root ::= missing"), "invalid grammar: .*missing"),
     (spec("choice", []), "guided_choice must be a non-empty list"),
+    (spec("structural_tag", {"structures": [{"begin": "<f>"}], "triggers": ["<f"]}),
+     "invalid structural tag: each structure needs begin, schema and end"),
     ('{"kind": "yaml"}', "kind must be one of"),
     ("not json", "not a grammar spec"),
 ])
