@@ -321,6 +321,72 @@ def test_openai_parse_helper_with_a_pydantic_model(setup: tuple[RouterServer, An
     assert grammar.kind == "json" and json.loads(grammar.value)["required"] == ["name", "population"]
 
 
+HISTORY = [{"role": "user", "content": "Weather in Paris?"},
+           {"role": "assistant", "content": None, "tool_calls": [
+               {"id": "call_1", "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+           {"role": "tool", "tool_call_id": "call_1", "content": '{"celsius": 21}'},
+           {"role": "user", "content": "And tomorrow?"}]
+# A chat template that speaks tools (its `tools` variable) and writes a call's arguments as the object they are.
+TOOLS_TEMPLATE = ("{% if tools %}<tools>{% for t in tools %}{{ t.function.name }};{% endfor %}</tools>{% endif %}"
+                  "{% for m in messages %}<{{ m.role }}>{{ m.content or '' }}{% for c in m.tool_calls or [] %}"
+                  "[call {{ c.function.name }} city={{ c.function.arguments.city }}]{% endfor %}</{{ m.role }}>"
+                  "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def test_earlier_tool_calls_and_results_reach_the_prompt(setup: tuple[RouterServer, Any, ScriptedWorker],
+                                                         tokenizer: Tokenizer) -> None:
+    """SmolLM2's template has no tools: calls and results are written Hermes-style, with the tools in a system
+    prompt. A template that speaks tools gets them as its `tools` variable and the arguments as objects."""
+    router, _, d = setup
+    resp = client(router).chat.completions.create(model=MODEL, messages=HISTORY, tools=[WEATHER_TOOL], max_tokens=3)
+    prompt = tokenizer.decode(decodes_of(d, resp.id)[0].prompt_token_ids, skip_special_tokens=False)
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in prompt
+    assert '<tool_response>\n{"celsius": 21}\n</tool_response>' in prompt and "<tools>" in prompt
+    assert prompt.index("<tools>") < prompt.index("Weather in Paris?") < prompt.index("And tomorrow?")
+
+    from router.config import RouterConfig
+    from router.job import JobBuilder
+    from router.protocol import ChatCompletionRequest
+
+    native = Tokenizer(tokenizer.backend, tokenizer.special_tokens, {"default": TOOLS_TEMPLATE})
+    builder = JobBuilder(RouterConfig(model_name=MODEL, max_model_len=CONTEXT), native, None)  # type: ignore[arg-type]
+    req = ChatCompletionRequest(model=MODEL, messages=HISTORY, tools=[WEATHER_TOOL], max_tokens=3)
+    text = native.decode(builder.chat(req, 0.0).prompts[0], skip_special_tokens=False)
+    assert text == ("<tools>get_weather;</tools><user>Weather in Paris?</user>"
+                    "<assistant>[call get_weather city=Paris]</assistant><tool>{\"celsius\": 21}</tool>"
+                    "<user>And tomorrow?</user><assistant>")
+    none = ChatCompletionRequest(model=MODEL, messages=HISTORY, tools=[WEATHER_TOOL], tool_choice="none", max_tokens=3)
+    assert not native.decode(builder.chat(none, 0.0).prompts[0]).startswith("<tools>")
+
+
+def test_the_tool_call_parser() -> None:
+    """Hermes-style blocks become calls; text around them is the content; a block that is not a call of a known
+    tool (bad JSON, an unknown name, cut off) stays in the content; arguments or parameters, both as OpenAI text."""
+    from router.protocol import ToolDef
+    from router.tools import ToolPlan, parse_output
+
+    plan = ToolPlan("auto", (ToolDef.model_validate(WEATHER_TOOL),))
+
+    def parsed(text: str) -> tuple[str | None, list[tuple[str, Any]]]:
+        content, calls = parse_output(text, plan)
+        return content, [(c.function.name, json.loads(c.function.arguments)) for c in calls]
+
+    two = ('Checking. <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>\n'
+           '<tool_call>\n{"name": "get_weather", "parameters": {"city": "Rome"}}\n</tool_call> Done.')
+    assert parsed(two) == ("Checking. \n Done.", [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"})])
+    bad = '<tool_call>{"name": "get_weather", "arguments": {</tool_call>'
+    unknown = '<tool_call>{"name": "launch", "arguments": {}}</tool_call>'
+    cut = 'ok <tool_call>{"name": "get_weather", "argu'
+    for text in (bad, unknown, cut):
+        assert parsed(text) == (text.strip(), []), text
+    assert parsed("plain") == ("plain", []) and parsed("") == (None, [])
+    required = ToolPlan("required", plan.tools)
+    assert [c.function.name for c in parse_output('[{"name": "get_weather", "parameters": {}}]', required)[1]] == [
+        "get_weather"]
+    assert parse_output('[{"name": "get_weather", "param', required) == ('[{"name": "get_weather", "param', [])
+
+
 CITY = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
 TAG_FORMAT = {"type": "tag", "begin": "<f>", "content": {"type": "json_schema", "json_schema": CITY}, "end": "</f>"}
 VLLM_TAG = {"structures": [{"begin": "<f>", "schema": CITY, "end": "</f>"}], "triggers": ["<f"]}
