@@ -179,6 +179,19 @@ def test_extension_parameters_reach_the_workers(setup: tuple[RouterServer, Any, 
     assert GrammarSpec.from_wire(p.structured_output) == GrammarSpec("regex", "[a-z]+")
 
 
+def test_truncate_prompt_tokens_minus_one_keeps_what_the_context_allows(
+        setup: tuple[RouterServer, ScriptedWorker, ScriptedWorker]) -> None:
+    router, p, _ = setup
+    long = [(i % 500) + 10 for i in range(CONTEXT + 40)]
+    too_long = post(router, "/v1/completions", {"model": MODEL, "prompt": long, "max_tokens": 1})
+    assert too_long.status_code == 400, too_long.text
+    resp = client(router).completions.create(model=MODEL, prompt=long, max_tokens=1,
+                                             extra_body={"truncate_prompt_tokens": -1})
+    sent = [r for r in p.prefills if r.request_id == resp.id]  # one token: the prefill worker's is the whole output
+    assert [list(r.prompt_token_ids) for r in sent] == [long[-(CONTEXT - 1):]]
+    assert resp.usage.prompt_tokens == CONTEXT - 1
+
+
 def test_stop_strings_and_stop_tokens_in_the_text(setup: tuple[RouterServer, Any, Any], scripted: Callable[..., None],
                                                   tokenizer: Tokenizer) -> None:
     router, _, _ = setup
