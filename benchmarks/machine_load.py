@@ -3,15 +3,20 @@
 The load average mixes our own processes with everyone else's and lags by a minute. Here: the machine's busy
 CPU-seconds (/proc/stat, every process of the kernel) less the CPU-seconds of the processes we name (this one and
 the cluster it started, from /proc/PID/stat), per second of wall time: the cores *others* kept busy.
+`Alone` makes an engine measurement again when others took its cores.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from engine.cpu_threads import CLK_TCK, machine_busy_seconds
+
+if TYPE_CHECKING:
+    from engine.engine import LLMEngine
 
 
 def process_cpu_s(pid: int) -> float:
@@ -55,3 +60,27 @@ def wait_for_quiet(max_cores: float, wait_s: float, window_s: float = 5.0, pids:
         cores = probe.stop()
         if cores < max_cores or time.monotonic() >= deadline:
             return cores
+
+
+class Alone:
+    """Measurements of an engine alone on its machine. A CPU engine with adaptive threads (engine/cpu_threads.py,
+    what a worker runs) takes every core only while the rest of the machine is idle: a measurement whose last step
+    ran on fewer (another job took some) is made again after a pause, up to `tries` times, and counted if it
+    still did."""
+
+    def __init__(self, eng: LLMEngine, device: str, tries: int = 6, pause_s: float = 2.0) -> None:
+        adaptive = not device.startswith("cuda") and eng.config.cpu_threads == "adaptive"
+        self.eng, self.want = eng, len(os.sched_getaffinity(0)) if adaptive else 0
+        self.tries, self.pause_s = tries, pause_s
+        self.retried = self.short = 0  # measurements made again; measurements kept although short of cores
+
+    def __call__(self, measure: Callable[[], Any]) -> Any:
+        for i in range(self.tries):
+            out = measure()
+            if not self.want or self.eng.stats.cpu_threads >= self.want:
+                return out
+            if i < self.tries - 1:
+                self.retried += 1
+                time.sleep(self.pause_s)
+        self.short += 1
+        return out

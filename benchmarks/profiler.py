@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.given_kv import receive_given_kv
+from benchmarks.machine_load import Alone
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from engine.engine import LLMEngine
 from engine.request import SamplingParams
@@ -103,30 +104,6 @@ def run_prompt(eng: LLMEngine, rid: str, prompt: list[int], device: str) -> floa
         eng.step()
     sync(device)
     return (time.perf_counter() - t0) * 1e3
-
-
-class Alone:
-    """Measurements of an engine alone on its machine. A CPU engine with adaptive threads (engine/cpu_threads.py,
-    what a worker runs) takes every core only while the rest of the machine is idle: a measurement whose last step
-    ran on fewer (another job took some) is made again after a pause, up to `tries` times, and counted if it
-    still did."""
-
-    def __init__(self, eng: LLMEngine, device: str, tries: int = 6, pause_s: float = 2.0) -> None:
-        adaptive = not device.startswith("cuda") and eng.config.cpu_threads == "adaptive"
-        self.eng, self.want = eng, len(os.sched_getaffinity(0)) if adaptive else 0
-        self.tries, self.pause_s = tries, pause_s
-        self.retried = self.short = 0  # measurements made again; measurements kept although short of cores
-
-    def __call__(self, measure: Callable[[], Any]) -> Any:
-        for i in range(self.tries):
-            out = measure()
-            if not self.want or self.eng.stats.cpu_threads >= self.want:
-                return out
-            if i < self.tries - 1:
-                self.retried += 1
-                time.sleep(self.pause_s)
-        self.short += 1
-        return out
 
 
 def measure_prefill(eng: LLMEngine, toks: Tokens, lengths: list[int], repeat: int, device: str,

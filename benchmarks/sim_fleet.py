@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import json
 import os
+import sys
 import time
 from typing import Any
 
@@ -32,7 +34,7 @@ from simulator.fleet import run_fleet
 from simulator.profile import Profile
 from simulator.workload import Lengths, Workload
 
-DATE = "2026-12-04"
+DATE = datetime.date.today().isoformat()
 MODELS: dict[str, dict[str, Any]] = {
     "8b": {"profile": "benchmarks/profiles/h200_llama3_8b.json", "peak_rate": 1700.0, "trough_rate": 500.0,
            "slo_ttft_ms": 3000.0, "slo_itl_ms": 50.0, "kv_gib": 100, "max_seqs": 256,
@@ -118,14 +120,16 @@ def timing(m: dict[str, Any], cfg: dict[str, Any], cells: int, processes: int) -
     cfg = copy.deepcopy(cfg)
     for role, n in zip(("prefill", "decode"), m["peak_pools"], strict=True):
         cfg["pools"][role]["replicas"] = n
-    cpu0 = cpu_seconds()
+    from benchmarks.machine_load import ForeignCpu
+
+    cpu0, foreign = cpu_seconds(), ForeignCpu().start()
     r = run(m, cfg, 1.0, 13.5, cells, processes)
     cpu = cpu_seconds() - cpu0
     return {"simulated_h": 1.0, "window_h": [13.5, 14.5], "requests": r["summary"]["arrived"], "wall_s": r["wall_s"],
             "cells": cells, "processes": processes, "gpus_start": sum(m["peak_pools"]) * r["pools"]["prefill"][
                 "gpus_per_replica"], "slo_met_fraction": r["summary"]["slo_met_fraction"],
-            "load_average": os.getloadavg(), "cpu_s": round(cpu, 1),
-            "wall_s_on_idle_cores": round(cpu / min(processes, cells), 1)}
+            "load_average": os.getloadavg(), "cpu_s": round(cpu, 1), "others_kept_cores_busy": foreign.stop(),
+            "wall_s_on_idle_cores": round(cpu / min(processes, cells), 1), "date": DATE}
 
 
 def cpu_seconds() -> float:
@@ -272,7 +276,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     if a.timing_only:
         t = timing(MODELS[a.model], fleet_yaml(MODELS[a.model], a.cells), a.cells, a.processes)
+        t["command"] = "python -m benchmarks.sim_fleet " + " ".join(argv if argv is not None else sys.argv[1:])
         print(json.dumps(t), flush=True)
+        with open(os.path.join(a.out, f"sim_fleet_{a.model}_{DATE}_timing.json"), "w") as f:
+            json.dump(t, f, indent=1)
         return
     study(a)
 
