@@ -69,7 +69,12 @@ class PlannerActor:
         self._prev_snapshot: dict[str, Any] | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = asyncio.Event()  # set by shutdown: the loop ends after its current tick
-        if reconstructed():
+        # A restarted planner answers `status` only once `recover` has adopted the pools: before, its pools are
+        # empty and a caller would read a deployment without replicas.
+        self._recovered = asyncio.Event()
+        if not reconstructed():
+            self._recovered.set()
+        else:
             log.warning("planner actor restarted; adopting the running replicas")
             ray.get_runtime_context().current_actor.recover.remote()  # runs once __init__ has returned
 
@@ -95,26 +100,29 @@ class PlannerActor:
 
     async def recover(self) -> None:
         """After a restart: adopt the worker actors found, then plan as before (module docstring)."""
-        for attempt in itertools.count(1):
-            try:  # without the list it would start a second set of replicas: retry until it comes
-                found = await asyncio.to_thread(discover, self.namespace)
-                break
-            except Exception:
-                log.exception("could not list the worker actors (attempt %d); retrying", attempt)
-                await asyncio.sleep(min(30.0, 2.0 * attempt))
-        for info in sorted(found, key=lambda i: int(i["name"].split("-")[1])):
-            role, index = info["name"].split("-")
-            self.counters[role] = itertools.count(max(int(index) + 1, next(self.counters[role])))
-            if role in self.pools and (info["alive"] or not info["address"]):
-                self.pools[role].adopt(info)
-            else:  # its worker exited while no planner watched: remove the actor, the pool replaces it
-                ray.kill(info["handle"], no_restart=True)
-        for role, pool in self.pools.items():
-            policy = self.cfg.autoscaling.pool(role)
-            if policy is not None:
-                self.desired[role] = max(policy.min_replicas, min(policy.max_replicas, len(pool.active())))
-        log.info("planner recovered: %s, desired %s", self._counts(), self.desired)
-        self._task = asyncio.create_task(self._run(), name="planner")
+        try:
+            for attempt in itertools.count(1):
+                try:  # without the list it would start a second set of replicas: retry until it comes
+                    found = await asyncio.to_thread(discover, self.namespace)
+                    break
+                except Exception:
+                    log.exception("could not list the worker actors (attempt %d); retrying", attempt)
+                    await asyncio.sleep(min(30.0, 2.0 * attempt))
+            for info in sorted(found, key=lambda i: int(i["name"].split("-")[1])):
+                role, index = info["name"].split("-")
+                self.counters[role] = itertools.count(max(int(index) + 1, next(self.counters[role])))
+                if role in self.pools and (info["alive"] or not info["address"]):
+                    self.pools[role].adopt(info)
+                else:  # its worker exited while no planner watched: remove the actor, the pool replaces it
+                    ray.kill(info["handle"], no_restart=True)
+            for role, pool in self.pools.items():
+                policy = self.cfg.autoscaling.pool(role)
+                if policy is not None:
+                    self.desired[role] = max(policy.min_replicas, min(policy.max_replicas, len(pool.active())))
+            log.info("planner recovered: %s, desired %s", self._counts(), self.desired)
+            self._task = asyncio.create_task(self._run(), name="planner")
+        finally:  # a failed recovery still answers status (with what it adopted) rather than hang it
+            self._recovered.set()
 
     async def pid(self) -> int:
         """The actor's process id (tests kill it to check the restart)."""
@@ -209,6 +217,7 @@ class PlannerActor:
 
     async def status(self) -> dict[str, Any]:
         """Pools, replicas (with the router's view of their health and load), and recent decisions."""
+        await self._recovered.wait()
         snapshot = await self.routers.snapshot()
         urls = await self.routers.urls()
         seen = {w["address"]: w for w in snapshot["workers"]}
