@@ -269,7 +269,8 @@ class EngineConfig:
     load_format: str = "auto"  # auto | hf | gguf | dummy
     dummy_model: ModelConfig | None = None  # the shape to build when load_format is dummy
     dtype: str = "float32"  # float32 | bfloat16 | float16
-    quantization: str | None = None  # weights quantized at load: int8 (weight-only, per channel; CPU) or null
+    quantization: str | None = None  # weights quantized at load: int8 (weight-only, per channel; CPU), fp8 (e4m3,
+    # per channel; GPU sm90+, elsewhere dequantized with a warning: docs/models.md) or null
     device: str = "cpu"  # torch device string
     cpu_threads: int | str = "adaptive"  # CPU, one rank: threads per step; adaptive = the cores the rest of the
     # machine leaves idle, at least the process's starting count (OMP_NUM_THREADS); N = always N
@@ -288,7 +289,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         _check(self.load_format in ("auto", "hf", "gguf", "dummy"), f"unknown load_format {self.load_format!r}")
         _check(self.dtype in ("float32", "bfloat16", "float16"), f"unknown dtype {self.dtype!r}")
-        _check(self.quantization in (None, "int8"), f"quantization must be int8 or null, got {self.quantization!r}")
+        _check(self.quantization in (None, "int8", "fp8"),
+               f"quantization must be int8, fp8 or null, got {self.quantization!r}")
         _check(self.attention_backend in ("auto", "torch", "triton"), f"unknown attention_backend {self.attention_backend!r}")
         _check(self.load_format != "dummy" or self.dummy_model is not None, "load_format dummy needs dummy_model")
         _check(self.max_model_len is None or self.max_model_len > 0, "max_model_len must be positive")

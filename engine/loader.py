@@ -7,6 +7,8 @@ family's checkpoint layout (engine/models/registry.py) before the first tensor i
 architecture, a missing, unexpected or misshapen tensor is a WeightLoadError naming the file and the tensor, and
 nothing is loaded. A tensor-parallel rank passes `shards` (checkpoint name -> the slice it holds) and gets only
 those slices: safetensors reads just their bytes, GGUF dequantizes one tensor at a time and keeps the slice.
+An FP8 checkpoint's FP8 weights come as they are stored, each with its row scales as `tensor.quant_scale`
+(engine/fp8_checkpoint.py).
 """
 
 from __future__ import annotations
@@ -101,7 +103,18 @@ def _hf_config(folder: str) -> ModelConfig:
     if arch not in registry.HF_ARCHITECTURES:
         supported = ", ".join(registry.HF_ARCHITECTURES)
         raise WeightLoadError(f"{file}: unsupported architecture {arch!r} (supported: {supported})")
+    from engine.fp8_checkpoint import quantization_method  # imports this module
+
+    quantization_method(d, file)  # a quantization it cannot load fails here, before any weight is read
     return checked(file, lambda: registry.config_from_hf(d))
+
+
+def hf_quantization(folder: str) -> str | None:
+    """The FP8 quant_method of a Hugging Face folder's config.json, None if it is not quantized."""
+    from engine.fp8_checkpoint import quantization_method  # imports this module
+
+    with open(os.path.join(folder, "config.json")) as f:
+        return quantization_method(json.load(f), os.path.join(folder, "config.json"))
 
 
 def expected_shapes(config: ModelConfig) -> Shapes:
@@ -160,9 +173,10 @@ def _open_safetensors(file: str) -> Any:
         raise WeightLoadError(f"{file}: corrupt or unreadable safetensors file ({e})") from e
 
 
-def _hf_weights(folder: str, config: ModelConfig, dtype: torch.dtype, shards: Shards
-                ) -> Iterator[tuple[str, torch.Tensor]]:
+def _hf_scan(folder: str, config: ModelConfig) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, str]]:
+    """Every tensor of the folder's weight files: name -> (file, shape), and name -> safetensors dtype."""
     found: dict[str, tuple[str, tuple[int, ...]]] = {}
+    dtypes: dict[str, str] = {}
     for file in _hf_files(folder):
         with _open_safetensors(file) as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
@@ -170,13 +184,31 @@ def _hf_weights(folder: str, config: ModelConfig, dtype: torch.dtype, shards: Sh
                     continue
                 if name in found:
                     raise WeightLoadError(f"{file}: tensor {name} also stored in {found[name][0]}")
-                found[name] = (file, tuple(f.get_slice(name).get_shape()))
+                info = f.get_slice(name)
+                found[name], dtypes[name] = (file, tuple(info.get_shape())), info.get_dtype()
+    return found, dtypes
+
+
+def hf_fp8_weights(folder: str, config: ModelConfig) -> frozenset[str]:
+    """Checkpoint names of the weights a Hugging Face folder stores as FP8 (each with its scale); empty if none."""
+    from engine.fp8_checkpoint import split_scales  # imports this module
+
+    found, dtypes = _hf_scan(folder, config)
+    return frozenset(split_scales(found, dtypes, hf_quantization(folder), folder)[1])
+
+
+def _hf_weights(folder: str, config: ModelConfig, dtype: torch.dtype, shards: Shards
+                ) -> Iterator[tuple[str, torch.Tensor]]:
+    from engine.fp8_checkpoint import split_scales  # imports this module
+
+    found, dtypes = _hf_scan(folder, config)
+    found, scales = split_scales(found, dtypes, hf_quantization(folder), folder)
     order = check_shapes(found, config, folder)
-    return _hf_stream({name: found[name] for name in order}, dtype, shards)
+    return _hf_stream({name: found[name] for name in order}, dtype, shards, scales)
 
 
-def _hf_stream(found: dict[str, tuple[str, tuple[int, ...]]], dtype: torch.dtype, shards: Shards
-               ) -> Iterator[tuple[str, torch.Tensor]]:
+def _hf_stream(found: dict[str, tuple[str, tuple[int, ...]]], dtype: torch.dtype, shards: Shards,
+               scales: Mapping[str, tuple[str, str]]) -> Iterator[tuple[str, torch.Tensor]]:
     by_file: dict[str, list[str]] = {}
     for name, (file, _) in found.items():
         by_file.setdefault(file, []).append(name)
@@ -189,8 +221,22 @@ def _hf_stream(found: dict[str, tuple[str, tuple[int, ...]]], dtype: torch.dtype
                         tensor = f.get_tensor(name) if shard is None else f.get_slice(name)[shard.index()]
                     except Exception as e:
                         raise WeightLoadError(f"{file}: cannot read tensor {name} ({e})") from e
-                    yield name, tensor.to(dtype)
+                    yield name, (_with_scales(tensor, found[name][1][0], shard, *scales[name]) if name in scales
+                                 else tensor.to(dtype))
                     bar.update()
+
+
+def _with_scales(tensor: torch.Tensor, rows: int, shard: Shard | None, file: str, name: str) -> torch.Tensor:
+    """An FP8 weight as stored, with its scale as one float32 per row attached (`tensor.quant_scale`)."""
+    from engine.fp8_checkpoint import row_scales  # imports this module
+
+    with _open_safetensors(file) as f:
+        try:
+            scale = f.get_tensor(name)
+        except Exception as e:
+            raise WeightLoadError(f"{file}: cannot read tensor {name} ({e})") from e
+    tensor.quant_scale = row_scales(scale, rows, shard)  # type: ignore[attr-defined]
+    return tensor
 
 
 def dummy_weights(

@@ -19,7 +19,16 @@ from engine.batch import BatchSeq, build_batch
 from engine.config import CacheConfig, EngineConfig, ModelConfig
 from engine.cuda_graph import CUDAGraphRunner
 from engine.fork import copy_blocks
-from engine.loader import WeightLoadError, dummy_weights, iter_weights, load_model_config, resolve_source
+from engine.fp8 import FP8
+from engine.fp8_checkpoint import attach_scales, copy_fp8, finish_fp8, fp8_storage
+from engine.loader import (
+    WeightLoadError,
+    dummy_weights,
+    hf_fp8_weights,
+    iter_weights,
+    load_model_config,
+    resolve_source,
+)
 from engine.models import registry
 from engine.models.causal_lm import CausalLM
 from engine.models.checkpoint import Slot
@@ -56,8 +65,13 @@ def load_model(config: EngineConfig, device: torch.device, tp: TPGroup = SINGLE)
         weights = iter_weights(fmt, path, model_config, dtype, shards)
     with torch.device("meta"), building(tp):
         model = registry.build(model_config)
-    model = model.to(dtype).to_empty(device=device)
+    model = model.to(dtype)
+    fp8_params = fp8_storage(model, layout, hf_fp8_weights(path, model_config) if fmt == "hf" else frozenset())
+    model = model.to_empty(device=device)
+    attach_scales(model, fp8_params)
     _copy_weights(model, weights, path, layout)
+    if fp8_params:  # an FP8 checkpoint (engine/fp8_checkpoint.py)
+        finish_fp8(model, device, dtype)
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
             module.build_cache(device)
@@ -83,7 +97,10 @@ def _copy_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]], 
             raise WeightLoadError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, "
                                   f"expected {tuple(dest.shape)}")
         with torch.no_grad():
-            dest.copy_(tensor)
+            if getattr(tensor, "quant_scale", None) is not None or dest.dtype == FP8:
+                copy_fp8(params[slot.param], slot.index, tensor, f"{source}: tensor {name!r}")
+            else:
+                dest.copy_(tensor)
         filled.add(name)
     missing = [n for n in layout if n not in filled]
     if missing:

@@ -11,6 +11,9 @@ stays float for the embedding's gather.
 A quantized weight is the module's own parameter holding int8 data, with its scales attached as
 `param.quant_scale`; `engine.models.ops.linear` sees the attribute and takes the int8 kernel. Nothing else in the
 model changes, so the model files still read like their papers.
+
+`fp8`: FP8 (e4m3) weights with one scale per output channel, the same design, for GPUs with FP8 tensor cores
+(engine/fp8.py: the kernels, and the fallback where there are none). The same weights are quantized.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ import torch
 from torch import nn
 
 from engine.config import ConfigError
+from engine.fp8 import FP8, fp8_native, log_fallback, quantized_fp8
 
-METHODS = ("int8",)
+METHODS = ("int8", "fp8")
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,28 +60,40 @@ def _quantized(param: torch.Tensor) -> nn.Parameter:
 
 
 def quantize_model(model: nn.Module, method: str, device: torch.device) -> int:
-    """Quantize every projection weight of `model` in place, and give the LM head its int8 copy; returns the bytes
-    saved (the copy's not counted against them)."""
+    """Quantize every projection weight of `model` in place, and give the LM head its quantized copy; returns the
+    bytes saved (the copy's not counted against them). Weights already quantized (an FP8 checkpoint's) are kept."""
     if method not in METHODS:
         raise ConfigError(f"engine.quantization must be one of {', '.join(METHODS)}, got {method!r}")
-    if device.type != "cpu":
+    if method == "int8" and device.type != "cpu":
         raise ConfigError("engine.quantization: int8 is a CPU path (torch's int8-weight kernel); on a GPU use "
-                          "bfloat16 weights")
+                          "fp8 (Hopper) or bfloat16 weights")
+    quantize = _quantized
+    if method == "fp8":
+        native = fp8_native(device)
+        if not native:
+            log_fallback(device, next(model.parameters()).dtype, "weights are rounded through FP8, kept as")
+        quantize = lambda p: quantized_fp8(p, native)  # noqa: E731
     saved = 0
     for name, module in model.named_modules():
         w = getattr(module, "weight", None)
-        if isinstance(w, nn.Parameter) and w.dim() == 2 and _projection(name, module):
-            saved += w.numel() * (w.element_size() - 1)
-            module.weight = _quantized(w)
+        if isinstance(w, nn.Parameter) and w.dim() == 2 and w.dtype not in _QUANTIZED and projection(name, module):
+            module.weight = quantize(w)
+            saved += w.numel() * w.element_size() - module.weight.numel() * module.weight.element_size()
     head = model.model.embed_tokens if model.lm_head is None else model.lm_head
-    model.head_weight = _quantized(head.weight)  # the embedding's gather (tied) keeps reading the float table
-    if model.lm_head is not None:  # untied: only the int8 copy is read from now on
-        saved += head.weight.numel() * (head.weight.element_size() - 1)
+    if head.weight.dtype in _QUANTIZED:  # an FP8 checkpoint's LM head: ops.linear reads it as it is
+        return saved
+    model.head_weight = quantize(head.weight)  # the embedding's gather (tied) keeps reading the float table
+    if model.lm_head is not None:  # untied: only the quantized copy is read from now on
+        saved += head.weight.numel() * head.weight.element_size() - model.head_weight.numel() * \
+            model.head_weight.element_size()
         head.weight = nn.Parameter(head.weight.data.new_empty(0, head.weight.shape[1]), requires_grad=False)
     return saved
 
 
-def _projection(name: str, module: nn.Module) -> bool:
+_QUANTIZED = (torch.int8, FP8)
+
+
+def projection(name: str, module: nn.Module) -> bool:
     """A decoder matmul weight: not an embedding or LM head (handled apart), a norm, or a MoE router's gate
     (tiny, and its argmax picks experts)."""
     return type(module).__name__ in ("ColumnParallelLinear", "RowParallelLinear", "Linear") and not name.endswith(

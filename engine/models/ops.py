@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from engine.fp8 import fp8_linear
 from engine.quantization import int8_linear
 
 try:
@@ -57,9 +58,12 @@ def qk_rms_norm(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weig
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x W^T + b. One row on CUDA (a batch-1 decode step) takes the GEMV kernel: one launch reading W at copy
     speed, where cuBLAS splits some of these shapes over K and adds a reduction kernel. A weight quantized at
-    load carries its scales as `weight.quant_scale` (engine/quantization.py) and takes the int8 kernel."""
+    load carries its scales as `weight.quant_scale` (engine/quantization.py) and takes the int8 kernel, or the FP8
+    ones for an FP8 weight (engine/fp8.py)."""
     scale = getattr(weight, "quant_scale", None)
     if scale is not None:
+        if weight.dtype != torch.int8:
+            return fp8_linear(x, weight, scale, bias)
         y = int8_linear(x, weight, scale)
         return y if bias is None else y + bias
     if _fast(x) and x.shape[0] == 1 and x.stride(1) == weight.stride(1) == 1 and x.dtype == weight.dtype:
