@@ -71,11 +71,15 @@ async def replay(url: str, model: str, trace: tuple[list[float], list[int], list
         return list(results), time.perf_counter() - t0
 
 
-async def tiny_ttft(url: str, model: str, n: int = 5) -> float:
-    """Median TTFT of `n` 16-token prompts sent one at a time to the idle cluster (the serving path's own cost)."""
+async def single_stream(url: str, model: str, n: int = 5) -> dict[str, float]:
+    """The serving path's own cost on the idle cluster: the median TTFT of `n` 16-token prompts sent one at a time,
+    and one stream alone (a 256-token prompt, 64 tokens): its TTFT and median inter-token gap, to hold against the
+    profile's prefill of 256 tokens and decode step of one row."""
     async with httpx.AsyncClient(timeout=httpx.Timeout(60.0)) as client:
         ttfts = [(await serving.one_request(client, url, model, list(range(1000, 1016)), 2, {})).ttft for _ in range(n)]
-    return sorted(ttfts)[n // 2]
+        one = await serving.one_request(client, url, model, list(range(2000, 2256)), 64, {})
+    return {"tiny_ttft_ms": round(sorted(ttfts)[n // 2] * 1e3, 1), "stream_ttft_ms": round(one.ttft * 1e3, 1),
+            "stream_itl_p50_ms": round(percentile(one.itls, 50) * 1e3, 2) if one.itls else 0.0}
 
 
 def per_request(results: list[serving.RequestResult]) -> list[list[float]]:
@@ -89,8 +93,8 @@ def real_run(a: argparse.Namespace, mode: str, path: str, trace: tuple[list[floa
     """The trace on a real cluster: (serving.summarize's figures, what was measured around it). Before each try it
     waits for a quiet machine (others keeping < --max-foreign cores busy); a try during which others kept more
     busy is spoiled and run again (up to --tries, fresh prompt tokens each time: no prefix-cache hits), and its
-    figures are kept beside the one reported. Around it: the TTFT of a tiny prompt on the idle cluster (the
-    serving path's own cost), the cores others kept busy, the load average."""
+    figures are kept beside the one reported. Around it: one stream alone on the idle cluster (the serving path's
+    own cost), the cores others kept busy, each process's CPU-seconds, the load average."""
     from benchmarks.machine_load import ForeignCpu, wait_for_quiet
     from deploy.local import LocalCluster
     from worker.server import free_port
@@ -99,19 +103,28 @@ def real_run(a: argparse.Namespace, mode: str, path: str, trace: tuple[list[floa
     with LocalCluster(ClusterConfig.load(path), path, router_port=free_port(), quiet=True,
                       log_dir=os.path.join(os.path.dirname(path), mode)) as c:
         model = "smollm2" if a.device == "cpu" else a.tokenizer
-        around: dict[str, Any] = {"tiny_ttft_ms": round(asyncio.run(tiny_ttft(c.url, model)) * 1e3, 1), "spoiled": []}
+        around: dict[str, Any] = {"spoiled": []}
         for attempt in range(a.tries):
             quiet = wait_for_quiet(a.max_foreign, a.quiet_wait_s, pids=c.pids)
-            load, meter = os.getloadavg(), ForeignCpu(c.pids).start()
+            around["alone"] = asyncio.run(single_stream(c.url, model))
+            load, meter, cpu0 = os.getloadavg(), ForeignCpu(c.pids).start(), cluster_cpu_s(c)
             results, duration = asyncio.run(replay(c.url, model, trace, 49152, a.seed + 1000 * attempt))
             real = {**serving.summarize(results, duration, rate, a), "requests_each": per_request(results)}
             figures = {"attempt": attempt, "foreign_cores_before": quiet, "foreign_cores": meter.stop(),
+                       "cpu_s": {k: round(v - cpu0.get(k, 0.0), 2) for k, v in cluster_cpu_s(c).items()},
                        "load_before": [round(x, 2) for x in load], "load_after": [round(x, 2) for x in os.getloadavg()]}
             if figures["foreign_cores"] <= a.max_foreign or attempt == a.tries - 1:
                 return real, {**around, **figures}
             around["spoiled"].append({**figures, **{k: real[k] for k in FIGURES}})
             print(f"  {mode} rate {rate:g}: others kept {figures['foreign_cores']} cores busy, run again", flush=True)
     raise AssertionError("unreachable")
+
+
+def cluster_cpu_s(c: Any) -> dict[str, float]:
+    """CPU-seconds so far of each process of a LocalCluster, and of this one (the client)."""
+    from benchmarks.machine_load import process_cpu_s
+
+    return {**{name: process_cpu_s(p.popen.pid) for name, p in c.procs.items()}, "client": process_cpu_s(os.getpid())}
 
 
 def simulate(a: argparse.Namespace, path: str, trace: tuple[list[float], list[int], list[int]], prof: Profile,
@@ -130,7 +143,8 @@ def simulate(a: argparse.Namespace, path: str, trace: tuple[list[float], list[in
             "itl_p50_ms": s["itl_p50_ms"], "itl_p99_ms": s["itl_p99_ms"],
             "goodput_req_s": round(good / duration, 3), "output_tok_s": round(sum(r[2] for r in reqs) / duration, 2),
             "requests_each": [[r[1], r[2], round(r[3] * 1e3, 1), round(r[4] * 1e3, 1), round(r[5] * 1e3, 1)]
-                              for r in reqs]}
+                              for r in reqs],
+            "cpu_s": {getattr(k, "name", str(k)): round(v, 2) for k, v in getattr(c.device, "used", {}).items()}}
 
 
 def compare(real: dict[str, Any], sim: dict[str, Any]) -> dict[str, float | None]:
