@@ -1,11 +1,14 @@
 """FP8 weights on the GPU (issue 18 item 4), each figure beside its same-run baseline. Written before any GPU was
 lent to the FP8 work: it has not run yet.
 
-    python -m benchmarks.fp8_gpu [--parts kernels,decode,prefill] [--batches 1,64] [--contexts 512,2048]
-                                 [--prefill-lengths 2048,8192] [--sweep] [--out DIR]
+    python -m benchmarks.fp8_gpu [--parts parity,kernels,decode,prefill] [--batches 1,64] [--contexts 512,2048]
+                                 [--prefill-lengths 2048,8192] [--sweep] [--smollm2 PATH] [--out DIR]
 
 - ceilings: device-to-device copy rate (bytes read + written), and FP8 matmul rates at 8192^3 through the exact
             `torch._scaled_mm` call the engine makes (rowwise scales, bf16 out), beside the bf16 matmul rate;
+- parity:   greedy tokens of the real SmolLM2 with FP8 weights through the fast path (FP8 GEMV, Triton
+            quantization + _scaled_mm, Triton attention, CUDA graphs, overlapped steps) against the same FP8
+            weights through the torch twin (`fp8_linear_ref`, torch attention, eager), batch 1 and 8 prompts batched;
 - kernels:  at Llama-3-8B's projection shapes, `fp8_gemv` (batch 1) and per-token quantization + `_scaled_mm`
             (64 rows) checked against their torch twins on the GPU, then timed: GEMV bandwidth (FP8 weight bytes /
             time) against the copy rate, next to the bf16 GEMV. --sweep times (BLOCK_N, BLOCK_K, warps, stages)
@@ -27,6 +30,7 @@ import json
 import os
 import sys
 import time
+from unittest import mock
 
 import torch
 
@@ -69,6 +73,36 @@ def ceilings() -> dict:
     flop = 2 * 8192**3
     return {"copy_tb_s": 2 * n / copy_ms / 1e9, "matmul_tflop_s": flop / mm_ms / 1e9,
             "fp8_rowwise_tflop_s": flop / fp8_ms / 1e9}
+
+
+def parity(path: str) -> dict:
+    from engine.llm import LLM
+
+    prompts = ["The capital of France is", "def quicksort(arr):", "Once upon a time, in a land far away,",
+               "1, 2, 3, 4, 5,", "The mitochondria is", "Translate to French: good morning",
+               "List three colors:", "In 1969, humans"]
+    params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
+    # The reference keeps FP8 parameters but finds no kernels: every FP8 linear runs fp8_linear_ref on the GPU.
+    with mock.patch("engine.quantization.fp8_native", return_value=True), \
+            mock.patch("engine.fp8._kernels", return_value=None):
+        ref_llm = LLM(path, device="cuda", dtype="bfloat16", quantization="fp8", attention_backend="torch",
+                      enforce_eager=True, overlap_steps=False)
+        ref = ref_llm.generate(prompts, params)
+        ref1 = [ref_llm.generate(p, params)[0] for p in prompts]
+    del ref_llm
+    fast_llm = LLM(path, device="cuda", dtype="bfloat16", quantization="fp8")
+    res = {}
+    for label, want, got in (("batched", ref, fast_llm.generate(prompts, params)),
+                             ("batch1", ref1, [fast_llm.generate(p, params)[0] for p in prompts])):
+        first = [next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids, strict=True)) if x != y), None)
+                 for a, b in zip(want, got, strict=True)]
+        res[label] = {"identical": f"{first.count(None)}/{len(prompts)}", "first_divergence": first,
+                      "graphs": fast_llm.engine.uses_cuda_graphs, "sample": got[0].text[:60]}
+        print("parity", label, res[label], flush=True)
+    del fast_llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    return res
 
 
 def kernels(iters: int, do_sweep: bool, copy_tb_s: float) -> list[dict]:
@@ -168,7 +202,8 @@ def prefill(eng, lengths: list[int], fp8_tflop_s: float) -> list[dict]:  # noqa:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", default="kernels,decode,prefill")
+    ap.add_argument("--parts", default="parity,kernels,decode,prefill")
+    ap.add_argument("--smollm2", default="", help="path of the SmolLM2 GGUF for the parity part")
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--contexts", default="512,2048")
     ap.add_argument("--prefill-lengths", default="2048,8192")
@@ -183,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
                  "ceilings": ceilings()}
     print("ceilings", res["ceilings"], flush=True)
+    if "parity" in parts:
+        from engine.loader import smollm2_gguf_path
+
+        res["parity"] = parity(a.smollm2 or smollm2_gguf_path())
     if "kernels" in parts:
         res["kernels"] = kernels(a.iters, a.sweep, res["ceilings"]["copy_tb_s"])
     if parts & {"decode", "prefill"}:
