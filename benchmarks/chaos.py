@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import dataclasses
 import json
 import logging
@@ -137,7 +138,7 @@ def evaluate(results: list[Result], refs: dict[tuple[str, int, int | None], str]
         if r.error or not r.done:
             errors.append({"index": s.index, "kind": s.kind, "stream": s.stream, "status": r.status,
                            "error": r.error or "no [DONE]"})
-            undone += int(s.stream and not r.done)
+            undone += int(s.stream and r.status == 200 and not r.done)  # a stream that began and never ended
         elif s.kind in ("greedy", "seeded") and r.text != refs[s.reference_key]:
             wrong.append({"index": s.index, "kind": s.kind, "max_tokens": s.max_tokens, "got": r.text,
                           "want": refs[s.reference_key]})
@@ -148,10 +149,18 @@ def evaluate(results: list[Result], refs: dict[tuple[str, int, int | None], str]
     itl = [x for r in timed for x in r.itls]
     return {"requests": len(results), "kinds": kinds, "cut_by_client": sum(r.cut for r in results),
             "errors_to_clients": len([e for e in errors if e["kind"] != "bad"]), "bad_inputs_rejected": bad_ok,
-            "streams_without_done": undone, "wrong_text": len(wrong), "errors": errors[:50], "wrong": wrong[:20],
+            "streams_without_done": undone, "wrong_text": len(wrong), "error_kinds": error_kinds(errors),
+            "errors": errors[:50], "wrong": wrong[:20],
             "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
             "itl_p50_s": percentile(itl, 50), "itl_p99_s": percentile(itl, 99),
             "wall_s": round(max(r.end for r in results) - min(r.start for r in results), 1)}
+
+
+def error_kinds(errors: list[dict[str, Any]]) -> dict[str, int]:
+    """How many errors of each kind: the message with addresses and ids taken out, most frequent first."""
+    counts = collections.Counter(re.sub(r"\d+\.\d+\.\d+\.\d+:\d+|(chat)?cmpl-\w+|\d+(\.\d+)?s\b", "_", e["error"])[:200]
+                                 for e in errors)
+    return dict(counts.most_common())
 
 
 def router_counter(cluster: LocalCluster, name: str) -> float:

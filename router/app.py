@@ -99,7 +99,7 @@ class RouterService:
         else:
             assert isinstance(req, CompletionRequest)
             plan, responder_cls = self.jobs.completion(req, arrival), CompletionResponder
-        self.generation.require_decode_worker()
+        await self.generation.require_decode_worker()
         responder: Responder = responder_cls(plan, self.config.model_name, self.texts)
         return plan, responder
 

@@ -34,6 +34,8 @@ class RouterConfig:
     request_timeout_s: float = 3600.0  # deadline of a whole request
     conditional_disagg_min_prompt_tokens: int = 0  # shorter prompts skip the prefill pool (decode prefills locally)
     max_migrations: int = 3  # times a request may move to another decode worker when its own is lost; 0: never
+    no_worker_wait_s: float = 10.0  # a request that finds no healthy decode worker (arriving, or to resume on after
+    # its own was lost) waits this long for one (a worker restarting, a health check late under load), then 503
     kv_streaming: bool = False  # send Decode with Prefill: the decode worker pulls the KV layer group by layer group
     # while the prefill computes it, hiding the transfer (docs/architecture.md "Layer-wise streaming")
     max_model_len: int | None = None  # context length to enforce; None: the smallest the workers report
@@ -59,6 +61,7 @@ class RouterConfig:
             (self.request_timeout_s >= self.worker_timeout_s, "router.request_timeout_s must be >= worker_timeout_s"),
             (self.conditional_disagg_min_prompt_tokens >= 0, "router.conditional_disagg_min_prompt_tokens must be >= 0"),
             (isinstance(self.max_migrations, int) and self.max_migrations >= 0, "router.max_migrations must be >= 0"),
+            (self.no_worker_wait_s >= 0, "router.no_worker_wait_s must be >= 0"),
             (isinstance(self.kv_streaming, bool), "router.kv_streaming must be true or false"),
             (self.max_model_len is None or self.max_model_len > 1, "router.max_model_len must be > 1"),
             (isinstance(self.processes, int) and 1 <= self.processes <= 256, "router.processes must be in [1, 256]"),

@@ -39,6 +39,7 @@ from router.token_streams import TokenStreams, WorkerLost
 from router.worker_calls import WorkerCalls
 
 log = logging.getLogger(__name__)
+NO_WORKER_POLL_S = 0.1  # how often a request waiting for a decode worker looks again
 
 
 @dataclass
@@ -87,9 +88,22 @@ class Generation:
         workers.on_unhealthy.append(self.streams.lose)
         self.calls = WorkerCalls(config, workers)
 
-    def require_decode_worker(self) -> None:
-        if not self.workers.candidates("decode"):
+    async def require_decode_worker(self) -> None:
+        """Return once a decode worker can take a request (waiting up to `no_worker_wait_s`), else 503."""
+        if not await self._decode_candidates({}):
             raise APIError(503, "no healthy decode worker is available", code="no_healthy_worker")
+
+    async def _decode_candidates(self, tried: dict[str, float]) -> list[WorkerState]:
+        """The decode workers a request may go to: healthy, and not tried since they last turned healthy (a worker
+        restarted at the address of one that failed it is a new process). Waits up to `no_worker_wait_s` for one;
+        [] if none came."""
+        deadline = time.monotonic() + self.config.no_worker_wait_s
+        while True:
+            found = [w for w in self.workers.candidates("decode")
+                     if w.stub and (w.address not in tried or w.healthy_since > tried[w.address])]
+            if found or time.monotonic() >= deadline:
+                return found
+            await asyncio.sleep(NO_WORKER_POLL_S)
 
     async def stream(self, job: GenerationJob) -> AsyncIterator[Output]:
         """The request's outputs; raises `APIError` when a worker fails. Close it (or cancel) to abort."""
@@ -119,7 +133,7 @@ class Generation:
                                          flight.lease)
 
     async def _run(self, job: GenerationJob, flight: _Flight, text: ChoiceText) -> AsyncIterator[Output]:
-        self.require_decode_worker()
+        await self.require_decode_worker()
         if job.leader is not None:  # n > 1: the first choice's decode worker forks its prompt KV for this one
             await job.leader.placed.wait()
             async for out in self._decode(job, flight, text, None):
@@ -213,11 +227,11 @@ class Generation:
         the prompt (plus the prefill's first token, once known), since that first pull already released the KV."""
         kv = first.kv if first is not None and first.HasField("kv") else None
         source = handoff.source if handoff is not None else None
-        tried: set[str] = set()
+        tried: dict[str, float] = {}  # address -> when this request went there
         migrations = 0
         while True:
-            d = self._sibling_worker(job, tried) or self._choose_decode(tried, job.prompt_ids)
-            tried.add(d.address)
+            d = self._sibling_worker(job, tried) or await self._choose_decode(tried, job.prompt_ids)
+            tried[d.address] = time.monotonic()
             try:
                 async for out in self._decode_on(d, job, flight, text, kv, source):
                     yield out
@@ -230,7 +244,7 @@ class Generation:
                     await handoff.done.wait()  # the prefill's first token, if it had one, is in job.output_ids now
                 if e.code == "kv_lost":  # the worker is fine; only the streamed KV did not arrive: send it again
                     log.info("%s: %s; recomputing on %s", job.request_id, e.message, d.address)
-                    tried.discard(d.address)
+                    tried.pop(d.address, None)
                     flight.decode = None
                     continue
                 moving = flight.decode is not None  # it took the request: a migration, not a retry
@@ -239,10 +253,12 @@ class Generation:
                     self.calls.abort_later(d, job.request_id)
                     flight.decode = None
                     migrations += 1
-                if migrations > self.config.max_migrations or not self._has_decode(tried):
-                    why = ("no other decode worker to resume the request on" if migrations <= self.config.max_migrations
-                           else f"the request was moved {migrations - 1} time(s) already")
-                    raise APIError(503, f"{e.message}; {why}", code=e.code) from None
+                if migrations > self.config.max_migrations:
+                    raise APIError(503, f"{e.message}; the request was moved {migrations - 1} time(s) already",
+                                   code=e.code) from None
+                if not await self._decode_candidates(tried):
+                    raise APIError(503, f"{e.message}; no other decode worker to resume the request on within "
+                                   f"{self.config.no_worker_wait_s:g}s", code=e.code) from None
                 if moving:
                     self.metrics.migrations.inc()
                 log.warning("%s: %s; %s on another decode worker after %d token(s)", job.request_id, e.message,
@@ -297,22 +313,20 @@ class Generation:
         out = _accept(text, tokens, logprobs, finish, prompt)
         return [out] if out.token_ids or out.text or out.finish_reason else []
 
-    def _choose_decode(self, exclude: set[str], prompt_ids: list[int]) -> WorkerState:
-        candidates = [w for w in self.workers.candidates("decode") if w.address not in exclude and w.stub]
+    async def _choose_decode(self, tried: dict[str, float], prompt_ids: list[int]) -> WorkerState:
+        candidates = await self._decode_candidates(tried)
         if not candidates:
             raise APIError(503, "no healthy decode worker is available", code="no_healthy_worker")
         d = self._decode_policy.choose(candidates, prompt_ids)
         self.metrics.observe_placement("decode", self._decode_policy.last)
         return d
 
-    def _sibling_worker(self, job: GenerationJob, exclude: set[str]) -> WorkerState | None:
+    def _sibling_worker(self, job: GenerationJob, exclude: dict[str, float]) -> WorkerState | None:
         """n > 1: the decode worker holding the first choice (where this one forks its prompt KV), if usable."""
         address = job.leader.placed_on if job.leader is not None else None
         w = self.workers.get(address) if address is not None and address not in exclude else None
         return w if w is not None and w.stub is not None and w in self.workers.candidates("decode") else None
 
-    def _has_decode(self, exclude: set[str]) -> bool:
-        return any(w.address not in exclude for w in self.workers.candidates("decode"))
 
 def _decode_request(job: GenerationJob, kv: disagg_pb2.KVHandle | None, subscriber: str,
                     source: disagg_pb2.KVSource | None = None) -> disagg_pb2.DecodeRequest:

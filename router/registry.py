@@ -138,6 +138,7 @@ class WorkerState:
     model: str = ""  # model the worker serves
     max_model_len: int = 0  # its context length; 0 until known
     healthy: bool = False  # answered the last poll with ok
+    healthy_since: float = 0.0  # monotonic time it last turned healthy (a restart at the same address shows here)
     remote_draining: bool = False  # the worker says it is draining
     draining: bool = False  # the router was told to stop sending it new requests
     load: WorkerLoad | None = None  # latest Load report
@@ -327,6 +328,7 @@ class WorkerRegistry:
         w.healthy, w.error = healthy, reason
         if healthy != was:
             if healthy:
+                w.healthy_since = time.monotonic()
                 log.info("worker %s (%s, %s) is healthy", w.address, w.worker_id or "?", w.role or "?")
             else:
                 log.warning("worker %s is unhealthy: %s", w.address, reason)

@@ -9,6 +9,7 @@ which the slow-stream tests use.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import threading
 import time
@@ -187,7 +188,7 @@ class RouterServer:
     def __init__(self, loop: asyncio.AbstractEventLoop, tokenizer: Tokenizer, addresses: list[str],
                  **overrides: Any) -> None:
         settings = {"model_name": MODEL, "port": 0, "health_interval_s": 0.2, "rpc_timeout_s": 1.0,
-                    "worker_timeout_s": 5.0, **overrides}
+                    "worker_timeout_s": 5.0, "no_worker_wait_s": 0.0, **overrides}
         self.config = RouterConfig(**settings)
         self.registry = WorkerRegistry(addresses, self.config.health_interval_s, self.config.rpc_timeout_s)
         app = create_app(self.config, tokenizer, self.registry)
@@ -501,6 +502,27 @@ def test_decode_worker_death_ends_stream_with_error_and_recovers(
     d.start()  # same port
     wait_for(lambda: httpx.get(router.url + "/ready").status_code == 200, 5)
     assert client(router).completions.create(model=MODEL, prompt="hi", max_tokens=3).choices[0].text == "Hello world!"
+
+
+def test_requests_wait_for_a_restarting_decode_worker(
+        fakes: Callable[[str], FakeServer], routers: Callable[..., RouterServer]) -> None:
+    """With `no_worker_wait_s`, a stream whose only decode worker dies resumes on it once it is back at its address
+    (a new process: it turned healthy after the request left it), and a request arriving meanwhile waits for it."""
+    d = fakes("decode")
+    router = routers([d.address], no_worker_wait_s=8.0)
+    with httpx.stream("POST", router.url + "/v1/completions", json=_endless(), timeout=20) as r:
+        lines = r.iter_lines()
+        for _ in range(3):
+            next(line for line in lines if line.startswith("data: "))
+        d.stop()
+        wait_for(lambda: httpx.get(router.url + "/ready").status_code == 503, 3)
+        arriving = concurrent.futures.ThreadPoolExecutor(1).submit(
+            httpx.post, router.url + "/v1/completions", json={"model": MODEL, "prompt": "hi"}, timeout=20)
+        time.sleep(0.5)
+        d.start()  # same port
+        events = sse_payloads(lines)
+    assert events[-1] == "[DONE]" and not any("error" in e for e in events[:-1] if isinstance(e, dict)), events[-3:]
+    assert arriving.result(timeout=20).status_code == 200
 
 
 def test_silent_decode_worker_times_out(fakes: Callable[[str], FakeServer],
