@@ -11,6 +11,9 @@ Variants (the packaged SmolLM2; FP8 quantizes every projection and the LM head p
                    the GPU's arithmetic, not its speed
   fp8-weight-only  FP8-rounded weights, bf16 activations: the GPU's batch-1 GEMV, and `engine.quantization: fp8`
                    on a CPU (the fallback)
+  fp8-w8a8-bf16-head  fp8-w8a8 with the LM head left in bf16 (FP8 checkpoints usually leave it so; vLLM's
+                   online fp8 does too): how much of the drift the quantized head adds. SmolLM2's head is tied:
+                   dropping the quantized copy reads the bf16 embedding table
   float32          a noise floor: how far bf16 itself is from float32 by the same measures
 Prompts: three "repeat this text" prompts and three open questions (benchmarks/spec_decode.py), chat template,
 run together (every decode step has 6 rows: the W8A8 path throughout), greedy, ignore_eos, --new-tokens each.
@@ -41,8 +44,9 @@ from benchmarks.spec_decode import COPY_TEXTS, OPEN_QUESTIONS
 from engine.llm import LLM
 from engine.request import SamplingParams
 
-VARIANTS = {"bf16": {"dtype": "bfloat16"}, "fp8-w8a8": {"dtype": "bfloat16", "quantization": "fp8"},
-            "fp8-weight-only": {"dtype": "bfloat16", "quantization": "fp8"}, "float32": {"dtype": "float32"}}
+FP8 = {"dtype": "bfloat16", "quantization": "fp8"}
+VARIANTS = {"bf16": {"dtype": "bfloat16"}, "fp8-w8a8": FP8, "fp8-weight-only": FP8, "fp8-w8a8-bf16-head": FP8,
+            "float32": {"dtype": "float32"}}
 
 
 def prompts(llm: LLM) -> list[list[int]]:
@@ -53,10 +57,15 @@ def prompts(llm: LLM) -> list[list[int]]:
 
 
 def load(variant: str) -> LLM:
-    """The variant's engine; fp8-w8a8 keeps FP8 parameters on the CPU (the GPU path's twin runs)."""
-    with mock.patch("engine.quantization.fp8_native", return_value=True) if variant == "fp8-w8a8" \
+    """The variant's engine; fp8-w8a8* keep FP8 parameters on the CPU (the GPU path's twin runs)."""
+    with mock.patch("engine.quantization.fp8_native", return_value=True) if variant.startswith("fp8-w8a8") \
             else contextlib.nullcontext():
-        return LLM("smollm2", max_num_seqs=8, **VARIANTS[variant])
+        llm = LLM("smollm2", max_num_seqs=8, **VARIANTS[variant])
+    if variant == "fp8-w8a8-bf16-head":
+        model = llm.engine._runner.model
+        assert model.lm_head is None, "SmolLM2's LM head is tied"
+        model.head_weight = None  # the LM head reads the bf16 embedding table again
+    return llm
 
 
 def greedy(llm: LLM, ids: list[list[int]], n: int) -> list[list[int]]:
