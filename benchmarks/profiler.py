@@ -27,14 +27,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from benchmarks.given_kv import receive_given_kv
 from benchmarks.machine_load import Alone
+from benchmarks.profile_corun import co_run
+from benchmarks.profile_steps import Tokens, decode_ms, run_prompt
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from engine.engine import LLMEngine
-from engine.request import SamplingParams
 from simulator.profile import (
     ChunkCost,
-    CoRunCosts,
     DecodeCosts,
     KVCosts,
     PrefillCosts,
@@ -65,45 +64,20 @@ def ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x]
 
 
-def build_engine(a: argparse.Namespace) -> tuple[LLMEngine, float]:
-    """The engine under test and the seconds it took to build (weights, KV, graphs)."""
+def build_engine(a: argparse.Namespace, cpu_threads: int | None = None) -> tuple[LLMEngine, float]:
+    """The engine under test and the seconds it took to build (weights, KV, graphs); `cpu_threads` fixes its CPU
+    threads (default: adaptive, as a worker runs)."""
     top = max(ints(a.prefill_tokens) + [a.chunk_tokens + max(ints(a.chunk_context) or [0])])
     sched = SchedulerConfig(max_num_seqs=max(ints(a.decode_batch)), max_num_batched_tokens=max(top, a.max_batched))
     cache = CacheConfig(memory_budget_bytes=int(a.kv_gib * 2**30))
     kw: dict[str, Any] = {"model": a.model, "device": a.device, "dtype": a.dtype, "cache": cache, "scheduler": sched}
     if a.dummy:
         kw.update(model=f"{a.dummy}-dummy", load_format="dummy", dummy_model=SHAPES[a.dummy])
+    if cpu_threads:
+        kw["cpu_threads"] = cpu_threads
     t0 = time.perf_counter()
     eng = LLMEngine(EngineConfig(**kw))
     return eng, time.perf_counter() - t0
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-class Tokens:
-    """Fresh token ids for every prompt, so no measurement is served by the prefix cache unless it means to."""
-
-    def __init__(self, vocab: int) -> None:
-        self.vocab, self.next = vocab, 100
-
-    def take(self, n: int) -> list[int]:
-        out = [100 + (self.next + i) % (self.vocab - 100) for i in range(n)]
-        self.next += n
-        return out
-
-
-def run_prompt(eng: LLMEngine, rid: str, prompt: list[int], device: str) -> float:
-    """Milliseconds of the steps that prefill `prompt` (one step when it fits the token budget)."""
-    eng.add_request(rid, prompt, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
-    sync(device)
-    t0 = time.perf_counter()
-    while eng.has_unfinished():
-        eng.step()
-    sync(device)
-    return (time.perf_counter() - t0) * 1e3
 
 
 def measure_prefill(eng: LLMEngine, toks: Tokens, lengths: list[int], repeat: int, device: str,
@@ -141,45 +115,6 @@ def fit_attention(chunks: list[ChunkCost], alone_ms: float) -> float:
     ys = [c.ms - alone_ms for c in chunks]
     den = sum(x * x for x in xs)
     return max(0.0, sum(x * y for x, y in zip(xs, ys, strict=True)) / den) if den else 0.0
-
-
-def decode_ms(eng: LLMEngine, toks: Tokens, batch: int, ctx: int, steps: int, device: str,
-              alone: Alone | None = None) -> float | None:
-    """ms per decode step of `batch` rows at context `ctx` (None when their KV does not fit)."""
-    bs = eng.config.cache.block_size
-    if batch * -(-(ctx + steps + 8) // bs) > eng.load().kv_blocks_free:
-        return None
-    return (alone or (lambda f: f()))(partial(_decode_once, eng, toks, batch, ctx, steps, device))
-
-
-def _decode_once(eng: LLMEngine, toks: Tokens, batch: int, ctx: int, steps: int, device: str) -> float:
-    rids = [f"d{ctx}-{batch}-{i}-{time.monotonic_ns()}" for i in range(batch)]
-    for rid in rids:
-        receive_given_kv(eng, rid, toks.take(ctx), SamplingParams(max_tokens=steps + 8, temperature=0, ignore_eos=True))
-    for _ in range(3):  # the batch joins, graphs warm
-        eng.step()
-    ms = timed_steps(eng, steps, device)
-    for rid in rids:
-        eng.abort(rid)
-    return ms
-
-
-def timed_steps(eng: LLMEngine, steps: int, device: str) -> float:
-    """ms per step: on a GPU the mean over back-to-back steps (each is queued before the last one's tokens are
-    read); on a CPU the median step, which a burst of other work on a shared machine moves least."""
-    if device.startswith("cuda"):
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            eng.step()
-        sync(device)
-        return (time.perf_counter() - t0) / steps * 1e3
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        eng.step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def measure_decode(eng: LLMEngine, toks: Tokens, batches: list[int], contexts: list[int], steps: int,
@@ -227,43 +162,6 @@ def transfer_costs(backend: str, device: str, repeat: int) -> TransferCosts:
                          latency_ms=round(max(0.0, small["median_s"] - 2 / 1024 / rate) * 1e3, 4))
 
 
-CO_RUNNERS = {  # a process that keeps the rest of the machine busy until killed, printing "go" once it runs
-    "cpu": "import torch\ntorch.set_num_threads(1)\na = torch.randn(768, 768)\nprint('go', flush=True)\n"
-           "while True:\n    a @ a\n",
-    "cuda": "import torch\na = torch.randn(8192, 8192, device='cuda', dtype=torch.bfloat16)\nprint('go', flush=True)\n"
-            "while True:\n    a @ a\n    torch.cuda.synchronize()\n",
-}
-
-
-def co_run(eng: LLMEngine, toks: Tokens, device: str, repeat: int, alone_check: Alone) -> CoRunCosts:
-    """Prefill and decode step times while another process runs matmuls on the rest of the machine (the other core)
-    or on the same GPU, over the same alone: what a second worker on one host costs the first. A CPU engine with
-    adaptive threads runs beside it on the cores left (the note says how many)."""
-    gpu = device.startswith("cuda")
-    n, batch, ctx = (2048, 32, 1024) if gpu else (256, 4, 256)
-
-    def measure(check: Callable[[Callable[[], Any]], Any]) -> tuple[float, float]:
-        pre = statistics.median(check(partial(run_prompt, eng, f"co{i}-{time.monotonic_ns()}", toks.take(n), device))
-                                for i in range(repeat))
-        return pre, decode_ms(eng, toks, batch, ctx, 8, device, check) or 0.0
-
-    alone = measure(alone_check)
-    proc = subprocess.Popen([sys.executable, "-c", CO_RUNNERS["cuda" if gpu else "cpu"]], stdout=subprocess.PIPE,
-                            text=True)
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "go"
-        time.sleep(0.5)  # an adaptive engine sees the co-runner's core busy
-        busy = measure(lambda f: f())
-    finally:
-        proc.kill()
-        proc.wait()
-    threads = "" if gpu else f" (this engine on {eng.stats.cpu_threads} thread(s) beside it)"
-    return CoRunCosts(prefill=round(max(1.0, busy[0] / alone[0]), 3), decode=round(max(1.0, busy[1] / alone[1]), 3),
-                      note=f"prefill of {n} tokens and decode of {batch} x {ctx}, alone and beside a process "
-                           f"running {'bf16 8192^3 matmuls on the same GPU' if gpu else 'fp32 768^3 matmuls, 1 thread'}"
-                           + threads)
-
-
 def process_start_s() -> float:
     """A fresh interpreter importing the worker (what every new replica pays before building its engine)."""
     t0 = time.perf_counter()
@@ -305,7 +203,8 @@ def profile(a: argparse.Namespace) -> Profile:
     contexts, batches = ints(a.decode_context), ints(a.decode_batch)
     grid = timed("decode", lambda: measure_decode(eng, toks, batches, contexts, a.decode_steps, a.device, alone))
     transfer = timed("transfer", lambda: transfer_costs(a.transfer_backend, a.device, a.repeat))
-    corun = timed("co-run", lambda: co_run(eng, toks, a.device, a.repeat, alone)) if a.co_run else None
+    corun = timed("co-run", lambda: co_run(eng, toks, a.device, a.repeat, alone, lambda: build_engine(
+        a, len(os.sched_getaffinity(0)))[0])) if a.co_run else None
     when = datetime.date.today().isoformat()
     return Profile(
         name=a.name or f"{a.device}-{a.dummy or a.model}", device=device_name(a.device), model=model_summary(eng, a),

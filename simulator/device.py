@@ -9,8 +9,10 @@ decode step is slowed for those 100 ms only):
   sharing).
 - `CpuCores` (worker processes on one machine's cores): each replica picks its thread count at the start of a
   step as engine/cpu_threads.py's adaptive rule does (the cores the others left idle over the last sample period,
-  at least one); threads share the cores fairly when there are more threads than cores. A step on all cores runs
-  at the profile's speed (the profile is measured alone, on every core), on one core `co_run` times slower.
+  at least one) and keeps it to the step's end. A step on every core alone runs at the profile's speed (the
+  profile is measured so); on one core `co_run` times slower, alone or beside others; on every core while others
+  run too (more threads than cores) `co_run.oversubscribed_*` times slower, as measured (a team of threads waits
+  at its barriers for the one descheduled: 6x and more on 2 cores), or by fair shares where not measured.
 """
 
 from __future__ import annotations
@@ -128,8 +130,21 @@ class CpuCores(SharedDevice):
         return min(1.0, self.cores / demand) if demand else 1.0
 
     def _rates(self) -> None:
-        share = self._share()
+        share, over = self._share(), self._oversubscribed()
         for s in self.steps.values():
             one = self.slowdown(s.prompt, 1) if self.cores > 1 else 1.0  # one thread's time over all cores'
+            if s.threads == 1 and self.cores > 1:
+                s.rate = 1.0 / one  # beside busy co-runners as alone: what co_run measured
+                continue
+            if share < 1.0 and over is not None:  # a team of threads with one of them descheduled at its barriers
+                s.rate = 1.0 / (over[0] if s.prompt else over[1])
+                continue
             frac = (s.threads - 1) / (self.cores - 1) if self.cores > 1 else 1.0
             s.rate = share * (1.0 / one + (1.0 - 1.0 / one) * frac)
+
+    def _oversubscribed(self) -> tuple[float, float] | None:
+        """The measured multipliers of a step on every core beside a busy co-runner; None: not measured."""
+        c = self.co_run
+        if c is None or not (c.oversubscribed_prefill and c.oversubscribed_decode):
+            return None
+        return c.oversubscribed_prefill, c.oversubscribed_decode

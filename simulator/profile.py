@@ -142,9 +142,14 @@ class CoRunCosts:
     prefill: float  # a prefill step's time multiplier
     decode: float  # a decode step's time multiplier
     note: str = ""  # what the co-runner was
+    # CPU: the same for an engine whose threads use every core beside the busy process (0: not measured)
+    oversubscribed_prefill: float = 0.0
+    oversubscribed_decode: float = 0.0
 
     def __post_init__(self) -> None:
         _require(self.prefill >= 1 and self.decode >= 1, "co_run multipliers must be >= 1")
+        _require(self.oversubscribed_prefill >= 0 and self.oversubscribed_decode >= 0,
+                 "co_run oversubscribed multipliers must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -59,9 +59,9 @@ def test_without_multipliers_busy_replicas_share_the_device() -> None:
     assert b.ends == [pytest.approx(0.2)]
 
 
-def test_cpu_workers_take_every_core_alone_and_their_share_beside_a_busy_one() -> None:
+def test_cpu_workers_take_every_core_alone_and_one_beside_a_busy_one() -> None:
     loop = EventLoop()
-    dev = CpuCores(loop, CoRunCosts(prefill=2.0, decode=2.0), cores=2)
+    dev = CpuCores(loop, CoRunCosts(prefill=2.0, decode=2.0), cores=2)  # no oversubscription measured: fair shares
     a = Worker(loop, dev, [(1000.0, True)] * 4)
     b = Worker(loop, dev, [(100.0, False)] * 2)
     loop.at(0.0, a.go)
@@ -69,12 +69,26 @@ def test_cpu_workers_take_every_core_alone_and_their_share_beside_a_busy_one() -
     loop.run_until(100.0)
     # b's first look has no history: both cores. 4 threads on 2 cores, half a core each: both at half speed
     assert b.threads[0] == 2 and b.ends[0] == pytest.approx(0.7)
-    # its next look (0.2 s later) saw a use one core: one thread; 3 threads, 2/3 of a core each, b at 2/3 x 1/2
-    assert b.threads[1] == 1 and b.ends[1] == pytest.approx(1.0)
-    # a: 500 ms of work alone, 100 at half speed, 200 at 2/3 speed, the last 200 alone again
-    assert a.threads[0] == 2 and a.ends[0] == pytest.approx(1.2)
-    # a's next look (1.2 s after its first) saw b use 0.4 core-seconds: 0.33 cores, so both cores
-    assert a.threads[1] == 2 and a.ends[1] == pytest.approx(2.2)
+    # its next look (0.2 s later) saw a use one core: one thread, at co_run's speed (1/2)
+    assert b.threads[1] == 1 and b.ends[1] == pytest.approx(0.9)
+    # a: 500 ms of work alone, 100 at half speed, 133 at 2/3 (3 threads on 2 cores), the rest alone again
+    assert a.threads[0] == 2 and a.ends[0] == pytest.approx(0.9 + (1000 - 500 - 100 - 400 / 3) / 1e3)
+    # a's next look saw b use 1/3 of a core since its first: both cores again
+    assert a.threads[1] == 2 and a.ends[1] == pytest.approx(a.ends[0] + 1.0)
+
+
+def test_a_team_of_threads_beside_a_busy_worker_runs_as_oversubscribed_as_measured() -> None:
+    loop = EventLoop()
+    dev = CpuCores(loop, CoRunCosts(prefill=2.0, decode=2.0, oversubscribed_prefill=6.0, oversubscribed_decode=14.0),
+                   cores=2)
+    a = Worker(loop, dev, [(1000.0, True)])
+    b = Worker(loop, dev, [(100.0, False)])
+    loop.at(0.0, a.go)
+    loop.at(0.5, b.go)
+    loop.run_until(100.0)
+    assert a.threads == b.threads == [2]
+    assert b.ends == [pytest.approx(0.5 + 1.4)]  # 100 ms at 1/14
+    assert a.ends == [pytest.approx(1.9 + (500 - 1400 / 6) / 1e3)]  # 1/6 beside b, then alone
 
 
 def test_a_cpu_worker_looks_again_only_after_the_sample_period() -> None:
@@ -87,5 +101,5 @@ def test_a_cpu_worker_looks_again_only_after_the_sample_period() -> None:
     loop.run_until(100.0)
     # 10 ms at half speed; the next step starts 0.02 s after b's look: same threads, 100 ms at half speed
     assert b.threads[:2] == [2, 2] and b.ends[:2] == [pytest.approx(0.02), pytest.approx(0.22)]
-    # then a look: a used one core (2 threads x 1/2): one thread, 2/3 of a core at 1/1.6 of the speed of both
-    assert b.threads[2] == 1 and b.ends[2] == pytest.approx(0.22 + 0.1 * 1.6 * 1.5)
+    # then a look: a used one core (2 threads x 1/2): one thread, 1.6 times slower than on both cores
+    assert b.threads[2] == 1 and b.ends[2] == pytest.approx(0.22 + 0.1 * 1.6)
