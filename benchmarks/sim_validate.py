@@ -130,7 +130,7 @@ def cluster_cpu_s(c: Any) -> dict[str, float]:
 def simulate(a: argparse.Namespace, path: str, trace: tuple[list[float], list[int], list[int]], prof: Profile,
              hop_ms: float) -> dict[str, Any]:
     sim = SimConfig(slo_ttft_ms=a.slo_ttft_ms, slo_itl_ms=a.slo_itl_ms, hop_ms=hop_ms, fast_forward=False,
-                    shared_device=True, keep_requests=True, sample_s=10.0)
+                    shared_device=True, keep_requests=True, sample_s=10.0, cpu_oversubscription=a.oversubscription)
     c = Cluster(ClusterConfig.load(path), sim, prof)
     result = c.run(chunk_lists(*trace))
     reqs = sorted(c.collector.requests or [])
@@ -202,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", default="disaggregated,colocated", help="which clusters, comma-separated")
     p.add_argument("--slo-ttft-ms", type=float, default=3000.0, help="goodput SLO on TTFT (default 3000)")
     p.add_argument("--slo-itl-ms", type=float, default=300.0, help="goodput SLO on a request's p99 ITL (default 300)")
+    p.add_argument("--oversubscription", default="fair", choices=["fair", "measured"],
+                   help="CPU workers whose threads outnumber the cores: fair shares, or the profile's measured "
+                   "multipliers (default fair; see simulator/device.py)")
     p.add_argument("--hop-ms", type=float, default=1.0, help="simulated router <-> worker latency (default 1)")
     p.add_argument("--backend", default="tcp", help="KV transfer backend of the real disaggregated cluster")
     p.add_argument("--nixl-progress", default="auto", choices=["auto", "thread", "poll"], help="see serving_compare")

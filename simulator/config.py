@@ -21,6 +21,9 @@ class SimConfig:
     route_sample: int = 0  # candidates drawn at random for the routing policy (0: the whole pool, as the router does)
     fast_forward: bool = True  # run decode-only stretches as one event; off: one event per step (exact gaps)
     shared_device: bool = False  # every replica on one machine/device (workers sharing a VM's cores or one GPU)
+    # CPU workers on shared cores whose threads outnumber the cores: "fair" shares, or the profile's "measured"
+    # oversubscribed multipliers (measured beside a co-runner that never pauses; they over-predict a real cluster)
+    cpu_oversubscription: str = "fair"
     sample_s: float = 60.0  # timeline resolution, seconds
     drain_timeout_s: float = 600.0  # a draining replica is stopped after this even if it still has work
     drain_grace_s: float = 600.0  # after the last arrival, how long requests still in flight may take to finish
@@ -33,6 +36,7 @@ class SimConfig:
             (self.hop_ms >= 0 and self.node_startup_s >= 0, "hop_ms and node_startup_s must be >= 0"),
             (self.startup_s is None or self.startup_s >= 0, "startup_s must be >= 0"),
             (self.route_sample >= 0, "route_sample must be >= 0"),
+            (self.cpu_oversubscription in ("fair", "measured"), "cpu_oversubscription must be fair or measured"),
             (self.sample_s > 0 and self.drain_timeout_s > 0 and self.drain_grace_s >= 0,
              "sample_s and drain_timeout_s must be positive, drain_grace_s >= 0"),
         ]

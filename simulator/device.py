@@ -11,8 +11,10 @@ decode step is slowed for those 100 ms only):
   step as engine/cpu_threads.py's adaptive rule does (the cores the others left idle over the last sample period,
   at least one) and keeps it to the step's end. A step on every core alone runs at the profile's speed (the
   profile is measured so); on one core `co_run` times slower, alone or beside others; on every core while others
-  run too (more threads than cores) `co_run.oversubscribed_*` times slower, as measured (a team of threads waits
-  at its barriers for the one descheduled: 6x and more on 2 cores), or by fair shares where not measured.
+  run too (more threads than cores) by fair shares of the cores, or (`measured_oversubscription`)
+  `co_run.oversubscribed_*` times slower, as measured beside a co-runner that never pauses (a team of threads
+  waits at its barriers for the one descheduled: 3-6x for a prefill on 2 cores). Against real one-machine clusters
+  (benchmarks/RESULTS.md, 2026-12-05) fair shares under-predict and the measured multipliers over-predict.
 """
 
 from __future__ import annotations
@@ -96,9 +98,11 @@ class SharedDevice:
 class CpuCores(SharedDevice):
     """Worker processes on `cores` cores, each choosing its threads per step (engine/cpu_threads.py, adaptive)."""
 
-    def __init__(self, loop: EventLoop, co_run: CoRunCosts | None, cores: int, period_s: float = 0.1) -> None:
+    def __init__(self, loop: EventLoop, co_run: CoRunCosts | None, cores: int, period_s: float = 0.1,
+                 measured_oversubscription: bool = True) -> None:
         super().__init__(loop, co_run)
         self.cores, self.period_s = max(1, cores), period_s
+        self.measured_oversubscription = measured_oversubscription
         self.used: dict[Stepper, float] = {}  # core-seconds each replica has used
         self.total = 0.0  # core-seconds all of them have used (the machine's busy time)
         self.sample: dict[Stepper, tuple[float, float, float]] = {}  # (time, total, own) at its last look
@@ -145,6 +149,6 @@ class CpuCores(SharedDevice):
     def _oversubscribed(self) -> tuple[float, float] | None:
         """The measured multipliers of a step on every core beside a busy co-runner; None: not measured."""
         c = self.co_run
-        if c is None or not (c.oversubscribed_prefill and c.oversubscribed_decode):
+        if c is None or not (self.measured_oversubscription and c.oversubscribed_prefill and c.oversubscribed_decode):
             return None
         return c.oversubscribed_prefill, c.oversubscribed_decode
