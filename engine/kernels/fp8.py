@@ -22,33 +22,11 @@ import triton.language as tl
 
 # the constants, and the twins (kept beside the quantizer so that they import without triton)
 from engine.fp8 import FP8, FP8_MAX, MIN_SCALE, fp8_gemv_ref, quantize_rows_fp8_ref
+from engine.kernels.gemv import launch_gemv
 
 __all__ = ["GEMV_CONFIG", "fp8_gemv", "fp8_gemv_ref", "quantize_rows_fp8", "quantize_rows_fp8_ref"]
 
 GEMV_CONFIG = (8, 1024, 8, 2)  # (BLOCK_N, BLOCK_K, num_warps, num_stages): 8 KiB of W per tile; not tuned on a GPU
-
-
-@triton.jit
-def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_wn, HAS_BIAS: tl.constexpr,
-                     EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_K)
-    w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_wn + cols[None, :]
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN:
-            w = tl.load(w_ptrs)
-            x = tl.load(x_ptr + k0 + cols)
-        else:
-            kmask = k0 + cols < K
-            w = tl.load(w_ptrs, mask=(rows[:, None] < N) & kmask[None, :], other=0.0)
-            x = tl.load(x_ptr + k0 + cols, mask=kmask, other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-        w_ptrs += BLOCK_K
-    y = tl.sum(acc, axis=1) * tl.load(s_ptr + rows, mask=rows < N, other=0.0)
-    if HAS_BIAS:
-        y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
 
 
 def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
@@ -62,14 +40,7 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: t
     assert x.stride(1) == 1 and weight.stride(1) == 1, "row-major x and weight"
     assert scale.shape == (weight.shape[0],) and scale.dtype == torch.float32 and scale.is_contiguous()
     assert bias is None or (bias.shape == (weight.shape[0],) and bias.is_contiguous())
-    N, K = weight.shape
-    block_n, block_k, warps, stages = config or GEMV_CONFIG
-    y = torch.empty(1, N, dtype=x.dtype, device=x.device)
-    _fp8_gemv_kernel[(triton.cdiv(N, block_n),)](
-        x, weight, scale, bias if bias is not None else scale, y, N, K, weight.stride(0),
-        HAS_BIAS=bias is not None, EVEN=N % block_n == 0 and K % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=warps, num_stages=stages)
-    return y
+    return launch_gemv(x, weight, scale, bias, config or GEMV_CONFIG)
 
 
 @triton.jit

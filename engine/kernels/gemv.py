@@ -23,8 +23,9 @@ CONFIGS = MappingProxyType({(6144, 4096): (8, 512, 4, 1), (4096, 4096): (8, 512,
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_wn, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y = x W^T, times a per-row scale when HAS_SCALE (a quantized W: FP8 rows widened in registers), + bias."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_wn + cols[None, :]
@@ -40,6 +41,8 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn, HAS_BIAS: tl.const
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         w_ptrs += BLOCK_K
     y = tl.sum(acc, axis=1)
+    if HAS_SCALE:
+        y *= tl.load(s_ptr + rows, mask=rows < N, other=0.0)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
@@ -56,9 +59,18 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     assert bias is None or (bias.shape == (weight.shape[0],) and bias.is_contiguous())
     N, K = weight.shape
     block_n, block_k, warps, stages = config or CONFIGS.get((N, K), DEFAULT_CONFIG)
+    return launch_gemv(x, weight, None, bias, (block_n, block_k, warps, stages))
+
+
+def launch_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
+                config: tuple[int, int, int, int]) -> torch.Tensor:
+    """The one GEMV launch behind `gemv` and `engine.kernels.fp8.fp8_gemv` (shapes checked by those)."""
+    N, K = weight.shape
+    block_n, block_k, warps, stages = config
     y = torch.empty(1, N, dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(N, block_n),)](
-        x, weight, bias if bias is not None else weight, y, N, K, weight.stride(0), HAS_BIAS=bias is not None,
+        x, weight, scale if scale is not None else weight, bias if bias is not None else weight, y, N, K,
+        weight.stride(0), HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
         EVEN=N % block_n == 0 and K % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
         num_stages=stages)
     return y
