@@ -9,8 +9,13 @@ last look (busy time from /proc/stat, less this process's own) and sets torch's 
 over, never below `floor` (the fixed share) nor above the cores this process may run on.
 
 Two workers doing this converge: when both are busy each sees the other's cores in use and falls back to its fixed
-share; when one goes idle the other takes its cores within one `period_s`. A step may run oversubscribed for at
-most that long after the other worker wakes up.
+share; when one goes idle the other takes its cores within one `period_s`. The choice holds for a whole step,
+though: a step that started on every core and is still running when the other worker wakes runs oversubscribed
+to its end, and its threads then wait at every barrier for one the OS has descheduled. Measured on 2 cores
+(benchmarks/cpu_sharing.py, results/cpu_sharing_2026-12-05.json): such a prefill runs 3.3-6.2x slower than alone,
+a decode step 9-14x. On average it still pays (benchmarks/RESULTS.md "Single stream": throughput under overload
+25.8 -> 28.0 tok/s, a lone stream's ITL 62.6 -> 48.5 ms), but it widens the latency tail; `cpu_threads: N` avoids
+it. Not yet done: re-choosing between layers of a long step.
 
 The thread count changes float32 results only in summation order (about 1e-6 in SmolLM2's logprobs, as between a
 one-thread worker and a two-thread offline engine today); greedy tokens stay the same (tests/test_cpu_threads.py).
