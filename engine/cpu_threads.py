@@ -64,20 +64,21 @@ class CpuThreads:
     """The engine's thread count, re-chosen at most every `period_s` from the machine's idle cores."""
 
     def __init__(self, floor: int | None = None, cores: int | None = None, period_s: float = 0.1,
-                 sample: Callable[[], tuple[float, float, float]] = sample_cpu) -> None:
+                 sample: Callable[[], tuple[float, float, float]] = sample_cpu,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.cores = cores or len(os.sched_getaffinity(0))
         self.floor = max(1, min(self.cores, floor or torch.get_num_threads()))
         self.period_s = period_s
         self.current = self.floor
         self.changes = 0
-        self._sample = sample
+        self._sample, self._clock = sample, clock
         self._last = sample()
 
     def apply(self) -> int:
         """Set torch's thread count for the step about to run on this thread; returns it."""
-        now, machine, own = self._sample() if self.cores > self.floor else self._last
         t0, machine0, own0 = self._last
-        if now - t0 >= self.period_s:
+        if self.cores > self.floor and self._clock() - t0 >= self.period_s:  # /proc read once a period, not a step
+            now, machine, own = self._sample()
             others = max(0.0, (machine - machine0) - (own - own0)) / (now - t0)
             self._last = (now, machine, own)
             self.current = threads_for(self.cores, others, self.floor)

@@ -50,7 +50,7 @@ class FakeMachine:
 def test_adaptive_threads_follow_the_other_workers_load() -> None:
     m = FakeMachine()
     torch.set_num_threads(1)
-    t = CpuThreads(floor=1, cores=2, period_s=0.1, sample=m.sample)
+    t = CpuThreads(floor=1, cores=2, period_s=0.1, sample=m.sample, clock=lambda: m.now)
     assert t.apply() == 1  # nothing measured yet: the fixed share
     m.run(0.2, others_cores=0.05, own_cores=1.0)  # the other worker idle, this one busy
     assert t.apply() == 2 and torch.get_num_threads() == 2
