@@ -284,6 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batches", default="1,8,32,64,128,256", help="decode batch sizes")
     ap.add_argument("--contexts", default="512,2048", help="decode context lengths")
     ap.add_argument("--prefill-lengths", default="512,1024,2048,4096,8192", help="prefill prompt lengths")
+    ap.add_argument("--kv-gib", type=float, default=40, help="KV cache of the decode/prefill engine in GiB (default 40)")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"), help="folder for gpu_bench.json")
     a = ap.parse_args(argv)
     known = {"ceilings", "parity", "decode", "prefill", "offline", "profile"}
@@ -298,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
 
         res["parity"] = parity(a.smollm2 or smollm2_gguf_path())
     if parts & {"decode", "prefill", "profile"}:
-        eng = dummy_engine(max_batched=8192, max_seqs=256, budget_gib=40)
+        eng = dummy_engine(max_batched=8192, max_seqs=256, budget_gib=a.kv_gib)
         if "decode" in parts:
             res["decode"] = decode(eng, [int(x) for x in a.batches.split(",")], [int(x) for x in a.contexts.split(",")],
                                    res["ceilings"]["copy_tb_s"])
