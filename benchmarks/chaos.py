@@ -286,6 +286,7 @@ def main(argv: list[str] | None = None) -> None:
                      decode=a.decode, seed=a.seed, transfer_backend=a.transfer_backend,
                      faults=FaultPlan(interval_s=a.interval, actions=tuple(a.actions.split(","))))
     workdir = a.workdir or tempfile.mkdtemp(prefix="chaos-")
+    os.makedirs(workdir, exist_ok=True)
     report = soak(cfg, workdir)
     text = json.dumps(report, indent=1)
     if a.out:
