@@ -12,12 +12,14 @@ worker never stops the others or the router: the router moves its requests elsew
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ import httpx
 
 from deploy.config import ClusterConfig
 from engine.config import ConfigError
+from engine.cpu_threads import SHARE_ENV
 from worker.server import free_port
 
 log = logging.getLogger(__name__)
@@ -83,6 +86,9 @@ class LocalCluster:
         self.failed = ""  # why the cluster cannot go on (the router could not be kept up); "" while it can
         self._lock = threading.Lock()  # supervision vs. stop(): no restart starts once stopping has begun
         self._stopping = threading.Event()
+        # One file per cluster through which its workers share the machine's cores (engine/cpu_threads.py).
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+        self.cpu_share = os.path.join(shm, f"disagg-cores-{self.router_port}")
         if log_dir:
             os.makedirs(log_dir, exist_ok=True)
 
@@ -104,6 +110,7 @@ class LocalCluster:
         self.stop()
 
     def start(self) -> None:
+        _remove(self.cpu_share)  # a crashed launcher's: its slots would only name dead or reused pids
         names = [f"prefill-{i}" for i in range(self.config.prefill.replicas)]
         names += [f"decode-{i}" for i in range(self.config.decode.replicas)]
         for name in names:
@@ -190,6 +197,7 @@ class LocalCluster:
             _terminate([router], (signal.SIGTERM,), 10)
         workers = [p for n, p in self.procs.items() if n != "router"]
         _terminate(workers, (signal.SIGTERM, signal.SIGINT), 10)
+        _remove(self.cpu_share)
 
     # ---- supervision -----------------------------------------------------------------------------------------
     def _supervise(self) -> None:
@@ -247,6 +255,8 @@ class LocalCluster:
     def _spawn(self, name: str, cmd: list[str]) -> Proc:
         env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
+        if name != "router":
+            env.setdefault(SHARE_ENV, self.cpu_share)  # exported empty: no share
         log.info("starting %s: %s", name, " ".join(cmd))
         popen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self.pids.append(popen.pid)
@@ -293,6 +303,11 @@ def _terminate(procs: list[Proc], signals: tuple[int, ...], timeout_s: float) ->
             log.warning("%s (pid %d) did not stop in %gs: killing it", p.name, p.popen.pid, timeout_s)
             p.popen.kill()
             p.popen.wait()
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def port_free(host: str, port: int) -> bool:

@@ -274,6 +274,8 @@ class EngineConfig:
     device: str = "cpu"  # torch device string
     cpu_threads: int | str = "adaptive"  # CPU, one rank: threads per step; adaptive = the cores the rest of the
     # machine leaves idle, at least the process's starting count (OMP_NUM_THREADS); N = always N
+    cpu_share: str = ""  # adaptive: a file (in /dev/shm) every engine process of the machine shares its cores
+    # through, re-choosing threads between layers; "" = $DISAGG_CPU_SHARE (set by `disagg serve`) or none
     attention_backend: str = "auto"  # auto | torch | triton
     max_model_len: int | None = None  # cap on prompt + output tokens; None means the model's context
     enforce_eager: bool = False  # never use CUDA graphs (they are used on CUDA with the triton backend)
@@ -299,6 +301,9 @@ class EngineConfig:
         _check(self.cpu_threads == "adaptive" or (isinstance(self.cpu_threads, int) and not isinstance(
             self.cpu_threads, bool) and self.cpu_threads >= 1),
             f"cpu_threads must be adaptive or a positive int, got {self.cpu_threads!r}")
+        _check(isinstance(self.cpu_share, str) and (self.cpu_share == "" or self.cpu_share.startswith("/")),
+               f"cpu_share must be an absolute path or empty, got {self.cpu_share!r}")
+        _check(not self.cpu_share or self.cpu_threads == "adaptive", "cpu_share needs cpu_threads: adaptive")
         _check(self.overlap_steps is None or isinstance(self.overlap_steps, bool),
                f"overlap_steps must be true, false or null, got {self.overlap_steps!r}")
 

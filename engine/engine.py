@@ -85,6 +85,8 @@ class LLMEngine:
         # would change the layers' hook dicts under that forward.
         self._progress.attach(self._runner.model.model.layers)
         self._threads = cpu_threads_for(config, self.device)
+        if self._threads is not None:  # hooked now for the same reason as the progress hooks above
+            self._threads.attach(self._runner.model.model.layers)
         overlap = config.overlap_steps if config.overlap_steps is not None else self.device.type == "cuda"
         self._lookahead = Lookahead(self._runner, self._kv, self._scheduler, self.stats, overlap)
         self.set_speculative(config.speculative)
@@ -119,8 +121,11 @@ class LLMEngine:
         return self._runner.run_on_ranks(fn, *args)
 
     def close(self) -> None:
-        """Stop the other tensor-parallel ranks' processes (nothing to do with one rank); idempotent."""
+        """Stop the other tensor-parallel ranks' processes (nothing to do with one rank) and give back this engine's
+        slot in the CPU share, if it holds one; idempotent."""
         self._runner.close()
+        if self._threads is not None:
+            self._threads.close()
 
     @property
     def num_kv_blocks(self) -> int:
@@ -199,6 +204,8 @@ class LLMEngine:
             self._scheduler.finish(req, FinishReason.ABORT)
         if self._proposer is not None:
             self._proposer.remove(request_id)
+        if not self.has_unfinished():
+            self._threads_idle()
         return True
 
     def has_unfinished(self) -> bool:
@@ -278,6 +285,7 @@ class LLMEngine:
         out = self._scheduler.schedule()
         self.stats.preemptions += len(out.preempted)
         if out.is_empty:
+            self._threads_idle()
             return []
         if self._threads is not None:
             self.stats.cpu_threads = self._threads.apply()
@@ -298,7 +306,14 @@ class LLMEngine:
         self._count_spec(out)
         results = [r for s in out.scheduled if (r := self._output(s)) is not None]
         self._lookahead.after_step()  # see engine/lookahead.py: blocks freed under a queued write
+        if not self.has_unfinished():
+            self._threads_idle()
         return results
+
+    def _threads_idle(self) -> None:
+        """No step is coming: the other engines of the machine may take this one's cores (engine/cpu_threads.py)."""
+        if self._threads is not None:
+            self._threads.idle()
 
     def _output(self, s) -> StepOutput | None:  # noqa: ANN001 - ScheduledRequest
         r, n = s.request, s.num_output_tokens
