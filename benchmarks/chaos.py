@@ -13,6 +13,8 @@ workers are killed (-9), frozen (SIGSTOP/SIGCONT) and stopped (SIGTERM) on a sch
 The figures: requests, faults by kind, migrations (the router's counter), errors, leaked blocks, and TTFT / ITL
 p50 and p99 as the clients measured them, in a phase without faults (--baseline) and in the chaos phase.
 Workload: benchmarks/chaos_load.py; faults: benchmarks/chaos_faults.py; tests/test_chaos.py runs a small soak.
+`--ray` deploys the same cluster on a local Ray head instead, with two router replicas, and kills router replicas
+too (benchmarks/chaos_ray.py; tests/test_chaos_ray.py).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import re
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +39,7 @@ import grpc
 import httpx
 import yaml
 
-from benchmarks.chaos_faults import ACTIONS, Chaos, FaultPlan
+from benchmarks.chaos_faults import ACTIONS, RAY_ACTIONS, Chaos, FaultPlan, LocalTarget, Target
 from benchmarks.chaos_load import Mix, Result, Spec, make_specs, run_all
 from benchmarks.serving import percentile
 from deploy.config import ClusterConfig
@@ -121,36 +124,61 @@ class RSSWatch:
                 "samples": self.samples}
 
 
-def evaluate(results: list[Result], refs: dict[tuple[str, int, int | None], str]) -> dict[str, Any]:
-    """What the clients got, against what they should have."""
-    errors: list[dict[str, Any]] = []
-    wrong: list[dict[str, Any]] = []
-    undone = bad_ok = 0
+def cut_by_router_kill(r: Result, windows: Sequence[tuple[float, float]]) -> bool:
+    """The request's TCP connection died while a router replica was down (Chaos.windows): the killed router process
+    held it. Its client got no answer and no error from a live router; the one loss a router kill is expected to
+    cause, counted apart from errors."""
+    return r.connection_lost and any(a <= r.end and r.start <= b for a, b in windows)
+
+
+@dataclass
+class Outcome:
+    """What went wrong, request by request (evaluate)."""
+
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    wrong: list[dict[str, Any]] = field(default_factory=list)
+    undone: int = 0  # streams that began and never ended
+    bad_ok: int = 0  # bad inputs rejected with a 4xx
+    router_cut: int = 0  # connections lost to a router replica's kill
+
+
+def classify(results: list[Result], refs: dict[tuple[str, int, int | None], str],
+             windows: Sequence[tuple[float, float]]) -> Outcome:
+    o = Outcome()
     for r in results:
         s = r.spec
-        if s.kind == "bad":
-            bad_ok += not r.error
+        if cut_by_router_kill(r, windows):
+            o.router_cut += 1
+        elif s.kind == "bad":
+            o.bad_ok += not r.error
             if r.error:
-                errors.append({"index": s.index, "kind": s.kind, "error": r.error})
+                o.errors.append({"index": s.index, "kind": s.kind, "error": r.error})
+        elif r.cut:
             continue
-        if r.cut:
-            continue
-        if r.error or not r.done:
-            errors.append({"index": s.index, "kind": s.kind, "stream": s.stream, "status": r.status,
-                           "error": r.error or "no [DONE]"})
-            undone += int(s.stream and r.status == 200 and not r.done)  # a stream that began and never ended
+        elif r.error or not r.done:
+            o.errors.append({"index": s.index, "kind": s.kind, "stream": s.stream, "status": r.status,
+                             "error": r.error or "no [DONE]"})
+            o.undone += int(s.stream and r.status == 200 and not r.done)  # a stream that began and never ended
         elif s.kind in ("greedy", "seeded") and r.text != refs[s.reference_key]:
-            wrong.append({"index": s.index, "kind": s.kind, "max_tokens": s.max_tokens, "got": r.text,
-                          "want": refs[s.reference_key]})
+            o.wrong.append({"index": s.index, "kind": s.kind, "max_tokens": s.max_tokens, "got": r.text,
+                            "want": refs[s.reference_key]})
+    return o
+
+
+def evaluate(results: list[Result], refs: dict[tuple[str, int, int | None], str],
+             windows: Sequence[tuple[float, float]] = ()) -> dict[str, Any]:
+    """What the clients got, against what they should have; `windows`: when router replicas were down."""
+    o = classify(results, refs, windows)
     kinds = {k: sum(1 for r in results if r.spec.kind == k) for k in ("greedy", "seeded", "abort", "disconnect",
                                                                        "bad")}
     timed = [r for r in results if r.spec.kind == "greedy" and r.spec.stream and not r.error and r.done]
     ttft = [r.ttft for r in timed if r.ttft is not None]
     itl = [x for r in timed for x in r.itls]
     return {"requests": len(results), "kinds": kinds, "cut_by_client": sum(r.cut for r in results),
-            "errors_to_clients": len([e for e in errors if e["kind"] != "bad"]), "bad_inputs_rejected": bad_ok,
-            "streams_without_done": undone, "wrong_text": len(wrong), "error_kinds": error_kinds(errors),
-            "errors": errors[:50], "wrong": wrong[:20],
+            "cut_by_router_kill": o.router_cut,
+            "errors_to_clients": len([e for e in o.errors if e["kind"] != "bad"]), "bad_inputs_rejected": o.bad_ok,
+            "streams_without_done": o.undone, "wrong_text": len(o.wrong), "error_kinds": error_kinds(o.errors),
+            "errors": o.errors[:50], "wrong": o.wrong[:20],
             "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
             "itl_p50_s": percentile(itl, 50), "itl_p99_s": percentile(itl, 99),
             "wall_s": round(max(r.end for r in results) - min(r.start for r in results), 1)}
@@ -163,17 +191,25 @@ def error_kinds(errors: list[dict[str, Any]]) -> dict[str, int]:
     return dict(counts.most_common())
 
 
-def router_counter(cluster: LocalCluster, name: str) -> float:
-    text = httpx.get(f"{cluster.url}/metrics", timeout=10).text
+def router_counter(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
     m = re.search(rf"^{name} ([0-9.e+]+)$", text, re.M)
     return float(m.group(1)) if m else 0.0
+
+
+LOAD_KEYS = ("kv_blocks_free", "kv_blocks_total", "kv_blocks_quarantined", "leased_requests", "num_running",
+             "num_waiting", "num_receiving_kv")  # a worker's Load figures the report keeps
+
+
+def idle(rep: WorkerLoad) -> bool:
+    """The worker holds nothing: every KV block free, no lease, no request, no quarantined block."""
+    return rep.kv_blocks_free == rep.kv_blocks_total and not (
+        rep.leased_requests or rep.num_running or rep.num_waiting or rep.kv_blocks_quarantined)
 
 
 def settle(cluster: LocalCluster, timeout_s: float) -> dict[str, dict[str, float]]:
     """Wait until every worker is back up and holds nothing; each worker's last Load figures."""
     deadline, out = time.monotonic() + timeout_s, {}
-    keys = ("kv_blocks_free", "kv_blocks_total", "kv_blocks_quarantined", "leased_requests", "num_running",
-            "num_waiting", "num_receiving_kv")
     for name in [n for n in cluster.procs if n != "router"]:
         while True:
             p = cluster.procs[name]
@@ -181,19 +217,25 @@ def settle(cluster: LocalCluster, timeout_s: float) -> dict[str, dict[str, float
                 rep = worker_load(p.address) if p.state == "up" and p.popen.poll() is None else None
             except grpc.RpcError:
                 rep = None
-            idle = rep is not None and rep.kv_blocks_free == rep.kv_blocks_total and not (
-                rep.leased_requests or rep.num_running or rep.num_waiting or rep.kv_blocks_quarantined)
-            if idle or p.state == "down" or time.monotonic() > deadline:
-                out[name] = {k: float(rep.stats.get(k, 0)) for k in keys} if rep else {"state": p.state}
+            if (rep is not None and idle(rep)) or p.state == "down" or time.monotonic() > deadline:
+                out[name] = {k: float(rep.stats.get(k, 0)) for k in LOAD_KEYS} if rep else {"state": p.state}
                 break
             time.sleep(0.5)
     return out
 
 
-def run_phase(cluster: LocalCluster, specs: list[Spec], cfg: SoakConfig, refs: dict, faults: bool
-              ) -> dict[str, Any]:
-    chaos = Chaos(cluster, cfg.faults, seed=cfg.seed) if faults else None
-    migrations = router_counter(cluster, "disagg_router_migrations_total")
+@dataclass
+class Deployment:
+    """What a phase needs from the cluster under test, local (here) or on Ray (benchmarks/chaos_ray.py)."""
+
+    url: str  # the router's base URL
+    target: Target  # what the faults act on
+    migrations: Callable[[], float]  # requests moved between decode workers so far (every router replica's)
+
+
+def run_phase(dep: Deployment, specs: list[Spec], cfg: SoakConfig, refs: dict, faults: bool) -> dict[str, Any]:
+    chaos = Chaos(dep.target, cfg.faults, seed=cfg.seed) if faults else None
+    migrations = dep.migrations()
     if chaos:
         chaos.start()
     try:
@@ -204,16 +246,22 @@ def run_phase(cluster: LocalCluster, specs: list[Spec], cfg: SoakConfig, refs: d
                 log.info("%d of %d requests done; faults so far: %d", done, len(specs),
                          len(chaos.faults) if chaos else 0)
 
-        results = asyncio.run(run_all(cluster.url, specs, cfg.concurrency, progress=progress))
+        results = asyncio.run(run_all(dep.url, specs, cfg.concurrency, progress=progress))
     finally:
         if chaos:
             chaos.stop()
-    out = evaluate(results, refs)
-    out["migrations"] = router_counter(cluster, "disagg_router_migrations_total") - migrations
+    out = evaluate(results, refs, chaos.windows() if chaos else ())
+    out["migrations"] = dep.migrations() - migrations
     if chaos:
-        out["faults"] = {a: sum(1 for f in chaos.faults if f.action == a) for a in ACTIONS}
+        out["faults"] = {a: sum(1 for f in chaos.faults if f.action == a) for a in cfg.faults.actions}
         out["fault_log"] = [dataclasses.asdict(f) for f in chaos.faults]
+        out["router_kills"] = [dataclasses.asdict(k) for k in chaos.router_kills]
     return out
+
+
+def local_deployment(cluster: LocalCluster) -> Deployment:
+    return Deployment(cluster.url, LocalTarget(cluster),
+                      lambda: router_counter(cluster.url, "disagg_router_migrations_total"))
 
 
 def soak(cfg: SoakConfig, workdir: str) -> dict[str, Any]:
@@ -230,13 +278,18 @@ def soak(cfg: SoakConfig, workdir: str) -> dict[str, Any]:
     with cluster:
         rss = RSSWatch(cluster)
         if cfg.baseline:
-            report["baseline"] = run_phase(cluster, specs[:cfg.baseline], cfg, refs, faults=False)
-        report["chaos"] = run_phase(cluster, specs[cfg.baseline:], cfg, refs, faults=True)
+            report["baseline"] = run_phase(local_deployment(cluster), specs[:cfg.baseline], cfg, refs, faults=False)
+        report["chaos"] = run_phase(local_deployment(cluster), specs[cfg.baseline:], cfg, refs, faults=True)
         report["workers_after"] = settle(cluster, cfg.settle_s)
         report["router_rss"] = rss.stop()
         report["restarts"] = {n: len(p.restarts) for n, p in cluster.procs.items()}
     time.sleep(0.5)
     report["leaked_processes"] = [pid for pid in cluster.pids if _alive(pid)]
+    return tally_after(report)
+
+
+def tally_after(report: dict[str, Any]) -> dict[str, Any]:
+    """Add the leak figures from `workers_after` (each worker's Load once settled)."""
     after = report["workers_after"]
     report["leaked_blocks"] = sum(int(w["kv_blocks_total"] - w["kv_blocks_free"]) for w in after.values()
                                   if "kv_blocks_total" in w)
@@ -270,7 +323,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prefill", type=int, default=1, help="prefill workers (default 1)")
     p.add_argument("--decode", type=int, default=2, help="decode workers, at least 2 (default 2)")
     p.add_argument("--interval", type=float, default=8.0, help="mean seconds between faults (default 8)")
-    p.add_argument("--actions", default=",".join(ACTIONS), help=f"faults to inject (default {','.join(ACTIONS)})")
+    p.add_argument("--actions", help=f"faults to inject, in turn (default {','.join(ACTIONS)}; with --ray "
+                                     f"{','.join(RAY_ACTIONS)})")
+    p.add_argument("--ray", action="store_true", help="deploy on a local Ray head (deploy/ray, 2 router replicas) "
+                                                      "instead of the local launcher (benchmarks/chaos_ray.py)")
     p.add_argument("--transfer-backend", choices=["nixl", "tcp"], default="tcp", help="KV transfer (default tcp)")
     p.add_argument("--seed", type=int, default=0, help="seed of the request mix and the fault schedule")
     p.add_argument("--out", help="write the report as JSON here")
@@ -282,22 +338,33 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     a = parse_args(argv)
+    actions = a.actions.split(",") if a.actions else RAY_ACTIONS if a.ray else ACTIONS
     cfg = SoakConfig(requests=a.requests, baseline=a.baseline, concurrency=a.concurrency, prefill=a.prefill,
                      decode=a.decode, seed=a.seed, transfer_backend=a.transfer_backend,
-                     faults=FaultPlan(interval_s=a.interval, actions=tuple(a.actions.split(","))))
+                     faults=FaultPlan(interval_s=a.interval, actions=tuple(actions)))
     workdir = a.workdir or tempfile.mkdtemp(prefix="chaos-")
     os.makedirs(workdir, exist_ok=True)
-    report = soak(cfg, workdir)
+    if a.ray:
+        from benchmarks.chaos_ray import soak_ray  # sets Ray's loopback environment before Ray is imported
+
+        report = soak_ray(cfg, workdir)
+    else:
+        report = soak(cfg, workdir)
     text = json.dumps(report, indent=1)
     if a.out:
         Path(a.out).write_text(text)
-    summary = {k: v for k, v in report["chaos"].items() if k not in ("fault_log", "errors", "wrong")}
-    print(json.dumps({"chaos": summary, "baseline": {k: v for k, v in report.get("baseline", {}).items()
-                                                     if k not in ("errors", "wrong")},
-                      "leaked_blocks": report["leaked_blocks"], "leaked_processes": report["leaked_processes"],
-                      "workers_not_answering": report["workers_not_answering"], "workers_after": report["workers_after"],
-                      "router_rss": {k: v for k, v in report["router_rss"].items() if k != "samples"},
-                      "logs": workdir}, indent=1))
+    print(json.dumps(summary(report, workdir), indent=1))
+
+
+def summary(report: dict[str, Any], workdir: str) -> dict[str, Any]:
+    """The report without its long lists (fault log, error messages, RSS samples)."""
+    long = ("fault_log", "errors", "wrong", "samples", "router_kills")
+    out = {k: v for k, v in report.items() if k not in ("config", "baseline", "chaos", "router_rss")}
+    for phase in ("baseline", "chaos"):
+        out[phase] = {k: v for k, v in report.get(phase, {}).items() if k not in long}
+    out["router_rss"] = {k: v for k, v in report["router_rss"].items() if k not in long}
+    out["logs"] = workdir
+    return out
 
 
 if __name__ == "__main__":

@@ -88,6 +88,7 @@ class Result:
     done: bool = False  # the stream ended with [DONE] (or the non-streamed answer was complete)
     error: str = ""  # an error event, a 5xx, a broken connection: what the client was told or saw
     cut: bool = False  # the client cut the request itself (abort / disconnect)
+    connection_lost: bool = False  # the error is the TCP connection dying (refused, reset, closed mid-answer)
     start: float = 0.0
     end: float = 0.0
     chunk_times: list[float] = field(default_factory=list)  # arrival of each content chunk (monotonic)
@@ -136,6 +137,9 @@ async def run_one(client: httpx.AsyncClient, url: str, spec: Spec) -> Result:
             await _send(client, url, spec, res)
     except httpx.HTTPError as e:
         res.error = f"{type(e).__name__}: {e}"
+        # What a client sees when the router process serving its connection dies (chaos_faults.py router_kill):
+        # no HTTP answer at all, unlike a 5xx or an error event, which a live router sent.
+        res.connection_lost = isinstance(e, httpx.NetworkError | httpx.RemoteProtocolError)
     res.end = time.monotonic()
     return res
 
