@@ -430,6 +430,8 @@ def test_tcp_wait_times_out_on_a_stalled_read_and_ends_at_release() -> None:
 @contextlib.contextmanager
 def cuda_pair(backend: str, name: str) -> Iterator[tuple[KVTransferAgent, InProcessPeer | ProcessPeer]]:
     """A reader with a CUDA cache and a peer ("<name>-prefill-<backend>") whose cache is make_cache(PEER_SEED)."""
+    if backend.startswith("nixl") and not kvtransfer.nixl.NixlAgent.is_available():
+        pytest.skip("NIXL is not installed (a GPU machine may lack it; CI installs it)")
     fabric = LocalFabric() if backend == "local" else None
     reader = make_agent(backend, f"{name}-decode-{backend}", make_cache(None, device="cuda"), fabric=fabric)
     peer = (InProcessPeer(backend, f"{name}-prefill-{backend}", PEER_SEED, fabric, device="cuda") if fabric
