@@ -62,7 +62,10 @@ def quantize_rows_fp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Twin of engine.kernels.fp8.quantize_rows_fp8: per row, absmax / 448 floored at MIN_SCALE, IEEE division,
     saturation to +-448, round-to-nearest-even cast; (FP8 [M, K], float32 scales [M, 1])."""
     x32 = x.float()
-    scale = (x32.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=MIN_SCALE)
+    amax = x32.abs().amax(dim=1, keepdim=True)
+    # A tensor divisor, not the Python float: CUDA torch divides by a CPU scalar as a * (1 / b), which is not the
+    # correctly rounded quotient the kernel's div_rn takes, and a scale one ulp off moves whole rows' rounding.
+    scale = (amax / torch.full_like(amax, FP8_MAX)).clamp(min=MIN_SCALE)
     return (x32 / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
