@@ -99,19 +99,26 @@ def wake_mode(share: str) -> dict[str, object]:
         proc.stdin.write(cmd + "\n")
         proc.stdin.flush()
 
-    def settle() -> list[float]:  # the other's answer, then a quiet second for the next /proc window
+    def quiet() -> None:  # a step that reads /proc, then a period with nothing running: the next step sees an
+        run_prompt(eng, f"q{time.monotonic_ns()}", toks.take(8), "cpu")  # idle machine (not the last scenario)
+        time.sleep(0.3)
+
+    def settle() -> list[float]:
         out = json.loads(proc.stdout.readline())
-        time.sleep(1.0)
+        time.sleep(0.5)
+        quiet()
         return out
 
     try:
         assert proc.stdout.readline().strip() == "go"
         run_prompt(eng, "w", toks.take(32), "cpu")
-        time.sleep(1.0)
-        prefill = [run_prompt(eng, f"a{i}", toks.take(512), "cpu") for i in range(3)]
-        time.sleep(1.0)
+        prefill = []
+        for i in range(3):
+            quiet()
+            prefill.append(run_prompt(eng, f"a{i}", toks.take(512), "cpu"))
+        quiet()
         decode = decode_steps(eng, toks, BURST)
-        time.sleep(1.0)
+        quiet()
         a_prefill, a_steps, b_steps, b_prefill = [], [], [], []
         for i in range(REPEATS):
             other(f"decode {BURST}")

@@ -21,8 +21,11 @@ re-chooses the count, so a worker that wakes gets its cores back within one laye
 time each publishes in its slot): the router, clients, engines outside the share. A core counts as free while
 they use less than 0.3 of it. `floor` is the fixed share (the starting OMP_NUM_THREADS), `cores` those this process
 may run on. A peer counts as busy while its flag is set, its heartbeat is younger than STALE_S and its pid lives;
-a layer that runs longer than STALE_S on its own lets the peers take its cores (today's oversubscription, once).
-Its effect on 2 cores is not measured yet (benchmarks/cpu_sharing.py).
+a layer that runs longer than STALE_S lets the peers take its cores (the oversubscription above, for that layer).
+Without a share (offline `LLM()`, by default) there are no peers and the count is re-chosen only between steps.
+Measured on 2 cores (`benchmarks/cpu_sharing.py --wake`, benchmarks/RESULTS.md): a 512-token prefill that the
+other worker's decode wakes into 2,550 -> 1,529 ms (alone 810: it gives one core away), the worst decode step
+that the other's prefill wakes into 737 -> 137 ms (alone 67).
 
 The thread count changes float32 results only in summation order (about 1e-6 in SmolLM2's logprobs); greedy tokens
 stay the same (tests/test_cpu_threads.py). torch's thread count is per calling thread under OpenMP: `apply` runs on
@@ -135,8 +138,8 @@ class CoreShare:
         self._v[self._base + BUSY] = float(busy)
 
     def poll(self) -> int:
-        """Refresh this slot's heartbeat; the busy peers. About 3 us with 16 slots on this 2-core VM, mostly the
-        loop below (pid checks only for fresh busy slots)."""
+        """Refresh this slot's heartbeat; the busy peers. 2.5-3.3 us with 16 slots, one busy (a loaded 2-core VM;
+        the pre-hook around it the same), mostly the loop below: pids are checked only for fresh busy slots."""
         now = self._clock()
         self._v[self._base + BEAT], self._v[self._base + CPU] = now, self._cpu()
         vals = TABLE.unpack_from(self._mm)
