@@ -3,6 +3,8 @@
     python -m benchmarks.kv_streaming --device cpu --backend tcp --prompt-len 1536 --requests 6 --out DIR
     python -m benchmarks.kv_streaming --device cuda --tokenizer SMOLLM2.gguf --backend cuda_ipc --prompt-len 8192
 
+(`--tokenizer` may be the 1.7 MB metadata-only copy `scripts/tokenizer_gguf.py` writes.)
+
 One prompt at a time (no queueing), `max_tokens` 2, on three clusters of the same machine: co-located (one worker
 prefills and decodes), disaggregated with a whole-prompt pull after the prefill (`router.kv_streaming: false`),
 and disaggregated with layer-wise streaming. The router streams the prefill worker's first token at once, so the

@@ -175,6 +175,20 @@ def test_from_model_path_gguf(gguf_path: str, tok: Tokenizer) -> None:
     assert Tokenizer.from_model_path(gguf_path).encode(TEXTS[8]) == tok.encode(TEXTS[8])
 
 
+def test_tokenizer_only_gguf_tokenizes_the_same(gguf_path: str, tok: Tokenizer, tmp_path: Path) -> None:
+    """scripts/tokenizer_gguf.py: the metadata-only copy GPU benchmarks carry instead of the 98 MB model."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tokenizer_gguf", Path(__file__).parents[1] / "scripts/tokenizer_gguf.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    small = tmp_path / "tok.gguf"
+    assert module.strip_tensors(gguf_path, str(small)) < os.path.getsize(gguf_path) // 20
+    copy = Tokenizer.from_model_path(small)
+    assert [copy.encode(t) for t in TEXTS] == [tok.encode(t) for t in TEXTS]
+    assert copy.special_tokens == tok.special_tokens and copy.chat_templates == tok.chat_templates
+
+
 def stream(tok: Tokenizer, ids: list[int], prompt: list[int], skip: bool) -> list[str]:
     """Deltas of an IncrementalDetokenizer, checking each partial text is a prefix of the full decode."""
     detok = IncrementalDetokenizer(tok, prompt, skip_special_tokens=skip)
