@@ -228,9 +228,12 @@ class Generation:
         kv = first.kv if first is not None and first.HasField("kv") else None
         source = handoff.source if handoff is not None else None
         tried: dict[str, float] = {}  # address -> when this request went there
+        left: dict[str, asyncio.Task[None]] = {}  # address -> the Abort sent when the request moved off it
         migrations = 0
         while True:
             d = self._sibling_worker(job, tried) or await self._choose_decode(tried, job.prompt_ids)
+            if d.address in left:
+                await self.calls.abort_before_return(d, job.request_id, left.pop(d.address))
             tried[d.address] = time.monotonic()
             try:
                 async for out in self._decode_on(d, job, flight, text, kv, source):
@@ -250,7 +253,7 @@ class Generation:
                 moving = flight.decode is not None  # it took the request: a migration, not a retry
                 if moving:  # its lease is pulled or gone, and it may still run it (hung, not dead): Abort it there
                     kv, flight.lease = None, None
-                    self.calls.abort_later(d, job.request_id)
+                    left[d.address] = self.calls.abort_later(d, job.request_id)
                     flight.decode = None
                     migrations += 1
                 if migrations > self.config.max_migrations:

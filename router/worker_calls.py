@@ -72,10 +72,19 @@ class WorkerCalls:
             return task.result()
         raise WorkerLost(f"worker {w.address} is unhealthy: {lost.result()}", code="worker_timeout")
 
-    def abort_later(self, w: WorkerState, request_id: str) -> None:
+    def abort_later(self, w: WorkerState, request_id: str) -> asyncio.Task[None]:
         task = asyncio.create_task(self.control(w, "Abort", request_id), name=f"abort-{request_id}")
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
+        return task
+
+    async def abort_before_return(self, w: WorkerState, request_id: str, sent: asyncio.Task[None]) -> None:
+        """Before a request goes back to a worker it left (a frozen worker that answers again is the same process,
+        still holding its copy): wait for the Abort sent when it left, then abort once more, awaited. That one
+        lands now that the worker answers, so the old copy is gone before the new Decode (else the worker refuses
+        it as a duplicate id, or the late first Abort kills the new copy)."""
+        await asyncio.shield(sent)
+        await asyncio.shield(self.control(w, "Abort", request_id))
 
     async def control(self, w: WorkerState, method: str, request_id: str) -> None:
         """Abort or ReleaseKV on a worker, best effort: a failure is logged, never raised."""

@@ -65,6 +65,8 @@ class FakeWorker(disagg_pb2_grpc.WorkerServicer):
         return self.load
 
     async def Abort(self, request: disagg_pb2.AbortRequest, context: Any) -> disagg_pb2.AbortResponse:
+        while self.frozen:  # a SIGSTOPped worker answers nothing (the caller's deadline runs out)
+            await asyncio.sleep(0.05)
         self.aborts.append(request.request_id)
         task = self.scripts.pop(request.request_id, None)
         if task is not None:
@@ -109,6 +111,8 @@ class FakeWorker(disagg_pb2_grpc.WorkerServicer):
         if self.decode_error is not None:
             await context.abort(self.decode_error, "injected failure",
                                 trailing_metadata=((REASON_KEY, self.refusal),) if self.refusal else ())
+        if request.request_id in self.scripts:  # as the real worker: an id it still runs is refused
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"duplicate request id {request.request_id!r}")
         q = self.subscribers[request.subscriber]
         self.scripts[request.request_id] = asyncio.create_task(self._run(request, q))
         return disagg_pb2.DecodeResponse()
@@ -127,7 +131,8 @@ class FakeWorker(disagg_pb2_grpc.WorkerServicer):
     async def _script(self, request: disagg_pb2.DecodeRequest) -> Any:
         p, produced = request.params, len(request.output_token_ids)
         script = self.tokens[:-1] if p.ignore_eos else self.tokens
-        while request.request_id not in self.aborts:
+        aborted = self.aborts.count(request.request_id)  # a copy sent back after an Abort runs until the next one
+        while self.aborts.count(request.request_id) == aborted:
             await asyncio.sleep(3600 if self.hang_after is not None and produced >= self.hang_after else self.delay_s)
             while self.frozen:
                 await asyncio.sleep(0.05)
@@ -719,6 +724,35 @@ def test_lost_decode_worker_moves_the_stream_with_no_token_lost_or_repeated(
     assert "disagg_router_migrations_total 1.0" in httpx.get(router.url + "/metrics").text
     for f in (a, b):
         f.worker.frozen = False
+
+
+def test_a_frozen_decode_worker_that_answers_again_gets_its_request_back_cleanly(
+        fakes: Callable[[str], FakeServer], routers: Callable[..., RouterServer]) -> None:
+    """The only decode worker freezes mid-stream (no answers: the Abort sent when the request leaves it times out)
+    and then answers again: same process, old copy still there. The request goes back to it only after that copy
+    is aborted, so the worker does not refuse the resume as a duplicate id (seen in the 10,000-request chaos soak)
+    and the client gets the uninterrupted text with no error."""
+    d = fakes("decode")
+    router = routers([d.address], rpc_timeout_s=0.5, no_worker_wait_s=8.0)
+    whole = client(router).completions.create(model=MODEL, prompt="count", max_tokens=24,
+                                              extra_body={"ignore_eos": True}).choices[0].text
+    events: list[Any] = []
+    with httpx.stream("POST", router.url + "/v1/completions", json=_endless(24), timeout=20) as r:
+        lines = r.iter_lines()
+        for line in lines:
+            if line.startswith("data: "):
+                events.append(json.loads(line[len("data: "):]))
+                if len(events) == 5:
+                    break
+        d.worker.frozen = True
+        wait_for(lambda: httpx.get(router.url + "/ready").status_code == 503, 5)
+        time.sleep(0.6)  # the Abort sent as the request left has timed out: the old copy is still there
+        d.worker.frozen = False
+        events += sse_payloads(lines)
+    assert events[-1] == "[DONE]" and all("error" not in e for e in events[:-1] if isinstance(e, dict)), events[-3:]
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == whole
+    rid = events[0]["id"]
+    assert [r.request_id for r in d.worker.decodes].count(rid) == 2 and rid in d.worker.aborts
 
 
 def test_migrations_are_limited(fakes: Callable[[str], FakeServer], routers: Callable[..., RouterServer]) -> None:
