@@ -36,7 +36,7 @@ from deploy.planner_metrics import PoolReport
 from deploy.pool_metrics import pool_sample
 from deploy.ray.replica_pool import ReplicaPool
 from deploy.ray.routers import ROUTER_NAME, RouterSet
-from deploy.ray.worker_actor import discover, reconstructed
+from deploy.ray.worker_actor import call_self_after_init, discover, reconstructed
 
 log = logging.getLogger("disagg.planner")
 
@@ -72,11 +72,12 @@ class PlannerActor:
         # A restarted planner answers `status` only once `recover` has adopted the pools: before, its pools are
         # empty and a caller would read a deployment without replicas.
         self._recovered = asyncio.Event()
+        self._recovering = False  # recover() has begun (it may be called twice: call_self_after_init retries)
         if not reconstructed():
             self._recovered.set()
         else:
             log.warning("planner actor restarted; adopting the running replicas")
-            ray.get_runtime_context().current_actor.recover.remote()  # runs once __init__ has returned
+            call_self_after_init("recover")  # runs once __init__ has returned
 
     def _autoscaled(self) -> bool:
         return any(self.cfg.autoscaling.pool(r) is not None for r in self.pools)
@@ -99,7 +100,12 @@ class PlannerActor:
         return await self.status()
 
     async def recover(self) -> None:
-        """After a restart: adopt the worker actors found, then plan as before (module docstring)."""
+        """After a restart: adopt the worker actors found, then plan as before (module docstring). Once: a second
+        call waits for the first."""
+        if self._recovering:
+            await self._recovered.wait()
+            return
+        self._recovering = True
         try:
             for attempt in itertools.count(1):
                 try:  # without the list it would start a second set of replicas: retry until it comes

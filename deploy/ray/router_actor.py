@@ -31,7 +31,7 @@ from prometheus_client import Histogram
 
 from deploy.config import ClusterConfig
 from deploy.planner_metrics import PlannerCollector
-from deploy.ray.worker_actor import discover, reconstructed
+from deploy.ray.worker_actor import call_self_after_init, discover, reconstructed
 from engine.tokenizer import Tokenizer
 from proto import disagg_pb2
 from proto.convert import load_from_proto
@@ -86,14 +86,21 @@ class RouterActor:
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
         self.url = ""
+        self._recovery: asyncio.Future[str] | None = None
         self.restarted = reconstructed()
         if self.restarted:
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
             log.warning("router actor restarted; recovering its workers before serving again")
-            ray.get_runtime_context().current_actor.recover.remote()  # runs once __init__ has returned
+            call_self_after_init("recover")  # runs once __init__ has returned
 
     async def recover(self, timeout_s: float = 60.0) -> str:
-        """After a restart: register every live worker actor (draining ones as draining), then serve."""
+        """After a restart: register every live worker actor (draining ones as draining), then serve. Once: a
+        second call (call_self_after_init may retry) waits for the first."""
+        if self._recovery is None:
+            self._recovery = asyncio.ensure_future(self._recover(timeout_s))
+        return await asyncio.shield(self._recovery)
+
+    async def _recover(self, timeout_s: float) -> str:
         try:
             found = await asyncio.to_thread(discover, ray.get_runtime_context().namespace)
         except Exception:  # serve anyway: the planner's next tick registers the workers (routers.py reconcile)

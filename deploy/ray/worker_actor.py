@@ -59,6 +59,30 @@ def reconstructed() -> bool:
         return False
 
 
+def call_self_after_init(method: str, retry_s: float = 0.5, wait_s: float = 120.0) -> None:
+    """Inside an actor's `__init__`: run its own `method` (no arguments) once the actor serves calls, from a thread
+    that retries until one call gets through. A plain `current_actor.<method>.remote()` from the `__init__` of a
+    restarting actor is sometimes failed by Ray with ActorUnavailableError (the actor is still RESTARTING), and
+    since nothing awaits it the method silently never runs: 3 of 15 restarts of a toy actor, and in the Ray chaos
+    soak a router replica that never served again. The error does not say whether the call ran, and a call may
+    also stay pending: `method` must be idempotent (a repeated call waits for the first), and a call with no
+    answer within `wait_s` is made again."""
+    handle = ray.get_runtime_context().current_actor
+
+    def run() -> None:
+        while True:
+            try:
+                ray.get(getattr(handle, method).remote(), timeout=wait_s)
+                return
+            except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
+                time.sleep(retry_s)
+            except ray.exceptions.RayError as e:  # the method raised, or the actor is dying: nothing to retry
+                print(f"{method} after restart failed: {e}", file=sys.stderr, flush=True)
+                return
+
+    threading.Thread(target=run, daemon=True, name=f"after-init-{method}").start()
+
+
 def discover(namespace: str, timeout_s: float = 30.0) -> list[dict[str, Any]]:
     """`info()` of every worker actor of the deployment (named prefill-N / decode-N in `namespace`), each with its
     "handle": how a router or planner that restarted rebuilds its view from the workers themselves. Actors that
