@@ -256,6 +256,7 @@ def run_phase(dep: Deployment, specs: list[Spec], cfg: SoakConfig, refs: dict, f
         out["faults"] = {a: sum(1 for f in chaos.faults if f.action == a) for a in cfg.faults.actions}
         out["fault_log"] = [dataclasses.asdict(f) for f in chaos.faults]
         out["router_kills"] = [dataclasses.asdict(k) for k in chaos.router_kills]
+        out["router_kills_skipped"] = chaos.router_kills_skipped
     return out
 
 
@@ -363,6 +364,9 @@ def summary(report: dict[str, Any], workdir: str) -> dict[str, Any]:
     for phase in ("baseline", "chaos"):
         out[phase] = {k: v for k, v in report.get(phase, {}).items() if k not in long}
     out["router_rss"] = {k: v for k, v in report["router_rss"].items() if k not in long}
+    if "processes" in out["router_rss"]:  # Ray: one entry per router replica process, each with its samples
+        out["router_rss"]["processes"] = [{k: v for k, v in p.items() if k != "rss"}
+                                          for p in out["router_rss"]["processes"]]
     out["logs"] = workdir
     return out
 

@@ -185,6 +185,7 @@ class Chaos:
     seed: int = 0
     faults: list[Fault] = field(default_factory=list)
     router_kills: list[RouterKill] = field(default_factory=list)
+    router_kills_skipped: int = 0  # turns of router_kill passed because a replica did not serve
 
     def __post_init__(self) -> None:
         if ROUTER_KILL in self.plan.actions and not self.target.routers:
@@ -195,6 +196,7 @@ class Chaos:
         self._pids: dict[str, int] = {}  # worker -> the pid a fault last hit (busy until the name has another)
         self._thread = threading.Thread(target=self._run, daemon=True, name="chaos")
         self._began = self._next_router_check = 0.0
+        self._turn = 0  # position in the rotation of actions (and of roles)
 
     def start(self) -> None:
         self._began = time.monotonic()
@@ -241,13 +243,18 @@ class Chaos:
 
     def _inject(self, now: float) -> None:
         # Actions in turn, and each worker action on each role in turn (every pair is exercised even in a short run:
-        # six worker faults cover them), the worker within the role at random. A fault that finds nothing it may hit
-        # is tried again at the next tick.
-        n, k = len(self.faults), len(self.plan.actions)
+        # six worker faults cover them), the worker within the role at random. A worker fault that finds nothing it
+        # may hit is tried again at the next tick. A router kill that finds a replica not serving is passed over
+        # (and counted): a replica that never comes back must not stall every worker fault behind it.
+        n, k = self._turn, len(self.plan.actions)
         action, role = self.plan.actions[n % k], self.plan.roles[(n // k) % len(self.plan.roles)]
         fault = self._kill_router(now) if action == ROUTER_KILL else self._hit_worker(now, action, role)
         if fault is not None:
             self.faults.append(fault)
+            self._turn += 1
+        elif action == ROUTER_KILL:
+            self.router_kills_skipped += 1
+            self._turn += 1
 
     def _hit_worker(self, now: float, action: str, role: str) -> Fault | None:
         serving = {n: pid for n, pid in self.target.serving().items() if n.split("-")[0] in self.plan.roles

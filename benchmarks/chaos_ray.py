@@ -289,6 +289,7 @@ def soak_ray(cfg: SoakConfig, workdir: str) -> dict[str, Any]:
         report["chaos"] = run_phase(dep, specs[cfg.baseline:], cfg, refs, faults=True)
         # A worker killed near the end is replaced only after a planner tick and a model load.
         report["workers_after"] = settle_ray(cluster.target, cfg, max(cfg.settle_s, 240.0))
+        report["routers_serving_after"] = {n: cluster.target.router_serves(n, timeout_s=30) for n in ROUTERS}
         report["routers_in_flight_after"] = routers_in_flight(cluster.target)
         report["router_rss"] = watch.stop()
         report["replaced"] = cluster.replaced()

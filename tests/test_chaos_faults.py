@@ -57,14 +57,17 @@ def test_actions_in_turn_and_a_router_is_killed_only_while_every_replica_serves(
     assert kill.back is None and chaos.windows() == [(kill.at, math.inf)]
     chaos._inject(2.0)  # kill9 (role decode now): one decode worker of two may go
     assert chaos.faults[-1].action == "kill9" and chaos.faults[-1].worker.startswith("decode")
-    chaos._inject(3.0)  # a router kill while a replica is still down: nothing, the same action waits
-    assert len(chaos.faults) == 3 and len(t.killed) == 1
+    chaos._inject(3.0)  # a router kill while a replica is still down: passed over, and counted
+    assert len(chaos.faults) == 3 and len(t.killed) == 1 and chaos.router_kills_skipped == 1
     chaos._check_routers(10.0)
     assert kill.back is None  # still down
     t.down.clear()
     chaos._check_routers(11.0)
     assert kill.back is not None and chaos.windows(grace_s=2.0) == [(kill.at, kill.back + 2.0)]
-    chaos._inject(12.0)
+    t.workers["prefill-1"] = 40  # the killed prefill worker's replacement
+    chaos._inject(12.0)  # kill9 again: the worker faults go on
+    assert (chaos.faults[-1].action, chaos.faults[-1].worker) == ("kill9", "prefill-1")
+    chaos._inject(13.0)
     assert chaos.faults[-1].action == ROUTER_KILL and len(chaos.router_kills) == 2
 
 
