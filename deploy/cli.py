@@ -211,21 +211,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_serve)
 
     _add_ray_commands(sub)
-    for name, fn, text in [("worker", cmd_worker, "run one worker process (see `disagg worker -- --help`)"),
-                           ("router", cmd_router, "run the router alone (see `disagg router -- --help`)"),
-                           ("bench", cmd_bench, "load-test an OpenAI endpoint (see `disagg bench -- --help`)"),
+    for name, fn, text in [("worker", cmd_worker, "run one worker process (see `disagg worker --help`)"),
+                           ("router", cmd_router, "run the router alone (see `disagg router --help`)"),
+                           ("bench", cmd_bench, "load-test an OpenAI endpoint (see `disagg bench --help`)"),
                            ("profile", cmd_profile, "measure one worker's costs into a profile for the simulator "
-                            "(see `disagg profile -- --help`)"),
+                            "(see `disagg profile --help`)"),
                            ("simulate", cmd_simulate, "simulate a cluster YAML on profiled hardware under a workload "
-                            "(see `disagg simulate -- --help`)")]:
+                            "(see `disagg simulate --help`)")]:
         x = sub.add_parser(name, help=text, add_help=False)
         x.add_argument("args", nargs=argparse.REMAINDER)
         x.set_defaults(fn=fn)
     return p
 
 
+PASSTHROUGH = {"worker": cmd_worker, "router": cmd_router, "bench": cmd_bench, "profile": cmd_profile,
+               "simulate": cmd_simulate}
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in PASSTHROUGH:
+        # Everything after the command is that tool's own command line (its --help included); argparse's
+        # REMAINDER would stop at a leading option ("disagg profile --help": unrecognized arguments).
+        rest = argv[1:]
+        PASSTHROUGH[argv[0]](argparse.Namespace(args=rest[1:] if rest[:1] == ["--"] else rest))
+        return
     a = build_parser().parse_args(argv)
     a.fn(a)
 
