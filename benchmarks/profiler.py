@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from benchmarks.machine_load import Alone
 from benchmarks.profile_corun import co_run
+from benchmarks.profile_serving import step_overhead_ms
 from benchmarks.profile_steps import Tokens, decode_ms, run_prompt
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from engine.engine import LLMEngine
@@ -39,6 +40,7 @@ from simulator.profile import (
     PrefillCosts,
     Profile,
     Provenance,
+    ServingCosts,
     StartupCosts,
     TransferCosts,
 )
@@ -202,6 +204,7 @@ def profile(a: argparse.Namespace) -> Profile:
     attn = fit_attention(chunks, pre_ms[lengths.index(a.chunk_tokens)])
     contexts, batches = ints(a.decode_context), ints(a.decode_batch)
     grid = timed("decode", lambda: measure_decode(eng, toks, batches, contexts, a.decode_steps, a.device, alone))
+    serving = timed("serving loop", lambda: serving_costs(eng, toks, contexts[0], a)) if a.serving else None
     transfer = timed("transfer", lambda: transfer_costs(a.transfer_backend, a.device, a.repeat))
     corun = timed("co-run", lambda: co_run(eng, toks, a.device, a.repeat, alone, lambda: build_engine(
         a, len(os.sched_getaffinity(0)))[0])) if a.co_run else None
@@ -216,11 +219,20 @@ def profile(a: argparse.Namespace) -> Profile:
         decode=DecodeCosts(tuple(batches), tuple(contexts), tuple(tuple(r) for r in grid)),
         kv=kv_costs(eng, int(a.kv_gib * 2**30)), transfer=transfer,
         startup=StartupCosts(engine_s=round(engine_s, 3), process_s=round(process_start_s(), 3)),
-        gpus_per_replica=1 if a.device.startswith("cuda") else 0, co_run=corun,
+        gpus_per_replica=1 if a.device.startswith("cuda") else 0, co_run=corun, serving=serving,
         extra={"torch": torch.__version__, "decode_steps": a.decode_steps, "repeat": a.repeat,
                **({} if a.device.startswith("cuda") else {
                    "cpu_threads": eng.config.cpu_threads, "threads_alone": alone.want or torch.get_num_threads(),
                    "remeasured_short_of_cores": alone.retried, "kept_short_of_cores": alone.short})})
+
+
+def serving_costs(eng: LLMEngine, toks: Tokens, ctx: int, a: argparse.Namespace) -> ServingCosts:
+    """The worker loop's cost per step at a small and a mid batch (benchmarks/profile_serving.py); the simulator
+    adds their median to every step."""
+    batches = [1, 32] if a.device.startswith("cuda") else [1, 8]
+    by_batch = step_overhead_ms(eng, toks, batches, ctx, max(a.decode_steps, 32), a.device, a.repeat)
+    return ServingCosts(step_overhead_ms=round(statistics.median(v["overhead_ms"] for v in by_batch.values()), 4),
+                        by_batch=by_batch)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -244,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=3, help="repetitions per prefill point, median kept (default 3)")
     p.add_argument("--no-co-run", dest="co_run", action="store_false", help="skip timing steps beside a busy "
                    "co-runner process (what a second worker on the same host or GPU costs; ~30 s)")
+    p.add_argument("--no-serving", dest="serving", action="store_false", help="skip timing decode steps through "
+                   "the worker's serving loop (worker/async_engine.py) against engine.step alone (~10 s on a GPU)")
     p.add_argument("--name", default="", help="profile name (default DEVICE-MODEL)")
     p.add_argument("--note", default="", help="a sentence on what was measured, kept in the file")
     p.add_argument("--out", required=True, help="the profile JSON to write")

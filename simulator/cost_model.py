@@ -3,7 +3,7 @@
 A step computes `P` prompt tokens (chunks of one or more prompts) and `B` decode rows (one token each, the rows'
 mean context `c`). Its time is split the way the hardware spends it:
 
-    step(P, pairs, B, c) = decode(B, c) - dense(B) + dense(P + B) + attention_ms_per_pair * pairs
+    step(P, pairs, B, c) = decode(B, c) - dense(B) + dense(P + B) + attention_ms_per_pair * pairs + serving
 
 - `decode(B, c)`: the profile's decode grid, bilinear in (batch, context), extrapolated linearly past its edges
   (a decode step reads the weights once and each row's KV, so it is linear in context);
@@ -13,7 +13,10 @@ mean context `c`). Its time is split the way the hardware spends it:
 - `pairs`: (new token, earlier token) pairs of the prompt chunks: n*(n+1)/2 within a chunk of n tokens plus n*c
   for the c tokens cached before it.
 
-With P = 0 it is the decode grid exactly; with B = 0 and one uncached prompt it is the prefill table exactly.
+- `serving`: what the worker's loop adds to every step (`profile.serving.step_overhead_ms`, 0 when not measured).
+
+With P = 0 it is the decode grid plus `serving` exactly; with B = 0 and one uncached prompt, the prefill table
+plus `serving`.
 Everything here is plain Python over short lists: it runs once per simulated step.
 """
 
@@ -53,12 +56,13 @@ class CostModel:
         self.grid = [list(r) for r in dec.ms]
         self.attn = profile.prefill.attention_ms_per_pair
         self._rows: dict[int, list[float]] = {}
+        self.overhead = profile.serving.step_overhead_ms if profile.serving else 0.0
         self.dense_n, self.dense_ms_at = self._dense_points()
 
     def _dense_points(self) -> tuple[list[float], list[float]]:
         """(n, dense ms) from decode rows at context 0 below the shortest prompt, and from prompts above it."""
         pre = self.profile.prefill
-        pts = {float(b): max(1e-6, self.decode_ms(b, 0.0)) for b in self.profile.decode.batch if b < pre.tokens[0]}
+        pts = {float(b): max(1e-6, self._grid_at(b, 0.0)[0]) for b in self.profile.decode.batch if b < pre.tokens[0]}
         for n, ms in zip(pre.tokens, pre.ms, strict=True):
             pts[float(n)] = max(1e-6, ms - self.attn * n * (n + 1) / 2)
         xs = sorted(pts)
@@ -82,8 +86,13 @@ class CostModel:
         return row
 
     def decode_at(self, batch: int, context: float) -> tuple[float, float]:
-        """(ms of one decode step of `batch` rows at mean context `context`, d ms / d context there); (0, 0) for
-        an empty batch. Bilinear in (batch, context), extended linearly past the grid."""
+        """(ms of one decode step of `batch` rows at mean context `context`, serving overhead included, d ms / d
+        context there); (0, 0) for an empty batch."""
+        ms, slope = self._grid_at(batch, context)
+        return (ms + self.overhead, slope) if batch > 0 else (0.0, 0.0)
+
+    def _grid_at(self, batch: int, context: float) -> tuple[float, float]:
+        """The decode grid alone: bilinear in (batch, context), extended linearly past the grid."""
         if batch <= 0:
             return 0.0, 0.0
         row, ctx = self._row(batch), self.context
@@ -97,8 +106,8 @@ class CostModel:
         """One step with `prompt_tokens` prompt tokens (`pairs` attention pairs) and `batch` decode rows."""
         if prompt_tokens <= 0:
             return self.decode_ms(batch, context)
-        base = self.decode_ms(batch, context) - self.dense_ms(batch) if batch else 0.0
-        return base + self.dense_ms(prompt_tokens + batch) + self.attn * pairs
+        base = self._grid_at(batch, context)[0] - self.dense_ms(batch) if batch else 0.0
+        return base + self.dense_ms(prompt_tokens + batch) + self.attn * pairs + self.overhead
 
     def prefill_ms(self, tokens: int, cached: int = 0) -> float:
         """One prompt of `tokens` new tokens after `cached` ones, alone in a step."""

@@ -9,7 +9,8 @@ span `gpus_per_replica` devices with tensor parallelism):
 - decode: milliseconds of one decode step by batch size x context length (every sequence at that context);
 - kv: block size, bytes per token of KV, and how many tokens the cache held at the profiled memory budget;
 - transfer: the KV transfer rate and fixed latency of one pull (`latency_ms + bytes / rate`);
-- startup: seconds from starting a worker process to serving (weights loaded, KV allocated, graphs captured).
+- startup: seconds from starting a worker process to serving (weights loaded, KV allocated, graphs captured);
+- serving: what the worker's loop adds to every step (the decode grid times `engine.step` alone).
 
 `provenance.kind` says how the figures were obtained: `measured` (by `disagg profile` on that hardware),
 `derived` (computed from recorded measurements, listed in `provenance.sources`) or `analytic` (a roofline model,
@@ -135,6 +136,18 @@ class StartupCosts:
 
 
 @dataclass(frozen=True)
+class ServingCosts:
+    """What a serving worker adds to each engine step (benchmarks/profile_serving.py): its loop runs the step on
+    an executor thread, hands the outputs to the request streams and reads its load between steps."""
+
+    step_overhead_ms: float  # added to every step (a step's tokens reach the streams this much later than alone)
+    by_batch: dict[str, dict[str, float]] = field(default_factory=dict)  # batch -> plain_ms, served_ms, overhead_ms
+
+    def __post_init__(self) -> None:
+        _require(self.step_overhead_ms >= 0, "serving.step_overhead_ms must be >= 0")
+
+
+@dataclass(frozen=True)
 class CoRunCosts:
     """How much slower a step runs while another process keeps the rest of the machine busy: the other core of a
     2-core VM (whose cores may be hyperthreads of one), or the same GPU (two workers on one card)."""
@@ -167,6 +180,7 @@ class Profile:
     startup: StartupCosts  # time to serve
     gpus_per_replica: int = 1  # devices one replica occupies (the tensor-parallel size); 0 for a CPU replica
     co_run: CoRunCosts | None = None  # slowdown beside another busy process on the same machine/device (measured)
+    serving: ServingCosts | None = None  # the worker loop's cost per step (measured; None: not measured, 0 assumed)
     extra: dict[str, Any] = field(default_factory=dict)  # anything else the profiler recorded (ceilings, notes)
 
     def __post_init__(self) -> None:
@@ -198,7 +212,8 @@ class Profile:
             decode=DecodeCosts(tuple(dec["batch"]), tuple(dec["context"]), tuple(tuple(r) for r in dec["ms"])),
             kv=KVCosts(**d["kv"]), transfer=TransferCosts(**d["transfer"]), startup=StartupCosts(**d["startup"]),
             gpus_per_replica=int(d.get("gpus_per_replica", 1)), extra=dict(d.get("extra", {})),
-            co_run=CoRunCosts(**d["co_run"]) if d.get("co_run") else None)
+            co_run=CoRunCosts(**d["co_run"]) if d.get("co_run") else None,
+            serving=ServingCosts(**d["serving"]) if d.get("serving") else None)
 
     @classmethod
     def load(cls, path: str) -> Profile:

@@ -3,6 +3,7 @@ model at its profile's points, and the planner's decisions equal to its unit tes
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -13,7 +14,16 @@ from simulator.cluster import Cluster, chunk_lists
 from simulator.config import SimConfig
 from simulator.cost_model import CostModel
 from simulator.events import EventLoop
-from simulator.profile import DecodeCosts, KVCosts, PrefillCosts, Profile, Provenance, StartupCosts, TransferCosts
+from simulator.profile import (
+    DecodeCosts,
+    KVCosts,
+    PrefillCosts,
+    Profile,
+    Provenance,
+    ServingCosts,
+    StartupCosts,
+    TransferCosts,
+)
 from simulator.replica import Replica
 from simulator.request import SimRequest
 
@@ -157,6 +167,21 @@ def test_cost_model_returns_the_profiles_own_points() -> None:
     for elapsed in (0.0, 11.0, 500.0, 12345.6):
         n = cost.decode_steps_within(8, 100.0, elapsed)
         assert cost.decode_run_ms(8, 100.0, n) <= elapsed < cost.decode_run_ms(8, 100.0, n + 1)
+
+
+def test_the_serving_loops_overhead_is_added_once_to_every_step_and_survives_a_save(tmp_path) -> None:  # noqa: ANN001
+    plain = profile(kv_ms_per_token=0.001)
+    served = dataclasses.replace(plain, serving=ServingCosts(step_overhead_ms=1.25, by_batch={"1": {"overhead_ms": 1.25}}))
+    a, b = CostModel(plain), CostModel(served)
+    for batch, ctx in [(1, 0), (8, 1024), (100, 3000)]:
+        assert b.step_ms(0, 0, batch, ctx) == pytest.approx(a.step_ms(0, 0, batch, ctx) + 1.25)
+        assert b.decode_slope(batch, ctx) == pytest.approx(a.decode_slope(batch, ctx))
+        assert b.step_ms(512, 5000, batch, ctx) == pytest.approx(a.step_ms(512, 5000, batch, ctx) + 1.25)
+    assert b.prefill_ms(1024) == pytest.approx(a.prefill_ms(1024) + 1.25)
+    assert b.decode_run_ms(8, 100.0, 10) == pytest.approx(a.decode_run_ms(8, 100.0, 10) + 12.5)
+    assert b.decode_at(0, 100.0) == (0.0, 0.0)
+    served.save(str(tmp_path / "p.json"))
+    assert Profile.load(str(tmp_path / "p.json")).serving == served.serving
 
 
 def test_kv_pressure_preempts_and_every_request_still_finishes() -> None:

@@ -1,0 +1,21 @@
+"""benchmarks/profile_serving.py: a decode batch stepped through the worker's AsyncEngine, against engine.step."""
+
+from __future__ import annotations
+
+from benchmarks.profile_serving import step_overhead_ms
+from benchmarks.profile_steps import Tokens
+from benchmarks.profiler import SHAPES
+from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from engine.engine import LLMEngine
+
+
+def test_served_and_plain_steps_are_timed_and_the_engine_is_left_empty() -> None:
+    eng = LLMEngine(EngineConfig(model="tiny-dummy", load_format="dummy", dummy_model=SHAPES["tiny"], cpu_threads=1,
+                                 cache=CacheConfig(memory_budget_bytes=2**24), scheduler=SchedulerConfig(max_num_seqs=8)))
+    out = step_overhead_ms(eng, Tokens(eng.model_config.vocab_size), [1, 4], 32, 6, "cpu", repeat=2)
+    assert set(out) == {"1", "4"}
+    for row in out.values():
+        assert row["plain_ms"] > 0 and row["served_ms"] > 0 and row["overhead_ms"] >= 0
+    load = eng.load()
+    assert not eng.has_unfinished() and load.num_running == load.num_waiting == 0
+    assert load.kv_blocks_free == load.kv_blocks_total  # every request's blocks came back
