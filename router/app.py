@@ -12,8 +12,7 @@ from typing import Any
 
 import pydantic
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
-from starlette.types import ASGIApp
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from engine.tokenizer import Tokenizer
 from router.config import RouterConfig
@@ -35,7 +34,6 @@ from router.protocol import (
 )
 from router.registry import WorkerRegistry
 from router.responder import CLIENT_GONE, ChatResponder, CompletionResponder, Responder
-from router.sse import RawSend, SSEResponse
 from router.utility import utility_routes
 
 log = logging.getLogger(__name__)
@@ -79,7 +77,7 @@ class RouterService:
         run = self.generation.stream
         if plan.stream:
             events = responder.sse(run, on_end=lambda status: self.metrics.count_request(endpoint, status))
-            return SSEResponse(events, headers=SSE_HEADERS)
+            return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
         try:
             body = await _unless_disconnected(request, responder.collect(run))
         except APIError as e:
@@ -129,14 +127,6 @@ async def _wait_disconnect(request: Request) -> None:
         pass
 
 
-class RouterApp(FastAPI):
-    """FastAPI with `RawSend` outermost: streamed responses write their chunks to the server directly
-    (router/sse.py)."""
-
-    def build_middleware_stack(self) -> ASGIApp:
-        return RawSend(super().build_middleware_stack())
-
-
 def create_app(config: RouterConfig, tokenizer: Tokenizer, registry: WorkerRegistry) -> FastAPI:
     """The router app; its lifespan starts and stops the registry's health polling."""
     service = RouterService(config, tokenizer, registry)
@@ -150,8 +140,8 @@ def create_app(config: RouterConfig, tokenizer: Tokenizer, registry: WorkerRegis
             await service.generation.streams.aclose()
             await registry.stop()
 
-    app = RouterApp(title="disagg router", summary="OpenAI-compatible API of a disaggregated prefill/decode cluster",
-                    lifespan=lifespan, docs_url="/docs", redoc_url=None, openapi_url="/openapi.json")
+    app = FastAPI(title="disagg router", summary="OpenAI-compatible API of a disaggregated prefill/decode cluster",
+                  lifespan=lifespan, docs_url="/docs", redoc_url=None, openapi_url="/openapi.json")
     app.state.service = service
     install_error_handlers(app)
     auth = [Depends(service.check_api_key)]
