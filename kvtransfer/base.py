@@ -243,6 +243,10 @@ class KVTransferAgent(ABC):
     def add_remote(self, name: str, metadata: bytes) -> None:
         """Make the peer reachable as `name`; adding the same peer again is a no-op."""
 
+    def expect_read(self, tag: str, until: float) -> None:  # noqa: B027 - a no-op unless a backend needs it
+        """A peer may read our blocks under `tag` until monotonic time `until` (a lease): a backend whose reads
+        need this process's progress keeps it up until the read's notification or `until`. Nothing to do here."""
+
     @abstractmethod
     def notifications(self) -> list[str]:
         """Tags of reads that peers completed against our blocks since the last call."""

@@ -55,7 +55,7 @@ INSTALL_HINT = "install it with: python -m pip install nixl-cu12"
 # The "nixl" meta package re-exports whichever CUDA build is installed; nixl-cu12 alone installs nixl_cu12.
 _API_MODULES = ("nixl._api", "nixl_cu12._api", "nixl_cu13._api")
 POLL_INTERVAL_S = 0.0005
-PROGRESS_INTERVAL_S = 0.001  # the Python progress poller's period (progress_thread=False)
+PROGRESS_INTERVAL_S = 0.001  # the Python progress poller's period (progress_thread=False) while reads are expected
 
 
 def load_nixl_api() -> ModuleType:
@@ -128,11 +128,13 @@ class NixlAgent(KVTransferAgent):
     False drives UCX progress from a Python thread that polls every `PROGRESS_INTERVAL_S` and sleeps in
     between, leaving the cores to the engine; None picks True for a GPU pool, False for a CPU pool (whose
     engine needs the cores). Either way a peer's reads of our blocks progress while this process is busy
-    elsewhere (a one-sided read over TCP needs the owner's progress)."""
+    elsewhere (a one-sided read over TCP needs the owner's progress). `idle_progress_s` (Python poller only):
+    the poller's period while no read of ours is expected (`expect_read`); None polls every
+    `PROGRESS_INTERVAL_S` always."""
 
     def __init__(self, name: str, kv_cache: torch.Tensor, *, nixl_backends: tuple[str, ...] = ("UCX",),
-                 progress_thread: bool | None = None, fault: str | None = None,
-                 release_timeout_s: float = DEFAULT_RELEASE_TIMEOUT_S) -> None:
+                 progress_thread: bool | None = None, idle_progress_s: float | None = None,
+                 fault: str | None = None, release_timeout_s: float = DEFAULT_RELEASE_TIMEOUT_S) -> None:
         api = load_nixl_api()
         super().__init__(name, kv_cache, fault=fault, release_timeout_s=release_timeout_s)
         self.memory = BlockMemory(kv_cache, self.layout.block_bytes)
@@ -144,6 +146,11 @@ class NixlAgent(KVTransferAgent):
         self._agent = api.nixl_agent(name, config)
         self._inbox = NotificationInbox()  # notifications the progress poller collected
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set by expect_read and close: the poller looks again at once
+        self._idle_s = idle_progress_s
+        # tag -> monotonic deadline: reads of our blocks that peers may be making now (expect_read). Written from
+        # any thread and pruned by the poller; each dict operation is atomic under the GIL.
+        self._expected: dict[str, float] = {}
         self._poller: threading.Thread | None = None
         missing = [b for b in nixl_backends if b not in self._agent.backends]
         if missing:
@@ -158,13 +165,33 @@ class NixlAgent(KVTransferAgent):
             self._poller = threading.Thread(target=self._progress, name=f"nixl-progress-{name}", daemon=True)
             self._poller.start()
 
+    def expect_read(self, tag: str, until: float) -> None:
+        """A peer may read our blocks under `tag` until monotonic `until`: progress every PROGRESS_INTERVAL_S until
+        the read's notification arrives or `until` passes (with `idle_progress_s` set, the poller slows down to it
+        otherwise)."""
+        self._expected[tag] = until
+        self._wake.set()
+
+    def _period(self) -> float:
+        if self._idle_s is None:
+            return PROGRESS_INTERVAL_S
+        now = time.monotonic()
+        for tag, until in list(self._expected.items()):
+            if until <= now:
+                self._expected.pop(tag, None)
+        return PROGRESS_INTERVAL_S if self._expected else self._idle_s
+
     def _progress(self) -> None:
-        """Reading notifications makes the UCX worker progress; what it reads waits in the inbox."""
-        while not self._stop.wait(PROGRESS_INTERVAL_S):
+        """Reading notifications makes the UCX worker progress; what it reads waits in the inbox. A poller waking
+        every millisecond costs a CPU engine's threads (each wake-up preempts one of them, and the others wait for
+        it at their next barrier): with `idle_progress_s` it wakes that often only while a read is expected."""
+        while not self._stop.is_set():
+            self._wake.wait(self._period())
+            self._wake.clear()
             for tag in self._read_notifs():
                 self._inbox.push(tag)
 
-    def _read_notifs(self) -> list[str]:
+    def _read_nixl_notifs(self) -> list[str]:
         with self._nx_lock:
             notifs = self._agent.get_new_notifs()
         return [m.decode(errors="replace") for msgs in notifs.values() for m in msgs]
@@ -226,6 +253,13 @@ class NixlAgent(KVTransferAgent):
 
     def notifications(self) -> list[str]:
         return self._inbox.drain() + self._read_notifs()
+
+    def _read_notifs(self) -> list[str]:
+        """New notifications from the NIXL agent (reading them progresses UCX); their reads are no longer expected."""
+        tags = self._read_nixl_notifs()
+        for tag in tags:
+            self._expected.pop(tag, None)
+        return tags
 
     def _remote_num_blocks(self, remote: str) -> int | None:
         if remote not in self._remotes:
@@ -297,6 +331,7 @@ class NixlAgent(KVTransferAgent):
 
     def _close(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._poller is not None:
             self._poller.join()
         with self._nx_lock:

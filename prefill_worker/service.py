@@ -62,6 +62,7 @@ class PrefillService(WorkerServicerBase):
         lease = self.engine.lease(rid)
         if lease is None:  # released or expired already (an Abort raced with this answer)
             await context.abort(grpc.StatusCode.CANCELLED, f"the KV of {rid} was released before it was handed out")
+        self.agent.expect_read(rid, time.monotonic() + max(0.0, lease.deadline - time.time()))
         resp.kv.CopyFrom(disagg_pb2.KVHandle(
             worker_id=self.worker_id, worker_address=self.address, backend=self.agent.backend,
             agent_name=self.worker_id, block_ids=lease.block_ids, num_tokens=lease.num_tokens,
@@ -86,6 +87,8 @@ class PrefillService(WorkerServicerBase):
                                 f"protocol version {request.version} not supported (this worker speaks {PROTOCOL_VERSION})")
         rid = request.request_id
         admitted_by = time.monotonic() + min(max(request.wait_s, 0.0), MAX_WATCH_WAIT_S)
+        # the decode worker reads each layer group as it is written, while the prompt still runs
+        self.agent.expect_read(rid, admitted_by + self.config.transfer.lease_s)
         last: KVProgress | None = None
         while True:
             prog = self.engine.kv_progress(rid)

@@ -599,3 +599,30 @@ def test_cuda_ipc_id_pairs_keep_the_dst_row_aligned() -> None:
         assert ids.shape == (2, n + n % 2) and ids.dtype == np.int64
         assert ids[0, :n].tolist() == list(range(n)) and ids[1, :n].tolist() == list(range(100, 100 + n))
         assert ids[1].ctypes.data % 16 == ids[0].ctypes.data % 16  # the dst row starts 16-byte aligned like src
+
+
+def test_an_idle_nixl_poller_wakes_for_an_expected_read_and_slows_down_after_it() -> None:
+    """With `idle_progress_s` the owner's Python poller runs at full rate only while `expect_read` says a peer may
+    be reading: the read still completes with nobody else driving the owner's progress, and once its notification
+    is in, the poller is back to the idle period."""
+    owner = make_agent("nixl", "idle-owner", make_cache(PEER_SEED), idle_progress_s=30.0)
+    reader = make_agent("nixl", "idle-reader", make_cache(None))
+    try:
+        reader.add_remote("idle-owner", owner.metadata())
+        assert isinstance(owner, kvtransfer.nixl.NixlAgent)
+        assert owner._period() == 30.0
+        owner.expect_read("gone", time.monotonic() - 1)  # a lease already past its deadline counts for nothing
+        owner.expect_read("req-idle", time.monotonic() + 60)
+        assert owner._period() == kvtransfer.nixl.PROGRESS_INTERVAL_S and "gone" not in owner._expected
+        h = reader.start_read("idle-owner", [1, 7, 3], [5, 6, 9], tag="req-idle")
+        assert reader.wait(h, 20.0) == DONE
+        reader.release(h)
+        assert same_bytes(reader.kv_cache[[5, 6, 9]], make_cache(PEER_SEED)[[1, 7, 3]])
+        deadline = time.monotonic() + 20
+        while "req-idle" in owner._expected and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert owner._period() == 30.0  # the poller saw the read's notification
+        assert owner.notifications() == ["req-idle"]
+    finally:
+        reader.close()
+        owner.close()

@@ -184,9 +184,11 @@ class WorkerAgents:
     def start(cls, engine: LLMEngine, backend: str, name: str, options: dict[str, Any]) -> WorkerAgents:
         """Rank 0's agent here on `engine.kv_cache`; the other ranks' in their processes (between steps: call it
         before the engine loop starts)."""
+        kv_heads = engine.kv_layout()
+        if kv_heads.tp_size > 1:  # ranks > 0 hear of no expected read (expect_read): they poll at full rate
+            options = {k: v for k, v in options.items() if k != "idle_progress_s"}
         agent0 = create_agent(backend, name, engine.kv_cache, **options)
         ranks: list[Rank] = [LocalRank(agent0)]
-        kv_heads = engine.kv_layout()
         if kv_heads.tp_size > 1:
             authkey = secrets.token_bytes(32)
             try:
@@ -204,6 +206,11 @@ class WorkerAgents:
 
     def rank_agents(self) -> list[RankAgentInfo]:
         return [r.info for r in self.ranks[1:] if isinstance(r, RankAgentClient)]
+
+    def expect_read(self, tag: str, until: float) -> None:
+        """A peer may read rank 0's blocks under `tag` until monotonic `until` (kvtransfer/base.py). Ranks > 0
+        are started without an idle progress period (`start`), so they need no word of it."""
+        self._agent0.expect_read(tag, until)
 
     def notifications(self) -> list[str]:
         """Tags of reads of rank 0's blocks: a one-rank peer's reads of a one-rank worker (worker/rank_agent.py)."""

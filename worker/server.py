@@ -42,6 +42,7 @@ from worker.servicer import WorkerServicerBase
 
 log = logging.getLogger("worker")
 
+NIXL_IDLE_PROGRESS_S = 0.05  # a CPU worker's NIXL poller period while no peer is expected to read its blocks
 TEARDOWN_S = 30.0  # after the drain, the longest stopping the server, the engine and the transfer agent may take
 ENGINE_FAILED_EXIT_S = 5.0  # a worker whose engine died (a tensor-parallel rank lost, say) reports unhealthy this
 # long - health polls and token streams see it - then exits 1, so its supervisor (disagg serve, Ray) starts it again
@@ -61,6 +62,7 @@ def build_service(config: WorkerConfig, aengine: AsyncEngine, address: str) -> W
         opts["host"] = config.transfer.host
     if config.transfer.backend == "nixl":
         opts["progress_thread"] = config.transfer.nixl_progress_thread
+        opts["idle_progress_s"] = NIXL_IDLE_PROGRESS_S
     agent = WorkerAgents.start(engine, config.transfer.backend, config.worker_id, opts)  # one per rank
     if config.role == "prefill":
         from prefill_worker.service import PrefillService
