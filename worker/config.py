@@ -22,7 +22,8 @@ class TransferConfig:
     layer_groups: int = 4  # layer-wise streaming: a prompt's KV is pulled in this many groups of layers
     stream_timeout_s: float = 300.0  # layer-wise streaming: the longest a pull may take, the prefill itself included
     nixl_progress_thread: bool | None = None  # true: NIXL's own (spinning) progress thread; false: a Python thread
-    # polls NIXL every 1 ms, leaving the cores to the engine; null: true for a GPU KV cache, false for a CPU one
+    # polls NIXL every 1 ms while a peer may be reading this worker's blocks, every 50 ms otherwise, leaving the
+    # cores to the engine; null: true for a GPU KV cache, false for a CPU one
     drain_timeout_s: float = 60.0  # a worker told to stop (SIGTERM) finishes its requests and keeps its leases
     # this long at most; then what still runs is aborted and the router moves it to another worker
 
