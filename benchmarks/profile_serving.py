@@ -1,7 +1,9 @@
-"""What a worker's serving loop adds to each engine step: the same decode batch stepped by `engine.step` in a plain
-loop and by the worker's `AsyncEngine` (worker/async_engine.py: the step on its executor thread, outputs handed
-to per-request sinks on the event loop, the load snapshot read between steps). `disagg profile` records the
-difference as `serving.step_overhead_ms`; the simulator adds it to every step a replica runs.
+"""What a worker's serving loop adds to each engine step: a decode batch stepped by the worker's `AsyncEngine`
+(worker/async_engine.py: the step on its executor thread, outputs handed to per-request sinks on the event loop,
+the load snapshot read between steps), the gap between a request's outputs against the steps' own time in that
+loop. `disagg profile` records the difference as `serving.step_overhead_ms`; the simulator adds it to every step
+a replica runs. The plain loop's step (`engine.step` back to back, what the decode grid measures) is kept beside
+it for reference.
 
 The one-GPU serving comparison showed why it matters (benchmarks/RESULTS.md, issue 21): every real ITL p50 was
 1.1-1.5 ms above the profile's decode step, which `engine.step` alone does not see.
@@ -44,16 +46,31 @@ def plain_step_ms(eng: LLMEngine, toks: Tokens, batch: int, ctx: int, steps: int
     return ms
 
 
-async def _served_step_ms(eng: LLMEngine, reqs: list[tuple[str, list[int]]], steps: int, device: str) -> float:
+def _stat(xs: list[float], device: str) -> float:
+    """ms: the statistic timed_steps uses on that device (the mean of back-to-back GPU steps, the median CPU step)."""
+    return (statistics.mean(xs) if device.startswith("cuda") else statistics.median(xs)) * 1e3
+
+
+async def _served(eng: LLMEngine, reqs: list[tuple[str, list[int]]], steps: int) -> tuple[list[float], list[float]]:
+    """(gaps between the first request's outputs, durations of the engine steps the loop ran)."""
     aeng = AsyncEngine(eng)
     arrivals: list[float] = []
+    inside: list[float] = []
     done = asyncio.Event()
+    step = eng.step
+
+    def timed_step() -> list[StepOutput]:  # this measurement only: an instance attribute over LLMEngine.step
+        t0 = time.perf_counter()
+        out = step()
+        inside.append(time.perf_counter() - t0)
+        return out
 
     def first(out: StepOutput) -> None:  # the first request's outputs mark the steps
         arrivals.append(time.perf_counter())
         if len(arrivals) >= steps + WARM_STEPS + 1:
             done.set()
 
+    eng.step = timed_step  # type: ignore[method-assign]
     await aeng.start()
     try:
         for i, (rid, prompt) in enumerate(reqs):  # as a decode worker takes a request whose KV it pulled
@@ -64,32 +81,37 @@ async def _served_step_ms(eng: LLMEngine, reqs: list[tuple[str, list[int]]], ste
         await asyncio.wait_for(done.wait(), timeout=600)
     finally:
         await aeng.stop()
+        del eng.step
     gaps = [b - a for a, b in zip(arrivals[WARM_STEPS:], arrivals[WARM_STEPS + 1:], strict=False)]
-    # the statistic timed_steps uses on that device: the mean of back-to-back GPU steps, the median CPU step
-    return (statistics.mean(gaps) if device.startswith("cuda") else statistics.median(gaps)) * 1e3
+    return gaps, inside[-len(gaps):]
 
 
-def served_step_ms(eng: LLMEngine, toks: Tokens, batch: int, ctx: int, steps: int, device: str) -> float:
-    """ms between a request's outputs when the worker's AsyncEngine steps the batch."""
+def served_step_ms(eng: LLMEngine, toks: Tokens, batch: int, ctx: int, steps: int, device: str
+                   ) -> tuple[float, float]:
+    """(ms between a request's outputs when the worker's AsyncEngine steps the batch, ms of the steps themselves
+    in that loop). Their difference is the loop's own cost: the step is timed on the loop's thread, which matters
+    on a CPU (a second OpenMP team in the process, the plain loop's, slows it there)."""
     reqs = batch_requests(toks, batch, ctx, steps, "served")
     sync(device)
-    ms = asyncio.run(_served_step_ms(eng, reqs, steps, device))
+    gaps, inside = asyncio.run(_served(eng, reqs, steps))
     for rid, _ in reqs:  # the loop is stopped: the engine is ours again
         eng.abort(rid)
-    return ms
+    return _stat(gaps, device), _stat(inside, device)
 
 
 def step_overhead_ms(eng: LLMEngine, toks: Tokens, batches: list[int], ctx: int, steps: int, device: str,
                      repeat: int = 3) -> dict[str, dict[str, float]]:
-    """Per batch size: the plain and the served ms per step (medians over `repeat` alternating runs) and the
-    overhead, the median of their differences (clipped at 0)."""
+    """Per batch size, medians over `repeat` runs: the plain loop's ms per step (for reference), the served gap,
+    the steps' own time inside the served loop, and the overhead, the median of (gap - step) (clipped at 0)."""
     out: dict[str, dict[str, float]] = {}
     for b in batches:
-        plain, served = [], []
+        plain, served, inside = [], [], []
         for _ in range(repeat):
             plain.append(plain_step_ms(eng, toks, b, ctx, steps, device))
-            served.append(served_step_ms(eng, toks, b, ctx, steps, device))
-        diff = statistics.median(s - p for p, s in zip(plain, served, strict=True))
+            gap, step = served_step_ms(eng, toks, b, ctx, steps, device)
+            served.append(gap)
+            inside.append(step)
+        diff = statistics.median(g - s for g, s in zip(served, inside, strict=True))
         out[str(b)] = {"plain_ms": round(statistics.median(plain), 4), "served_ms": round(statistics.median(served), 4),
-                       "overhead_ms": round(max(0.0, diff), 4)}
+                       "step_in_loop_ms": round(statistics.median(inside), 4), "overhead_ms": round(max(0.0, diff), 4)}
     return out
