@@ -35,6 +35,7 @@ from benchmarks.serving_compare import cluster_yaml
 from deploy.config import ClusterConfig
 from simulator.cluster import Cluster, chunk_lists
 from simulator.config import SimConfig
+from simulator.cost_model import CostModel
 from simulator.metrics import percentile
 from simulator.profile import Profile
 from simulator.trace import write_trace
@@ -147,6 +148,18 @@ def simulate(a: argparse.Namespace, path: str, trace: tuple[list[float], list[in
             "cpu_s": {getattr(k, "name", str(k)): round(v, 2) for k, v in getattr(c.device, "used", {}).items()}}
 
 
+def calibrate(prof: Profile, around: dict[str, Any]) -> dict[str, float] | None:
+    """The machine's speed at the real run against the profile's: the lone stream's median inter-token gap on the
+    idle cluster just before the run (`single_stream`: a 256-token prompt, 64 tokens, so a mean context of 288)
+    over the profile's decode step of one row there (serving loop included). None without that measurement."""
+    alone = (around or {}).get("alone") or {}
+    real_ms = alone.get("stream_itl_p50_ms")
+    if not real_ms:
+        return None
+    model_ms = CostModel(prof).decode_ms(1, 288.0)
+    return {"scale": round(real_ms / model_ms, 4), "alone_itl_ms": real_ms, "profile_step_ms": round(model_ms, 3)}
+
+
 def compare(real: dict[str, Any], sim: dict[str, Any]) -> dict[str, float | None]:
     """sim / real - 1 for each figure (None where the real one is 0 or missing)."""
     return {k: (round(sim[k] / real[k] - 1, 3) if real.get(k) else None) for k in FIGURES}
@@ -181,8 +194,13 @@ def run_rate(a: argparse.Namespace, rate: float, folder: str, recorded: dict[str
             around = dict(real.pop("measured_around", None) or {}) if real else {}
         else:
             real, around = real_run(a, mode, path, trace, rate)
+        calibration = calibrate(prof, around) if a.calibrate else None
+        if calibration is not None:
+            prof = prof.scaled(calibration["scale"])
         sim = simulate(a, path, trace, prof, a.hop_ms)
         out[mode] = {"sim": sim, "real": real, "sim_over_real_minus_1": compare(real, sim) if real else None}
+        if calibration is not None:
+            out[mode]["calibration"] = calibration
         if around:  # how busy the shared machine was
             out[mode]["measured_around"] = around
         print(f"rate {rate:g} {mode:13s} " + "  ".join(
@@ -216,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tries", type=int, default=3, help="real runs per case at most (default 3)")
     p.add_argument("--quiet-wait-s", type=float, default=300.0, help="how long to wait for a quiet machine before "
                    "each real run (default 300)")
+    p.add_argument("--calibrate", action="store_true", help="scale the profile's step times by the machine's speed "
+                   "at each real run: the lone stream's inter-token gap measured just before it over the profile's "
+                   "step (a VM's speed drifts between the profile and the run); reported beside the figures")
     p.add_argument("--sim-only", action="store_true", help="simulate only; compare with --recorded if given")
     p.add_argument("--recorded", default="", help="serving_compare JSON to compare the simulations with")
     p.add_argument("--label", default="", help="suffix of the output file name")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from engine.config import ConfigError
@@ -189,6 +189,18 @@ class Profile:
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema": SCHEMA, **asdict(self)}
+
+    def scaled(self, k: float) -> Profile:
+        """This profile on a machine whose compute runs `k` times slower (k < 1: faster): every step time (prefill,
+        chunks, attention, decode, serving loop) times k; KV, transfer and start-up unchanged."""
+        _require(k > 0, "a profile's scale must be > 0")
+        pre, dec = self.prefill, self.decode
+        return replace(
+            self,
+            prefill=replace(pre, ms=tuple(m * k for m in pre.ms), attention_ms_per_pair=pre.attention_ms_per_pair * k,
+                            chunked=tuple(replace(c, ms=c.ms * k) for c in pre.chunked)),
+            decode=replace(dec, ms=tuple(tuple(m * k for m in row) for row in dec.ms)),
+            serving=replace(self.serving, step_overhead_ms=self.serving.step_overhead_ms * k) if self.serving else None)
 
     def save(self, path: str) -> None:
         text = json.dumps(self.to_dict(), indent=1)

@@ -10,6 +10,7 @@ import random
 import pytest
 
 from deploy.config import ClusterConfig
+from engine.config import ConfigError
 from simulator.cluster import Cluster, chunk_lists
 from simulator.config import SimConfig
 from simulator.cost_model import CostModel
@@ -182,6 +183,17 @@ def test_the_serving_loops_overhead_is_added_once_to_every_step_and_survives_a_s
     assert b.decode_at(0, 100.0) == (0.0, 0.0)
     served.save(str(tmp_path / "p.json"))
     assert Profile.load(str(tmp_path / "p.json")).serving == served.serving
+
+
+def test_a_scaled_profile_steps_k_times_slower_and_moves_no_faster() -> None:
+    prof = dataclasses.replace(profile(kv_ms_per_token=0.001), serving=ServingCosts(step_overhead_ms=0.5))
+    a, b = CostModel(prof), CostModel(prof.scaled(1.5))
+    for batch, ctx in [(1, 0), (8, 1024), (100, 3000)]:
+        assert b.step_ms(0, 0, batch, ctx) == pytest.approx(1.5 * a.step_ms(0, 0, batch, ctx))
+        assert b.step_ms(512, 5000, batch, ctx) == pytest.approx(1.5 * a.step_ms(512, 5000, batch, ctx))
+    assert prof.scaled(1.5).kv == prof.kv and prof.scaled(1.5).transfer == prof.transfer
+    with pytest.raises(ConfigError):
+        prof.scaled(0)
 
 
 def test_kv_pressure_preempts_and_every_request_still_finishes() -> None:
