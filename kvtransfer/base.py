@@ -245,7 +245,8 @@ class KVTransferAgent(ABC):
 
     def expect_read(self, tag: str, until: float) -> None:  # noqa: B027 - a no-op unless a backend needs it
         """A peer may read our blocks under `tag` until monotonic time `until` (a lease): a backend whose reads
-        need this process's progress keeps it up until the read's notification or `until`. Nothing to do here."""
+        need this process's progress keeps it up until the read's notification or `until`; an `until` already past
+        withdraws the tag (its blocks were freed). Nothing to do here."""
 
     @abstractmethod
     def notifications(self) -> list[str]:

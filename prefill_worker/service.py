@@ -72,6 +72,7 @@ class PrefillService(WorkerServicerBase):
     async def ReleaseKV(self, request: disagg_pb2.ReleaseKVRequest, context: grpc.aio.ServicerContext
                         ) -> disagg_pb2.ReleaseKVResponse:
         found = await self.aengine.run_between_steps(lambda: self.engine.release_lease(request.request_id))
+        self.agent.expect_read(request.request_id, 0.0)  # freed: no read of those blocks comes any more
         return disagg_pb2.ReleaseKVResponse(found=found)
 
     def _release_pulled(self) -> None:

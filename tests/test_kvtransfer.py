@@ -623,6 +623,10 @@ def test_an_idle_nixl_poller_wakes_for_an_expected_read_and_slows_down_after_it(
             time.sleep(0.01)
         assert owner._period() == 30.0  # the poller saw the read's notification
         assert owner.notifications() == ["req-idle"]
+        owner.expect_read("released", time.monotonic() + 60)  # a lease released (ReleaseKV, Abort) before any read
+        assert owner._period() == kvtransfer.nixl.PROGRESS_INTERVAL_S
+        owner.expect_read("released", 0.0)
+        assert owner._period() == 30.0
     finally:
         reader.close()
         owner.close()

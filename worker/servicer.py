@@ -132,6 +132,7 @@ class WorkerServicerBase(disagg_pb2_grpc.WorkerServicer):
                     ) -> disagg_pb2.AbortResponse:
         """Stop the request (running, waiting, receiving KV or leased) and free its blocks."""
         found = await self.aengine.abort_and_wait(request.request_id)
+        self.agent.expect_read(request.request_id, 0.0)  # a lease of its blocks, if any, is gone: no read comes
         return disagg_pb2.AbortResponse(found=found)
 
     async def GetTransferMetadata(self, request: disagg_pb2.TransferMetadataRequest,
