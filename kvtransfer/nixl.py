@@ -149,8 +149,10 @@ class NixlAgent(KVTransferAgent):
         self._wake = threading.Event()  # set by expect_read and close: the poller looks again at once
         self._idle_s = idle_progress_s
         # tag -> monotonic deadline: reads of our blocks that peers may be making now (expect_read). Written from
-        # any thread and pruned by the poller; each dict operation is atomic under the GIL.
+        # any thread, pruned by the poller, both under _expected_lock (a prune must not drop a tag re-expected
+        # after it read the old deadline).
         self._expected: dict[str, float] = {}
+        self._expected_lock = threading.Lock()
         self._poller: threading.Thread | None = None
         missing = [b for b in nixl_backends if b not in self._agent.backends]
         if missing:
@@ -169,17 +171,18 @@ class NixlAgent(KVTransferAgent):
         """A peer may read our blocks under `tag` until monotonic `until`: progress every PROGRESS_INTERVAL_S until
         the read's notification arrives or `until` passes (with `idle_progress_s` set, the poller slows down to it
         otherwise)."""
-        self._expected[tag] = until
+        with self._expected_lock:
+            self._expected[tag] = until
         self._wake.set()
 
     def _period(self) -> float:
         if self._idle_s is None:
             return PROGRESS_INTERVAL_S
         now = time.monotonic()
-        for tag, until in list(self._expected.items()):
-            if until <= now:
-                self._expected.pop(tag, None)
-        return PROGRESS_INTERVAL_S if self._expected else self._idle_s
+        with self._expected_lock:
+            for tag in [t for t, until in self._expected.items() if until <= now]:
+                del self._expected[tag]
+            return PROGRESS_INTERVAL_S if self._expected else self._idle_s
 
     def _progress(self) -> None:
         """Reading notifications makes the UCX worker progress; what it reads waits in the inbox. A poller waking
@@ -257,8 +260,9 @@ class NixlAgent(KVTransferAgent):
     def _read_notifs(self) -> list[str]:
         """New notifications from the NIXL agent (reading them progresses UCX); their reads are no longer expected."""
         tags = self._read_nixl_notifs()
-        for tag in tags:
-            self._expected.pop(tag, None)
+        with self._expected_lock:
+            for tag in tags:
+                self._expected.pop(tag, None)
         return tags
 
     def _remote_num_blocks(self, remote: str) -> int | None:
