@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import grpc
@@ -113,7 +114,8 @@ def one_run(a: argparse.Namespace, pool: multiprocessing.pool.Pool, worker: str,
         run_clients(pool, url, min(streams, 32), 8, 2.0, a.client_procs)  # warm-up
         pids = router_pids(router.pid)
         cpu0, s0, t0 = sum(cpu_seconds(p) for p in pids), worker_stats(worker), time.monotonic()
-        running = multiprocessing.pool.ThreadPool(1).apply_async(sample_running, (worker, t0 + a.duration))
+        sampler = ThreadPoolExecutor(1)
+        running = sampler.submit(sample_running, worker, t0 + a.duration)
         per_request, starts, errors, samples = run_clients(pool, url, streams, a.tokens, a.duration, a.client_procs)
         wall = time.monotonic() - t0
         s1 = worker_stats(worker)
@@ -124,7 +126,8 @@ def one_run(a: argparse.Namespace, pool: multiprocessing.pool.Pool, worker: str,
     ttfts = [c[0] - s for c, s in zip(per_request, starts, strict=True) if c]
     tokens = sum(len(c) for c in per_request)
     worker_tok_s = (s1["generation_tokens"] - s0["generation_tokens"]) / wall
-    occupancy = running.get()
+    occupancy = running.result()
+    sampler.shutdown()
     return GpuRun(streams, processes, round(wall, 2), round(worker_tok_s, 1), round(tokens / wall, 1),
                   round(tokens / wall / worker_tok_s, 4) if worker_tok_s else 0.0,
                   round(percentile(itls, 50) * 1e3, 2), round(percentile(itls, 99) * 1e3, 2),
@@ -145,6 +148,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kv-gib", type=float, default=40.0, help="the worker's KV cache, GiB")
     p.add_argument("--out", default="router_gpu.json", help="JSON output")
     a = p.parse_args(argv)
+    for flag in ("streams", "processes"):
+        try:
+            ok = all(int(x) > 0 for x in getattr(a, flag).split(","))
+        except ValueError:
+            ok = False
+        if not ok:
+            p.error(f"--{flag} must be positive integers, comma-separated, got {getattr(a, flag)!r}")
+    if a.duration <= 0 or a.tokens <= 0 or a.client_procs <= 0:
+        p.error("--duration, --tokens and --client-procs must be positive")
     if a.device == "cuda" and not a.tokenizer:
         p.error("--tokenizer is required on cuda")
     return a
