@@ -60,8 +60,13 @@ class PrefillService(WorkerServicerBase):
             return resp
         # The lease was granted inside the step that finished the request; Abort/ReleaseKV from now on find it.
         lease = self.engine.lease(rid)
-        if lease is None:  # released or expired already (an Abort raced with this answer)
-            await context.abort(grpc.StatusCode.CANCELLED, f"the KV of {rid} was released before it was handed out")
+        if lease is None:
+            # Freed between that step and this answer. Streaming layer-wise, the decode worker learnt the first
+            # token from WatchKV and its last read's notification released the lease first: the router must still
+            # get the token (the decode worker continues after it). Else an Abort raced with this answer (nobody
+            # listens) or the lease expired (the decode worker recomputes the prompt). No handle either way.
+            log.debug("%s: the KV lease ended before the answer (pulled by a layer-wise stream, or aborted)", rid)
+            return resp
         self.agent.expect_read(rid, time.monotonic() + max(0.0, lease.deadline - time.time()))
         resp.kv.CopyFrom(disagg_pb2.KVHandle(
             worker_id=self.worker_id, worker_address=self.address, backend=self.agent.backend,

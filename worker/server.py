@@ -42,9 +42,7 @@ from worker.servicer import WorkerServicerBase
 
 log = logging.getLogger("worker")
 
-NIXL_IDLE_PROGRESS_S: float | None = None  # NIXL poller period while no read is expected; None: every 1 ms.
-# Off: at 0.05 s, tests/test_kv_streaming.py::test_streamed_kv_equals_single_process[nixl] lost the first token
-# (2 of 2 runs); the cause is not found yet (benchmarks/RESULTS.md, "Single stream on the CPU").
+NIXL_IDLE_PROGRESS_S: float | None = 0.05  # NIXL poller period while no read is expected; None: every 1 ms.
 TEARDOWN_S = 30.0  # after the drain, the longest stopping the server, the engine and the transfer agent may take
 ENGINE_FAILED_EXIT_S = 5.0  # a worker whose engine died (a tensor-parallel rank lost, say) reports unhealthy this
 # long - health polls and token streams see it - then exits 1, so its supervisor (disagg serve, Ray) starts it again
