@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import subprocess
@@ -78,7 +79,7 @@ async def sse_stream(host: str, port: int, body: bytes, chunks: list[float]) -> 
             events, tail = data[: end + 2], data[end + 2:]
             chunks.extend([now] * events.count(b'"text":'))
             done = b"data: [DONE]" in events
-            if b'"error"' in events:
+            if b'data: {"error"' in events:  # the router's mid-stream error event (a token "error" is no error)
                 return events.decode(errors="replace")[:300]
         return None if done else "stream ended without [DONE]"
     finally:
@@ -125,14 +126,18 @@ class Procs:
         return p
 
     def wait_line(self, p: subprocess.Popen, prefix: str, timeout_s: float = 120) -> str:
+        """The process's first output line starting with `prefix`; if it exits first, the error carries the
+        last lines it printed (its traceback)."""
         deadline = time.monotonic() + timeout_s
         assert p.stdout is not None
+        seen: collections.deque[str] = collections.deque(maxlen=30)
         while time.monotonic() < deadline:
             line = p.stdout.readline()
             if line.startswith(prefix):
                 return line
+            seen.append(line)
             if not line and p.poll() is not None:
-                raise RuntimeError(f"{p.args} exited with {p.returncode}")
+                raise RuntimeError(f"{p.args} exited with {p.returncode}:\n{''.join(seen)}")
         raise TimeoutError(f"{p.args}: no {prefix!r} line")
 
     def stop(self) -> None:

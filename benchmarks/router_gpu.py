@@ -59,11 +59,12 @@ class GpuRun:
 def worker_yaml(a: argparse.Namespace) -> dict:
     cache = {"memory_budget_bytes": int(a.kv_gib * 2**30)}
     sched = {"max_num_seqs": a.max_num_seqs, "max_num_batched_tokens": 8192}
+    transfer = {"backend": "tcp"}  # no KV moves (no prefill worker): the worker needs no NIXL package
     if a.device == "cpu":
-        return {"model": "smollm2", "engine": {"cache": cache, "scheduler": sched}}
+        return {"model": "smollm2", "engine": {"cache": cache, "scheduler": sched}, "transfer": transfer}
     return {"model": a.tokenizer, "engine": {"load_format": "dummy", "dummy_model": LLAMA3_8B_SHAPE,
                                              "dtype": "bfloat16", "device": "cuda", "cache": cache,
-                                             "scheduler": sched}}
+                                             "scheduler": sched}, "transfer": transfer}
 
 
 def drain(p: subprocess.Popen) -> None:
