@@ -270,6 +270,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     a = build_parser().parse_args(argv)
     gpu = a.device.startswith("cuda")
     pre, batch, ctx, chunk, kv = DEFAULTS["cuda" if gpu else "cpu"]
+    limit = SHAPES[a.dummy].max_position_embeddings if a.dummy else None  # a prompt plus its one sampled token
+    if limit is not None and not a.prefill_tokens:
+        pre = ",".join(x for x in pre.split(",") if int(x) < limit)
+    elif limit is not None and any(n >= limit for n in ints(a.prefill_tokens)):
+        build_parser().error(f"--prefill-tokens: the {a.dummy} shape holds {limit} positions; prompts must be "
+                             f"shorter (one more for the sampled token)")
     a.prefill_tokens, a.decode_batch = a.prefill_tokens or pre, a.decode_batch or batch
     a.decode_context, a.kv_gib = a.decode_context or ctx, a.kv_gib or kv
     n, _, cs = (a.chunk or chunk).partition(":")

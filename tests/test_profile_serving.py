@@ -19,3 +19,14 @@ def test_served_and_plain_steps_are_timed_and_the_engine_is_left_empty() -> None
     load = eng.load()
     assert not eng.has_unfinished() and load.num_running == load.num_waiting == 0
     assert load.kv_blocks_free == load.kv_blocks_total  # every request's blocks came back
+
+
+def test_default_prompt_lengths_fit_the_dummy_shape_and_longer_ones_are_refused() -> None:
+    import pytest
+
+    from benchmarks.profiler import parse
+
+    a = parse(["--device", "cuda", "--dummy", "llama3-8b-v49k", "--out", "p.json"])  # 8,192 positions
+    assert max(int(n) for n in a.prefill_tokens.split(",")) < SHAPES["llama3-8b-v49k"].max_position_embeddings
+    with pytest.raises(SystemExit):
+        parse(["--device", "cuda", "--dummy", "llama3-8b-v49k", "--prefill-tokens", "8192", "--out", "p.json"])
