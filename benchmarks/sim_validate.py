@@ -224,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU workers whose threads outnumber the cores: fair shares, or the profile's measured "
                    "multipliers (default fair; see simulator/device.py)")
     p.add_argument("--hop-ms", type=float, default=1.0, help="simulated router <-> worker latency (default 1)")
-    p.add_argument("--backend", default="tcp", help="KV transfer backend of the real disaggregated cluster")
+    p.add_argument("--backend", default="", help="KV transfer backend of the real disaggregated cluster (default: "
+                   "the profile's, the one its transfer rate was measured with, so the simulation models the run)")
     p.add_argument("--nixl-progress", default="auto", choices=["auto", "thread", "poll"], help="see serving_compare")
     p.add_argument("--overlap", default="auto", choices=["auto", "on", "off"], help="GPU workers' overlap_steps")
     p.add_argument("--kv-gib", type=float, default=0.0, help="KV cache per worker, GiB (default 0.25 on cpu, 10 on cuda)")
@@ -255,6 +256,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if a.device == "cuda" and not a.tokenizer and not a.sim_only:
         raise SystemExit("--tokenizer is required on cuda")
     a.tokenizer = a.tokenizer or "smollm2"  # only a name for the simulated cluster's config
+    a.backend = a.backend or Profile.load(a.profile).transfer.backend
     os.makedirs(a.out, exist_ok=True)
     recorded = recorded_runs(a.recorded) if a.recorded else {}
     with tempfile.TemporaryDirectory() as folder:
