@@ -19,13 +19,17 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
 
 import httpx
 from tqdm import tqdm
 
 from benchmarks.serving import percentile
 from worker.server import free_port
+
+T = TypeVar("T")
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -46,6 +50,10 @@ class Run:
     wall_s: float = 0.0
     tokens: int = 0
     tokens_per_router_cpu_s: float = 0.0
+    steady_tok_s: float = 0.0  # tokens that reached the client inside the sending window, over its length
+    steady_fraction: float = 0.0  # steady_tok_s / offered: the window excludes the last requests' tail
+    client_cpu_s: float = 0.0  # the client (this process) and the fake worker(s): what the router shares cores with
+    worker_cpu_s: float = 0.0
     errors: int = 0
     error_samples: list[str] = field(default_factory=list)
 
@@ -179,15 +187,31 @@ def one_run(streams: int, processes: int, a: argparse.Namespace) -> Run:
         url = f"http://127.0.0.1:{port}"
         wait_ready(url)
         pids = router_pids(router.pid)
-        asyncio.run(client(url, min(streams, 8), 4, 1.0))  # warm-up: connections, tokenizer caches
+        run_loop = asyncio.run if a.client_loop == "asyncio" else uvloop_run()
+        run_loop(client(url, min(streams, 8), 4, 1.0))  # warm-up: connections, tokenizer caches
+        wpids = [w.pid for w in procs.procs[:a.workers]]
         cpu0, t0 = sum(cpu_seconds(p) for p in pids), time.monotonic()
-        per_request, starts, errors, samples = asyncio.run(client(url, streams, a.tokens, a.duration))
+        client0, worker0 = time.process_time(), sum(cpu_seconds(p) for p in wpids)
+        per_request, starts, errors, samples = run_loop(client(url, streams, a.tokens, a.duration))
         wall = time.monotonic() - t0
         cpu = sum(cpu_seconds(p) for p in router_pids(router.pid)) - cpu0
+        run = Run(streams, processes, a.pace_ms, a.tokens, streams * 1000 / a.pace_ms,
+                  client_cpu_s=time.process_time() - client0,
+                  worker_cpu_s=sum(cpu_seconds(p) for p in wpids) - worker0)
     finally:
         procs.stop()
-    return summarize(Run(streams, processes, a.pace_ms, a.tokens, streams * 1000 / a.pace_ms), per_request, starts,
-                     errors, samples, wall, cpu)
+    run = summarize(run, per_request, starts, errors, samples, wall, cpu)
+    in_window = sum(1 for chunks in per_request for t in chunks if t <= t0 + a.duration)
+    run.steady_tok_s = in_window / a.duration
+    run.steady_fraction = run.steady_tok_s / run.offered_tok_s
+    return run
+
+
+def uvloop_run() -> Callable[[Coroutine[Any, Any, T]], T]:
+    """asyncio.run on uvloop: the client's own CPU per chunk is what the router's cores lose to it."""
+    import uvloop
+
+    return uvloop.run
 
 
 def router_pids(pid: int) -> list[int]:
@@ -242,6 +266,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=200, help="tokens per request (max_tokens, ignore_eos)")
     p.add_argument("--duration", type=float, default=10.0, help="seconds each run sends requests")
     p.add_argument("--workers", type=int, default=1, help="fake decode worker processes")
+    p.add_argument("--client-loop", choices=["uvloop", "asyncio"], default="uvloop",
+                   help="the client's event loop (uvloop: less of the shared cores spent on the client)")
     p.add_argument("--router-arg", dest="router_args", action="append", default=[],
                    help="extra argument for `python -m router` (repeatable)")
     p.add_argument("--out", default="router_capacity.json", help="JSON output; the PNG goes beside it")
@@ -258,7 +284,8 @@ def main(argv: list[str] | None = None) -> None:
         tqdm.write(f"{streams:5d} streams x{procs}: offered {r.offered_tok_s:8.0f} delivered {r.delivered_tok_s:8.0f} "
                    f"tok/s ({r.delivered_fraction:.2f}), ITL p50/p99 {r.itl_p50_ms:6.1f}/{r.itl_p99_ms:6.1f} ms, "
                    f"router {r.router_cpu_s:5.1f} CPU-s = {r.tokens_per_router_cpu_s:7.0f} tok/CPU-s, "
-                   f"errors {r.errors}")
+                   f"steady {r.steady_tok_s:8.0f} tok/s ({r.steady_fraction:.2f}), CPU-s client "
+                   f"{r.client_cpu_s:.1f} worker {r.worker_cpu_s:.1f}, errors {r.errors}")
     with open(a.out, "w") as f:
         json.dump({"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "args": vars(a),
                    "runs": [asdict(r) for r in runs]}, f, indent=1)
