@@ -5,6 +5,7 @@ Both are per-request, pure text state: the router and the offline `LLM` feed the
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Sequence
 
 from engine.tokenizer import Tokenizer
@@ -15,8 +16,10 @@ _REPLACEMENT = "\ufffd"  # what decoding an incomplete UTF-8 sequence yields
 class IncrementalDetokenizer:
     """Token ids -> text deltas, O(1) per token, never splitting a UTF-8 character.
 
-    vLLM/TGI's prefix/read-offset scheme: `_ids[:_read]` are already-emitted tokens decoded only as context (so
-    leading-space rules apply as in a full decode); the delta is what decoding all of `_ids` adds beyond them.
+    Byte-level tokenizers (`Tokenizer.token_bytes`): each token's bytes through an incremental UTF-8 decoder; no
+    context is needed (their decoding has no leading-space rules). Others: vLLM/TGI's prefix/read-offset scheme:
+    `_ids[:_read]` are already-emitted tokens decoded only as context (so leading-space rules apply as in a full
+    decode); the delta is what decoding all of `_ids` adds beyond them.
     Invariant: `_ids` starts where decoding restarts cleanly (the text before did not end in U+FFFD, which may be
     an incomplete byte sequence and is held back), so the deltas concatenate to the decode of all output ids.
     """
@@ -24,7 +27,11 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True) -> None:
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
-        context = list(prompt_ids[-5:])
+        # Byte-level tokenizers take the fast path: a token is its bytes, and an incremental UTF-8 decoder holds
+        # back a split character exactly as the scheme below does (same text, one table lookup per token).
+        self._bytes = tokenizer.token_bytes(skip_special_tokens)
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        context = list(prompt_ids[-5:]) if self._bytes is None else []
         if self._decode(context).endswith(_REPLACEMENT):
             context = []  # the prompt ends mid-character: not a clean cut, so decode the output on its own
         self._ids = context
@@ -42,6 +49,9 @@ class IncrementalDetokenizer:
 
     def push(self, token_id: int) -> str:
         """Add one token; return the text it makes safe to show (often "", e.g. mid-character)."""
+        if self._bytes is not None:  # an id outside the vocabulary decodes to nothing, as `decode` skips it
+            raw = self._bytes[token_id] if 0 <= token_id < len(self._bytes) else b""
+            return self._advance(self._utf8.decode(raw), fast=True)
         self._ids.append(token_id)
         prefix_text, new_text = self._texts()
         if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT):
@@ -50,6 +60,8 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """At the end of the stream: the text held back, even if it ends in an incomplete character."""
+        if self._bytes is not None:
+            return self._advance(self._utf8.decode(b"", final=True), fast=True)
         prefix_text, new_text = self._texts()
         return self._advance(new_text[len(prefix_text):])
 
@@ -58,10 +70,11 @@ class IncrementalDetokenizer:
             self._prefix_text = self._decode(self._ids[:self._read])
         return self._prefix_text, self._decode(self._ids)
 
-    def _advance(self, delta: str) -> str:
-        del self._ids[:self._read]
-        self._read = len(self._ids)
-        self._prefix_text = None
+    def _advance(self, delta: str, fast: bool = False) -> str:
+        if not fast:
+            del self._ids[:self._read]
+            self._read = len(self._ids)
+            self._prefix_text = None
         if delta:
             self._chunks.append(delta)
         return delta

@@ -107,6 +107,15 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def token_bytes(self, skip_special_tokens: bool = True) -> tuple[bytes, ...] | None:
+        """Each id's bytes, when decoding any ids is the UTF-8 decoding of their bytes joined: a byte-level BPE
+        whose decoder is ByteLevel alone (GPT-2, Llama-3, Qwen, SmolLM2); None for any other tokenizer. Built on
+        first use and checked against `decode` id by id (~50 ms for 49k ids); a mismatch also gives None."""
+        cache: dict[bool, tuple[bytes, ...] | None] = self.__dict__.setdefault("_token_bytes", {})
+        if skip_special_tokens not in cache:
+            cache[skip_special_tokens] = _byte_level_table(self.backend, skip_special_tokens)
+        return cache[skip_special_tokens]
+
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
         tokens = [self.backend.id_to_token(i) for i in ids]
         bad = [i for i, t in zip(ids, tokens, strict=True) if t is None]
@@ -187,6 +196,31 @@ def _gguf_backend(meta: Mapping[str, Any], specials: Mapping[str, str | None], p
     _add_gguf_added_tokens(backend, meta, [*specials.values(), "<|endoftext|>"], vocab, alphabet)
     backend.post_processor = _template_processor(meta, specials)
     return backend
+
+
+def _byte_level_table(backend: FastTokenizer, skip_special: bool) -> tuple[bytes, ...] | None:
+    if type(backend.decoder) is not decoders.ByteLevel:
+        return None
+    to_byte = {c: b for b, c in _bytes_to_unicode().items()}
+    added = backend.get_added_tokens_decoder()
+    ids = range(backend.get_vocab_size(with_added_tokens=True))
+    table: list[bytes] = []
+    for i in ids:
+        if i in added:
+            table.append(b"" if skip_special and added[i].special else added[i].content.encode())
+            continue
+        token = backend.id_to_token(i)
+        if token is None or any(c not in to_byte for c in token):
+            return None  # a hole in the vocabulary, or a piece the byte map cannot read: decode it the slow way
+        table.append(bytes(to_byte[c] for c in token))
+    decoded = backend.decode_batch([[i] for i in ids], skip_special_tokens=skip_special)
+    for raw, text in zip(table, decoded, strict=True):
+        try:
+            if raw.decode() != text:
+                return None
+        except UnicodeDecodeError:
+            pass  # part of a character: only checkable in context
+    return tuple(table)
 
 
 def _bytes_to_unicode() -> dict[int, str]:

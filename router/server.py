@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         path = tokenizer_path(a, config)
         log.info("loading tokenizer from %s", path)
         tokenizer = Tokenizer.from_model_path(path)
+        tokenizer.token_bytes()  # the detokenizer's byte table, built now rather than in the first request
         if config.processes > 1 and config.port == 0:
             raise ConfigError("router.processes > 1 needs a fixed router.port (every process binds the same one)")
         sock = listen_socket(config.host, config.port)

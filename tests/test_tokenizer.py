@@ -14,6 +14,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tokenizers import Tokenizer as FastTokenizer
 
 from engine.detokenizer import IncrementalDetokenizer, StopChecker
 from engine.loader import smollm2_gguf_path
@@ -234,6 +235,39 @@ def test_detokenizer_unicode_text(tok: Tokenizer, text: str, skip: bool) -> None
     ids = tok.encode(text)
     check_deltas(tok, ids, tok.encode("Hello there."), skip)
     check_deltas(tok, ids, [], skip)
+
+
+class SlowPath(Tokenizer):
+    """The same tokenizer without the byte-level fast path: the prefix/read-offset scheme."""
+
+    def token_bytes(self, skip_special_tokens: bool = True) -> tuple[bytes, ...] | None:
+        return None
+
+
+@HYPO
+@given(ids=st.lists(st.integers(0, 49151), max_size=40), skip=st.booleans(), with_prompt=st.booleans())
+def test_both_detokenizer_paths_equal_the_full_decode(tok: Tokenizer, ids: list[int], skip: bool,
+                                                      with_prompt: bool) -> None:
+    assert tok.token_bytes(skip) is not None  # SmolLM2 is byte-level BPE: the router's path is the fast one
+    slow = SlowPath(tok.backend, tok.special_tokens, tok.chat_templates)
+    prompt = tok.encode("<|im_start|>assistant\n") if with_prompt else []
+    check_deltas(slow, ids, prompt, skip)
+    check_deltas(tok, ids, prompt, skip)
+
+
+def test_token_bytes_only_for_a_pure_byte_level_decoder(tok: Tokenizer) -> None:
+    from tokenizers import decoders, models
+
+    table = tok.token_bytes(False)
+    assert table is not None and len(table) == tok.vocab_size
+    assert table[tok.encode("Hello", add_special_tokens=False)[0]] == b"Hello"
+    assert tok.token_bytes(True)[tok.eos_token_id] == b"" and table[tok.eos_token_id] == b"<|im_end|>"
+    word_piece = FastTokenizer(models.WordPiece({"[UNK]": 0, "a": 1, "##b": 2}, unk_token="[UNK]"))
+    word_piece.decoder = decoders.WordPiece()
+    assert Tokenizer(word_piece, {}).token_bytes() is None
+    byte_level_plus = FastTokenizer.from_str(tok.backend.to_str())
+    byte_level_plus.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Strip(" ", 1, 0)])
+    assert Tokenizer(byte_level_plus, tok.special_tokens).token_bytes() is None
 
 
 def test_detokenizer_holds_split_characters(tok: Tokenizer) -> None:
