@@ -33,6 +33,7 @@ import yaml
 from benchmarks import serving
 from benchmarks.serving_compare import cluster_yaml
 from deploy.config import ClusterConfig
+from kvtransfer.registry import known_backends
 from simulator.cluster import Cluster, chunk_lists
 from simulator.config import SimConfig
 from simulator.cost_model import CostModel
@@ -257,6 +258,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit("--tokenizer is required on cuda")
     a.tokenizer = a.tokenizer or "smollm2"  # only a name for the simulated cluster's config
     a.backend = a.backend or Profile.load(a.profile).transfer.backend
+    if not a.sim_only and a.backend not in known_backends():  # an analytic profile's "rdma", say
+        raise SystemExit(f"--backend: the real cluster cannot move KV with {a.backend!r} (the profile's); pass one "
+                         f"of {', '.join(known_backends())}")
     os.makedirs(a.out, exist_ok=True)
     recorded = recorded_runs(a.recorded) if a.recorded else {}
     with tempfile.TemporaryDirectory() as folder:

@@ -51,7 +51,7 @@ class IncrementalDetokenizer:
         """Add one token; return the text it makes safe to show (often "", e.g. mid-character)."""
         if self._bytes is not None:  # an id outside the vocabulary decodes to nothing, as `decode` skips it
             raw = self._bytes[token_id] if 0 <= token_id < len(self._bytes) else b""
-            return self._advance(self._utf8.decode(raw), fast=True)
+            return self._emit(self._utf8.decode(raw))
         self._ids.append(token_id)
         prefix_text, new_text = self._texts()
         if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT):
@@ -61,7 +61,7 @@ class IncrementalDetokenizer:
     def flush(self) -> str:
         """At the end of the stream: the text held back, even if it ends in an incomplete character."""
         if self._bytes is not None:
-            return self._advance(self._utf8.decode(b"", final=True), fast=True)
+            return self._emit(self._utf8.decode(b"", final=True))
         prefix_text, new_text = self._texts()
         return self._advance(new_text[len(prefix_text):])
 
@@ -70,11 +70,13 @@ class IncrementalDetokenizer:
             self._prefix_text = self._decode(self._ids[:self._read])
         return self._prefix_text, self._decode(self._ids)
 
-    def _advance(self, delta: str, fast: bool = False) -> str:
-        if not fast:
-            del self._ids[:self._read]
-            self._read = len(self._ids)
-            self._prefix_text = None
+    def _advance(self, delta: str) -> str:
+        del self._ids[:self._read]
+        self._read = len(self._ids)
+        self._prefix_text = None
+        return self._emit(delta)
+
+    def _emit(self, delta: str) -> str:
         if delta:
             self._chunks.append(delta)
         return delta

@@ -91,7 +91,11 @@ class Tokenizer:
     @property
     def all_special_ids(self) -> list[int]:
         """Ids of every token the backend marks special, i.e. what `skip_special_tokens` drops."""
-        return sorted(i for i, tok in self.backend.get_added_tokens_decoder().items() if tok.special)
+        return sorted(self._special_ids)
+
+    @property
+    def _special_ids(self) -> set[int]:
+        return {i for i, tok in self.backend.get_added_tokens_decoder().items() if tok.special}
 
     @property
     def chat_template(self) -> str | None:
@@ -110,11 +114,14 @@ class Tokenizer:
     def token_bytes(self, skip_special_tokens: bool = True) -> tuple[bytes, ...] | None:
         """Each id's bytes, when decoding any ids is the UTF-8 decoding of their bytes joined: a byte-level BPE
         whose decoder is ByteLevel alone (GPT-2, Llama-3, Qwen, SmolLM2); None for any other tokenizer. Built on
-        first use and checked against `decode` id by id (~50 ms for 49k ids); a mismatch also gives None."""
-        cache: dict[bool, tuple[bytes, ...] | None] = self.__dict__.setdefault("_token_bytes", {})
-        if skip_special_tokens not in cache:
-            cache[skip_special_tokens] = _byte_level_table(self.backend, skip_special_tokens)
-        return cache[skip_special_tokens]
+        first use (the router does so at start-up) and checked against `decode` id by id (~0.1 s for 49k ids); a
+        mismatch also gives None. Skipping special tokens maps their ids to b"" in a copy of the one table."""
+        if "_token_bytes" not in self.__dict__:
+            table = _byte_level_table(self.backend)
+            skipped = None if table is None else tuple(b"" if i in self._special_ids else raw
+                                                       for i, raw in enumerate(table))
+            self.__dict__["_token_bytes"] = {False: table, True: skipped}
+        return self.__dict__["_token_bytes"][skip_special_tokens]
 
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
         tokens = [self.backend.id_to_token(i) for i in ids]
@@ -198,7 +205,9 @@ def _gguf_backend(meta: Mapping[str, Any], specials: Mapping[str, str | None], p
     return backend
 
 
-def _byte_level_table(backend: FastTokenizer, skip_special: bool) -> tuple[bytes, ...] | None:
+def _byte_level_table(backend: FastTokenizer) -> tuple[bytes, ...] | None:
+    """Every id's bytes, special tokens' included, when the decoder is ByteLevel alone and each single-id decode
+    agrees; else None."""
     if type(backend.decoder) is not decoders.ByteLevel:
         return None
     to_byte = {c: b for b, c in _bytes_to_unicode().items()}
@@ -207,13 +216,13 @@ def _byte_level_table(backend: FastTokenizer, skip_special: bool) -> tuple[bytes
     table: list[bytes] = []
     for i in ids:
         if i in added:
-            table.append(b"" if skip_special and added[i].special else added[i].content.encode())
+            table.append(added[i].content.encode())
             continue
         token = backend.id_to_token(i)
         if token is None or any(c not in to_byte for c in token):
             return None  # a hole in the vocabulary, or a piece the byte map cannot read: decode it the slow way
         table.append(bytes(to_byte[c] for c in token))
-    decoded = backend.decode_batch([[i] for i in ids], skip_special_tokens=skip_special)
+    decoded = backend.decode_batch([[i] for i in ids], skip_special_tokens=False)
     for raw, text in zip(table, decoded, strict=True):
         try:
             if raw.decode() != text:
