@@ -46,12 +46,16 @@ class Run:
     itl_p50_ms: float = 0.0
     itl_p99_ms: float = 0.0
     ttft_p50_ms: float = 0.0
+    ttft_mean_ms: float = 0.0
+    itl_mean_ms: float = 0.0
+    request_mean_s: float = 0.0  # first byte sent to [DONE]: delivered = tokens x pace / this, for a stream in a loop
     router_cpu_s: float = 0.0
     wall_s: float = 0.0
     tokens: int = 0
     tokens_per_router_cpu_s: float = 0.0
-    steady_tok_s: float = 0.0  # tokens that reached the client inside the sending window, over its length
-    steady_fraction: float = 0.0  # steady_tok_s / offered: the window excludes the last requests' tail
+    ramp_s: float = 0.0  # streams start evenly over this long (0: all at once); the window follows it
+    steady_tok_s: float = 0.0  # tokens that reached the clients inside the window [ramp, ramp + duration] / duration
+    steady_fraction: float = 0.0  # steady_tok_s / offered: excludes the ramp and the last requests' tail
     client_cpu_s: float = 0.0  # the client (this process) and the fake worker(s): what the router shares cores with
     worker_cpu_s: float = 0.0
     errors: int = 0
@@ -94,18 +98,23 @@ async def sse_stream(host: str, port: int, body: bytes, chunks: list[float]) -> 
         writer.close()
 
 
-async def client(url: str, streams: int, tokens: int, duration_s: float) -> tuple[list[list[float]], list[float], int,
-                                                                                   list[str]]:
-    """`streams` loops, each sending one request after another for `duration_s`; per request its chunk times."""
+async def client(url: str, streams: int, tokens: int, duration_s: float, ramp_s: float = 0.0
+                 ) -> tuple[list[list[float]], list[float], int, list[str]]:
+    """`streams` loops, each sending one request after another until `ramp_s + duration_s`; per request its chunk
+    times. Stream i starts at i x ramp_s / streams: with ramp_s = 0 every stream starts at once (and, all requests
+    being as long, they stay in step: a burst of `streams` arrivals every request length); with ramp_s = one
+    request's length, arrivals spread evenly, a steady load."""
     host, port = url.removeprefix("http://").split(":")
     body = json.dumps({"model": "smollm2", "prompt": "hi", "max_tokens": tokens, "stream": True,
                        "ignore_eos": True}).encode()
     per_request: list[list[float]] = []
     starts: list[float] = []
     errors: list[str] = []
-    stop_at = time.monotonic() + duration_s
+    begin = time.monotonic()
+    stop_at = begin + ramp_s + duration_s
 
-    async def loop() -> None:
+    async def loop(i: int) -> None:
+        await asyncio.sleep(max(0.0, begin + i * ramp_s / streams - time.monotonic()))
         while time.monotonic() < stop_at:
             chunks: list[float] = []
             t0 = time.monotonic()
@@ -117,7 +126,7 @@ async def client(url: str, streams: int, tokens: int, duration_s: float) -> tupl
                 per_request.append(chunks)
                 starts.append(t0)
 
-    await asyncio.gather(*(loop() for _ in range(streams)))
+    await asyncio.gather(*(loop(i) for i in range(streams)))
     return per_request, starts, len(errors), errors[:3]
 
 
@@ -192,16 +201,17 @@ def one_run(streams: int, processes: int, a: argparse.Namespace) -> Run:
         wpids = [w.pid for w in procs.procs[:a.workers]]
         cpu0, t0 = sum(cpu_seconds(p) for p in pids), time.monotonic()
         client0, worker0 = time.process_time(), sum(cpu_seconds(p) for p in wpids)
-        per_request, starts, errors, samples = run_loop(client(url, streams, a.tokens, a.duration))
+        ramp = a.tokens * a.pace_ms / 1000 if a.arrivals == "staggered" else 0.0
+        per_request, starts, errors, samples = run_loop(client(url, streams, a.tokens, a.duration, ramp))
         wall = time.monotonic() - t0
         cpu = sum(cpu_seconds(p) for p in router_pids(router.pid)) - cpu0
-        run = Run(streams, processes, a.pace_ms, a.tokens, streams * 1000 / a.pace_ms,
+        run = Run(streams, processes, a.pace_ms, a.tokens, streams * 1000 / a.pace_ms, ramp_s=ramp,
                   client_cpu_s=time.process_time() - client0,
                   worker_cpu_s=sum(cpu_seconds(p) for p in wpids) - worker0)
     finally:
         procs.stop()
     run = summarize(run, per_request, starts, errors, samples, wall, cpu)
-    in_window = sum(1 for chunks in per_request for t in chunks if t <= t0 + a.duration)
+    in_window = sum(1 for chunks in per_request for t in chunks if t0 + ramp < t <= t0 + ramp + a.duration)
     run.steady_tok_s = in_window / a.duration
     run.steady_fraction = run.steady_tok_s / run.offered_tok_s
     return run
@@ -230,6 +240,10 @@ def summarize(run: Run, per_request: list[list[float]], starts: list[float], err
     run.delivered_fraction = run.delivered_tok_s / run.offered_tok_s
     run.itl_p50_ms, run.itl_p99_ms = percentile(itls, 50) * 1000, percentile(itls, 99) * 1000
     run.ttft_p50_ms = percentile(ttfts, 50) * 1000
+    run.ttft_mean_ms = sum(ttfts) / max(1, len(ttfts)) * 1000
+    run.itl_mean_ms = sum(itls) / max(1, len(itls)) * 1000
+    spans = [c[-1] - s for c, s in zip(per_request, starts, strict=True) if c]
+    run.request_mean_s = sum(spans) / max(1, len(spans))
     run.tokens_per_router_cpu_s = run.tokens / cpu if cpu else 0.0
     run.errors, run.error_samples = errors, samples
     return run
@@ -264,7 +278,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--processes", default="1", help="router processes per run (router --processes), comma-separated")
     p.add_argument("--pace-ms", type=float, default=10.0, help="ms between a stream's tokens at the fake worker")
     p.add_argument("--tokens", type=int, default=200, help="tokens per request (max_tokens, ignore_eos)")
-    p.add_argument("--duration", type=float, default=10.0, help="seconds each run sends requests")
+    p.add_argument("--duration", type=float, default=10.0,
+                   help="seconds of the measurement window (after the ramp of --arrivals staggered)")
+    p.add_argument("--arrivals", choices=["synchronized", "staggered"], default="synchronized",
+                   help="synchronized: every stream starts at once, so (all requests being as long) 'streams' requests "
+                   "arrive together every request length, as in the recorded tables; staggered: stream i starts at "
+                   "i/streams of one request's length, a steady load, and the window starts after that ramp")
     p.add_argument("--workers", type=int, default=1, help="fake decode worker processes")
     p.add_argument("--client-loop", choices=["asyncio", "uvloop"], default="asyncio",
                    help="the client's event loop (uvloop spends ~20%% less CPU on the client; asyncio as in the "
@@ -286,7 +305,8 @@ def main(argv: list[str] | None = None) -> None:
                    f"tok/s ({r.delivered_fraction:.2f}), ITL p50/p99 {r.itl_p50_ms:6.1f}/{r.itl_p99_ms:6.1f} ms, "
                    f"router {r.router_cpu_s:5.1f} CPU-s = {r.tokens_per_router_cpu_s:7.0f} tok/CPU-s, "
                    f"steady {r.steady_tok_s:8.0f} tok/s ({r.steady_fraction:.2f}), CPU-s client "
-                   f"{r.client_cpu_s:.1f} worker {r.worker_cpu_s:.1f}, errors {r.errors}")
+                   f"{r.client_cpu_s:.1f} worker {r.worker_cpu_s:.1f}, errors {r.errors}; means: TTFT "
+                   f"{r.ttft_mean_ms:.1f} ms, ITL {r.itl_mean_ms:.2f} ms, request {r.request_mean_s:.3f} s")
     with open(a.out, "w") as f:
         json.dump({"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "args": vars(a),
                    "runs": [asdict(r) for r in runs]}, f, indent=1)
