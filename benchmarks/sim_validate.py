@@ -130,8 +130,9 @@ def cluster_cpu_s(c: Any) -> dict[str, float]:
 
 
 def simulate(a: argparse.Namespace, path: str, trace: tuple[list[float], list[int], list[int]], prof: Profile,
-             hop_ms: float) -> dict[str, Any]:
-    sim = SimConfig(slo_ttft_ms=a.slo_ttft_ms, slo_itl_ms=a.slo_itl_ms, hop_ms=hop_ms, fast_forward=False,
+             hop_ms: float, admit_ms: float = 0.0) -> dict[str, Any]:
+    sim = SimConfig(slo_ttft_ms=a.slo_ttft_ms, slo_itl_ms=a.slo_itl_ms, hop_ms=hop_ms, admit_ms=admit_ms,
+                    fast_forward=False,
                     shared_device=True, keep_requests=True, sample_s=10.0, cpu_oversubscription=a.oversubscription)
     c = Cluster(ClusterConfig.load(path), sim, prof)
     result = c.run(chunk_lists(*trace))
@@ -149,16 +150,24 @@ def simulate(a: argparse.Namespace, path: str, trace: tuple[list[float], list[in
             "cpu_s": {getattr(k, "name", str(k)): round(v, 2) for k, v in getattr(c.device, "used", {}).items()}}
 
 
-def calibrate(prof: Profile, around: dict[str, Any]) -> dict[str, float] | None:
-    """The machine's speed at the real run against the profile's: the lone stream's median inter-token gap on the
-    idle cluster just before the run (`single_stream`: a 256-token prompt, 64 tokens, so a mean context of 288)
-    over the profile's decode step of one row there (serving loop included). None without that measurement."""
+def calibrate(a: argparse.Namespace, path: str, prof: Profile, around: dict[str, Any]) -> dict[str, float] | None:
+    """What the profile leaves out, from the idle cluster just before the real run (`single_stream`), never from
+    the run itself. `scale`: the machine's speed against the profile's, the lone stream's median inter-token gap (a
+    256-token prompt, 64 tokens, so a mean context of 288) over the profile's decode step of one row there (serving
+    loop included). `admit_ms`: the serving path's fixed cost per request, the median TTFT of a 16-token prompt
+    alone less the simulated one (the router's HTTP and tokenizing, and whatever a step of one short prompt costs
+    beyond the profile's prefill). None without those measurements."""
     alone = (around or {}).get("alone") or {}
     real_ms = alone.get("stream_itl_p50_ms")
     if not real_ms:
         return None
     model_ms = CostModel(prof).decode_ms(1, 288.0)
-    return {"scale": round(real_ms / model_ms, 4), "alone_itl_ms": real_ms, "profile_step_ms": round(model_ms, 3)}
+    out = {"scale": round(real_ms / model_ms, 4), "alone_itl_ms": real_ms, "profile_step_ms": round(model_ms, 3)}
+    if alone.get("tiny_ttft_ms"):
+        sim_ms = simulate(a, path, ([0.0], [16], [2]), prof.scaled(out["scale"]), a.hop_ms)["ttft_p50_ms"]
+        out |= {"admit_ms": round(max(0.0, alone["tiny_ttft_ms"] - sim_ms), 2), "alone_tiny_ttft_ms":
+                alone["tiny_ttft_ms"], "sim_tiny_ttft_ms": sim_ms}
+    return out
 
 
 def compare(real: dict[str, Any], sim: dict[str, Any]) -> dict[str, float | None]:
@@ -195,10 +204,10 @@ def run_rate(a: argparse.Namespace, rate: float, folder: str, recorded: dict[str
             around = dict(real.pop("measured_around", None) or {}) if real else {}
         else:
             real, around = real_run(a, mode, path, trace, rate)
-        calibration = calibrate(prof, around) if a.calibrate else None
+        calibration = calibrate(a, path, prof, around) if a.calibrate else None
         if calibration is not None:
             prof = prof.scaled(calibration["scale"])
-        sim = simulate(a, path, trace, prof, a.hop_ms)
+        sim = simulate(a, path, trace, prof, a.hop_ms, (calibration or {}).get("admit_ms", a.admit_ms))
         out[mode] = {"sim": sim, "real": real, "sim_over_real_minus_1": compare(real, sim) if real else None}
         if calibration is not None:
             out[mode]["calibration"] = calibration
@@ -225,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU workers whose threads outnumber the cores: fair shares, or the profile's measured "
                    "multipliers (default fair; see simulator/device.py)")
     p.add_argument("--hop-ms", type=float, default=1.0, help="simulated router <-> worker latency (default 1)")
+    p.add_argument("--admit-ms", type=float, default=0.0, help="simulated router work per new request before it "
+                   "reaches a worker (default 0; --calibrate measures it on the idle cluster)")
     p.add_argument("--backend", default="", help="KV transfer backend of the real disaggregated cluster (default: "
                    "the profile's, the one its transfer rate was measured with, so the simulation models the run)")
     p.add_argument("--nixl-progress", default="auto", choices=["auto", "thread", "poll"], help="see serving_compare")
@@ -238,7 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "each real run (default 300)")
     p.add_argument("--calibrate", action="store_true", help="scale the profile's step times by the machine's speed "
                    "at each real run: the lone stream's inter-token gap measured just before it over the profile's "
-                   "step (a VM's speed drifts between the profile and the run); reported beside the figures")
+                   "step (a VM's speed drifts between the profile and the run), and set --admit-ms to what a "
+                   "16-token prompt's TTFT on the idle cluster exceeds the simulated one by; reported beside the "
+                   "figures")
     p.add_argument("--sim-only", action="store_true", help="simulate only; compare with --recorded if given")
     p.add_argument("--recorded", default="", help="serving_compare JSON to compare the simulations with")
     p.add_argument("--label", default="", help="suffix of the output file name")

@@ -63,6 +63,8 @@ def add_sim_flags(p: argparse.ArgumentParser) -> None:
     s.add_argument("--slo-ttft-ms", type=float, default=500.0, help="goodput SLO on a request's TTFT (default 500)")
     s.add_argument("--slo-itl-ms", type=float, default=30.0, help="goodput SLO on a request's p99 ITL (default 30)")
     s.add_argument("--hop-ms", type=float, default=1.0, help="one router <-> worker message, each way (default 1)")
+    s.add_argument("--admit-ms", type=float, default=0.0, help="the router's own work on a new request before it "
+                   "reaches a worker: HTTP, tokenizing, routing (default 0; sim_validate --calibrate measures it)")
     s.add_argument("--node-startup-s", type=float, default=0.0,
                    help="getting a node for a new replica before its worker starts (default 0)")
     s.add_argument("--startup-s", type=float, help="a new replica serves this long after it is asked for "
@@ -108,7 +110,7 @@ def workload_from(a: argparse.Namespace) -> tuple[Callable[[], Iterable[Chunk]],
 
 
 def sim_config(a: argparse.Namespace) -> SimConfig:
-    return SimConfig(slo_ttft_ms=a.slo_ttft_ms, slo_itl_ms=a.slo_itl_ms, hop_ms=a.hop_ms,
+    return SimConfig(slo_ttft_ms=a.slo_ttft_ms, slo_itl_ms=a.slo_itl_ms, hop_ms=a.hop_ms, admit_ms=a.admit_ms,
                      node_startup_s=a.node_startup_s, startup_s=a.startup_s, route_sample=a.route_sample,
                      fast_forward=not a.exact, shared_device=a.shared_device, sample_s=a.sample_s,
                      keep_requests=a.keep_requests, seed=a.seed)

@@ -49,6 +49,7 @@ class Cluster:
         self.collector = Collector(SLO(sim.slo_ttft_ms / 1e3, sim.slo_itl_ms / 1e3), sim.keep_requests)
         self.device = shared_device(self.loop, prefill, sim.cpu_oversubscription) if sim.shared_device else None
         self.hop = sim.hop_ms / 1e3
+        self.admit = sim.admit_ms / 1e3
         self.nic_free: dict[str, float] = {}  # decode replica -> when its link finishes the pulls queued on it
         self.pools = {r: self._pool(r) for r in ("prefill", "decode") if cluster.pool(r).replicas > 0}
         for role, pool in self.pools.items():
@@ -81,11 +82,12 @@ class Cluster:
         p = None
         if req.prompt >= self.router_cfg.conditional_disagg_min_prompt_tokens:
             p = self.router.choose("prefill", req.prompt)
+        sent = self.loop.now + self.admit + self.hop
         if p is None:
-            self.loop.at(self.loop.now + self.hop, self._to_decode, req)
+            self.loop.at(sent, self._to_decode, req)
             return
         req.prefill_ctx = self.router.dispatch(p, req.prompt)
-        self.loop.at(self.loop.now + self.hop, p.add, req)
+        self.loop.at(sent, p.add, req)
 
     def on_first_token(self, req: SimRequest, replica: Replica, t: float) -> None:
         req.t_first = t + self.hop

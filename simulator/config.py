@@ -15,6 +15,7 @@ class SimConfig:
     slo_ttft_ms: float = 500.0  # goodput: a request's time to first token must be <= this ...
     slo_itl_ms: float = 30.0  # ... and the p99 of its own inter-token gaps <= this (benchmarks/serving.py's rule)
     hop_ms: float = 1.0  # one message between the router and a worker, each way
+    admit_ms: float = 0.0  # the router's own work on a new request before its first message (HTTP, tokenizing)
     node_startup_s: float = 0.0  # getting a node for a new replica, before its worker starts (cloud GPU: minutes)
     startup_s: float | None = None  # a new replica serves this long after it is asked for; None: node_startup_s
     # plus the profile's start-up (process + engine)
@@ -33,7 +34,8 @@ class SimConfig:
     def __post_init__(self) -> None:
         checks = [
             (self.slo_ttft_ms > 0 and self.slo_itl_ms > 0, "SLO thresholds must be positive"),
-            (self.hop_ms >= 0 and self.node_startup_s >= 0, "hop_ms and node_startup_s must be >= 0"),
+            (self.hop_ms >= 0 and self.admit_ms >= 0 and self.node_startup_s >= 0,
+             "hop_ms, admit_ms and node_startup_s must be >= 0"),
             (self.startup_s is None or self.startup_s >= 0, "startup_s must be >= 0"),
             (self.route_sample >= 0, "route_sample must be >= 0"),
             (self.cpu_oversubscription in ("fair", "measured"), "cpu_oversubscription must be fair or measured"),

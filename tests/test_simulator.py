@@ -155,6 +155,26 @@ def test_fast_forward_finishes_every_request_when_step_by_step_does() -> None:
         assert fast[rid] == pytest.approx(exact[rid], rel=1e-6, abs=1e-9)
 
 
+@pytest.mark.parametrize("prefill", [0, 1])
+def test_the_routers_admission_time_adds_once_to_each_lone_requests_ttft_and_e2e(prefill: int) -> None:
+    """`admit_ms` (the router's HTTP and tokenizing, sim_validate --calibrate) delays the first message, nothing
+    after it: a lone request's TTFT and e2e move by exactly that, disaggregated or co-located."""
+    def run(admit_ms: float) -> list[tuple]:
+        c = Cluster(cluster_cfg(prefill, 1), SimConfig(keep_requests=True, fast_forward=False, admit_ms=admit_ms),
+                    profile())
+        c.run(chunk_lists([0.0, 5.0], [300, 600], [8, 8]))  # far apart: each runs alone
+        return sorted(c.collector.requests or [])
+
+    base, later = run(0.0), run(25.0)
+    assert len(base) == len(later) == 2
+    for a, b in zip(base, later, strict=True):
+        assert b[3] == pytest.approx(a[3] + 0.025, abs=1e-9)  # TTFT
+        assert b[4] == pytest.approx(a[4] + 0.025, abs=1e-9)  # e2e
+        assert b[5] == pytest.approx(a[5], abs=1e-9)  # the request's p99 inter-token gap
+    with pytest.raises(ConfigError, match="admit_ms"):
+        SimConfig(admit_ms=-1.0)
+
+
 # ---- the cost model ----------------------------------------------------------------------------------------------
 def test_cost_model_returns_the_profiles_own_points() -> None:
     prof = profile(kv_ms_per_token=0.001)
