@@ -63,9 +63,11 @@ async def keep_decoding(url: str, model: str, stop: asyncio.Event) -> None:
             await serving.one_request(c, url, model, prompt(rng, 256), 256, {})
 
 
-async def measure(c: LocalCluster, model: str, a: argparse.Namespace, busy: int) -> dict[int, dict[str, Any]]:
-    """Median (and every sample) of `a.repeat` requests per prompt length, one at a time, beside `busy` streams."""
-    rng, stop, out = random.Random(1), asyncio.Event(), {}
+async def measure(c: LocalCluster, model: str, a: argparse.Namespace, busy: int, seed: int
+                  ) -> dict[int, dict[str, Any]]:
+    """Median (and every sample) of `a.repeat` requests per prompt length, one at a time, beside `busy` streams.
+    Each pass draws its own prompts (`seed`): a prompt seen before would hit the prefix cache."""
+    rng, stop, out = random.Random(seed), asyncio.Event(), {}
     background = [asyncio.create_task(keep_decoding(c.url, model, stop)) for _ in range(busy)]
     await asyncio.sleep(2.0 if busy else 0.0)
     prefill = c.procs.get("prefill-0")
@@ -119,9 +121,9 @@ def main(argv: list[str] | None = None) -> None:
         with LocalCluster(ClusterConfig.load(path), path, router_port=free_port(), quiet=True,
                           log_dir=os.path.join(folder, mode)) as c:
             print(f"== {mode}", flush=True)
-            asyncio.run(measure(c, model, a, 0))  # warm-up: first shapes, connections
-            results[mode] = {"idle": asyncio.run(measure(c, model, a, 0)),
-                             "busy": asyncio.run(measure(c, model, a, a.busy_streams))}
+            asyncio.run(measure(c, model, a, 0, seed=0))  # warm-up: first shapes, connections
+            results[mode] = {"idle": asyncio.run(measure(c, model, a, 0, seed=1)),
+                             "busy": asyncio.run(measure(c, model, a, a.busy_streams, seed=2))}
     with open(a.out, "w") as f:
         json.dump(results, f, indent=1)
 
