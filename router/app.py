@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from engine.tokenizer import Tokenizer
 from router.config import RouterConfig
 from router.errors import APIError, from_validation_error, install_error_handlers
+from router.fast_path import GenerationFront
 from router.generation import Generation
 from router.job import JobBuilder, RequestPlan
 from router.logprobs import TokenText
@@ -129,8 +130,9 @@ async def _wait_disconnect(request: Request) -> None:
         pass
 
 
-def create_app(config: RouterConfig, tokenizer: Tokenizer, registry: WorkerRegistry) -> FastAPI:
-    """The router app; its lifespan starts and stops the registry's health polling."""
+def create_app(config: RouterConfig, tokenizer: Tokenizer, registry: WorkerRegistry) -> GenerationFront:
+    """The router app (the FastAPI app behind a front that answers the generation endpoints directly,
+    router/fast_path.py); the FastAPI app's lifespan starts and stops the registry's health polling."""
     service = RouterService(config, tokenizer, registry)
 
     @contextlib.asynccontextmanager
@@ -151,7 +153,7 @@ def create_app(config: RouterConfig, tokenizer: Tokenizer, registry: WorkerRegis
     app.include_router(utility_routes(service.tokenizer, service.model_card, config.model_name), dependencies=auth)
     app.include_router(_ops_routes(service))
     install_openapi(app)
-    return app
+    return GenerationFront(app, service)
 
 
 def _openai_routes(service: RouterService) -> APIRouter:

@@ -540,6 +540,20 @@ def test_openapi_docs_and_models(setup: tuple[RouterServer, Any, Any]) -> None:
     assert httpx.get(router.url + "/version").json()["version"]
 
 
+def test_the_generation_front_keeps_fastapis_answers(setup: tuple[RouterServer, Any, Any]) -> None:
+    """The generation endpoints are answered by router/fast_path.py ahead of FastAPI: what FastAPI answered for
+    their edges (a wrong method, a bad body, an unknown path under /v1, a handler bug) stays as it was."""
+    router, _, _ = setup
+    r = httpx.get(router.url + "/v1/completions")
+    assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(router.url + "/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = httpx.post(router.url + "/v1/completions/", json={"model": MODEL, "prompt": "hi"})  # not the route itself
+    assert r.status_code in (307, 404)
+    r = httpx.post(router.url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": "x"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+
+
 def test_tokenize_and_detokenize(setup: tuple[RouterServer, Any, Any], tokenizer: Tokenizer) -> None:
     router, _, _ = setup
     r = post(router, "/tokenize", {"model": MODEL, "prompt": "Hello world", "return_token_strs": True}).json()

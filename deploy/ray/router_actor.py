@@ -82,7 +82,7 @@ class RouterActor:
                                        rpc_timeout_s=self.config.rpc_timeout_s)
         self.app = create_app(self.config, Tokenizer.from_model_path(tokenizer_path(cfg.model)), self.registry)
         self.planner_metrics = PlannerCollector()
-        self.app.state.service.metrics.registry.register(self.planner_metrics)
+        self.app.service.metrics.registry.register(self.planner_metrics)
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
         self.url = ""
@@ -181,7 +181,7 @@ class RouterActor:
 
     async def snapshot(self) -> dict[str, Any]:
         """Every worker's state and latest load, and the latency histograms (see deploy/pool_metrics.py)."""
-        metrics = self.app.state.service.metrics
+        metrics = self.app.service.metrics
         return {"workers": [worker_view(w) for w in self.registry.workers()],
                 "histograms": {"ttft": histogram_buckets(metrics.ttft), "itl": histogram_buckets(metrics.itl)}}
 
