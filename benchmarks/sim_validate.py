@@ -31,6 +31,7 @@ import httpx
 import yaml
 
 from benchmarks import serving
+from benchmarks.bootstrap import figure_intervals
 from benchmarks.serving_compare import cluster_yaml
 from deploy.config import ClusterConfig
 from kvtransfer.registry import known_backends
@@ -111,7 +112,9 @@ def real_run(a: argparse.Namespace, mode: str, path: str, trace: tuple[list[floa
             around["alone"] = asyncio.run(single_stream(c.url, model))
             load, meter, cpu0 = os.getloadavg(), ForeignCpu(c.pids).start(), cluster_cpu_s(c)
             results, duration = asyncio.run(replay(c.url, model, trace, 49152, a.seed + 1000 * attempt))
-            real = {**serving.summarize(results, duration, rate, a), "requests_each": per_request(results)}
+            real = {**serving.summarize(results, duration, rate, a), "requests_each": per_request(results),
+                    "interval_90": figure_intervals([r.ttft * 1e3 for r in results if r.ok],
+                                                    [[g * 1e3 for g in r.itls] for r in results if r.ok])}
             figures = {"attempt": attempt, "foreign_cores_before": quiet, "foreign_cores": meter.stop(),
                        "cpu_s": {k: round(v - cpu0.get(k, 0.0), 2) for k, v in cluster_cpu_s(c).items()},
                        "load_before": [round(x, 2) for x in load], "load_after": [round(x, 2) for x in os.getloadavg()]}
@@ -208,7 +211,12 @@ def run_rate(a: argparse.Namespace, rate: float, folder: str, recorded: dict[str
         if calibration is not None:
             prof = prof.scaled(calibration["scale"])
         sim = simulate(a, path, trace, prof, a.hop_ms, (calibration or {}).get("admit_ms", a.admit_ms))
+        if real and "interval_90" not in real and real.get("requests_each"):  # a recorded run: TTFTs only
+            real["interval_90"] = figure_intervals([q[2] for q in real["requests_each"]])
         out[mode] = {"sim": sim, "real": real, "sim_over_real_minus_1": compare(real, sim) if real else None}
+        if real and real.get("interval_90"):  # how far the real figure itself would move on another draw
+            out[mode]["sim_inside_real_interval_90"] = {k: lo <= sim[k] <= hi
+                                                        for k, (lo, hi) in real["interval_90"].items()}
         if calibration is not None:
             out[mode]["calibration"] = calibration
         if around:  # how busy the shared machine was

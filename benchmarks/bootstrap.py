@@ -1,0 +1,37 @@
+"""How sure a measured percentile is: a bootstrap interval that resamples whole requests.
+
+A p99 over 32 requests is about their largest one, so before saying a prediction is "within 15%" of it, say how
+far the measurement itself would move on another draw of the same traffic. Requests are resampled whole (their
+inter-token gaps stay together: gaps of one request are not independent of each other).
+"""
+
+from __future__ import annotations
+
+import random
+
+from simulator.metrics import percentile
+
+
+def percentile_interval(samples: list[list[float]], p: float, level: float = 0.9, draws: int = 1000,
+                        seed: int = 0) -> tuple[float, float]:
+    """The central `level` interval of the p-th percentile of all samples, over `draws` resamplings of the
+    requests (each inner list is one request's samples). (nan, nan) without samples."""
+    assert 0 <= p <= 100 and 0 < level < 1 and draws > 0, (p, level, draws)
+    requests = [s for s in samples if s]
+    if not requests:
+        return float("nan"), float("nan")
+    rng = random.Random(seed)
+    stats = sorted(percentile([x for r in rng.choices(requests, k=len(requests)) for x in r], p)
+                   for _ in range(draws))
+    tail = (1 - level) / 2
+    return stats[int(tail * (draws - 1))], stats[int(round((1 - tail) * (draws - 1)))]
+
+
+def figure_intervals(ttfts_ms: list[float], itls_ms: list[list[float]] | None = None, level: float = 0.9
+                     ) -> dict[str, list[float]]:
+    """`level` intervals of TTFT p50/p99 (one sample per request) and, given each request's gaps, ITL p50/p99."""
+    out = {f"ttft_p{p}_ms": [round(x, 2) for x in percentile_interval([[t] for t in ttfts_ms], p, level)]
+           for p in (50, 99)}
+    if itls_ms:
+        out |= {f"itl_p{p}_ms": [round(x, 3) for x in percentile_interval(itls_ms, p, level)] for p in (50, 99)}
+    return out
