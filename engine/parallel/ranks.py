@@ -40,6 +40,7 @@ from engine.parallel.group import RankFailedError, TPGroup, backend_for, connect
 from engine.parallel.rank import RankSpec
 
 log = logging.getLogger(__name__)
+DEAD_RANK_GRACE_S = 1.0  # how long a failed step waits to learn whether a rank died (the cause to report)
 
 
 class RankProcesses:
@@ -51,6 +52,7 @@ class RankProcesses:
         self.timeout_s, self.start_timeout_s = pc.collective_timeout_s, pc.start_timeout_s
         self._failure: str | None = None
         self._closing = False
+        self._signalled: list[str] = []  # ranks that a signal ended (kill -9, OOM killer): the cause of a failure
         self._store = host_store(size, pc.start_timeout_s)
         threads = max(1, (os.cpu_count() or 1) // size)
         self._procs: list[subprocess.Popen] = []
@@ -131,6 +133,9 @@ class RankProcesses:
         except RankFailedError:
             raise
         except Exception as e:
+            # A rank that died makes rank 0's collective fail too ("connection closed by peer"), often before the
+            # rank's monitor thread has seen the exit: give it a moment, so that the failure names the cause.
+            self._await_monitors(DEAD_RANK_GRACE_S)
             self._fail(f"a step failed on rank 0 ({e!r})")
             raise RankFailedError(self._failure) from e
 
@@ -142,12 +147,13 @@ class RankProcesses:
     # ---- internals -------------------------------------------------------------------------------------------
     def _send(self, buf: bytes) -> None:
         self.check()
-        try:
-            for conn in self._conns:
+        for rank, conn in enumerate(self._conns, 1):
+            try:
                 conn.send_bytes(buf)
-        except OSError as e:
-            self._fail(f"a rank's pipe broke ({e!r})")
-            raise RankFailedError(self._failure) from e
+            except OSError as e:  # the rank died: its monitor names the exit, else the pipe names the rank
+                self._await_monitors(DEAD_RANK_GRACE_S)
+                self._fail(f"rank {rank}'s pipe broke ({e!r})")
+                raise RankFailedError(self._failure) from e
 
     def _receive(self, rank: int, timeout_s: float) -> tuple[str, Any]:
         conn, deadline = self._conns[rank - 1], time.monotonic() + timeout_s
@@ -172,11 +178,28 @@ class RankProcesses:
             raise RankFailedError(self._failure)
         return value
 
+    def _await_monitors(self, timeout_s: float) -> None:
+        """Wait up to `timeout_s` for a monitor thread to record a rank's exit (returns at once if one has)."""
+        deadline = time.monotonic() + timeout_s
+        while self._failure is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+
     def _watch(self, rank: int, proc: subprocess.Popen) -> None:
-        """Monitor thread of one rank: a rank that exits unasked fails the engine and takes the others down."""
+        """Monitor thread of one rank: a rank that exits unasked fails the engine and takes the others down.
+        One killed by a signal is named at once; one that exited on its own waits a moment first, since ranks exit
+        on their own when a peer died under them (their collective broke) and the peer's monitor may not have run
+        yet: the failure should name the rank that died, not the first one to notice."""
         code = proc.wait()
-        if not self._closing:
-            self._fail(f"rank {rank} (pid {proc.pid}) exited with code {code}")
+        if self._closing:
+            return
+        reason = f"rank {rank} (pid {proc.pid}) exited with code {code}"
+        if code < 0:
+            self._signalled.append(reason)
+        else:
+            deadline = time.monotonic() + DEAD_RANK_GRACE_S
+            while not self._signalled and self._failure is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+        self._fail(self._signalled[0] if self._signalled else reason)
 
     def _fail(self, reason: str) -> None:
         """Record the first failure; kill every rank (they cannot go on without the group) and, on NCCL, abort
