@@ -140,6 +140,7 @@ class Outcome:
     undone: int = 0  # streams that began and never ended
     bad_ok: int = 0  # bad inputs rejected with a 4xx
     router_cut: int = 0  # connections lost to a router replica's kill
+    router_cut_log: list[dict[str, Any]] = field(default_factory=list)  # each one, timed from its window's start
 
 
 def classify(results: list[Result], refs: dict[tuple[str, int, int | None], str],
@@ -149,6 +150,9 @@ def classify(results: list[Result], refs: dict[tuple[str, int, int | None], str]
         s = r.spec
         if cut_by_router_kill(r, windows):
             o.router_cut += 1
+            a = max(a for a, _ in windows if a <= r.end)
+            o.router_cut_log.append({"index": s.index, "from_s": round(r.start - a, 3), "to_s": round(r.end - a, 3),
+                                     "chunks": len(r.chunk_times), "error": r.error[:160]})
         elif s.kind == "bad":
             o.bad_ok += not r.error
             if r.error:
@@ -175,7 +179,7 @@ def evaluate(results: list[Result], refs: dict[tuple[str, int, int | None], str]
     ttft = [r.ttft for r in timed if r.ttft is not None]
     itl = [x for r in timed for x in r.itls]
     return {"requests": len(results), "kinds": kinds, "cut_by_client": sum(r.cut for r in results),
-            "cut_by_router_kill": o.router_cut,
+            "cut_by_router_kill": o.router_cut, "router_cut_log": o.router_cut_log,
             "errors_to_clients": len([e for e in o.errors if e["kind"] != "bad"]), "bad_inputs_rejected": o.bad_ok,
             "streams_without_done": o.undone, "wrong_text": len(o.wrong), "error_kinds": error_kinds(o.errors),
             "errors": o.errors[:50], "wrong": o.wrong[:20],

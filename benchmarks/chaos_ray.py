@@ -185,7 +185,7 @@ class RouterWatch:
                 # A lambda that refers to nothing of this module: cloudpickle sends it by value (a module function
                 # goes by reference, and the actor would have to import this module).
                 pid, body = ray.get([actor.pid.remote(), actor.__ray_call__.remote(
-                    lambda a: a.app.state.service.metrics.render()[0])], timeout=5)
+                    lambda a: a.app.service.metrics.render()[0])], timeout=5)
             except (RayError, ValueError):  # down or restarting: it is sampled again once back
                 continue
             text = body.decode() if isinstance(body, bytes) else body
@@ -294,4 +294,24 @@ def soak_ray(cfg: SoakConfig, workdir: str) -> dict[str, Any]:
         report["router_rss"] = watch.stop()
         report["replaced"] = cluster.replaced()
     report["leaked_processes"] = cluster.leftovers
+    report["router_errors_logged"] = logged_errors(Path(workdir) / "ray-logs")
     return tally_after(report)
+
+
+# What uvicorn logs when an app raises (the connection is then closed without an answer, which a client sees as a
+# lost connection), and the generation front's catch-all (router/fast_path.py).
+LOGGED_ERRORS = ("Exception in ASGI application", "unhandled error on")
+
+
+def logged_errors(folder: Path) -> list[str]:
+    """Each router error the actors' logs hold (file name, the line and the last line of its traceback)."""
+    found = []
+    for f in sorted(folder.glob("worker-*")):
+        with contextlib.suppress(OSError):
+            lines = f.read_text(errors="replace").splitlines()
+            for i, line in enumerate(lines):
+                if any(e in line for e in LOGGED_ERRORS):
+                    tail = next((t for t in lines[i + 1:i + 80] if t and not t[0].isspace()
+                                 and not t.startswith("Traceback")), "")
+                    found.append(f"{f.name}: {line.strip()[:200]} / {tail[:300]}")
+    return found
