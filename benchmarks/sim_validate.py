@@ -41,6 +41,7 @@ from simulator.cost_model import CostModel
 from simulator.metrics import percentile
 from simulator.profile import Profile
 from simulator.trace import write_trace
+from worker.step_log import STEP_LOG_ENV
 
 MODES = {"disaggregated": 1, "colocated": 0}
 FIGURES = ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "goodput_req_s")
@@ -86,9 +87,11 @@ async def single_stream(url: str, model: str, n: int = 5) -> dict[str, float]:
 
 
 def per_request(results: list[serving.RequestResult]) -> list[list[float]]:
-    """[prompt, output tokens, TTFT ms, e2e ms, the request's p99 ITL ms] of each request, in trace order."""
+    """[prompt, output tokens, TTFT ms, e2e ms, the request's p99 ITL ms, its first gap ms (first to second token:
+    in a 1P+1D cluster the KV's move and the decode worker's next step)] of each request, in trace order."""
     return [[r.prompt_len, r.output_tokens, round(r.ttft * 1e3, 1), round(r.e2e * 1e3, 1),
-             round(percentile(r.itls, 99) * 1e3, 1) if r.itls else 0.0] for r in results]
+             round(percentile(r.itls, 99) * 1e3, 1) if r.itls else 0.0, round(r.itls[0] * 1e3, 1) if r.itls else 0.0]
+            for r in results]
 
 
 def real_run(a: argparse.Namespace, mode: str, path: str, trace: tuple[list[float], list[int], list[int]],
@@ -97,12 +100,24 @@ def real_run(a: argparse.Namespace, mode: str, path: str, trace: tuple[list[floa
     waits for a quiet machine (others keeping < --max-foreign cores busy); a try during which others kept more
     busy is spoiled and run again (up to --tries, fresh prompt tokens each time: no prefix-cache hits), and its
     figures are kept beside the one reported. Around it: one stream alone on the idle cluster (the serving path's
-    own cost), the cores others kept busy, each process's CPU-seconds, the load average."""
+    own cost), the cores others kept busy, each process's CPU-seconds, the load average, and each worker's steps
+    against the profile's cost model (alone and beside the other worker's: step_replay.worker_steps)."""
+    a.concurrency = 0
+    steps = os.path.join(os.path.dirname(path), f"{mode}-steps-{rate:g}")
+    os.environ[STEP_LOG_ENV] = steps  # the workers time each step (worker/step_log.py)
+    try:
+        return _real_run(a, mode, path, trace, rate, steps)
+    finally:
+        del os.environ[STEP_LOG_ENV]
+
+
+def _real_run(a: argparse.Namespace, mode: str, path: str, trace: tuple[list[float], list[int], list[int]],
+              rate: float, steps: str) -> tuple[dict[str, Any], dict[str, Any]]:
     from benchmarks.machine_load import ForeignCpu, wait_for_quiet
+    from benchmarks.step_replay import worker_steps  # which imports this module
     from deploy.local import LocalCluster
     from worker.server import free_port
 
-    a.concurrency = 0
     with LocalCluster(ClusterConfig.load(path), path, router_port=free_port(), quiet=True,
                       log_dir=os.path.join(os.path.dirname(path), mode)) as c:
         model = "smollm2" if a.device == "cpu" else a.tokenizer
@@ -111,7 +126,9 @@ def real_run(a: argparse.Namespace, mode: str, path: str, trace: tuple[list[floa
             quiet = wait_for_quiet(a.max_foreign, a.quiet_wait_s, pids=c.pids)
             around["alone"] = asyncio.run(single_stream(c.url, model))
             load, meter, cpu0 = os.getloadavg(), ForeignCpu(c.pids).start(), cluster_cpu_s(c)
+            since = time.time()
             results, duration = asyncio.run(replay(c.url, model, trace, 49152, a.seed + 1000 * attempt))
+            until = time.time()
             real = {**serving.summarize(results, duration, rate, a), "requests_each": per_request(results),
                     "interval_90": figure_intervals([r.ttft * 1e3 for r in results if r.ok],
                                                     [[g * 1e3 for g in r.itls] for r in results if r.ok])}
@@ -119,7 +136,9 @@ def real_run(a: argparse.Namespace, mode: str, path: str, trace: tuple[list[floa
                        "cpu_s": {k: round(v - cpu0.get(k, 0.0), 2) for k, v in cluster_cpu_s(c).items()},
                        "load_before": [round(x, 2) for x in load], "load_after": [round(x, 2) for x in os.getloadavg()]}
             if figures["foreign_cores"] <= a.max_foreign or attempt == a.tries - 1:
-                return real, {**around, **figures}
+                c.stop()  # the workers close their step logs
+                return real, {**around, **figures,
+                              "steps": worker_steps(steps, since, until, Profile.load(a.profile))}
             around["spoiled"].append({**figures, **{k: real[k] for k in FIGURES}})
             print(f"  {mode} rate {rate:g}: others kept {figures['foreign_cores']} cores busy, run again", flush=True)
     raise AssertionError("unreachable")
@@ -136,7 +155,8 @@ def simulate(a: argparse.Namespace, path: str, trace: tuple[list[float], list[in
              hop_ms: float, admit_ms: float = 0.0) -> dict[str, Any]:
     sim = SimConfig(slo_ttft_ms=a.slo_ttft_ms, slo_itl_ms=a.slo_itl_ms, hop_ms=hop_ms, admit_ms=admit_ms,
                     fast_forward=False,
-                    shared_device=True, keep_requests=True, sample_s=10.0, cpu_oversubscription=a.oversubscription)
+                    shared_device=True, keep_requests=True, sample_s=10.0, cpu_oversubscription=a.oversubscription,
+                    cpu_share=not a.no_cpu_share)
     c = Cluster(ClusterConfig.load(path), sim, prof)
     result = c.run(chunk_lists(*trace))
     reqs = sorted(c.collector.requests or [])
@@ -148,8 +168,8 @@ def simulate(a: argparse.Namespace, path: str, trace: tuple[list[float], list[in
             "ttft_p99_ms": round(percentile([r[3] for r in reqs], 99) * 1e3, 2),
             "itl_p50_ms": s["itl_p50_ms"], "itl_p99_ms": s["itl_p99_ms"],
             "goodput_req_s": round(good / duration, 3), "output_tok_s": round(sum(r[2] for r in reqs) / duration, 2),
-            "requests_each": [[r[1], r[2], round(r[3] * 1e3, 1), round(r[4] * 1e3, 1), round(r[5] * 1e3, 1)]
-                              for r in reqs],
+            "requests_each": [[r[1], r[2], round(r[3] * 1e3, 1), round(r[4] * 1e3, 1), round(r[5] * 1e3, 1),
+                               round(r[6] * 1e3, 1)] for r in reqs],
             "cpu_s": {getattr(k, "name", str(k)): round(v, 2) for k, v in getattr(c.device, "used", {}).items()}}
 
 
@@ -241,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--oversubscription", default="fair", choices=["fair", "measured"],
                    help="CPU workers whose threads outnumber the cores: fair shares, or the profile's measured "
                    "multipliers (default fair; see simulator/device.py)")
+    p.add_argument("--no-cpu-share", action="store_true", help="simulate CPU workers without a core share (each "
+                   "step keeps the threads it started with), where the real cluster runs with one (deploy/local.py)")
     p.add_argument("--hop-ms", type=float, default=1.0, help="simulated router <-> worker latency (default 1)")
     p.add_argument("--admit-ms", type=float, default=0.0, help="simulated router work per new request before it "
                    "reaches a worker (default 0; --calibrate measures it on the idle cluster)")

@@ -35,7 +35,7 @@ from engine.remote_kv import KVLease, KVProgress, KVReservation, RemoteKV
 from engine.request import FinishReason, InvalidRequestError, PromptLogprob, Request, RequestStatus, SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.spec_decode import build_proposer
-from engine.stats import EngineLoad, EngineStats
+from engine.stats import EngineLoad, EngineStats, StepShape
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,7 @@ class LLMEngine:
         overlap = config.overlap_steps if config.overlap_steps is not None else self.device.type == "cuda"
         self._lookahead = Lookahead(self._runner, self._kv, self._scheduler, self.stats, overlap)
         self.set_speculative(config.speculative)
+        self._step_observer: Callable[[StepShape], None] | None = None
 
     def set_speculative(self, spec: SpeculativeConfig | None) -> None:
         """Turn speculative decoding on, off or to another proposer, keeping the loaded target model.
@@ -297,6 +298,8 @@ class LLMEngine:
             self._scheduler.apply_proposals(out)
         for rid in out.preempted:  # its blocks went back: a puller must start over (new block ids)
             self._progress.forget(rid)
+        if self._step_observer is not None:
+            self._step_observer(StepShape.of(out))
         self._progress.begin(out)
         launched = self._lookahead.launch(out, draft_probs)
         self._progress.end()
@@ -309,6 +312,11 @@ class LLMEngine:
         if not self.has_unfinished():
             self._threads_idle()
         return results
+
+    def observe_steps(self, observer: Callable[[StepShape], None] | None) -> None:
+        """Call `observer` with each step's shape as the step is launched (None: stop). For benchmarks that hold
+        step times against a cost model (benchmarks/step_replay.py); nothing is computed without one."""
+        self._step_observer = observer
 
     def _threads_idle(self) -> None:
         """No step is coming: the other engines of the machine may take this one's cores (engine/cpu_threads.py)."""

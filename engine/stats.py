@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from engine.scheduler import SchedulerOutput
 
 
 def stat(help: str, default: float = 0) -> Any:  # noqa: A002 - Prometheus calls it help
@@ -87,3 +90,30 @@ class EngineLoad:
     kv_cached_blocks: int = stat("Full KV blocks in the worker's prefix cache")
     prefix_query_tokens: int = stat("Prompt tokens the worker looked up in its prefix cache since start")
     prefix_hit_tokens: int = stat("Prompt tokens the worker found in its prefix cache since start")
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """What one step computes, in the terms of a step-time model (simulator/cost_model.py): prompt tokens (chunks
+    of one or more prompts) with their attention pairs, and decode rows with their mean cached context."""
+
+    prompt_tokens: int  # tokens of prompt chunks (a recomputed request's sampled tokens count as prompt)
+    pairs: float  # (new token, earlier or same token) pairs those chunks attend over
+    decode_rows: int  # requests computing one token after all they know is cached
+    decode_context: float  # the decode rows' mean cached tokens (0 without rows)
+
+    @classmethod
+    def of(cls, out: SchedulerOutput) -> StepShape:
+        """The shape of a step as scheduled (before `Scheduler.update` moves the computed counts on)."""
+        prompt = rows = 0
+        pairs = context = 0.0
+        for s in out.scheduled:
+            r, n = s.request, s.num_new_tokens
+            done = r.num_computed_tokens
+            if n == 1 and done + 1 == r.num_tokens and done >= len(r.prompt_token_ids):
+                rows += 1
+                context += done
+            else:
+                prompt += n
+                pairs += n * (n + 1) / 2 + n * done
+        return cls(prompt, pairs, rows, context / rows if rows else 0.0)

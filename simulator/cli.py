@@ -74,6 +74,9 @@ def add_sim_flags(p: argparse.ArgumentParser) -> None:
     s.add_argument("--exact", action="store_true", help="one event per engine step (exact per-request gaps; slower)")
     s.add_argument("--shared-device", action="store_true", help="all replicas share one device (one GPU): "
                    "concurrent steps slow each other down")
+    s.add_argument("--no-cpu-share", action="store_true", help="with --shared-device and a CPU profile: CPU workers "
+                   "without a core share (each step keeps the threads it started with) instead of as clusters start "
+                   "them (engine.cpu_share: the cores split among the workers in a step, re-chosen within a layer)")
     s.add_argument("--sample-s", type=float, default=60.0, help="timeline resolution, seconds (default 60)")
     s.add_argument("--keep-requests", action="store_true", help="keep every request's figures (exact percentiles)")
 
@@ -113,7 +116,7 @@ def sim_config(a: argparse.Namespace) -> SimConfig:
     return SimConfig(slo_ttft_ms=a.slo_ttft_ms, slo_itl_ms=a.slo_itl_ms, hop_ms=a.hop_ms, admit_ms=a.admit_ms,
                      node_startup_s=a.node_startup_s, startup_s=a.startup_s, route_sample=a.route_sample,
                      fast_forward=not a.exact, shared_device=a.shared_device, sample_s=a.sample_s,
-                     keep_requests=a.keep_requests, seed=a.seed)
+                     cpu_share=not a.no_cpu_share, keep_requests=a.keep_requests, seed=a.seed)
 
 
 def simulate(a: argparse.Namespace) -> dict[str, Any]:

@@ -47,7 +47,7 @@ class Cluster:
         self.loop = EventLoop()
         self.router = SimRouter(self.router_cfg, sim.route_sample, sim.seed)
         self.collector = Collector(SLO(sim.slo_ttft_ms / 1e3, sim.slo_itl_ms / 1e3), sim.keep_requests)
-        self.device = shared_device(self.loop, prefill, sim.cpu_oversubscription) if sim.shared_device else None
+        self.device = shared_device(self.loop, prefill, sim.cpu_oversubscription, sim.cpu_share) if sim.shared_device else None
         self.hop = sim.hop_ms / 1e3
         self.admit = sim.admit_ms / 1e3
         self.nic_free: dict[str, float] = {}  # decode replica -> when its link finishes the pulls queued on it
@@ -157,7 +157,8 @@ class Cluster:
 
     def _done(self, req: SimRequest, t: float, itl_p99: float) -> None:
         self.in_flight -= 1
-        self.collector.finish(req.arrival, req.prompt, req.output, req.t_first - req.arrival, t - req.arrival, itl_p99)
+        self.collector.finish(req.arrival, req.prompt, req.output, req.t_first - req.arrival, t - req.arrival, itl_p99,
+                              req.first_gap)
 
     def _fail(self, req: SimRequest) -> None:
         self.in_flight -= 1
@@ -239,11 +240,13 @@ def chunk_lists(times: Iterable[float], prompts: Iterable[int], outputs: Iterabl
     return [([float(x) for x in times], [int(x) for x in prompts], [int(x) for x in outputs])]
 
 
-def shared_device(loop: EventLoop, profile: Profile, oversubscription: str = "fair") -> SharedDevice:
+def shared_device(loop: EventLoop, profile: Profile, oversubscription: str = "fair", cpu_share: bool = True
+                  ) -> SharedDevice:
     """The one machine or device every replica runs on: a CPU profile measured with adaptive threads (every core
     alone) shares its cores the way engine/cpu_threads.py does; anything else by the profile's co-run multipliers."""
     cores = int(profile.extra.get("threads_alone") or 0)
     if profile.gpus_per_replica == 0 and profile.extra.get("cpu_threads") == "adaptive" and cores > 0:
-        return CpuCores(loop, profile.co_run, cores, measured_oversubscription=oversubscription == "measured")
+        return CpuCores(loop, profile.co_run, cores, measured_oversubscription=oversubscription == "measured",
+                        share=cpu_share)
     return SharedDevice(loop, profile.co_run)
 

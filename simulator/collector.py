@@ -65,7 +65,8 @@ class Collector:
         self.gaps((first_ms + mid) / 2e3, rows * half - skip)
         self.gaps((mid + last_ms) / 2e3, rows * (k - half))
 
-    def finish(self, arrival: float, prompt: int, output: int, ttft: float, e2e: float, itl_p99: float) -> None:
+    def finish(self, arrival: float, prompt: int, output: int, ttft: float, e2e: float, itl_p99: float,
+               first_gap: float = 0.0) -> None:
         self.completed += 1
         self.output_tokens += output
         self.e2e.add(e2e)
@@ -78,7 +79,7 @@ class Collector:
         self.iv.done += 1
         self.iv.good += ok_ttft and ok_itl
         if self.requests is not None:
-            self.requests.append((arrival, prompt, output, ttft, e2e, itl_p99))
+            self.requests.append((arrival, prompt, output, ttft, e2e, itl_p99, first_gap))
 
     def fail(self) -> None:
         self.failed += 1

@@ -25,6 +25,10 @@ class SimConfig:
     # CPU workers on shared cores whose threads outnumber the cores: "fair" shares, or the profile's "measured"
     # oversubscribed multipliers (measured beside a co-runner that never pauses; they over-predict a real cluster)
     cpu_oversubscription: str = "fair"
+    # CPU workers on shared cores as `disagg serve` and deploy/local.py start them (engine.cpu_share): a worker
+    # re-chooses its threads within a layer whenever another starts or ends a step, the cores split among those in
+    # a step; false: each step keeps the threads it chose at its start (adaptive threads without a share)
+    cpu_share: bool = True
     sample_s: float = 60.0  # timeline resolution, seconds
     drain_timeout_s: float = 600.0  # a draining replica is stopped after this even if it still has work
     drain_grace_s: float = 600.0  # after the last arrival, how long requests still in flight may take to finish

@@ -7,14 +7,18 @@ decode step is slowed for those 100 ms only):
 - `SharedDevice` (a GPU, or any device without a better model): beside busy co-runners a step runs the profile's
   measured `co_run.prefill` / `co_run.decode` times slower; without those, `1 + others busy` times (processor
   sharing).
-- `CpuCores` (worker processes on one machine's cores): each replica picks its thread count at the start of a
-  step as engine/cpu_threads.py's adaptive rule does (the cores the others left idle over the last sample period,
-  at least one) and keeps it to the step's end. A step on every core alone runs at the profile's speed (the
-  profile is measured so); on one core `co_run` times slower, alone or beside others; on every core while others
-  run too (more threads than cores) by fair shares of the cores, or (`measured_oversubscription`)
-  `co_run.oversubscribed_*` times slower, as measured beside a co-runner that never pauses (a team of threads
-  waits at its barriers for the one descheduled: 3-6x for a prefill on 2 cores). Against real one-machine clusters
-  (benchmarks/RESULTS.md, 2026-12-05) fair shares under-predict and the measured multipliers over-predict.
+- `CpuCores` (worker processes on one machine's cores), with a share (`share`, engine.cpu_share, as clusters
+  start their workers): every step in flight re-chooses its threads whenever a replica starts or ends a step (the
+  engine does so within a layer), the cores split evenly among the replicas in a step, at least one each. Without
+  one, each replica picks its thread count at the start of a step as engine/cpu_threads.py's adaptive rule does
+  (the cores the others left idle over the last sample period, at least one) and keeps it to the step's end.
+  A step on every core alone runs at the profile's speed (the profile is measured so); on one core `co_run` times
+  slower, alone or beside others (with a share: times the fair share of a core when one-thread steps outnumber
+  the cores); without a share, on every core while others run too (more threads than cores) by fair shares of the
+  cores, or (`measured_oversubscription`) `co_run.oversubscribed_*` times slower, as measured beside a co-runner
+  that never pauses (a team of threads waits at its barriers for the one descheduled: 3-6x for a prefill on 2
+  cores). Against real one-machine clusters (benchmarks/RESULTS.md, 2026-12-05) those two under- and over-predict;
+  the share's rule is what the clusters run now.
 """
 
 from __future__ import annotations
@@ -99,8 +103,9 @@ class CpuCores(SharedDevice):
     """Worker processes on `cores` cores, each choosing its threads per step (engine/cpu_threads.py, adaptive)."""
 
     def __init__(self, loop: EventLoop, co_run: CoRunCosts | None, cores: int, period_s: float = 0.1,
-                 measured_oversubscription: bool = True) -> None:
+                 measured_oversubscription: bool = True, share: bool = False) -> None:
         super().__init__(loop, co_run)
+        self.share = share
         self.cores, self.period_s = max(1, cores), period_s
         self.measured_oversubscription = measured_oversubscription
         self.used: dict[Stepper, float] = {}  # core-seconds each replica has used
@@ -134,13 +139,18 @@ class CpuCores(SharedDevice):
         return min(1.0, self.cores / demand) if demand else 1.0
 
     def _rates(self) -> None:
+        if self.share:  # the steps in flight split the cores (and keep at least one thread each)
+            for s in self.steps.values():
+                s.threads = max(1, self.cores // len(self.steps))
         share, over = self._share(), self._oversubscribed()
         for s in self.steps.values():
             one = self.slowdown(s.prompt, 1) if self.cores > 1 else 1.0  # one thread's time over all cores'
             if s.threads == 1 and self.cores > 1:
-                s.rate = 1.0 / one  # beside busy co-runners as alone: what co_run measured
+                # beside busy co-runners as alone: what co_run measured; with a share, more one-thread steps than
+                # cores share them fairly (without one, the older model's rule stands)
+                s.rate = (share if self.share else 1.0) / one
                 continue
-            if share < 1.0 and over is not None:  # a team of threads with one of them descheduled at its barriers
+            if share < 1.0 and over is not None and not self.share:  # a team with one thread descheduled
                 s.rate = 1.0 / (over[0] if s.prompt else over[1])
                 continue
             frac = (s.threads - 1) / (self.cores - 1) if self.cores > 1 else 1.0

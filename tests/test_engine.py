@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from engine.config import CacheConfig, ConfigError, EngineConfig, SchedulerConfig
@@ -104,3 +106,28 @@ def test_config_validation() -> None:
         EngineConfig.from_dict({"modle": "x"})
     with pytest.raises(ConfigError, match="block_size"):
         EngineConfig.from_dict({"cache": {"block_size": 10}})
+
+
+def test_observed_step_shapes(engine: LLMEngine) -> None:
+    # What benchmarks/step_replay.py holds against the cost model: prompt chunks with their attention pairs, decode
+    # rows with the context they attend over.
+    from engine.stats import StepShape
+
+    shapes: list[StepShape] = []
+    engine.observe_steps(shapes.append)
+    try:
+        rng = random.Random(7)  # prompts no earlier test cached (a prefix-cache hit makes a shorter chunk)
+        engine.add_request("a", [rng.randrange(3, 384) for _ in range(40)], SamplingParams(max_tokens=3,
+                                                                                           temperature=0.0))
+        engine.step()
+        engine.step()
+        engine.add_request("b", [rng.randrange(3, 384) for _ in range(30)], SamplingParams(max_tokens=1,
+                                                                                           temperature=0.0))
+        engine.step()
+        while engine.has_unfinished():
+            engine.step()
+    finally:
+        engine.observe_steps(None)
+    assert shapes[:3] == [StepShape(40, 40 * 41 / 2, 0, 0.0), StepShape(0, 0.0, 1, 40.0),
+                          StepShape(30, 30 * 31 / 2, 1, 41.0)]
+    assert len(shapes) == 3

@@ -103,3 +103,29 @@ def test_a_cpu_worker_looks_again_only_after_the_sample_period() -> None:
     assert b.threads[:2] == [2, 2] and b.ends[:2] == [pytest.approx(0.02), pytest.approx(0.22)]
     # then a look: a used one core (2 threads x 1/2): one thread, 1.6 times slower than on both cores
     assert b.threads[2] == 1 and b.ends[2] == pytest.approx(0.22 + 0.1 * 1.6)
+
+
+def test_with_a_share_the_cores_are_split_while_both_step_and_given_back_at_once() -> None:
+    # engine.cpu_share (how clusters start their CPU workers): a worker re-chooses its threads within a layer when
+    # another starts or ends a step. The prefill runs on both cores alone, on one (co_run: 2x slower) while the
+    # decode step runs, and on both again the moment it ends; the decode step, one core beside it (1.6x).
+    loop = EventLoop()
+    dev = CpuCores(loop, CoRunCosts(prefill=2.0, decode=1.6), cores=2, share=True)
+    pre, dec = Worker(loop, dev, [(1000.0, True)]), Worker(loop, dev, [(100.0, False)])
+    loop.at(0.0, pre.go)
+    loop.at(0.5, dec.go)
+    loop.run_until(100.0)
+    assert dec.threads == [1] and dec.ends == [pytest.approx(0.5 + 0.16)]
+    assert pre.ends == [pytest.approx(0.66 + (500 - 160 / 2) / 1e3)]  # 80 ms of work done beside it
+    assert dev.steps == {}
+
+
+def test_with_a_share_more_one_thread_steps_than_cores_share_them() -> None:
+    loop = EventLoop()
+    dev = CpuCores(loop, CoRunCosts(prefill=2.0, decode=2.0), cores=2, share=True)
+    ws = [Worker(loop, dev, [(100.0, False)]) for _ in range(4)]
+    for w in ws:
+        loop.at(0.0, w.go)
+    loop.run_until(100.0)
+    # one thread each (co_run: 2x) on half a core each (4 threads, 2 cores): 4x slower
+    assert [w.ends[0] for w in ws] == [pytest.approx(0.4)] * 4

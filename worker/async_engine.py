@@ -19,6 +19,7 @@ from engine.engine import LLMEngine, StepOutput
 from engine.remote_kv import KVReservation
 from engine.request import InvalidRequestError, Request, SamplingParams
 from engine.stats import EngineLoad
+from worker.step_log import StepLog
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,9 @@ Sink = Callable[[StepOutput], None]  # where a request's outputs go, one call pe
 class AsyncEngine:
     """An engine loop task plus per-request output queues."""
 
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, step_log: StepLog | None = None) -> None:
         self.engine = engine
+        self._step_log = step_log  # worker/step_log.py: each step timed and written (benchmarks)
         self.snapshot: EngineLoad = engine.load()  # read between steps, so RPC handlers never touch live queues
         self._sinks: dict[str, Sink] = {}
         self._pending: list[tuple[Callable[[], Any], asyncio.Future | None]] = []
@@ -52,6 +54,8 @@ class AsyncEngine:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         self._executor.shutdown(wait=True)
+        if self._step_log is not None:
+            self._step_log.close()
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
                     output_token_ids: list[int] | None = None, lease_s: float | None = None
@@ -158,7 +162,8 @@ class AsyncEngine:
                     hook()
                 if self.engine.has_unfinished():
                     steps = self.engine.stats.steps
-                    outputs = await loop.run_in_executor(self._executor, self.engine.step)
+                    step = self._step_log.step if self._step_log is not None else self.engine.step
+                    outputs = await loop.run_in_executor(self._executor, step)
                     self._dispatch(outputs)
                     self.snapshot = self.engine.load()
                     if self.engine.stats.steps == steps:  # nothing could run (held back: a grammar compiling,

@@ -39,6 +39,7 @@ from worker.async_engine import AsyncEngine
 from worker.config import WorkerConfig
 from worker.kv_agents import WorkerAgents
 from worker.servicer import WorkerServicerBase
+from worker.step_log import StepLog
 
 log = logging.getLogger("worker")
 
@@ -88,7 +89,7 @@ async def serve(config: WorkerConfig, ready_line: bool = True) -> int:
 
 
 async def _serve(config: WorkerConfig, engine: LLMEngine, address: str, ready_line: bool) -> int:
-    aengine = AsyncEngine(engine)
+    aengine = AsyncEngine(engine, StepLog.from_env(engine, config.worker_id))
     service = build_service(config, aengine, address)
     server = grpc.aio.server(options=GRPC_OPTIONS)
     disagg_pb2_grpc.add_WorkerServicer_to_server(service, server)

@@ -1,0 +1,64 @@
+"""A worker's record of its engine steps, for benchmarks that hold a real cluster against the simulator.
+
+With $DISAGG_STEP_LOG naming a folder, a worker appends one JSON line per step that ran the model to
+`<folder>/<worker id>.jsonl`: when it started (`t`, Unix seconds, so the logs of a machine's workers line up), how
+long it took (`ms`, the engine's `step` alone, on its executor thread), what it computed (`StepShape`: prompt
+tokens, attention pairs, decode rows, their mean context) and how many requests were still running after it.
+benchmarks/sim_validate.py sets it for its real runs and compares each worker's steps with the profile's cost
+model, apart and while the machine's other worker was in a step (what the simulator's sharing of cores has to
+model), and the time between steps. Without it nothing is observed or written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import IO
+
+from engine.engine import LLMEngine, StepOutput
+from engine.stats import StepShape
+
+STEP_LOG_ENV = "DISAGG_STEP_LOG"
+
+
+class StepLog:
+    """Times `engine.step` and writes each step's line (call `step` on the engine's thread)."""
+
+    def __init__(self, engine: LLMEngine, path: str) -> None:
+        self.engine = engine
+        self._file: IO[str] = open(path, "a", buffering=1 << 16)  # noqa: SIM115 - closed by close()
+        self._shape: StepShape | None = None
+        engine.observe_steps(self._observe)
+
+    @classmethod
+    def from_env(cls, engine: LLMEngine, worker_id: str) -> StepLog | None:
+        folder = os.environ.get(STEP_LOG_ENV, "")
+        if not folder:
+            return None
+        os.makedirs(folder, exist_ok=True)
+        return cls(engine, os.path.join(folder, f"{worker_id.replace('@', '-').replace('/', '-')}.jsonl"))
+
+    def _observe(self, shape: StepShape) -> None:
+        self._shape = shape
+
+    def step(self) -> list[StepOutput]:
+        t, start = time.time(), time.perf_counter()
+        out = self.engine.step()
+        ms = (time.perf_counter() - start) * 1e3
+        shape, self._shape = self._shape, None
+        if shape is not None:  # a step that scheduled nothing ran no model
+            self._file.write(json.dumps({"t": round(t, 6), "ms": round(ms, 3), "prompt_tokens": shape.prompt_tokens,
+                                         "pairs": shape.pairs, "decode_rows": shape.decode_rows,
+                                         "decode_context": round(shape.decode_context, 1),
+                                         "running_after": self.engine.load().num_running}) + "\n")
+        return out
+
+    def close(self) -> None:
+        self.engine.observe_steps(None)
+        self._file.close()
+
+
+def read_step_log(path: str) -> list[dict[str, float]]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
