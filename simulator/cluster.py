@@ -118,6 +118,9 @@ class Cluster:
         if req.prefill_at is None:
             d.add(req)  # no KV anywhere: the decode worker prefills locally
             return
+        d.between_steps(lambda: self._reserve(req, d))  # the worker reserves the blocks between two steps
+
+    def _reserve(self, req: SimRequest, d: Replica) -> None:
         if not d.reserve(req):  # no free blocks for the pull: recompute here (decode_worker/kv_pull.py)
             self._release(req)
             req.recomputes += 1

@@ -18,6 +18,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol
 
 from engine.config import SchedulerConfig
@@ -75,6 +76,7 @@ class Replica:
         # second token, first step ms, ms added per later step)
         self._run: tuple[int, int, float, float, list[tuple[SimRequest, int]], list[SimRequest], float, float] | None = None
         self.steps = 0  # engine steps run (a fast-forwarded run of k counts k)
+        self._between: list[Callable[[], None]] = []  # to run where the step in flight ends (between_steps)
 
     # ---- what comes in ------------------------------------------------------------------------------------------
     def add(self, req: SimRequest) -> None:
@@ -129,11 +131,23 @@ class Replica:
         return self.segs[max(0, req.seg_index - self.seg_base):]
 
     # ---- stepping ----------------------------------------------------------------------------------------------
+    def between_steps(self, fn: Callable[[], None]) -> None:
+        """Run `fn` where the worker's loop runs what it is handed (worker/async_engine.py run_between_steps, as a
+        decode worker reserves a pull's blocks): now when idle, else where the step in flight ends."""
+        if not self.busy:
+            fn()
+            return
+        self._between.append(fn)
+        self._cut()
+
     def _kick(self) -> None:
         """New work: start a step if idle; cut a fast-forwarded run at the end of the step in progress."""
         if not self.busy:
             self._start(self.loop.now)
             return
+        self._cut()
+
+    def _cut(self) -> None:
         run = self._run
         if run is None or run[0] <= 1:
             return
@@ -266,6 +280,9 @@ class Replica:
             if epoch == req.epoch and req.rid in self.decoding:
                 self._leave(req)
                 self.listener.on_finish(req, self, t)
+        todo, self._between = self._between, []
+        for fn in todo:
+            fn()
         self._start(t)
 
     def _append_segment(self, ms: float) -> None:

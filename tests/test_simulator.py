@@ -225,3 +225,27 @@ def test_kv_pressure_preempts_and_every_request_still_finishes() -> None:
     assert result["summary"]["completed"] == 300
     assert c.pools["decode"].slots[0].replica.used_blocks() == pytest.approx(0.0, abs=1e-9)
     assert math.isfinite(result["summary"]["ttft_p99_ms"])
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_work_handed_to_a_busy_replica_runs_where_its_step_ends(fast: bool) -> None:
+    """A decode worker reserves a pull's blocks between two steps (worker/async_engine.py run_between_steps): handed
+    over mid-step it waits for that step's end (a fast-forwarded run is cut there), and at once when idle."""
+    from engine.config import SchedulerConfig
+
+    prof = profile()
+    loop, sink = EventLoop(), Sink()
+    r = Replica("d", "decode", CostModel(prof), SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=4096),
+                10**6, 16, loop, sink, fast_forward=fast)
+    req = SimRequest(0, 0.0, 100, 50)
+    req.generated, req.t_first = 1, 0.0
+    assert r.reserve(req)
+    r.pulled(req)
+    step_s = CostModel(prof).decode_ms(1, 0) / 1e3
+    ran: list[float] = []
+    loop.at(2.5 * step_s, lambda _=None: r.between_steps(lambda: ran.append(loop.now)))
+    loop.run_until(1e9)
+    assert ran == [pytest.approx(3 * step_s)]
+    assert [t for t, _ in sink.finished] == [pytest.approx(49 * step_s)]  # the cut run changed nothing else
+    r.between_steps(lambda: ran.append(loop.now))  # idle: now
+    assert ran[1] == loop.now
