@@ -1,16 +1,22 @@
 """What a second busy process on the same machine or GPU costs a worker's steps (`disagg profile`'s co-run).
 
-Beside a process that keeps the rest of the machine busy (one core of matmuls on a CPU; bf16 matmuls on the same
-GPU), over the same alone:
-- `prefill`, `decode`: the engine as a worker runs it. A CPU engine with adaptive threads (engine/cpu_threads.py)
-  sees the busy core and runs on the cores left.
-- `oversubscribed_prefill`, `oversubscribed_decode` (CPU): an engine on every core beside it, which is what an
-  adaptive engine that looked while the machine was idle runs until its step ends. Its threads then outnumber the
-  cores, and a team of threads that meets at barriers waits for whichever one was descheduled.
+Over the same steps alone:
+- `prefill`, `decode`: the engine as a worker runs it, beside the other role's worker: a prefill beside a process
+  running this engine's decode steps (the batch and context below, rows re-added as they finish), a decode step
+  beside one running its prefills back to back, both processes in one core share on a CPU (engine.cpu_share, as
+  clusters start their workers). That is the pairing of a 1P+1D cluster on one machine or GPU. Against real
+  1P+1D CPU runs, the older co-runner (matmuls that never pause, `--co-run-with matmul`) over-charged a prefill
+  beside decode steps by 5-10% (benchmarks/RESULTS.md, 2026-12-05 evening).
+- `oversubscribed_prefill`, `oversubscribed_decode` (CPU): an engine on every core beside the matmuls, which is
+  what an adaptive engine without a share that looked while the machine was idle runs until its step ends. Its
+  threads then outnumber the cores, and a team of threads that meets at barriers waits for whichever one was
+  descheduled.
 """
 
 from __future__ import annotations
 
+import itertools
+import os
 import statistics
 import subprocess
 import sys
@@ -19,6 +25,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from typing import Any
+
+import torch
 
 from benchmarks.machine_load import Alone
 from benchmarks.profile_steps import Tokens, decode_ms, run_prompt
@@ -34,12 +42,14 @@ CO_RUNNERS = {  # a process that keeps the rest of the machine busy until killed
 
 
 @contextmanager
-def busy_beside(gpu: bool) -> Iterator[None]:
-    """A co-runner process keeping the rest of the machine (or the same GPU) busy while the block runs."""
-    proc = subprocess.Popen([sys.executable, "-c", CO_RUNNERS["cuda" if gpu else "cpu"]], stdout=subprocess.PIPE,
-                            text=True)
+def busy_beside(gpu: bool, engine_args: list[str] | None = None, role: str = "") -> Iterator[None]:
+    """A co-runner process keeping the rest of the machine (or the same GPU) busy while the block runs: matmuls,
+    or with `engine_args` (disagg profile's arguments) this engine running `role`'s steps (`run_role`)."""
+    cmd = [sys.executable, "-m", "benchmarks.profile_corun", role, *engine_args] if engine_args is not None \
+        else [sys.executable, "-c", CO_RUNNERS["cuda" if gpu else "cpu"]]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "go"
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "go", f"co-runner {cmd[2:4]} failed"
         time.sleep(0.5)  # an adaptive engine sees the co-runner's core busy
         yield
     finally:
@@ -47,28 +57,77 @@ def busy_beside(gpu: bool) -> Iterator[None]:
         proc.wait()
 
 
-def co_run(eng: LLMEngine, toks: Tokens, device: str, repeat: int, alone_check: Alone,
-           all_cores: Callable[[], LLMEngine] | None = None) -> CoRunCosts:
-    """The multipliers (module docstring). `all_cores` builds an engine fixed on every core (CPU only)."""
-    gpu = device.startswith("cuda")
-    n, batch, ctx = (2048, 32, 1024) if gpu else (256, 4, 256)
+def shape(device: str) -> tuple[int, int, int]:
+    """(prompt tokens, decode batch, decode context) of the co-run measurements."""
+    return (2048, 32, 1024) if device.startswith("cuda") else (256, 4, 256)
 
-    def measure(e: LLMEngine, check: Callable[[Callable[[], Any]], Any]) -> tuple[float, float]:
-        pre = statistics.median(check(partial(run_prompt, e, f"co{i}-{time.monotonic_ns()}", toks.take(n), device))
-                                for i in range(repeat))
-        return pre, decode_ms(e, toks, batch, ctx, 8, device, check) or 0.0
+
+def co_run(eng: LLMEngine, toks: Tokens, device: str, repeat: int, alone_check: Alone,
+           all_cores: Callable[[], LLMEngine] | None = None, engine_args: list[str] | None = None) -> CoRunCosts:
+    """The multipliers (module docstring). `all_cores` builds an engine fixed on every core (CPU only);
+    `engine_args` (disagg profile's arguments): the co-runner is this engine running the other role's steps, else
+    matmuls."""
+    gpu = device.startswith("cuda")
+    n, batch, ctx = shape(device)
+
+    def prefill(e: LLMEngine, check: Callable[[Callable[[], Any]], Any]) -> float:
+        return statistics.median(check(partial(run_prompt, e, f"co{i}-{time.monotonic_ns()}", toks.take(n), device))
+                                 for i in range(repeat))
+
+    def decode(e: LLMEngine, check: Callable[[Callable[[], Any]], Any]) -> float:
+        return decode_ms(e, toks, batch, ctx, 8, device, check) or 0.0
+
+    def plain(f: Callable[[], Any]) -> Any:
+        return f()
 
     fixed = all_cores() if all_cores is not None and not gpu else None
-    alone = measure(eng, alone_check)
-    fixed_alone = measure(fixed, lambda f: f()) if fixed is not None else (0.0, 0.0)
-    with busy_beside(gpu):
-        busy = measure(eng, lambda f: f())
-        threads = "" if gpu else f" (this engine on {eng.stats.cpu_threads} thread(s) beside it)"
-        over = measure(fixed, lambda f: f()) if fixed is not None else (0.0, 0.0)
+    alone = (prefill(eng, alone_check), decode(eng, alone_check))
+    fixed_alone = (prefill(fixed, plain), decode(fixed, plain)) if fixed is not None else (0.0, 0.0)
+    with busy_beside(gpu, engine_args, "decode"):
+        busy_prefill, threads = prefill(eng, plain), eng.stats.cpu_threads
+    with busy_beside(gpu, engine_args, "prefill"):
+        busy = (busy_prefill, decode(eng, plain))
+    over = (0.0, 0.0)
+    if fixed is not None:
+        with busy_beside(gpu):
+            over = (prefill(fixed, plain), decode(fixed, plain))
     ratio = [round(max(1.0, b / a), 3) if a else 0.0 for b, a in zip((*busy, *over), (*alone, *fixed_alone),
                                                                         strict=True)]
+    beside = "the other role's steps of this engine (prefill beside decode steps, decode beside prefills)" \
+        if engine_args is not None else \
+        ("bf16 8192^3 matmuls on the same GPU" if gpu else "fp32 768^3 matmuls, 1 thread")
     return CoRunCosts(prefill=ratio[0], decode=ratio[1], oversubscribed_prefill=ratio[2],
                       oversubscribed_decode=ratio[3],
-                      note=f"prefill of {n} tokens and decode of {batch} x {ctx}, alone and beside a process "
-                           f"running {'bf16 8192^3 matmuls on the same GPU' if gpu else 'fp32 768^3 matmuls, 1 thread'}"
-                           + threads + ("; oversubscribed: an engine fixed on every core beside it" if fixed else ""))
+                      note=f"prefill of {n} tokens and decode of {batch} x {ctx}, alone and beside a process running "
+                           f"{beside}" + ("" if gpu else f" (this engine's prefill on {threads} thread(s) beside it)")
+                           + ("; oversubscribed: an engine fixed on every core beside matmuls" if fixed else ""))
+
+
+def run_role(role: str, argv: list[str]) -> None:
+    """The engine co-runner: `role`'s steps for ever (prompts back to back, or a decode batch whose rows are
+    re-added as they finish), after printing "go". Run as `python -m benchmarks.profile_corun ROLE ARGS...`
+    with disagg profile's arguments; killed by the profile."""
+    from benchmarks.given_kv import receive_given_kv
+    from benchmarks.profiler import build_engine, parse
+    from engine.request import SamplingParams
+
+    a = parse(argv)
+    if not a.device.startswith("cuda"):
+        torch.set_num_threads(a.threads or max(1, (os.cpu_count() or 2) // 2))
+    eng, _ = build_engine(a)
+    toks, (n, batch, ctx) = Tokens(eng.model_config.vocab_size), shape(a.device)
+    run_prompt(eng, "warm", toks.take(32), a.device)
+    print("go", flush=True)
+    for i in itertools.count():
+        if role == "prefill":
+            run_prompt(eng, f"p{i}", toks.take(n), a.device)
+            continue
+        if not eng.has_unfinished():
+            params = SamplingParams(max_tokens=eng.max_model_len - ctx - 16, temperature=0, ignore_eos=True)
+            for j in range(batch):
+                receive_given_kv(eng, f"d{i}-{j}", toks.take(ctx), params)
+        eng.step()
+
+
+if __name__ == "__main__":
+    run_role(sys.argv[1], sys.argv[2:])

@@ -13,14 +13,16 @@ the time to build the engine plus a fresh interpreter's imports of the worker.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import itertools
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
@@ -32,6 +34,7 @@ from benchmarks.profile_corun import co_run
 from benchmarks.profile_serving import step_overhead_ms
 from benchmarks.profile_steps import Tokens, decode_ms, run_prompt
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from engine.cpu_threads import SHARE_ENV
 from engine.engine import LLMEngine
 from simulator.profile import (
     ChunkCost,
@@ -207,7 +210,7 @@ def profile(a: argparse.Namespace) -> Profile:
     serving = timed("serving loop", lambda: serving_costs(eng, toks, contexts[0], a)) if a.serving else None
     transfer = timed("transfer", lambda: transfer_costs(a.transfer_backend, a.device, a.repeat))
     corun = timed("co-run", lambda: co_run(eng, toks, a.device, a.repeat, alone, lambda: build_engine(
-        a, len(os.sched_getaffinity(0)))[0])) if a.co_run else None
+        a, len(os.sched_getaffinity(0)))[0], a.argv if a.co_run_with == "engine" else None)) if a.co_run else None
     when = datetime.date.today().isoformat()
     return Profile(
         name=a.name or f"{a.device}-{a.dummy or a.model}", device=device_name(a.device), model=model_summary(eng, a),
@@ -235,6 +238,24 @@ def serving_costs(eng: LLMEngine, toks: Tokens, ctx: int, a: argparse.Namespace)
                         by_batch=by_batch)
 
 
+@contextlib.contextmanager
+def core_share(wanted: bool) -> Iterator[None]:
+    """The engine under test and its engine co-runner in one core share (engine/cpu_threads.py), as a cluster's
+    workers are: $DISAGG_CPU_SHARE set for this process and its children (unless set already), removed after."""
+    if not wanted or os.environ.get(SHARE_ENV):
+        yield
+        return
+    path = os.path.join("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir(),
+                        f"disagg-profile-cores-{os.getpid()}")
+    os.environ[SHARE_ENV] = path
+    try:
+        yield
+    finally:
+        del os.environ[SHARE_ENV]
+        with contextlib.suppress(OSError):
+            os.remove(path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="disagg profile", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -255,7 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default tcp on cpu, cuda_ipc on cuda)")
     p.add_argument("--repeat", type=int, default=3, help="repetitions per prefill point, median kept (default 3)")
     p.add_argument("--no-co-run", dest="co_run", action="store_false", help="skip timing steps beside a busy "
-                   "co-runner process (what a second worker on the same host or GPU costs; ~30 s)")
+                   "co-runner process (what a second worker on the same host or GPU costs; ~30 s beside matmuls, "
+                   "~90 s beside an engine on a 2-core CPU)")
+    p.add_argument("--co-run-with", choices=["engine", "matmul"], help="the co-runner: this engine running the "
+                   "other role's steps (a prefill beside decode steps, a decode step beside prefills; the pairing of a "
+                   "1P+1D cluster on one device) or a process of matmuls (default: engine on cpu; matmul on cuda, "
+                   "where a second engine needs a second copy of the weights beside this one's KV cache)")
     p.add_argument("--no-serving", dest="serving", action="store_false", help="skip timing decode steps through "
                    "the worker's serving loop (worker/async_engine.py) against engine.step alone (~10 s on a GPU)")
     p.add_argument("--name", default="", help="profile name (default DEVICE-MODEL)")
@@ -282,6 +308,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     a.chunk_tokens, a.chunk_context = int(n), cs
     a.dtype = a.dtype or ("bfloat16" if gpu else "float32")
     a.transfer_backend = a.transfer_backend or ("cuda_ipc" if gpu else "tcp")
+    a.co_run_with = a.co_run_with or ("matmul" if gpu else "engine")
     a.argv = argv
     return a
 
@@ -290,7 +317,8 @@ def main(argv: list[str] | None = None) -> Profile:
     a = parse(argv)
     if not a.device.startswith("cuda"):
         torch.set_num_threads(a.threads or max(1, (os.cpu_count() or 2) // 2))
-    prof = profile(a)
+    with core_share(not a.device.startswith("cuda") and a.co_run and a.co_run_with == "engine"):
+        prof = profile(a)
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     prof.save(a.out)
     print(f"wrote {a.out}: prefill {dict(zip(prof.prefill.tokens, prof.prefill.ms, strict=True))} ms, decode batch "
