@@ -42,7 +42,7 @@ CO_RUNNERS = {  # a process that keeps the rest of the machine busy until killed
 
 
 @contextmanager
-def busy_beside(gpu: bool, engine_args: list[str] | None = None, role: str = "") -> Iterator[None]:
+def busy_beside(gpu: bool, engine_args: list[str] | None = None, role: str = "") -> Iterator[subprocess.Popen]:
     """A co-runner process keeping the rest of the machine (or the same GPU) busy while the block runs: matmuls,
     or with `engine_args` (disagg profile's arguments) this engine running `role`'s steps (`run_role`)."""
     cmd = [sys.executable, "-m", "benchmarks.profile_corun", role, *engine_args] if engine_args is not None \
@@ -51,7 +51,7 @@ def busy_beside(gpu: bool, engine_args: list[str] | None = None, role: str = "")
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "go", f"co-runner {cmd[2:4]} failed"
         time.sleep(0.5)  # an adaptive engine sees the co-runner's core busy
-        yield
+        yield proc
     finally:
         proc.kill()
         proc.wait()
@@ -123,7 +123,8 @@ def run_role(role: str, argv: list[str]) -> None:
             run_prompt(eng, f"p{i}", toks.take(n), a.device)
             continue
         if not eng.has_unfinished():
-            params = SamplingParams(max_tokens=eng.max_model_len - ctx - 16, temperature=0, ignore_eos=True)
+            # contexts stay near `ctx` (rows re-added every 256 steps), as the measured decode step's are
+            params = SamplingParams(max_tokens=min(256, eng.max_model_len - ctx - 16), temperature=0, ignore_eos=True)
             for j in range(batch):
                 receive_given_kv(eng, f"d{i}-{j}", toks.take(ctx), params)
         eng.step()
