@@ -111,6 +111,8 @@ def run_role(role: str, argv: list[str]) -> None:
     from benchmarks.profiler import build_engine, parse
     from engine.request import SamplingParams
 
+    if role not in ("prefill", "decode"):
+        raise SystemExit(f"co-runner role must be prefill or decode, got {role!r}")
     a = parse(argv)
     if not a.device.startswith("cuda"):
         torch.set_num_threads(a.threads or max(1, (os.cpu_count() or 2) // 2))

@@ -33,6 +33,7 @@ import yaml
 from benchmarks import serving
 from benchmarks.bootstrap import figure_intervals
 from benchmarks.serving_compare import cluster_yaml
+from benchmarks.step_costs import worker_steps
 from deploy.config import ClusterConfig
 from kvtransfer.registry import known_backends
 from simulator.cluster import Cluster, chunk_lists
@@ -101,7 +102,7 @@ def real_run(a: argparse.Namespace, mode: str, path: str, trace: tuple[list[floa
     busy is spoiled and run again (up to --tries, fresh prompt tokens each time: no prefix-cache hits), and its
     figures are kept beside the one reported. Around it: one stream alone on the idle cluster (the serving path's
     own cost), the cores others kept busy, each process's CPU-seconds, the load average, and each worker's steps
-    against the profile's cost model (alone and beside the other worker's: step_replay.worker_steps)."""
+    against the profile's cost model (alone and beside the other worker's: step_costs.worker_steps)."""
     a.concurrency = 0
     steps = os.path.join(os.path.dirname(path), f"{mode}-steps-{rate:g}")
     os.environ[STEP_LOG_ENV] = steps  # the workers time each step (worker/step_log.py)
@@ -114,7 +115,6 @@ def real_run(a: argparse.Namespace, mode: str, path: str, trace: tuple[list[floa
 def _real_run(a: argparse.Namespace, mode: str, path: str, trace: tuple[list[float], list[int], list[int]],
               rate: float, steps: str) -> tuple[dict[str, Any], dict[str, Any]]:
     from benchmarks.machine_load import ForeignCpu, wait_for_quiet
-    from benchmarks.step_replay import worker_steps  # which imports this module
     from deploy.local import LocalCluster
     from worker.server import free_port
 

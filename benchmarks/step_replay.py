@@ -21,17 +21,16 @@ measured step times.
 from __future__ import annotations
 
 import argparse
-import bisect
 import dataclasses
 import json
 import os
 import random
-import statistics
 import time
 from typing import Any
 
 from benchmarks import serving
 from benchmarks.sim_validate import make_trace
+from benchmarks.step_costs import by_kind, modelled
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.request import SamplingParams
@@ -69,85 +68,6 @@ def replay(eng: LLMEngine, trace: tuple[list[float], list[int], list[int]], voca
             times[int(o.request_id)].extend([end - t0] * len(o.new_token_ids))
     eng.observe_steps(None)
     return steps, times
-
-
-def kind(row: dict[str, Any]) -> str:
-    return "decode" if not row["prompt_tokens"] else "prompt" if not row["decode_rows"] else "mixed"
-
-
-def modelled(rows: list[dict[str, Any]], model: CostModel) -> list[dict[str, Any]]:
-    """Each step (a StepShape's fields and its measured `ms`) with its kind and the cost model's ms for its shape
-    (the worker loop's overhead left out: it is not in a step's own time)."""
-    return [{**r, "kind": kind(r), "model_ms": round(model.step_ms(r["prompt_tokens"], r["pairs"], r["decode_rows"],
-                                                                   r["decode_context"]) - model.overhead, 2)}
-            for r in rows]
-
-
-def by_kind(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Measured / modelled step time by kind of step: the sums and the ratio's p10 / p50 / p90."""
-    out: dict[str, Any] = {}
-    for k in ("decode", "prompt", "mixed"):
-        mine = [r for r in rows if r["kind"] == k]
-        if not mine:
-            continue
-        ratios = sorted(r["ms"] / r["model_ms"] for r in mine)
-        ms = sorted(r["ms"] for r in mine)
-        out[k] = {"steps": len(mine), "ms": round(sum(ms)), "ms_p50": round(percentile(ms, 50), 1),
-                  "ms_p99": round(percentile(ms, 99), 1), "ms_max": round(ms[-1], 1),
-                  "model_ms": round(sum(r["model_ms"] for r in mine)),
-                  "ratio_p10": round(percentile(ratios, 10), 3), "ratio_p50": round(statistics.median(ratios), 3),
-                  "ratio_p90": round(percentile(ratios, 90), 3)}
-    return out
-
-
-def overlaps(logs: dict[str, list[dict[str, Any]]]) -> None:
-    """Set each step's `overlap`: the share of its time during which another worker of the machine was in a step
-    (step logs of one machine: `t` in Unix seconds)."""
-    spans = {name: sorted((r["t"], r["t"] + r["ms"] / 1e3) for r in rows) for name, rows in logs.items()}
-    for name, rows in logs.items():
-        others = sorted(s for other, ss in spans.items() if other != name for s in ss)
-        starts = [a for a, _ in others]
-        for r in rows:
-            a, b = r["t"], r["t"] + r["ms"] / 1e3
-            i = max(0, bisect.bisect_left(starts, a) - len(logs))  # a step of each other worker may span a
-            busy = 0.0
-            while i < len(others) and others[i][0] < b:
-                busy += max(0.0, min(b, others[i][1]) - max(a, others[i][0]))
-                i += 1
-            r["overlap"] = round(busy / (b - a), 3) if b > a else 0.0
-
-
-def worker_steps(folder: str, since: float, until: float, prof: Profile) -> dict[str, Any]:
-    """Each worker's step log (worker/step_log.py) over [since, until] (Unix seconds) against the cost model, by
-    kind of step: all of them, those that ran alone (another worker in a step < 10% of the time) and those beside
-    another worker's step (>= 50%)."""
-    from worker.step_log import read_step_log
-
-    logs = {f.removesuffix(".jsonl"): [r for r in read_step_log(os.path.join(folder, f)) if since <= r["t"] <= until]
-            for f in sorted(os.listdir(folder)) if f.endswith(".jsonl")}
-    overlaps(logs)
-    model = CostModel(prof)
-    out = {}
-    for name, rows in logs.items():
-        rows = modelled(rows, model)
-        # From one step's end to the next one's start while requests were running (the serving loop's own time:
-        # outputs to the streams, new requests in, KV pulls), beside the steps'.
-        between = [((b["t"] - a["t"]) * 1e3 - a["ms"], a, b) for a, b in zip(rows, rows[1:], strict=False)
-                   if a.get("running_after", 1)]
-        gaps = sorted(g for g, _, _ in between)
-        out[name] = {"all": by_kind(rows), "alone": by_kind([r for r in rows if r["overlap"] < 0.1]),
-                     "beside": by_kind([r for r in rows if r["overlap"] >= 0.5]),
-                     "between_steps_ms": {"p50": round(percentile(gaps, 50), 2), "p99": round(percentile(gaps, 99), 2),
-                                          "max": round(gaps[-1], 2)} if gaps else {},
-                     "longest_between": [{"ms": round(g, 1), "at_s": round(a["t"] + a["ms"] / 1e3 - since, 3),
-                                          "before": _brief(a), "after": _brief(b)}
-                                         for g, a, b in sorted(between, key=lambda x: -x[0])[:8]]}
-    return out
-
-
-def _brief(row: dict[str, Any]) -> str:
-    return (f"{row['prompt_tokens']}p+{row['decode_rows']}d {row['ms']:.0f}ms, {row.get('running_after', '?')} running "
-            f"after, overlap {row['overlap']}")
 
 
 def figures(times: list[list[float]]) -> dict[str, float]:

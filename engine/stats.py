@@ -97,7 +97,8 @@ class StepShape:
     """What one step computes, in the terms of a step-time model (simulator/cost_model.py): prompt tokens (chunks
     of one or more prompts) with their attention pairs, and decode rows with their mean cached context."""
 
-    prompt_tokens: int  # tokens of prompt chunks (a recomputed request's sampled tokens count as prompt)
+    prompt_tokens: int  # tokens of prompt chunks (a recomputed request's sampled tokens, and a row verifying
+    # draft tokens, count as a chunk: the cost model has no separate term for either)
     pairs: float  # (new token, earlier or same token) pairs those chunks attend over
     decode_rows: int  # requests computing one token after all they know is cached
     decode_context: float  # the decode rows' mean cached tokens (0 without rows)

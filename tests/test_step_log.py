@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.step_replay import overlaps
+from benchmarks.step_costs import overlaps
 from engine.config import CacheConfig, EngineConfig
 from engine.engine import LLMEngine
 from engine.request import SamplingParams
@@ -38,3 +38,12 @@ def test_overlap_is_the_share_of_a_step_another_worker_was_in_a_step() -> None:
     overlaps(logs)
     assert [r["overlap"] for r in logs["decode"]] == [0.0, 1.0, 0.5]
     assert logs["prefill"][0]["overlap"] == pytest.approx(0.15)
+
+
+def test_an_unwritable_step_log_folder_stops_the_worker_with_a_reason(tiny_llama_dir: str, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = LLMEngine(EngineConfig(model=tiny_llama_dir, cache=CacheConfig(num_blocks=32)))
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv(STEP_LOG_ENV, str(tmp_path / "file" / "steps"))  # a folder under a plain file
+    with pytest.raises(SystemExit, match="cannot write the step log"):
+        StepLog.from_env(engine, "decode@1")

@@ -36,8 +36,12 @@ class StepLog:
         folder = os.environ.get(STEP_LOG_ENV, "")
         if not folder:
             return None
-        os.makedirs(folder, exist_ok=True)
-        return cls(engine, os.path.join(folder, f"{worker_id.replace('@', '-').replace('/', '-')}.jsonl"))
+        path = os.path.join(folder, f"{worker_id.replace('@', '-').replace('/', '-')}.jsonl")
+        try:
+            os.makedirs(folder, exist_ok=True)
+            return cls(engine, path)
+        except OSError as e:  # at start, before the worker serves: a clear reason rather than a traceback
+            raise SystemExit(f"${STEP_LOG_ENV}={folder!r}: cannot write the step log {path!r}: {e.strerror}") from e
 
     def _observe(self, shape: StepShape) -> None:
         self._shape = shape
