@@ -15,6 +15,14 @@ import torch
 from engine.attention.base import AttentionMetadata
 from engine.kv_cache_manager import KVCacheManager
 
+# Triton compiles a kernel anew for each specialisation of its arguments: a pointer that is or is not 16-byte
+# aligned, an int that is 1, a multiple of 16 or neither. A batch's inputs are laid out so that none of these
+# depend on the batch: every part starts 16-byte aligned and the block tables' row stride (their width) is a
+# multiple of 16. Otherwise each new (batch size, prompt length) class compiled its own variants in the middle of
+# a request, ~1.5 s each on an H100 (benchmarks/RESULTS.md, "A fresh cluster's first requests").
+TABLE_COLS = 16  # block-table width rounded up to a multiple of this (zeros past a row's length, never read)
+_INT64_ALIGN, _INT32_ALIGN = 2, 4  # elements per 16 bytes
+
 
 @dataclass
 class BatchSeq:
@@ -45,24 +53,45 @@ def build_batch(
     total = int(qsl[-1])
     seq_of = np.repeat(np.arange(n), lens)
     pos = np.arange(total) - qsl[:-1][seq_of] + starts[seq_of]
-    tables = kv.table_array.gather([s.request_id for s in seqs])
+    tables = pad_columns(kv.table_array.gather([s.request_id for s in seqs]), TABLE_COLS)
     slots = tables[seq_of, pos // bs].astype(np.int64) * bs + pos % bs
     ends = qsl[1:]
     first_logit = np.repeat(ends - num_logits, num_logits)
     logits_idx = first_logit + np.arange(len(first_logit)) - np.repeat(np.cumsum(num_logits) - num_logits, num_logits)
     ids = np.fromiter(itertools.chain.from_iterable(s.token_ids for s in seqs), np.int64, total)
     seq_lens = starts + lens
-    # One host buffer, one copy: [ids | positions | slots | logits rows] as int64, then [qsl | seq_lens | tables].
+    # One host buffer, one copy: [ids | positions | slots | logits rows] as int64, then [qsl | seq_lens | tables]
+    # (converted to int32 on the device), each part padded to 16 bytes.
     parts = [ids, pos, slots, logits_idx, qsl, seq_lens, tables.reshape(-1)]
     sizes = [len(p) for p in parts]
-    host = torch.empty(sum(sizes), dtype=torch.int64, pin_memory=device.type == "cuda")
-    np.concatenate(parts, out=host.numpy(), casting="unsafe")
+    room = [-(-k // a) * a for k, a in zip(sizes, [_INT64_ALIGN] * 4 + [_INT32_ALIGN] * 3, strict=True)]
+    host = torch.zeros(sum(room), dtype=torch.int64, pin_memory=device.type == "cuda")
+    flat, at = host.numpy(), 0
+    for part, k in zip(parts, room, strict=True):
+        flat[at : at + len(part)] = part
+        at += k
     dev = host.to(device, non_blocking=True)
-    d_ids, d_pos, d_slots, d_logits, rest = torch.split(dev, [*sizes[:4], sum(sizes[4:])])
-    d_qsl, d_lens, d_tables = torch.split(rest.to(torch.int32), sizes[4:])
+    head = sum(room[:4])
+    d_ids, d_pos, d_slots, d_logits = _unpad(dev[:head], room[:4], sizes[:4])
+    d_qsl, d_lens, d_tables = _unpad(dev[head:].to(torch.int32), room[4:], sizes[4:])
     meta = AttentionMetadata(
         query_start_loc=d_qsl, seq_lens=d_lens, block_tables=d_tables.view(n, tables.shape[1]), slot_mapping=d_slots,
         max_query_len=int(lens.max()), max_seq_len=int(seq_lens.max()),
         query_start_loc_cpu=qsl.tolist(), seq_lens_cpu=seq_lens.tolist(),
     )
     return d_ids, d_pos, meta, d_logits
+
+
+def pad_columns(tables: np.ndarray, multiple: int) -> np.ndarray:
+    """`tables` widened with zero columns to a multiple of `multiple` (the array itself when it is one)."""
+    n, width = tables.shape
+    wide = -(-width // multiple) * multiple
+    if wide == width:
+        return tables
+    out = np.zeros((n, wide), dtype=tables.dtype)
+    out[:, :width] = tables
+    return out
+
+
+def _unpad(buf: torch.Tensor, room: list[int], sizes: list[int]) -> list[torch.Tensor]:
+    return [t[:k] for t, k in zip(torch.split(buf, room), sizes, strict=True)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from engine.attention.base import get_attention_backend
@@ -35,6 +36,7 @@ from engine.models.checkpoint import Slot
 from engine.models.layers import RotaryEmbedding
 from engine.models.parallel import check_divisible, kv_head_range
 from engine.parallel.group import SINGLE, TPGroup, building
+from engine.parallel.step import StepTables
 from engine.quantization import quantize_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -137,6 +139,8 @@ class ModelShard:
                                     kv_heads_per_rank(cfg, tp.size), cfg.head_dim, dtype=dtype, device=device)
         self.attn = get_attention_backend(config.attention_backend, device)
         self.graphs: CUDAGraphRunner | None = None
+        self.jit_kernels = device.type == "cuda" and self.attn.name == "triton"  # compiled at first launch
+        self.warmed_up = False
         if device.type == "cuda" and not config.enforce_eager and self.attn.name == "triton":
             self.graphs = CUDAGraphRunner(self.model, self.kv_cache, self.attn, config.cuda_graph_max_batch,
                                           max_model_len, config.cache.block_size)
@@ -146,9 +150,29 @@ class ModelShard:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     def capture(self, verify_q: int = 0) -> None:
-        """Capture decode graphs (and verification graphs of 1 + k tokens when verify_q > 1); every rank at once."""
+        """Capture decode graphs (and verification graphs of 1 + k tokens when verify_q > 1), and at the first call
+        warm the eager path up where its kernels compile at first use (`warm_up`); every rank at once."""
         if self.graphs is not None:
             self.graphs.capture(verify_q=verify_q)
+        if self.jit_kernels and not self.warmed_up:
+            self.warm_up()
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """One eager forward of a prompt and one of a decode batch, before the engine takes a request. Triton
+        compiles a kernel at its first launch in a process (or loads it from its disk cache): on a fresh machine
+        that was ~1.5 s of the first request's TTFT per kernel variant (benchmarks/RESULTS.md, "A fresh
+        cluster's first requests"), and build_batch keeps every later batch on these same variants. The batches
+        write their KV into block 0 only, which holds nothing yet: no request has blocks before the engine starts
+        (and the graphs' capture writes no KV)."""
+        bs = self.kv_cache.shape[3]
+        prompt = [BatchSeq("warm-up", 0, [0] * (2 * bs + 1), 1)]
+        decode = [BatchSeq(f"warm-up-{i}", bs, [0], 1) for i in range(2)]
+        for seqs in (prompt, decode):
+            self.logits(seqs, StepTables(np.zeros((len(seqs), 3), dtype=np.int32), bs))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.warmed_up = True
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy whole KV blocks src -> dst (every layer, K and V), queued after any step already launched."""
