@@ -131,7 +131,7 @@ class ModelShard:
 
     def __init__(self, config: EngineConfig, device: torch.device, num_blocks: int, max_model_len: int,
                  tp: TPGroup = SINGLE) -> None:
-        self.device, self.tp = device, tp
+        self.device, self.tp, self.max_model_len = device, tp, max_model_len
         self.model = load_model(config, device, tp)
         cfg, dtype = self.model.config, DTYPES[config.dtype]
         self.model_config: ModelConfig = cfg
@@ -165,9 +165,9 @@ class ModelShard:
         cluster's first requests"), and build_batch keeps every later batch on these same variants. The batches
         write their KV into block 0 only, which holds nothing yet: no request has blocks before the engine starts
         (and the graphs' capture writes no KV)."""
-        bs = self.kv_cache.shape[3]
-        prompt = [BatchSeq("warm-up", 0, [0] * (2 * bs + 1), 1)]
-        decode = [BatchSeq(f"warm-up-{i}", bs, [0], 1) for i in range(2)]
+        bs, n = self.kv_cache.shape[3], max(1, min(2 * self.kv_cache.shape[3] + 1, self.max_model_len - 1))
+        prompt = [BatchSeq("warm-up", 0, [0] * n, 1)]
+        decode = [BatchSeq(f"warm-up-{i}", n - 1, [0], 1) for i in range(2)]
         for seqs in (prompt, decode):
             self.logits(seqs, StepTables(np.zeros((len(seqs), 3), dtype=np.int32), bs))
         if self.device.type == "cuda":
