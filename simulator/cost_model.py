@@ -13,6 +13,8 @@ mean context `c`). Its time is split the way the hardware spends it:
 - `pairs`: (new token, earlier token) pairs of the prompt chunks: n*(n+1)/2 within a chunk of n tokens plus n*c
   for the c tokens cached before it.
 
+  On a measured GPU profile a step with prompt tokens runs eagerly, so `dense(P + B)` is held at or above the
+  shortest profiled prompt's (its launch-bound floor) rather than following the CUDA-graph decode rows down;
 - `serving`: what the worker's loop adds to every step (`profile.serving.step_overhead_ms`, 0 when not measured).
 
 With P = 0 it is the decode grid plus `serving` exactly; with B = 0 and one uncached prompt, the prefill table
@@ -58,6 +60,11 @@ class CostModel:
         self._rows: dict[int, list[float]] = {}
         self.overhead = profile.serving.step_overhead_ms if profile.serving else 0.0
         self.dense_n, self.dense_ms_at = self._dense_points()
+        # A step with prompt tokens runs eagerly, while a GPU replica's decode-only steps replay CUDA graphs: below
+        # the shortest measured prompt, the eager forward costs at least what that prompt's did (launch-bound: 23.8
+        # ms at 128 tokens and 24.8 at 1,024 on an H200), not the graph's few ms that the decode rows would give.
+        measured_gpu = profile.gpus_per_replica > 0 and profile.provenance.kind == "measured"
+        self.prompt_floor = self.dense_ms(profile.prefill.tokens[0]) if measured_gpu else 0.0
 
     def _dense_points(self) -> tuple[list[float], list[float]]:
         """(n, dense ms) from decode rows at context 0 below the shortest prompt, and from prompts above it."""
@@ -107,7 +114,7 @@ class CostModel:
         if prompt_tokens <= 0:
             return self.decode_ms(batch, context)
         base = self._grid_at(batch, context)[0] - self.dense_ms(batch) if batch else 0.0
-        return base + self.dense_ms(prompt_tokens + batch) + self.attn * pairs + self.overhead
+        return base + max(self.dense_ms(prompt_tokens + batch), self.prompt_floor) + self.attn * pairs + self.overhead
 
     def prefill_ms(self, tokens: int, cached: int = 0) -> float:
         """One prompt of `tokens` new tokens after `cached` ones, alone in a step."""

@@ -190,6 +190,22 @@ def test_cost_model_returns_the_profiles_own_points() -> None:
         assert cost.decode_run_ms(8, 100.0, n) <= elapsed < cost.decode_run_ms(8, 100.0, n + 1)
 
 
+def test_a_measured_gpu_replicas_short_prompt_costs_its_eager_floor() -> None:
+    """Prompt steps run eagerly, decode-only steps in CUDA graphs: on a measured GPU profile a prompt shorter than
+    the shortest profiled one costs at least that one's weights part, not the few ms the graph rows would give;
+    decode-only steps and everything on a CPU or analytic profile are as before."""
+    base = dataclasses.replace(profile(), prefill=PrefillCosts((128, 1024, 4096), (24.0, 25.0, 60.0)))
+    cpu = CostModel(dataclasses.replace(base, provenance=Provenance("measured", "test"), gpus_per_replica=0))
+    analytic = CostModel(base)
+    gpu = CostModel(dataclasses.replace(base, provenance=Provenance("measured", "test")))
+    assert gpu.prefill_ms(16) == pytest.approx(24.0) and gpu.prefill_ms(128) == pytest.approx(24.0)
+    assert cpu.prefill_ms(16) == analytic.prefill_ms(16) < 12.0  # follows the decode rows down, as before
+    assert gpu.prefill_ms(1024) == cpu.prefill_ms(1024) == pytest.approx(25.0)
+    for b, c in [(1, 0), (8, 1024), (64, 4096)]:
+        assert gpu.step_ms(0, 0, b, c) == cpu.step_ms(0, 0, b, c)
+    assert gpu.step_ms(16, 136, 8, 1024) > cpu.step_ms(16, 136, 8, 1024)  # a mixed step runs eagerly too
+
+
 def test_the_serving_loops_overhead_is_added_once_to_every_step_and_survives_a_save(tmp_path) -> None:  # noqa: ANN001
     plain = profile(kv_ms_per_token=0.001)
     served = dataclasses.replace(plain, serving=ServingCosts(step_overhead_ms=1.25, by_batch={"1": {"overhead_ms": 1.25}}))
