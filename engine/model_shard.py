@@ -159,17 +159,25 @@ class ModelShard:
 
     @torch.inference_mode()
     def warm_up(self) -> None:
-        """One eager forward of a prompt and one of a decode batch, before the engine takes a request. Triton
+        """One eager forward of a prompt (one per expert row-block size on a mixture-of-experts model) and one of a
+        decode batch, before the engine takes a request. Triton
         compiles a kernel at its first launch in a process (or loads it from its disk cache): on a fresh machine
         that was ~1.5 s of the first request's TTFT per kernel variant (benchmarks/RESULTS.md, "A fresh
         cluster's first requests"), and build_batch keeps every later batch on these same variants. The batches
         write their KV into block 0 only, which holds nothing yet: no request has blocks before the engine starts
         (and the graphs' capture writes no KV)."""
-        bs, n = self.kv_cache.shape[3], max(1, min(2 * self.kv_cache.shape[3] + 1, self.max_model_len - 1))
-        prompt = [BatchSeq("warm-up", 0, [0] * n, 1)]
-        decode = [BatchSeq(f"warm-up-{i}", n - 1, [0], 1) for i in range(2)]
-        for seqs in (prompt, decode):
-            self.logits(seqs, StepTables(np.zeros((len(seqs), 3), dtype=np.int32), bs))
+        bs, limit = self.kv_cache.shape[3], max(1, self.max_model_len - 1)
+        lengths = [2 * bs + 1]
+        moe = self.model_config.moe
+        if moe is not None:  # the expert GEMM compiles a variant per row-block size, chosen by the token count
+            from engine.kernels.moe import block_m_classes  # Triton: only where its kernels run
+
+            lengths += block_m_classes(moe.num_experts, moe.num_experts_per_tok)[1:]
+        batches = [[BatchSeq("warm-up", 0, [0] * n, 1)] for n in sorted({min(n, limit) for n in lengths})]
+        batches.append([BatchSeq(f"warm-up-{i}", min(2 * bs, limit - 1), [0], 1) for i in range(2)])  # decode rows
+        for seqs in batches:
+            width = max(s.start + len(s.token_ids) for s in seqs) // bs + 1
+            self.logits(seqs, StepTables(np.zeros((len(seqs), width), dtype=np.int32), bs))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.warmed_up = True

@@ -4,6 +4,8 @@ the eager path's kernels before the first request, writing nothing but block 0."
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -11,8 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.batch import TABLE_COLS, BatchSeq, build_batch
-from engine.config import CacheConfig, EngineConfig, ModelConfig
+from engine.config import CacheConfig, EngineConfig, ModelConfig, MoEConfig
 from engine.engine import LLMEngine
+from engine.kernels.moe import _block_m, block_m_classes
 from engine.kv_cache_manager import KVCacheManager
 from engine.model_shard import ModelShard
 from engine.request import SamplingParams
@@ -97,26 +100,41 @@ def _triton_variants() -> dict[str, int]:
     """Compiled variants of each of the engine's Triton kernels in this process."""
     from triton.runtime.jit import JITFunction
 
-    from engine.kernels import activation, decode_attention, kv_write, prefill_attention, rmsnorm, rotary
+    from engine.kernels import activation, decode_attention, kv_write, moe, prefill_attention, rmsnorm, rotary
 
     out = {}
-    for mod in (activation, decode_attention, kv_write, prefill_attention, rmsnorm, rotary):
+    for mod in (activation, decode_attention, kv_write, moe, prefill_attention, rmsnorm, rotary):
         for name, fn in vars(mod).items():
             if isinstance(fn, JITFunction):
                 out[f"{mod.__name__}.{name}"] = sum(len(c[0]) for c in fn.device_caches.values())
     return out
 
 
+def test_warm_up_covers_a_moe_models_block_sizes() -> None:
+    moe = dataclasses.replace(TINY, architecture="mixtral", moe=MoEConfig(8, 2, 16))
+    cfg = EngineConfig(model="tiny", load_format="dummy", dummy_model=moe, dtype="float32", device="cpu",
+                       attention_backend="torch", cache=CacheConfig(num_blocks=16, block_size=BS))
+    s = ModelShard(cfg, torch.device("cpu"), num_blocks=16, max_model_len=256)
+    seen: list[int] = []
+    real = s.logits
+    s.logits = lambda seqs, kv, *a: seen.append(sum(len(q.token_ids) for q in seqs)) or real(seqs, kv, *a)  # type: ignore[method-assign]
+    s.warm_up()
+    assert sorted({_block_m(n * 2, 8) for n in seen}) == [16, 32, 64]
+    assert block_m_classes(8, 2) == [4, 68, 132]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_no_kernel_compiles_after_start() -> None:
+@pytest.mark.parametrize("moe", [None, MoEConfig(8, 2, 16)], ids=["dense", "moe"])
+def test_no_kernel_compiles_after_start(moe: MoEConfig | None) -> None:
     """Prompts of every length class and batches of any size run on the kernels the start-up compiled."""
-    cfg = EngineConfig(model="tiny", load_format="dummy", dummy_model=TINY, dtype="bfloat16", device="cuda",
+    model = dataclasses.replace(TINY, architecture="mixtral" if moe else "llama", moe=moe)
+    cfg = EngineConfig(model="tiny", load_format="dummy", dummy_model=model, dtype="bfloat16", device="cuda",
                        cache=CacheConfig(num_blocks=256, block_size=16))
     engine = LLMEngine(cfg)
     started = _triton_variants()
     assert started.get("engine.kernels.prefill_attention._prefill_kernel")
     p = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
-    for wave, lengths in enumerate([[1], [16], [17], [5, 33, 100], [200, 2, 7, 64, 31], [48] * 3]):
+    for wave, lengths in enumerate([[1], [16], [17], [5, 33, 100], [200, 2, 7, 64, 31], [48] * 3, [150, 90]]):
         for i, n in enumerate(lengths):
             engine.add_request(f"w{wave}-{i}", [(5 + j) % 97 for j in range(n)], p)
         while engine.has_unfinished():

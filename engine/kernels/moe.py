@@ -77,7 +77,9 @@ def moe_route_ref(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[to
     return (weights / weights.sum(-1, keepdim=True) if normalize else weights), ids
 
 
-@triton.jit
+# P (token-expert pairs) and num_blocks change with every batch: not specialised on (a 1 or a multiple of 16 would
+# each compile a variant of its own in the middle of a request; engine/batch.py says more).
+@triton.jit(do_not_specialize=["P", "num_blocks"])
 def _align_kernel(ids_ptr, scratch_ptr, rank_ptr, sorted_ptr, block_expert_ptr, P, num_blocks, E,
                   BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr):
     e = tl.arange(0, BLOCK_E)
@@ -111,7 +113,7 @@ def _align_kernel(ids_ptr, scratch_ptr, rank_ptr, sorted_ptr, block_expert_ptr, 
         tl.store(sorted_ptr + first + rank, p, mask=p < P)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P"])
 def _expert_gemm_kernel(
     a_ptr, w_ptr, out_ptr, sorted_ptr, block_expert_ptr, topk_w_ptr,
     N, K, P, a_row_div, stride_am, stride_we, stride_wn, stride_om,
@@ -172,6 +174,15 @@ def _check_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, w
     assert x.dtype == w_gate_up.dtype == w_down.dtype and x.device == w_gate_up.device == ids.device
 
 
+ALIGN_BLOCK_P = 1024  # pairs per pass of the align kernel: one width for every batch, so one compiled variant
+
+
+def block_m_classes(experts: int, top_k: int) -> list[int]:
+    """Token counts whose batches reach each row-block size `_block_m` can choose (16, 32, 64): each size is its
+    own compiled variant of the expert GEMM, so the engine's start-up warm-up runs one batch of each."""
+    return [max(1, -(-rows * experts // top_k)) for rows in (1, 17, 33)]
+
+
 def _block_m(pairs: int, experts: int) -> int:
     """Rows per block: about the pairs an expert gets, at least 16 (tl.dot's smallest tile), at most 64."""
     return min(64, max(16, triton.next_power_of_2(-(-pairs // experts))))
@@ -201,7 +212,7 @@ def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, we
     scratch, rank = torch.empty(block_e, dtype=torch.int32, device=x.device), torch.empty(P, dtype=torch.int32,
                                                                                           device=x.device)
     _align_kernel[(1,)](ids.reshape(-1), scratch, rank, sorted_ids, block_expert, P, num_blocks, E, BLOCK_E=block_e,
-                        BLOCK_P=min(1024, triton.next_power_of_2(P)), BLOCK_M=bm, BLOCK_B=64, num_warps=4)
+                        BLOCK_P=ALIGN_BLOCK_P, BLOCK_M=bm, BLOCK_B=64, num_warps=4)
     inner = torch.empty(P, inter, dtype=x.dtype, device=x.device)
     y = torch.empty(P, H, dtype=x.dtype, device=x.device)
     flat_w = weights.reshape(-1).float().contiguous()
