@@ -19,7 +19,7 @@ from engine.kv_cache_manager import KVCacheManager
 # aligned, an int that is 1, a multiple of 16 or neither. A batch's inputs are laid out so that none of these
 # depend on the batch: every part starts 16-byte aligned and the block tables' row stride (their width) is a
 # multiple of 16. Otherwise each new (batch size, prompt length) class compiled its own variants in the middle of
-# a request, ~1.5 s each on an H100 (benchmarks/RESULTS.md, "A fresh cluster's first requests").
+# a request, 1.1-1.7 s each on an H100 or H200 (benchmarks/RESULTS.md, "A fresh cluster's first requests").
 TABLE_COLS = 16  # block-table width rounded up to a multiple of this (zeros past a row's length, never read)
 _INT64_ALIGN, _INT32_ALIGN = 2, 4  # elements per 16 bytes
 

@@ -160,12 +160,11 @@ class ModelShard:
     @torch.inference_mode()
     def warm_up(self) -> None:
         """One eager forward of a prompt (one per expert row-block size on a mixture-of-experts model) and one of a
-        decode batch, before the engine takes a request. Triton
-        compiles a kernel at its first launch in a process (or loads it from its disk cache): on a fresh machine
-        that was ~1.5 s of the first request's TTFT per kernel variant (benchmarks/RESULTS.md, "A fresh
-        cluster's first requests"), and build_batch keeps every later batch on these same variants. The batches
-        write their KV into block 0 only, which holds nothing yet: no request has blocks before the engine starts
-        (and the graphs' capture writes no KV)."""
+        decode batch, before the engine takes a request. Triton compiles a kernel at its first launch in a process
+        (or loads it from its disk cache): on a fresh machine that was 1.1-1.7 s of a first request's TTFT per
+        kernel variant (benchmarks/RESULTS.md, "A fresh cluster's first requests"), and build_batch keeps every
+        later batch on these same variants. The batches write their KV into block 0 only, which holds nothing yet:
+        no request has blocks before the engine starts (and the graphs' capture writes no KV)."""
         bs, limit = self.kv_cache.shape[3], max(1, self.max_model_len - 1)
         lengths = [2 * bs + 1]
         moe = self.model_config.moe
