@@ -76,6 +76,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "unanswered this long (0: never; needs py-spy)")
     p.add_argument("--out", default="first_requests.json", help="JSON output (dumps beside it, .txt)")
     a = p.parse_args(argv)
+    try:
+        a.lengths = [int(x) for x in a.lengths.split(",")]
+    except ValueError:
+        p.error(f"--lengths must be comma-separated token counts, got {a.lengths!r}")
+    if not a.lengths or min(a.lengths) < 1:
+        p.error("--lengths: every prompt needs at least one token")
     if a.device == "cuda" and not a.tokenizer:
         p.error("--tokenizer is required on cuda")
     if a.dump_after_ms > 0 and shutil.which("py-spy") is None:
@@ -99,7 +105,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         started_s = time.perf_counter() - t0
         print(f"cluster ready in {started_s:.1f} s", flush=True)
         model = a.tokenizer if a.device == "cuda" else "smollm2"
-        rows = asyncio.run(send_in_order(c, model, [int(x) for x in a.lengths.split(",")], a.dump_after_ms, dumps))
+        rows = asyncio.run(send_in_order(c, model, a.lengths, a.dump_after_ms, dumps))
     with open(a.out, "w") as f:
         json.dump({"args": {k: v for k, v in vars(a).items() if k != "tokenizer"}, "cluster_start_s": round(started_s, 1),
                    "requests": rows}, f, indent=1)

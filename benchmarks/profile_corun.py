@@ -62,6 +62,16 @@ def shape(device: str) -> tuple[int, int, int]:
     return (2048, 32, 1024) if device.startswith("cuda") else (256, 4, 256)
 
 
+def co_runner_args(engine_args: list[str], eng: LLMEngine, device: str) -> list[str]:
+    """disagg profile's arguments for the engine co-runner, with its KV cache cut to what its role's steps hold
+    (the decode batch as it grows before rows are re-added, or one prompt; a quarter more for room): a second
+    engine needs a second copy of the weights, not of the profile's whole KV budget."""
+    n, batch, ctx = shape(device)
+    tokens = max(n, batch * (ctx + 256 + 16)) * 5 // 4
+    per_token = eng.kv_cache.numel() * eng.kv_cache.element_size() / (eng.num_kv_blocks * eng.config.cache.block_size)
+    return [*engine_args, "--kv-gib", f"{tokens * per_token / 2**30:.4f}"]  # argparse keeps the last
+
+
 def co_run(eng: LLMEngine, toks: Tokens, device: str, repeat: int, alone_check: Alone,
            all_cores: Callable[[], LLMEngine] | None = None, engine_args: list[str] | None = None) -> CoRunCosts:
     """The multipliers (module docstring). `all_cores` builds an engine fixed on every core (CPU only);
@@ -69,6 +79,8 @@ def co_run(eng: LLMEngine, toks: Tokens, device: str, repeat: int, alone_check: 
     matmuls."""
     gpu = device.startswith("cuda")
     n, batch, ctx = shape(device)
+    if engine_args is not None:
+        engine_args = co_runner_args(engine_args, eng, device)
 
     def prefill(e: LLMEngine, check: Callable[[Callable[[], Any]], Any]) -> float:
         return statistics.median(check(partial(run_prompt, e, f"co{i}-{time.monotonic_ns()}", toks.take(n), device))

@@ -120,7 +120,7 @@ class ModelRunner:
             self._capture(1 + num_speculative_tokens)
 
     def _capture(self, verify_q: int) -> None:
-        if self.shard.graphs is None and not (self.shard.jit_kernels and not self.shard.warmed_up):
+        if self.shard.graphs is None and not self.shard.jit_kernels:  # nothing to capture or warm up
             return
         with self._together():
             if self.ranks is not None:

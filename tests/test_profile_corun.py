@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from benchmarks.profile_corun import busy_beside
+from benchmarks.profile_corun import busy_beside, co_runner_args, shape
 from benchmarks.profiler import core_share
 from engine.cpu_threads import SHARE_ENV
 
@@ -28,3 +28,18 @@ def test_the_engine_co_runner_runs_its_role_in_the_profiles_core_share(role: str
             assert os.path.exists(share)  # the co-runner joined the share (its engine made the file)
         assert proc.poll() is not None  # stopped with the block
     assert SHARE_ENV not in os.environ and not os.path.exists(share)
+
+
+def test_the_co_runners_kv_cache_holds_its_role_not_the_profiles_budget() -> None:
+    """On a GPU the co-runner is a second engine beside the first's KV budget: it gets only what its steps hold."""
+    from benchmarks.profiler import build_engine, parse
+
+    a = parse(["--dummy", "tiny", "--kv-gib", "0.5", "--out", "unused.json"])
+    eng, _ = build_engine(a)
+    args = co_runner_args(a.argv, eng, "cpu")
+    co = parse(args)
+    assert co.kv_gib < a.kv_gib and args[: len(a.argv)] == a.argv
+    co_eng, _ = build_engine(co)
+    n, batch, ctx = shape("cpu")
+    held = co_eng.num_kv_blocks * co_eng.config.cache.block_size
+    assert held >= max(n, batch * (ctx + 256))
