@@ -26,13 +26,19 @@ ROUTER_ONLY_PARAMS = frozenset({"stop", "skip_special_tokens"})
 Logprob = tuple[float, list[tuple[int, float]]]  # (chosen token's logprob, [(token, logprob), ...])
 
 
-def _is_map(f: FieldDescriptor) -> bool:
-    return f.message_type is not None and f.message_type.GetOptions().map_entry
+def _field_kind(f: FieldDescriptor) -> str:
+    """map (logit_bias), lists (a repeated one-field message: TokenIds, a tuple of tuples in the engine),
+    repeated, or scalar."""
+    if f.message_type is not None and f.message_type.GetOptions().map_entry:
+        return "map"
+    if f.is_repeated:
+        return "lists" if f.message_type is not None else "repeated"
+    return "scalar"
 
 
-def _is_list_of_lists(f: FieldDescriptor) -> bool:
-    """A repeated message of one repeated field (TokenIds): a tuple of tuples in the engine."""
-    return f.is_repeated and f.message_type is not None and not _is_map(f)
+# Classified once, at import: GetOptions() imports descriptor_pb2 on its first call (0.2 s without bytecode
+# caches), which a worker's first request paid in its handler (seen in first_requests' dumps on a GPU machine).
+_PARAM_KINDS: dict[str, str] = {f.name: _field_kind(f) for f in disagg_pb2.SamplingParams.DESCRIPTOR.fields}
 
 
 def params_to_proto(p: SamplingParams) -> disagg_pb2.SamplingParams:
@@ -44,11 +50,11 @@ def params_to_proto(p: SamplingParams) -> disagg_pb2.SamplingParams:
         value = getattr(p, f.name)
         if f.name in ROUTER_ONLY_PARAMS or value is None:
             continue
-        wire = by_name[f.name]
-        if _is_map(wire):
+        kind = _PARAM_KINDS[f.name]
+        if kind == "map":
             getattr(m, f.name).update(dict(value))
-        elif _is_list_of_lists(wire):
-            inner = wire.message_type.fields[0].name
+        elif kind == "lists":
+            inner = by_name[f.name].message_type.fields[0].name
             for seq in value:
                 getattr(getattr(m, f.name).add(), inner).extend(seq)
         elif isinstance(value, tuple):
@@ -62,12 +68,13 @@ def params_from_proto(m: disagg_pb2.SamplingParams) -> SamplingParams:
     """Wire params -> engine params; raises InvalidRequestError naming the bad field."""
     kwargs: dict[str, Any] = {}
     for f in m.DESCRIPTOR.fields:
-        if _is_map(f):
+        kind = _PARAM_KINDS[f.name]
+        if kind == "map":
             kwargs[f.name] = tuple(sorted(getattr(m, f.name).items()))
-        elif _is_list_of_lists(f):
+        elif kind == "lists":
             inner = f.message_type.fields[0].name
             kwargs[f.name] = tuple(tuple(getattr(x, inner)) for x in getattr(m, f.name))
-        elif f.is_repeated:
+        elif kind == "repeated":
             kwargs[f.name] = tuple(getattr(m, f.name))
         elif not f.has_presence or m.HasField(f.name):
             kwargs[f.name] = getattr(m, f.name)
