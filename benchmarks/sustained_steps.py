@@ -33,11 +33,14 @@ SMI_FIELDS = "timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_t
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.sustained_steps", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda", help="cuda (8B-shaped dummy) or cpu (SmolLM2)")
-    p.add_argument("--dummy", default="llama3-8b-v49k", help="model shape on cuda (disagg profile's --dummy)")
+    p.add_argument("--dummy", default="", help="random weights of this shape (disagg profile's --dummy; default "
+                   "llama3-8b-v49k on cuda, none on cpu: SmolLM2)")
     p.add_argument("--tokens", type=int, default=2048, help="prompt tokens of every step (default 2048)")
     p.add_argument("--sustained-s", type=float, default=25.0, help="seconds of back-to-back prompts")
     p.add_argument("--duty-s", type=float, default=10.0, help="seconds of prompts with a pause after each")
     p.add_argument("--pause-ms", type=float, default=50.0, help="the duty phase's pause")
+    p.add_argument("--burst-s", type=float, default=3.0, help="seconds of each burst phase (a prompt every 0.5 s)")
+    p.add_argument("--rest-s", type=float, default=5.0, help="idle seconds before the first burst and the last")
     p.add_argument("--kv-gib", type=float, default=0.0, help="KV cache, GiB (default 10 on cuda, 0.5 on cpu)")
     p.add_argument("--out", required=True, help="JSON output (nvidia-smi samples beside it, .csv)")
     return p
@@ -61,7 +64,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = build_parser().parse_args(argv)
     gpu = a.device.startswith("cuda")
     a.kv_gib = a.kv_gib or (10.0 if gpu else 0.5)
-    model = ["--dummy", a.dummy, "--decode-batch", "1,8"] if gpu else ["--decode-batch", "1,4"]
+    a.dummy = a.dummy or ("llama3-8b-v49k" if gpu else "")
+    model = ["--decode-batch", "1,8", *(["--dummy", a.dummy] if a.dummy else [])]
     e = parse(["--device", a.device, *model, "--kv-gib", str(a.kv_gib), "--prefill-tokens", str(a.tokens),
                "--out", a.out])
     eng, _ = build_engine(e)
@@ -82,12 +86,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         smi = subprocess.Popen(["nvidia-smi", f"--query-gpu={SMI_FIELDS}", "--format=csv,noheader", "-lms", "250"],
                                stdout=log) if gpu else None
         try:
-            time.sleep(3)
-            phase("burst", 3, 0.5)
+            time.sleep(a.rest_s)
+            phase("burst", a.burst_s, 0.5)
             phase("sustained", a.sustained_s, 0.0)
             phase("duty", a.duty_s, a.pause_ms / 1e3)
-            time.sleep(5)
-            phase("burst_after", 3, 0.5)
+            time.sleep(a.rest_s)
+            phase("burst_after", a.burst_s, 0.5)
         finally:
             if smi is not None:
                 smi.terminate()
