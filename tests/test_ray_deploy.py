@@ -280,6 +280,10 @@ def test_a_killed_router_replica_restarts_while_the_other_serves(deployment: Dep
     router = ray.get_actor("router")
     pid = ray.get(router.pid.remote(), timeout=30)
     os.kill(pid, signal.SIGKILL)
+    # The kill is asynchronous: until the process has exited, its listening socket is still in the port's
+    # SO_REUSEPORT group, and a connection the kernel hands it then is reset when it closes (a client of a
+    # crashing replica loses that connection; CI saw it once). Connections made after the exit go to router-1.
+    wait_for("the killed router replica's exit", lambda: not pid_alive(pid), timeout_s=30, every_s=0.02)
     served = [complete_fresh(d) for _ in range(6)]  # router-1 takes every new connection meanwhile
     assert served == [reference["colors"]] * 6
 
