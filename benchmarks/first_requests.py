@@ -94,18 +94,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     a = parse_args(argv)
-    folder = tempfile.mkdtemp(prefix="first-requests-")
-    path = os.path.join(folder, "cluster.yaml")
-    with open(path, "w") as f:
-        yaml.safe_dump(cluster_yaml(a, 1 if a.mode == "disaggregated" else 0), f)
     dumps: list[str] = []
-    t0 = time.perf_counter()
-    with LocalCluster(ClusterConfig.load(path), path, router_port=free_port(), quiet=True,
-                      log_dir=os.path.join(folder, "logs")) as c:
-        started_s = time.perf_counter() - t0
-        print(f"cluster ready in {started_s:.1f} s", flush=True)
-        model = a.tokenizer if a.device == "cuda" else "smollm2"
-        rows = asyncio.run(send_in_order(c, model, a.lengths, a.dump_after_ms, dumps))
+    with tempfile.TemporaryDirectory(prefix="first-requests-") as folder:  # the cluster's YAML and logs
+        path = os.path.join(folder, "cluster.yaml")
+        with open(path, "w") as f:
+            yaml.safe_dump(cluster_yaml(a, 1 if a.mode == "disaggregated" else 0), f)
+        t0 = time.perf_counter()
+        with LocalCluster(ClusterConfig.load(path), path, router_port=free_port(), quiet=True,
+                          log_dir=os.path.join(folder, "logs")) as c:
+            started_s = time.perf_counter() - t0
+            print(f"cluster ready in {started_s:.1f} s", flush=True)
+            model = a.tokenizer if a.device == "cuda" else "smollm2"
+            rows = asyncio.run(send_in_order(c, model, a.lengths, a.dump_after_ms, dumps))
     with open(a.out, "w") as f:
         json.dump({"args": {k: v for k, v in vars(a).items() if k != "tokenizer"}, "cluster_start_s": round(started_s, 1),
                    "requests": rows}, f, indent=1)

@@ -62,7 +62,7 @@ SHAPES: dict[str, ModelConfig] = {
 # Per device: prefill lengths, decode batches, decode contexts, chunk (tokens, contexts), KV GiB. The CPU's decode
 # batches are every size to 8: MKL's fp32 GEMM is not monotonic in rows there (SmolLM2 steps of 1-8 rows at context
 # 300 on the 2-core VM: 61, 104-114, 127-132, 90-96, 87-103, 116-137, 118-159, 106-119 ms), and a grid of 1, 4, 16
-# made the simulator price 2- and 3-row steps 30% low.
+# made the simulator price 2- and 3-row steps 30% low (`python -m benchmarks.decode_rows` times them).
 DEFAULTS = {
     "cpu": ("16,64,128,256,512,1024", "1,2,3,4,5,6,7,8,16,32,64", "64,256,1024", "128:256,768", 2.0),
     "cuda": ("16,64,128,256,512,1024,2048,4096,8192", "1,8,32,64,128,256", "256,1024,4096", "1024:1024,4096", 60.0),

@@ -32,7 +32,7 @@ SMI_FIELDS = "timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_t
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.sustained_steps", description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda", help="cuda (8B-shaped dummy) or cpu (SmolLM2)")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cuda (8B-shaped dummy) or cpu (SmolLM2)")
     p.add_argument("--dummy", default="", help="random weights of this shape (disagg profile's --dummy; default "
                    "llama3-8b-v49k on cuda, none on cpu: SmolLM2)")
     p.add_argument("--tokens", type=int, default=2048, help="prompt tokens of every step (default 2048)")
@@ -62,6 +62,8 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = build_parser().parse_args(argv)
+    if a.tokens < 1 or min(a.sustained_s, a.duty_s, a.pause_ms, a.burst_s, a.rest_s, a.kv_gib) < 0:
+        build_parser().error("--tokens must be at least 1 and the durations, --pause-ms and --kv-gib not negative")
     gpu = a.device.startswith("cuda")
     a.kv_gib = a.kv_gib or (10.0 if gpu else 0.5)
     a.dummy = a.dummy or ("llama3-8b-v49k" if gpu else "")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from benchmarks.sustained_steps import main
 
 
@@ -19,3 +21,9 @@ def test_every_phase_times_prompt_steps(tmp_path: Path) -> None:
     assert res["summary"]["sustained"]["steps"] >= 2  # back to back: more than one prompt in 0.3 s
     assert res["summary"]["sustained_by_fifth_ms_p50"]
     assert json.loads(out.read_text())["summary"] == res["summary"]
+
+
+@pytest.mark.parametrize("bad", [["--tokens", "0"], ["--sustained-s", "-1"], ["--device", "tpu"]])
+def test_bad_arguments_are_refused(bad: list[str], tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        main([*bad, "--out", str(tmp_path / "x.json")])
