@@ -24,7 +24,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import ray
 import uvicorn
 from prometheus_client import Histogram
@@ -33,8 +32,6 @@ from deploy.config import ClusterConfig
 from deploy.planner_metrics import PlannerCollector
 from deploy.ray.worker_actor import call_self_after_init, discover, reconstructed
 from engine.tokenizer import Tokenizer
-from proto import disagg_pb2
-from proto.convert import load_from_proto
 from router.app import create_app
 from router.processes import listen_socket
 from router.registry import WorkerRegistry, WorkerState
@@ -160,24 +157,6 @@ class RouterActor:
 
     async def remove_worker(self, address: str) -> None:
         await self.registry.remove(address)
-
-    async def drain_status(self, address: str) -> dict[str, Any]:
-        """Whether a draining worker holds no work: no request of this router on it, nothing running or queued,
-        and no KV lease a decode worker has yet to pull."""
-        w = self.registry.get(address)
-        if w is None:
-            return {"idle": True, "known": False}
-        if w.in_flight or w.stub is None:
-            return {"idle": False, "in_flight": w.in_flight}
-        # Asked after in_flight reached 0: a lease the last Prefill created is already in this report.
-        try:
-            load = load_from_proto(await w.stub.Load(disagg_pb2.LoadRequest(), timeout=self.config.rpc_timeout_s))
-        except grpc.aio.AioRpcError as e:
-            return {"idle": False, "error": e.code().name}
-        receiving = int(load.get("num_receiving_kv"))
-        busy = load.num_running + load.num_waiting + receiving + load.leased_requests + w.in_flight
-        return {"idle": busy == 0, "running": load.num_running, "waiting": load.num_waiting,
-                "leased": load.leased_requests, "in_flight": w.in_flight}
 
     async def snapshot(self) -> dict[str, Any]:
         """Every worker's state and latest load, and the latency histograms (see deploy/pool_metrics.py)."""
