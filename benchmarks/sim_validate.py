@@ -13,6 +13,10 @@ All workers of a real cluster share one machine (its cores, or its one GPU): the
 shared device, each step slowed by the co-run multipliers the profile measured while another process was busy.
 `--recorded` compares simulations with an earlier serving_compare JSON instead of running anything real (its
 arrivals were drawn by another generator: same distribution, not the same requests).
+
+`--repeats N` replays each trace N times, each on a fresh cluster: the same requests, so what moves between them
+is the machine. The simulation is then held against each figure's median over the N runs, and the report keeps
+every run's figures and their range (on a shared VM one run moved 23% from the next, ten minutes apart).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import json
 import os
 import random
 import signal
+import statistics
 import tempfile
 import time
 from typing import Any
@@ -96,7 +101,7 @@ def per_request(results: list[serving.RequestResult]) -> list[list[float]]:
 
 
 def real_run(a: argparse.Namespace, mode: str, path: str, trace: tuple[list[float], list[int], list[int]],
-             rate: float) -> tuple[dict[str, Any], dict[str, Any]]:
+             rate: float, repeat: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
     """The trace on a real cluster: (serving.summarize's figures, what was measured around it). Before each try it
     waits for a quiet machine (others keeping < --max-foreign cores busy); a try during which others kept more
     busy is spoiled and run again (up to --tries, fresh prompt tokens each time: no prefix-cache hits), and its
@@ -104,7 +109,7 @@ def real_run(a: argparse.Namespace, mode: str, path: str, trace: tuple[list[floa
     own cost), the cores others kept busy, each process's CPU-seconds, the load average, and each worker's steps
     against the profile's cost model (alone and beside the other worker's: step_costs.worker_steps)."""
     a.concurrency = 0
-    steps = os.path.join(os.path.dirname(path), f"{mode}-steps-{rate:g}")
+    steps = os.path.join(os.path.dirname(path), f"{mode}-steps-{rate:g}-{repeat}")
     os.environ[STEP_LOG_ENV] = steps  # the workers time each step (worker/step_log.py)
     try:
         return _real_run(a, mode, path, trace, rate, steps)
@@ -142,6 +147,27 @@ def _real_run(a: argparse.Namespace, mode: str, path: str, trace: tuple[list[flo
             around["spoiled"].append({**figures, **{k: real[k] for k in FIGURES}})
             print(f"  {mode} rate {rate:g}: others kept {figures['foreign_cores']} cores busy, run again", flush=True)
     raise AssertionError("unreachable")
+
+
+def repeated_runs(a: argparse.Namespace, mode: str, path: str, trace: tuple[list[float], list[int], list[int]],
+                  rate: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`real_run` `--repeats` times, each on a fresh cluster: (each figure's median, with every run's figures in
+    `repeats` and their `range`; what was measured around each run, with the lone stream's medians in `alone`).
+    The per-request figures and the bootstrap intervals are the first run's."""
+    runs = [real_run(a, mode, path, trace, rate, i) for i in range(a.repeats)]
+    if len(runs) == 1:
+        return runs[0]
+    alones = [x.get("alone") or {} for _, x in runs]
+    alone = {k: round(statistics.median(x[k] for x in alones), 2) for k in alones[0] if all(k in x for x in alones)}
+    return merge_repeats([r for r, _ in runs]), {"alone": alone, "repeats": [x for _, x in runs]}
+
+
+def merge_repeats(reals: list[dict[str, Any]]) -> dict[str, Any]:
+    """The first run's figures with each of FIGURES replaced by its median over `reals`; every run's figures in
+    `repeats`, each figure's [min, max] in `range`."""
+    return {**reals[0], **{k: round(statistics.median(r[k] for r in reals), 3) for k in FIGURES},
+            "repeats": [{k: r[k] for k in FIGURES} for r in reals],
+            "range": {k: [min(r[k] for r in reals), max(r[k] for r in reals)] for k in FIGURES}}
 
 
 def cluster_cpu_s(c: Any) -> dict[str, float]:
@@ -226,7 +252,7 @@ def run_rate(a: argparse.Namespace, rate: float, folder: str, recorded: dict[str
             real = recorded.get(mode, {}).get(rate)
             around = dict(real.pop("measured_around", None) or {}) if real else {}
         else:
-            real, around = real_run(a, mode, path, trace, rate)
+            real, around = repeated_runs(a, mode, path, trace, rate)
         calibration = calibrate(a, path, prof, around) if a.calibrate else None
         if calibration is not None:
             prof = prof.scaled(calibration["scale"])
@@ -234,6 +260,8 @@ def run_rate(a: argparse.Namespace, rate: float, folder: str, recorded: dict[str
         if real and "interval_90" not in real and real.get("requests_each"):  # a recorded run: TTFTs only
             real["interval_90"] = figure_intervals([q[2] for q in real["requests_each"]])
         out[mode] = {"sim": sim, "real": real, "sim_over_real_minus_1": compare(real, sim) if real else None}
+        if real and real.get("range"):  # repeated runs: is the simulation where the real runs themselves fell?
+            out[mode]["sim_inside_real_range"] = {k: lo <= sim[k] <= hi for k, (lo, hi) in real["range"].items()}
         if real and real.get("interval_90"):  # how far the real figure itself would move on another draw
             out[mode]["sim_inside_real_interval_90"] = {k: lo <= sim[k] <= hi
                                                         for k, (lo, hi) in real["interval_90"].items()}
@@ -274,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the trace")
     p.add_argument("--max-foreign", type=float, default=0.2, help="a real run during which others' processes kept "
                    "more cores busy than this is spoiled and run again (default 0.2)")
+    p.add_argument("--repeats", type=int, default=1, help="real runs of each trace, each on a fresh cluster; the "
+                   "simulation is compared with each figure's median and the runs' range is reported (default 1)")
     p.add_argument("--tries", type=int, default=3, help="real runs per case at most (default 3)")
     p.add_argument("--quiet-wait-s", type=float, default=300.0, help="how long to wait for a quiet machine before "
                    "each real run (default 300)")
@@ -296,6 +326,8 @@ def _interrupt(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     signal.signal(signal.SIGTERM, _interrupt)
     a = build_parser().parse_args(argv)
+    if a.repeats < 1:
+        raise SystemExit("--repeats must be at least 1")
     a.kv_gib = a.kv_gib or (10.0 if a.device == "cuda" else 0.25)
     if a.device == "cuda" and not a.tokenizer and not a.sim_only:
         raise SystemExit("--tokenizer is required on cuda")

@@ -1,0 +1,39 @@
+"""benchmarks/sim_validate.py's own logic: repeated real runs merge into medians and ranges, a simulation-only run
+writes its report, bad arguments are refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.sim_validate import FIGURES, main, merge_repeats
+
+PROFILE = "benchmarks/profiles/cpu_smollm2_2026-12-06_grid8.json"
+
+
+def test_repeated_runs_are_held_at_each_figures_median_with_their_range() -> None:
+    runs = [{**{k: v for k, v in zip(FIGURES, row, strict=True)}, "requests_each": [[i]]}
+            for i, row in enumerate([(100, 900, 60, 200, 0.5), (140, 700, 50, 260, 0.4), (120, 800, 70, 230, 0.45)])]
+    real = merge_repeats(runs)
+    assert [real[k] for k in FIGURES] == [120, 800, 60, 230, 0.45]
+    assert real["range"] == {"ttft_p50_ms": [100, 140], "ttft_p99_ms": [700, 900], "itl_p50_ms": [50, 70],
+                             "itl_p99_ms": [200, 260], "goodput_req_s": [0.4, 0.5]}
+    assert [r["ttft_p50_ms"] for r in real["repeats"]] == [100, 140, 120]
+    assert real["requests_each"] == [[0]]  # the per-request figures are the first run's
+
+
+def test_a_simulation_only_run_reports_every_figure(tmp_path: Path) -> None:
+    res = main(["--sim-only", "--profile", PROFILE, "--rates", "0.5", "--num-requests", "6", "--modes",
+                "disaggregated,colocated", "--out", str(tmp_path), "--label", "t"])
+    for mode in ("disaggregated", "colocated"):
+        sim = res["rates"]["0.5"][mode]["sim"]
+        assert sim["completed"] == 6 and all(sim[k] > 0 for k in FIGURES)
+    assert json.loads((tmp_path / "sim_validate_cpu_t.json").read_text())["rates"].keys() == {"0.5"}
+
+
+@pytest.mark.parametrize("bad", [["--repeats", "0"], ["--device", "tpu"]])
+def test_bad_arguments_are_refused(bad: list[str], tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        main(["--profile", PROFILE, *bad, "--out", str(tmp_path)])
