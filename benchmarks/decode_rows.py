@@ -6,7 +6,8 @@ which a profile's coarse decode grid would miss (benchmarks/RESULTS.md, "A held-
 
 Decode steps run on a batch whose context KV is taken as given (benchmarks/given_kv.py), every row at `--context`;
 the median of `--steps` steps after 3 untimed ones, `--repeat` times per row count. The GEMM part times
-`F.linear(x, W)` (W rows = outputs, as the model stores it) and `x @ W.T.contiguous()` for the model's LM head.
+`F.linear(x, W)` (W rows = outputs, as the model stores it), `(W @ x.T).T` and `x @ W.T.contiguous()` for the
+model's LM head.
 """
 
 from __future__ import annotations
@@ -54,10 +55,12 @@ def step_ms(eng: LLMEngine, toks: Tokens, ids: itertools.count, rows: int, a: ar
 
 
 def gemm_ms(w: torch.Tensor, rows: int, reps: int = 10) -> dict[str, float]:
-    """The LM head's product for `rows` rows: the model's layout, and the transposed weight made contiguous."""
+    """The LM head's product for `rows` rows three ways: F.linear on the model's layout, W x^T on it (what
+    engine/models/ops.linear does for 2-32 rows on the CPU), and x times the transposed weight made contiguous."""
     wt, x = w.t().contiguous(), torch.randn(rows, w.shape[1], dtype=w.dtype)
     out = {}
-    for name, f in (("linear", lambda: F.linear(x, w)), ("transposed", lambda: x @ wt)):
+    for name, f in (("linear", lambda: F.linear(x, w)), ("weight_x_t", lambda: (w @ x.t()).t().contiguous()),
+                    ("transposed", lambda: x @ wt)):
         for _ in range(3):
             f()
         t0 = time.perf_counter()
