@@ -55,25 +55,32 @@ def qk_rms_norm(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weig
     return add_rms_norm(q, None, q_weight, eps, unit_offset)[0], add_rms_norm(k, None, k_weight, eps, unit_offset)[0]
 
 
-WIDE_OUTPUTS = 8192  # a weight with at least this many output rows (an LM head) ...
-SKINNY_ROWS = range(2, 33)  # ... times this many input rows (a decode step's batch) takes W x^T on the CPU
+SKINNY_ROWS = range(1, 17)  # float32 rows on the CPU (a decode step's batch) that take W x^T, not x W^T
 
 
 def _skinny_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """A few rows through a wide float32 weight on the CPU: there MKL runs `x W^T` (what F.linear asks for) at a
-    third of the speed it runs `W x^T` for 2-8 rows (the 49,152 x 576 LM head on 2 cores: 22 / 34 / 17 / 19 ms
-    for 2 / 3 / 4 / 8 rows, against 3.4 / 4.6 / 5.0 / 8.1 ms; level at 1 and 64 rows; benchmarks/decode_rows.py).
-    The same product, summed in another order: logits differ from F.linear's by float32 rounding only."""
+    """A decode step's few float32 rows on the CPU. There MKL runs `x W^T` (what F.linear asks for) slowly for a
+    few rows, and `W x^T` with one row (a GEMV) no faster: the 49,152 x 576 LM head takes 22 / 34 / 17 ms for 2 /
+    3 / 4 rows one way, 3.4 / 4.6 / 5.0 ms the other, and 9-10 ms for one row either way; over a whole SmolLM2 step
+    (weights streamed from memory, not warm in a cache) the layers' own weights behave alike (benchmarks/RESULTS.md,
+    "The LM head of a CPU decode step")."""
     return (x.device.type == "cpu" and x.dim() == 2 and x.dtype == weight.dtype == torch.float32
-            and x.shape[0] in SKINNY_ROWS and weight.shape[0] >= WIDE_OUTPUTS)
+            and x.shape[0] in SKINNY_ROWS)
+
+
+def _skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x W^T computed as (W x^T)^T: the same sums in another order (float32 rounding apart). One row goes in twice,
+    so that MKL takes its GEMM rather than its slower GEMV."""
+    rows = x.shape[0]
+    xs = x if rows > 1 else x.expand(2, -1).contiguous()
+    return (weight @ xs.t())[:, :rows].t().contiguous()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x W^T + b. One row on CUDA (a batch-1 decode step) takes the GEMV kernel: one launch reading W at copy
     speed, where cuBLAS splits some of these shapes over K and adds a reduction kernel. A weight quantized at
     load carries its scales as `weight.quant_scale` (engine/quantization.py) and takes the int8 kernel, or the FP8
-    ones for an FP8 weight (engine/fp8.py). A CPU decode step's few rows through the LM head take `W x^T`
-    (`_skinny_cpu`)."""
+    ones for an FP8 weight (engine/fp8.py). A CPU decode step's few rows take `W x^T` (`_skinny_cpu`)."""
     scale = getattr(weight, "quant_scale", None)
     if scale is not None:
         if weight.dtype != torch.int8:
@@ -83,7 +90,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if _fast(x) and x.shape[0] == 1 and x.stride(1) == weight.stride(1) == 1 and x.dtype == weight.dtype:
         return _gemv_kernel(x, weight, bias)
     if _skinny_cpu(x, weight):
-        y = (weight @ x.t()).t().contiguous()
+        y = _skinny_linear(x, weight)
         return y if bias is None else y + bias
     return F.linear(x, weight, bias)
 
