@@ -55,15 +55,15 @@ def qk_rms_norm(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weig
     return add_rms_norm(q, None, q_weight, eps, unit_offset)[0], add_rms_norm(k, None, k_weight, eps, unit_offset)[0]
 
 
-SKINNY_ROWS = range(1, 17)  # float32 rows on the CPU (a decode step's batch) that take W x^T, not x W^T
+SKINNY_ROWS = range(1, 17)  # float32 rows on the CPU (a decode step's batch, a short prompt) that take W x^T
 
 
 def _skinny_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """A decode step's few float32 rows on the CPU. There MKL runs `x W^T` (what F.linear asks for) slowly for a
-    few rows, and `W x^T` with one row (a GEMV) no faster: the 49,152 x 576 LM head takes 22 / 34 / 17 ms for 2 /
-    3 / 4 rows one way, 3.4 / 4.6 / 5.0 ms the other, and 9-10 ms for one row either way; over a whole SmolLM2 step
-    (weights streamed from memory, not warm in a cache) the layers' own weights behave alike (benchmarks/RESULTS.md,
-    "The LM head of a CPU decode step")."""
+    """A few float32 rows on the CPU (a decode step's batch; a prompt chunk of up to 16 tokens too). There MKL
+    runs `x W^T` (what F.linear asks for) slowly for a few rows, and `W x^T` with one row (a GEMV) no faster: the
+    49,152 x 576 LM head takes 22 / 34 / 17 ms for 2 / 3 / 4 rows one way, 3.4 / 4.6 / 5.0 ms the other, and 9-10 ms
+    for one row either way; over a whole SmolLM2 step (weights streamed from memory, not warm in a cache) the
+    layers' own weights behave alike (benchmarks/RESULTS.md, "The LM head of a CPU decode step")."""
     return (x.device.type == "cpu" and x.dim() == 2 and x.dtype == weight.dtype == torch.float32
             and x.shape[0] in SKINNY_ROWS)
 
