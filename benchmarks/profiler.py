@@ -33,6 +33,7 @@ from benchmarks.machine_load import Alone
 from benchmarks.profile_corun import co_run
 from benchmarks.profile_serving import step_overhead_ms
 from benchmarks.profile_steps import Tokens, decode_ms, run_prompt
+from benchmarks.profile_sustained import sustained_costs
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from engine.cpu_threads import SHARE_ENV
 from engine.engine import LLMEngine
@@ -215,6 +216,9 @@ def profile(a: argparse.Namespace) -> Profile:
     transfer = timed("transfer", lambda: transfer_costs(a.transfer_backend, a.device, a.repeat))
     corun = timed("co-run", lambda: co_run(eng, toks, a.device, a.repeat, alone, lambda: build_engine(
         a, len(os.sched_getaffinity(0)))[0], a.argv if a.co_run_with == "engine" else None)) if a.co_run else None
+    gpu = a.device.startswith("cuda")
+    sustained = timed("sustained", lambda: sustained_costs(eng, toks, a.device, min(2048, max(lengths)))) \
+        if gpu and a.sustained else None
     when = datetime.date.today().isoformat()
     return Profile(
         name=a.name or f"{a.device}-{a.dummy or a.model}", device=device_name(a.device), model=model_summary(eng, a),
@@ -226,7 +230,7 @@ def profile(a: argparse.Namespace) -> Profile:
         decode=DecodeCosts(tuple(batches), tuple(contexts), tuple(tuple(r) for r in grid)),
         kv=kv_costs(eng, int(a.kv_gib * 2**30)), transfer=transfer,
         startup=StartupCosts(engine_s=round(engine_s, 3), process_s=round(process_start_s(), 3)),
-        gpus_per_replica=1 if a.device.startswith("cuda") else 0, co_run=corun, serving=serving,
+        gpus_per_replica=1 if gpu else 0, co_run=corun, serving=serving, sustained=sustained,
         extra={"torch": torch.__version__, "decode_steps": a.decode_steps, "repeat": a.repeat,
                **({} if a.device.startswith("cuda") else {
                    "cpu_threads": eng.config.cpu_threads, "threads_alone": alone.want or torch.get_num_threads(),
@@ -288,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "where a second engine needs a second copy of the weights beside this one's KV cache)")
     p.add_argument("--no-serving", dest="serving", action="store_false", help="skip timing decode steps through "
                    "the worker's serving loop (worker/async_engine.py) against engine.step alone (~10 s on a GPU)")
+    p.add_argument("--no-sustained", dest="sustained", action="store_false", help="GPU: skip timing prompts back "
+                   "to back against one at a time (a busy card lowers its clocks at its power limit; ~4 s)")
     p.add_argument("--name", default="", help="profile name (default DEVICE-MODEL)")
     p.add_argument("--note", default="", help="a sentence on what was measured, kept in the file")
     p.add_argument("--out", required=True, help="the profile JSON to write")

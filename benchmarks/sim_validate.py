@@ -137,6 +137,8 @@ def _real_run(a: argparse.Namespace, mode: str, path: str, trace: tuple[list[flo
             real = {**serving.summarize(results, duration, rate, a), "requests_each": per_request(results),
                     "interval_90": figure_intervals([r.ttft * 1e3 for r in results if r.ok],
                                                     [[g * 1e3 for g in r.itls] for r in results if r.ok])}
+            if a.keep_gaps:  # every request's inter-token gaps, in trace order (where in a stream long ones fall)
+                real["gaps_ms"] = [[round(g * 1e3, 2) for g in r.itls] for r in results]
             figures = {"attempt": attempt, "foreign_cores_before": quiet, "foreign_cores": meter.stop(),
                        "cpu_s": {k: round(v - cpu0.get(k, 0.0), 2) for k, v in cluster_cpu_s(c).items()},
                        "load_before": [round(x, 2) for x in load], "load_after": [round(x, 2) for x in os.getloadavg()]}
@@ -211,8 +213,10 @@ def calibrate(a: argparse.Namespace, path: str, prof: Profile, around: dict[str,
     if not real_ms:
         return None
     model_ms = CostModel(prof).decode_ms(1, 288.0)
-    out = {"scale": round(real_ms / model_ms, 4), "alone_itl_ms": real_ms, "profile_step_ms": round(model_ms, 3)}
-    if alone.get("tiny_ttft_ms"):
+    speed = a.calibrate in ("both", "speed")
+    out = {"scale": round(real_ms / model_ms, 4) if speed else 1.0, "alone_itl_ms": real_ms,
+           "profile_step_ms": round(model_ms, 3)}
+    if alone.get("tiny_ttft_ms") and a.calibrate in ("both", "admit"):
         sim_ms = simulate(a, path, ([0.0], [16], [2]), prof.scaled(out["scale"]), a.hop_ms)["ttft_p50_ms"]
         out |= {"admit_ms": round(max(0.0, alone["tiny_ttft_ms"] - sim_ms), 2), "alone_tiny_ttft_ms":
                 alone["tiny_ttft_ms"], "sim_tiny_ttft_ms": sim_ms}
@@ -307,11 +311,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tries", type=int, default=3, help="real runs per case at most (default 3)")
     p.add_argument("--quiet-wait-s", type=float, default=300.0, help="how long to wait for a quiet machine before "
                    "each real run (default 300)")
-    p.add_argument("--calibrate", action="store_true", help="scale the profile's step times by the machine's speed "
-                   "at each real run: the lone stream's inter-token gap measured just before it over the profile's "
-                   "step (a VM's speed drifts between the profile and the run), and set --admit-ms to what a "
-                   "16-token prompt's TTFT on the idle cluster exceeds the simulated one by; reported beside the "
-                   "figures")
+    p.add_argument("--calibrate", nargs="?", const="both", default="", choices=["both", "speed", "admit"],
+                   help="correct the profile at each real run from the idle cluster just before it: `speed` scales "
+                   "its step times by the machine's speed (the lone stream's inter-token gap over the profile's "
+                   "step: a VM's speed drifts between the profile and the run), `admit` sets --admit-ms to what a "
+                   "16-token prompt's TTFT exceeds the simulated one by (the serving path's fixed cost), `both` "
+                   "(the default when given) does both; reported beside the figures. On a GPU, `admit`: the card "
+                   "does not drift, and a lone stream's steps run faster than a loaded card's")
+    p.add_argument("--keep-gaps", action="store_true", help="keep every real request's inter-token gaps in the "
+                   "JSON (`gaps_ms`, trace order)")
     p.add_argument("--sim-only", action="store_true", help="simulate only; compare with --recorded if given")
     p.add_argument("--recorded", default="", help="serving_compare JSON to compare the simulations with")
     p.add_argument("--label", default="", help="suffix of the output file name")

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from deploy.config import ClusterConfig
+from engine.config import EngineConfig
 from simulator.autoscaler import Autoscaler
 from simulator.collector import Collector
 from simulator.config import SimConfig
@@ -39,7 +40,7 @@ class Cluster:
         self.cfg, self.sim = cluster, sim
         self.profiles = {"prefill": prefill, "decode": decode or prefill}
         self.costs = {r: CostModel(p) for r, p in self.profiles.items()}
-        engine = cluster.engine_config()
+        engine = self.engine = cluster.engine_config()
         self.sched, self.block_size = engine.scheduler, engine.cache.block_size
         self.num_blocks = {r: engine.cache.num_blocks or max(1, engine.cache.memory_budget_bytes // (
             p.kv.bytes_per_token * self.block_size)) for r, p in self.profiles.items()}
@@ -68,7 +69,7 @@ class Cluster:
 
         def make(name: str) -> Replica:
             return Replica(name, role, self.costs[role], self.sched, self.num_blocks[role], self.block_size, self.loop,
-                           self, self.sim.fast_forward, self.device)
+                           self, self.sim.fast_forward, self.device, overlap_steps(self.engine, p))
 
         return Pool(role, make, startup, p.gpus_per_replica, self.loop, self.router, self.sim.drain_timeout_s)
 
@@ -243,6 +244,14 @@ def chunk_lists(times: Iterable[float], prompts: Iterable[int], outputs: Iterabl
     return [([float(x) for x in times], [int(x) for x in prompts], [int(x) for x in outputs])]
 
 
+def overlap_steps(engine: EngineConfig, profile: Profile) -> bool:
+    """Whether the engine queues each decode step before reading the last one's tokens (engine/lookahead.py): as
+    configured, else on a GPU; never with speculative decoding (its rows verify drafts)."""
+    if engine.speculative is not None and engine.speculative.method:
+        return False
+    return engine.overlap_steps if engine.overlap_steps is not None else profile.gpus_per_replica > 0
+
+
 def shared_device(loop: EventLoop, profile: Profile, oversubscription: str = "fair", cpu_share: bool = True
                   ) -> SharedDevice:
     """The one machine or device every replica runs on: a CPU profile measured with adaptive threads (every core
@@ -251,5 +260,5 @@ def shared_device(loop: EventLoop, profile: Profile, oversubscription: str = "fa
     if profile.gpus_per_replica == 0 and profile.extra.get("cpu_threads") == "adaptive" and cores > 0:
         return CpuCores(loop, profile.co_run, cores, measured_oversubscription=oversubscription == "measured",
                         share=cpu_share)
-    return SharedDevice(loop, profile.co_run)
+    return SharedDevice(loop, profile.co_run, profile.sustained)
 

@@ -6,7 +6,11 @@ decode step is slowed for those 100 ms only):
 
 - `SharedDevice` (a GPU, or any device without a better model): beside busy co-runners a step runs the profile's
   measured `co_run.prefill` / `co_run.decode` times slower; without those, `1 + others busy` times (processor
-  sharing).
+  sharing). A prompt step with no co-runner busy runs `1 + (sustained.prompt - 1) * load` times slower, `load`
+  being the device's busy share over the last ~0.1 s (an exponential average): a GPU kept busy meets its power
+  limit and lowers its clocks within a few steps, and recovers as fast when idle. The co-run multipliers are
+  measured with the GPU kept busy, so they hold that slowdown already. Without a `sustained` figure (CPU
+  profiles, older GPU ones) prompt steps run at the prefill table's speed.
 - `CpuCores` (worker processes on one machine's cores), with a share (`share`, engine.cpu_share, as clusters
   start their workers): every step in flight re-chooses its threads whenever a replica starts or ends a step (the
   engine does so within a layer), the cores split evenly among the replicas in a step, at least one each. Without
@@ -23,10 +27,16 @@ decode step is slowed for those 100 ms only):
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 from simulator.events import EventLoop
-from simulator.profile import CoRunCosts
+from simulator.profile import CoRunCosts, SustainedCosts
+
+# How fast a GPU's clocks follow its load: an H100's 2,048-token prompt steps reached their sustained time within
+# 2-3 back-to-back steps of ~50 ms and were back at their idle-device time after one 50 ms pause
+# (benchmarks/sustained_steps.py, benchmarks/RESULTS.md).
+LOAD_TAU_S = 0.1
 
 
 class Stepper(Protocol):
@@ -47,10 +57,13 @@ class _Step:
 class SharedDevice:
     """The replicas of one machine or device and their steps in flight."""
 
-    def __init__(self, loop: EventLoop, co_run: CoRunCosts | None = None) -> None:
+    def __init__(self, loop: EventLoop, co_run: CoRunCosts | None = None,
+                 sustained: SustainedCosts | None = None) -> None:
         self.loop = loop
         self.co_run = co_run
+        self.sustained = sustained
         self.steps: dict[Stepper, _Step] = {}
+        self.load, self._load_at = 0.0, loop.now  # busy share, averaged over ~LOAD_TAU_S, as of _load_at
 
     @property
     def busy(self) -> int:
@@ -60,7 +73,7 @@ class SharedDevice:
     def slowdown(self, prompt: bool, others: int) -> float:
         """How many times slower than alone a step runs while `others` co-runners are in a step."""
         if not others:
-            return 1.0
+            return 1.0 + (self.sustained.prompt - 1.0) * self.load if prompt and self.sustained else 1.0
         if self.co_run is None:
             return 1.0 + others
         return self.co_run.prefill if prompt else self.co_run.decode
@@ -83,6 +96,10 @@ class SharedDevice:
     def _settle(self) -> None:
         """Charge every step in flight for the time since its rate last changed."""
         now = self.loop.now
+        if now > self._load_at:  # the steps in flight are still those of the interval now ending
+            w = math.exp(-(now - self._load_at) / LOAD_TAU_S)
+            self.load = self.load * w + (1.0 - w) * (1.0 if self.steps else 0.0)
+            self._load_at = now
         for s in self.steps.values():
             s.left_ms = max(0.0, s.left_ms - (now - s.since) * 1e3 * s.rate)
             s.since = now

@@ -10,7 +10,9 @@ span `gpus_per_replica` devices with tensor parallelism):
 - kv: block size, bytes per token of KV, and how many tokens the cache held at the profiled memory budget;
 - transfer: the KV transfer rate and fixed latency of one pull (`latency_ms + bytes / rate`);
 - startup: seconds from starting a worker process to serving (weights loaded, KV allocated, graphs captured);
-- serving: what the worker's loop adds to every step (the decode grid times `engine.step` alone).
+- serving: what the worker's loop adds to every step (the decode grid times `engine.step` alone);
+- sustained (GPU): how much slower a prompt step runs on a GPU kept busy than the prefill table's (timed with the
+  GPU idle between prompts): under sustained load the card meets its power limit and lowers its clocks.
 
 `provenance.kind` says how the figures were obtained: `measured` (by `disagg profile` on that hardware),
 `derived` (computed from recorded measurements, listed in `provenance.sources`) or `analytic` (a roofline model,
@@ -166,6 +168,19 @@ class CoRunCosts:
 
 
 @dataclass(frozen=True)
+class SustainedCosts:
+    """Prompt steps back to back against the prefill table's, timed one at a time with the device idle between
+    (benchmarks/profile_sustained.py): a GPU busy for more than ~0.1 s reaches its power limit and lowers its
+    clocks, and compute-bound steps slow with them (an H100 at 700 W: 2,048-token prompts 46 -> 51.7 ms)."""
+
+    prompt: float  # a prompt step's time multiplier on a device busy all the time
+    note: str = ""  # what was timed
+
+    def __post_init__(self) -> None:
+        _require(self.prompt >= 1, "sustained.prompt must be >= 1")
+
+
+@dataclass(frozen=True)
 class Profile:
     """One replica's costs on one kind of hardware."""
 
@@ -181,6 +196,7 @@ class Profile:
     gpus_per_replica: int = 1  # devices one replica occupies (the tensor-parallel size); 0 for a CPU replica
     co_run: CoRunCosts | None = None  # slowdown beside another busy process on the same machine/device (measured)
     serving: ServingCosts | None = None  # the worker loop's cost per step (measured; None: not measured, 0 assumed)
+    sustained: SustainedCosts | None = None  # prompt steps on a busy device (measured on GPUs; None: as alone)
     extra: dict[str, Any] = field(default_factory=dict)  # anything else the profiler recorded (ceilings, notes)
 
     def __post_init__(self) -> None:
@@ -225,7 +241,8 @@ class Profile:
             kv=KVCosts(**d["kv"]), transfer=TransferCosts(**d["transfer"]), startup=StartupCosts(**d["startup"]),
             gpus_per_replica=int(d.get("gpus_per_replica", 1)), extra=dict(d.get("extra", {})),
             co_run=CoRunCosts(**d["co_run"]) if d.get("co_run") else None,
-            serving=ServingCosts(**d["serving"]) if d.get("serving") else None)
+            serving=ServingCosts(**d["serving"]) if d.get("serving") else None,
+            sustained=SustainedCosts(**d["sustained"]) if d.get("sustained") else None)
 
     @classmethod
     def load(cls, path: str) -> Profile:

@@ -9,8 +9,11 @@ Decoding rows are kept by a step counter rather than one by one: a row that join
 has `g + (counter - j)` now, and a heap says when the next row finishes. So a step costs O(prompt chunks), not
 O(batch). When a replica has nothing but decoding rows it runs all steps up to the next finish as one event
 (`fast_forward`); anything that arrives meanwhile cuts the run at the end of the step in progress, where the
-engine would pick it up. KV blocks of decoding rows are counted at their join exactly and grow by one per
-`block_size` tokens generated (summed over the rows, so within a block per row of the exact count).
+engine would pick it up. With overlapped steps (`overlap`, engine/lookahead.py: a GPU engine queues each decode
+step before reading the last one's tokens) a pulled request that joins while a queued step is in flight, with no
+prompt chunk to launch beside it, sits that step out and decodes from the one after. KV blocks of decoding rows
+are counted at their join exactly and grow by one per `block_size` tokens generated (summed over the rows, so
+within a block per row of the exact count).
 """
 
 from __future__ import annotations
@@ -48,11 +51,11 @@ class Replica:
 
     def __init__(self, name: str, role: str, cost: CostModel, sched: SchedulerConfig, num_blocks: int, block_size: int,
                  loop: EventLoop, listener: Listener, fast_forward: bool = True, device: SharedDevice | None = None,
-                 ) -> None:
+                 overlap: bool = False) -> None:
         self.name, self.role, self.cost, self.loop, self.listener = name, role, cost, loop, listener
         self.max_tokens, self.max_seqs = sched.max_num_batched_tokens, sched.max_num_seqs
         self.num_blocks, self.bs = num_blocks, block_size
-        self.device = device
+        self.device, self.overlap = device, overlap
         self.fast_forward = fast_forward and device is None
         self.waiting: deque[SimRequest] = deque()  # not admitted yet, arrival order (preempted ones in front)
         self.partial: list[SimRequest] = []  # admitted, computing prompt tokens (chunked), admission order
@@ -60,6 +63,7 @@ class Replica:
         self._finish: list[tuple[int, int, int, SimRequest]] = []  # (finish step, seq, epoch, request)
         self._seq = itertools.count()
         self.new_rows: list[SimRequest] = []  # joined the decode set since the last step started
+        self.deferred: list[SimRequest] = []  # pulled rows left out of the queued step: they join at the next one
         self.step_count = 0  # decode steps done (each decoding row gained one token per step)
         self.dec_ctx = 0  # sum of the decoding rows' computed tokens
         self.join_ctx = 0  # ... as they were when they joined
@@ -118,13 +122,15 @@ class Replica:
     def load_stats(self) -> dict[str, float]:
         """The figures of a Load report (engine/stats.py EngineLoad names) the policies and the planner read."""
         used = self.used_blocks()
-        return {"num_waiting": len(self.waiting), "num_running": len(self.partial) + len(self.decoding),
+        return {"num_waiting": len(self.waiting),
+                "num_running": len(self.partial) + len(self.decoding) + len(self.deferred),
                 "num_receiving_kv": self.receiving, "leased_requests": self.leased,
                 "queued_prefill_tokens": self.queued_tokens, "kv_blocks_total": self.num_blocks,
                 "kv_blocks_free": self.num_blocks - used, "kv_usage": used / self.num_blocks}
 
     def idle(self) -> bool:
-        return not (self.busy or self.waiting or self.partial or self.decoding or self.receiving or self.leased)
+        return not (self.busy or self.waiting or self.partial or self.decoding or self.deferred or self.receiving
+                    or self.leased)
 
     def since_join(self, req: SimRequest) -> list[float]:
         """Step segments (ms) from the request's first decode step on."""
@@ -158,6 +164,9 @@ class Replica:
             self.schedule_end(t0 + run_ms(first, slope, done + 1) / 1e3)
 
     def _start(self, t: float) -> None:
+        deferred, self.deferred = self.deferred, []
+        for req in deferred:  # the step queued now holds them (their token is on the host)
+            self._join(req)
         if self.waiting or self.partial:
             self._step(t)
         elif self.decoding:
@@ -199,7 +208,13 @@ class Replica:
                 break
             chunks.append((req, n))
             tokens, pairs, budget = tokens + n, pairs + chunk_pairs(n, req.computed), budget - n
-        tokens, pairs = self._admit(chunks, budget, tokens, pairs)
+        guess = self.overlap and bool(self.decoding)  # a step for these rows is queued already
+        tokens, pairs, pulled = self._admit(chunks, budget, tokens, pairs)
+        if guess and not chunks:
+            self.deferred.extend(pulled)  # nothing to launch beside the queued step: they wait for the next
+        else:
+            for req in pulled:
+                self._join(req)
         batch = len(self.decoding)
         if not chunks:
             if batch:
@@ -210,13 +225,16 @@ class Replica:
         context = self.dec_ctx / batch if batch else 0.0
         self._launch(t, self.cost.step_ms(tokens, pairs, batch, context), 0.0, 1, batch, context, chunks)
 
-    def _admit(self, chunks: list[tuple[SimRequest, int]], budget: int, tokens: int, pairs: float) -> tuple[int, float]:
-        """Waiting requests into the step, in order, while budget, max_num_seqs and free blocks allow."""
-        while self.waiting and budget > 0 and len(self.partial) + len(self.decoding) < self.max_seqs:
+    def _admit(self, chunks: list[tuple[SimRequest, int]], budget: int, tokens: int, pairs: float
+               ) -> tuple[int, float, list[SimRequest]]:
+        """Waiting requests into the step, in order, while budget, max_num_seqs and free blocks allow; pulled ones
+        (KV received: they join as decoding rows) are returned for the caller to join."""
+        pulled: list[SimRequest] = []
+        while self.waiting and budget > 0 and \
+                len(self.partial) + len(self.decoding) + len(self.deferred) + len(pulled) < self.max_seqs:
             req = self.waiting[0]
-            if req.need == 1 and req.computed > 0:  # KV pulled in: it joins as a decoding row
-                self.waiting.popleft()
-                self._join(req)
+            if req.need == 1 and req.computed > 0:
+                pulled.append(self.waiting.popleft())
                 budget -= 1
                 continue
             n = min(req.need, budget)
@@ -226,7 +244,7 @@ class Replica:
             self.partial.append(req)
             chunks.append((req, n))
             tokens, pairs, budget = tokens + n, pairs + chunk_pairs(n, req.computed), budget - n
-        return tokens, pairs
+        return tokens, pairs, pulled
 
     def _grow(self, req: SimRequest, n: int, preempt: bool) -> bool:
         """Blocks for `req`'s next `n` tokens; a running prompt may preempt decoding rows for them."""
@@ -248,7 +266,7 @@ class Replica:
             heapq.heappop(self._finish)  # stale: the row was preempted since
         k = max(1, self._finish[0][0] - self.step_count) if self._finish else 1
         room = max(1, int((self.num_blocks - self.used_blocks()) * self.bs / batch))
-        k = min(k, room) if self.fast_forward else 1
+        k = min(k, room) if self.fast_forward and not self.deferred else 1
         context = self.dec_ctx / batch
         self._launch(t, *self.cost.decode_at(batch, context), k, batch, context, [])
 

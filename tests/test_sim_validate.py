@@ -37,3 +37,24 @@ def test_a_simulation_only_run_reports_every_figure(tmp_path: Path) -> None:
 def test_bad_arguments_are_refused(bad: list[str], tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         main(["--profile", PROFILE, *bad, "--out", str(tmp_path)])
+
+
+RECORDED = "benchmarks/results/sim_validate_cuda_h100_sustained_rate6_seed3_2026-12-06.json"
+GPU_PROFILE = "benchmarks/profiles/h100_llama3_8b_v49k_sustained.json"
+
+
+@pytest.mark.parametrize("what", ["admit", "speed", "both"])
+def test_calibration_corrects_what_it_is_asked_to_and_the_recorded_table_reproduces(what: str, tmp_path: Path) -> None:
+    """`--calibrate admit` (GPU runs: the serving path's fixed cost only), `speed` (the machine's speed only) or
+    `both`; re-simulating a recorded H100 run gives the figures benchmarks/RESULTS.md reports for it."""
+    res = main(["--sim-only", "--device", "cuda", "--recorded", RECORDED, "--profile", GPU_PROFILE, "--rates", "6",
+                "--seed", "3", "--num-requests", "256", "--prompt-len", "1024:2048", "--output-len", "128",
+                "--slo-ttft-ms", "500", "--slo-itl-ms", "30", "--modes", "colocated", "--calibrate", what,
+                "--out", str(tmp_path)])["rates"]["6"]["colocated"]
+    cal = res["calibration"]
+    assert (cal["scale"] == 1.0) == (what == "admit")
+    assert ("admit_ms" in cal) == (what != "speed")
+    if what == "admit":
+        recorded = json.loads(Path(RECORDED).read_text())["rates"]["6"]["colocated"]
+        assert {k: res["sim"][k] for k in FIGURES} == {k: recorded["sim"][k] for k in FIGURES}
+        assert res["real"]["ttft_p50_ms"] == recorded["real"]["ttft_p50_ms"]

@@ -23,6 +23,7 @@ from simulator.profile import (
     Provenance,
     ServingCosts,
     StartupCosts,
+    SustainedCosts,
     TransferCosts,
 )
 from simulator.replica import Replica
@@ -265,3 +266,43 @@ def test_work_handed_to_a_busy_replica_runs_where_its_step_ends(fast: bool) -> N
     assert [t for t, _ in sink.finished] == [pytest.approx(49 * step_s)]  # the cut run changed nothing else
     r.between_steps(lambda: ran.append(loop.now))  # idle: now
     assert ran[1] == loop.now
+
+
+@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_pull_joining_beside_a_queued_step_decodes_one_step_later_with_overlapped_steps(fast: bool,
+                                                                                         overlap: bool) -> None:
+    """engine/lookahead.py: a GPU engine queues each decode step before reading the last one's tokens, and a pulled
+    request that joins while one is queued (nothing to launch beside it) sits it out. Joining an idle replica costs
+    nothing extra either way."""
+    from engine.config import SchedulerConfig
+
+    prof = profile()
+    loop, sink = EventLoop(), Sink()
+    r = Replica("d", "decode", CostModel(prof), SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=4096),
+                10**6, 16, loop, sink, fast_forward=fast, overlap=overlap)
+    first, second = SimRequest(0, 0.0, 100, 50), SimRequest(1, 0.0, 100, 50)
+    for req in (first, second):
+        req.generated, req.t_first = 1, 0.0
+
+    def pull(req: SimRequest) -> None:
+        assert r.reserve(req)
+        r.pulled(req)
+
+    one, two = CostModel(prof).decode_ms(1, 0) / 1e3, CostModel(prof).decode_ms(2, 0) / 1e3
+    pull(first)
+    loop.at(2.5 * one, lambda _=None: pull(second))
+    loop.run_until(1e9)
+    assert first.t_second == pytest.approx(one)
+    # the step in flight ends at 3 steps; with overlap the one queued behind it runs without the new row
+    assert second.t_second == pytest.approx(3 * one + (one if overlap else 0.0) + two)
+    assert len(sink.finished) == 2 and r.idle()
+
+
+def test_a_profiles_sustained_figure_survives_a_save_and_must_not_speed_steps_up(tmp_path) -> None:  # noqa: ANN001
+    prof = dataclasses.replace(profile(), sustained=SustainedCosts(prompt=1.1, note="back to back"))
+    prof.save(str(tmp_path / "p.json"))
+    assert Profile.load(str(tmp_path / "p.json")).sustained == prof.sustained
+    assert Profile.load(str(tmp_path / "p.json")).scaled(2.0).sustained == prof.sustained
+    with pytest.raises(ConfigError, match="sustained.prompt"):
+        SustainedCosts(prompt=0.9)

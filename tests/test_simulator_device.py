@@ -7,7 +7,7 @@ import pytest
 
 from simulator.device import CpuCores, SharedDevice
 from simulator.events import EventLoop
-from simulator.profile import CoRunCosts
+from simulator.profile import CoRunCosts, SustainedCosts
 
 
 class Worker:
@@ -129,3 +129,33 @@ def test_with_a_share_more_one_thread_steps_than_cores_share_them() -> None:
     loop.run_until(100.0)
     # one thread each (co_run: 2x) on half a core each (4 threads, 2 cores): 4x slower
     assert [w.ends[0] for w in ws] == [pytest.approx(0.4)] * 4
+
+
+def test_a_prompt_step_on_a_device_kept_busy_runs_at_its_sustained_speed_and_recovers_when_idle() -> None:
+    """A GPU kept busy meets its power limit and lowers its clocks (simulator/device.py): prompt steps slow towards
+    `sustained.prompt` as the busy share rises, decode steps do not, and an idle device is back at the table's."""
+    loop = EventLoop()
+    dev = SharedDevice(loop, CoRunCosts(prefill=2.0, decode=1.5), SustainedCosts(prompt=1.2))
+    busy = Worker(loop, dev, [(100.0, True)] * 20 + [(100.0, False)] * 3)  # 2 s of prompt steps, then decode
+    loop.at(0.0, busy.go)
+    loop.run_until(10.0)
+    gaps = [b - a for a, b in zip([0.0, *busy.ends], busy.ends, strict=False)]
+    assert gaps[0] == pytest.approx(0.1)  # the idle device's step: the prefill table's
+    assert 0.1 < gaps[1] < gaps[2] < gaps[19]  # the busy share rising
+    assert gaps[19] == pytest.approx(0.12, rel=1e-4)  # busy for ~20 time constants: the full multiplier
+    assert gaps[20:] == [pytest.approx(0.1)] * 3  # decode steps keep the table's time
+    rested = Worker(loop, dev, [(100.0, True)])
+    loop.at(loop.now, rested.go)  # 7 s idle
+    loop.run_until(20.0)
+    assert rested.ends[0] - 10.0 == pytest.approx(0.1, rel=1e-4)
+
+
+def test_beside_a_busy_co_runner_the_measured_multiplier_holds_the_clock_slowdown_already() -> None:
+    loop = EventLoop()
+    dev = SharedDevice(loop, CoRunCosts(prefill=2.0, decode=1.5), SustainedCosts(prompt=1.2))
+    dec, pre = Worker(loop, dev, [(100_000.0, False)]), Worker(loop, dev, [(100.0, True)] * 10)
+    loop.at(0.0, dec.go)
+    loop.at(0.0, pre.go)
+    loop.run_until(10.0)
+    # every prompt step runs co_run.prefill times its table time, however long the device has been busy
+    assert [b - a for a, b in zip([0.0, *pre.ends], pre.ends, strict=False)] == [pytest.approx(0.2)] * 10
