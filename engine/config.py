@@ -307,6 +307,11 @@ class EngineConfig:
         _check(self.overlap_steps is None or isinstance(self.overlap_steps, bool),
                f"overlap_steps must be true, false or null, got {self.overlap_steps!r}")
 
+    def overlaps_steps(self, cuda: bool) -> bool:
+        """Whether the engine queues each decode step before reading the last one's tokens (engine/lookahead.py):
+        as configured, else on CUDA."""
+        return self.overlap_steps if self.overlap_steps is not None else cuda
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EngineConfig:
         """Build from a parsed YAML/JSON mapping; unknown keys are errors."""

@@ -87,8 +87,8 @@ class LLMEngine:
         self._threads = cpu_threads_for(config, self.device)
         if self._threads is not None:  # hooked now for the same reason as the progress hooks above
             self._threads.attach(self._runner.model.model.layers)
-        overlap = config.overlap_steps if config.overlap_steps is not None else self.device.type == "cuda"
-        self._lookahead = Lookahead(self._runner, self._kv, self._scheduler, self.stats, overlap)
+        self._lookahead = Lookahead(self._runner, self._kv, self._scheduler, self.stats,
+                                    config.overlaps_steps(self.device.type == "cuda"))
         self.set_speculative(config.speculative)
         self._step_observer: Callable[[StepShape], None] | None = None
 

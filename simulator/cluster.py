@@ -245,11 +245,11 @@ def chunk_lists(times: Iterable[float], prompts: Iterable[int], outputs: Iterabl
 
 
 def overlap_steps(engine: EngineConfig, profile: Profile) -> bool:
-    """Whether the engine queues each decode step before reading the last one's tokens (engine/lookahead.py): as
-    configured, else on a GPU; never with speculative decoding (its rows verify drafts)."""
+    """The engine's overlapped steps (EngineConfig.overlaps_steps) on the profiled hardware; never with speculative
+    decoding, whose rows verify drafts and are left out of every queued step."""
     if engine.speculative is not None and engine.speculative.method:
         return False
-    return engine.overlap_steps if engine.overlap_steps is not None else profile.gpus_per_replica > 0
+    return engine.overlaps_steps(profile.gpus_per_replica > 0)
 
 
 def shared_device(loop: EventLoop, profile: Profile, oversubscription: str = "fair", cpu_share: bool = True

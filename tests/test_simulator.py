@@ -306,3 +306,14 @@ def test_a_profiles_sustained_figure_survives_a_save_and_must_not_speed_steps_up
     assert Profile.load(str(tmp_path / "p.json")).scaled(2.0).sustained == prof.sustained
     with pytest.raises(ConfigError, match="sustained.prompt"):
         SustainedCosts(prompt=0.9)
+
+
+def test_a_cluster_overlaps_steps_as_its_engine_would_on_the_profiled_hardware() -> None:
+    from engine.config import EngineConfig, SpeculativeConfig
+    from simulator.cluster import overlap_steps
+
+    gpu, cpu = dataclasses.replace(profile(), gpus_per_replica=1), dataclasses.replace(profile(), gpus_per_replica=0)
+    assert overlap_steps(EngineConfig(), gpu) and not overlap_steps(EngineConfig(), cpu)
+    assert not overlap_steps(EngineConfig(overlap_steps=False), gpu)
+    assert overlap_steps(EngineConfig(overlap_steps=True), cpu)
+    assert not overlap_steps(EngineConfig(speculative=SpeculativeConfig(method="ngram")), gpu)
