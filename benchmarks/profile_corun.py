@@ -7,6 +7,8 @@ Over the same steps alone:
   clusters start their workers). That is the pairing of a 1P+1D cluster on one machine or GPU. Against real
   1P+1D CPU runs, the older co-runner (matmuls that never pause, `--co-run-with matmul`) over-charged a prefill
   beside decode steps by 5-10% (benchmarks/RESULTS.md, 2026-12-05 evening).
+  The decode step is timed at the batch below and at one row (`decode_by_batch`): on a 2-core CPU a 4-row step
+  gains more from the core the co-runner takes than a 1-row one (1.63x against 1.2x beside prefills).
 - `oversubscribed_prefill`, `oversubscribed_decode` (CPU): an engine on every core beside the matmuls, which is
   what an adaptive engine without a share that looked while the machine was idle runs until its step ends. Its
   threads then outnumber the cores, and a team of threads that meets at barriers waits for whichever one was
@@ -86,19 +88,21 @@ def co_run(eng: LLMEngine, toks: Tokens, device: str, repeat: int, alone_check: 
         return statistics.median(check(partial(run_prompt, e, f"co{i}-{time.monotonic_ns()}", toks.take(n), device))
                                  for i in range(repeat))
 
-    def decode(e: LLMEngine, check: Callable[[Callable[[], Any]], Any]) -> float:
-        return decode_ms(e, toks, batch, ctx, 8, device, check) or 0.0
+    def decode(e: LLMEngine, check: Callable[[Callable[[], Any]], Any], rows: int = batch) -> float:
+        return decode_ms(e, toks, rows, ctx, 8, device, check) or 0.0
 
     def plain(f: Callable[[], Any]) -> Any:
         return f()
 
     fixed = all_cores() if all_cores is not None and not gpu else None
     alone = (prefill(eng, alone_check), decode(eng, alone_check))
+    one_alone = decode(eng, alone_check, 1)  # a lone row's step gains less from the cores (decode_by_batch)
     fixed_alone = (prefill(fixed, plain), decode(fixed, plain)) if fixed is not None else (0.0, 0.0)
     with busy_beside(gpu, engine_args, "decode"):
         busy_prefill, threads = prefill(eng, plain), eng.stats.cpu_threads
     with busy_beside(gpu, engine_args, "prefill"):
         busy = (busy_prefill, decode(eng, plain))
+        one_busy = decode(eng, plain, 1)
     over = (0.0, 0.0)
     if fixed is not None:
         with busy_beside(gpu):
@@ -108,9 +112,10 @@ def co_run(eng: LLMEngine, toks: Tokens, device: str, repeat: int, alone_check: 
     beside = "the other role's steps of this engine (prefill beside decode steps, decode beside prefills)" \
         if engine_args is not None else \
         ("bf16 8192^3 matmuls on the same GPU" if gpu else "fp32 768^3 matmuls, 1 thread")
+    one = round(max(1.0, one_busy / one_alone), 3) if one_alone else ratio[1]
     return CoRunCosts(prefill=ratio[0], decode=ratio[1], oversubscribed_prefill=ratio[2],
-                      oversubscribed_decode=ratio[3],
-                      note=f"prefill of {n} tokens and decode of {batch} x {ctx}, alone and beside a process running "
+                      oversubscribed_decode=ratio[3], decode_batch=(1, batch), decode_by_batch=(one, ratio[1]),
+                      note=f"prefill of {n} tokens and decode of {batch} (and 1) x {ctx}, alone and beside a process running "
                            f"{beside}" + ("" if gpu else f" (this engine's prefill on {threads} thread(s) beside it)")
                            + ("; oversubscribed: an engine fixed on every core beside matmuls" if fixed else ""))
 

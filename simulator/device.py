@@ -5,7 +5,7 @@ and its rate changes whenever a co-runner starts or ends a step (so a one-second
 decode step is slowed for those 100 ms only):
 
 - `SharedDevice` (a GPU, or any device without a better model): beside busy co-runners a step runs the profile's
-  measured `co_run.prefill` / `co_run.decode` times slower; without those, `1 + others busy` times (processor
+  measured `co_run.prefill` / `co_run.decode_at(rows)` times slower; without those, `1 + others busy` times (processor
   sharing). A prompt step with no co-runner busy runs `1 + (sustained.prompt - 1) * load` times slower, `load`
   being the device's busy share over the last ~0.1 s (an exponential average): a GPU kept busy meets its power
   limit and lowers its clocks within a few steps, and recovers as fast when idle. The co-run multipliers are
@@ -48,10 +48,11 @@ class Stepper(Protocol):
 class _Step:
     """A step in flight on the device: the work left in ms of its time alone, and how fast it goes now."""
 
-    __slots__ = ("left_ms", "prompt", "rate", "since", "threads")
+    __slots__ = ("left_ms", "prompt", "rate", "rows", "since", "threads")
 
-    def __init__(self, work_ms: float, prompt: bool, now: float, threads: int = 1) -> None:
+    def __init__(self, work_ms: float, prompt: bool, now: float, threads: int = 1, rows: int = 0) -> None:
         self.left_ms, self.prompt, self.rate, self.since, self.threads = work_ms, prompt, 1.0, now, threads
+        self.rows = rows
 
 
 class SharedDevice:
@@ -70,18 +71,20 @@ class SharedDevice:
         """Replicas of this device in a step now."""
         return len(self.steps)
 
-    def slowdown(self, prompt: bool, others: int) -> float:
-        """How many times slower than alone a step runs while `others` co-runners are in a step."""
+    def slowdown(self, prompt: bool, others: int, rows: int = 0) -> float:
+        """How many times slower than alone a step (of `rows` decode rows) runs while `others` co-runners are in
+        a step."""
         if not others:
             return 1.0 + (self.sustained.prompt - 1.0) * self.load if prompt and self.sustained else 1.0
         if self.co_run is None:
             return 1.0 + others
-        return self.co_run.prefill if prompt else self.co_run.decode
+        return self.co_run.prefill if prompt else self.co_run.decode_at(rows)
 
-    def start(self, replica: Stepper, work_ms: float, prompt: bool) -> None:
-        """`replica` starts a step of `work_ms` (its time alone); every step in flight gets its new end."""
+    def start(self, replica: Stepper, work_ms: float, prompt: bool, rows: int = 0) -> None:
+        """`replica` starts a step of `work_ms` (its time alone, `rows` decode rows); every step in flight gets
+        its new end."""
         self._settle()
-        self.steps[replica] = _Step(work_ms, prompt, self.loop.now, self._threads_for(replica))
+        self.steps[replica] = _Step(work_ms, prompt, self.loop.now, self._threads_for(replica), rows)
         self._reschedule()
 
     def finish(self, replica: Stepper) -> None:
@@ -107,7 +110,7 @@ class SharedDevice:
     def _rates(self) -> None:
         others = len(self.steps) - 1
         for s in self.steps.values():
-            s.rate = 1.0 / self.slowdown(s.prompt, others)
+            s.rate = 1.0 / self.slowdown(s.prompt, others, s.rows)
 
     def _reschedule(self) -> None:
         self._rates()
@@ -161,7 +164,7 @@ class CpuCores(SharedDevice):
                 s.threads = max(1, self.cores // len(self.steps))
         share, over = self._share(), self._oversubscribed()
         for s in self.steps.values():
-            one = self.slowdown(s.prompt, 1) if self.cores > 1 else 1.0  # one thread's time over all cores'
+            one = self.slowdown(s.prompt, 1, s.rows) if self.cores > 1 else 1.0  # one thread's time over all cores'
             if s.threads == 1 and self.cores > 1:
                 # beside busy co-runners as alone: what co_run measured; with a share, more one-thread steps than
                 # cores share them fairly (without one, the older model's rule stands)

@@ -6,7 +6,8 @@ span `gpus_per_replica` devices with tensor parallelism):
 - prefill: milliseconds of one engine step that computes one prompt of n tokens with nothing cached, by n; and
   chunks of n tokens computed after c cached tokens, from which the extra cost of attending to cached context is
   fitted (`attention_ms_per_pair`: ms per (new token, earlier token) pair);
-- decode: milliseconds of one decode step by batch size x context length (every sequence at that context);
+- decode: milliseconds of one decode step by batch size x context length (every sequence at that context; the
+  profiler writes the grid's envelope, non-decreasing in both);
 - kv: block size, bytes per token of KV, and how many tokens the cache held at the profiled memory budget;
 - transfer: the KV transfer rate and fixed latency of one pull (`latency_ms + bytes / rate`);
 - startup: seconds from starting a worker process to serving (weights loaded, KV allocated, graphs captured);
@@ -155,16 +156,38 @@ class CoRunCosts:
     2-core VM (whose cores may be hyperthreads of one), or the same GPU (two workers on one card)."""
 
     prefill: float  # a prefill step's time multiplier
-    decode: float  # a decode step's time multiplier
+    decode: float  # a decode step's time multiplier (at the co-run's decode batch)
     note: str = ""  # what the co-runner was
     # CPU: the same for an engine whose threads use every core beside the busy process (0: not measured)
     oversubscribed_prefill: float = 0.0
     oversubscribed_decode: float = 0.0
+    # The decode multiplier by the step's rows (ascending; empty: `decode` at every batch). On a CPU a 1-row step
+    # beside prefills ran 1.2x and a 4-row one 1.6x: more rows gain more from the core the co-runner takes.
+    decode_batch: tuple[int, ...] = ()
+    decode_by_batch: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         _require(self.prefill >= 1 and self.decode >= 1, "co_run multipliers must be >= 1")
         _require(self.oversubscribed_prefill >= 0 and self.oversubscribed_decode >= 0,
                  "co_run oversubscribed multipliers must be >= 0")
+        _require(len(self.decode_batch) == len(self.decode_by_batch), "co_run.decode_batch and decode_by_batch "
+                 "must be of equal length")
+        _require(_ascending(self.decode_batch) and all(b >= 1 for b in self.decode_batch),
+                 "co_run.decode_batch must be ascending sizes >= 1")
+        _require(all(m >= 1 for m in self.decode_by_batch), "co_run.decode_by_batch multipliers must be >= 1")
+
+    def decode_at(self, rows: int) -> float:
+        """The decode multiplier of a step of `rows` rows: linear between the measured batches, held past both
+        ends (a multiplier does not grow without bound)."""
+        bs, ms = self.decode_batch, self.decode_by_batch
+        if not bs:
+            return self.decode
+        if rows <= bs[0]:
+            return ms[0]
+        for b0, b1, m0, m1 in zip(bs, bs[1:], ms, ms[1:], strict=False):
+            if rows <= b1:
+                return m0 + (m1 - m0) * (rows - b0) / (b1 - b0)
+        return ms[-1]
 
 
 @dataclass(frozen=True)
@@ -240,7 +263,7 @@ class Profile:
             decode=DecodeCosts(tuple(dec["batch"]), tuple(dec["context"]), tuple(tuple(r) for r in dec["ms"])),
             kv=KVCosts(**d["kv"]), transfer=TransferCosts(**d["transfer"]), startup=StartupCosts(**d["startup"]),
             gpus_per_replica=int(d.get("gpus_per_replica", 1)), extra=dict(d.get("extra", {})),
-            co_run=CoRunCosts(**d["co_run"]) if d.get("co_run") else None,
+            co_run=_co_run(d["co_run"]) if d.get("co_run") else None,
             serving=ServingCosts(**d["serving"]) if d.get("serving") else None,
             sustained=SustainedCosts(**d["sustained"]) if d.get("sustained") else None)
 
@@ -251,3 +274,8 @@ class Profile:
                 return cls.from_dict(json.load(f))
         except (KeyError, TypeError) as e:
             raise ConfigError(f"{path}: not a profile ({type(e).__name__}: {e})") from None
+
+
+def _co_run(d: dict[str, Any]) -> CoRunCosts:
+    return CoRunCosts(**{**d, "decode_batch": tuple(d.get("decode_batch", ())),
+                         "decode_by_batch": tuple(d.get("decode_by_batch", ()))})

@@ -16,6 +16,7 @@ from simulator.config import SimConfig
 from simulator.cost_model import CostModel
 from simulator.events import EventLoop
 from simulator.profile import (
+    CoRunCosts,
     DecodeCosts,
     KVCosts,
     PrefillCosts,
@@ -306,6 +307,12 @@ def test_a_profiles_sustained_figure_survives_a_save_and_must_not_speed_steps_up
     assert Profile.load(str(tmp_path / "p.json")).scaled(2.0).sustained == prof.sustained
     with pytest.raises(ConfigError, match="sustained.prompt"):
         SustainedCosts(prompt=0.9)
+
+
+def test_a_profiles_co_run_by_decode_batch_survives_a_save(tmp_path) -> None:  # noqa: ANN001
+    co = CoRunCosts(prefill=1.5, decode=1.6, decode_batch=(1, 4), decode_by_batch=(1.2, 1.6))
+    dataclasses.replace(profile(), co_run=co).save(str(tmp_path / "p.json"))
+    assert Profile.load(str(tmp_path / "p.json")).co_run == co
 
 
 def test_a_cluster_overlaps_steps_as_its_engine_would_on_the_profiled_hardware() -> None:

@@ -159,3 +159,47 @@ def test_beside_a_busy_co_runner_the_measured_multiplier_holds_the_clock_slowdow
     loop.run_until(10.0)
     # every prompt step runs co_run.prefill times its table time, however long the device has been busy
     assert [b - a for a, b in zip([0.0, *pre.ends], pre.ends, strict=False)] == [pytest.approx(0.2)] * 10
+
+
+def test_a_decode_step_beside_a_busy_co_runner_is_slowed_by_its_rows() -> None:
+    """co_run.decode_by_batch: a 1-row step beside a prompt runs 1.2x, a 4-row one 1.6x, linear between them."""
+    co = CoRunCosts(prefill=1.5, decode=1.6, decode_batch=(1, 4), decode_by_batch=(1.2, 1.6))
+    ends = {}
+    for rows in (1, 4, 2, 16):
+        loop = EventLoop()
+        dev = SharedDevice(loop, co)
+        pre = Worker(loop, dev, [(10_000.0, True)])
+        loop.at(0.0, pre.go)
+        loop.at(0.0, lambda _=None, r=rows: dev.start(probe, 100.0, False, r))
+        probe = _Probe(loop, dev)
+        loop.run_until(1.0)
+        ends[rows] = probe.end
+    assert ends[1] == pytest.approx(0.12) and ends[4] == pytest.approx(0.16)
+    assert ends[2] == pytest.approx(0.1 * (1.2 + 0.4 / 3))
+    assert ends[16] == pytest.approx(0.16)  # held past the largest batch measured
+
+
+class _Probe:
+    """One step's end, as the device schedules it."""
+
+    def __init__(self, loop: EventLoop, device: SharedDevice) -> None:
+        self.loop, self.device, self.end, self.version = loop, device, -1.0, 0
+
+    def schedule_end(self, t: float) -> None:
+        self.version += 1
+        self.loop.at(t, self._end, self.version)
+
+    def _end(self, version: int) -> None:
+        if version == self.version:
+            self.end = self.loop.now
+            self.device.finish(self)
+
+
+def test_a_profile_without_decode_by_batch_uses_one_multiplier_and_bad_ones_are_refused() -> None:
+    from engine.config import ConfigError
+
+    assert CoRunCosts(prefill=1.5, decode=1.6).decode_at(1) == 1.6
+    for bad in ({"decode_batch": (1, 4), "decode_by_batch": (1.2,)}, {"decode_batch": (4, 1),
+                "decode_by_batch": (1.2, 1.6)}, {"decode_batch": (1,), "decode_by_batch": (0.9,)}):
+        with pytest.raises(ConfigError):
+            CoRunCosts(prefill=1.5, decode=1.6, **bad)
