@@ -3,6 +3,8 @@ profile's co-run multipliers), and CPU workers pick their threads as engine/cpu_
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 
 from simulator.device import CpuCores, SharedDevice
@@ -170,8 +172,8 @@ def test_a_decode_step_beside_a_busy_co_runner_is_slowed_by_its_rows() -> None:
         dev = SharedDevice(loop, co)
         pre = Worker(loop, dev, [(10_000.0, True)])
         loop.at(0.0, pre.go)
-        loop.at(0.0, lambda _=None, r=rows: dev.start(probe, 100.0, False, r))
         probe = _Probe(loop, dev)
+        loop.at(0.0, partial(probe.go, rows))
         loop.run_until(1.0)
         ends[rows] = probe.end
     assert ends[1] == pytest.approx(0.12) and ends[4] == pytest.approx(0.16)
@@ -180,10 +182,13 @@ def test_a_decode_step_beside_a_busy_co_runner_is_slowed_by_its_rows() -> None:
 
 
 class _Probe:
-    """One step's end, as the device schedules it."""
+    """One 100-ms decode step of some rows and its end, as the device schedules it."""
 
     def __init__(self, loop: EventLoop, device: SharedDevice) -> None:
         self.loop, self.device, self.end, self.version = loop, device, -1.0, 0
+
+    def go(self, rows: int, _: object = None) -> None:
+        self.device.start(self, 100.0, False, rows)
 
     def schedule_end(self, t: float) -> None:
         self.version += 1
