@@ -38,7 +38,7 @@ import yaml
 from benchmarks import serving
 from benchmarks.bootstrap import figure_intervals
 from benchmarks.serving_compare import cluster_yaml
-from benchmarks.step_costs import worker_steps
+from benchmarks.step_costs import prompt_step_ms, worker_steps
 from deploy.config import ClusterConfig
 from kvtransfer.registry import known_backends
 from simulator.cluster import Cluster, chunk_lists
@@ -51,6 +51,7 @@ from worker.step_log import STEP_LOG_ENV
 
 MODES = {"disaggregated": 1, "colocated": 0}
 FIGURES = ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "goodput_req_s")
+TINY_PROMPT = 16  # tokens of the prompts that time the serving path's fixed cost (calibrate)
 
 
 def make_trace(rate: float, n: int, prompt: str, output: str, seed: int) -> tuple[list[float], list[int], list[int]]:
@@ -86,7 +87,8 @@ async def single_stream(url: str, model: str, n: int = 5) -> dict[str, float]:
     and one stream alone (a 256-token prompt, 64 tokens): its TTFT and median inter-token gap, to hold against the
     profile's prefill of 256 tokens and decode step of one row."""
     async with httpx.AsyncClient(timeout=httpx.Timeout(60.0)) as client:
-        ttfts = [(await serving.one_request(client, url, model, list(range(1000, 1016)), 2, {})).ttft for _ in range(n)]
+        ttfts = [(await serving.one_request(client, url, model, list(range(1000, 1000 + TINY_PROMPT)), 2, {})).ttft
+                 for _ in range(n)]
         one = await serving.one_request(client, url, model, list(range(2000, 2256)), 64, {})
     return {"tiny_ttft_ms": round(sorted(ttfts)[n // 2] * 1e3, 1), "stream_ttft_ms": round(one.ttft * 1e3, 1),
             "stream_itl_p50_ms": round(percentile(one.itls, 50) * 1e3, 2) if one.itls else 0.0}
@@ -129,6 +131,7 @@ def _real_run(a: argparse.Namespace, mode: str, path: str, trace: tuple[list[flo
         around: dict[str, Any] = {"spoiled": []}
         for attempt in range(a.tries):
             quiet = wait_for_quiet(a.max_foreign, a.quiet_wait_s, pids=c.pids)
+            alone_since = time.time()
             around["alone"] = asyncio.run(single_stream(c.url, model))
             load, meter, cpu0 = os.getloadavg(), ForeignCpu(c.pids).start(), cluster_cpu_s(c)
             since = time.time()
@@ -144,6 +147,7 @@ def _real_run(a: argparse.Namespace, mode: str, path: str, trace: tuple[list[flo
                        "load_before": [round(x, 2) for x in load], "load_after": [round(x, 2) for x in os.getloadavg()]}
             if figures["foreign_cores"] <= a.max_foreign or attempt == a.tries - 1:
                 c.stop()  # the workers close their step logs
+                around["alone"]["tiny_step_ms"] = prompt_step_ms(steps, alone_since, since, TINY_PROMPT)
                 return real, {**around, **figures,
                               "steps": worker_steps(steps, since, until, Profile.load(a.profile))}
             around["spoiled"].append({**figures, **{k: real[k] for k in FIGURES}})
@@ -206,8 +210,10 @@ def calibrate(a: argparse.Namespace, path: str, prof: Profile, around: dict[str,
     the run itself. `scale`: the machine's speed against the profile's, the lone stream's median inter-token gap (a
     256-token prompt, 64 tokens, so a mean context of 288) over the profile's decode step of one row there (serving
     loop included). `admit_ms`: the serving path's fixed cost per request, the median TTFT of a 16-token prompt
-    alone less the simulated one (the router's HTTP and tokenizing, and whatever a step of one short prompt costs
-    beyond the profile's prefill). None without those measurements."""
+    alone less the simulated one (the router's HTTP and tokenizing), the prompt's step priced as the workers' step
+    logs timed it (`tiny_step_ms`) where they did: on a GPU a prompt that short is host-bound, and one H100 timed
+    it at 13-48 ms between engines and runs, so the profile's price for it would move `admit_ms` by as much.
+    Runs recorded before the step logs had it: the profile's price. None without those measurements."""
     alone = (around or {}).get("alone") or {}
     real_ms = alone.get("stream_itl_p50_ms")
     if not real_ms:
@@ -217,7 +223,11 @@ def calibrate(a: argparse.Namespace, path: str, prof: Profile, around: dict[str,
     out = {"scale": round(real_ms / model_ms, 4) if speed else 1.0, "alone_itl_ms": real_ms,
            "profile_step_ms": round(model_ms, 3)}
     if alone.get("tiny_ttft_ms") and a.calibrate in ("both", "admit"):
-        sim_ms = simulate(a, path, ([0.0], [16], [2]), prof.scaled(out["scale"]), a.hop_ms)["ttft_p50_ms"]
+        scaled = prof.scaled(out["scale"])
+        sim_ms = simulate(a, path, ([0.0], [TINY_PROMPT], [2]), scaled, a.hop_ms)["ttft_p50_ms"]
+        if alone.get("tiny_step_ms"):  # its step as it ran, the worker loop's overhead added as the model adds it
+            model = CostModel(scaled)
+            sim_ms = round(sim_ms - model.prefill_ms(TINY_PROMPT) + alone["tiny_step_ms"] + model.overhead, 2)
         out |= {"admit_ms": round(max(0.0, alone["tiny_ttft_ms"] - sim_ms), 2), "alone_tiny_ttft_ms":
                 alone["tiny_ttft_ms"], "sim_tiny_ttft_ms": sim_ms}
     return out

@@ -88,6 +88,15 @@ def worker_steps(folder: str, since: float, until: float, prof: Profile) -> dict
     return out
 
 
+def prompt_step_ms(folder: str, since: float, until: float, tokens: int) -> float | None:
+    """The median time of the steps that computed a lone `tokens`-token prompt (no decode rows) over [since, until]
+    in any worker's log: what a short prompt took as it ran (None: no such step)."""
+    ms = [r["ms"] for f in sorted(os.listdir(folder)) if f.endswith(".jsonl")
+          for r in read_step_log(os.path.join(folder, f))
+          if since <= r["t"] <= until and r["prompt_tokens"] == tokens and not r["decode_rows"]]
+    return round(statistics.median(ms), 3) if ms else None
+
+
 def _brief(row: dict[str, Any]) -> str:
     return (f"{row['prompt_tokens']}p+{row['decode_rows']}d {row['ms']:.0f}ms, {row.get('running_after', '?')} running "
             f"after, overlap {row['overlap']}")

@@ -58,3 +58,40 @@ def test_calibration_corrects_what_it_is_asked_to_and_the_recorded_table_reprodu
         recorded = json.loads(Path(RECORDED).read_text())["rates"]["6"]["colocated"]
         assert {k: res["sim"][k] for k in FIGURES} == {k: recorded["sim"][k] for k in FIGURES}
         assert res["real"]["ttft_p50_ms"] == recorded["real"]["ttft_p50_ms"]
+
+
+def test_admission_is_calibrated_against_the_tiny_prompts_step_as_the_workers_timed_it(tmp_path: Path) -> None:
+    """A short prompt's step is host-bound on a GPU and moves between runs: `admit_ms` takes the step the workers'
+    logs timed (`tiny_step_ms`) in place of the profile's price, so 5 ms less step is 5 ms more admission."""
+    from simulator.cost_model import CostModel
+    from simulator.profile import Profile
+
+    model = CostModel(Profile.load(GPU_PROFILE))
+    priced = model.prefill_ms(16) - model.overhead  # the step as the profile prices it
+    data = json.loads(Path(RECORDED).read_text())
+    admits = []
+    for step_ms in (None, priced, priced - 5.0):
+        alone = data["rates"]["6"]["colocated"]["measured_around"]["alone"]
+        alone.pop("tiny_step_ms", None)
+        if step_ms is not None:
+            alone["tiny_step_ms"] = step_ms
+        (tmp_path / "r.json").write_text(json.dumps(data))
+        res = main(["--sim-only", "--device", "cuda", "--recorded", str(tmp_path / "r.json"), "--profile", GPU_PROFILE,
+                    "--rates", "6", "--seed", "3", "--num-requests", "8", "--prompt-len", "1024:2048", "--modes",
+                    "colocated", "--calibrate", "admit", "--out", str(tmp_path)])
+        admits.append(res["rates"]["6"]["colocated"]["calibration"]["admit_ms"])
+    assert admits[1] == pytest.approx(admits[0], abs=0.02) and admits[2] == pytest.approx(admits[0] + 5.0, abs=0.02)
+
+
+def test_a_short_prompts_step_is_read_from_the_workers_step_logs(tmp_path: Path) -> None:
+    from benchmarks.step_costs import prompt_step_ms
+
+    rows = [{"t": 10.0, "ms": 30.0, "prompt_tokens": 16, "decode_rows": 0}, {"t": 11.0, "ms": 20.0, "prompt_tokens": 16,
+            "decode_rows": 0}, {"t": 11.5, "ms": 9.0, "prompt_tokens": 0, "decode_rows": 1},
+            {"t": 12.0, "ms": 90.0, "prompt_tokens": 16, "decode_rows": 3}, {"t": 20.0, "ms": 1.0, "prompt_tokens": 16,
+            "decode_rows": 0}]
+    for name, part in (("prefill-0", rows[:2]), ("decode-0", rows[2:])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({**r, "pairs": 0, "decode_context": 0.0}) + "\n"
+                                                        for r in part))
+    assert prompt_step_ms(str(tmp_path), 9.0, 15.0, 16) == 25.0  # lone 16-token prompts only, inside the window
+    assert prompt_step_ms(str(tmp_path), 9.0, 15.0, 32) is None
