@@ -85,8 +85,10 @@ def co_run(eng: LLMEngine, toks: Tokens, device: str, repeat: int, alone_check: 
         engine_args = co_runner_args(engine_args, eng, device)
 
     def prefill(e: LLMEngine, check: Callable[[Callable[[], Any]], Any]) -> float:
+        # at least 5 prompts: a prompt beside a co-runner moves by +-10% with where the two processes' turns on
+        # the device fall (two gave 1.95x and eight 2.08x on one kind of H100)
         return statistics.median(check(partial(run_prompt, e, f"co{i}-{time.monotonic_ns()}", toks.take(n), device))
-                                 for i in range(repeat))
+                                 for i in range(max(5, repeat)))
 
     def decode(e: LLMEngine, check: Callable[[Callable[[], Any]], Any], rows: int = batch) -> float:
         return decode_ms(e, toks, rows, ctx, 8, device, check) or 0.0
