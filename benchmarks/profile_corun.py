@@ -7,8 +7,8 @@ Over the same steps alone:
   clusters start their workers). That is the pairing of a 1P+1D cluster on one machine or GPU. Against real
   1P+1D CPU runs, the older co-runner (matmuls that never pause, `--co-run-with matmul`) over-charged a prefill
   beside decode steps by 5-10% (benchmarks/RESULTS.md, 2026-12-05 evening).
-  The decode step is timed at the batch below and at one row (`decode_by_batch`): on a 2-core CPU a 4-row step
-  gains more from the core the co-runner takes than a 1-row one (1.63x against 1.2x beside prefills).
+  The decode step is timed at the batch below and at one row (`decode_by_batch`), the serving runs' usual batch
+  (one CPU profile read 1.63x at 4 rows where those runs' 1-2-row steps ran 1.19-1.26x; the next, 1.29x and 1.25x).
 - `oversubscribed_prefill`, `oversubscribed_decode` (CPU): an engine on every core beside the matmuls, which is
   what an adaptive engine without a share that looked while the machine was idle runs until its step ends. Its
   threads then outnumber the cores, and a team of threads that meets at barriers waits for whichever one was

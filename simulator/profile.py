@@ -161,8 +161,8 @@ class CoRunCosts:
     # CPU: the same for an engine whose threads use every core beside the busy process (0: not measured)
     oversubscribed_prefill: float = 0.0
     oversubscribed_decode: float = 0.0
-    # The decode multiplier by the step's rows (ascending; empty: `decode` at every batch). On a CPU a 1-row step
-    # beside prefills ran 1.2x and a 4-row one 1.6x: more rows gain more from the core the co-runner takes.
+    # The decode multiplier by the step's rows (ascending; empty: `decode` at every batch): a CPU profile timed 4
+    # rows beside prefills at 1.63x where the serving runs' 1-2-row steps ran 1.19-1.26x, so both are timed.
     decode_batch: tuple[int, ...] = ()
     decode_by_batch: tuple[float, ...] = ()
 
