@@ -46,8 +46,9 @@ MODELS: dict[str, dict[str, Any]] = {
 }
 
 
-def fleet_yaml(m: dict[str, Any], cells: int) -> dict[str, Any]:
-    """The fleet's cluster YAML (whole-fleet figures; simulator/fleet.py divides them among the cells)."""
+def fleet_yaml(m: dict[str, Any], cells: int, kv_streaming: bool = False) -> dict[str, Any]:
+    """The fleet's cluster YAML (whole-fleet figures; simulator/fleet.py divides them among the cells);
+    `kv_streaming`: decode workers pull each prompt's KV layer group by layer group while it is computed."""
     def pool(spec: tuple[float, ...], metric: str) -> dict[str, Any]:
         start, lo, hi, target = spec
         return {"min_replicas": int(lo), "max_replicas": int(hi), "metric": metric, "target": target,
@@ -56,7 +57,8 @@ def fleet_yaml(m: dict[str, Any], cells: int) -> dict[str, Any]:
     return {"model": "llama3", "engine": {"dtype": "bfloat16", "cache": {"block_size": 16,
                                                                           "memory_budget_bytes": m["kv_gib"] * 2**30},
                                           "scheduler": {"max_num_seqs": m["max_seqs"], "max_num_batched_tokens": 8192}},
-            "router": {"prefill_policy": "least_loaded", "decode_policy": "least_loaded", "health_interval_s": 1.0},
+            "router": {"prefill_policy": "least_loaded", "decode_policy": "least_loaded", "health_interval_s": 1.0,
+                       "kv_streaming": kv_streaming},
             "pools": {"prefill": {"replicas": int(m["prefill"][0])}, "decode": {"replicas": int(m["decode"][0])}},
             "autoscaling": {"interval_s": 10, "prefill": pool(m["prefill"], "queued_tokens"),
                             "decode": pool(m["decode"], "itl_p90")}}
@@ -178,8 +180,9 @@ def plot_ratio(result: dict[str, Any], best: dict[str, Any], peak_gpus: int, gpu
 def study(a: argparse.Namespace) -> dict[str, Any]:
     from simulator.report import plot_timeline, summary_line
 
-    m, base = MODELS[a.model], os.path.join(a.out, f"sim_fleet_{a.model}_{DATE}")
-    cfg = fleet_yaml(m, a.cells)
+    m, base = MODELS[a.model], os.path.join(a.out, f"sim_fleet_{a.model}_{DATE}" + ("_kv_streaming" if a.kv_streaming
+                                                                                     else ""))
+    cfg = fleet_yaml(m, a.cells, a.kv_streaming)
     with open(base + "_cluster.yaml", "w") as f:
         yaml.safe_dump(cfg, f, sort_keys=False)
     gpus = Profile.load(m["profile"]).gpus_per_replica
@@ -240,7 +243,7 @@ def explore(a: argparse.Namespace) -> None:
     if a.decode_metric:
         metric, _, target = a.decode_metric.partition(":")
         m["decode"] = (*m["decode"][:3], float(target))
-    cfg = fleet_yaml(m, a.cells)
+    cfg = fleet_yaml(m, a.cells, a.kv_streaming)
     if a.decode_metric:
         cfg["autoscaling"]["decode"]["metric"] = metric
     for role, n in zip(("prefill", "decode"), a.start_pools or (), strict=False):
@@ -271,6 +274,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--decode-metric", default="", help="--explore: the decode pool's METRIC:TARGET instead, e.g. "
                    "kv_usage:0.6")
     p.add_argument("--no-timing", action="store_true", help="skip timing the peak hour")
+    p.add_argument("--kv-streaming", action="store_true", help="the router's kv_streaming on: decode workers pull the "
+                   "KV layer group by layer group while the prompt is computed (outputs get a _kv_streaming suffix)")
     p.add_argument("--out", default="benchmarks/results", help="output folder")
     a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
@@ -278,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
         explore(a)
         return
     if a.timing_only:
-        t = timing(MODELS[a.model], fleet_yaml(MODELS[a.model], a.cells), a.cells, a.processes)
+        t = timing(MODELS[a.model], fleet_yaml(MODELS[a.model], a.cells, a.kv_streaming), a.cells, a.processes)
         t["command"] = "python -m benchmarks.sim_fleet " + " ".join(argv if argv is not None else sys.argv[1:])
         print(json.dumps(t), flush=True)
         with open(os.path.join(a.out, f"sim_fleet_{a.model}_{DATE}_timing.json"), "w") as f:

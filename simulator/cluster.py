@@ -52,6 +52,7 @@ class Cluster:
         self.hop = sim.hop_ms / 1e3
         self.admit = sim.admit_ms / 1e3
         self.nic_free: dict[str, float] = {}  # decode replica -> when its link finishes the pulls queued on it
+        self.streaming, self.layer_groups = self.router_cfg.kv_streaming, cluster.transfer.layer_groups
         self.pools = {r: self._pool(r) for r in ("prefill", "decode") if cluster.pool(r).replicas > 0}
         for role, pool in self.pools.items():
             for _ in range(cluster.pool(role).replicas):
@@ -89,6 +90,11 @@ class Cluster:
             return
         req.prefill_ctx = self.router.dispatch(p, req.prompt)
         self.loop.at(sent, p.add, req)
+        if self.streaming and req.output > 1:  # Decode goes out with Prefill (router/generation.py)
+            d = self.router.choose("decode", req.prompt)
+            if d is not None:
+                req.stream, req.decode_ctx = d, self.router.dispatch(d, req.prompt)
+                self.loop.at(sent, lambda _: d.between_steps(lambda: self._stream_reserve(req)), None)
 
     def on_first_token(self, req: SimRequest, replica: Replica, t: float) -> None:
         req.t_first = t + self.hop
@@ -100,6 +106,11 @@ class Cluster:
         if req.output <= 1:
             self.loop.at(req.t_first, self._release, req)
             self._done(req, req.t_first, 0.0)
+            return
+        if req.stream is not None:
+            req.stream_end = t
+            if req.stream_blocks:
+                self._stream_tail(req)
             return
         self.loop.at(req.t_first + self.hop, self._to_decode, req)
 
@@ -132,6 +143,36 @@ class Cluster:
         start = max(self.loop.now, self.nic_free.get(d.name, 0.0))
         self.nic_free[d.name] = start + req.prompt * self.profiles["decode"].kv.bytes_per_token / (p.gib_s * 2**30)
         self.loop.at(self.nic_free[d.name] + p.latency_ms / 1e3, self._pulled, (req, d))
+
+    # Layer-wise streaming (decode_worker/kv_stream.py): the decode replica reserves the blocks when Decode reaches it
+    # and reads each layer group as the prefill writes it, so what is left after the prefill's last step is the
+    # last layer group of the last chunk, or the bytes the link could not move while the prompt was computed
+    # (taken as the prompt's profiled prefill time), whichever is more. Not modelled: the reads' share of the
+    # link with other pulls, and the prefill compute they take on a shared CPU. No blocks at the reservation:
+    # the request is pulled whole after its prefill instead (the real worker ends it, and the router re-sends it).
+    def _stream_reserve(self, req: SimRequest) -> None:
+        req.stream_blocks = req.stream.hold(req.prompt)
+        if req.stream_blocks:
+            if req.stream_end >= 0:  # the prefill ended first (a short prompt)
+                self._stream_tail(req)
+            return
+        req.decode_ctx.__exit__(None, None, None)
+        req.stream = req.decode_ctx = None
+        if req.stream_end >= 0:
+            self.loop.at(req.t_first + self.hop, self._to_decode, req)
+
+    def _stream_tail(self, req: SimRequest) -> None:
+        t = self.profiles["decode"].transfer
+        bpt, chunk = self.profiles["decode"].kv.bytes_per_token, self.sched.max_num_batched_tokens
+        last_chunk = req.prompt - (req.prompt - 1) // chunk * chunk
+        hidden = t.gib_s * 2**30 * self.costs["prefill"].prefill_ms(req.prompt) / 1e3
+        left = max(last_chunk * bpt / self.layer_groups, req.prompt * bpt - hidden)
+        start = max(self.loop.now, req.stream_end)
+        self.loop.at(start + left / (t.gib_s * 2**30) + t.latency_ms / 1e3, self._streamed, req)
+
+    def _streamed(self, req: SimRequest) -> None:
+        req.blocks = req.stream_blocks  # the prefill replica let go of its count at the first token
+        self._pulled((req, req.stream))
 
     def _pulled(self, arg: tuple[SimRequest, Replica]) -> None:
         req, d = arg

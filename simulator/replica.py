@@ -92,13 +92,20 @@ class Replica:
 
     def reserve(self, req: SimRequest) -> bool:
         """Blocks for a pulled prompt's KV (engine.receive_kv); False (nothing held) when they are short."""
-        n = cdiv(req.prompt, self.bs)
-        if self.used_blocks() + n > self.num_blocks:
-            return False
+        n = self.hold(req.prompt)
         req.blocks = n
+        return n > 0
+
+    def hold(self, tokens: int) -> int:
+        """Reserve blocks for `tokens` tokens of KV to be received (a pull; `pulled` ends it): how many, 0 when they
+        are short (nothing held). A layer-wise stream holds them while the prompt is still on its prefill replica,
+        so the count stays off the request until the pull ends."""
+        n = cdiv(tokens, self.bs)
+        if self.used_blocks() + n > self.num_blocks:
+            return 0
         self.other_blocks += n
         self.receiving += 1
-        return True
+        return n
 
     def pulled(self, req: SimRequest) -> None:
         """The pull ended: the request waits to join the batch with its prompt computed (kv_received)."""

@@ -16,7 +16,8 @@ class SimRequest:
 
     __slots__ = ("rid", "arrival", "prompt", "output", "computed", "generated", "blocks", "lease_blocks", "epoch",
                  "join_step", "join_generated", "join_context", "join_blocks", "seg_index",
-                 "t_first", "t_second", "first_gap", "prefill_ctx", "decode_ctx", "prefill_at", "recomputes")
+                 "t_first", "t_second", "first_gap", "prefill_ctx", "decode_ctx", "prefill_at", "recomputes",
+                 "stream", "stream_blocks", "stream_end")
 
     def __init__(self, rid: int, arrival: float, prompt: int, output: int) -> None:
         self.rid = rid  # sequence number in the workload
@@ -39,6 +40,9 @@ class SimRequest:
         self.prefill_ctx: Any = None  # the router's in-flight count on its prefill worker (WorkerState.dispatched)
         self.decode_ctx: Any = None  # ... on its decode worker
         self.prefill_at: Any = None  # the prefill replica that holds (leases) its KV until the pull ends
+        self.stream: Any = None  # layer-wise streaming: the decode replica pulling its KV while the prefill runs
+        self.stream_blocks = 0  # ... the blocks it holds there for it (0: not reserved yet)
+        self.stream_end = -1.0  # when its prefill ended (the last layer group written); -1: not yet
         self.recomputes = 0  # times its prompt was recomputed (preempted, or no blocks for the pull)
 
     @property

@@ -324,3 +324,31 @@ def test_a_cluster_overlaps_steps_as_its_engine_would_on_the_profiled_hardware()
     assert not overlap_steps(EngineConfig(overlap_steps=False), gpu)
     assert overlap_steps(EngineConfig(overlap_steps=True), cpu)
     assert not overlap_steps(EngineConfig(speculative=SpeculativeConfig(method="ngram")), gpu)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_layer_wise_streaming_leaves_only_the_last_layer_group_of_the_last_chunk_to_pull(streaming: bool) -> None:
+    """A 4,096-token prompt over a link that moves it in 1 s (longer than its 0.41 s prefill): pulled whole after
+    the prefill, the first gap holds all of it; streamed (router.kv_streaming), the link had the prefill's time
+    already, so what is left is the rest of the bytes (more than the last group of the last 1,024-token chunk)."""
+    prof = dataclasses.replace(profile(), transfer=TransferCosts("rdma", 4096 * 1024 / 1.0 / 2**30))
+    prompt, budget = 4096, 1024
+    cfg = cluster_cfg(1, 1, budget=budget, router={"kv_streaming": streaming}, transfer={"layer_groups": 4})
+    c = Cluster(cfg, SimConfig(hop_ms=0.0, keep_requests=True), prof)
+    c.run([([0.0], [prompt], [3])])
+    (req,) = c.collector.requests
+    first_gap = req[6]
+    prefill_s = CostModel(prof).prefill_ms(prompt) / 1e3
+    pull_s = 1.0 - prefill_s if streaming else 1.0
+    step_s = CostModel(prof).decode_ms(1, prompt) / 1e3
+    assert first_gap == pytest.approx(pull_s + step_s, rel=1e-3)
+    assert all(s.replica.used_blocks() == 0 for pool in c.pools.values() for s in pool.slots)  # every block back
+
+
+def test_a_streamed_pull_never_takes_less_than_its_last_layer_group() -> None:
+    prof = dataclasses.replace(profile(), transfer=TransferCosts("rdma", 1024 * 1024 / 0.1 / 2**30))  # 0.1 s per 1 k
+    cfg = cluster_cfg(1, 1, budget=1024, router={"kv_streaming": True}, transfer={"layer_groups": 4})
+    c = Cluster(cfg, SimConfig(hop_ms=0.0, keep_requests=True), prof)
+    c.run([([0.0], [2048], [3])])
+    step_s = CostModel(prof).decode_ms(1, 2048) / 1e3
+    assert c.collector.requests[0][6] == pytest.approx(0.1 / 4 + step_s, rel=1e-3)  # a quarter of the last 1,024
