@@ -68,7 +68,9 @@ def run_fleet(cfg: ClusterConfig, sim: SimConfig, prefill: Profile, decode: Prof
     `only` > 0 simulates just the first `only` cells (a cheaper look at a fleet whose cells are alike)."""
     jobs = [(i, cells, cfg, sim, prefill, decode, workload, duration) for i in range(cells)][:only or cells]
     if processes > 1 and cells > 1:
-        with mp.get_context("fork").Pool(min(processes, cells)) as pool:
+        # spawned, not forked: a fork copies the parent's threads' locks (gRPC, OpenMP) mid-use, and a pool of forked
+        # workers once hung in a test run for good
+        with mp.get_context("spawn").Pool(min(processes, cells)) as pool:
             parts = pool.map(run_cell, jobs, chunksize=1)
     else:
         parts = [run_cell(j) for j in jobs]
