@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -38,13 +39,13 @@ import yaml
 from benchmarks import serving
 from benchmarks.bootstrap import figure_intervals
 from benchmarks.serving_compare import cluster_yaml
-from benchmarks.step_costs import prompt_step_ms, worker_steps
+from benchmarks.step_costs import prompt_step_ms, pull_phases, worker_steps
 from deploy.config import ClusterConfig
 from kvtransfer.registry import known_backends
 from simulator.cluster import Cluster, chunk_lists
 from simulator.config import SimConfig
 from simulator.cost_model import CostModel
-from simulator.metrics import percentile
+from simulator.metrics import handoff_phases, percentile
 from simulator.profile import Profile
 from simulator.trace import write_trace
 from worker.step_log import STEP_LOG_ENV
@@ -109,7 +110,8 @@ def real_run(a: argparse.Namespace, mode: str, path: str, trace: tuple[list[floa
     busy is spoiled and run again (up to --tries, fresh prompt tokens each time: no prefix-cache hits), and its
     figures are kept beside the one reported. Around it: one stream alone on the idle cluster (the serving path's
     own cost), the cores others kept busy, each process's CPU-seconds, the load average, and each worker's steps
-    against the profile's cost model (alone and beside the other worker's: step_costs.worker_steps)."""
+    against the profile's cost model (alone and beside the other worker's: step_costs.worker_steps), and the
+    requests' handoffs from prefill to decode worker by phase (step_costs.pull_phases)."""
     a.concurrency = 0
     steps = os.path.join(os.path.dirname(path), f"{mode}-steps-{rate:g}-{repeat}")
     os.environ[STEP_LOG_ENV] = steps  # the workers time each step (worker/step_log.py)
@@ -148,7 +150,10 @@ def _real_run(a: argparse.Namespace, mode: str, path: str, trace: tuple[list[flo
             if figures["foreign_cores"] <= a.max_foreign or attempt == a.tries - 1:
                 c.stop()  # the workers close their step logs
                 around["alone"]["tiny_step_ms"] = prompt_step_ms(steps, alone_since, since, TINY_PROMPT)
-                return real, {**around, **figures,
+                pulls = pull_phases(steps, since, until)
+                if pulls["pulls"]:
+                    print(f"  {mode} rate {rate:g}: real handoffs {brief_phases(pulls)}", flush=True)
+                return real, {**around, **figures, "pulls": pulls,
                               "steps": worker_steps(steps, since, until, Profile.load(a.profile))}
             around["spoiled"].append({**figures, **{k: real[k] for k in FIGURES}})
             print(f"  {mode} rate {rate:g}: others kept {figures['foreign_cores']} cores busy, run again", flush=True)
@@ -202,7 +207,8 @@ def simulate(a: argparse.Namespace, path: str, trace: tuple[list[float], list[in
             "goodput_req_s": round(good / duration, 3), "output_tok_s": round(sum(r[2] for r in reqs) / duration, 2),
             "requests_each": [[r[1], r[2], round(r[3] * 1e3, 1), round(r[4] * 1e3, 1), round(r[5] * 1e3, 1),
                                round(r[6] * 1e3, 1)] for r in reqs],
-            "cpu_s": {getattr(k, "name", str(k)): round(v, 2) for k, v in getattr(c.device, "used", {}).items()}}
+            "cpu_s": {getattr(k, "name", str(k)): round(v, 2) for k, v in getattr(c.device, "used", {}).items()},
+            "pulls": handoff_phases(c.collector.handoffs)}
 
 
 def calibrate(a: argparse.Namespace, path: str, prof: Profile, around: dict[str, Any]) -> dict[str, float] | None:
@@ -231,6 +237,12 @@ def calibrate(a: argparse.Namespace, path: str, prof: Profile, around: dict[str,
         out |= {"admit_ms": round(max(0.0, alone["tiny_ttft_ms"] - sim_ms), 2), "alone_tiny_ttft_ms":
                 alone["tiny_ttft_ms"], "sim_tiny_ttft_ms": sim_ms}
     return out
+
+
+def brief_phases(pulls: dict[str, Any]) -> str:
+    """A handoff's phases (handoff_phases) in one line: ms p50/p90 of each."""
+    return "(ms p50/p90) " + ", ".join(f"{k.removesuffix('_ms')} {v['p50']:.0f}/{v['p90']:.0f}"
+                                       for k, v in pulls.items() if k.endswith("_ms"))
 
 
 def compare(real: dict[str, Any], sim: dict[str, Any]) -> dict[str, float | None]:
@@ -285,6 +297,8 @@ def run_rate(a: argparse.Namespace, rate: float, folder: str, recorded: dict[str
             out[mode]["measured_around"] = around
         print(f"rate {rate:g} {mode:13s} " + "  ".join(
             f"{k} sim {sim[k]} / real {real.get(k) if real else '-'}" for k in FIGURES), flush=True)
+        if sim["pulls"]["pulls"]:
+            print(f"  {mode} rate {rate:g}: simulated handoffs {brief_phases(sim['pulls'])}", flush=True)
     return out
 
 
@@ -330,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "does not drift, and a lone stream's steps run faster than a loaded card's")
     p.add_argument("--keep-gaps", action="store_true", help="keep every real request's inter-token gaps in the "
                    "JSON (`gaps_ms`, trace order)")
+    p.add_argument("--keep-logs", default="", help="keep the real clusters' YAML, process logs and workers' step "
+                   "logs (worker/step_log.py) in this folder (default: a temporary one, removed)")
     p.add_argument("--sim-only", action="store_true", help="simulate only; compare with --recorded if given")
     p.add_argument("--recorded", default="", help="serving_compare JSON to compare the simulations with")
     p.add_argument("--label", default="", help="suffix of the output file name")
@@ -356,7 +372,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          f"of {', '.join(known_backends())}")
     os.makedirs(a.out, exist_ok=True)
     recorded = recorded_runs(a.recorded) if a.recorded else {}
-    with tempfile.TemporaryDirectory() as folder:
+    with contextlib.nullcontext(a.keep_logs) if a.keep_logs else tempfile.TemporaryDirectory() as folder:
+        os.makedirs(folder, exist_ok=True)
         res = {f"{rate:g}": run_rate(a, rate, folder, recorded) for rate in (float(x) for x in a.rates.split(","))}
     out = {"profile": a.profile, "device": a.device, "args": {k: v for k, v in vars(a).items()}, "rates": res}
     name = f"sim_validate_{a.device}{'_' + a.label if a.label else ''}.json"

@@ -6,14 +6,15 @@ benchmarks/step_replay.py (one in-process engine) and benchmarks/sim_validate.py
 from __future__ import annotations
 
 import bisect
+import math
 import os
 import statistics
 from typing import Any
 
 from simulator.cost_model import CostModel
-from simulator.metrics import percentile
+from simulator.metrics import handoff_phases, percentile
 from simulator.profile import Profile
-from worker.step_log import read_step_log
+from worker.step_log import read_step_events, read_step_log
 
 
 def kind(row: dict[str, Any]) -> str:
@@ -95,6 +96,29 @@ def prompt_step_ms(folder: str, since: float, until: float, tokens: int) -> floa
           for r in read_step_log(os.path.join(folder, f))
           if since <= r["t"] <= until and r["prompt_tokens"] == tokens and not r["decode_rows"]]
     return round(statistics.median(ms), 3) if ms else None
+
+
+def pull_phases(folder: str, since: float, until: float) -> dict[str, Any]:
+    """The handoffs of a 1P+1D cluster's requests over [since, until], from its workers' step logs, by phase
+    (simulator/metrics.py `handoff_phases`): the prefill worker's answer to the router to the decode worker's
+    receipt of Decode (the router's relay), the wait for its blocks (reserved between two steps), the read, the
+    wait from the read's end to the start of the first step that decodes it (the first decode step to start after
+    it), and that step."""
+    steps: list[tuple[float, float]] = []
+    marks: dict[str, dict[str, float]] = {}
+    for f in sorted(os.listdir(folder)):
+        if f.endswith(".jsonl"):
+            path = os.path.join(folder, f)
+            steps += [(r["t"], r["ms"]) for r in read_step_log(path) if r["decode_rows"]]
+            for e in read_step_events(path):
+                if since <= float(e["t"]) <= until:
+                    marks.setdefault(str(e["rid"]), {})[str(e["event"])] = float(e["t"])
+    steps.sort()
+    for m in marks.values():
+        i = bisect.bisect_left(steps, (m.get("pull_read", math.inf), 0.0))
+        if i < len(steps):
+            m["join_start"], m["join_end"] = steps[i][0], steps[i][0] + steps[i][1] / 1e3
+    return handoff_phases(list(marks.values()))
 
 
 def _brief(row: dict[str, Any]) -> str:

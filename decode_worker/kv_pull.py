@@ -114,6 +114,7 @@ class KVPuller:
         prompt's KV pulled from `h`, its outputs going to `sink`. Returns whether the KV arrived (False: the
         prompt is recomputed here). Raises TransferSetupError when the two workers cannot exchange KV at all."""
         rid = req.request_id
+        self.aengine.note("pull_received", rid, tokens=h.num_tokens)
         lease_left = h.lease_deadline - time.time() - LEASE_MARGIN_S
         if lease_left < self.cfg.timeout_s * 0.1:
             log.warning("%s: lease of its KV has %.1fs left; recomputing instead of pulling", rid, lease_left)
@@ -140,6 +141,7 @@ class KVPuller:
             log.warning("%s: no free blocks for %d pulled tokens; recomputing", rid, h.num_tokens)
             self.release_remote(h, rid)
             return False
+        self.aengine.note("pull_reserved", rid)
         return await self._read(rid, h, res, time.monotonic() + timeout)
 
     async def reserve(self, req: Request, num_tokens: int, timeout_s: float, sink: Sink,
@@ -182,6 +184,7 @@ class KVPuller:
                 self.counters.transfer_bytes += handle.nbytes if handle is not None else 0  # every rank's part
                 self.counters.transfer_seconds += time.monotonic() - t0
                 self.counters.pull_cached_blocks += cached
+                self.aengine.note("pull_read", rid, nbytes=handle.nbytes if handle is not None else 0)
                 self.aengine.kv_received(rid)
             else:
                 self.counters.transfer_failures += 1

@@ -68,6 +68,7 @@ class PrefillService(WorkerServicerBase):
             log.debug("%s: the KV lease ended before the answer (pulled by a layer-wise stream, or aborted)", rid)
             return resp
         self.agent.expect_read(rid, time.monotonic() + max(0.0, lease.deadline - time.time()))
+        self.aengine.note("prefill_answered", rid, tokens=lease.num_tokens)
         resp.kv.CopyFrom(disagg_pb2.KVHandle(
             worker_id=self.worker_id, worker_address=self.address, backend=self.agent.backend,
             agent_name=self.worker_id, block_ids=lease.block_ids, num_tokens=lease.num_tokens,

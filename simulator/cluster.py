@@ -5,7 +5,8 @@ flight there) unless the prompt is shorter than `conditional_disagg_min_prompt_t
 the prefill replica computes the prompt and samples the first token, which reaches the router one hop later (TTFT);
 its KV stays leased there. The router then picks a decode worker; that replica reserves blocks for the prompt
 (none free: the lease is dropped and it recomputes the prompt itself) and pulls the KV over its link, one pull at a
-time at the profile's rate, releasing the lease when done; the request joins the decode batch and finishes there.
+time at the profile's rate (on one machine's CPU cores, as work beside the steps: simulator/link.py), releasing the
+lease when done; the request joins the decode batch and finishes there.
 Without a prefill worker the decode replica prefills locally (co-located). Every worker's Load is polled each
 `router.health_interval_s`; the planner ticks each `autoscaling.interval_s`.
 """
@@ -23,6 +24,7 @@ from simulator.config import SimConfig
 from simulator.cost_model import CostModel
 from simulator.device import CpuCores, SharedDevice
 from simulator.events import EventLoop
+from simulator.link import Link
 from simulator.metrics import SLO, request_itl_p99
 from simulator.pool import Pool
 from simulator.profile import Profile
@@ -51,7 +53,7 @@ class Cluster:
         self.device = shared_device(self.loop, prefill, sim.cpu_oversubscription, sim.cpu_share) if sim.shared_device else None
         self.hop = sim.hop_ms / 1e3
         self.admit = sim.admit_ms / 1e3
-        self.nic_free: dict[str, float] = {}  # decode replica -> when its link finishes the pulls queued on it
+        self.links: dict[str, Link] = {}  # decode replica -> its link (the pulls it makes, one at a time)
         self.streaming, self.layer_groups = self.router_cfg.kv_streaming, cluster.transfer.layer_groups
         self.pools = {r: self._pool(r) for r in ("prefill", "decode") if cluster.pool(r).replicas > 0}
         for role, pool in self.pools.items():
@@ -77,6 +79,8 @@ class Cluster:
     # ---- the request path ----------------------------------------------------------------------------------------
     def arrive(self, req: SimRequest) -> None:
         self.collector.arrival(req.prompt, req.output)
+        if self.sim.keep_requests:
+            req.marks = {}
         self.in_flight += 1
         if not self.router.candidates("decode"):
             self._fail(req)  # the router answers 503: no healthy decode worker
@@ -103,6 +107,7 @@ class Cluster:
             return  # prefilled where it decodes: it goes on there
         req.prefill_ctx.__exit__(None, None, None)
         req.prefill_ctx, req.prefill_at = None, replica
+        self._mark(req, "prefill_answered")
         if req.output <= 1:
             self.loop.at(req.t_first, self._release, req)
             self._done(req, req.t_first, 0.0)
@@ -130,6 +135,7 @@ class Cluster:
         if req.prefill_at is None:
             d.add(req)  # no KV anywhere: the decode worker prefills locally
             return
+        self._mark(req, "pull_received")
         d.between_steps(lambda: self._reserve(req, d))  # the worker reserves the blocks between two steps
 
     def _reserve(self, req: SimRequest, d: Replica) -> None:
@@ -139,10 +145,11 @@ class Cluster:
             self.collector.recomputes += 1
             d.add(req)
             return
-        p = self.profiles["decode"].transfer
-        start = max(self.loop.now, self.nic_free.get(d.name, 0.0))
-        self.nic_free[d.name] = start + req.prompt * self.profiles["decode"].kv.bytes_per_token / (p.gib_s * 2**30)
-        self.loop.at(self.nic_free[d.name] + p.latency_ms / 1e3, self._pulled, (req, d))
+        self._mark(req, "pull_reserved")
+        link = self.links.get(d.name)
+        if link is None:
+            link = self.links[d.name] = Link(d.name, self.loop, self.profiles["decode"].transfer, self.device)
+        link.pull(req.prompt * self.profiles["decode"].kv.bytes_per_token, self._pulled, (req, d))
 
     # Layer-wise streaming (decode_worker/kv_stream.py): the decode replica reserves the blocks when Decode reaches it
     # and reads each layer group as the prefill writes it, so what is left after the prefill's last step is the
@@ -176,8 +183,13 @@ class Cluster:
 
     def _pulled(self, arg: tuple[SimRequest, Replica]) -> None:
         req, d = arg
+        self._mark(req, "pull_read")
         self._release(req)
         d.pulled(req)
+
+    def _mark(self, req: SimRequest, name: str) -> None:
+        if req.marks is not None:
+            req.marks[name] = self.loop.now
 
     def _release(self, req: SimRequest) -> None:
         if req.prefill_at is not None:
@@ -186,6 +198,9 @@ class Cluster:
 
     def on_second_token(self, req: SimRequest, t: float) -> None:
         req.t_second = t
+        if req.marks is not None and "pull_read" in req.marks:
+            req.marks["join_end"] = t
+            self.collector.handoffs.append(req.marks)
         req.first_gap = t + self.hop - req.t_first
         self.collector.gaps(req.first_gap, 1)
 

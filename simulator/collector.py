@@ -33,6 +33,7 @@ class Collector:
         self.output_tokens = 0
         self.recomputes = 0
         self.requests: list[tuple[float, int, int, float, float, float]] | None = [] if keep_requests else None
+        self.handoffs: list[dict[str, float]] = []  # with keep_requests: each pulled request's marks (SimRequest)
         self.iv = Interval()
         self.timeline: list[dict[str, Any]] = []
         self.keep_intervals = False  # also keep each interval's counts and histograms (to merge cells' timelines)

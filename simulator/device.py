@@ -23,6 +23,11 @@ decode step is slowed for those 100 ms only):
   that never pauses (a team of threads waits at its barriers for the one descheduled: 3-6x for a prefill on 2
   cores). Against real one-machine clusters (benchmarks/RESULTS.md, 2026-12-05) those two under- and over-predict;
   the share's rule is what the clusters run now.
+  A KV pull between two workers of the machine (`start_transfer`: the TCP backend's sender and reader threads)
+  is work on the same cores: `TRANSFER_THREADS` threads each wanting a core, beside the steps' threads. Alone it
+  takes the profile's time (measured on the idle machine); while more threads want the cores than there are, it
+  and the steps share them fairly, so a pull beside two workers' steps takes about twice its time and slows them
+  while it runs. (On a GPU the bytes move by copy engines or the NIC: pulls are not device work there.)
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from simulator.profile import CoRunCosts, SustainedCosts
 # 2-3 back-to-back steps of ~50 ms and were back at their idle-device time after one 50 ms pause
 # (benchmarks/sustained_steps.py, benchmarks/RESULTS.md).
 LOAD_TAU_S = 0.1
+TRANSFER_THREADS = 2  # a pull on one machine's cores: the prefill worker's sender and the decode worker's reader
 
 
 class Stepper(Protocol):
@@ -48,11 +54,12 @@ class Stepper(Protocol):
 class _Step:
     """A step in flight on the device: the work left in ms of its time alone, and how fast it goes now."""
 
-    __slots__ = ("left_ms", "prompt", "rate", "rows", "since", "threads")
+    __slots__ = ("left_ms", "prompt", "rate", "rows", "since", "threads", "transfer")
 
-    def __init__(self, work_ms: float, prompt: bool, now: float, threads: int = 1, rows: int = 0) -> None:
+    def __init__(self, work_ms: float, prompt: bool, now: float, threads: int = 1, rows: int = 0,
+                 transfer: bool = False) -> None:
         self.left_ms, self.prompt, self.rate, self.since, self.threads = work_ms, prompt, 1.0, now, threads
-        self.rows = rows
+        self.rows, self.transfer = rows, transfer
 
 
 class SharedDevice:
@@ -66,10 +73,12 @@ class SharedDevice:
         self.steps: dict[Stepper, _Step] = {}
         self.load, self._load_at = 0.0, loop.now  # busy share, averaged over ~LOAD_TAU_S, as of _load_at
 
+    carries_transfers = False  # whether KV pulls between its replicas are work on it (start_transfer)
+
     @property
     def busy(self) -> int:
         """Replicas of this device in a step now."""
-        return len(self.steps)
+        return sum(not s.transfer for s in self.steps.values())
 
     def slowdown(self, prompt: bool, others: int, rows: int = 0) -> float:
         """How many times slower than alone a step (of `rows` decode rows) runs while `others` co-runners are in
@@ -87,8 +96,12 @@ class SharedDevice:
         self.steps[replica] = _Step(work_ms, prompt, self.loop.now, self._threads_for(replica), rows)
         self._reschedule()
 
+    def start_transfer(self, link: Stepper, work_ms: float) -> None:
+        """`link` starts a KV pull of `work_ms` alone (a device that `carries_transfers`); `finish` ends it."""
+        raise NotImplementedError(f"{type(self).__name__} does not carry KV transfers")
+
     def finish(self, replica: Stepper) -> None:
-        """`replica`'s step ended: the others speed up."""
+        """`replica`'s step (or a link's pull) ended: the others speed up."""
         self._settle()
         del self.steps[replica]
         self._reschedule()
@@ -101,14 +114,14 @@ class SharedDevice:
         now = self.loop.now
         if now > self._load_at:  # the steps in flight are still those of the interval now ending
             w = math.exp(-(now - self._load_at) / LOAD_TAU_S)
-            self.load = self.load * w + (1.0 - w) * (1.0 if self.steps else 0.0)
+            self.load = self.load * w + (1.0 - w) * (1.0 if self.busy else 0.0)
             self._load_at = now
         for s in self.steps.values():
             s.left_ms = max(0.0, s.left_ms - (now - s.since) * 1e3 * s.rate)
             s.since = now
 
     def _rates(self) -> None:
-        others = len(self.steps) - 1
+        others = self.busy - 1
         for s in self.steps.values():
             s.rate = 1.0 / self.slowdown(s.prompt, others, s.rows)
 
@@ -122,6 +135,8 @@ class SharedDevice:
 class CpuCores(SharedDevice):
     """Worker processes on `cores` cores, each choosing its threads per step (engine/cpu_threads.py, adaptive)."""
 
+    carries_transfers = True
+
     def __init__(self, loop: EventLoop, co_run: CoRunCosts | None, cores: int, period_s: float = 0.1,
                  measured_oversubscription: bool = True, share: bool = False) -> None:
         super().__init__(loop, co_run)
@@ -132,6 +147,11 @@ class CpuCores(SharedDevice):
         self.total = 0.0  # core-seconds all of them have used (the machine's busy time)
         self.sample: dict[Stepper, tuple[float, float, float]] = {}  # (time, total, own) at its last look
         self.threads: dict[Stepper, int] = {}  # the count its last look chose
+
+    def start_transfer(self, link: Stepper, work_ms: float) -> None:
+        self._settle()
+        self.steps[link] = _Step(work_ms, False, self.loop.now, TRANSFER_THREADS, transfer=True)
+        self._reschedule()
 
     def _threads_for(self, replica: Stepper) -> int:
         """CpuThreads.apply: look again when the last look is a period old; the idle cores, at least one."""
@@ -159,11 +179,15 @@ class CpuCores(SharedDevice):
         return min(1.0, self.cores / demand) if demand else 1.0
 
     def _rates(self) -> None:
-        if self.share:  # the steps in flight split the cores (and keep at least one thread each)
+        if self.share and self.busy:  # the steps in flight split the cores (and keep at least one thread each)
             for s in self.steps.values():
-                s.threads = max(1, self.cores // len(self.steps))
+                if not s.transfer:
+                    s.threads = max(1, self.cores // self.busy)
         share, over = self._share(), self._oversubscribed()
         for s in self.steps.values():
+            if s.transfer:  # its threads get their fair share of a core each
+                s.rate = share
+                continue
             one = self.slowdown(s.prompt, 1, s.rows) if self.cores > 1 else 1.0  # one thread's time over all cores'
             if s.threads == 1 and self.cores > 1:
                 # beside busy co-runners as alone: what co_run measured; with a share, more one-thread steps than

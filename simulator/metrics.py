@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_left
 from dataclasses import dataclass
+from typing import Any
 
 LOG_MIN, LOG_STEP, NBINS = math.log(1e-5), math.log(1.01), 1700  # 1e-5 s * 1.01**1700 = 2.2e2 * 1e5 s
 
@@ -131,3 +132,24 @@ def _p99_with_two_tops(first_gap: float, top: float, n: int) -> float:
     k = (n - 1) * 0.99
     hi = max(first_gap, top)  # order statistics from the top: xs[n-1] = hi, xs[n-2] = top, below that top again
     return top + (hi - top) * (k - (n - 2)) if k >= n - 2 else top
+
+
+# Where a request's handoff from prefill to decode worker stands (worker/step_log.py marks them on real workers):
+# the prefill worker answers the router, Decode reaches the decode worker, its blocks are reserved, the read ends,
+# the first step that decodes it starts, and ends.
+HANDOFF_MARKS = ("prefill_answered", "pull_received", "pull_reserved", "pull_read", "join_start", "join_end")
+HANDOFF_PHASES = ("relay_ms", "reserve_wait_ms", "read_ms", "join_wait_ms", "join_step_ms", "worker_gap_ms")
+
+
+def handoff_phases(marks: list[dict[str, float]]) -> dict[str, Any]:
+    """The handoffs' phases, between consecutive HANDOFF_MARKS, and the whole (`worker_gap_ms`: the first gap but
+    for the legs to the client): p50 / p90 / max of each over the requests with every mark (`pulls` counts them),
+    and each request's phases in `each` (HANDOFF_PHASES order, the order the marks were given)."""
+    spans = list(zip(HANDOFF_MARKS, HANDOFF_MARKS[1:], strict=False)) + [(HANDOFF_MARKS[0], HANDOFF_MARKS[-1])]
+    each = [[round((m[b] - m[a]) * 1e3, 2) for a, b in spans] for m in marks if all(k in m for k in HANDOFF_MARKS)]
+    out: dict[str, Any] = {"pulls": len(each)}
+    for i, name in enumerate(HANDOFF_PHASES):
+        xs = sorted(row[i] for row in each)
+        if xs:
+            out[name] = {"p50": round(percentile(xs, 50), 2), "p90": round(percentile(xs, 90), 2), "max": xs[-1]}
+    return out | {"each": each}

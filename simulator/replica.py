@@ -186,6 +186,9 @@ class Replica:
         """Run k steps from t: the first takes `first` ms, each later one `slope` ms more (alone)."""
         fresh = [r for r in self.new_rows if r.t_second < 0]
         self.new_rows = []
+        for r in fresh:
+            if r.marks is not None:
+                r.marks["join_start"] = t
         self.busy = True
         self._run = (k, batch, context, t, chunks, fresh, first, slope)
         if self.device is not None:  # one step (no fast-forward), its end moved as co-runners start and stop

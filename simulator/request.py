@@ -17,7 +17,7 @@ class SimRequest:
     __slots__ = ("rid", "arrival", "prompt", "output", "computed", "generated", "blocks", "lease_blocks", "epoch",
                  "join_step", "join_generated", "join_context", "join_blocks", "seg_index",
                  "t_first", "t_second", "first_gap", "prefill_ctx", "decode_ctx", "prefill_at", "recomputes",
-                 "stream", "stream_blocks", "stream_end")
+                 "stream", "stream_blocks", "stream_end", "marks")
 
     def __init__(self, rid: int, arrival: float, prompt: int, output: int) -> None:
         self.rid = rid  # sequence number in the workload
@@ -44,6 +44,9 @@ class SimRequest:
         self.stream_blocks = 0  # ... the blocks it holds there for it (0: not reserved yet)
         self.stream_end = -1.0  # when its prefill ended (the last layer group written); -1: not yet
         self.recomputes = 0  # times its prompt was recomputed (preempted, or no blocks for the pull)
+        # with keep_requests: when its handoff passed each point (metrics.HANDOFF_MARKS, as the workers' step logs
+        # mark them); None: not kept
+        self.marks: dict[str, float] | None = None
 
     @property
     def need(self) -> int:

@@ -295,6 +295,9 @@ class _Loop:
     def kv_failed(self, rid: str) -> None:
         self.engine.kv_failed(rid)
 
+    def note(self, event: str, rid: str, **fields: float) -> None:
+        """No step log is kept here."""
+
 
 def _engine() -> LLMEngine:
     """Dummy weights; KV cache laid out as make_cache's (2 layers, 2 KV heads of 32, float16, 48 blocks of BS)."""

@@ -15,6 +15,7 @@ from simulator.cluster import Cluster, chunk_lists
 from simulator.config import SimConfig
 from simulator.cost_model import CostModel
 from simulator.events import EventLoop
+from simulator.metrics import handoff_phases
 from simulator.profile import (
     CoRunCosts,
     DecodeCosts,
@@ -352,3 +353,17 @@ def test_a_streamed_pull_never_takes_less_than_its_last_layer_group() -> None:
     c.run([([0.0], [2048], [3])])
     step_s = CostModel(prof).decode_ms(1, 2048) / 1e3
     assert c.collector.requests[0][6] == pytest.approx(0.1 / 4 + step_s, rel=1e-3)  # a quarter of the last 1,024
+
+
+def test_a_lone_pulls_handoff_splits_into_the_relay_the_read_and_one_decode_step() -> None:
+    """The marks a simulated handoff leaves (as the workers' step logs mark a real one): a lone request's KV is
+    reserved at once (the decode replica is idle), read in the profile's time, and decoded by the next step."""
+    prof = dataclasses.replace(profile(), transfer=TransferCosts("tcp", 300 * 1024 / 0.004 / 2**30, latency_ms=1.0))
+    c = Cluster(cluster_cfg(1, 1), SimConfig(hop_ms=1.0, keep_requests=True, fast_forward=False), prof)
+    c.run(chunk_lists([0.0], [300], [4]))
+    got = handoff_phases(c.collector.handoffs)
+    step_ms = CostModel(prof).decode_ms(1, 300)
+    want = {"relay_ms": 2.0, "reserve_wait_ms": 0.0, "read_ms": 5.0, "join_wait_ms": 0.0, "join_step_ms": step_ms,
+            "worker_gap_ms": 7.0 + step_ms}
+    assert got["pulls"] == 1 and {k: got[k]["p50"] for k in want} == pytest.approx(want, abs=0.01)
+    assert c.collector.requests[0][6] * 1e3 == pytest.approx(want["worker_gap_ms"], abs=0.01)  # + no client legs

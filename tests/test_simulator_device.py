@@ -9,7 +9,8 @@ import pytest
 
 from simulator.device import CpuCores, SharedDevice
 from simulator.events import EventLoop
-from simulator.profile import CoRunCosts, SustainedCosts
+from simulator.link import Link
+from simulator.profile import CoRunCosts, SustainedCosts, TransferCosts
 
 
 class Worker:
@@ -208,3 +209,30 @@ def test_a_profile_without_decode_by_batch_uses_one_multiplier_and_bad_ones_are_
                 "decode_by_batch": (1.2, 1.6)}, {"decode_batch": (1,), "decode_by_batch": (0.9,)}):
         with pytest.raises(ConfigError):
             CoRunCosts(prefill=1.5, decode=1.6, **bad)
+
+
+@pytest.mark.parametrize("cpu", [True, False])
+def test_a_kv_pull_between_workers_of_one_machine_shares_its_cores_with_their_steps(cpu: bool) -> None:
+    """On CPU cores a pull (the TCP backend's sender and reader threads) is work beside the steps: alone it takes
+    the profile's time; beside a decode step on both cores, four threads want two cores, so each runs at half
+    speed while both run. On a GPU the link moves the bytes beside the steps; pulls queue one after another."""
+    loop = EventLoop()
+    co = CoRunCosts(prefill=2.0, decode=1.6)
+    dev = CpuCores(loop, co, cores=2, share=True) if cpu else SharedDevice(loop, co)
+    link = Link("decode-0", loop, TransferCosts("tcp", gib_s=100.0), dev)  # a GiB in 10 ms
+    done: list[tuple[str, float]] = []
+    link.pull(2**30, lambda tag: done.append((tag, loop.now)), "alone")
+    loop.run_until(1.0)
+    assert done == [("alone", pytest.approx(0.010))]
+    dec = Worker(loop, dev, [(100.0, False)])
+    loop.at(1.0, dec.go)
+    loop.at(1.0, lambda _: link.pull(2**30, lambda tag: done.append((tag, loop.now)), "beside"))
+    loop.at(1.0, lambda _: link.pull(2**30, lambda tag: done.append((tag, loop.now)), "queued"))
+    loop.run_until(10.0)
+    if cpu:  # 10 ms of each at half speed beside the step (20 ms each); the step's last 80 ms alone after
+        assert done[1:] == [("beside", pytest.approx(1.020)), ("queued", pytest.approx(1.040))]
+        assert dec.ends == [pytest.approx(1.040 + 0.080)]
+    else:
+        assert done[1:] == [("beside", pytest.approx(1.010)), ("queued", pytest.approx(1.020))]
+        assert dec.ends == [pytest.approx(1.100)]
+    assert dev.steps == {}

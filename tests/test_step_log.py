@@ -3,15 +3,16 @@ and time, for benchmarks/sim_validate.py; and the overlap of two workers' steps 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from benchmarks.step_costs import overlaps
+from benchmarks.step_costs import overlaps, pull_phases
 from engine.config import CacheConfig, EngineConfig
 from engine.engine import LLMEngine
 from engine.request import SamplingParams
-from worker.step_log import STEP_LOG_ENV, StepLog, read_step_log
+from worker.step_log import STEP_LOG_ENV, StepLog, read_step_events, read_step_log
 
 
 def test_a_worker_engine_logs_each_step_it_runs(tiny_llama_dir: str, tmp_path: Path,
@@ -25,11 +26,35 @@ def test_a_worker_engine_logs_each_step_it_runs(tiny_llama_dir: str, tmp_path: P
     while engine.has_unfinished():
         log.step()
     log.step()  # nothing to run: no line
+    log.note("pull_read", "a", nbytes=64)
     log.close()
+    log.note("late", "a")  # after close (a pull ending as the worker stops): dropped, not an error
     rows = read_step_log(str(tmp_path / "steps" / "decode-1.jsonl"))
     assert [(r["prompt_tokens"], r["decode_rows"], r["decode_context"]) for r in rows] == [(20, 0, 0), (0, 1, 20),
                                                                                           (0, 1, 21)]
     assert all(r["ms"] > 0 for r in rows) and rows[0]["t"] < rows[1]["t"] < rows[2]["t"]
+    [event] = read_step_events(str(tmp_path / "steps" / "decode-1.jsonl"))
+    assert (event["event"], event["rid"], event["nbytes"]) == ("pull_read", "a", 64) and event["t"] >= rows[2]["t"]
+
+
+def test_a_handoff_splits_into_relay_reserve_read_join_wait_and_the_step(tmp_path: Path) -> None:
+    def write(name: str, rows: list[dict]) -> None:
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    write("prefill-0", [{"t": 9.9, "ms": 95.0, "prompt_tokens": 100, "pairs": 5050, "decode_rows": 0},
+                        {"t": 10.0, "event": "prefill_answered", "rid": "a", "tokens": 100},
+                        {"t": 20.0, "event": "prefill_answered", "rid": "b", "tokens": 100}])  # b: never pulled
+    write("decode-0", [{"t": 9.95, "ms": 40.0, "prompt_tokens": 0, "pairs": 0, "decode_rows": 2},
+                       {"t": 10.003, "event": "pull_received", "rid": "a", "tokens": 100},
+                       {"t": 10.0, "ms": 40.0, "prompt_tokens": 0, "pairs": 0, "decode_rows": 2},
+                       {"t": 10.04, "event": "pull_reserved", "rid": "a"},
+                       {"t": 10.045, "event": "pull_read", "rid": "a", "nbytes": 4096},
+                       {"t": 10.06, "ms": 30.0, "prompt_tokens": 0, "pairs": 0, "decode_rows": 3}])
+    got = pull_phases(str(tmp_path), 0.0, 100.0)
+    assert got["pulls"] == 1
+    want = {"relay_ms": 3, "reserve_wait_ms": 37, "read_ms": 5, "join_wait_ms": 15, "join_step_ms": 30,
+            "worker_gap_ms": 90}
+    assert {k: round(got[k]["p50"]) for k in want} == want
 
 
 def test_overlap_is_the_share_of_a_step_another_worker_was_in_a_step() -> None:

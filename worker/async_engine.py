@@ -42,6 +42,11 @@ class AsyncEngine:
         self._task: asyncio.Task | None = None
         self._error: BaseException | None = None
 
+    def note(self, event: str, rid: str, **fields: float | int) -> None:
+        """A request event for the step log (worker/step_log.py), when one is kept."""
+        if self._step_log is not None:
+            self._step_log.note(event, rid, **fields)
+
     def add_hook(self, fn: Callable[[], None]) -> None:
         """Run `fn` on the loop thread before every step (and at least every 50 ms when idle)."""
         self._hooks.append(fn)

@@ -4,6 +4,10 @@ With $DISAGG_STEP_LOG naming a folder, a worker appends one JSON line per step t
 `<folder>/<worker id>.jsonl`: when it started (`t`, Unix seconds, so the logs of a machine's workers line up), how
 long it took (`ms`, the engine's `step` alone, on its executor thread), what it computed (`StepShape`: prompt
 tokens, attention pairs, decode rows, their mean context) and how many requests were still running after it.
+Between them, event lines (`event`, `rid`, `t`) mark where a request's handoff stood (`note`): the prefill worker
+answering the router with the KV's handle, and on the decode worker the pull's arrival, its reserved blocks and
+its read done, so a benchmark can split the first gap (first token to second) into the router's relay, the wait
+for a step's end, the read, and the step that decodes it.
 benchmarks/sim_validate.py sets it for its real runs and compares each worker's steps with the profile's cost
 model, apart and while the machine's other worker was in a step (what the simulator's sharing of cores has to
 model), and the time between steps. Without it nothing is observed or written.
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from typing import IO
 
@@ -29,6 +34,7 @@ class StepLog:
         self.engine = engine
         self._file: IO[str] = open(path, "a", buffering=1 << 16)  # noqa: SIM115 - closed by close()
         self._shape: StepShape | None = None
+        self._lock = threading.Lock()  # steps are written from the engine's thread, events from the serving loop's
         engine.observe_steps(self._observe)
 
     @classmethod
@@ -52,17 +58,37 @@ class StepLog:
         ms = (time.perf_counter() - start) * 1e3
         shape, self._shape = self._shape, None
         if shape is not None:  # a step that scheduled nothing ran no model
-            self._file.write(json.dumps({"t": round(t, 6), "ms": round(ms, 3), "prompt_tokens": shape.prompt_tokens,
-                                         "pairs": shape.pairs, "decode_rows": shape.decode_rows,
-                                         "decode_context": round(shape.decode_context, 1),
-                                         "running_after": self.engine.load().num_running}) + "\n")
+            self._write({"t": round(t, 6), "ms": round(ms, 3), "prompt_tokens": shape.prompt_tokens,
+                         "pairs": shape.pairs, "decode_rows": shape.decode_rows,
+                         "decode_context": round(shape.decode_context, 1),
+                         "running_after": self.engine.load().num_running})
         return out
+
+    def note(self, event: str, rid: str, **fields: float | int) -> None:
+        """An event of request `rid` now (any thread)."""
+        self._write({"t": round(time.time(), 6), "event": event, "rid": rid, **fields})
+
+    def _write(self, row: dict[str, object]) -> None:
+        with self._lock:
+            if not self._file.closed:
+                self._file.write(json.dumps(row) + "\n")
 
     def close(self) -> None:
         self.engine.observe_steps(None)
-        self._file.close()
+        with self._lock:
+            self._file.close()
 
 
 def read_step_log(path: str) -> list[dict[str, float]]:
+    """The steps of a worker's log."""
+    return [r for r in _lines(path) if "event" not in r]
+
+
+def read_step_events(path: str) -> list[dict[str, float | str]]:
+    """The request events of a worker's log."""
+    return [r for r in _lines(path) if "event" in r]
+
+
+def _lines(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
