@@ -67,8 +67,8 @@ def worker_steps(folder: str, since: float, until: float, prof: Profile) -> dict
     """Each worker's step log (worker/step_log.py) over [since, until] (Unix seconds) against the cost model, by
     kind of step: all of them, those that ran alone (another worker in a step < 10% of the time) and those beside
     another worker's step (>= 50%)."""
-    logs = {f.removesuffix(".jsonl"): [r for r in read_step_log(os.path.join(folder, f)) if since <= r["t"] <= until]
-            for f in sorted(os.listdir(folder)) if f.endswith(".jsonl")}
+    files = {f.removesuffix(".jsonl"): os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.endswith(".jsonl")}
+    logs = {name: [r for r in read_step_log(path) if since <= r["t"] <= until] for name, path in files.items()}
     overlaps(logs)
     model = CostModel(prof)
     out = {}
@@ -86,7 +86,19 @@ def worker_steps(folder: str, since: float, until: float, prof: Profile) -> dict
                      "longest_between": [{"ms": round(g, 1), "at_s": round(a["t"] + a["ms"] / 1e3 - since, 3),
                                           "before": _brief(a), "after": _brief(b)}
                                          for g, a, b in sorted(between, key=lambda x: -x[0])[:8]]}
+        joins = join_steps(rows, read_step_events(files[name]))
+        if joins:  # a decode worker: the steps that decoded a pulled request first, apart from the rest
+            out[name]["join"] = {"alone": by_kind([r for r in joins if r["overlap"] < 0.1]),
+                                 "beside": by_kind([r for r in joins if r["overlap"] >= 0.5])}
     return out
+
+
+def join_steps(rows: list[dict[str, Any]], events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Of a decode worker's steps (time order), those that decoded a pulled request first: the first decode step
+    to start after each read ended."""
+    starts = [r["t"] for r in rows]
+    found = {bisect.bisect_left(starts, float(e["t"])) for e in events if e["event"] == "pull_read"}
+    return [rows[i] for i in sorted(found) if i < len(rows) and rows[i]["decode_rows"]]
 
 
 def prompt_step_ms(folder: str, since: float, until: float, tokens: int) -> float | None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.step_costs import overlaps, pull_phases
+from benchmarks.step_costs import join_steps, overlaps, pull_phases
 from engine.config import CacheConfig, EngineConfig
 from engine.engine import LLMEngine
 from engine.request import SamplingParams
@@ -55,6 +55,8 @@ def test_a_handoff_splits_into_relay_reserve_read_join_wait_and_the_step(tmp_pat
     want = {"relay_ms": 3, "reserve_wait_ms": 37, "read_ms": 5, "join_wait_ms": 15, "join_step_ms": 30,
             "worker_gap_ms": 90}
     assert {k: round(got[k]["p50"]) for k in want} == want
+    decode = str(tmp_path / "decode-0.jsonl")
+    assert [r["t"] for r in join_steps(read_step_log(decode), read_step_events(decode))] == [10.06]
 
 
 def test_overlap_is_the_share_of_a_step_another_worker_was_in_a_step() -> None:
