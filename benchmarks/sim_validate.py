@@ -136,10 +136,13 @@ def _real_run(a: argparse.Namespace, mode: str, path: str, trace: tuple[list[flo
             alone_since = time.time()
             around["alone"] = asyncio.run(single_stream(c.url, model))
             load, meter, cpu0 = os.getloadavg(), ForeignCpu(c.pids).start(), cluster_cpu_s(c)
+            itl0 = router_itl(c.url)
             since = time.time()
             results, duration = asyncio.run(replay(c.url, model, trace, 49152, a.seed + 1000 * attempt))
             until = time.time()
+            itl1 = router_itl(c.url)
             real = {**serving.summarize(results, duration, rate, a), "requests_each": per_request(results),
+                    "gaps_over": gaps_over(itl0, itl1, [g for r in results for g in r.itls]),
                     "interval_90": figure_intervals([r.ttft * 1e3 for r in results if r.ok],
                                                     [[g * 1e3 for g in r.itls] for r in results if r.ok])}
             if a.keep_gaps:  # every request's inter-token gaps, in trace order (where in a stream long ones fall)
@@ -158,6 +161,27 @@ def _real_run(a: argparse.Namespace, mode: str, path: str, trace: tuple[list[flo
             around["spoiled"].append({**figures, **{k: real[k] for k in FIGURES}})
             print(f"  {mode} rate {rate:g}: others kept {figures['foreign_cores']} cores busy, run again", flush=True)
     raise AssertionError("unreachable")
+
+
+def router_itl(url: str) -> dict[float, float]:
+    """The router's inter-token gap histogram (its /metrics): cumulative count by upper bound, seconds."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return {float(s.labels["le"]): s.value for fam in text_string_to_metric_families(text)
+            if fam.name == "disagg_inter_token_latency_seconds" for s in fam.samples if s.name.endswith("_bucket")}
+
+
+def gaps_over(before: dict[float, float], after: dict[float, float], client_s: list[float]) -> dict[str, Any]:
+    """Where long inter-token gaps arise: the share of gaps over each of the router's bucket bounds as the router
+    saw them (between token chunks from the decode worker) and as the client saw them (between SSE events). A
+    tail the client sees and the router does not is added on the way out (the router's HTTP, the client)."""
+    bounds = [b for b in sorted(after) if 0.005 <= b <= 0.2]
+    total = after.get(float("inf"), 0.0) - before.get(float("inf"), 0.0)
+    router = [round(1 - (after[b] - before.get(b, 0.0)) / total, 4) if total else None for b in bounds]
+    client = [round(sum(g > b for g in client_s) / len(client_s), 4) if client_s else None for b in bounds]
+    return {"bound_ms": [round(b * 1e3, 1) for b in bounds], "router_share_over": router, "client_share_over": client,
+            "router_gaps": total, "client_gaps": len(client_s)}
 
 
 def repeated_runs(a: argparse.Namespace, mode: str, path: str, trace: tuple[list[float], list[int], list[int]],

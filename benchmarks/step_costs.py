@@ -114,8 +114,9 @@ def pull_phases(folder: str, since: float, until: float) -> dict[str, Any]:
     """The handoffs of a 1P+1D cluster's requests over [since, until], from its workers' step logs, by phase
     (simulator/metrics.py `handoff_phases`): the prefill worker's answer to the router to the decode worker's
     receipt of Decode (the router's relay), the wait for its blocks (reserved between two steps), the read, the
-    wait from the read's end to the start of the first step that decodes it (the first decode step to start after
-    it), and that step."""
+    wait from the read's end to the start of the step that decodes it, and that step to its output: the last step
+    to end before the request's first output here (`pull_first_output`; logs without it: the first decode step to
+    start after the read, which with overlapped steps is one step early)."""
     steps: list[tuple[float, float]] = []
     marks: dict[str, dict[str, float]] = {}
     for f in sorted(os.listdir(folder)):
@@ -126,7 +127,13 @@ def pull_phases(folder: str, since: float, until: float) -> dict[str, Any]:
                 if since <= float(e["t"]) <= until:
                     marks.setdefault(str(e["rid"]), {})[str(e["event"])] = float(e["t"])
     steps.sort()
+    ends = sorted((t + ms / 1e3, t) for t, ms in steps)
     for m in marks.values():
+        if "pull_first_output" in m:
+            i = bisect.bisect_right(ends, (m["pull_first_output"], math.inf)) - 1
+            if i >= 0:
+                m["join_start"], m["join_end"] = ends[i][1], m["pull_first_output"]
+            continue
         i = bisect.bisect_left(steps, (m.get("pull_read", math.inf), 0.0))
         if i < len(steps):
             m["join_start"], m["join_end"] = steps[i][0], steps[i][0] + steps[i][1] / 1e3

@@ -26,6 +26,7 @@ import time
 
 import grpc
 
+from engine.engine import StepOutput
 from engine.parallel.kv_heads import HeadCopy, KVHeadLayout, plan_head_copies
 from engine.remote_kv import KVReservation
 from engine.request import Request
@@ -114,7 +115,9 @@ class KVPuller:
         prompt's KV pulled from `h`, its outputs going to `sink`. Returns whether the KV arrived (False: the
         prompt is recomputed here). Raises TransferSetupError when the two workers cannot exchange KV at all."""
         rid = req.request_id
-        self.aengine.note("pull_received", rid, tokens=h.num_tokens)
+        if self.aengine.noting:
+            self.aengine.note("pull_received", rid, tokens=h.num_tokens)
+            sink = self._noting_first_output(rid, sink)
         lease_left = h.lease_deadline - time.time() - LEASE_MARGIN_S
         if lease_left < self.cfg.timeout_s * 0.1:
             log.warning("%s: lease of its KV has %.1fs left; recomputing instead of pulling", rid, lease_left)
@@ -143,6 +146,19 @@ class KVPuller:
             return False
         self.aengine.note("pull_reserved", rid)
         return await self._read(rid, h, res, time.monotonic() + timeout)
+
+    def _noting_first_output(self, rid: str, sink: Sink) -> Sink:
+        """`sink`, marking in the step log when the request's first output here reaches it (with overlapped steps a
+        pulled row decodes from the step after the first one to start after its read: engine/lookahead.py)."""
+        def first(out: StepOutput) -> None:
+            nonlocal noted
+            if not noted:
+                noted = True
+                self.aengine.note("pull_first_output", rid)
+            sink(out)
+
+        noted = False
+        return first
 
     async def reserve(self, req: Request, num_tokens: int, timeout_s: float, sink: Sink,
                       recompute_if_short: bool = True) -> KVReservation | None:

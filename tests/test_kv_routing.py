@@ -295,6 +295,8 @@ class _Loop:
     def kv_failed(self, rid: str) -> None:
         self.engine.kv_failed(rid)
 
+    noting = False  # no step log is kept here
+
     def note(self, event: str, rid: str, **fields: float) -> None:
         """No step log is kept here."""
 

@@ -55,6 +55,13 @@ def test_a_handoff_splits_into_relay_reserve_read_join_wait_and_the_step(tmp_pat
     want = {"relay_ms": 3, "reserve_wait_ms": 37, "read_ms": 5, "join_wait_ms": 15, "join_step_ms": 30,
             "worker_gap_ms": 90}
     assert {k: round(got[k]["p50"]) for k in want} == want
+    # With overlapped steps the row decodes in the step after (its first output marks it): that step counts
+    with (tmp_path / "decode-0.jsonl").open("a") as f:
+        f.write(json.dumps({"t": 10.09, "ms": 30.0, "prompt_tokens": 0, "pairs": 0, "decode_rows": 3}) + "\n")
+        f.write(json.dumps({"t": 10.1205, "event": "pull_first_output", "rid": "a"}) + "\n")
+    got = pull_phases(str(tmp_path), 0.0, 100.0)
+    assert {k: round(got[k]["p50"], 1) for k in ("join_wait_ms", "join_step_ms", "worker_gap_ms")} == \
+        {"join_wait_ms": 45.0, "join_step_ms": 30.5, "worker_gap_ms": 120.5}
     decode = str(tmp_path / "decode-0.jsonl")
     assert [r["t"] for r in join_steps(read_step_log(decode), read_step_events(decode))] == [10.06]
 
@@ -74,3 +81,25 @@ def test_an_unwritable_step_log_folder_stops_the_worker_with_a_reason(tiny_llama
     monkeypatch.setenv(STEP_LOG_ENV, str(tmp_path / "file" / "steps"))  # a folder under a plain file
     with pytest.raises(SystemExit, match="cannot write the step log"):
         StepLog.from_env(engine, "decode@1")
+
+
+@pytest.mark.cluster
+def test_a_real_1p1d_clusters_workers_mark_each_handoff(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real router, prefill and decode workers with step logs (as sim_validate runs them): a request's handoff
+    leaves every mark, and its phases add up to the time from the prefill's answer to the decode worker's output."""
+    import httpx
+
+    from tests.cluster_util import start_cluster
+
+    monkeypatch.setenv(STEP_LOG_ENV, str(tmp_path / "steps"))  # the workers inherit it
+    c = start_cluster(tmp_path, "steps", transfer={"backend": "tcp"})
+    try:
+        r = httpx.post(f"{c.url}/v1/completions", timeout=60, json={"model": "smollm2", "prompt": "The capital of France",
+                                                                     "max_tokens": 4, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+    finally:
+        c.__exit__(None, None, None)
+    got = pull_phases(str(tmp_path / "steps"), 0.0, 1e10)
+    assert got["pulls"] == 1
+    parts = sum(got[k]["p50"] for k in ("relay_ms", "reserve_wait_ms", "read_ms", "join_wait_ms", "join_step_ms"))
+    assert got["worker_gap_ms"]["p50"] == pytest.approx(parts, abs=0.05) and got["read_ms"]["p50"] > 0

@@ -42,6 +42,11 @@ class AsyncEngine:
         self._task: asyncio.Task | None = None
         self._error: BaseException | None = None
 
+    @property
+    def noting(self) -> bool:
+        """Whether request events are kept (a step log is)."""
+        return self._step_log is not None
+
     def note(self, event: str, rid: str, **fields: float | int) -> None:
         """A request event for the step log (worker/step_log.py), when one is kept."""
         if self._step_log is not None:
