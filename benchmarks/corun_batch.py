@@ -95,20 +95,19 @@ def main(argv: list[str] | None = None) -> dict:
         run_prompt(eng, f"warm{n}", toks.take(n), "cuda")
     alone = {n: prompts_ms(eng, toks, n, a.repeat, "alone") for n in a.lengths}
     runs = [(b, True) for b in (int(x) for x in a.batches.split(","))] + ([(8, False)] if a.no_overlap_too else [])
-    rows = []
-    for batch, overlap in runs:
+    import torch
+
+    out = {"device": torch.cuda.get_device_name(), "args": vars(a), "alone_ms": alone, "rows": []}
+    os.makedirs(a.out, exist_ok=True)
+    for batch, overlap in runs:  # each co-runner builds a whole engine (~1 min): the file is rewritten after each
         ms = beside(a, eng, toks, batch, overlap)
         row = {"co_runner_rows": batch, "co_runner_overlap": overlap,
                **{f"ratio_{n}": round(statistics.median(ms[n]) / statistics.median(alone[n]), 3) for n in a.lengths},
                "beside_ms": ms}
         print({k: v for k, v in row.items() if k != "beside_ms"}, flush=True)
-        rows.append(row)
-    import torch
-
-    out = {"device": torch.cuda.get_device_name(), "args": vars(a), "alone_ms": alone, "rows": rows}
-    os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "corun_batch_cuda.json"), "w") as f:
-        json.dump(out, f, indent=1)
+        out["rows"].append(row)
+        with open(os.path.join(a.out, "corun_batch_cuda.json"), "w") as f:
+            json.dump(out, f, indent=1)
     return out
 
 
