@@ -156,6 +156,12 @@ def _real_run(a: argparse.Namespace, mode: str, path: str, trace: tuple[list[flo
                 pulls = pull_phases(steps, since, until)
                 if pulls["pulls"]:
                     print(f"  {mode} rate {rate:g}: real handoffs {brief_phases(pulls)}", flush=True)
+                g = real["gaps_over"]
+                print(f"  {mode} rate {rate:g}: gaps over " + ", ".join(
+                    f"{b:g} ms {r:.2%} / {c:.2%}" for b, r, c in zip(g["bound_ms"], g["router_share_over"],
+                                                                      g["client_share_over"], strict=True)
+                    if b in (20.0, 30.0, 50.0, 100.0) and r is not None and c is not None) + " (router / client)",
+                      flush=True)
                 return real, {**around, **figures, "pulls": pulls,
                               "steps": worker_steps(steps, since, until, Profile.load(a.profile))}
             around["spoiled"].append({**figures, **{k: real[k] for k in FIGURES}})
