@@ -88,13 +88,20 @@ def main(argv: list[str] | None = None) -> dict:
     if a.co_runner:
         co_runner(a.dummy, a.co_runner, a.context, not a.no_overlap)
         return {}
-    a.lengths = [int(x) for x in a.lengths.split(",")]
+    try:
+        a.lengths = [int(x) for x in a.lengths.split(",")]
+        batches = [int(x) for x in a.batches.split(",")]
+    except ValueError:
+        raise SystemExit(f"--lengths and --batches take comma-separated integers, got {a.lengths!r}, {a.batches!r}") \
+            from None
+    if min(a.lengths + batches) < 1 or a.repeat < 1:
+        raise SystemExit("--lengths, --batches and --repeat must be >= 1")
     eng = build(a.dummy, a.kv_gib, None, 8)
     toks = Tokens(eng.model_config.vocab_size)
     for n in a.lengths:
         run_prompt(eng, f"warm{n}", toks.take(n), "cuda")
     alone = {n: prompts_ms(eng, toks, n, a.repeat, "alone") for n in a.lengths}
-    runs = [(b, True) for b in (int(x) for x in a.batches.split(","))] + ([(8, False)] if a.no_overlap_too else [])
+    runs = [(b, True) for b in batches] + ([(8, False)] if a.no_overlap_too else [])
     import torch
 
     out = {"device": torch.cuda.get_device_name(), "args": vars(a), "alone_ms": alone, "rows": []}

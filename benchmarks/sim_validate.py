@@ -402,8 +402,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          f"of {', '.join(known_backends())}")
     os.makedirs(a.out, exist_ok=True)
     recorded = recorded_runs(a.recorded) if a.recorded else {}
+    if a.keep_logs:
+        try:
+            os.makedirs(a.keep_logs, exist_ok=True)
+        except OSError as e:
+            raise SystemExit(f"--keep-logs {a.keep_logs!r}: cannot make the folder: {e.strerror}") from None
     with contextlib.nullcontext(a.keep_logs) if a.keep_logs else tempfile.TemporaryDirectory() as folder:
-        os.makedirs(folder, exist_ok=True)
         res = {f"{rate:g}": run_rate(a, rate, folder, recorded) for rate in (float(x) for x in a.rates.split(","))}
     out = {"profile": a.profile, "device": a.device, "args": {k: v for k, v in vars(a).items()}, "rates": res}
     name = f"sim_validate_{a.device}{'_' + a.label if a.label else ''}.json"
