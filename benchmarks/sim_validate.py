@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import random
 import signal
@@ -39,7 +40,7 @@ import yaml
 from benchmarks import serving
 from benchmarks.bootstrap import figure_intervals
 from benchmarks.serving_compare import cluster_yaml
-from benchmarks.step_costs import prompt_step_ms, pull_phases, worker_steps
+from benchmarks.step_costs import prompt_step_ms, pull_phases, serving_path, worker_steps
 from deploy.config import ClusterConfig
 from kvtransfer.registry import known_backends
 from simulator.cluster import Cluster, chunk_lists
@@ -53,6 +54,7 @@ from worker.step_log import STEP_LOG_ENV
 MODES = {"disaggregated": 1, "colocated": 0}
 FIGURES = ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "goodput_req_s")
 TINY_PROMPT = 16  # tokens of the prompts that time the serving path's fixed cost (calibrate)
+GC_HISTOGRAM = "disagg_router_gc_pause_seconds"  # router/metrics.py
 
 
 def make_trace(rate: float, n: int, prompt: str, output: str, seed: int) -> tuple[list[float], list[int], list[int]]:
@@ -136,13 +138,14 @@ def _real_run(a: argparse.Namespace, mode: str, path: str, trace: tuple[list[flo
             alone_since = time.time()
             around["alone"] = asyncio.run(single_stream(c.url, model))
             load, meter, cpu0 = os.getloadavg(), ForeignCpu(c.pids).start(), cluster_cpu_s(c)
-            itl0 = router_itl(c.url)
+            itl0, gc0 = router_itl(c.url), router_itl(c.url, GC_HISTOGRAM)
             since = time.time()
             results, duration = asyncio.run(replay(c.url, model, trace, 49152, a.seed + 1000 * attempt))
             until = time.time()
-            itl1 = router_itl(c.url)
+            itl1, gc1 = router_itl(c.url), router_itl(c.url, GC_HISTOGRAM)
             real = {**serving.summarize(results, duration, rate, a), "requests_each": per_request(results),
                     "gaps_over": gaps_over(itl0, itl1, [g for r in results for g in r.itls]),
+                    "router_gc": router_gc(gc0, gc1),
                     "interval_90": figure_intervals([r.ttft * 1e3 for r in results if r.ok],
                                                     [[g * 1e3 for g in r.itls] for r in results if r.ok])}
             if a.keep_gaps:  # every request's inter-token gaps, in trace order (where in a stream long ones fall)
@@ -162,20 +165,33 @@ def _real_run(a: argparse.Namespace, mode: str, path: str, trace: tuple[list[flo
                                                                       g["client_share_over"], strict=True)
                     if b in (20.0, 30.0, 50.0, 100.0) and r is not None and c is not None) + " (router / client)",
                       flush=True)
-                return real, {**around, **figures, "pulls": pulls,
+                path_figures = serving_path(steps, since, until)
+                print(f"  {mode} rate {rate:g}: router GC pauses {real['router_gc']}; workers {path_figures}",
+                      flush=True)
+                return real, {**around, **figures, "pulls": pulls, "serving_path": path_figures,
                               "steps": worker_steps(steps, since, until, Profile.load(a.profile))}
             around["spoiled"].append({**figures, **{k: real[k] for k in FIGURES}})
             print(f"  {mode} rate {rate:g}: others kept {figures['foreign_cores']} cores busy, run again", flush=True)
     raise AssertionError("unreachable")
 
 
-def router_itl(url: str) -> dict[float, float]:
-    """The router's inter-token gap histogram (its /metrics): cumulative count by upper bound, seconds."""
+def router_itl(url: str, name: str = "disagg_inter_token_latency_seconds") -> dict[float, float]:
+    """A histogram of the router's /metrics (its inter-token gaps unless named): cumulative count by upper bound,
+    seconds."""
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(f"{url}/metrics", timeout=10).text
     return {float(s.labels["le"]): s.value for fam in text_string_to_metric_families(text)
-            if fam.name == "disagg_inter_token_latency_seconds" for s in fam.samples if s.name.endswith("_bucket")}
+            if fam.name == name for s in fam.samples if s.name.endswith("_bucket")}
+
+
+def router_gc(before: dict[float, float], after: dict[float, float]) -> dict[str, float]:
+    """The router's garbage-collection pauses of 5 ms or more between two readings of its histogram: how many, and
+    how many over 20 and 50 ms."""
+    def over(b: float) -> float:
+        return (after.get(math.inf, 0.0) - before.get(math.inf, 0.0)) - (after.get(b, 0.0) - before.get(b, 0.0))
+
+    return {"pauses": over(0.0), "over_20ms": over(0.02), "over_50ms": over(0.05)}
 
 
 def gaps_over(before: dict[float, float], after: dict[float, float], client_s: list[float]) -> dict[str, Any]:

@@ -140,6 +140,35 @@ def pull_phases(folder: str, since: float, until: float) -> dict[str, Any]:
     return handoff_phases(list(marks.values()))
 
 
+def serving_path(folder: str, since: float, until: float) -> dict[str, Any]:
+    """What each worker's serving loop did beside its steps over [since, until], from the step logs' events: its
+    garbage-collection pauses of 5 ms or more (engine/gc_heap.py; `gc_pause`) and, on a decode worker, its output
+    batches (decode_worker/subscriber.py; `batch_sent`): how long the oldest output of a batch waited to be handed
+    to gRPC, how long gRPC took it, and the share of batches carrying a request's outputs of two steps or more."""
+    out: dict[str, Any] = {}
+    for f in sorted(os.listdir(folder)):
+        if not f.endswith(".jsonl"):
+            continue
+        events = [e for e in read_step_events(os.path.join(folder, f)) if since <= float(e["t"]) <= until]
+        pauses = [e for e in events if e["event"] == "gc_pause"]
+        sent = [e for e in events if e["event"] == "batch_sent"]
+        w: dict[str, Any] = {"gc_pauses": len(pauses), "gc_full": sum(e["generation"] == 2 for e in pauses),
+                             "gc_ms": _spread([float(e["ms"]) for e in pauses]),
+                             "gc_total_ms": round(sum(float(e["ms"]) for e in pauses), 1)}
+        if sent:
+            w |= {"batches": len(sent), "wait_ms": _spread([float(e["wait_ms"]) for e in sent]),
+                  "write_ms": _spread([float(e["write_ms"]) for e in sent]),
+                  "merged_share": round(sum(int(e["merged"]) > 0 for e in sent) / len(sent), 4)}
+        out[f.removesuffix(".jsonl")] = w
+    return out
+
+
+def _spread(xs: list[float]) -> dict[str, float] | None:
+    if not xs:
+        return None
+    return {"p50": round(percentile(xs, 50), 3), "p99": round(percentile(xs, 99), 3), "max": round(max(xs), 3)}
+
+
 def _brief(row: dict[str, Any]) -> str:
     return (f"{row['prompt_tokens']}p+{row['decode_rows']}d {row['ms']:.0f}ms, {row.get('running_after', '?')} running "
             f"after, overlap {row['overlap']}")

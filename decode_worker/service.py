@@ -38,7 +38,8 @@ class DecodeService(WorkerServicerBase):
         if not request.subscriber or request.subscriber in self.subscribers:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"subscriber name {request.subscriber!r} is empty "
                                 "or already streaming")
-        sub = self.subscribers[request.subscriber] = Subscriber(request.subscriber)
+        sub = self.subscribers[request.subscriber] = Subscriber(
+            request.subscriber, self.aengine.note if self.aengine.noting else None)
         log.info("router %s subscribed", sub.name)
         try:
             async for batch in sub.batches():

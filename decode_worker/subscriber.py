@@ -5,6 +5,11 @@ sends the whole outbox as one TokenBatch. If the router reads slower than the en
 the outbox and go out together, a request's tokens of several steps merged into one chunk: the router is never
 sent more messages than it can read, and the engine never waits for it.
 
+With a step log kept (worker/step_log.py), every batch sent is noted (`batch_sent`): how long its oldest output
+waited in the outbox (`wait_ms`: the step's end to the batch's hand-over to gRPC), how long gRPC took to take it
+(`write_ms`), its chunks, and how many outputs joined a chunk already waiting (`merged`: a request's tokens of
+two or more steps in one chunk, which the router sees as one long gap and one of zero).
+
 Ownership: a request belongs to the subscriber that sent it from admission until its last output (finished,
 error or abort) is in the outbox. When the stream ends (the router went away), the worker aborts every request
 the subscriber still owns, so a dead router leaves no request running and no block held.
@@ -13,6 +18,7 @@ the subscriber still owns, so a dead router leaves no request running and no blo
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 
 from engine.engine import StepOutput
@@ -23,10 +29,13 @@ from proto.convert import logprob_to_proto, prompt_logprobs_to_proto
 class Subscriber:
     """A router process's outbox: chunks waiting to be sent, and the requests it owns."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, note: Callable[..., None] | None = None) -> None:
         self.name = name
         self.requests: set[str] = set()
         self._outbox: dict[str, disagg_pb2.TokenChunk] = {}  # request id -> its merged, unsent chunk
+        self._note = note  # AsyncEngine.note when a step log is kept
+        self._oldest = 0.0  # time.perf_counter() of the oldest output in the outbox
+        self._merged = 0  # outputs in the outbox that joined a chunk already there
         self._ready = asyncio.Event()
         self.closed = False
 
@@ -35,9 +44,13 @@ class Subscriber:
 
     def push(self, so: StepOutput) -> None:
         """An engine output of one of its requests (the AsyncEngine sink): merge it into the outbox."""
+        if not self._outbox:
+            self._oldest = time.perf_counter()
         chunk = self._outbox.get(so.request_id)
         if chunk is None:
             chunk = self._outbox[so.request_id] = disagg_pb2.TokenChunk(request_id=so.request_id)
+        else:
+            self._merged += 1
         chunk.token_ids.extend(so.new_token_ids)
         if so.new_logprobs:
             chunk.logprobs.extend(logprob_to_proto(lp) for lp in so.new_logprobs)
@@ -57,8 +70,14 @@ class Subscriber:
             await self._ready.wait()
             self._ready.clear()
             outbox, self._outbox = self._outbox, {}
-            if outbox:
-                yield disagg_pb2.TokenBatch(chunks=outbox.values())
+            if not outbox:
+                continue
+            merged, self._merged = self._merged, 0
+            oldest, handed = self._oldest, time.perf_counter()
+            yield disagg_pb2.TokenBatch(chunks=outbox.values())
+            if self._note is not None:  # resumed once gRPC has taken the message
+                self._note("batch_sent", self.name, wait_ms=round((handed - oldest) * 1e3, 3),
+                           write_ms=round((time.perf_counter() - handed) * 1e3, 3), chunks=len(outbox), merged=merged)
 
     def close(self, abort: Callable[[str], None]) -> None:
         """The stream ended: abort every request still owned, forget the outbox."""

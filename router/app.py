@@ -38,6 +38,7 @@ from router.responder import CLIENT_GONE, ChatResponder, CompletionResponder, Re
 from router.utility import utility_routes
 
 log = logging.getLogger(__name__)
+GC_REPORT_S = 1.0  # how often a router process moves its long garbage-collection pauses into /metrics
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -130,6 +131,12 @@ async def _wait_disconnect(request: Request) -> None:
         pass
 
 
+async def _take_gc_pauses(metrics: RouterMetrics) -> None:
+    while True:
+        await asyncio.sleep(GC_REPORT_S)
+        metrics.take_gc_pauses()
+
+
 def create_app(config: RouterConfig, tokenizer: Tokenizer, registry: WorkerRegistry) -> GenerationFront:
     """The router app (the FastAPI app behind a front that answers the generation endpoints directly,
     router/fast_path.py); the FastAPI app's lifespan starts and stops the registry's health polling."""
@@ -138,9 +145,13 @@ def create_app(config: RouterConfig, tokenizer: Tokenizer, registry: WorkerRegis
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await registry.start()
+        service.metrics.gc_pauses.start()
+        gc_task = asyncio.create_task(_take_gc_pauses(service.metrics), name="gc-pauses")
         try:
             yield
         finally:
+            gc_task.cancel()
+            service.metrics.gc_pauses.stop()
             await service.generation.streams.aclose()
             await registry.stop()
 

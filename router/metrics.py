@@ -11,6 +11,7 @@ worker was expected to have cached).
 
 from __future__ import annotations
 
+import logging
 import os
 from bisect import bisect_left
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from engine.gc_heap import WARN_PAUSE_S, GCPauses
 from router.registry import WorkerRegistry
 
 if TYPE_CHECKING:
@@ -30,6 +32,10 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.
                    80.0, 160.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
                2.5, 5.0)
+
+GC_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0)
+
+log = logging.getLogger(__name__)
 
 OVERLAP_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99, 1.0)
 
@@ -148,6 +154,10 @@ class RouterMetrics:
         self.predicted_overlap = Histogram("disagg_router_predicted_overlap",
                                            "Predicted cached fraction of each routed prompt's full blocks", ["phase"],
                                            buckets=OVERLAP_BUCKETS, registry=r)
+        self.gc_pause = Histogram("disagg_router_gc_pause_seconds", "Garbage collections that stopped a router process "
+                                  "5 ms or longer (every stream it relays waits them out)", buckets=GC_BUCKETS,
+                                  registry=r)
+        self.gc_pauses = GCPauses()  # started and stopped with the app (router/app.py's lifespan)
         self._worker_collector = WorkerCollector(workers)
         r.register(self._worker_collector)
 
@@ -162,6 +172,14 @@ class RouterMetrics:
             self.predicted_hit_blocks.labels(phase=phase, worker=worker).inc(placement.matched_blocks)
             self.predicted_overlap.labels(phase=phase).observe(placement.overlap)
 
+    def take_gc_pauses(self) -> None:
+        """Move this process's long collections into `gc_pause` (the app calls it every second and per scrape)."""
+        for p in self.gc_pauses.take_long():
+            self.gc_pause.observe(p.seconds)
+            if p.seconds >= WARN_PAUSE_S:
+                log.warning("a generation-%d garbage collection stopped the router for %.0f ms", p.generation,
+                            p.seconds * 1e3)
+
     def count_request(self, endpoint: str, status: int) -> None:
         self.requests.labels(endpoint=endpoint, status=str(status)).inc()
 
@@ -170,6 +188,7 @@ class RouterMetrics:
         request counters and histograms are summed over all of them (Prometheus' multiprocess mode: each process
         writes its values to files in PROMETHEUS_MULTIPROC_DIR); worker figures come from this process's polls,
         which every process makes, except `in_flight`, which counts this process's requests."""
+        self.take_gc_pauses()
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             return generate_latest(self.registry), CONTENT_TYPE_LATEST
         merged = CollectorRegistry()

@@ -11,6 +11,7 @@ from typing import Any
 import uvicorn
 
 from engine.config import ConfigError
+from engine.gc_heap import freeze_heap
 from engine.tokenizer import Tokenizer
 from router.config import RouterConfig
 from router.policy import POLICIES
@@ -132,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         log.warning("no --worker given: /ready stays 503 until workers are added")
     registry = WorkerRegistry(a.worker, health_interval_s=config.health_interval_s, rpc_timeout_s=config.rpc_timeout_s)
     app = create_app(config, tokenizer, registry)
+    freeze_heap(f"router{f'[{index}]' if index else ''}")  # start-up's objects out of full collections
     if index == 0:
         log.info("serving model %r on http://%s:%d (%d process%s) with %d worker(s) %s; policies prefill=%s decode=%s%s",
                  config.model_name, config.host, config.port, config.processes, "es" if config.processes > 1 else "",

@@ -4,11 +4,12 @@ and time, for benchmarks/sim_validate.py; and the overlap of two workers' steps 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 
-from benchmarks.step_costs import join_steps, overlaps, pull_phases
+from benchmarks.step_costs import join_steps, overlaps, pull_phases, serving_path
 from engine.config import CacheConfig, EngineConfig
 from engine.engine import LLMEngine
 from engine.request import SamplingParams
@@ -97,9 +98,33 @@ def test_a_real_1p1d_clusters_workers_mark_each_handoff(tmp_path: Path, monkeypa
         r = httpx.post(f"{c.url}/v1/completions", timeout=60, json={"model": "smollm2", "prompt": "The capital of France",
                                                                      "max_tokens": 4, "ignore_eos": True})
         assert r.status_code == 200, r.text
+        metrics = _wait_for_gc_gauges(c.url)
     finally:
         c.__exit__(None, None, None)
     got = pull_phases(str(tmp_path / "steps"), 0.0, 1e10)
     assert got["pulls"] == 1
     parts = sum(got[k]["p50"] for k in ("relay_ms", "reserve_wait_ms", "read_ms", "join_wait_ms", "join_step_ms"))
     assert got["worker_gap_ms"]["p50"] == pytest.approx(parts, abs=0.05) and got["read_ms"]["p50"] > 0
+    # Both workers froze their start-up heap and report their collections; the router exports its own pauses.
+    frozen = [v for k, v in metrics.items() if k.startswith("disagg_worker_gc_frozen_objects")]
+    assert len(frozen) == 2 and min(frozen) > 10_000, metrics
+    assert "disagg_router_gc_pause_seconds_count[]" in metrics
+    # The decode worker noted each output batch it sent: its first output (the pulled row's token) and the rest.
+    path = serving_path(str(tmp_path / "steps"), 0.0, 1e10)
+    decode = [w for w in path.values() if "batches" in w]
+    assert len(decode) == 1 and decode[0]["batches"] >= 1 and decode[0]["wait_ms"]["p50"] >= 0, path
+
+
+def _wait_for_gc_gauges(url: str) -> dict[str, float]:
+    """The router's /metrics once both workers' Load reports (polled every health interval) carry GC figures."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    deadline = time.monotonic() + 30
+    while True:
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+        got = {f"{s.name}{sorted(s.labels.items())}": s.value for fam in text_string_to_metric_families(text)
+               for s in fam.samples}
+        if sum(k.startswith("disagg_worker_gc_frozen_objects") for k in got) == 2 or time.monotonic() > deadline:
+            return got
+        time.sleep(0.2)

@@ -33,6 +33,7 @@ import time
 import grpc
 
 from engine.engine import LLMEngine
+from engine.gc_heap import freeze_heap
 from engine.stats import EngineLoad
 from proto import disagg_pb2_grpc
 from worker.async_engine import AsyncEngine
@@ -98,6 +99,8 @@ async def _serve(config: WorkerConfig, engine: LLMEngine, address: str, ready_li
     await server.start()
     log.info("worker %s (%s) serving on %s, KV transfer %s, %d rank(s)", config.worker_id, config.role, address,
              config.transfer.backend, config.engine.tensor_parallel_size)
+    freeze_heap(f"worker {config.worker_id}")  # start-up's objects (the model's, gRPC's) out of full collections
+    service.gc_pauses.refresh_frozen()
     if ready_line:
         print(f"READY {address}", flush=True)
     stop, now = stop_signals(config.worker_id)
@@ -117,6 +120,7 @@ async def _serve(config: WorkerConfig, engine: LLMEngine, address: str, ready_li
     await server.stop(grace=1)
     await aengine.stop()
     service.agent.close()
+    service.close()
     faulthandler.cancel_dump_traceback_later()
     log.info("worker %s stopped", config.worker_id)
     return 0 if failed is None else 1

@@ -9,6 +9,7 @@ see `KVEventLog` and `LoadRequest` in proto/disagg.proto.
 from __future__ import annotations
 
 import itertools
+import logging
 import secrets
 from collections import deque
 from collections.abc import Iterable
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import grpc
 
 from engine.block_pool import KVEvent
+from engine.gc_heap import WARN_PAUSE_S, GCPauses
 from engine.request import InvalidRequestError, SamplingParams
 from engine.stats import stat
 from kvtransfer import KVLayout
@@ -25,6 +27,8 @@ from proto.convert import kv_heads_to_proto, layout_to_proto, load_to_proto, par
 from worker.async_engine import AsyncEngine
 from worker.config import WorkerConfig
 from worker.kv_agents import WorkerAgents
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -105,6 +109,20 @@ class WorkerServicerBase(disagg_pb2_grpc.WorkerServicer):
         self.draining = False
         self.kv_events = KVEventLog(capacity=max(4096, 4 * self.engine.num_kv_blocks))
         aengine.add_hook(lambda: self.kv_events.extend(self.engine.drain_kv_events()))
+        self.gc_pauses = GCPauses().start()  # stopped by close()
+        aengine.add_hook(self._report_gc_pauses)
+
+    def _report_gc_pauses(self) -> None:
+        """Long collections go to the step log (when kept) and, past WARN_PAUSE_S, to the log."""
+        for p in self.gc_pauses.take_long():
+            self.aengine.note("gc_pause", "", generation=p.generation, ms=round(p.seconds * 1e3, 3),
+                              began=round(p.at, 6))
+            if p.seconds >= WARN_PAUSE_S:
+                log.warning("worker %s: a generation-%d garbage collection stopped the process for %.0f ms",
+                            self.worker_id, p.generation, p.seconds * 1e3)
+
+    def close(self) -> None:
+        self.gc_pauses.stop()
 
     async def refuse_unless_serving(self, context: grpc.aio.ServicerContext) -> None:
         """Refuse a new request (UNAVAILABLE: the router sends it elsewhere) while draining or once the engine died
@@ -123,7 +141,8 @@ class WorkerServicerBase(disagg_pb2_grpc.WorkerServicer):
     async def Load(self, request: disagg_pb2.LoadRequest, context: grpc.aio.ServicerContext) -> disagg_pb2.LoadReport:
         # The engine's counters are read while a step may run: each is a plain int, so at worst a figure is one
         # step old. Its load is the snapshot taken between steps.
-        rep = load_to_proto(self.worker_id, self.config.role, [self.aengine.snapshot, self.engine.stats, self.counters],
+        rep = load_to_proto(self.worker_id, self.config.role,
+                            [self.aengine.snapshot, self.engine.stats, self.counters, self.gc_pauses.stats],
                             request.want_help)
         self.kv_events.fill(rep, request)
         return rep

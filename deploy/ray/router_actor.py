@@ -31,6 +31,7 @@ from prometheus_client import Histogram
 from deploy.config import ClusterConfig
 from deploy.planner_metrics import PlannerCollector
 from deploy.ray.worker_actor import call_self_after_init, discover, reconstructed
+from engine.gc_heap import freeze_heap
 from engine.tokenizer import Tokenizer
 from router.app import create_app
 from router.processes import listen_socket
@@ -80,6 +81,7 @@ class RouterActor:
         self.app = create_app(self.config, Tokenizer.from_model_path(tokenizer_path(cfg.model)), self.registry)
         self.planner_metrics = PlannerCollector()
         self.app.service.metrics.registry.register(self.planner_metrics)
+        freeze_heap("router actor")  # start-up's objects (Ray's, the app's, the tokenizer's) out of full collections
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
         self.url = ""
