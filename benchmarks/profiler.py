@@ -230,7 +230,8 @@ def profile(a: argparse.Namespace) -> Profile:
     serving = timed("serving loop", lambda: serving_costs(eng, toks, contexts[0], a)) if a.serving else None
     transfer = timed("transfer", lambda: transfer_costs(a.transfer_backend, a.device, a.repeat))
     corun = timed("co-run", lambda: co_run(eng, toks, a.device, a.repeat, alone, lambda: build_engine(
-        a, len(os.sched_getaffinity(0)))[0], a.argv if a.co_run_with == "engine" else None)) if a.co_run else None
+        a, len(os.sched_getaffinity(0)))[0], a.argv if a.co_run_with == "engine" else None,
+        a.co_run_starts)) if a.co_run else None
     gpu = a.device.startswith("cuda")
     sustained = timed("sustained", lambda: sustained_costs(eng, toks, a.device, min(2048, max(lengths)))) \
         if gpu and a.sustained else None
@@ -306,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "other role's steps (a prefill beside decode steps, a decode step beside prefills; the pairing of a "
                    "1P+1D cluster on one device) or a process of matmuls (default: engine on cpu; matmul on cuda, "
                    "where a second engine needs a second copy of the weights beside this one's KV cache)")
+    p.add_argument("--co-run-starts", type=int, default=0, help="co-runner starts each busy figure is the median "
+                   "over (a prompt beside one start of a GPU's decode co-runner moved 1.95-2.19x between starts; "
+                   "each costs an engine start; 0, the default: 3 with the engine co-runner on a GPU, else 1)")
     p.add_argument("--no-serving", dest="serving", action="store_false", help="skip timing decode steps through "
                    "the worker's serving loop (worker/async_engine.py) against engine.step alone (~10 s on a GPU)")
     p.add_argument("--no-sustained", dest="sustained", action="store_false", help="GPU: skip timing prompts back "
@@ -335,6 +339,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     a.dtype = a.dtype or ("bfloat16" if gpu else "float32")
     a.transfer_backend = a.transfer_backend or ("cuda_ipc" if gpu else "tcp")
     a.co_run_with = a.co_run_with or ("matmul" if gpu else "engine")
+    if a.co_run_starts < 0:
+        build_parser().error(f"--co-run-starts must be >= 0, got {a.co_run_starts}")
+    a.co_run_starts = a.co_run_starts or (3 if gpu and a.co_run_with == "engine" else 1)
     a.argv = argv
     return a
 

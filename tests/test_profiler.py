@@ -3,7 +3,11 @@ decode step by its rows (benchmarks/profiler.py, benchmarks/profile_corun.py).""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
+
+import pytest
 
 from benchmarks.profile_corun import co_run, shape
 from benchmarks.profile_steps import Tokens
@@ -31,3 +35,25 @@ def test_the_co_run_times_a_one_row_decode_step_and_the_shapes_batch() -> None:
     assert c.decode_batch == (1, shape("cpu")[1]) and c.decode_by_batch[1] == c.decode
     assert all(m >= 1 for m in (*c.decode_by_batch, c.prefill)) and c.decode_at(2) >= 1
     assert not eng.has_unfinished() and "(and 1)" in c.note
+
+
+def test_the_co_run_takes_its_median_over_several_co_runner_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--co-run-starts N`: a fresh co-runner process per start and role, each start's prompt multiplier named."""
+    from benchmarks import profile_corun
+
+    eng, _ = build_engine(parse(["--dummy", "tiny", "--kv-gib", "0.25", "--out", "unused.json"]))
+    started: list[int] = []
+    real = profile_corun.busy_beside
+
+    @contextlib.contextmanager
+    def counted(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        with real(*args, **kwargs) as proc:
+            started.append(proc.pid)
+            yield proc
+
+    monkeypatch.setattr(profile_corun, "busy_beside", counted)
+    c = co_run(eng, Tokens(eng.model_config.vocab_size), "cpu", 1, lambda f: f(), starts=2)
+    assert len(set(started)) == 4  # two starts beside each role, each its own process
+    assert "medians over 2 co-runner starts, prefill beside each" in c.note and c.prefill >= 1
+    assert parse(["--device", "cuda", "--co-run-with", "engine", "--out", "p.json"]).co_run_starts == 3
+    assert parse(["--out", "p.json"]).co_run_starts == 1
