@@ -54,6 +54,7 @@ from worker.step_log import STEP_LOG_ENV
 MODES = {"disaggregated": 1, "colocated": 0}
 FIGURES = ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "goodput_req_s")
 TINY_PROMPT = 16  # tokens of the prompts that time the serving path's fixed cost (calibrate)
+STREAM_PROMPT = 256  # tokens of the lone stream's prompt, which times the machine's prompt speed (calibrate)
 GC_HISTOGRAM = "disagg_router_gc_pause_seconds"  # router/metrics.py
 
 
@@ -92,7 +93,7 @@ async def single_stream(url: str, model: str, n: int = 5) -> dict[str, float]:
     async with httpx.AsyncClient(timeout=httpx.Timeout(60.0)) as client:
         ttfts = [(await serving.one_request(client, url, model, list(range(1000, 1000 + TINY_PROMPT)), 2, {})).ttft
                  for _ in range(n)]
-        one = await serving.one_request(client, url, model, list(range(2000, 2256)), 64, {})
+        one = await serving.one_request(client, url, model, list(range(2000, 2000 + STREAM_PROMPT)), 64, {})
     return {"tiny_ttft_ms": round(sorted(ttfts)[n // 2] * 1e3, 1), "stream_ttft_ms": round(one.ttft * 1e3, 1),
             "stream_itl_p50_ms": round(percentile(one.itls, 50) * 1e3, 2) if one.itls else 0.0}
 
@@ -156,6 +157,7 @@ def _real_run(a: argparse.Namespace, mode: str, path: str, trace: tuple[list[flo
             if figures["foreign_cores"] <= a.max_foreign or attempt == a.tries - 1:
                 c.stop()  # the workers close their step logs
                 around["alone"]["tiny_step_ms"] = prompt_step_ms(steps, alone_since, since, TINY_PROMPT)
+                around["alone"]["stream_step_ms"] = prompt_step_ms(steps, alone_since, since, STREAM_PROMPT)
                 pulls = pull_phases(steps, since, until)
                 if pulls["pulls"]:
                     print(f"  {mode} rate {rate:g}: real handoffs {brief_phases(pulls)}", flush=True)
@@ -261,7 +263,10 @@ def calibrate(a: argparse.Namespace, path: str, prof: Profile, around: dict[str,
     """What the profile leaves out, from the idle cluster just before the real run (`single_stream`), never from
     the run itself. `scale`: the machine's speed against the profile's, the lone stream's median inter-token gap (a
     256-token prompt, 64 tokens, so a mean context of 288) over the profile's decode step of one row there (serving
-    loop included). `admit_ms`: the serving path's fixed cost per request, the median TTFT of a 16-token prompt
+    loop included); `prefill_scale`: the same for prompts, the lone stream's prompt step as the worker's step log
+    timed it over the profile's price for 256 tokens (a VM's memory bandwidth and compute drift apart: one ran
+    decode steps 3.3x a profile's and prompts 1.0x; runs recorded without it scale prompts by `scale`).
+    `admit_ms`: the serving path's fixed cost per request, the median TTFT of a 16-token prompt
     alone less the simulated one (the router's HTTP and tokenizing), the prompt's step priced as the workers' step
     logs timed it (`tiny_step_ms`) where they did: on a GPU a prompt that short is host-bound, and one H100 timed
     it at 13-48 ms between engines and runs, so the profile's price for it would move `admit_ms` by as much.
@@ -274,8 +279,13 @@ def calibrate(a: argparse.Namespace, path: str, prof: Profile, around: dict[str,
     speed = a.calibrate in ("both", "speed")
     out = {"scale": round(real_ms / model_ms, 4) if speed else 1.0, "alone_itl_ms": real_ms,
            "profile_step_ms": round(model_ms, 3)}
+    out["prefill_scale"] = out["scale"]
+    if speed and alone.get("stream_step_ms"):  # the lone stream's prompt step as the worker timed it
+        prefill_ms = CostModel(prof).prefill_ms(STREAM_PROMPT)
+        out |= {"prefill_scale": round(alone["stream_step_ms"] / prefill_ms, 4),
+                "alone_prompt_ms": alone["stream_step_ms"], "profile_prompt_ms": round(prefill_ms, 3)}
     if alone.get("tiny_ttft_ms") and a.calibrate in ("both", "admit"):
-        scaled = prof.scaled(out["scale"])
+        scaled = prof.scaled(out["scale"], out["prefill_scale"])
         sim_ms = simulate(a, path, ([0.0], [TINY_PROMPT], [2]), scaled, a.hop_ms)["ttft_p50_ms"]
         if alone.get("tiny_step_ms"):  # its step as it ran, the worker loop's overhead added as the model adds it
             model = CostModel(scaled)
@@ -327,7 +337,7 @@ def run_rate(a: argparse.Namespace, rate: float, folder: str, recorded: dict[str
             real, around = repeated_runs(a, mode, path, trace, rate)
         calibration = calibrate(a, path, prof, around) if a.calibrate else None
         if calibration is not None:
-            prof = prof.scaled(calibration["scale"])
+            prof = prof.scaled(calibration["scale"], calibration.get("prefill_scale"))
         sim = simulate(a, path, trace, prof, a.hop_ms, (calibration or {}).get("admit_ms", a.admit_ms))
         if real and "interval_90" not in real and real.get("requests_each"):  # a recorded run: TTFTs only
             real["interval_90"] = figure_intervals([q[2] for q in real["requests_each"]])

@@ -229,15 +229,18 @@ class Profile:
     def to_dict(self) -> dict[str, Any]:
         return {"schema": SCHEMA, **asdict(self)}
 
-    def scaled(self, k: float) -> Profile:
-        """This profile on a machine whose compute runs `k` times slower (k < 1: faster): every step time (prefill,
-        chunks, attention, decode, serving loop) times k; KV, transfer and start-up unchanged."""
-        _require(k > 0, "a profile's scale must be > 0")
+    def scaled(self, k: float, prefill_k: float | None = None) -> Profile:
+        """This profile on a machine whose steps run `k` times slower (k < 1: faster): every step time (prefill,
+        chunks, attention, decode, serving loop) times k, or prompts (prefill, chunks, attention) times `prefill_k`
+        where given: a VM's memory bandwidth (decode steps) and its compute (prompts) can drift apart; one 2-core VM
+        ran decode steps 3.3x a profile's and prompts 1.0x. KV, transfer and start-up unchanged."""
+        p = k if prefill_k is None else prefill_k
+        _require(k > 0 and p > 0, "a profile's scale must be > 0")
         pre, dec = self.prefill, self.decode
         return replace(
             self,
-            prefill=replace(pre, ms=tuple(m * k for m in pre.ms), attention_ms_per_pair=pre.attention_ms_per_pair * k,
-                            chunked=tuple(replace(c, ms=c.ms * k) for c in pre.chunked)),
+            prefill=replace(pre, ms=tuple(m * p for m in pre.ms), attention_ms_per_pair=pre.attention_ms_per_pair * p,
+                            chunked=tuple(replace(c, ms=c.ms * p) for c in pre.chunked)),
             decode=replace(dec, ms=tuple(tuple(m * k for m in row) for row in dec.ms)),
             serving=replace(self.serving, step_overhead_ms=self.serving.step_overhead_ms * k) if self.serving else None)
 

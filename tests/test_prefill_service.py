@@ -56,6 +56,7 @@ def test_the_first_token_is_answered_when_a_streamed_pull_freed_the_lease_first(
         finally:
             await aengine.stop()
             service.agent.close()
+            service.close()
 
     try:
         resp, freed = asyncio.run(scenario())

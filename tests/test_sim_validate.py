@@ -97,3 +97,26 @@ def test_a_short_prompts_step_is_read_from_the_workers_step_logs(tmp_path: Path)
                                                         for r in part))
     assert prompt_step_ms(str(tmp_path), 9.0, 15.0, 16) == 25.0  # lone 16-token prompts only, inside the window
     assert prompt_step_ms(str(tmp_path), 9.0, 15.0, 32) is None
+
+
+def test_prompts_are_calibrated_apart_from_decode_steps_by_the_lone_streams_prompt(tmp_path: Path) -> None:
+    """`--calibrate speed`: decode steps by the lone stream's gap, prompts by its prompt's step as the worker timed
+    it (`stream_step_ms`); a run recorded without that step scales both by the gap."""
+    from simulator.cost_model import CostModel
+    from simulator.profile import Profile
+
+    data = json.loads(Path(RECORDED).read_text())
+    alone = data["rates"]["6"]["colocated"]["measured_around"]["alone"]
+    priced = CostModel(Profile.load(GPU_PROFILE)).prefill_ms(256)
+    cals = []
+    for step_ms in (None, 2.0 * priced):
+        alone.pop("stream_step_ms", None)
+        if step_ms is not None:
+            alone["stream_step_ms"] = step_ms
+        (tmp_path / "r.json").write_text(json.dumps(data))
+        res = main(["--sim-only", "--device", "cuda", "--recorded", str(tmp_path / "r.json"), "--profile", GPU_PROFILE,
+                    "--rates", "6", "--seed", "3", "--num-requests", "8", "--prompt-len", "1024:2048", "--modes",
+                    "colocated", "--calibrate", "speed", "--out", str(tmp_path)])
+        cals.append(res["rates"]["6"]["colocated"]["calibration"])
+    assert cals[0]["prefill_scale"] == cals[0]["scale"] == cals[1]["scale"]
+    assert cals[1]["prefill_scale"] == pytest.approx(2.0, abs=1e-3) and cals[1]["profile_prompt_ms"] > 0

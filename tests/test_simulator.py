@@ -233,6 +233,17 @@ def test_a_scaled_profile_steps_k_times_slower_and_moves_no_faster() -> None:
     assert prof.scaled(1.5).kv == prof.kv and prof.scaled(1.5).transfer == prof.transfer
     with pytest.raises(ConfigError):
         prof.scaled(0)
+    with pytest.raises(ConfigError):
+        prof.scaled(1.0, 0.0)
+
+
+def test_prompts_and_decode_steps_scale_apart_when_asked() -> None:
+    """A VM whose memory bandwidth fell (decode steps 3.3x) while its compute held (prompts 1.0x)."""
+    prof = profile(kv_ms_per_token=0.001)
+    a, b = CostModel(prof), CostModel(prof.scaled(3.3, 1.0))
+    assert b.prefill_ms(512) == pytest.approx(a.prefill_ms(512))
+    assert b.step_ms(0, 0, 8, 1024) == pytest.approx(3.3 * a.step_ms(0, 0, 8, 1024))
+    assert prof.scaled(2.0, None) == prof.scaled(2.0, 2.0)
 
 
 def test_kv_pressure_preempts_and_every_request_still_finishes() -> None:
