@@ -110,6 +110,17 @@ def prompt_step_ms(folder: str, since: float, until: float, tokens: int) -> floa
     return round(statistics.median(ms), 3) if ms else None
 
 
+def decode_step_ms(folder: str, since: float, until: float, rows: int) -> tuple[float, float] | None:
+    """(median ms, mean context) of the decode-only steps of `rows` rows over [since, until] in any worker's log
+    (None: no such step)."""
+    found = [(r["ms"], r["decode_context"]) for f in sorted(os.listdir(folder)) if f.endswith(".jsonl")
+             for r in read_step_log(os.path.join(folder, f))
+             if since <= r["t"] <= until and r["decode_rows"] == rows and not r["prompt_tokens"]]
+    if not found:
+        return None
+    return round(statistics.median(m for m, _ in found), 3), round(statistics.fmean(c for _, c in found), 1)
+
+
 def pull_phases(folder: str, since: float, until: float) -> dict[str, Any]:
     """The handoffs of a 1P+1D cluster's requests over [since, until], from its workers' step logs, by phase
     (simulator/metrics.py `handoff_phases`): the prefill worker's answer to the router to the decode worker's

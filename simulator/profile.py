@@ -229,19 +229,27 @@ class Profile:
     def to_dict(self) -> dict[str, Any]:
         return {"schema": SCHEMA, **asdict(self)}
 
-    def scaled(self, k: float, prefill_k: float | None = None) -> Profile:
+    def scaled(self, k: float, prefill_k: float | None = None, row_k: float | None = None,
+               fixed_ms: float = 0.0) -> Profile:
         """This profile on a machine whose steps run `k` times slower (k < 1: faster): every step time (prefill,
         chunks, attention, decode, serving loop) times k, or prompts (prefill, chunks, attention) times `prefill_k`
         where given: a VM's memory bandwidth (decode steps) and its compute (prompts) can drift apart; one 2-core VM
-        ran decode steps 3.3x a profile's and prompts 1.0x. KV, transfer and start-up unchanged."""
+        ran decode steps 3.3x a profile's and prompts 1.0x. With `row_k`, a decode step's first `fixed_ms` (the part
+        that does not grow with its rows: reading the weights) scales by k and the rest by `row_k`. KV, transfer and
+        start-up unchanged."""
         p = k if prefill_k is None else prefill_k
-        _require(k > 0 and p > 0, "a profile's scale must be > 0")
+        r = k if row_k is None else row_k
+        _require(k > 0 and p > 0 and r > 0 and fixed_ms >= 0, "a profile's scales must be > 0")
         pre, dec = self.prefill, self.decode
+
+        def step(m: float) -> float:
+            return k * min(m, fixed_ms) + r * max(0.0, m - fixed_ms)
+
         return replace(
             self,
             prefill=replace(pre, ms=tuple(m * p for m in pre.ms), attention_ms_per_pair=pre.attention_ms_per_pair * p,
                             chunked=tuple(replace(c, ms=c.ms * p) for c in pre.chunked)),
-            decode=replace(dec, ms=tuple(tuple(m * k for m in row) for row in dec.ms)),
+            decode=replace(dec, ms=tuple(tuple(step(m) for m in row) for row in dec.ms)),
             serving=replace(self.serving, step_overhead_ms=self.serving.step_overhead_ms * k) if self.serving else None)
 
     def save(self, path: str) -> None:

@@ -120,3 +120,32 @@ def test_prompts_are_calibrated_apart_from_decode_steps_by_the_lone_streams_prom
         cals.append(res["rates"]["6"]["colocated"]["calibration"])
     assert cals[0]["prefill_scale"] == cals[0]["scale"] == cals[1]["scale"]
     assert cals[1]["prefill_scale"] == pytest.approx(2.0, abs=1e-3) and cals[1]["profile_prompt_ms"] > 0
+
+
+def test_a_decode_steps_weight_and_row_parts_are_calibrated_apart() -> None:
+    """Steps of one row and of PROBE_ROWS rows on the idle cluster give the weights' part and the per-row part of
+    a decode step their own factors (a VM whose memory slowed 3x and whose compute 1.2x); the calibrated profile
+    prices both probe steps as they ran, and a step of 16 rows by the same rule."""
+    from benchmarks.sim_validate import PROBE_ROWS, calibrated, rows_scale
+    from simulator.cost_model import CostModel
+    from simulator.profile import Profile
+
+    prof = Profile.load(PROFILE)
+    grid = CostModel(prof)
+
+    def part(rows: int) -> float:
+        return grid.decode_ms(rows, 300.0) - grid.overhead
+
+    per_row = (part(PROBE_ROWS) - part(1)) / (PROBE_ROWS - 1)
+    fixed = part(1) - per_row
+
+    def real(rows: int) -> float:
+        return 3.0 * fixed + 1.2 * (part(rows) - fixed)
+
+    cal = rows_scale(prof, [real(1), 300.0], [real(PROBE_ROWS), 300.0])
+    assert cal["fixed_scale"] == pytest.approx(3.0, rel=1e-3) and cal["row_scale"] == pytest.approx(1.2, rel=1e-3)
+    model = CostModel(calibrated(prof, {"scale": 3.0, **cal}))
+    for rows in (1, PROBE_ROWS, 16):
+        assert model.decode_ms(rows, 300.0) - model.overhead == pytest.approx(real(rows), rel=1e-3)
+    assert rows_scale(prof, [real(1), 300.0], None) == {}
+    assert rows_scale(prof, [real(1), 300.0], [0.5 * real(1), 300.0]) == {}  # steps fell with rows: no fit
