@@ -32,7 +32,7 @@ import signal
 import statistics
 import tempfile
 import time
-from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import httpx
@@ -40,13 +40,13 @@ import yaml
 
 from benchmarks import serving
 from benchmarks.bootstrap import figure_intervals
+from benchmarks.calibration import PROBE_ROWS, STREAM_PROMPT, TINY_PROMPT, calibrate, calibrated, single_stream
 from benchmarks.serving_compare import cluster_yaml
 from benchmarks.step_costs import decode_step_ms, prompt_step_ms, pull_phases, serving_path, worker_steps
 from deploy.config import ClusterConfig
 from kvtransfer.registry import known_backends
 from simulator.cluster import Cluster, chunk_lists
 from simulator.config import SimConfig
-from simulator.cost_model import CostModel
 from simulator.metrics import handoff_phases, percentile
 from simulator.profile import Profile
 from simulator.trace import write_trace
@@ -54,9 +54,6 @@ from worker.step_log import STEP_LOG_ENV
 
 MODES = {"disaggregated": 1, "colocated": 0}
 FIGURES = ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "goodput_req_s")
-TINY_PROMPT = 16  # tokens of the prompts that time the serving path's fixed cost (calibrate)
-STREAM_PROMPT = 256  # tokens of the lone stream's prompt, which times the machine's prompt speed (calibrate)
-PROBE_ROWS = 4  # streams at once after the lone one: their decode steps time the per-row part of a step (calibrate)
 GC_HISTOGRAM = "disagg_router_gc_pause_seconds"  # router/metrics.py
 
 
@@ -86,23 +83,6 @@ async def replay(url: str, model: str, trace: tuple[list[float], list[int], list
 
         results = await asyncio.gather(*(fire(i) for i in range(len(trace[0]))))
         return list(results), time.perf_counter() - t0
-
-
-async def single_stream(url: str, model: str, n: int = 5) -> dict[str, float]:
-    """The serving path's own cost on the idle cluster: the median TTFT of `n` 16-token prompts sent one at a time,
-    and one stream alone (a 256-token prompt, 64 tokens): its TTFT and median inter-token gap, to hold against the
-    profile's prefill of 256 tokens and decode step of one row."""
-    async with httpx.AsyncClient(timeout=httpx.Timeout(60.0)) as client:
-        ttfts = [(await serving.one_request(client, url, model, list(range(1000, 1000 + TINY_PROMPT)), 2, {})).ttft
-                 for _ in range(n)]
-        one = await serving.one_request(client, url, model, list(range(2000, 2000 + STREAM_PROMPT)), 64, {})
-        probe_since = time.time()
-        await asyncio.gather(*(serving.one_request(client, url, model, list(range(3000 + 300 * i, 3000 + 300 * i
-                                                                                    + STREAM_PROMPT)), 48, {})
-                               for i in range(PROBE_ROWS)))
-    return {"tiny_ttft_ms": round(sorted(ttfts)[n // 2] * 1e3, 1), "stream_ttft_ms": round(one.ttft * 1e3, 1),
-            "stream_itl_p50_ms": round(percentile(one.itls, 50) * 1e3, 2) if one.itls else 0.0,
-            "probe_since": probe_since}
 
 
 def per_request(results: list[serving.RequestResult]) -> list[list[float]]:
@@ -269,73 +249,9 @@ def simulate(a: argparse.Namespace, path: str, trace: tuple[list[float], list[in
             "pulls": handoff_phases(c.collector.handoffs)}
 
 
-def calibrate(a: argparse.Namespace, path: str, prof: Profile, around: dict[str, Any]) -> dict[str, float] | None:
-    """What the profile leaves out, from the idle cluster just before the real run (`single_stream`), never from
-    the run itself. `scale`: the machine's speed against the profile's, the lone stream's median inter-token gap (a
-    256-token prompt, 64 tokens, so a mean context of 288) over the profile's decode step of one row there (serving
-    loop included); `prefill_scale`: the same for prompts, the lone stream's prompt step as the worker's step log
-    timed it over the profile's price for 256 tokens (a VM's memory bandwidth and compute drift apart: one ran
-    decode steps 3.3x a profile's and prompts 1.0x; runs recorded without it scale prompts by `scale`);
-    `fixed_scale` and `row_scale`: a decode step's weights part and its per-row part apart (`rows_scale`).
-    `admit_ms`: the serving path's fixed cost per request, the median TTFT of a 16-token prompt
-    alone less the simulated one (the router's HTTP and tokenizing), the prompt's step priced as the workers' step
-    logs timed it (`tiny_step_ms`) where they did: on a GPU a prompt that short is host-bound, and one H100 timed
-    it at 13-48 ms between engines and runs, so the profile's price for it would move `admit_ms` by as much.
-    Runs recorded before the step logs had it: the profile's price. None without those measurements."""
-    alone = (around or {}).get("alone") or {}
-    real_ms = alone.get("stream_itl_p50_ms")
-    if not real_ms:
-        return None
-    model_ms = CostModel(prof).decode_ms(1, 288.0)
-    speed = a.calibrate in ("both", "speed")
-    out = {"scale": round(real_ms / model_ms, 4) if speed else 1.0, "alone_itl_ms": real_ms,
-           "profile_step_ms": round(model_ms, 3)}
-    out["prefill_scale"] = out["scale"]
-    if speed and alone.get("stream_step_ms"):  # the lone stream's prompt step as the worker timed it
-        prefill_ms = CostModel(prof).prefill_ms(STREAM_PROMPT)
-        out |= {"prefill_scale": round(alone["stream_step_ms"] / prefill_ms, 4),
-                "alone_prompt_ms": alone["stream_step_ms"], "profile_prompt_ms": round(prefill_ms, 3)}
-    if speed:
-        out |= rows_scale(prof, alone.get("one_row_step"), alone.get("probe_rows_step"))
-    if alone.get("tiny_ttft_ms") and a.calibrate in ("both", "admit"):
-        scaled = calibrated(prof, out)
-        sim_ms = simulate(a, path, ([0.0], [TINY_PROMPT], [2]), scaled, a.hop_ms)["ttft_p50_ms"]
-        if alone.get("tiny_step_ms"):  # its step as it ran, the worker loop's overhead added as the model adds it
-            model = CostModel(scaled)
-            sim_ms = round(sim_ms - model.prefill_ms(TINY_PROMPT) + alone["tiny_step_ms"] + model.overhead, 2)
-        out |= {"admit_ms": round(max(0.0, alone["tiny_ttft_ms"] - sim_ms), 2), "alone_tiny_ttft_ms":
-                alone["tiny_ttft_ms"], "sim_tiny_ttft_ms": sim_ms}
-    return out
-
-
-def rows_scale(prof: Profile, one: list[float] | None, rows: list[float] | None) -> dict[str, float]:
-    """A decode step's two parts scaled apart, from the idle cluster's steps of one row and of PROBE_ROWS rows
-    ((median ms, mean context) each, from the step logs): the profile's grid at those shapes splits a step into a
-    part that does not grow with its rows (F, reading the weights) and one per row (R); the real steps then give
-    each its own factor (`fixed_scale`, `row_scale`). On a VM whose memory slowed 3.3x a one-row scale priced
-    4-7-row steps 20-60% high. {} (one scale for all) without both steps or when the fit is not positive."""
-    if not one or not rows:
-        return {}
-    grid = CostModel(prof)
-    g1, g4 = grid.decode_ms(1, one[1]) - grid.overhead, grid.decode_ms(PROBE_ROWS, rows[1]) - grid.overhead
-    per_row = (g4 - g1) / (PROBE_ROWS - 1)
-    fixed = g1 - per_row
-    if per_row <= 0 or fixed <= 0:
-        return {}
-    row_k = (rows[0] - one[0]) / ((PROBE_ROWS - 1) * per_row)
-    fixed_k = (one[0] - row_k * per_row) / fixed
-    if row_k <= 0 or fixed_k <= 0:
-        return {}
-    return {"fixed_scale": round(fixed_k, 4), "row_scale": round(row_k, 4), "fixed_ms": round(fixed, 3),
-            "one_row_step_ms": one[0], "probe_rows_step_ms": rows[0]}
-
-
-def calibrated(prof: Profile, cal: dict[str, float]) -> Profile:
-    """The profile with a calibration's scales applied (`calibrate`)."""
-    if "row_scale" in cal:  # decode steps by their two parts; the serving loop by the lone stream's scale
-        split = prof.scaled(cal["fixed_scale"], cal.get("prefill_scale"), cal["row_scale"], cal["fixed_ms"])
-        return replace(split, serving=prof.scaled(cal["scale"]).serving)
-    return prof.scaled(cal["scale"], cal.get("prefill_scale"))
+def tiny_ttft_ms(a: argparse.Namespace, path: str, prof: Profile) -> float:
+    """The simulated TTFT p50 of one 16-token prompt on the cluster at `path` (calibration's fixed cost)."""
+    return simulate(a, path, ([0.0], [TINY_PROMPT], [2]), prof, a.hop_ms)["ttft_p50_ms"]
 
 
 def brief_phases(pulls: dict[str, Any]) -> str:
@@ -378,7 +294,8 @@ def run_rate(a: argparse.Namespace, rate: float, folder: str, recorded: dict[str
             around = dict(real.pop("measured_around", None) or {}) if real else {}
         else:
             real, around = repeated_runs(a, mode, path, trace, rate)
-        calibration = calibrate(a, path, prof, around) if a.calibrate else None
+        tiny = partial(tiny_ttft_ms, a, path)
+        calibration = calibrate(a.calibrate, prof, around, tiny) if a.calibrate else None
         if calibration is not None:
             prof = calibrated(prof, calibration)
         sim = simulate(a, path, trace, prof, a.hop_ms, (calibration or {}).get("admit_ms", a.admit_ms))

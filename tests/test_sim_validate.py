@@ -126,7 +126,7 @@ def test_a_decode_steps_weight_and_row_parts_are_calibrated_apart() -> None:
     """Steps of one row and of PROBE_ROWS rows on the idle cluster give the weights' part and the per-row part of
     a decode step their own factors (a VM whose memory slowed 3x and whose compute 1.2x); the calibrated profile
     prices both probe steps as they ran, and a step of 16 rows by the same rule."""
-    from benchmarks.sim_validate import PROBE_ROWS, calibrated, rows_scale
+    from benchmarks.calibration import PROBE_ROWS, calibrated, rows_scale
     from simulator.cost_model import CostModel
     from simulator.profile import Profile
 
