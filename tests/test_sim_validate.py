@@ -30,6 +30,9 @@ def test_a_simulation_only_run_reports_every_figure(tmp_path: Path) -> None:
     for mode in ("disaggregated", "colocated"):
         sim = res["rates"]["0.5"][mode]["sim"]
         assert sim["completed"] == 6 and all(sim[k] > 0 for k in FIGURES)
+        shares = sim["gaps_over"]["share_over"]
+        assert sim["gaps_over"]["bound_ms"][0] == 5.0 and shares == sorted(shares, reverse=True)
+        assert 0 < shares[0] <= 1  # a CPU decode step is longer than 5 ms
     assert json.loads((tmp_path / "sim_validate_cpu_t.json").read_text())["rates"].keys() == {"0.5"}
 
 
