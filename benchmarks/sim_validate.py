@@ -151,12 +151,6 @@ def _real_run(a: argparse.Namespace, mode: str, path: str, trace: tuple[list[flo
                 pulls = pull_phases(steps, since, until)
                 if pulls["pulls"]:
                     print(f"  {mode} rate {rate:g}: real handoffs {brief_phases(pulls)}", flush=True)
-                g = real["gaps_over"]
-                print(f"  {mode} rate {rate:g}: gaps over " + ", ".join(
-                    f"{b:g} ms {r:.2%} / {c:.2%}" for b, r, c in zip(g["bound_ms"], g["router_share_over"],
-                                                                      g["client_share_over"], strict=True)
-                    if b in (20.0, 30.0, 50.0, 100.0) and r is not None and c is not None) + " (router / client)",
-                      flush=True)
                 path_figures = serving_path(steps, since, until)
                 print(f"  {mode} rate {rate:g}: router GC pauses {real['router_gc']}; workers {path_figures}",
                       flush=True)
@@ -269,8 +263,8 @@ def brief_gaps(real: dict[str, Any], sim: dict[str, list[float]]) -> str:
     """The share of gaps over 20, 30 and 50 ms: real at the router and the client, and simulated."""
     out = []
     for i, b in enumerate(real["bound_ms"]):
-        if b in (20.0, 30.0, 50.0) and b in sim["bound_ms"]:
-            r, c = real["router_share_over"][i], real["client_share_over"][i]
+        r, c = real["router_share_over"][i], real["client_share_over"][i]
+        if b in (20.0, 30.0, 50.0) and b in sim["bound_ms"] and r is not None and c is not None:
             out.append(f"{b:g} ms {r:.2%} / {c:.2%} / {sim['share_over'][sim['bound_ms'].index(b)]:.2%}")
     return ", ".join(out) + " (router / client / simulated)"
 
