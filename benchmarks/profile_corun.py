@@ -74,22 +74,33 @@ def co_runner_args(engine_args: list[str], eng: LLMEngine, device: str) -> list[
     return [*engine_args, "--kv-gib", f"{tokens * per_token / 2**30:.4f}"]  # argparse keeps the last
 
 
+def co_run_lengths(device: str) -> tuple[int, ...]:
+    """Prompt lengths of the prefill co-run (ascending; the longest is `shape`'s): on a GPU an eager prompt of 1,024
+    tokens is mostly kernel launches and slows more beside a busy co-runner than one of 2,048 (simulator/profile.py
+    CoRunCosts.prefill_tokens)."""
+    return (1024, 2048) if device.startswith("cuda") else (256,)
+
+
 def co_run(eng: LLMEngine, toks: Tokens, device: str, repeat: int, alone_check: Alone,
            all_cores: Callable[[], LLMEngine] | None = None, engine_args: list[str] | None = None,
-           starts: int = 1) -> CoRunCosts:
+           starts: int = 1, table_ms: Callable[[int], float] | None = None) -> CoRunCosts:
     """The multipliers (module docstring). `all_cores` builds an engine fixed on every core (CPU only);
     `engine_args` (disagg profile's arguments): the co-runner is this engine running the other role's steps, else
-    matmuls. Each busy figure is the median over `starts` co-runner starts (a median of steps within each): on one
-    H100 a prompt beside one start of the decode co-runner read 1.95x, beside later ones 2.08-2.19x."""
+    matmuls. Each busy figure is the median over `starts` co-runner starts (a median of steps within each).
+    `table_ms(n)`: the profile's prefill table at n tokens, the time the simulator multiplies; a prompt's multiplier
+    is over it (without it, over the same prompts alone here). The two differ on a GPU: prompts timed in a row
+    here meet the card's power limit (the `sustained` figure) where the table's, timed after a pause, do not; over
+    its in-a-row time alone one H100's prompt read 1.95x while the serving prompts ran 2.11-2.19x the table."""
     gpu = device.startswith("cuda")
     n, batch, ctx = shape(device)
+    lengths = co_run_lengths(device)
     if engine_args is not None:
         engine_args = co_runner_args(engine_args, eng, device)
 
-    def prefill(e: LLMEngine, check: Callable[[Callable[[], Any]], Any]) -> float:
+    def prefill(e: LLMEngine, check: Callable[[Callable[[], Any]], Any], k: int = n) -> float:
         # at least 5 prompts: a prompt beside a co-runner moves by +-10% with where the two processes' turns on
         # the device fall (two gave 1.95x and eight 2.08x on one kind of H100)
-        return statistics.median(check(partial(run_prompt, e, f"co{i}-{time.monotonic_ns()}", toks.take(n), device))
+        return statistics.median(check(partial(run_prompt, e, f"co{i}-{time.monotonic_ns()}", toks.take(k), device))
                                  for i in range(max(5, repeat)))
 
     def decode(e: LLMEngine, check: Callable[[Callable[[], Any]], Any], rows: int = batch) -> float:
@@ -99,36 +110,54 @@ def co_run(eng: LLMEngine, toks: Tokens, device: str, repeat: int, alone_check: 
         return f()
 
     fixed = all_cores() if all_cores is not None and not gpu else None
-    alone = (prefill(eng, alone_check), decode(eng, alone_check))
-    one_alone = decode(eng, alone_check, 1)  # a lone row's step gains less from the cores (decode_by_batch)
+    alone = {k: prefill(eng, alone_check, k) for k in lengths}
+    base = {k: table_ms(k) if table_ms is not None else alone[k] for k in lengths}
+    alone_decode, one_alone = decode(eng, alone_check), decode(eng, alone_check, 1)  # one row: decode_by_batch
     fixed_alone = (prefill(fixed, plain), decode(fixed, plain)) if fixed is not None else (0.0, 0.0)
-    beside_decode, beside_prefill = [], []
+    beside_decode: list[dict[int, float]] = []
+    beside_prefill: list[tuple[float, float]] = []
     for _ in range(starts):
         with busy_beside(gpu, engine_args, "decode"):
-            beside_decode.append(prefill(eng, plain))
+            beside_decode.append({k: prefill(eng, plain, k) for k in lengths})
         with busy_beside(gpu, engine_args, "prefill"):
             beside_prefill.append((decode(eng, plain), decode(eng, plain, 1)))
-    threads = eng.stats.cpu_threads
-    busy = (statistics.median(beside_decode), statistics.median(d for d, _ in beside_prefill))
-    one_busy = statistics.median(d for _, d in beside_prefill)
     over = (0.0, 0.0)
     if fixed is not None:
         with busy_beside(gpu):
             over = (prefill(fixed, plain), decode(fixed, plain))
-    ratio = [round(max(1.0, b / a), 3) if a else 0.0 for b, a in zip((*busy, *over), (*alone, *fixed_alone),
-                                                                        strict=True)]
-    beside = "the other role's steps of this engine (prefill beside decode steps, decode beside prefills)" \
-        if engine_args is not None else \
-        ("bf16 8192^3 matmuls on the same GPU" if gpu else "fp32 768^3 matmuls, 1 thread")
-    one = round(max(1.0, one_busy / one_alone), 3) if one_alone else ratio[1]
-    return CoRunCosts(prefill=ratio[0], decode=ratio[1], oversubscribed_prefill=ratio[2],
-                      oversubscribed_decode=ratio[3], decode_batch=(1, batch), decode_by_batch=(one, ratio[1]),
-                      note=f"prefill of {n} tokens and decode of {batch} (and 1) x {ctx}, alone and beside a process running "
-                           f"{beside}" + ("" if gpu else f" (this engine's prefill on {threads} thread(s) beside it)")
-                           + ("; oversubscribed: an engine fixed on every core beside matmuls" if fixed else "")
-                           + (f"; medians over {starts} co-runner starts, prefill beside each "
-                              + ", ".join(f"{b / alone[0]:.3f}x" for b in beside_decode) if starts > 1 and alone[0]
-                              else ""))
+
+    def ratio(busy: float, quiet: float) -> float:
+        return round(max(1.0, busy / quiet), 3) if quiet else 0.0
+
+    by_tokens = tuple(ratio(statistics.median(b[k] for b in beside_decode), base[k]) for k in lengths)
+    dec = ratio(statistics.median(d for d, _ in beside_prefill), alone_decode)
+    one = ratio(statistics.median(d for _, d in beside_prefill), one_alone) if one_alone else dec
+    return CoRunCosts(prefill=by_tokens[-1], decode=dec, oversubscribed_prefill=ratio(over[0], fixed_alone[0]),
+                      oversubscribed_decode=ratio(over[1], fixed_alone[1]), decode_batch=(1, batch),
+                      decode_by_batch=(one, dec), prefill_tokens=lengths, prefill_by_tokens=by_tokens,
+                      note=co_run_note(eng, device, engine_args is not None, fixed is not None, lengths, alone, base,
+                                       beside_decode, table_ms is not None))
+
+
+def co_run_note(eng: LLMEngine, device: str, engine: bool, fixed: bool, lengths: tuple[int, ...],
+                alone: dict[int, float], base: dict[int, float], beside: list[dict[int, float]], table: bool) -> str:
+    """What the co-run measured and against what, with each co-runner start's prompt multiplier."""
+    gpu, (_, batch, ctx) = device.startswith("cuda"), shape(device)
+    co = "the other role's steps of this engine (prefill beside decode steps, decode beside prefills)" if engine \
+        else ("bf16 8192^3 matmuls on the same GPU" if gpu else "fp32 768^3 matmuls, 1 thread")
+    n = lengths[-1]
+    parts = [f"prefill of {'/'.join(map(str, lengths))} tokens and decode of {batch} (and 1) x {ctx}, alone and beside a "
+             f"process running {co}" + ("" if gpu else f" (this engine's prefill on {eng.stats.cpu_threads} "
+                                                       "thread(s) beside it)")]
+    if table:
+        parts.append("prefill over the profile's prefill table (prompts alone in a row here: "
+                     + ", ".join(f"{alone[k] / base[k]:.3f}x" for k in lengths) + " of it)")
+    if fixed:
+        parts.append("oversubscribed: an engine fixed on every core beside matmuls")
+    if len(beside) > 1:
+        parts.append(f"medians over {len(beside)} co-runner starts, prefill of {n} beside each "
+                     + ", ".join(f"{b[n] / base[n]:.3f}x" for b in beside))
+    return "; ".join(parts)
 
 
 def run_role(role: str, argv: list[str]) -> None:

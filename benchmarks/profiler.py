@@ -47,6 +47,7 @@ from simulator.profile import (
     ServingCosts,
     StartupCosts,
     TransferCosts,
+    held_linear,
 )
 
 SHAPES: dict[str, ModelConfig] = {
@@ -231,7 +232,7 @@ def profile(a: argparse.Namespace) -> Profile:
     transfer = timed("transfer", lambda: transfer_costs(a.transfer_backend, a.device, a.repeat))
     corun = timed("co-run", lambda: co_run(eng, toks, a.device, a.repeat, alone, lambda: build_engine(
         a, len(os.sched_getaffinity(0)))[0], a.argv if a.co_run_with == "engine" else None,
-        a.co_run_starts)) if a.co_run else None
+        a.co_run_starts, lambda n: held_linear(tuple(lengths), tuple(pre_ms), n, 0.0))) if a.co_run else None
     gpu = a.device.startswith("cuda")
     sustained = timed("sustained", lambda: sustained_costs(eng, toks, a.device, min(2048, max(lengths)))) \
         if gpu and a.sustained else None

@@ -5,12 +5,13 @@ and its rate changes whenever a co-runner starts or ends a step (so a one-second
 decode step is slowed for those 100 ms only):
 
 - `SharedDevice` (a GPU, or any device without a better model): beside busy co-runners a step runs the profile's
-  measured `co_run.prefill` / `co_run.decode_at(rows)` times slower; without those, `1 + others busy` times (processor
-  sharing). A prompt step with no co-runner busy runs `1 + (sustained.prompt - 1) * load` times slower, `load`
-  being the device's busy share over the last ~0.1 s (an exponential average): a GPU kept busy meets its power
-  limit and lowers its clocks within a few steps, and recovers as fast when idle. The co-run multipliers are
-  measured with the GPU kept busy, so they hold that slowdown already. Without a `sustained` figure (CPU
-  profiles, older GPU ones) prompt steps run at the prefill table's speed.
+  measured `co_run.prefill_at(tokens)` / `co_run.decode_at(rows)` times slower; without those, `1 + others busy`
+  times (processor sharing). A prompt step with no co-runner busy runs `1 + (sustained.prompt - 1) * load` times
+  slower, `load` being the device's busy share over the last ~0.1 s (an exponential average): a GPU kept busy
+  meets its power limit and lowers its clocks within a few steps, and recovers as fast when idle. The co-run
+  multipliers are measured with the GPU kept busy and taken over the profile's tables, so they hold that slowdown
+  already. Without a `sustained` figure (CPU profiles, older GPU ones) prompt steps run at the prefill table's
+  speed.
 - `CpuCores` (worker processes on one machine's cores), with a share (`share`, engine.cpu_share, as clusters
   start their workers): every step in flight re-chooses its threads whenever a replica starts or ends a step (the
   engine does so within a layer), the cores split evenly among the replicas in a step, at least one each. Without
@@ -54,12 +55,12 @@ class Stepper(Protocol):
 class _Step:
     """A step in flight on the device: the work left in ms of its time alone, and how fast it goes now."""
 
-    __slots__ = ("left_ms", "prompt", "rate", "rows", "since", "threads", "transfer")
+    __slots__ = ("left_ms", "prompt", "rate", "rows", "since", "threads", "tokens", "transfer")
 
     def __init__(self, work_ms: float, prompt: bool, now: float, threads: int = 1, rows: int = 0,
-                 transfer: bool = False) -> None:
+                 transfer: bool = False, tokens: int = 0) -> None:
         self.left_ms, self.prompt, self.rate, self.since, self.threads = work_ms, prompt, 1.0, now, threads
-        self.rows, self.transfer = rows, transfer
+        self.rows, self.transfer, self.tokens = rows, transfer, tokens
 
 
 class SharedDevice:
@@ -80,20 +81,20 @@ class SharedDevice:
         """Replicas of this device in a step now."""
         return sum(not s.transfer for s in self.steps.values())
 
-    def slowdown(self, prompt: bool, others: int, rows: int = 0) -> float:
-        """How many times slower than alone a step (of `rows` decode rows) runs while `others` co-runners are in
-        a step."""
+    def slowdown(self, prompt: bool, others: int, rows: int = 0, tokens: int = 0) -> float:
+        """How many times slower than alone a step (of `rows` decode rows, `tokens` prompt tokens) runs while
+        `others` co-runners are in a step."""
         if not others:
             return 1.0 + (self.sustained.prompt - 1.0) * self.load if prompt and self.sustained else 1.0
         if self.co_run is None:
             return 1.0 + others
-        return self.co_run.prefill if prompt else self.co_run.decode_at(rows)
+        return self.co_run.prefill_at(tokens) if prompt else self.co_run.decode_at(rows)
 
-    def start(self, replica: Stepper, work_ms: float, prompt: bool, rows: int = 0) -> None:
-        """`replica` starts a step of `work_ms` (its time alone, `rows` decode rows); every step in flight gets
-        its new end."""
+    def start(self, replica: Stepper, work_ms: float, prompt: bool, rows: int = 0, tokens: int = 0) -> None:
+        """`replica` starts a step of `work_ms` (its time alone, `rows` decode rows, `tokens` prompt tokens);
+        every step in flight gets its new end."""
         self._settle()
-        self.steps[replica] = _Step(work_ms, prompt, self.loop.now, self._threads_for(replica), rows)
+        self.steps[replica] = _Step(work_ms, prompt, self.loop.now, self._threads_for(replica), rows, tokens=tokens)
         self._reschedule()
 
     def start_transfer(self, link: Stepper, work_ms: float) -> None:
@@ -123,7 +124,7 @@ class SharedDevice:
     def _rates(self) -> None:
         others = self.busy - 1
         for s in self.steps.values():
-            s.rate = 1.0 / self.slowdown(s.prompt, others, s.rows)
+            s.rate = 1.0 / self.slowdown(s.prompt, others, s.rows, s.tokens)
 
     def _reschedule(self) -> None:
         self._rates()
@@ -188,7 +189,7 @@ class CpuCores(SharedDevice):
             if s.transfer:  # its threads get their fair share of a core each
                 s.rate = share
                 continue
-            one = self.slowdown(s.prompt, 1, s.rows) if self.cores > 1 else 1.0  # one thread's time over all cores'
+            one = self.slowdown(s.prompt, 1, s.rows, s.tokens) if self.cores > 1 else 1.0  # one thread's time over all cores'
             if s.threads == 1 and self.cores > 1:
                 # beside busy co-runners as alone: what co_run measured; with a share, more one-thread steps than
                 # cores share them fairly (without one, the older model's rule stands)

@@ -153,9 +153,10 @@ class ServingCosts:
 @dataclass(frozen=True)
 class CoRunCosts:
     """How much slower a step runs while another process keeps the rest of the machine busy: the other core of a
-    2-core VM (whose cores may be hyperthreads of one), or the same GPU (two workers on one card)."""
+    2-core VM (whose cores may be hyperthreads of one), or the same GPU (two workers on one card). Each multiplier
+    is over the profile's own time for the step (the prefill table, the decode grid), which the simulator scales."""
 
-    prefill: float  # a prefill step's time multiplier
+    prefill: float  # a prefill step's time multiplier (at the co-run's longest prompt)
     decode: float  # a decode step's time multiplier (at the co-run's decode batch)
     note: str = ""  # what the co-runner was
     # CPU: the same for an engine whose threads use every core beside the busy process (0: not measured)
@@ -165,29 +166,43 @@ class CoRunCosts:
     # rows beside prefills at 1.63x where the serving runs' 1-2-row steps ran 1.19-1.26x, so both are timed.
     decode_batch: tuple[int, ...] = ()
     decode_by_batch: tuple[float, ...] = ()
+    # The prefill multiplier by the step's prompt tokens (ascending; empty: `prefill` at every length): on an H100
+    # a prompt of 1,024-1,600 tokens beside a serving decode worker ran 2.20-2.28x its table time, one of ~2,048
+    # 2.11-2.19x, one of 2,100-2,600 2.03-2.09x (an eager prompt of 1,024 tokens is mostly kernel launches).
+    prefill_tokens: tuple[int, ...] = ()
+    prefill_by_tokens: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         _require(self.prefill >= 1 and self.decode >= 1, "co_run multipliers must be >= 1")
         _require(self.oversubscribed_prefill >= 0 and self.oversubscribed_decode >= 0,
                  "co_run oversubscribed multipliers must be >= 0")
-        _require(len(self.decode_batch) == len(self.decode_by_batch), "co_run.decode_batch and decode_by_batch "
-                 "must be of equal length")
-        _require(_ascending(self.decode_batch) and all(b >= 1 for b in self.decode_batch),
-                 "co_run.decode_batch must be ascending sizes >= 1")
-        _require(all(m >= 1 for m in self.decode_by_batch), "co_run.decode_by_batch multipliers must be >= 1")
+        for xs, ms, what in ((self.decode_batch, self.decode_by_batch, "decode_batch"),
+                             (self.prefill_tokens, self.prefill_by_tokens, "prefill_tokens")):
+            _require(len(xs) == len(ms), f"co_run.{what} and its multipliers must be of equal length")
+            _require(_ascending(xs) and all(x >= 1 for x in xs), f"co_run.{what} must be ascending sizes >= 1")
+            _require(all(m >= 1 for m in ms), f"co_run.{what}'s multipliers must be >= 1")
 
     def decode_at(self, rows: int) -> float:
-        """The decode multiplier of a step of `rows` rows: linear between the measured batches, held past both
-        ends (a multiplier does not grow without bound)."""
-        bs, ms = self.decode_batch, self.decode_by_batch
-        if not bs:
-            return self.decode
-        if rows <= bs[0]:
-            return ms[0]
-        for b0, b1, m0, m1 in zip(bs, bs[1:], ms, ms[1:], strict=False):
-            if rows <= b1:
-                return m0 + (m1 - m0) * (rows - b0) / (b1 - b0)
-        return ms[-1]
+        """The decode multiplier of a step of `rows` rows."""
+        return held_linear(self.decode_batch, self.decode_by_batch, rows, self.decode)
+
+    def prefill_at(self, tokens: int) -> float:
+        """The prefill multiplier of a step of `tokens` prompt tokens (0: not known, the longest measured)."""
+        return held_linear(self.prefill_tokens, self.prefill_by_tokens, tokens, self.prefill) if tokens \
+            else self.prefill
+
+
+def held_linear(xs: tuple[int, ...], ys: tuple[float, ...], x: float, default: float) -> float:
+    """Linear between the measured points, held past both ends (a multiplier does not grow without bound);
+    `default` when nothing was measured."""
+    if not xs:
+        return default
+    if x <= xs[0]:
+        return ys[0]
+    for x0, x1, y0, y1 in zip(xs, xs[1:], ys, ys[1:], strict=False):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return ys[-1]
 
 
 @dataclass(frozen=True)
@@ -288,5 +303,5 @@ class Profile:
 
 
 def _co_run(d: dict[str, Any]) -> CoRunCosts:
-    return CoRunCosts(**{**d, "decode_batch": tuple(d.get("decode_batch", ())),
-                         "decode_by_batch": tuple(d.get("decode_by_batch", ()))})
+    return CoRunCosts(**{**d, **{k: tuple(d.get(k, ())) for k in ("decode_batch", "decode_by_batch", "prefill_tokens",
+                                                                  "prefill_by_tokens")}})

@@ -192,7 +192,7 @@ class Replica:
         self.busy = True
         self._run = (k, batch, context, t, chunks, fresh, first, slope)
         if self.device is not None:  # one step (no fast-forward), its end moved as co-runners start and stop
-            self.device.start(self, first, bool(chunks), batch)
+            self.device.start(self, first, bool(chunks), batch, sum(n for _, n in chunks))
             return
         for r in fresh:  # rows that joined since the last launch get their second token when the first step ends
             self.listener.on_second_token(r, t + first / 1e3)

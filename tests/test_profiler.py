@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks.profile_corun import co_run, shape
+from benchmarks.profile_corun import co_run, co_run_lengths, shape
 from benchmarks.profile_steps import Tokens
 from benchmarks.profiler import build_engine, envelope, parse
 
@@ -31,8 +31,18 @@ def test_the_co_run_times_a_one_row_decode_step_and_the_shapes_batch() -> None:
     def plain(f: Any) -> Any:
         return f()
 
-    c = co_run(eng, Tokens(eng.model_config.vocab_size), "cpu", 1, plain)
+    asked: list[int] = []
+
+    def table_ms(n: int) -> float:  # the profile's prefill table, here a microsecond a prompt
+        asked.append(n)
+        return 1e-3
+
+    c = co_run(eng, Tokens(eng.model_config.vocab_size), "cpu", 1, plain, table_ms=table_ms)
     assert c.decode_batch == (1, shape("cpu")[1]) and c.decode_by_batch[1] == c.decode
+    # the prompt's multiplier is over the table's time (what the simulator multiplies), not over its time alone
+    assert asked == list(co_run_lengths("cpu")) and c.prefill_tokens == co_run_lengths("cpu")
+    assert c.prefill_by_tokens == (c.prefill,) and c.prefill > 100 and "over the profile's prefill table" in c.note
+    assert co_run_lengths("cuda") == (1024, 2048) and co_run_lengths("cuda")[-1] == shape("cuda")[0]
     assert all(m >= 1 for m in (*c.decode_by_batch, c.prefill)) and c.decode_at(2) >= 1
     assert not eng.has_unfinished() and "(and 1)" in c.note
 
@@ -54,6 +64,6 @@ def test_the_co_run_takes_its_median_over_several_co_runner_starts(monkeypatch: 
     monkeypatch.setattr(profile_corun, "busy_beside", counted)
     c = co_run(eng, Tokens(eng.model_config.vocab_size), "cpu", 1, lambda f: f(), starts=2)
     assert len(set(started)) == 4  # two starts beside each role, each its own process
-    assert "medians over 2 co-runner starts, prefill beside each" in c.note and c.prefill >= 1
+    assert "medians over 2 co-runner starts, prefill of 256 beside each" in c.note and c.prefill >= 1
     assert parse(["--device", "cuda", "--co-run-with", "engine", "--out", "p.json"]).co_run_starts == 3
     assert parse(["--out", "p.json"]).co_run_starts == 1

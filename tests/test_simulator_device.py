@@ -16,15 +16,16 @@ from simulator.profile import CoRunCosts, SustainedCosts, TransferCosts
 class Worker:
     """Runs the steps it is given back to back on the device; records when each ended."""
 
-    def __init__(self, loop: EventLoop, device: SharedDevice, steps: list[tuple[float, bool]]) -> None:
-        self.loop, self.device, self.todo = loop, device, list(steps)
+    def __init__(self, loop: EventLoop, device: SharedDevice, steps: list[tuple[float, bool]],
+                 tokens: int = 0) -> None:
+        self.loop, self.device, self.todo, self.tokens = loop, device, list(steps), tokens
         self.ends: list[float] = []
         self.threads: list[int] = []  # the threads each step started on
         self.version = 0
 
     def go(self, _: object = None) -> None:
         work, prompt = self.todo.pop(0)
-        self.device.start(self, work, prompt)
+        self.device.start(self, work, prompt, tokens=self.tokens if prompt else 0)
         self.threads.append(self.device.steps[self].threads)
 
     def schedule_end(self, t: float) -> None:
@@ -180,6 +181,29 @@ def test_a_decode_step_beside_a_busy_co_runner_is_slowed_by_its_rows() -> None:
     assert ends[1] == pytest.approx(0.12) and ends[4] == pytest.approx(0.16)
     assert ends[2] == pytest.approx(0.1 * (1.2 + 0.4 / 3))
     assert ends[16] == pytest.approx(0.16)  # held past the largest batch measured
+
+
+def test_a_prompt_beside_a_busy_co_runner_is_slowed_by_its_length() -> None:
+    """co_run.prefill_by_tokens: a prompt of 1,024 tokens beside decode steps runs 2.25x, one of 2,048 2.0x, linear
+    between them and held past both ends; a step whose length is not known takes `prefill`."""
+    co = CoRunCosts(prefill=2.0, decode=1.5, prefill_tokens=(1024, 2048), prefill_by_tokens=(2.25, 2.0))
+    took = {}
+    for tokens in (512, 1024, 1536, 2048, 4096, 0):
+        loop = EventLoop()
+        dev = SharedDevice(loop, co)
+        dec, pre = Worker(loop, dev, [(100_000.0, False)]), Worker(loop, dev, [(100.0, True)], tokens)
+        loop.at(0.0, dec.go)
+        loop.at(0.0, pre.go)
+        loop.run_until(1.0)
+        took[tokens] = pre.ends[0]
+    assert took == {512: pytest.approx(0.225), 1024: pytest.approx(0.225), 1536: pytest.approx(0.2125),
+                    2048: pytest.approx(0.2), 4096: pytest.approx(0.2), 0: pytest.approx(0.2)}
+    from engine.config import ConfigError
+
+    for bad in ({"prefill_tokens": (2048, 1024), "prefill_by_tokens": (2.0, 2.25)},
+                {"prefill_tokens": (1024,), "prefill_by_tokens": (0.9,)}, {"prefill_tokens": (1024,)}):
+        with pytest.raises(ConfigError, match="prefill_tokens"):
+            CoRunCosts(prefill=2.0, decode=1.5, **bad)
 
 
 class _Probe:
