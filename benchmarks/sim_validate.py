@@ -41,6 +41,7 @@ import yaml
 from benchmarks import serving
 from benchmarks.bootstrap import figure_intervals
 from benchmarks.calibration import PROBE_ROWS, STREAM_PROMPT, TINY_PROMPT, calibrate, calibrated, single_stream
+from benchmarks.client_pool import ClientPool
 from benchmarks.serving_compare import cluster_yaml
 from benchmarks.step_costs import decode_step_ms, prompt_step_ms, pull_phases, serving_path, worker_steps
 from deploy.config import ClusterConfig
@@ -67,22 +68,20 @@ def make_trace(rate: float, n: int, prompt: str, output: str, seed: int) -> tupl
     return times, [rng.randint(plo, phi) for _ in range(n)], [rng.randint(olo, ohi) for _ in range(n)]
 
 
-async def replay(url: str, model: str, trace: tuple[list[float], list[int], list[int]], vocab: int,
-                 seed: int) -> tuple[list[serving.RequestResult], float]:
-    """Send each request at its trace time; (results, seconds from the first send to the last completion)."""
+def replay(pool: ClientPool, url: str, model: str, trace: tuple[list[float], list[int], list[int]], vocab: int,
+           seed: int) -> tuple[list[serving.RequestResult], float]:
+    """Send each request at its trace time from the pool's client processes; (results, seconds from the first
+    send to the last completion)."""
     rng = random.Random(seed + 7)
     prompts = [serving.random_tokens(rng, n, vocab) for n in trace[1]]
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=httpx.Limits(max_connections=256)) as client:
-        for i in range(2):  # warm-up, not timed
-            await serving.one_request(client, url, model, prompts[i][:32], 4, {})
-        t0 = time.perf_counter()
 
-        async def fire(i: int) -> serving.RequestResult:
-            await asyncio.sleep(max(0.0, trace[0][i] - (time.perf_counter() - t0)))
-            return await serving.one_request(client, url, model, prompts[i], trace[2][i], {})
+    async def warm() -> None:  # not timed
+        async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
+            for i in range(2):
+                await serving.one_request(client, url, model, prompts[i][:32], 4, {})
 
-        results = await asyncio.gather(*(fire(i) for i in range(len(trace[0]))))
-        return list(results), time.perf_counter() - t0
+    asyncio.run(warm())
+    return pool.replay(url, model, trace, prompts)
 
 
 def per_request(results: list[serving.RequestResult]) -> list[list[float]]:
@@ -118,17 +117,17 @@ def _real_run(a: argparse.Namespace, mode: str, path: str, trace: tuple[list[flo
     from worker.server import free_port
 
     with LocalCluster(ClusterConfig.load(path), path, router_port=free_port(), quiet=True,
-                      log_dir=os.path.join(os.path.dirname(path), mode)) as c:
+                      log_dir=os.path.join(os.path.dirname(path), mode)) as c, ClientPool(a.client_processes) as pool:
         model = "smollm2" if a.device == "cpu" else a.tokenizer
         around: dict[str, Any] = {"spoiled": []}
         for attempt in range(a.tries):
-            quiet = wait_for_quiet(a.max_foreign, a.quiet_wait_s, pids=c.pids)
+            quiet = wait_for_quiet(a.max_foreign, a.quiet_wait_s, pids=[*c.pids, *pool.pids])
             alone_since = time.time()
             around["alone"] = asyncio.run(single_stream(c.url, model))
-            load, meter, cpu0 = os.getloadavg(), ForeignCpu(c.pids).start(), cluster_cpu_s(c)
+            load, meter, cpu0 = os.getloadavg(), ForeignCpu([*c.pids, *pool.pids]).start(), cluster_cpu_s(c)
             itl0, gc0 = router_itl(c.url), router_itl(c.url, GC_HISTOGRAM)
             since = time.time()
-            results, duration = asyncio.run(replay(c.url, model, trace, 49152, a.seed + 1000 * attempt))
+            results, duration = replay(pool, c.url, model, trace, 49152, a.seed + 1000 * attempt)
             until = time.time()
             itl1, gc1 = router_itl(c.url), router_itl(c.url, GC_HISTOGRAM)
             real = {**serving.summarize(results, duration, rate, a), "requests_each": per_request(results),
@@ -138,7 +137,8 @@ def _real_run(a: argparse.Namespace, mode: str, path: str, trace: tuple[list[flo
                                                     [[g * 1e3 for g in r.itls] for r in results if r.ok])}
             if a.keep_gaps:  # every request's inter-token gaps, in trace order (where in a stream long ones fall)
                 real["gaps_ms"] = [[round(g * 1e3, 2) for g in r.itls] for r in results]
-            figures = {"attempt": attempt, "foreign_cores_before": quiet, "foreign_cores": meter.stop(),
+            figures = {"attempt": attempt, "client_processes": pool.processes, "foreign_cores_before": quiet,
+                       "foreign_cores": meter.stop(),
                        "cpu_s": {k: round(v - cpu0.get(k, 0.0), 2) for k, v in cluster_cpu_s(c).items()},
                        "load_before": [round(x, 2) for x in load], "load_after": [round(x, 2) for x in os.getloadavg()]}
             if figures["foreign_cores"] <= a.max_foreign or attempt == a.tries - 1:
@@ -361,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", default="auto", choices=["auto", "on", "off"], help="GPU workers' overlap_steps")
     p.add_argument("--kv-gib", type=float, default=0.0, help="KV cache per worker, GiB (default 0.25 on cpu, 10 on cuda)")
     p.add_argument("--seed", type=int, default=0, help="seed of the trace")
+    p.add_argument("--client-processes", type=int, default=0, help="processes the real runs' requests are sent "
+                   "from, request i from process i %% N (benchmarks/client_pool.py; default 0: 1 on cpu, 4 on cuda)")
     p.add_argument("--max-foreign", type=float, default=0.2, help="a real run during which others' processes kept "
                    "more cores busy than this is spoiled and run again (default 0.2)")
     p.add_argument("--repeats", type=int, default=1, help="real runs of each trace, each on a fresh cluster; the "
@@ -393,8 +395,9 @@ def _interrupt(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     signal.signal(signal.SIGTERM, _interrupt)
     a = build_parser().parse_args(argv)
-    if a.repeats < 1:
-        raise SystemExit("--repeats must be at least 1")
+    if a.repeats < 1 or a.client_processes < 0:
+        raise SystemExit("--repeats must be at least 1 and --client-processes at least 0")
+    a.client_processes = a.client_processes or (4 if a.device == "cuda" else 1)
     a.kv_gib = a.kv_gib or (10.0 if a.device == "cuda" else 0.25)
     if a.device == "cuda" and not a.tokenizer and not a.sim_only:
         raise SystemExit("--tokenizer is required on cuda")

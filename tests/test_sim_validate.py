@@ -36,7 +36,8 @@ def test_a_simulation_only_run_reports_every_figure(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "sim_validate_cpu_t.json").read_text())["rates"].keys() == {"0.5"}
 
 
-@pytest.mark.parametrize("bad", [["--repeats", "0"], ["--device", "tpu"], ["--keep-logs", "FILE/logs"]])
+@pytest.mark.parametrize("bad", [["--repeats", "0"], ["--client-processes", "-1"], ["--device", "tpu"],
+                                 ["--keep-logs", "FILE/logs"]])
 def test_bad_arguments_are_refused(bad: list[str], tmp_path: Path) -> None:
     (tmp_path / "FILE").write_text("")  # --keep-logs under a plain file: no folder can be made there
     bad = [str(tmp_path / b) if b.startswith("FILE") else b for b in bad]
