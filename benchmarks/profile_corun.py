@@ -75,10 +75,11 @@ def co_runner_args(engine_args: list[str], eng: LLMEngine, device: str) -> list[
 
 
 def co_run_lengths(device: str) -> tuple[int, ...]:
-    """Prompt lengths of the prefill co-run (ascending; the longest is `shape`'s): on a GPU an eager prompt of 1,024
-    tokens is mostly kernel launches and slows more beside a busy co-runner than one of 2,048 (simulator/profile.py
-    CoRunCosts.prefill_tokens)."""
-    return (1024, 2048) if device.startswith("cuda") else (256,)
+    """Prompt lengths of the prefill co-run (ascending; 2,048 is `shape`'s): on a GPU a shorter prompt slows more
+    beside a busy co-runner (simulator/profile.py CoRunCosts.prefill_tokens), and not evenly between powers of two:
+    an H200's serving prompts of 1,000-1,300 tokens ran 2.29-2.35x their table time beside the decode worker where
+    a co-run prompt of exactly 1,024 read 2.03x. Beside a GPU co-runner each prompt takes ~0.1 s."""
+    return (512, 1024, 1280, 1536, 2048, 4096) if device.startswith("cuda") else (256,)
 
 
 def co_run(eng: LLMEngine, toks: Tokens, device: str, repeat: int, alone_check: Alone,
@@ -130,9 +131,10 @@ def co_run(eng: LLMEngine, toks: Tokens, device: str, repeat: int, alone_check: 
         return round(max(1.0, busy / quiet), 3) if quiet else 0.0
 
     by_tokens = tuple(ratio(statistics.median(b[k] for b in beside_decode), base[k]) for k in lengths)
+    prefill = by_tokens[lengths.index(n)] if n in lengths else by_tokens[-1]
     dec = ratio(statistics.median(d for d, _ in beside_prefill), alone_decode)
     one = ratio(statistics.median(d for _, d in beside_prefill), one_alone) if one_alone else dec
-    return CoRunCosts(prefill=by_tokens[-1], decode=dec, oversubscribed_prefill=ratio(over[0], fixed_alone[0]),
+    return CoRunCosts(prefill=prefill, decode=dec, oversubscribed_prefill=ratio(over[0], fixed_alone[0]),
                       oversubscribed_decode=ratio(over[1], fixed_alone[1]), decode_batch=(1, batch),
                       decode_by_batch=(one, dec), prefill_tokens=lengths, prefill_by_tokens=by_tokens,
                       note=co_run_note(eng, device, engine_args is not None, fixed is not None, lengths, alone, base,
@@ -145,7 +147,7 @@ def co_run_note(eng: LLMEngine, device: str, engine: bool, fixed: bool, lengths:
     gpu, (_, batch, ctx) = device.startswith("cuda"), shape(device)
     co = "the other role's steps of this engine (prefill beside decode steps, decode beside prefills)" if engine \
         else ("bf16 8192^3 matmuls on the same GPU" if gpu else "fp32 768^3 matmuls, 1 thread")
-    n = lengths[-1]
+    n = shape(device)[0]
     parts = [f"prefill of {'/'.join(map(str, lengths))} tokens and decode of {batch} (and 1) x {ctx}, alone and beside a "
              f"process running {co}" + ("" if gpu else f" (this engine's prefill on {eng.stats.cpu_threads} "
                                                        "thread(s) beside it)")]

@@ -156,7 +156,7 @@ class CoRunCosts:
     2-core VM (whose cores may be hyperthreads of one), or the same GPU (two workers on one card). Each multiplier
     is over the profile's own time for the step (the prefill table, the decode grid), which the simulator scales."""
 
-    prefill: float  # a prefill step's time multiplier (at the co-run's longest prompt)
+    prefill: float  # a prefill step's time multiplier (at the co-run's own prompt: 2,048 tokens on a GPU)
     decode: float  # a decode step's time multiplier (at the co-run's decode batch)
     note: str = ""  # what the co-runner was
     # CPU: the same for an engine whose threads use every core beside the busy process (0: not measured)

@@ -42,7 +42,7 @@ def test_the_co_run_times_a_one_row_decode_step_and_the_shapes_batch() -> None:
     # the prompt's multiplier is over the table's time (what the simulator multiplies), not over its time alone
     assert asked == list(co_run_lengths("cpu")) and c.prefill_tokens == co_run_lengths("cpu")
     assert c.prefill_by_tokens == (c.prefill,) and c.prefill > 100 and "over the profile's prefill table" in c.note
-    assert co_run_lengths("cuda") == (1024, 2048) and co_run_lengths("cuda")[-1] == shape("cuda")[0]
+    assert shape("cuda")[0] in co_run_lengths("cuda") and list(co_run_lengths("cuda")) == sorted(co_run_lengths("cuda"))
     assert all(m >= 1 for m in (*c.decode_by_batch, c.prefill)) and c.decode_at(2) >= 1
     assert not eng.has_unfinished() and "(and 1)" in c.note
 
