@@ -81,6 +81,7 @@ def worker_steps(folder: str, since: float, until: float, prof: Profile) -> dict
         gaps = sorted(g for g, _, _ in between)
         out[name] = {"all": by_kind(rows), "alone": by_kind([r for r in rows if r["overlap"] < 0.1]),
                      "beside": by_kind([r for r in rows if r["overlap"] >= 0.5]),
+                     "prompts_beside_by_tokens": by_tokens([r for r in rows if r["overlap"] >= 0.5]),
                      "between_steps_ms": {"p50": round(percentile(gaps, 50), 2), "p99": round(percentile(gaps, 99), 2),
                                           "max": round(gaps[-1], 2)} if gaps else {},
                      "longest_between": [{"ms": round(g, 1), "at_s": round(a["t"] + a["ms"] / 1e3 - since, 3),
@@ -91,6 +92,17 @@ def worker_steps(folder: str, since: float, until: float, prof: Profile) -> dict
             out[name]["join"] = {"alone": by_kind([r for r in joins if r["overlap"] < 0.1]),
                                  "beside": by_kind([r for r in joins if r["overlap"] >= 0.5])}
     return out
+
+
+def by_tokens(rows: list[dict[str, Any]], width: int = 256) -> dict[str, dict[str, float]]:
+    """Prompt steps (no decode rows) by prompt tokens in bins of `width`: steps and measured / modelled p50 (the
+    co-run multiplier a prompt of that length ran at, beside another worker's steps; CoRunCosts.prefill_by_tokens)."""
+    bins: dict[int, list[float]] = {}
+    for r in rows:
+        if r["kind"] == "prompt" and r["model_ms"] > 0:
+            bins.setdefault(r["prompt_tokens"] // width, []).append(r["ms"] / r["model_ms"])
+    return {f"{b * width}-{(b + 1) * width - 1}": {"steps": len(xs), "ratio_p50": round(statistics.median(xs), 3)}
+            for b, xs in sorted(bins.items())}
 
 
 def join_steps(rows: list[dict[str, Any]], events: list[dict[str, Any]]) -> list[dict[str, Any]]:

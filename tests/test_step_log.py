@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.step_costs import join_steps, overlaps, pull_phases, serving_path
+from benchmarks.step_costs import by_tokens, join_steps, overlaps, pull_phases, serving_path
 from engine.config import CacheConfig, EngineConfig
 from engine.engine import LLMEngine
 from engine.request import SamplingParams
@@ -73,6 +73,15 @@ def test_overlap_is_the_share_of_a_step_another_worker_was_in_a_step() -> None:
     overlaps(logs)
     assert [r["overlap"] for r in logs["decode"]] == [0.0, 1.0, 0.5]
     assert logs["prefill"][0]["overlap"] == pytest.approx(0.15)
+
+
+def test_prompts_beside_another_workers_steps_are_binned_by_length() -> None:
+    """The co-run multiplier a prompt ran at, by its length (CoRunCosts.prefill_by_tokens is checked against it)."""
+    rows = [{"kind": "prompt", "prompt_tokens": n, "ms": ms, "model_ms": 10.0}
+            for n, ms in ((1030, 23.0), (1100, 22.0), (1200, 24.0), (2048, 20.0), (2100, 21.0))]
+    rows.append({"kind": "decode", "prompt_tokens": 0, "ms": 30.0, "model_ms": 10.0})  # not a prompt step
+    assert by_tokens(rows) == {"1024-1279": {"steps": 3, "ratio_p50": 2.3},
+                               "2048-2303": {"steps": 2, "ratio_p50": 2.05}}
 
 
 def test_an_unwritable_step_log_folder_stops_the_worker_with_a_reason(tiny_llama_dir: str, tmp_path: Path,
