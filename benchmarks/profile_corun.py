@@ -76,9 +76,10 @@ def co_runner_args(engine_args: list[str], eng: LLMEngine, device: str) -> list[
 
 def co_run_lengths(device: str) -> tuple[int, ...]:
     """Prompt lengths of the prefill co-run (ascending; 2,048 is `shape`'s): on a GPU a shorter prompt slows more
-    beside a busy co-runner (simulator/profile.py CoRunCosts.prefill_tokens), and not evenly between powers of two:
-    an H200's serving prompts of 1,000-1,300 tokens ran 2.29-2.35x their table time beside the decode worker where
-    a co-run prompt of exactly 1,024 read 2.03x. Beside a GPU co-runner each prompt takes ~0.1 s."""
+    beside a busy decode worker (simulator/profile.py CoRunCosts.prefill_tokens). An H200's serving prompts of
+    1,024-1,279 tokens ran 2.29-2.36x their table time beside the decode worker where a co-run prompt of exactly
+    1,024 read 2.03x (2,048: 1.96x co-run, 1.99-2.03x serving); the lengths between say whether the bare co-runner
+    shows that too. Beside a GPU co-runner each prompt takes ~0.05-0.4 s."""
     return (512, 1024, 1280, 1536, 2048, 4096) if device.startswith("cuda") else (256,)
 
 
@@ -89,9 +90,9 @@ def co_run(eng: LLMEngine, toks: Tokens, device: str, repeat: int, alone_check: 
     `engine_args` (disagg profile's arguments): the co-runner is this engine running the other role's steps, else
     matmuls. Each busy figure is the median over `starts` co-runner starts (a median of steps within each).
     `table_ms(n)`: the profile's prefill table at n tokens, the time the simulator multiplies; a prompt's multiplier
-    is over it (without it, over the same prompts alone here). The two differ on a GPU: prompts timed in a row
-    here meet the card's power limit (the `sustained` figure) where the table's, timed after a pause, do not; over
-    its in-a-row time alone one H100's prompt read 1.95x while the serving prompts ran 2.11-2.19x the table."""
+    is over it (without it, over the same prompts alone here). The two may differ on a GPU: prompts timed in a row
+    here can meet the card's power limit (the `sustained` figure) where the table's, timed after a pause, do not
+    (on one H200 they agreed within 1.3%; the note keeps the figure)."""
     gpu = device.startswith("cuda")
     n, batch, ctx = shape(device)
     lengths = co_run_lengths(device)
@@ -131,10 +132,10 @@ def co_run(eng: LLMEngine, toks: Tokens, device: str, repeat: int, alone_check: 
         return round(max(1.0, busy / quiet), 3) if quiet else 0.0
 
     by_tokens = tuple(ratio(statistics.median(b[k] for b in beside_decode), base[k]) for k in lengths)
-    prefill = by_tokens[lengths.index(n)] if n in lengths else by_tokens[-1]
+    at_n = by_tokens[lengths.index(n)] if n in lengths else by_tokens[-1]
     dec = ratio(statistics.median(d for d, _ in beside_prefill), alone_decode)
     one = ratio(statistics.median(d for _, d in beside_prefill), one_alone) if one_alone else dec
-    return CoRunCosts(prefill=prefill, decode=dec, oversubscribed_prefill=ratio(over[0], fixed_alone[0]),
+    return CoRunCosts(prefill=at_n, decode=dec, oversubscribed_prefill=ratio(over[0], fixed_alone[0]),
                       oversubscribed_decode=ratio(over[1], fixed_alone[1]), decode_batch=(1, batch),
                       decode_by_batch=(one, dec), prefill_tokens=lengths, prefill_by_tokens=by_tokens,
                       note=co_run_note(eng, device, engine_args is not None, fixed is not None, lengths, alone, base,
