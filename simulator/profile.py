@@ -168,7 +168,7 @@ class CoRunCosts:
     decode_by_batch: tuple[float, ...] = ()
     # The prefill multiplier by the step's prompt tokens (ascending; empty: `prefill` at every length): on an H100
     # a prompt of 1,024-1,600 tokens beside a serving decode worker ran 2.20-2.28x its table time, one of ~2,048
-    # 2.11-2.19x, one of 2,100-2,600 2.03-2.09x (an eager prompt of 1,024 tokens is mostly kernel launches).
+    # 2.11-2.19x, one of 2,100-2,600 2.03-2.09x (an H200's alike).
     prefill_tokens: tuple[int, ...] = ()
     prefill_by_tokens: tuple[float, ...] = ()
 
