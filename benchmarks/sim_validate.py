@@ -43,7 +43,7 @@ from benchmarks.bootstrap import figure_intervals
 from benchmarks.calibration import PROBE_ROWS, STREAM_PROMPT, TINY_PROMPT, calibrate, calibrated, single_stream
 from benchmarks.client_pool import ClientPool
 from benchmarks.serving_compare import cluster_yaml
-from benchmarks.step_costs import decode_step_ms, prompt_step_ms, pull_phases, serving_path, worker_steps
+from benchmarks.step_costs import brief_co_run, decode_step_ms, prompt_step_ms, pull_phases, serving_path, worker_steps
 from deploy.config import ClusterConfig
 from kvtransfer.registry import known_backends
 from simulator.cluster import Cluster, chunk_lists
@@ -330,6 +330,8 @@ def run_rate(a: argparse.Namespace, rate: float, folder: str, recorded: dict[str
             f"{k} sim {sim[k]} / real {real.get(k) if real else '-'}" for k in FIGURES), flush=True)
         if sim["pulls"]["pulls"]:
             print(f"  {mode} rate {rate:g}: simulated handoffs {brief_phases(sim['pulls'])}", flush=True)
+        if co := brief_co_run(prof, around.get("steps") or {}):
+            print(f"  {mode} rate {rate:g}: prompts beside the other worker by tokens {co}", flush=True)
         if real and real.get("gaps_over"):
             print(f"  {mode} rate {rate:g}: gaps over " + brief_gaps(real["gaps_over"], sim["gaps_over"]), flush=True)
     return out

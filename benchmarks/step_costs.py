@@ -105,6 +105,16 @@ def by_tokens(rows: list[dict[str, Any]], width: int = 256) -> dict[str, dict[st
             for b, xs in sorted(bins.items())}
 
 
+def brief_co_run(prof: Profile, steps: dict[str, Any]) -> str:
+    """The prompt co-run multiplier by length, the profile's (`co_run.prefill_at`) beside what each bin of the
+    real prompt steps beside another worker's ran (worker_steps' `prompts_beside_by_tokens`); "" without them."""
+    bins = {k: v for w in steps.values() for k, v in w.get("prompts_beside_by_tokens", {}).items() if v["steps"] >= 5}
+    if prof.co_run is None or not bins:
+        return ""
+    return ", ".join(f"{k} {prof.co_run.prefill_at((int(k.split('-')[0]) + int(k.split('-')[1]) + 1) // 2):.2f}x / "
+                     f"{v['ratio_p50']:.2f}x ({v['steps']})" for k, v in bins.items()) + " (profile / real, steps)"
+
+
 def join_steps(rows: list[dict[str, Any]], events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Of a decode worker's steps (time order), those that decoded a pulled request first: the first decode step
     to start after each read ended."""

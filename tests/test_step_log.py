@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.step_costs import by_tokens, join_steps, overlaps, pull_phases, serving_path
+from benchmarks.step_costs import brief_co_run, by_tokens, join_steps, overlaps, pull_phases, serving_path
 from engine.config import CacheConfig, EngineConfig
 from engine.engine import LLMEngine
 from engine.request import SamplingParams
@@ -82,6 +82,18 @@ def test_prompts_beside_another_workers_steps_are_binned_by_length() -> None:
     rows.append({"kind": "decode", "prompt_tokens": 0, "ms": 30.0, "model_ms": 10.0})  # not a prompt step
     assert by_tokens(rows) == {"1024-1279": {"steps": 3, "ratio_p50": 2.3},
                                "2048-2303": {"steps": 2, "ratio_p50": 2.05}}
+
+
+def test_the_profiles_prompt_co_run_is_printed_beside_what_each_length_ran() -> None:
+    from simulator.profile import Profile
+
+    prof = Profile.load("benchmarks/profiles/h200_llama3_8b_v49k_corun_table.json")  # 2.032x at 1,024, 1.956x at 2,048
+    steps = {"decode-0": {}, "prefill-0": {"prompts_beside_by_tokens": {
+        "1024-1279": {"steps": 35, "ratio_p50": 2.36}, "1792-2047": {"steps": 24, "ratio_p50": 2.033},
+        "2304-2559": {"steps": 2, "ratio_p50": 2.088}}}}  # too few steps to show
+    assert brief_co_run(prof, steps) == "1024-1279 2.02x / 2.36x (35), 1792-2047 1.97x / 2.03x (24) " \
+                                        "(profile / real, steps)"
+    assert brief_co_run(prof, {"decode-0": {}}) == ""
 
 
 def test_an_unwritable_step_log_folder_stops_the_worker_with_a_reason(tiny_llama_dir: str, tmp_path: Path,
