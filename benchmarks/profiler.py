@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from benchmarks.machine_load import Alone
 from benchmarks.profile_corun import co_run
-from benchmarks.profile_serving import step_overhead_ms
+from benchmarks.profile_serving import loop_overhead_ms, step_overhead_ms
 from benchmarks.profile_steps import Tokens, decode_ms, run_prompt
 from benchmarks.profile_sustained import sustained_costs
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
@@ -257,11 +257,11 @@ def profile(a: argparse.Namespace) -> Profile:
 
 def serving_costs(eng: LLMEngine, toks: Tokens, ctx: int, a: argparse.Namespace) -> ServingCosts:
     """The worker loop's cost per step at a small and a mid batch (benchmarks/profile_serving.py); the simulator
-    adds their median to every step."""
+    adds it to every step (`loop_overhead_ms`)."""
     batches = [1, 32] if a.device.startswith("cuda") else [1, 8]
     by_batch = step_overhead_ms(eng, toks, batches, ctx, max(a.decode_steps, 32), a.device, a.repeat)
-    return ServingCosts(step_overhead_ms=round(statistics.median(v["overhead_ms"] for v in by_batch.values()), 4),
-                        by_batch=by_batch)
+    overlapped = eng.config.overlaps_steps(a.device.startswith("cuda"))
+    return ServingCosts(step_overhead_ms=loop_overhead_ms(by_batch, overlapped), by_batch=by_batch)
 
 
 @contextlib.contextmanager
