@@ -110,8 +110,10 @@ def test_sigterm_lets_running_requests_finish_on_the_draining_worker(reference: 
                                                                       cluster: LocalCluster) -> None:
     migrations = metric(cluster, "disagg_router_migrations_total")
     futures, pool = run_streams(cluster, SHORT, FINISH_TOKENS)
+    # A stream's first token comes from the prefill worker; its decode worker runs it once the KV pull is done.
+    wait_for("a decode worker running the streams",
+             lambda: worker_load(cluster.procs[busiest_decode(cluster)].address).num_running >= 1, 60)
     victim = busiest_decode(cluster)
-    assert worker_load(cluster.procs[victim].address).num_running >= 1
     cluster.send(victim, signal.SIGTERM)
     wait_for("the router seeing the drain", lambda: draining(cluster, victim), 10)
     # Sent after the router saw the drain (see the report on UNAVAILABLE refusals): served by another worker.
