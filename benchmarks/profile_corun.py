@@ -85,17 +85,20 @@ def co_run_lengths(device: str) -> tuple[int, ...]:
 
 def co_run(eng: LLMEngine, toks: Tokens, device: str, repeat: int, alone_check: Alone,
            all_cores: Callable[[], LLMEngine] | None = None, engine_args: list[str] | None = None,
-           starts: int = 1, table_ms: Callable[[int], float] | None = None) -> CoRunCosts:
+           starts: int = 1, table_ms: Callable[[int], float] | None = None,
+           lengths: tuple[int, ...] = ()) -> CoRunCosts:
     """The multipliers (module docstring). `all_cores` builds an engine fixed on every core (CPU only);
     `engine_args` (disagg profile's arguments): the co-runner is this engine running the other role's steps, else
     matmuls. Each busy figure is the median over `starts` co-runner starts (a median of steps within each).
     `table_ms(n)`: the profile's prefill table at n tokens, the time the simulator multiplies; a prompt's multiplier
-    is over it (without it, over the same prompts alone here). The two may differ on a GPU: prompts timed in a row
+    is over it (without it, over the same prompts alone here); `lengths`: the prompt lengths (default
+    `co_run_lengths`), which the table must hold. The two may differ on a GPU: prompts timed in a row
     here can meet the card's power limit (the `sustained` figure) where the table's, timed after a pause, do not
     (on one H200 they agreed within 1.3%; the note keeps the figure)."""
     gpu = device.startswith("cuda")
     n, batch, ctx = shape(device)
-    lengths = co_run_lengths(device)
+    lengths = tuple(sorted(lengths)) or co_run_lengths(device)
+    n = n if n in lengths else lengths[-1]  # the length `prefill` (the profile's single figure) is taken at
     if engine_args is not None:
         engine_args = co_runner_args(engine_args, eng, device)
 
@@ -132,23 +135,22 @@ def co_run(eng: LLMEngine, toks: Tokens, device: str, repeat: int, alone_check: 
         return round(max(1.0, busy / quiet), 3) if quiet else 0.0
 
     by_tokens = tuple(ratio(statistics.median(b[k] for b in beside_decode), base[k]) for k in lengths)
-    at_n = by_tokens[lengths.index(n)] if n in lengths else by_tokens[-1]
+    at_n = by_tokens[lengths.index(n)]
     dec = ratio(statistics.median(d for d, _ in beside_prefill), alone_decode)
     one = ratio(statistics.median(d for _, d in beside_prefill), one_alone) if one_alone else dec
     return CoRunCosts(prefill=at_n, decode=dec, oversubscribed_prefill=ratio(over[0], fixed_alone[0]),
                       oversubscribed_decode=ratio(over[1], fixed_alone[1]), decode_batch=(1, batch),
                       decode_by_batch=(one, dec), prefill_tokens=lengths, prefill_by_tokens=by_tokens,
-                      note=co_run_note(eng, device, engine_args is not None, fixed is not None, lengths, alone, base,
-                                       beside_decode, table_ms is not None))
+                      note=co_run_note(eng, device, engine_args is not None, fixed is not None, lengths, n, alone,
+                                       base, beside_decode, table_ms is not None))
 
 
-def co_run_note(eng: LLMEngine, device: str, engine: bool, fixed: bool, lengths: tuple[int, ...],
+def co_run_note(eng: LLMEngine, device: str, engine: bool, fixed: bool, lengths: tuple[int, ...], n: int,
                 alone: dict[int, float], base: dict[int, float], beside: list[dict[int, float]], table: bool) -> str:
     """What the co-run measured and against what, with each co-runner start's prompt multiplier."""
     gpu, (_, batch, ctx) = device.startswith("cuda"), shape(device)
     co = "the other role's steps of this engine (prefill beside decode steps, decode beside prefills)" if engine \
         else ("bf16 8192^3 matmuls on the same GPU" if gpu else "fp32 768^3 matmuls, 1 thread")
-    n = shape(device)[0]
     parts = [f"prefill of {'/'.join(map(str, lengths))} tokens and decode of {batch} (and 1) x {ctx}, alone and beside a "
              f"process running {co}" + ("" if gpu else f" (this engine's prefill on {eng.stats.cpu_threads} "
                                                        "thread(s) beside it)")]

@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.machine_load import Alone
-from benchmarks.profile_corun import co_run
+from benchmarks.profile_corun import co_run, co_run_lengths
 from benchmarks.profile_serving import loop_overhead_ms, step_overhead_ms
 from benchmarks.profile_steps import Tokens, decode_ms, run_prompt
 from benchmarks.profile_sustained import sustained_costs
@@ -47,7 +47,6 @@ from simulator.profile import (
     ServingCosts,
     StartupCosts,
     TransferCosts,
-    held_linear,
 )
 
 SHAPES: dict[str, ModelConfig] = {
@@ -219,7 +218,10 @@ def profile(a: argparse.Namespace) -> Profile:
     eng, engine_s = timed("engine build", lambda: build_engine(a))
     toks = Tokens(eng.model_config.vocab_size)
     run_prompt(eng, "warmup", toks.take(32), a.device)
-    lengths = sorted(set(ints(a.prefill_tokens)) | {a.chunk_tokens})
+    table = sorted(set(ints(a.prefill_tokens)) | {a.chunk_tokens})
+    # the co-run's prompts are taken over the table at their own lengths: each is a measured point of it
+    corun_lengths = tuple(k for k in co_run_lengths(a.device) if k <= table[-1]) or (table[-1],)
+    lengths = sorted(set(table) | set(corun_lengths))
     alone = Alone(eng, a.device)
     pre_ms = timed("prefill", lambda: measure_prefill(eng, toks, lengths, a.repeat, a.device, alone))
     chunks = timed("chunks", lambda: measure_chunks(eng, toks, a.chunk_tokens, ints(a.chunk_context), a.repeat,
@@ -232,7 +234,7 @@ def profile(a: argparse.Namespace) -> Profile:
     transfer = timed("transfer", lambda: transfer_costs(a.transfer_backend, a.device, a.repeat))
     corun = timed("co-run", lambda: co_run(eng, toks, a.device, a.repeat, alone, lambda: build_engine(
         a, len(os.sched_getaffinity(0)))[0], a.argv if a.co_run_with == "engine" else None,
-        a.co_run_starts, lambda n: held_linear(tuple(lengths), tuple(pre_ms), n, 0.0))) if a.co_run else None
+        a.co_run_starts, lambda n: pre_ms[lengths.index(n)], corun_lengths)) if a.co_run else None
     gpu = a.device.startswith("cuda")
     sustained = timed("sustained", lambda: sustained_costs(eng, toks, a.device, min(2048, max(lengths)))) \
         if gpu and a.sustained else None

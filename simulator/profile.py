@@ -187,7 +187,7 @@ class CoRunCosts:
         return held_linear(self.decode_batch, self.decode_by_batch, rows, self.decode)
 
     def prefill_at(self, tokens: int) -> float:
-        """The prefill multiplier of a step of `tokens` prompt tokens (0: not known, the longest measured)."""
+        """The prefill multiplier of a step of `tokens` prompt tokens (0: not known, `prefill`)."""
         return held_linear(self.prefill_tokens, self.prefill_by_tokens, tokens, self.prefill) if tokens \
             else self.prefill
 
