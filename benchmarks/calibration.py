@@ -20,13 +20,18 @@ from simulator.profile import Profile
 TINY_PROMPT = 16  # tokens of the prompts that time the serving path's fixed cost (calibrate)
 STREAM_PROMPT = 256  # tokens of the lone stream's prompt, which times the machine's prompt speed (calibrate)
 PROBE_ROWS = 4  # streams at once after the lone one: their decode steps time the per-row part of a step (calibrate)
+CO_RUN_TOKENS = 64  # tokens of the co-run probe's stream, whose one-row steps run beside other prompts (calibrate)
+CO_RUN_MAX_PROMPTS = 40  # prompts sent beside it at most (one at a time, 1 token each: they never reach decode)
 
 
-async def single_stream(url: str, model: str, n: int = 5) -> dict[str, float]:
+async def single_stream(url: str, model: str, n: int = 5, co_run: bool = False) -> dict[str, float]:
     """The serving path's own cost on the idle cluster: the median TTFT of `n` 16-token prompts sent one at a time,
     and one stream alone (a 256-token prompt, 64 tokens): its TTFT and median inter-token gap, to hold against the
     profile's prefill of 256 tokens and decode step of one row; then PROBE_ROWS such streams at once (48 tokens
-    each), whose steps of PROBE_ROWS rows the caller reads from the workers' step logs after `probe_since`."""
+    each), whose steps of PROBE_ROWS rows the caller reads from the workers' step logs after `probe_since`. With
+    `co_run` (a cluster whose prefill and decode workers share the machine) a co-run probe follows from
+    `co_run_since`: one more stream while 256-token prompts go to the prefill worker one after another, so its
+    one-row decode steps run beside prompt steps (`co_run_probe`)."""
     async with httpx.AsyncClient(timeout=httpx.Timeout(60.0)) as client:
         ttfts = [(await serving.one_request(client, url, model, list(range(1000, 1000 + TINY_PROMPT)), 2, {})).ttft
                  for _ in range(n)]
@@ -35,9 +40,28 @@ async def single_stream(url: str, model: str, n: int = 5) -> dict[str, float]:
         await asyncio.gather(*(serving.one_request(client, url, model, list(range(3000 + 300 * i, 3000 + 300 * i
                                                                                     + STREAM_PROMPT)), 48, {})
                                for i in range(PROBE_ROWS)))
+        co_run_since = time.time()
+        if co_run:
+            await co_run_probe(client, url, model)
     return {"tiny_ttft_ms": round(sorted(ttfts)[n // 2] * 1e3, 1), "stream_ttft_ms": round(one.ttft * 1e3, 1),
             "stream_itl_p50_ms": round(percentile(one.itls, 50) * 1e3, 2) if one.itls else 0.0,
-            "probe_since": probe_since}
+            "probe_since": probe_since, "co_run_since": co_run_since}
+
+
+async def co_run_probe(client: httpx.AsyncClient, url: str, model: str) -> int:
+    """One stream (a 256-token prompt, CO_RUN_TOKENS tokens) while STREAM_PROMPT-token prompts of one output token
+    each go out one after another until it ends: the prefill worker computes a prompt during most of the stream's
+    one-row decode steps, as the profile's co-run timed them (`co_run.decode_at(1)`) on the machine it ran on.
+    Returns the prompts sent."""
+    stream = asyncio.create_task(serving.one_request(client, url, model, list(range(5000, 5000 + STREAM_PROMPT)),
+                                                     CO_RUN_TOKENS, {}))
+    sent = 0
+    while not stream.done() and sent < CO_RUN_MAX_PROMPTS:
+        start = 6000 + 300 * sent  # a new first block each: no prefix-cache hit
+        await serving.one_request(client, url, model, list(range(start, start + STREAM_PROMPT)), 1, {})
+        sent += 1
+    await stream
+    return sent
 
 
 def calibrate(what: str, prof: Profile, around: dict[str, Any], tiny_ttft_ms: Callable[[Profile], float]
@@ -71,6 +95,7 @@ def calibrate(what: str, prof: Profile, around: dict[str, Any], tiny_ttft_ms: Ca
                 "alone_prompt_ms": alone["stream_step_ms"], "profile_prompt_ms": round(prefill_ms, 3)}
     if speed:
         out |= rows_scale(prof, alone.get("one_row_step"), alone.get("probe_rows_step"))
+        out |= co_run_scale(prof, alone.get("one_row_step"), alone.get("co_run_step"))
     if alone.get("tiny_ttft_ms") and what in ("both", "admit"):
         scaled = calibrated(prof, out)
         sim_ms = tiny_ttft_ms(scaled)
@@ -104,8 +129,35 @@ def rows_scale(prof: Profile, one: list[float] | None, rows: list[float] | None)
             "one_row_step_ms": one[0], "probe_rows_step_ms": rows[0]}
 
 
+def co_run_scale(prof: Profile, one: list[float] | None, beside: list[float] | None) -> dict[str, float]:
+    """The co-run multiplier of a one-row decode step on this machine now: the co-run probe's one-row steps beside
+    the prefill worker's prompts (median ms, from the step logs) over the lone stream's one-row steps. The profile's
+    figure was timed on the machine as it was then; on one 2-core VM whose memory had slowed 3.2x since, one-row
+    steps beside prompts ran 1.6x those alone where the profile said 1.37x, and the simulated first gaps (the
+    joining step beside the next prompt) ran short with it. {} without both, or for a profile with no co-run."""
+    if not one or not beside or prof.co_run is None:
+        return {}
+    return {"co_run_decode_1": round(max(1.0, beside[0] / one[0]), 4), "co_run_step_ms": beside[0],
+            "profile_co_run_decode_1": round(prof.co_run.decode_at(1), 4)}
+
+
+def with_decode_co_run(prof: Profile, m: float) -> Profile:
+    """The profile with its co-run multiplier of a one-row decode step set to `m`: the point at one row of
+    `co_run.decode_batch` replaced or added (larger batches keep the profile's figures); a co-run of one figure for
+    every batch (no `decode_batch`) becomes `m` for every batch."""
+    co = prof.co_run
+    assert co is not None
+    if not co.decode_batch:
+        return replace(prof, co_run=replace(co, decode=m))
+    pairs = dict(zip(co.decode_batch, co.decode_by_batch, strict=True)) | {1: m}
+    rows = tuple(sorted(pairs))
+    return replace(prof, co_run=replace(co, decode_batch=rows, decode_by_batch=tuple(pairs[r] for r in rows)))
+
+
 def calibrated(prof: Profile, cal: dict[str, float]) -> Profile:
     """The profile with a calibration's scales applied (`calibrate`)."""
+    if "co_run_decode_1" in cal:
+        prof = with_decode_co_run(prof, cal["co_run_decode_1"])
     if "row_scale" in cal:  # decode steps by their two parts; the serving loop by the lone stream's scale
         split = prof.scaled(cal["fixed_scale"], cal.get("prefill_scale"), cal["row_scale"], cal["fixed_ms"])
         return replace(split, serving=prof.scaled(cal["scale"]).serving)

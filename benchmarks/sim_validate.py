@@ -43,7 +43,15 @@ from benchmarks.bootstrap import figure_intervals
 from benchmarks.calibration import PROBE_ROWS, STREAM_PROMPT, TINY_PROMPT, calibrate, calibrated, single_stream
 from benchmarks.client_pool import ClientPool
 from benchmarks.serving_compare import cluster_yaml
-from benchmarks.step_costs import brief_co_run, decode_step_ms, prompt_step_ms, pull_phases, serving_path, worker_steps
+from benchmarks.step_costs import (
+    brief_co_run,
+    decode_beside_ms,
+    decode_step_ms,
+    prompt_step_ms,
+    pull_phases,
+    serving_path,
+    worker_steps,
+)
 from deploy.config import ClusterConfig
 from kvtransfer.registry import known_backends
 from simulator.cluster import Cluster, chunk_lists
@@ -123,7 +131,8 @@ def _real_run(a: argparse.Namespace, mode: str, path: str, trace: tuple[list[flo
         for attempt in range(a.tries):
             quiet = wait_for_quiet(a.max_foreign, a.quiet_wait_s, pids=[*c.pids, *pool.pids])
             alone_since = time.time()
-            around["alone"] = asyncio.run(single_stream(c.url, model))
+            co_run = mode == "disaggregated" and a.calibrate in ("both", "speed")  # two workers sharing the machine
+            around["alone"] = asyncio.run(single_stream(c.url, model, co_run=co_run))
             load, meter, cpu0 = os.getloadavg(), ForeignCpu([*c.pids, *pool.pids]).start(), cluster_cpu_s(c)
             itl0, gc0 = router_itl(c.url), router_itl(c.url, GC_HISTOGRAM)
             since = time.time()
@@ -147,7 +156,10 @@ def _real_run(a: argparse.Namespace, mode: str, path: str, trace: tuple[list[flo
                 around["alone"]["stream_step_ms"] = prompt_step_ms(steps, alone_since, since, STREAM_PROMPT)
                 probe = around["alone"].pop("probe_since")
                 around["alone"]["one_row_step"] = decode_step_ms(steps, alone_since, probe, 1)
-                around["alone"]["probe_rows_step"] = decode_step_ms(steps, probe, since, PROBE_ROWS)
+                co_run_since = around["alone"].pop("co_run_since")
+                around["alone"]["probe_rows_step"] = decode_step_ms(steps, probe, co_run_since, PROBE_ROWS)
+                if co_run:
+                    around["alone"]["co_run_step"] = decode_beside_ms(steps, co_run_since, since, 1)
                 pulls = pull_phases(steps, since, until)
                 if pulls["pulls"]:
                     print(f"  {mode} rate {rate:g}: real handoffs {brief_phases(pulls)}", flush=True)

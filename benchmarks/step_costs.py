@@ -143,6 +143,19 @@ def decode_step_ms(folder: str, since: float, until: float, rows: int) -> tuple[
     return round(statistics.median(m for m, _ in found), 3), round(statistics.fmean(c for _, c in found), 1)
 
 
+def decode_beside_ms(folder: str, since: float, until: float, rows: int) -> tuple[float, float] | None:
+    """(median ms, mean context) of the decode-only steps of `rows` rows over [since, until] that ran beside
+    another worker's step (>= 50% of their time; `overlaps`), in any worker's log (None: no such step)."""
+    files = [f for f in sorted(os.listdir(folder)) if f.endswith(".jsonl")]
+    logs = {f: [r for r in read_step_log(os.path.join(folder, f)) if since <= r["t"] <= until] for f in files}
+    overlaps(logs)
+    found = [(r["ms"], r["decode_context"]) for rows_ in logs.values() for r in rows_
+             if r["decode_rows"] == rows and not r["prompt_tokens"] and r["overlap"] >= 0.5]
+    if not found:
+        return None
+    return round(statistics.median(m for m, _ in found), 3), round(statistics.fmean(c for _, c in found), 1)
+
+
 def pull_phases(folder: str, since: float, until: float) -> dict[str, Any]:
     """The handoffs of a 1P+1D cluster's requests over [since, until], from its workers' step logs, by phase
     (simulator/metrics.py `handoff_phases`): the prefill worker's answer to the router to the decode worker's

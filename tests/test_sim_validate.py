@@ -3,6 +3,7 @@ writes its report, bad arguments are refused."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -153,3 +154,28 @@ def test_a_decode_steps_weight_and_row_parts_are_calibrated_apart() -> None:
         assert model.decode_ms(rows, 300.0) - model.overhead == pytest.approx(real(rows), rel=1e-3)
     assert rows_scale(prof, [real(1), 300.0], None) == {}
     assert rows_scale(prof, [real(1), 300.0], [0.5 * real(1), 300.0]) == {}  # steps fell with rows: no fit
+
+
+def test_a_one_row_decode_steps_co_run_is_calibrated_from_the_probe() -> None:
+    """The co-run probe's one-row steps beside prompts over the lone stream's one-row steps set the profile's co-run
+    multiplier at one row (larger batches keep theirs); the simulator then prices a one-row step beside a prompt
+    by it. Without the probe's steps, or with steps faster beside than alone, nothing / 1.0."""
+    from benchmarks.calibration import calibrated, co_run_scale, with_decode_co_run
+    from simulator.profile import Profile
+
+    prof = Profile.load("benchmarks/profiles/cpu_smollm2_2026-12-06e.json")  # co-run timed at 1 and 4 rows
+    assert prof.co_run is not None and prof.co_run.decode_batch[0] == 1
+    cal = co_run_scale(prof, [90.0, 288.0], [144.0, 290.0])
+    assert cal["co_run_decode_1"] == pytest.approx(1.6) and cal["profile_co_run_decode_1"] == prof.co_run.decode_at(1)
+    co = calibrated(prof, {"scale": 1.0, **cal}).co_run
+    assert co is not None and co.decode_at(1) == pytest.approx(1.6)
+    assert co.decode_at(prof.co_run.decode_batch[-1]) == prof.co_run.decode_by_batch[-1]
+    assert co_run_scale(prof, [90.0, 288.0], None) == {}
+    assert co_run_scale(prof, [90.0, 288.0], [80.0, 288.0])["co_run_decode_1"] == 1.0
+    # A co-run timed at one batch only: the probe's figure stands for every batch; a grid without one row gains it.
+    single = with_decode_co_run(dataclasses.replace(prof, co_run=dataclasses.replace(
+        prof.co_run, decode_batch=(), decode_by_batch=())), 1.6).co_run
+    assert single is not None and single.decode == 1.6 and single.decode_at(8) == 1.6
+    wider = with_decode_co_run(dataclasses.replace(prof, co_run=dataclasses.replace(
+        prof.co_run, decode_batch=(4,), decode_by_batch=(1.7,))), 1.6).co_run
+    assert wider is not None and wider.decode_batch == (1, 4) and wider.decode_by_batch == (1.6, 1.7)

@@ -3,13 +3,23 @@ and time, for benchmarks/sim_validate.py; and the overlap of two workers' steps 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
 
 import pytest
 
-from benchmarks.step_costs import brief_co_run, by_tokens, join_steps, overlaps, pull_phases, serving_path
+from benchmarks.calibration import STREAM_PROMPT, co_run_probe
+from benchmarks.step_costs import (
+    brief_co_run,
+    by_tokens,
+    decode_beside_ms,
+    join_steps,
+    overlaps,
+    pull_phases,
+    serving_path,
+)
 from engine.config import CacheConfig, EngineConfig
 from engine.engine import LLMEngine
 from engine.request import SamplingParams
@@ -75,6 +85,22 @@ def test_overlap_is_the_share_of_a_step_another_worker_was_in_a_step() -> None:
     assert logs["prefill"][0]["overlap"] == pytest.approx(0.15)
 
 
+def test_decode_steps_beside_another_workers_steps_are_timed_apart(tmp_path: Path) -> None:
+    """`decode_beside_ms`: the one-row decode steps that ran >= 50% beside the other worker's steps, inside the
+    window; those alone, of other rows, or outside it are left out."""
+    prefill = [{"t": 10.0, "ms": 1000.0, "prompt_tokens": 256, "decode_rows": 0}]
+    decode = [{"t": 9.0, "ms": 100.0, "decode_rows": 1},  # alone
+              {"t": 10.1, "ms": 150.0, "decode_rows": 1}, {"t": 10.3, "ms": 170.0, "decode_rows": 1},
+              {"t": 10.5, "ms": 160.0, "decode_rows": 2},  # two rows
+              {"t": 10.95, "ms": 200.0, "decode_rows": 1},  # a quarter beside
+              {"t": 30.0, "ms": 500.0, "decode_rows": 1}]  # outside the window
+    for name, rows in (("prefill-0", prefill), ("decode-0", decode)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"prompt_tokens": 0, **r, "pairs": 0,
+                                                                    "decode_context": 300.0}) + "\n" for r in rows))
+    assert decode_beside_ms(str(tmp_path), 0.0, 20.0, 1) == (160.0, 300.0)
+    assert decode_beside_ms(str(tmp_path), 0.0, 20.0, 4) is None
+
+
 def test_prompts_beside_another_workers_steps_are_binned_by_length() -> None:
     """The co-run multiplier a prompt ran at, by its length (CoRunCosts.prefill_by_tokens is checked against it)."""
     rows = [{"kind": "prompt", "prompt_tokens": n, "ms": ms, "model_ms": 10.0}
@@ -120,9 +146,16 @@ def test_a_real_1p1d_clusters_workers_mark_each_handoff(tmp_path: Path, monkeypa
                                                                      "max_tokens": 4, "ignore_eos": True})
         assert r.status_code == 200, r.text
         metrics = _wait_for_gc_gauges(c.url)
+        probe_since = time.time()
+        sent = asyncio.run(_co_run_probe(c.url))
     finally:
         c.__exit__(None, None, None)
-    got = pull_phases(str(tmp_path / "steps"), 0.0, 1e10)
+    # The co-run probe: one stream's one-row decode steps beside the prefill worker's prompts, which (one token
+    # each) finished there: one pull more, the stream's.
+    assert sent >= 2 and pull_phases(str(tmp_path / "steps"), probe_since, 1e10)["pulls"] == 1
+    beside = decode_beside_ms(str(tmp_path / "steps"), probe_since, 1e10, 1)
+    assert beside is not None and beside[0] > 0 and beside[1] > STREAM_PROMPT
+    got = pull_phases(str(tmp_path / "steps"), 0.0, probe_since)
     assert got["pulls"] == 1
     parts = sum(got[k]["p50"] for k in ("relay_ms", "reserve_wait_ms", "read_ms", "join_wait_ms", "join_step_ms"))
     assert got["worker_gap_ms"]["p50"] == pytest.approx(parts, abs=0.05) and got["read_ms"]["p50"] > 0
@@ -134,6 +167,13 @@ def test_a_real_1p1d_clusters_workers_mark_each_handoff(tmp_path: Path, monkeypa
     path = serving_path(str(tmp_path / "steps"), 0.0, 1e10)
     decode = [w for w in path.values() if "batches" in w]
     assert len(decode) == 1 and decode[0]["batches"] >= 1 and decode[0]["wait_ms"]["p50"] >= 0, path
+
+
+async def _co_run_probe(url: str) -> int:
+    import httpx
+
+    async with httpx.AsyncClient(timeout=httpx.Timeout(120.0)) as client:
+        return await co_run_probe(client, url, "smollm2")
 
 
 def _wait_for_gc_gauges(url: str) -> dict[str, float]:
