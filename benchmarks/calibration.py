@@ -31,7 +31,7 @@ async def single_stream(url: str, model: str, n: int = 5, co_run: bool = False) 
     each), whose steps of PROBE_ROWS rows the caller reads from the workers' step logs after `probe_since`. With
     `co_run` (a cluster whose prefill and decode workers share the machine) a co-run probe follows from
     `co_run_since`: one more stream while 256-token prompts go to the prefill worker one after another, so its
-    one-row decode steps run beside prompt steps (`co_run_probe`)."""
+    one-row decode steps run beside prompt steps and its prompts beside decode steps (`co_run_probe`)."""
     async with httpx.AsyncClient(timeout=httpx.Timeout(60.0)) as client:
         ttfts = [(await serving.one_request(client, url, model, list(range(1000, 1000 + TINY_PROMPT)), 2, {})).ttft
                  for _ in range(n)]
@@ -72,7 +72,8 @@ def calibrate(what: str, prof: Profile, around: dict[str, Any], tiny_ttft_ms: Ca
     loop included); `prefill_scale`: the same for prompts, the lone stream's prompt step as the worker's step log
     timed it over the profile's price for 256 tokens (a VM's memory bandwidth and compute drift apart: one ran
     decode steps 3.3x a profile's and prompts 1.0x; runs recorded without it scale prompts by `scale`);
-    `fixed_scale` and `row_scale`: a decode step's weights part and its per-row part apart (`rows_scale`).
+    `fixed_scale` and `row_scale`: a decode step's weights part and its per-row part apart (`rows_scale`);
+    `co_run_decode_1` and `co_run_prefill`: the co-run multipliers as the co-run probe timed them (`co_run_scale`).
     `admit_ms`: the serving path's fixed cost per request, the median TTFT of a 16-token prompt
     alone less the simulated one (the router's HTTP and tokenizing), the prompt's step priced as the workers' step
     logs timed it (`tiny_step_ms`) where they did: on a GPU a prompt that short is host-bound, and one H100 timed
@@ -95,7 +96,7 @@ def calibrate(what: str, prof: Profile, around: dict[str, Any], tiny_ttft_ms: Ca
                 "alone_prompt_ms": alone["stream_step_ms"], "profile_prompt_ms": round(prefill_ms, 3)}
     if speed:
         out |= rows_scale(prof, alone.get("one_row_step"), alone.get("probe_rows_step"))
-        out |= co_run_scale(prof, alone.get("one_row_step"), alone.get("co_run_step"))
+        out |= co_run_scale(prof, alone)
     if alone.get("tiny_ttft_ms") and what in ("both", "admit"):
         scaled = calibrated(prof, out)
         sim_ms = tiny_ttft_ms(scaled)
@@ -129,35 +130,53 @@ def rows_scale(prof: Profile, one: list[float] | None, rows: list[float] | None)
             "one_row_step_ms": one[0], "probe_rows_step_ms": rows[0]}
 
 
-def co_run_scale(prof: Profile, one: list[float] | None, beside: list[float] | None) -> dict[str, float]:
-    """The co-run multiplier of a one-row decode step on this machine now: the co-run probe's one-row steps beside
-    the prefill worker's prompts (median ms, from the step logs) over the lone stream's one-row steps. The profile's
-    figure was timed on the machine as it was then; on one 2-core VM whose memory had slowed 3.2x since, one-row
-    steps beside prompts ran 1.6x those alone where the profile said 1.37x, and the simulated first gaps (the
-    joining step beside the next prompt) ran short with it. {} without both, or for a profile with no co-run."""
-    if not one or not beside or prof.co_run is None:
+def co_run_scale(prof: Profile, alone: dict[str, Any]) -> dict[str, float]:
+    """The co-run multipliers on this machine now, from the co-run probe (`co_run_probe`): its one-row decode steps
+    beside the prefill worker's prompts (`co_run_step`, median ms) over the lone stream's one-row steps
+    (`one_row_step`), and its STREAM_PROMPT-token prompts beside those decode steps (`co_run_prompt_ms`) over the
+    lone stream's own prompt (`stream_step_ms`). The profile's figures were timed on the machine as it was then; on
+    one 2-core VM whose memory had slowed 3.2x since, one-row steps beside prompts ran 1.6x those alone where the
+    profile said 1.37x, prompts beside them 1.6-1.7x where it said 1.5x, and the simulated first gaps (the joining
+    step beside the next prompt) ran short with it. {} without the probe's steps or for a profile with no co-run."""
+    co = prof.co_run
+    one, beside = alone.get("one_row_step"), alone.get("co_run_step")
+    if co is None or not one or not beside:
         return {}
-    return {"co_run_decode_1": round(max(1.0, beside[0] / one[0]), 4), "co_run_step_ms": beside[0],
-            "profile_co_run_decode_1": round(prof.co_run.decode_at(1), 4)}
+    out = {"co_run_decode_1": round(max(1.0, beside[0] / one[0]), 4), "co_run_step_ms": beside[0],
+           "profile_co_run_decode_1": round(co.decode_at(1), 4)}
+    if alone.get("co_run_prompt_ms") and alone.get("stream_step_ms"):
+        out |= {"co_run_prefill": round(max(1.0, alone["co_run_prompt_ms"] / alone["stream_step_ms"]), 4),
+                "co_run_prompt_ms": alone["co_run_prompt_ms"],
+                "profile_co_run_prefill": round(co.prefill_at(STREAM_PROMPT), 4)}
+    return out
 
 
-def with_decode_co_run(prof: Profile, m: float) -> Profile:
-    """The profile with its co-run multiplier of a one-row decode step set to `m`: the point at one row of
-    `co_run.decode_batch` replaced or added (larger batches keep the profile's figures); a co-run of one figure for
-    every batch (no `decode_batch`) becomes `m` for every batch."""
+def with_co_run(prof: Profile, decode_1: float, prefill: float | None = None) -> Profile:
+    """The profile with its co-run multiplier of a one-row decode step set to `decode_1`: the point at one row of
+    `co_run.decode_batch` replaced or added (larger batches keep the profile's figures; a co-run of one figure for
+    every batch, no `decode_batch`, becomes `decode_1` for every batch); and with `prefill` its prompt multiplier
+    at STREAM_PROMPT tokens (a curve by length scaled to pass through it)."""
     co = prof.co_run
     assert co is not None
     if not co.decode_batch:
-        return replace(prof, co_run=replace(co, decode=m))
-    pairs = dict(zip(co.decode_batch, co.decode_by_batch, strict=True)) | {1: m}
-    rows = tuple(sorted(pairs))
-    return replace(prof, co_run=replace(co, decode_batch=rows, decode_by_batch=tuple(pairs[r] for r in rows)))
+        co = replace(co, decode=decode_1)
+    else:
+        pairs = dict(zip(co.decode_batch, co.decode_by_batch, strict=True)) | {1: decode_1}
+        rows = tuple(sorted(pairs))
+        co = replace(co, decode_batch=rows, decode_by_batch=tuple(pairs[r] for r in rows))
+    if prefill is not None and not co.prefill_tokens:
+        co = replace(co, prefill=prefill)
+    elif prefill is not None:
+        k = prefill / co.prefill_at(STREAM_PROMPT)
+        co = replace(co, prefill=max(1.0, co.prefill * k),
+                     prefill_by_tokens=tuple(max(1.0, m * k) for m in co.prefill_by_tokens))
+    return replace(prof, co_run=co)
 
 
 def calibrated(prof: Profile, cal: dict[str, float]) -> Profile:
     """The profile with a calibration's scales applied (`calibrate`)."""
     if "co_run_decode_1" in cal:
-        prof = with_decode_co_run(prof, cal["co_run_decode_1"])
+        prof = with_co_run(prof, cal["co_run_decode_1"], cal.get("co_run_prefill"))
     if "row_scale" in cal:  # decode steps by their two parts; the serving loop by the lone stream's scale
         split = prof.scaled(cal["fixed_scale"], cal.get("prefill_scale"), cal["row_scale"], cal["fixed_ms"])
         return replace(split, serving=prof.scaled(cal["scale"]).serving)

@@ -143,17 +143,29 @@ def decode_step_ms(folder: str, since: float, until: float, rows: int) -> tuple[
     return round(statistics.median(m for m, _ in found), 3), round(statistics.fmean(c for _, c in found), 1)
 
 
-def decode_beside_ms(folder: str, since: float, until: float, rows: int) -> tuple[float, float] | None:
-    """(median ms, mean context) of the decode-only steps of `rows` rows over [since, until] that ran beside
-    another worker's step (>= 50% of their time; `overlaps`), in any worker's log (None: no such step)."""
+def _steps_beside(folder: str, since: float, until: float) -> list[dict[str, Any]]:
+    """Every worker's steps over [since, until] that ran beside another worker's step (>= 50% of their time)."""
     files = [f for f in sorted(os.listdir(folder)) if f.endswith(".jsonl")]
     logs = {f: [r for r in read_step_log(os.path.join(folder, f)) if since <= r["t"] <= until] for f in files}
     overlaps(logs)
-    found = [(r["ms"], r["decode_context"]) for rows_ in logs.values() for r in rows_
-             if r["decode_rows"] == rows and not r["prompt_tokens"] and r["overlap"] >= 0.5]
+    return [r for rows in logs.values() for r in rows if r["overlap"] >= 0.5]
+
+
+def decode_beside_ms(folder: str, since: float, until: float, rows: int) -> tuple[float, float] | None:
+    """(median ms, mean context) of the decode-only steps of `rows` rows over [since, until] that ran beside
+    another worker's step (>= 50% of their time; `overlaps`), in any worker's log (None: no such step)."""
+    found = [(r["ms"], r["decode_context"]) for r in _steps_beside(folder, since, until)
+             if r["decode_rows"] == rows and not r["prompt_tokens"]]
     if not found:
         return None
     return round(statistics.median(m for m, _ in found), 3), round(statistics.fmean(c for _, c in found), 1)
+
+
+def prompt_beside_ms(folder: str, since: float, until: float, tokens: int) -> float | None:
+    """The median time of the steps that computed a lone `tokens`-token prompt (no decode rows) over [since, until]
+    beside another worker's step (>= 50% of their time), in any worker's log (None: no such step)."""
+    ms = [r["ms"] for r in _steps_beside(folder, since, until) if r["prompt_tokens"] == tokens and not r["decode_rows"]]
+    return round(statistics.median(ms), 3) if ms else None
 
 
 def pull_phases(folder: str, since: float, until: float) -> dict[str, Any]:

@@ -156,26 +156,35 @@ def test_a_decode_steps_weight_and_row_parts_are_calibrated_apart() -> None:
     assert rows_scale(prof, [real(1), 300.0], [0.5 * real(1), 300.0]) == {}  # steps fell with rows: no fit
 
 
-def test_a_one_row_decode_steps_co_run_is_calibrated_from_the_probe() -> None:
+def test_the_co_run_is_calibrated_from_the_probes_steps_beside_the_other_worker() -> None:
     """The co-run probe's one-row steps beside prompts over the lone stream's one-row steps set the profile's co-run
-    multiplier at one row (larger batches keep theirs); the simulator then prices a one-row step beside a prompt
-    by it. Without the probe's steps, or with steps faster beside than alone, nothing / 1.0."""
-    from benchmarks.calibration import calibrated, co_run_scale, with_decode_co_run
+    multiplier at one row (larger batches keep theirs), and its prompts beside decode steps over the lone stream's
+    prompt set the prompt multiplier; the simulator then prices steps beside the other worker by them. Without the
+    probe's steps nothing; steps faster beside than alone read 1.0."""
+    from benchmarks.calibration import STREAM_PROMPT, calibrated, co_run_scale, with_co_run
     from simulator.profile import Profile
 
     prof = Profile.load("benchmarks/profiles/cpu_smollm2_2026-12-06e.json")  # co-run timed at 1 and 4 rows
     assert prof.co_run is not None and prof.co_run.decode_batch[0] == 1
-    cal = co_run_scale(prof, [90.0, 288.0], [144.0, 290.0])
-    assert cal["co_run_decode_1"] == pytest.approx(1.6) and cal["profile_co_run_decode_1"] == prof.co_run.decode_at(1)
+    alone = {"one_row_step": [90.0, 288.0], "co_run_step": [144.0, 290.0], "stream_step_ms": 300.0,
+             "co_run_prompt_ms": 510.0}
+    cal = co_run_scale(prof, alone)
+    assert cal["co_run_decode_1"] == pytest.approx(1.6) and cal["co_run_prefill"] == pytest.approx(1.7)
+    assert cal["profile_co_run_decode_1"] == prof.co_run.decode_at(1)
     co = calibrated(prof, {"scale": 1.0, **cal}).co_run
-    assert co is not None and co.decode_at(1) == pytest.approx(1.6)
+    assert co is not None and co.decode_at(1) == pytest.approx(1.6) and co.prefill_at(STREAM_PROMPT) == 1.7
     assert co.decode_at(prof.co_run.decode_batch[-1]) == prof.co_run.decode_by_batch[-1]
-    assert co_run_scale(prof, [90.0, 288.0], None) == {}
-    assert co_run_scale(prof, [90.0, 288.0], [80.0, 288.0])["co_run_decode_1"] == 1.0
-    # A co-run timed at one batch only: the probe's figure stands for every batch; a grid without one row gains it.
-    single = with_decode_co_run(dataclasses.replace(prof, co_run=dataclasses.replace(
+    assert co_run_scale(prof, {**alone, "co_run_step": None}) == {}
+    assert "co_run_prefill" not in co_run_scale(prof, {**alone, "co_run_prompt_ms": None})
+    assert co_run_scale(prof, {**alone, "co_run_step": [80.0, 288.0]})["co_run_decode_1"] == 1.0
+    # A co-run timed at one batch only: the probe's figure stands for every batch; a grid without one row gains it;
+    # a prompt curve by length is scaled through the probe's figure at its length.
+    single = with_co_run(dataclasses.replace(prof, co_run=dataclasses.replace(
         prof.co_run, decode_batch=(), decode_by_batch=())), 1.6).co_run
     assert single is not None and single.decode == 1.6 and single.decode_at(8) == 1.6
-    wider = with_decode_co_run(dataclasses.replace(prof, co_run=dataclasses.replace(
-        prof.co_run, decode_batch=(4,), decode_by_batch=(1.7,))), 1.6).co_run
+    wider = with_co_run(dataclasses.replace(prof, co_run=dataclasses.replace(
+        prof.co_run, decode_batch=(4,), decode_by_batch=(1.7,), prefill_tokens=(128, 512),
+        prefill_by_tokens=(2.0, 1.5))), 1.6, 2.0).co_run
     assert wider is not None and wider.decode_batch == (1, 4) and wider.decode_by_batch == (1.6, 1.7)
+    assert wider.prefill_at(STREAM_PROMPT) == pytest.approx(2.0)
+    assert wider.prefill_at(512) == pytest.approx(1.5 * 2.0 / (2.0 - 0.5 / 3))

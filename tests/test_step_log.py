@@ -17,6 +17,7 @@ from benchmarks.step_costs import (
     decode_beside_ms,
     join_steps,
     overlaps,
+    prompt_beside_ms,
     pull_phases,
     serving_path,
 )
@@ -99,6 +100,8 @@ def test_decode_steps_beside_another_workers_steps_are_timed_apart(tmp_path: Pat
                                                                     "decode_context": 300.0}) + "\n" for r in rows))
     assert decode_beside_ms(str(tmp_path), 0.0, 20.0, 1) == (160.0, 300.0)
     assert decode_beside_ms(str(tmp_path), 0.0, 20.0, 4) is None
+    assert prompt_beside_ms(str(tmp_path), 0.0, 20.0, 256) == 1000.0  # the decode worker was in a step 53% of it
+    assert prompt_beside_ms(str(tmp_path), 0.0, 20.0, 128) is None
 
 
 def test_prompts_beside_another_workers_steps_are_binned_by_length() -> None:
@@ -155,6 +158,7 @@ def test_a_real_1p1d_clusters_workers_mark_each_handoff(tmp_path: Path, monkeypa
     assert sent >= 2 and pull_phases(str(tmp_path / "steps"), probe_since, 1e10)["pulls"] == 1
     beside = decode_beside_ms(str(tmp_path / "steps"), probe_since, 1e10, 1)
     assert beside is not None and beside[0] > 0 and beside[1] > STREAM_PROMPT
+    assert (prompt_beside_ms(str(tmp_path / "steps"), probe_since, 1e10, STREAM_PROMPT) or 0) > 0
     got = pull_phases(str(tmp_path / "steps"), 0.0, probe_since)
     assert got["pulls"] == 1
     parts = sum(got[k]["p50"] for k in ("relay_ms", "reserve_wait_ms", "read_ms", "join_wait_ms", "join_step_ms"))
