@@ -119,6 +119,15 @@ def real_run(a: argparse.Namespace, mode: str, path: str, trace: tuple[list[floa
         del os.environ[STEP_LOG_ENV]
 
 
+def met_slo(a: argparse.Namespace, each: list[list[float]], results: list[serving.RequestResult] | None = None
+            ) -> list[bool]:
+    """Whether each request (`per_request`'s rows) met both SLOs, as serving.summarize counts goodput: a TTFT
+    within --slo-ttft-ms and its own p99 gap within --slo-itl-ms (a request of one token: its TTFT only). Failed
+    requests (`results` given) did not."""
+    ok = [r.ok for r in results] if results is not None else [True] * len(each)
+    return [o and q[2] <= a.slo_ttft_ms and (q[1] <= 1 or q[4] <= a.slo_itl_ms) for o, q in zip(ok, each, strict=True)]
+
+
 def _real_run(a: argparse.Namespace, mode: str, path: str, trace: tuple[list[float], list[int], list[int]],
               rate: float, steps: str) -> tuple[dict[str, Any], dict[str, Any]]:
     from benchmarks.machine_load import ForeignCpu, wait_for_quiet
@@ -144,7 +153,9 @@ def _real_run(a: argparse.Namespace, mode: str, path: str, trace: tuple[list[flo
                     "gaps_over": gaps_over(itl0, itl1, [g for r in results for g in r.itls]),
                     "router_gc": router_gc(gc0, gc1),
                     "interval_90": figure_intervals([r.ttft * 1e3 for r in results if r.ok],
-                                                    [[g * 1e3 for g in r.itls] for r in results if r.ok])}
+                                                    [[g * 1e3 for g in r.itls] for r in results if r.ok],
+                                                    good=met_slo(a, per_request(results), results),
+                                                    duration_s=duration)}
             if a.keep_gaps:  # every request's inter-token gaps, in trace order (where in a stream long ones fall)
                 real["gaps_ms"] = [[round(g * 1e3, 2) for g in r.itls] for r in results]
             figures = {"attempt": attempt, "client_processes": pool.processes, "foreign_cores_before": quiet,
@@ -331,8 +342,11 @@ def run_rate(a: argparse.Namespace, rate: float, folder: str, recorded: dict[str
         if calibration is not None:
             prof = calibrated(prof, calibration)
         sim = simulate(a, path, trace, prof, a.hop_ms, (calibration or {}).get("admit_ms", a.admit_ms))
-        if real and "interval_90" not in real and real.get("requests_each"):  # a recorded run: TTFTs only
-            real["interval_90"] = figure_intervals([q[2] for q in real["requests_each"]])
+        if real and real.get("requests_each"):  # a recorded run: TTFTs (and goodput) from its requests
+            each = real["requests_each"]
+            real["interval_90"] = {**figure_intervals([q[2] for q in each], good=met_slo(a, each),
+                                                      duration_s=real.get("duration_s", 0.0)),
+                                   **real.get("interval_90", {})}
         out[mode] = {"sim": sim, "real": real, "sim_over_real_minus_1": compare(real, sim) if real else None}
         if real and real.get("range"):  # repeated runs: is the simulation where the real runs themselves fell?
             out[mode]["sim_inside_real_range"] = {k: lo <= sim[k] <= hi for k, (lo, hi) in real["range"].items()}

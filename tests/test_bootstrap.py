@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import random
 
-from benchmarks.bootstrap import figure_intervals, percentile_interval
+from benchmarks.bootstrap import count_interval, figure_intervals, percentile_interval
 from simulator.metrics import percentile
 
 
@@ -38,3 +38,14 @@ def test_figure_intervals_names_the_figures_it_can_judge() -> None:
     assert set(out) == {"ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"}
     assert set(figure_intervals([10.0, 20.0])) == {"ttft_p50_ms", "ttft_p99_ms"}
     assert all(lo <= hi for lo, hi in out.values())
+
+
+def test_a_count_of_requests_gets_its_interval_and_goodput_is_named_with_a_duration() -> None:
+    """Half of 64 requests meeting an SLO: the count moves by about +-6-7 (a binomial's 1.645 sd is 6.6) from one
+    draw to the next; none or all: it cannot move. Goodput's interval is that count over the run's duration."""
+    lo, hi = count_interval([True, False] * 32)
+    assert 24 <= lo <= 27 and 37 <= hi <= 40
+    assert count_interval([True] * 10) == (10, 10) and count_interval([]) == (0, 0)
+    out = figure_intervals([10.0, 20.0], good=[True, False] * 32, duration_s=2.0)
+    assert out["goodput_req_s"] == [lo / 2.0, hi / 2.0]
+    assert "goodput_req_s" not in figure_intervals([10.0, 20.0], good=[True])  # no duration: no rate

@@ -65,6 +65,10 @@ def test_calibration_corrects_what_it_is_asked_to_and_the_recorded_table_reprodu
         recorded = json.loads(Path(RECORDED).read_text())["rates"]["6"]["colocated"]
         assert {k: res["sim"][k] for k in FIGURES} == {k: recorded["sim"][k] for k in FIGURES}
         assert res["real"]["ttft_p50_ms"] == recorded["real"]["ttft_p50_ms"]
+        # The recorded requests give the real goodput's own interval, which holds the real figure.
+        lo, hi = res["real"]["interval_90"]["goodput_req_s"]
+        assert lo <= recorded["real"]["goodput_req_s"] <= hi and lo < hi
+        assert "goodput_req_s" in res["sim_inside_real_interval_90"]
 
 
 def test_admission_is_calibrated_against_the_tiny_prompts_step_as_the_workers_timed_it(tmp_path: Path) -> None:
