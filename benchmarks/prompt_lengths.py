@@ -1,0 +1,94 @@
+"""Prompt steps at lengths between the prefill table's points, against what the profile prices them at.
+
+`disagg profile` times prompts at a few lengths, each warmed first and then timed back to back; the simulator
+interpolates between them. A serving prefill worker sees a new length almost every request. On one H100 its
+prompts of 1,200-2,000 tokens with the decode worker idle ran 1.02-1.36x the profile's price (median ~1.16): this
+says whether an engine alone does the same at such lengths, the first time it meets one (`first`) and once it has
+(`again`), with the device idle `--idle-s` before each prompt as in a server between requests.
+
+    python -m benchmarks.prompt_lengths --profile benchmarks/profiles/GPU.json --device cuda \\
+        --dummy llama3-8b-v49k --kv-gib 30 --lengths 1024,1100,1203,1280,1545,1738,1979,2048 --random 24
+
+Every other argument is `disagg profile`'s (the engine is built as it builds it). Writes prompt_lengths_<name>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import time
+from typing import Any
+
+from benchmarks.profile_steps import Tokens, run_prompt
+from benchmarks.profiler import build_engine, parse
+from simulator.cost_model import CostModel
+from simulator.profile import Profile
+
+
+def timed_after_idle(eng: Any, toks: Tokens, n: int, device: str, idle_s: float, rid: str) -> float:
+    time.sleep(idle_s)
+    return run_prompt(eng, rid, toks.take(n), device)
+
+
+def measure(eng: Any, toks: Tokens, model: CostModel, lengths: list[int], draws: int, device: str, idle_s: float,
+            seed: int) -> dict[str, Any]:
+    """Each length's first prompt and the median of three more, and `draws` lengths drawn from 1,024-2,048 (each
+    new), against the profile's price (the serving loop's overhead left out, as a step log times a step)."""
+    def price(n: int) -> float:
+        return model.prefill_ms(n) - model.overhead
+
+    rows = []
+    for n in lengths:
+        first = timed_after_idle(eng, toks, n, device, idle_s, f"f{n}")
+        again = statistics.median(timed_after_idle(eng, toks, n, device, idle_s, f"a{n}-{i}") for i in range(3))
+        rows.append({"tokens": n, "first_ms": round(first, 3), "again_ms": round(again, 3),
+                     "profile_ms": round(price(n), 3), "first_ratio": round(first / price(n), 3),
+                     "again_ratio": round(again / price(n), 3)})
+    rng, seen = random.Random(seed), set(lengths)
+    drawn = []
+    while len(drawn) < draws:
+        n = rng.randint(1024, 2048)
+        if n not in seen:
+            seen.add(n)
+            ms = timed_after_idle(eng, toks, n, device, idle_s, f"r{n}")
+            drawn.append({"tokens": n, "ms": round(ms, 3), "ratio": round(ms / price(n), 3)})
+    ratios = sorted(d["ratio"] for d in drawn)
+    return {"lengths": rows, "drawn": drawn,
+            "drawn_ratio": {"p10": ratios[len(ratios) // 10], "p50": statistics.median(ratios),
+                            "p90": ratios[len(ratios) * 9 // 10]} if ratios else {}}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--profile", required=True, help="profile JSON whose prefill table prices the prompts")
+    p.add_argument("--lengths", default="1024,1100,1203,1280,1400,1545,1738,1841,1979,2008,2048",
+                   help="prompt lengths to time, comma-separated")
+    p.add_argument("--random", type=int, default=24, help="lengths drawn from 1,024-2,048 and timed once each")
+    p.add_argument("--idle-s", type=float, default=0.3, help="seconds the device idles before each prompt")
+    p.add_argument("--seed", type=int, default=0, help="seed of the drawn lengths")
+    p.add_argument("--out", default=".", help="folder for prompt_lengths_<name>.json")
+    a, rest = p.parse_known_args(argv)
+    eng_args = parse([*rest, "--out", os.path.join(a.out, "unused.json")])  # the profile's own, never written
+    eng, _ = build_engine(eng_args)
+    toks = Tokens(eng.model_config.vocab_size)
+    run_prompt(eng, "warmup", toks.take(32), eng_args.device)
+    prof = Profile.load(a.profile)
+    out = {"profile": a.profile, "device": eng_args.device, "idle_s": a.idle_s,
+           **measure(eng, toks, CostModel(prof), [int(x) for x in a.lengths.split(",")], a.random,
+                     eng_args.device, a.idle_s, a.seed)}
+    for r in out["lengths"]:
+        print(f"{r['tokens']:5d} tokens: first {r['first_ms']:.1f} ms ({r['first_ratio']:.2f}x), again "
+              f"{r['again_ms']:.1f} ms ({r['again_ratio']:.2f}x) of the profile's {r['profile_ms']:.1f}")
+    print(f"{len(out['drawn'])} drawn lengths, each new: ratio to the profile {out['drawn_ratio']}")
+    path = os.path.join(a.out, f"prompt_lengths_{prof.name}.json")
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"wrote {path}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
