@@ -2,7 +2,7 @@
 
 `disagg profile` times prompts at a few lengths, each warmed first and then timed back to back; the simulator
 interpolates between them. A serving prefill worker sees a new length almost every request. On one H100 its
-prompts of 1,200-2,000 tokens with the decode worker idle ran 1.02-1.36x the profile's price (median ~1.16): this
+prompts of 1,200-2,000 tokens with the decode worker idle ran 1.02-1.37x the profile's price (median ~1.15): this
 says whether an engine alone does the same at such lengths, the first time it meets one (`first`) and once it has
 (`again`), with the device idle `--idle-s` before each prompt as in a server between requests.
 
