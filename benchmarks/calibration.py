@@ -20,6 +20,7 @@ from simulator.profile import Profile
 TINY_PROMPT = 16  # tokens of the prompts that time the serving path's fixed cost (calibrate)
 STREAM_PROMPT = 256  # tokens of the lone stream's prompt, which times the machine's prompt speed (calibrate)
 PROBE_ROWS = 4  # streams at once after the lone one: their decode steps time the per-row part of a step (calibrate)
+LONE_PROMPTS = 3  # STREAM_PROMPT-token prompts alone (the lone stream's and more), whose median times prompts
 CO_RUN_TOKENS = 64  # tokens of the co-run probe's stream, whose one-row steps run beside other prompts (calibrate)
 CO_RUN_MAX_PROMPTS = 40  # prompts sent beside it at most (one at a time, 1 token each: they never reach decode)
 
@@ -27,7 +28,8 @@ CO_RUN_MAX_PROMPTS = 40  # prompts sent beside it at most (one at a time, 1 toke
 async def single_stream(url: str, model: str, n: int = 5, co_run: bool = False) -> dict[str, float]:
     """The serving path's own cost on the idle cluster: the median TTFT of `n` 16-token prompts sent one at a time,
     and one stream alone (a 256-token prompt, 64 tokens): its TTFT and median inter-token gap, to hold against the
-    profile's prefill of 256 tokens and decode step of one row; then PROBE_ROWS such streams at once (48 tokens
+    profile's prefill of 256 tokens and decode step of one row, and LONE_PROMPTS - 1 more such prompts alone (one
+    token each: the prompt's scale is their median step); then PROBE_ROWS such streams at once (48 tokens
     each), whose steps of PROBE_ROWS rows the caller reads from the workers' step logs after `probe_since`. With
     `co_run` (a cluster whose prefill and decode workers share the machine) a co-run probe follows from
     `co_run_since`: one more stream while 256-token prompts go to the prefill worker one after another, so its
@@ -36,6 +38,9 @@ async def single_stream(url: str, model: str, n: int = 5, co_run: bool = False) 
         ttfts = [(await serving.one_request(client, url, model, list(range(1000, 1000 + TINY_PROMPT)), 2, {})).ttft
                  for _ in range(n)]
         one = await serving.one_request(client, url, model, list(range(2000, 2000 + STREAM_PROMPT)), 64, {})
+        for i in range(LONE_PROMPTS - 1):  # more lone prompts of its length: one step moved 10-20% between runs
+            start = 2300 + 300 * i
+            await serving.one_request(client, url, model, list(range(start, start + STREAM_PROMPT)), 1, {})
         probe_since = time.time()
         await asyncio.gather(*(serving.one_request(client, url, model, list(range(3000 + 300 * i, 3000 + 300 * i
                                                                                     + STREAM_PROMPT)), 48, {})
@@ -69,7 +74,7 @@ def calibrate(what: str, prof: Profile, around: dict[str, Any], tiny_ttft_ms: Ca
     """What the profile leaves out, from the idle cluster just before the real run (`single_stream`), never from
     the run itself. `scale`: the machine's speed against the profile's, the lone stream's median inter-token gap (a
     256-token prompt, 64 tokens, so a mean context of 288) over the profile's decode step of one row there (serving
-    loop included); `prefill_scale`: the same for prompts, the lone stream's prompt step as the worker's step log
+    loop included); `prefill_scale`: the same for prompts, the lone prompts' median step as the worker's step log
     timed it over the profile's price for 256 tokens (a VM's memory bandwidth and compute drift apart: one ran
     decode steps 3.3x a profile's and prompts 1.0x; runs recorded without it scale prompts by `scale`);
     `fixed_scale` and `row_scale`: a decode step's weights part and its per-row part apart (`rows_scale`);
@@ -90,7 +95,7 @@ def calibrate(what: str, prof: Profile, around: dict[str, Any], tiny_ttft_ms: Ca
     out = {"scale": round(real_ms / model_ms, 4) if speed else 1.0, "alone_itl_ms": real_ms,
            "profile_step_ms": round(model_ms, 3)}
     out["prefill_scale"] = out["scale"]
-    if speed and alone.get("stream_step_ms"):  # the lone stream's prompt step as the worker timed it
+    if speed and alone.get("stream_step_ms"):  # the lone prompts' median step as the worker timed it
         prefill_ms = CostModel(prof).prefill_ms(STREAM_PROMPT)
         out |= {"prefill_scale": round(alone["stream_step_ms"] / prefill_ms, 4),
                 "alone_prompt_ms": alone["stream_step_ms"], "profile_prompt_ms": round(prefill_ms, 3)}
