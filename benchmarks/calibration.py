@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 
 from benchmarks import serving
+from benchmarks.step_costs import decode_beside_ms, decode_step_ms, prompt_beside_ms, prompt_step_ms
 from simulator.cost_model import CostModel
 from simulator.metrics import percentile
 from simulator.profile import Profile
@@ -67,6 +68,22 @@ async def co_run_probe(client: httpx.AsyncClient, url: str, model: str) -> int:
         sent += 1
     await stream
     return sent
+
+
+def read_probes(steps: str, alone: dict[str, Any], alone_since: float, since: float, co_run: bool) -> None:
+    """Add to `single_stream`'s figures (`alone`, in place) what the workers' step logs (folder `steps`) timed of
+    its probes, each from its own window (Unix seconds: the lone stream from `alone_since`, the rows probe, the
+    co-run probe, the replay from `since`): the probes after the lone stream send STREAM_PROMPT-token prompts too,
+    beside other streams' decode steps (the co-run probe on purpose), which run slower than alone."""
+    probe, co_run_since = alone.pop("probe_since"), alone.pop("co_run_since")
+    alone["tiny_step_ms"] = prompt_step_ms(steps, alone_since, probe, TINY_PROMPT)
+    alone["stream_step_ms"] = prompt_step_ms(steps, alone_since, probe, STREAM_PROMPT)
+    alone["one_row_step"] = decode_step_ms(steps, alone_since, probe, 1)
+    alone["windows_s"] = [round(t - alone_since, 3) for t in (probe, co_run_since, since)]
+    alone["probe_rows_step"] = decode_step_ms(steps, probe, co_run_since, PROBE_ROWS)
+    if co_run:
+        alone["co_run_step"] = decode_beside_ms(steps, co_run_since, since, 1)
+        alone["co_run_prompt_ms"] = prompt_beside_ms(steps, co_run_since, since, STREAM_PROMPT)
 
 
 def calibrate(what: str, prof: Profile, around: dict[str, Any], tiny_ttft_ms: Callable[[Profile], float]

@@ -40,15 +40,11 @@ import yaml
 
 from benchmarks import serving
 from benchmarks.bootstrap import figure_intervals
-from benchmarks.calibration import PROBE_ROWS, STREAM_PROMPT, TINY_PROMPT, calibrate, calibrated, single_stream
+from benchmarks.calibration import TINY_PROMPT, calibrate, calibrated, read_probes, single_stream
 from benchmarks.client_pool import ClientPool
 from benchmarks.serving_compare import cluster_yaml
 from benchmarks.step_costs import (
     brief_co_run,
-    decode_beside_ms,
-    decode_step_ms,
-    prompt_beside_ms,
-    prompt_step_ms,
     pull_phases,
     serving_path,
     worker_steps,
@@ -164,18 +160,7 @@ def _real_run(a: argparse.Namespace, mode: str, path: str, trace: tuple[list[flo
                        "load_before": [round(x, 2) for x in load], "load_after": [round(x, 2) for x in os.getloadavg()]}
             if figures["foreign_cores"] <= a.max_foreign or attempt == a.tries - 1:
                 c.stop()  # the workers close their step logs
-                probe = around["alone"].pop("probe_since")
-                co_run_since = around["alone"].pop("co_run_since")
-                # Each figure from its own probe's window: the probes after the lone stream send 256-token prompts
-                # too, beside other streams' decode steps (the co-run probe on purpose), which run slower.
-                around["alone"]["tiny_step_ms"] = prompt_step_ms(steps, alone_since, probe, TINY_PROMPT)
-                around["alone"]["stream_step_ms"] = prompt_step_ms(steps, alone_since, probe, STREAM_PROMPT)
-                around["alone"]["one_row_step"] = decode_step_ms(steps, alone_since, probe, 1)
-                around["alone"]["windows_s"] = [round(t - alone_since, 3) for t in (probe, co_run_since, since)]
-                around["alone"]["probe_rows_step"] = decode_step_ms(steps, probe, co_run_since, PROBE_ROWS)
-                if co_run:
-                    around["alone"]["co_run_step"] = decode_beside_ms(steps, co_run_since, since, 1)
-                    around["alone"]["co_run_prompt_ms"] = prompt_beside_ms(steps, co_run_since, since, STREAM_PROMPT)
+                read_probes(steps, around["alone"], alone_since, since, co_run)
                 pulls = pull_phases(steps, since, until)
                 if pulls["pulls"]:
                     print(f"  {mode} rate {rate:g}: real handoffs {brief_phases(pulls)}", flush=True)

@@ -192,3 +192,31 @@ def test_the_co_run_is_calibrated_from_the_probes_steps_beside_the_other_worker(
     assert wider is not None and wider.decode_batch == (1, 4) and wider.decode_by_batch == (1.6, 1.7)
     assert wider.prefill_at(STREAM_PROMPT) == pytest.approx(2.0)
     assert wider.prefill_at(512) == pytest.approx(1.5 * 2.0 / (2.0 - 0.5 / 3))
+
+
+def test_each_probe_figure_is_read_from_its_own_window(tmp_path: Path) -> None:
+    """`read_probes`: the lone prompts' step from the lone window only (the co-run probe's prompts, beside decode
+    steps and slower, are 256 tokens too), the one-row step there, the rows probe's steps after it, and the co-run
+    probe's steps beside the other worker's from its window; windows kept relative to the lone stream's start."""
+    from benchmarks.calibration import PROBE_ROWS, STREAM_PROMPT, read_probes
+
+    def step(t: float, ms: float, prompt: int = 0, rows: int = 0) -> dict[str, float]:
+        return {"t": t, "ms": ms, "prompt_tokens": prompt, "pairs": 0, "decode_rows": rows, "decode_context": 300.0}
+
+    prefill = [step(100.0, 300.0, STREAM_PROMPT), step(101.0, 320.0, STREAM_PROMPT),  # lone prompts
+               step(120.0, 550.0, STREAM_PROMPT), step(120.6, 560.0, STREAM_PROMPT)]  # the co-run probe's
+    decode = [step(100.5, 90.0, rows=1), step(100.6, 92.0, rows=1),  # the lone stream
+              step(110.0, 120.0, rows=PROBE_ROWS),  # the rows probe
+              step(120.1, 150.0, rows=1), step(120.3, 140.0, rows=1), step(120.7, 160.0, rows=1),
+              step(120.9, 200.0, rows=1)]  # beside the co-run probe's prompts
+    for name, rows in (("prefill-0", prefill), ("decode-0", decode)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    alone = {"probe_since": 105.0, "co_run_since": 115.0}
+    read_probes(str(tmp_path), alone, 99.0, 130.0, co_run=True)
+    assert alone["stream_step_ms"] == 310.0 and alone["one_row_step"] == (91.0, 300.0)
+    assert alone["probe_rows_step"] == (120.0, 300.0) and alone["co_run_step"] == (155.0, 300.0)
+    assert alone["co_run_prompt_ms"] == 555.0 and alone["windows_s"] == [6.0, 16.0, 31.0]
+    assert "probe_since" not in alone and "co_run_since" not in alone
+    plain = {"probe_since": 105.0, "co_run_since": 115.0}
+    read_probes(str(tmp_path), plain, 99.0, 130.0, co_run=False)
+    assert "co_run_step" not in plain
