@@ -148,8 +148,11 @@ def alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split()[2] != "Z"  # a zombie has exited (its parent has not reaped it yet)
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"  # a zombie has exited (its parent has not reaped it yet)
+    except (FileNotFoundError, ProcessLookupError):  # reaped between the signal and the read
+        return False
 
 
 def wait_gone(pids: list[int], timeout_s: float) -> None:
