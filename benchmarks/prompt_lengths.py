@@ -61,6 +61,24 @@ def measure(eng: Any, toks: Tokens, model: CostModel, lengths: list[int], draws:
                             "p90": ratios[len(ratios) * 9 // 10]} if ratios else {}}
 
 
+def check_arguments(p: argparse.ArgumentParser, a: argparse.Namespace) -> list[int]:
+    """The lengths to time; exits with a usage error for lengths that are not positive integers, a draw count
+    outside 0-1,000 (there are 1,025 lengths to draw from), a negative idle or a profile that is not a file."""
+    try:
+        lengths = [int(x) for x in a.lengths.split(",")]
+    except ValueError:
+        p.error(f"--lengths must be comma-separated integers, got {a.lengths!r}")
+    if not lengths or min(lengths) < 1:
+        p.error(f"--lengths must be positive, got {a.lengths!r}")
+    if not 0 <= a.random <= 1000:
+        p.error(f"--random must be 0-1000, got {a.random}")
+    if a.idle_s < 0:
+        p.error(f"--idle-s must be >= 0, got {a.idle_s}")
+    if not os.path.isfile(a.profile):
+        p.error(f"--profile {a.profile!r} is not a file")
+    return lengths
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--profile", required=True, help="profile JSON whose prefill table prices the prompts")
@@ -71,13 +89,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seed", type=int, default=0, help="seed of the drawn lengths")
     p.add_argument("--out", default=".", help="folder for prompt_lengths_<name>.json")
     a, rest = p.parse_known_args(argv)
+    lengths = check_arguments(p, a)
+    prof = Profile.load(a.profile)  # before the engine: a bad profile fails in a second, not after the build
     eng_args = parse([*rest, "--out", os.path.join(a.out, "unused.json")])  # the profile's own, never written
     eng, _ = build_engine(eng_args)
     toks = Tokens(eng.model_config.vocab_size)
     run_prompt(eng, "warmup", toks.take(32), eng_args.device)
-    prof = Profile.load(a.profile)
     out = {"profile": a.profile, "device": eng_args.device, "idle_s": a.idle_s,
-           **measure(eng, toks, CostModel(prof), [int(x) for x in a.lengths.split(",")], a.random,
+           **measure(eng, toks, CostModel(prof), lengths, a.random,
                      eng_args.device, a.idle_s, a.seed)}
     for r in out["lengths"]:
         print(f"{r['tokens']:5d} tokens: first {r['first_ms']:.1f} ms ({r['first_ratio']:.2f}x), again "

@@ -1,0 +1,18 @@
+"""benchmarks/prompt_lengths.py refuses bad arguments before it builds an engine."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.prompt_lengths import main
+
+PROFILE = "benchmarks/profiles/cpu_smollm2_2026-12-06e.json"
+
+
+@pytest.mark.parametrize("bad", [["--lengths", "10,x"], ["--lengths", "0"], ["--random", "5000"],
+                                 ["--random", "-1"], ["--idle-s", "-1"], ["--profile", "no/such.json"]])
+def test_bad_arguments_are_refused_with_a_usage_error(bad: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--profile", PROFILE, *bad] if bad[0] != "--profile" else bad
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2 and bad[0] in capsys.readouterr().err
