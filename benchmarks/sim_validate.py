@@ -49,6 +49,8 @@ from benchmarks.step_costs import (
     serving_path,
     worker_steps,
 )
+from benchmarks.token_delivery import brief as brief_delivery
+from benchmarks.token_delivery import delivery
 from deploy.config import ClusterConfig
 from kvtransfer.registry import known_backends
 from simulator.cluster import Cluster, chunk_lists
@@ -167,7 +169,10 @@ def _real_run(a: argparse.Namespace, mode: str, path: str, trace: tuple[list[flo
                 path_figures = serving_path(steps, since, until)
                 print(f"  {mode} rate {rate:g}: router GC pauses {real['router_gc']}; workers {path_figures}",
                       flush=True)
-                return real, {**around, **figures, "pulls": pulls, "serving_path": path_figures,
+                tokens = delivery(steps, since, until)
+                if tokens:
+                    print(f"  {mode} rate {rate:g}: token batches {brief_delivery(tokens)}", flush=True)
+                return real, {**around, **figures, "pulls": pulls, "serving_path": path_figures, "delivery": tokens,
                               "steps": worker_steps(steps, since, until, Profile.load(a.profile))}
             around["spoiled"].append({**figures, **{k: real[k] for k in FIGURES}})
             print(f"  {mode} rate {rate:g}: others kept {figures['foreign_cores']} cores busy, run again", flush=True)

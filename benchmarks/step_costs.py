@@ -67,7 +67,7 @@ def worker_steps(folder: str, since: float, until: float, prof: Profile) -> dict
     """Each worker's step log (worker/step_log.py) over [since, until] (Unix seconds) against the cost model, by
     kind of step: all of them, those that ran alone (another worker in a step < 10% of the time) and those beside
     another worker's step (>= 50%)."""
-    files = {f.removesuffix(".jsonl"): os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.endswith(".jsonl")}
+    files = worker_files(folder)
     logs = {name: [r for r in read_step_log(path) if since <= r["t"] <= until] for name, path in files.items()}
     overlaps(logs)
     model = CostModel(prof)
@@ -92,6 +92,12 @@ def worker_steps(folder: str, since: float, until: float, prof: Profile) -> dict
             out[name]["join"] = {"alone": by_kind([r for r in joins if r["overlap"] < 0.1]),
                                  "beside": by_kind([r for r in joins if r["overlap"] >= 0.5])}
     return out
+
+
+def worker_files(folder: str) -> dict[str, str]:
+    """The workers' step logs in `folder` by worker (the routers' arrival logs, router/arrival_log.py, left out)."""
+    return {f.removesuffix(".jsonl"): os.path.join(folder, f) for f in sorted(os.listdir(folder))
+            if f.endswith(".jsonl") and not f.startswith("router-")}
 
 
 def by_tokens(rows: list[dict[str, Any]], width: int = 256) -> dict[str, dict[str, float]]:
@@ -204,10 +210,8 @@ def serving_path(folder: str, since: float, until: float) -> dict[str, Any]:
     batches (decode_worker/subscriber.py; `batch_sent`): how long the oldest output of a batch waited to be handed
     to gRPC, how long gRPC took it, and the share of batches carrying a request's outputs of two steps or more."""
     out: dict[str, Any] = {}
-    for f in sorted(os.listdir(folder)):
-        if not f.endswith(".jsonl"):
-            continue
-        events = [e for e in read_step_events(os.path.join(folder, f)) if since <= float(e["t"]) <= until]
+    for name, path in worker_files(folder).items():
+        events = [e for e in read_step_events(path) if since <= float(e["t"]) <= until]
         pauses = [e for e in events if e["event"] == "gc_pause"]
         sent = [e for e in events if e["event"] == "batch_sent"]
         w: dict[str, Any] = {"gc_pauses": len(pauses), "gc_full": sum(e["generation"] == 2 for e in pauses),
@@ -217,7 +221,7 @@ def serving_path(folder: str, since: float, until: float) -> dict[str, Any]:
             w |= {"batches": len(sent), "wait_ms": _spread([float(e["wait_ms"]) for e in sent]),
                   "write_ms": _spread([float(e["write_ms"]) for e in sent]),
                   "merged_share": round(sum(int(e["merged"]) > 0 for e in sent) / len(sent), 4)}
-        out[f.removesuffix(".jsonl")] = w
+        out[name] = w
     return out
 
 

@@ -28,6 +28,7 @@ import grpc
 from engine.tokenizer import Tokenizer
 from proto import PROTOCOL_VERSION, disagg_pb2
 from proto.convert import params_to_proto
+from router.arrival_log import ArrivalLog
 from router.config import RouterConfig
 from router.errors import APIError
 from router.job import GenerationJob
@@ -84,7 +85,7 @@ class Generation:
                                            config.prefill_overlap_weight, config.prefill_load_weight)
         self._decode_policy = make_policy(config.decode_policy, "decode", index, ttl,
                                           config.decode_overlap_weight, config.decode_load_weight)
-        self.streams = TokenStreams(stall_s=config.worker_timeout_s)
+        self.streams = TokenStreams(stall_s=config.worker_timeout_s, arrivals=ArrivalLog.from_env())
         workers.on_unhealthy.append(self.streams.lose)
         self.calls = WorkerCalls(config, workers)
 

@@ -21,6 +21,7 @@ from collections import deque
 import grpc
 
 from proto import PROTOCOL_VERSION, disagg_pb2
+from router.arrival_log import ArrivalLog
 from router.errors import APIError
 from router.registry import WorkerState
 
@@ -80,8 +81,10 @@ class RequestStream:
 class Subscription:
     """The Subscribe stream to one decode worker and the requests waiting on it."""
 
-    def __init__(self, worker: WorkerState, subscriber: str, stall_s: float) -> None:
+    def __init__(self, worker: WorkerState, subscriber: str, stall_s: float,
+                 arrivals: ArrivalLog | None = None) -> None:
         self.worker, self.subscriber, self.stall_s = worker, subscriber, stall_s
+        self.arrivals = arrivals  # router/arrival_log.py, when benchmarks keep step logs
         self.requests: dict[str, RequestStream] = {}
         self.quiet_since = time.monotonic()  # the last batch, or when requests began waiting on an idle stream
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -109,6 +112,8 @@ class Subscription:
             async for batch in call:
                 if not self.ready.done():
                     self.ready.set_result(None)
+                if self.arrivals is not None:
+                    self.arrivals.batch(self.subscriber, self.worker.address, batch)
                 requests = self.requests
                 self.quiet_since = time.monotonic()
                 for chunk in batch.chunks:
@@ -165,9 +170,10 @@ class Subscription:
 class TokenStreams:
     """This router process's subscriptions, one per decode worker, opened on first use and again after a loss."""
 
-    def __init__(self, stall_s: float) -> None:
+    def __init__(self, stall_s: float, arrivals: ArrivalLog | None = None) -> None:
         self.stall_s = stall_s
         self.name = f"router-{secrets.token_hex(6)}"
+        self.arrivals = arrivals
         self._subs: dict[str, Subscription] = {}
 
     async def open(self, worker: WorkerState, request_id: str, timeout_s: float, deadline: float
@@ -176,7 +182,7 @@ class TokenStreams:
         (monotonic). Raises WorkerLost when the worker does not take the subscription within `timeout_s`."""
         sub = self._subs.get(worker.address)
         if sub is None or sub.closed:
-            sub = self._subs[worker.address] = Subscription(worker, self.name, self.stall_s)
+            sub = self._subs[worker.address] = Subscription(worker, self.name, self.stall_s, self.arrivals)
         try:
             async with asyncio.timeout(timeout_s):
                 await asyncio.shield(sub.ready)
@@ -198,3 +204,5 @@ class TokenStreams:
         subs, self._subs = list(self._subs.values()), {}
         with contextlib.suppress(Exception):
             await asyncio.gather(*(s.aclose() for s in subs), return_exceptions=True)
+        if self.arrivals is not None:
+            self.arrivals.close()

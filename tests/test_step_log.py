@@ -21,6 +21,7 @@ from benchmarks.step_costs import (
     pull_phases,
     serving_path,
 )
+from benchmarks.token_delivery import delivery
 from engine.config import CacheConfig, EngineConfig
 from engine.engine import LLMEngine
 from engine.request import SamplingParams
@@ -171,6 +172,12 @@ def test_a_real_1p1d_clusters_workers_mark_each_handoff(tmp_path: Path, monkeypa
     path = serving_path(str(tmp_path / "steps"), 0.0, 1e10)
     decode = [w for w in path.values() if "batches" in w]
     assert len(decode) == 1 and decode[0]["batches"] >= 1 and decode[0]["wait_ms"]["p50"] >= 0, path
+    assert not any(name.startswith("router-") for name in path)  # the router's arrival log is no worker's
+    # The router noted each of those batches as it arrived, paired one to one: delivery takes no time travel.
+    tokens = delivery(str(tmp_path / "steps"), 0.0, 1e10)
+    assert tokens is not None and tokens["batches"] == decode[0]["batches"], (tokens, path)
+    assert 0 <= tokens["delivery_ms"]["p50"] <= tokens["delivery_ms"]["max"] < 1000, tokens
+    assert tokens["gaps"] > 0 and len(tokens["received_share_over"]) == len(tokens["bound_ms"])
 
 
 async def _co_run_probe(url: str) -> int:

@@ -1,0 +1,93 @@
+"""Where a token's gap grows between the decode worker's step and the router: the decode workers' output batches
+(decode_worker/subscriber.py `batch_sent`, in their step logs) paired with their arrival at the routers
+(router/arrival_log.py `batch_received`), for benchmarks/sim_validate.py's real runs.
+
+A Subscribe stream delivers its messages in order and whole, so the n-th batch a decode worker handed to one
+subscriber is the n-th that subscriber's reader took from that worker; the pairing checks it (each pair must
+carry as many chunks). From the pairs: how long a batch took from its hand-over to gRPC to the router's reader
+(`delivery_ms`), and the gaps between one request's successive chunks as the worker handed them over and as the
+router's reader took them. The router's ITL histogram counts the same gaps one stage later, where its relay to
+the client takes each chunk: a tail there beyond `received_share_over` is the router's own relay.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from router.arrival_log import ARRIVAL_EVENT
+from simulator.metrics import percentile
+from worker.step_log import read_step_events
+
+BOUNDS_MS = (5.0, 10.0, 20.0, 30.0, 50.0)
+
+
+def delivery(folder: str, since: float, until: float) -> dict[str, Any] | None:
+    """The batches received over [since, until] (Unix seconds) paired with their sending (module docstring):
+    `delivery_ms` p50/p90/p99/max, and each request's chunk gaps' share over BOUNDS_MS as sent and as received.
+    None when the folder holds no router's arrivals, or they pair with no worker's batches."""
+    sent, received = _sent(folder), _received(folder)
+    pairs = [p for key, got in received.items() for p in _pair(sent, key, got) if since <= p[1]["t"] <= until]
+    if not pairs:
+        return None
+    handed = [float(s["t"]) - float(s["write_ms"]) / 1e3 for s, _ in pairs]
+    late = sorted((float(r["t"]) - h) * 1e3 for h, (_, r) in zip(handed, pairs, strict=True))
+    at_sent: dict[str, list[float]] = {}
+    at_received: dict[str, list[float]] = {}
+    for h, (_, r) in zip(handed, pairs, strict=True):
+        for rid in r["requests"]:
+            at_sent.setdefault(rid, []).append(h)
+            at_received.setdefault(rid, []).append(float(r["t"]))
+    return {"batches": len(pairs),
+            "delivery_ms": {f"p{q}": round(percentile(late, q), 3) for q in (50, 90, 99)} | {"max": round(late[-1], 3)},
+            "bound_ms": list(BOUNDS_MS), "sent_share_over": _shares(at_sent), "received_share_over": _shares(at_received),
+            "gaps": sum(len(ts) - 1 for ts in at_received.values())}
+
+
+def _sent(folder: str) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Each worker log's `batch_sent` events by (subscriber, worker log), in order."""
+    out: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for f in sorted(os.listdir(folder)):
+        if f.endswith(".jsonl") and not f.startswith("router-"):
+            for e in read_step_events(os.path.join(folder, f)):
+                if e["event"] == "batch_sent":
+                    out.setdefault((str(e["rid"]), f), []).append(e)
+    return out
+
+
+def _received(folder: str) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Each router's arrivals by (subscriber, worker address), in order."""
+    out: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for f in sorted(os.listdir(folder)):
+        if f.startswith("router-") and f.endswith(".jsonl"):
+            for e in read_step_events(os.path.join(folder, f)):
+                if e["event"] == ARRIVAL_EVENT:
+                    out.setdefault((str(e["rid"]), str(e["worker"])), []).append(e)
+    return out
+
+
+def _pair(sent: dict[tuple[str, str], list[dict[str, Any]]], key: tuple[str, str], got: list[dict[str, Any]]
+          ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """The arrivals of one subscription paired with the batches of the worker log whose chunk counts they match,
+    n-th with n-th ([] if none matches: a log cut short pairs over the part both hold)."""
+    counts = [len(r["requests"]) for r in got]
+    for (subscriber, _), batches in sent.items():
+        n = min(len(batches), len(counts))
+        if subscriber == key[0] and n and [int(b["chunks"]) for b in batches[:n]] == counts[:n]:
+            return list(zip(batches[:n], got[:n], strict=True))
+    return []
+
+
+def _shares(times: dict[str, list[float]]) -> list[float]:
+    """The share of gaps between a request's successive chunks over each of BOUNDS_MS."""
+    gaps = [(b - a) * 1e3 for ts in times.values() for a, b in zip(ts, ts[1:], strict=False)]
+    return [round(sum(g > bound for g in gaps) / len(gaps), 4) if gaps else 0.0 for bound in BOUNDS_MS]
+
+
+def brief(d: dict[str, Any]) -> str:
+    """`delivery`'s figures in one line."""
+    ms = d["delivery_ms"]
+    over = [f"{b:g} ms {s:.2%} / {r:.2%}" for b, s, r in zip(d["bound_ms"], d["sent_share_over"],
+                                                            d["received_share_over"], strict=True) if b >= 20]
+    return (f"{d['batches']} batches, hand-over to the router's reader ms p50/p99/max {ms['p50']:.2f}/{ms['p99']:.2f}/"
+            f"{ms['max']:.2f}; chunk gaps over " + ", ".join(over) + " (as sent / as received)")
