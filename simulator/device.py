@@ -34,10 +34,11 @@ decode step is slowed for those 100 ms only):
 from __future__ import annotations
 
 import math
+import random
 from typing import Protocol
 
 from simulator.events import EventLoop
-from simulator.profile import CoRunCosts, SustainedCosts
+from simulator.profile import CoRunCosts, SustainedCosts, spread_at
 
 # How fast a GPU's clocks follow its load: an H100's 2,048-token prompt steps reached their sustained time within
 # 2-3 back-to-back steps of ~50 ms and were back at their idle-device time after one 50 ms pause
@@ -55,12 +56,13 @@ class Stepper(Protocol):
 class _Step:
     """A step in flight on the device: the work left in ms of its time alone, and how fast it goes now."""
 
-    __slots__ = ("left_ms", "prompt", "rate", "rows", "since", "threads", "tokens", "transfer")
+    __slots__ = ("left_ms", "prompt", "rate", "rows", "since", "spread", "threads", "tokens", "transfer")
 
     def __init__(self, work_ms: float, prompt: bool, now: float, threads: int = 1, rows: int = 0,
                  transfer: bool = False, tokens: int = 0) -> None:
         self.left_ms, self.prompt, self.rate, self.since, self.threads = work_ms, prompt, 1.0, now, threads
         self.rows, self.transfer, self.tokens = rows, transfer, tokens
+        self.spread = 1.0  # this decode step's draw from co_run.decode_spread (it runs that much off the mean)
 
 
 class SharedDevice:
@@ -72,6 +74,7 @@ class SharedDevice:
         self.co_run = co_run
         self.sustained = sustained
         self.steps: dict[Stepper, _Step] = {}
+        self.rng = random.Random(0)  # the draws of co_run.decode_spread: the same trace simulates the same
         self.load, self._load_at = 0.0, loop.now  # busy share, averaged over ~LOAD_TAU_S, as of _load_at
 
     carries_transfers = False  # whether KV pulls between its replicas are work on it (start_transfer)
@@ -81,20 +84,23 @@ class SharedDevice:
         """Replicas of this device in a step now."""
         return sum(not s.transfer for s in self.steps.values())
 
-    def slowdown(self, prompt: bool, others: int, rows: int = 0, tokens: int = 0) -> float:
-        """How many times slower than alone a step (of `rows` decode rows, `tokens` prompt tokens) runs while
-        `others` co-runners are in a step."""
+    def slowdown(self, prompt: bool, others: int, rows: int = 0, tokens: int = 0, spread: float = 1.0) -> float:
+        """How many times slower than alone a step (of `rows` decode rows, `tokens` prompt tokens; a decode step
+        `spread` off the mean co-run) runs while `others` co-runners are in a step."""
         if not others:
             return 1.0 + (self.sustained.prompt - 1.0) * self.load if prompt and self.sustained else 1.0
         if self.co_run is None:
             return 1.0 + others
-        return self.co_run.prefill_at(tokens) if prompt else self.co_run.decode_at(rows)
+        return self.co_run.prefill_at(tokens) if prompt else max(1.0, self.co_run.decode_at(rows) * spread)
 
     def start(self, replica: Stepper, work_ms: float, prompt: bool, rows: int = 0, tokens: int = 0) -> None:
         """`replica` starts a step of `work_ms` (its time alone, `rows` decode rows, `tokens` prompt tokens);
         every step in flight gets its new end."""
         self._settle()
-        self.steps[replica] = _Step(work_ms, prompt, self.loop.now, self._threads_for(replica), rows, tokens=tokens)
+        step = self.steps[replica] = _Step(work_ms, prompt, self.loop.now, self._threads_for(replica), rows,
+                                           tokens=tokens)
+        if not prompt and self.co_run is not None and self.co_run.decode_spread:
+            step.spread = spread_at(self.co_run.decode_spread, self.rng.random())
         self._reschedule()
 
     def start_transfer(self, link: Stepper, work_ms: float) -> None:
@@ -124,7 +130,7 @@ class SharedDevice:
     def _rates(self) -> None:
         others = self.busy - 1
         for s in self.steps.values():
-            s.rate = 1.0 / self.slowdown(s.prompt, others, s.rows, s.tokens)
+            s.rate = 1.0 / self.slowdown(s.prompt, others, s.rows, s.tokens, s.spread)
 
     def _reschedule(self) -> None:
         self._rates()

@@ -171,9 +171,19 @@ class CoRunCosts:
     # 2.11-2.19x, one of 2,100-2,600 2.03-2.09x (an H200's alike).
     prefill_tokens: tuple[int, ...] = ()
     prefill_by_tokens: tuple[float, ...] = ()
+    # A decode step's multiplier beside a busy co-runner over its mean, at evenly spaced probabilities from 0 to 1
+    # (an inverse CDF, linear between points, mean 1; empty: every such step at the mean). On an H100 the serving
+    # decode worker's steps beside prompts ran p10 / p50 / p99 0.75 / 1.0 / 1.2x their median: where first gaps
+    # fill most of the top 1% of gaps, the ITL p99 is the top ~0.2% of these steps (benchmarks/co_run_spread.py).
+    decode_spread: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         _require(self.prefill >= 1 and self.decode >= 1, "co_run multipliers must be >= 1")
+        if self.decode_spread:
+            xs = self.decode_spread
+            rising = all(a <= b for a, b in zip(xs, xs[1:], strict=False))
+            _require(len(xs) >= 2 and rising and xs[0] > 0, "co_run.decode_spread must be >= 2 ascending multipliers > 0")
+            _require(abs(spread_mean(xs) - 1) <= 0.02, "co_run.decode_spread must have mean 1 (over the mean step)")
         _require(self.oversubscribed_prefill >= 0 and self.oversubscribed_decode >= 0,
                  "co_run oversubscribed multipliers must be >= 0")
         for xs, ms, what in ((self.decode_batch, self.decode_by_batch, "decode_batch"),
@@ -190,6 +200,18 @@ class CoRunCosts:
         """The prefill multiplier of a step of `tokens` prompt tokens (0: not known, `prefill`)."""
         return held_linear(self.prefill_tokens, self.prefill_by_tokens, tokens, self.prefill) if tokens \
             else self.prefill
+
+
+def spread_mean(xs: tuple[float, ...]) -> float:
+    """The mean of an inverse CDF given at evenly spaced probabilities 0..1, linear between them."""
+    return (sum(xs) - (xs[0] + xs[-1]) / 2) / (len(xs) - 1)
+
+
+def spread_at(xs: tuple[float, ...], u: float) -> float:
+    """The inverse CDF `xs` (evenly spaced probabilities 0..1) at probability u."""
+    k = u * (len(xs) - 1)
+    i = min(int(k), len(xs) - 2)
+    return xs[i] + (xs[i + 1] - xs[i]) * (k - i)
 
 
 def held_linear(xs: tuple[int, ...], ys: tuple[float, ...], x: float, default: float) -> float:
@@ -304,4 +326,4 @@ class Profile:
 
 def _co_run(d: dict[str, Any]) -> CoRunCosts:
     return CoRunCosts(**{**d, **{k: tuple(d.get(k, ())) for k in ("decode_batch", "decode_by_batch", "prefill_tokens",
-                                                                  "prefill_by_tokens")}})
+                                                                  "prefill_by_tokens", "decode_spread")}})

@@ -260,3 +260,34 @@ def test_a_kv_pull_between_workers_of_one_machine_shares_its_cores_with_their_st
         assert done[1:] == [("beside", pytest.approx(1.010)), ("queued", pytest.approx(1.020))]
         assert dec.ends == [pytest.approx(1.100)]
     assert dev.steps == {}
+
+
+def _decode_steps_beside_a_prompt(co: CoRunCosts, n: int) -> list[float]:
+    """n decode steps of 10 ms alone, back to back, all beside one long prompt: each one's time."""
+    loop = EventLoop()
+    dev = SharedDevice(loop, co)
+    pre, dec = Worker(loop, dev, [(1e9, True)]), Worker(loop, dev, [(10.0, False)] * n)
+    loop.at(0.0, pre.go)
+    loop.at(0.0, dec.go)
+    loop.run_until(1e6)
+    return [round((b - a) * 1e3, 6) for a, b in zip([0.0, *dec.ends], dec.ends, strict=False)]
+
+
+def test_a_decode_step_beside_a_prompt_draws_its_multiplier_from_the_spread_around_the_mean() -> None:
+    spread = (0.5, 1.0, 1.5)  # mean 1: (0.25 + 1.0 + 0.75) / 2
+    times = _decode_steps_beside_a_prompt(CoRunCosts(prefill=2.0, decode=2.0, decode_spread=spread), 2000)
+    assert min(times) >= 10.0 and max(times) <= 30.0 + 1e-6  # 2.0 x [0.5, 1.5], never faster than alone
+    assert len(set(times)) > 1000 and sum(times) / len(times) == pytest.approx(20.0, rel=0.03)
+    assert sum(t > 25.0 for t in times) / len(times) == pytest.approx(0.25, abs=0.04)  # u above 3/4
+    # The same trace simulates the same: the draws are seeded.
+    assert _decode_steps_beside_a_prompt(CoRunCosts(prefill=2.0, decode=2.0, decode_spread=spread), 50) == times[:50]
+    # Without a spread every such step is charged the mean.
+    assert set(_decode_steps_beside_a_prompt(CoRunCosts(prefill=2.0, decode=2.0), 20)) == {20.0}
+
+
+def test_a_decode_spread_must_rise_and_have_mean_one() -> None:
+    from simulator.profile import ConfigError
+
+    for bad in ((1.0,), (1.2, 0.8), (0.0, 1.0, 2.0), (1.0, 1.2, 1.4)):
+        with pytest.raises(ConfigError, match="decode_spread"):
+            CoRunCosts(prefill=2.0, decode=2.0, decode_spread=bad)

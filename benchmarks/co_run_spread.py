@@ -1,0 +1,76 @@
+"""The spread of a decode step's co-run multiplier, from real runs' step logs, into a profile.
+
+`python -m benchmarks.co_run_spread --logs DIR [DIR ...] --profile IN.json --out OUT.json`
+
+`disagg profile` times the decode co-run as a mean over back-to-back steps beside a prompt (on a GPU, steps
+queued ahead, one time for all): the simulator then charged every decode step beside a prompt that mean. Real
+steps beside prompts spread around it (an H100's serving decode worker: p10 / p50 / p99 0.75 / 1.0 / 1.2x the
+median), and at a knee where the KV handoffs' first gaps fill most of the top 1% of gaps the ITL p99 is the top
+~0.2% of those steps. This reads the decode-only steps of every worker step log in the folders (worker/step_log.py,
+as `sim_validate --keep-logs` keeps them) that ran beside another worker's step for at least 90% of their time,
+takes each one's time over the cost model's for its shape, and writes their quantiles, over their mean, as the
+profile's `co_run.decode_spread` (simulator/profile.py). Take the logs from runs other than those the profile
+will be held against.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import replace
+
+from benchmarks.step_costs import modelled, overlaps, worker_files
+from simulator.cost_model import CostModel
+from simulator.metrics import percentile
+from simulator.profile import Profile, spread_mean
+from worker.step_log import read_step_log
+
+POINTS = 21  # quantiles at 0, 5%, ..., 100%
+
+
+def beside_ratios(folder: str, prof: Profile) -> list[float]:
+    """Measured over modelled time of the decode-only steps beside another worker's step (>= 90% of their time)
+    in one run's step logs (a folder of one machine's workers)."""
+    logs = {name: read_step_log(path) for name, path in worker_files(folder).items()}
+    overlaps(logs)
+    model = CostModel(prof)
+    return [r["ms"] / r["model_ms"] for rows in logs.values() for r in modelled(rows, model)
+            if r["kind"] == "decode" and r["overlap"] >= 0.9 and r["model_ms"] > 0]
+
+
+def spread(ratios: list[float], points: int = POINTS) -> tuple[float, ...]:
+    """The ratios' quantiles at `points` evenly spaced probabilities, over the mean of that inverse CDF."""
+    assert len(ratios) >= points and points >= 2, f"{len(ratios)} steps beside prompts: too few for {points} points"
+    qs = [percentile(ratios, 100 * i / (points - 1)) for i in range(points)]
+    mean = spread_mean(tuple(qs))
+    return tuple(round(q / mean, 4) for q in qs)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--logs", nargs="+", required=True, help="folders of one run's worker step logs each "
+                   "(e.g. sim_validate --keep-logs DIR's DIR/disaggregated-steps-RATE-0)")
+    p.add_argument("--profile", required=True, help="the profile to add the spread to (its cost model prices steps)")
+    p.add_argument("--out", required=True, help="where to write the profile with co_run.decode_spread")
+    p.add_argument("--source", default="", help="which runs the logs are, for the profile's co-run note")
+    a = p.parse_args(argv)
+    prof = Profile.load(a.profile)
+    if prof.co_run is None:
+        raise SystemExit(f"{a.profile}: has no co_run to spread")
+    missing = [d for d in a.logs if not os.path.isdir(d)]
+    if missing:
+        raise SystemExit(f"not a folder: {', '.join(missing)}")
+    ratios = [x for d in a.logs for x in beside_ratios(d, prof)]
+    if len(ratios) < POINTS:
+        raise SystemExit(f"{len(ratios)} decode steps beside another worker's in those logs: need {POINTS} or more")
+    xs = spread(ratios)
+    note = f"{prof.co_run.note}; decode_spread from {len(ratios)} serving decode steps beside prompts" + \
+        (f" ({a.source})" if a.source else "")
+    prof = replace(prof, co_run=replace(prof.co_run, decode_spread=xs, note=note))
+    prof.save(a.out)
+    print(f"{len(ratios)} steps; spread p0/p10/p50/p90/p95/p100 {xs[0]}/{xs[2]}/{xs[10]}/{xs[18]}/{xs[19]}/"
+          f"{xs[20]} of the mean; wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""benchmarks/co_run_spread.py: the spread of the decode steps beside another worker's, from step logs written by
+hand, into a profile that the simulator loads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.co_run_spread import POINTS, beside_ratios, main, spread
+from simulator.cost_model import CostModel
+from simulator.profile import Profile, spread_mean
+
+PROFILE = "benchmarks/profiles/h100_llama3_8b_v49k_corun_lengths.json"
+
+
+def _logs(folder: Path, prof: Profile, ratios: list[float]) -> None:
+    """A prefill worker in one long prompt step; a decode worker's one-row steps beside it at `ratios` x the
+    model, then one alone at 5x (not beside: left out)."""
+    folder.mkdir()
+    step = CostModel(prof).step_ms(0, 0.0, 1, 512.0) - CostModel(prof).overhead
+    rows, t = [], 100.0
+    for r in [*ratios, 5.0]:
+        rows.append({"t": t, "ms": step * r, "prompt_tokens": 0, "pairs": 0.0, "decode_rows": 1, "decode_context": 512.0})
+        t += step * r / 1e3 + 0.0001
+    long_prompt = {"t": 99.0, "ms": (t - 99.0 - step * 5.0 / 1e3 - 0.0002) * 1e3, "prompt_tokens": 2048,
+                   "pairs": 2048.0 * 1024, "decode_rows": 0, "decode_context": 0.0}
+    (folder / "decode-0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "prefill-0.jsonl").write_text(json.dumps(long_prompt) + "\n")
+    (folder / "router-1.jsonl").write_text("")  # a router's arrival log is no worker's
+
+
+def test_the_steps_beside_a_prompt_give_a_spread_of_mean_one_into_the_profile(tmp_path: Path) -> None:
+    prof = Profile.load(PROFILE)
+    ratios = [2.0 + 0.02 * (i % 21 - 10) for i in range(63)] + [2.6]  # 1.8-2.2 evenly, and one long step
+    _logs(tmp_path / "run", prof, ratios)
+    got = sorted(beside_ratios(str(tmp_path / "run"), prof))
+    assert got == pytest.approx(sorted(ratios), rel=0.005)  # the step alone after the prompt is not beside it
+    xs = spread(got)
+    assert len(xs) == POINTS and spread_mean(xs) == pytest.approx(1.0, abs=1e-3)
+    assert xs[0] == pytest.approx(1.8 / 2.0, rel=0.01) and xs[-1] == pytest.approx(2.6 / 2.0, rel=0.01)
+    main(["--logs", str(tmp_path / "run"), "--profile", PROFILE, "--out", str(tmp_path / "p.json")])
+    co = Profile.load(str(tmp_path / "p.json")).co_run
+    assert co is not None and co.decode_spread == xs and "decode_spread from 64" in co.note
+
+
+def test_too_few_steps_or_no_folder_is_a_usage_error(tmp_path: Path) -> None:
+    _logs(tmp_path / "run", Profile.load(PROFILE), [2.0] * 5)
+    with pytest.raises(SystemExit, match="need 21"):
+        main(["--logs", str(tmp_path / "run"), "--profile", PROFILE, "--out", str(tmp_path / "p.json")])
+    with pytest.raises(SystemExit, match="not a folder"):
+        main(["--logs", str(tmp_path / "nope"), "--profile", PROFILE, "--out", str(tmp_path / "p.json")])
