@@ -175,6 +175,7 @@ class CoRunCosts:
     # (an inverse CDF, linear between points, mean 1; empty: every such step at the mean). On an H100 the serving
     # decode worker's steps beside prompts ran p10 / p50 / p99 0.75 / 1.0 / 1.2x their median: where first gaps
     # fill most of the top 1% of gaps, the ITL p99 is the top ~0.2% of these steps (benchmarks/co_run_spread.py).
+    # Drawn by the shared device of a GPU (simulator/device.py); CPU core sharing (CpuCores) charges the mean.
     decode_spread: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
