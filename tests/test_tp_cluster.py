@@ -94,6 +94,9 @@ def reference(launched: LocalCluster) -> dict[tuple[str, int], str]:
 def cluster(launched: LocalCluster, reference: dict) -> LocalCluster:
     for name in RANKS:
         launched.wait_worker(name)
+    # Picked now, not when the workers started: their ranks open connections on ephemeral ports while they load,
+    # and one took a port picked minutes earlier (the router then exited with "Address already in use").
+    launched.router_port = free_port()
     launched.start_router()
     return launched
 
