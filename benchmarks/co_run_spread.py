@@ -20,6 +20,7 @@ import os
 from dataclasses import replace
 
 from benchmarks.step_costs import modelled, overlaps, worker_files
+from engine.config import ConfigError
 from simulator.cost_model import CostModel
 from simulator.metrics import percentile
 from simulator.profile import Profile, spread_mean
@@ -54,7 +55,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="where to write the profile with co_run.decode_spread")
     p.add_argument("--source", default="", help="which runs the logs are, for the profile's co-run note")
     a = p.parse_args(argv)
-    prof = Profile.load(a.profile)
+    try:
+        prof = Profile.load(a.profile)
+    except (OSError, ConfigError) as e:
+        raise SystemExit(f"--profile: {e}") from None
     if prof.co_run is None:
         raise SystemExit(f"{a.profile}: has no co_run to spread")
     missing = [d for d in a.logs if not os.path.isdir(d)]

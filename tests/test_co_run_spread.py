@@ -49,5 +49,7 @@ def test_too_few_steps_or_no_folder_is_a_usage_error(tmp_path: Path) -> None:
     _logs(tmp_path / "run", Profile.load(PROFILE), [2.0] * 5)
     with pytest.raises(SystemExit, match="need 21"):
         main(["--logs", str(tmp_path / "run"), "--profile", PROFILE, "--out", str(tmp_path / "p.json")])
+    with pytest.raises(SystemExit, match="--profile"):
+        main(["--logs", str(tmp_path / "run"), "--profile", str(tmp_path / "none.json"), "--out", str(tmp_path / "p.json")])
     with pytest.raises(SystemExit, match="not a folder"):
         main(["--logs", str(tmp_path / "nope"), "--profile", PROFILE, "--out", str(tmp_path / "p.json")])
