@@ -11,13 +11,17 @@ Only requests with a lease (prefill role) are tracked; a step without one costs 
 at once (CUDA graph replays, the decode steps on a GPU, call no hooks at all). Threads: hooks run on the engine's
 step thread; `layer_tokens` is read from any thread (each entry is a plain int, written once per layer per step,
 never torn).
+
+The queued CUDA events are drained at the start of every step as well as by readers: without layer-wise streaming
+nobody reads, and a prefill worker queued one event per layer per prompt step for as long as it ran. So at most
+the events of the steps still on the device (one or two) are held.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -28,9 +32,11 @@ from engine.scheduler import SchedulerOutput
 class LayerProgress:
     """Per tracked request: tokens whose KV is written, per layer."""
 
-    def __init__(self, num_layers: int, device: torch.device) -> None:
+    def __init__(self, num_layers: int, device: torch.device,
+                 new_event: Callable[[], torch.cuda.Event] | None = None) -> None:
         self.num_layers = num_layers
-        self.cuda = device.type == "cuda"
+        self.cuda = device.type == "cuda" or new_event is not None
+        self._new_event = new_event or torch.cuda.Event  # a test passes its own to run the device path on a CPU
         self._done: dict[str, list[int]] = {}
         self._step: list[tuple[str, int]] = []  # (request id, tokens computed once this step's forward has run)
         self._queued: deque[tuple[torch.cuda.Event, int, list[tuple[str, int]]]] = deque()  # CUDA: not yet landed
@@ -48,6 +54,7 @@ class LayerProgress:
     def begin(self, out: SchedulerOutput) -> None:
         """Before a step's forward: note where each tracked request of the step will be once it has run."""
         self._step = []
+        self._drain_landed()
         for s in out.scheduled:
             r = s.request
             if r.lease_s is None:
@@ -63,7 +70,7 @@ class LayerProgress:
         if not self._step:
             return
         if self.cuda:
-            event = torch.cuda.Event()
+            event = self._new_event()
             event.record()
             self._queued.append((event, layer, list(self._step)))
         else:
@@ -77,12 +84,21 @@ class LayerProgress:
 
     def layer_tokens(self, request_id: str) -> tuple[int, ...] | None:
         """Per layer, the leading tokens of the request whose KV is written; None if it is not tracked."""
+        self._drain_landed()
+        done = self._done.get(request_id)
+        return None if done is None else tuple(done)
+
+    def _drain_landed(self) -> None:
+        """Apply the queued events that have completed, in order (events on one stream complete in order)."""
         with self._drain:
             while self._queued and self._queued[0][0].query():
                 _, layer, targets = self._queued.popleft()
                 self._apply(layer, targets)
-        done = self._done.get(request_id)
-        return None if done is None else tuple(done)
+
+    @property
+    def num_queued(self) -> int:
+        """CUDA events recorded and not yet seen completed."""
+        return len(self._queued)
 
     def forget(self, request_id: str) -> None:
         """The request ended, handed off (its lease reports it complete) or was preempted (it starts over)."""
