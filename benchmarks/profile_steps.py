@@ -32,15 +32,20 @@ class Tokens:
         return out
 
 
-def run_prompt(eng: LLMEngine, rid: str, prompt: list[int], device: str) -> float:
-    """Milliseconds of the steps that prefill `prompt` (one step when it fits the token budget)."""
-    eng.add_request(rid, prompt, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+def run_prompt(eng: LLMEngine, rid: str, prompt: list[int], device: str, prefill_role: bool = False) -> float:
+    """Milliseconds of the steps that prefill `prompt` (one step when it fits the token budget). `prefill_role`:
+    as a prefill worker runs it, handing off under a KV lease (its layers' progress tracked), the lease freed after."""
+    eng.add_request(rid, prompt, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True),
+                    lease_s=60.0 if prefill_role else None)
     sync(device)
     t0 = time.perf_counter()
     while eng.has_unfinished():
         eng.step()
     sync(device)
-    return (time.perf_counter() - t0) * 1e3
+    ms = (time.perf_counter() - t0) * 1e3
+    if prefill_role:
+        eng.release_lease(rid)
+    return ms
 
 
 def decode_ms(eng: LLMEngine, toks: Tokens, batch: int, ctx: int, steps: int, device: str,

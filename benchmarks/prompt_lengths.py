@@ -28,9 +28,26 @@ from simulator.cost_model import CostModel
 from simulator.profile import Profile
 
 
-def timed_after_idle(eng: Any, toks: Tokens, n: int, device: str, idle_s: float, rid: str) -> float:
+def timed_after_idle(eng: Any, toks: Tokens, n: int, device: str, idle_s: float, rid: str,
+                     prefill_role: bool = False) -> float:
     time.sleep(idle_s)
-    return run_prompt(eng, rid, toks.take(n), device)
+    return run_prompt(eng, rid, toks.take(n), device, prefill_role)
+
+
+def roles(eng: Any, toks: Tokens, model: CostModel, lengths: list[int], device: str, idle_s: float,
+          repeat: int = 5) -> list[dict[str, Any]]:
+    """Each length as a plain prompt and as a prefill worker runs it (a KV lease, its layers' progress tracked),
+    alternating, median of `repeat` each: what the prefill role adds to a prompt step in the engine itself."""
+    rows = []
+    for n in lengths:
+        ms: dict[bool, list[float]] = {False: [], True: []}
+        for i in range(repeat):
+            for role in (False, True):
+                ms[role].append(timed_after_idle(eng, toks, n, device, idle_s, f"role{n}-{role}-{i}", role))
+        plain, leased = statistics.median(ms[False]), statistics.median(ms[True])
+        rows.append({"tokens": n, "plain_ms": round(plain, 3), "prefill_role_ms": round(leased, 3),
+                     "added_ms": round(leased - plain, 3), "profile_ms": round(model.prefill_ms(n) - model.overhead, 3)})
+    return rows
 
 
 def measure(eng: Any, toks: Tokens, model: CostModel, lengths: list[int], draws: int, device: str, idle_s: float,
@@ -87,9 +104,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--random", type=int, default=24, help="lengths drawn from 1,024-2,048 and timed once each")
     p.add_argument("--idle-s", type=float, default=0.3, help="seconds the device idles before each prompt")
     p.add_argument("--seed", type=int, default=0, help="seed of the drawn lengths")
+    p.add_argument("--roles", default="", help="also time these lengths (comma-separated) as plain prompts and as a "
+                   "prefill worker runs them (under a KV lease), alternating: what the prefill role adds")
     p.add_argument("--out", default=".", help="folder for prompt_lengths_<name>.json")
     a, rest = p.parse_known_args(argv)
     lengths = check_arguments(p, a)
+    try:
+        role_lengths = [int(x) for x in a.roles.split(",") if x]
+    except ValueError:
+        p.error(f"--roles must be comma-separated integers, got {a.roles!r}")
+    if role_lengths and min(role_lengths) < 1:
+        p.error(f"--roles must be positive, got {a.roles!r}")
     prof = Profile.load(a.profile)  # before the engine: a bad profile fails in a second, not after the build
     eng_args = parse([*rest, "--out", os.path.join(a.out, "unused.json")])  # the profile's own, never written
     eng, _ = build_engine(eng_args)
@@ -102,6 +127,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{r['tokens']:5d} tokens: first {r['first_ms']:.1f} ms ({r['first_ratio']:.2f}x), again "
               f"{r['again_ms']:.1f} ms ({r['again_ratio']:.2f}x) of the profile's {r['profile_ms']:.1f}")
     print(f"{len(out['drawn'])} drawn lengths, each new: ratio to the profile {out['drawn_ratio']}")
+    if role_lengths:
+        out["roles"] = roles(eng, toks, CostModel(prof), role_lengths, eng_args.device, a.idle_s)
+        for r in out["roles"]:
+            print(f"{r['tokens']:5d} tokens: plain {r['plain_ms']:.2f} ms, as the prefill role {r['prefill_role_ms']:.2f}"
+                  f" ms ({r['added_ms']:+.2f}); profile {r['profile_ms']:.2f}")
     path = os.path.join(a.out, f"prompt_lengths_{prof.name}.json")
     with open(path, "w") as f:
         json.dump(out, f, indent=1)

@@ -10,9 +10,19 @@ PROFILE = "benchmarks/profiles/cpu_smollm2_2026-12-06e.json"
 
 
 @pytest.mark.parametrize("bad", [["--lengths", "10,x"], ["--lengths", "0"], ["--random", "5000"],
-                                 ["--random", "-1"], ["--idle-s", "-1"], ["--profile", "no/such.json"]])
+                                 ["--random", "-1"], ["--idle-s", "-1"], ["--profile", "no/such.json"],
+                                 ["--roles", "16,x"], ["--roles", "0"]])
 def test_bad_arguments_are_refused_with_a_usage_error(bad: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     args = ["--profile", PROFILE, *bad] if bad[0] != "--profile" else bad
     with pytest.raises(SystemExit) as e:
         main(args)
     assert e.value.code == 2 and bad[0] in capsys.readouterr().err
+
+
+def test_prompts_timed_plain_and_as_the_prefill_role(tmp_path: pytest.TempPathFactory) -> None:
+    out = main(["--profile", PROFILE, "--lengths", "16", "--random", "0", "--idle-s", "0", "--roles", "16,40",
+                "--out", str(tmp_path), "--kv-gib", "0.1"])
+    assert [r["tokens"] for r in out["roles"]] == [16, 40]
+    for r in out["roles"]:
+        assert r["plain_ms"] > 0 and r["prefill_role_ms"] > 0
+        assert r["added_ms"] == pytest.approx(r["prefill_role_ms"] - r["plain_ms"], abs=0.002)
