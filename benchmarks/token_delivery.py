@@ -20,6 +20,7 @@ from simulator.metrics import percentile
 from worker.step_log import read_step_events
 
 BOUNDS_MS = (5.0, 10.0, 20.0, 30.0, 50.0)
+CLOCK_SLACK_S = 0.001  # an arrival may read up to this before its batch_sent line (both stamped after the fact)
 
 
 def delivery(folder: str, since: float, until: float) -> dict[str, Any] | None:
@@ -69,13 +70,22 @@ def _received(folder: str) -> dict[tuple[str, str], list[dict[str, Any]]]:
 def _pair(sent: dict[tuple[str, str], list[dict[str, Any]]], key: tuple[str, str], got: list[dict[str, Any]]
           ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """The arrivals of one subscription paired with the batches of the worker log whose chunk counts they match,
-    n-th with n-th ([] if none matches: a log cut short pairs over the part both hold)."""
+    n-th with n-th ([] if none matches: a log cut short pairs over the part both hold). Two decode workers may
+    send one subscriber batches of the same chunk counts: of those logs, the one whose batches each leave before
+    their arrival (one machine's clock) and arrive soonest after, at the median."""
     counts = [len(r["requests"]) for r in got]
+    best: tuple[float, list[tuple[dict[str, Any], dict[str, Any]]]] | None = None
     for (subscriber, _), batches in sent.items():
         n = min(len(batches), len(counts))
-        if subscriber == key[0] and n and [int(b["chunks"]) for b in batches[:n]] == counts[:n]:
-            return list(zip(batches[:n], got[:n], strict=True))
-    return []
+        if subscriber != key[0] or not n or [int(b["chunks"]) for b in batches[:n]] != counts[:n]:
+            continue
+        pairs = list(zip(batches[:n], got[:n], strict=True))
+        late = sorted(float(r["t"]) - float(s["t"]) for s, r in pairs)
+        if late[0] < -CLOCK_SLACK_S:  # an arrival before its batch left: not this worker's
+            continue
+        if best is None or late[n // 2] < best[0]:
+            best = (late[n // 2], pairs)
+    return best[1] if best is not None else []
 
 
 def _shares(times: dict[str, list[float]]) -> list[float]:

@@ -58,3 +58,15 @@ def test_logs_that_disagree_on_the_chunks_do_not_pair(tmp_path: Path) -> None:
     rows[1]["requests"] = ["a"]  # the worker sent two chunks in that batch
     _write(tmp_path / "router-7.jsonl", rows)
     assert delivery(str(tmp_path), 0.0, 1e10) is None
+
+
+def test_two_workers_sending_the_same_chunk_counts_pair_by_time(tmp_path: Path) -> None:
+    _logs(tmp_path, [1.0] * 4)
+    (tmp_path / "decode-0.jsonl").rename(tmp_path / "decode-2.jsonl")  # the real sender, read last
+    sent = [json.loads(x) for x in (tmp_path / "decode-2.jsonl").read_text().splitlines()]
+    # two other decode workers sent the same subscriber batches of the same counts: 40 ms later (after the
+    # arrivals) and 30 ms earlier (long before them); neither is the sender
+    _write(tmp_path / "decode-0.jsonl", [{**r, "t": r["t"] + 0.04} for r in sent if r.get("event") == "batch_sent"])
+    _write(tmp_path / "decode-1.jsonl", [{**r, "t": r["t"] - 0.03} for r in sent if r.get("event") == "batch_sent"])
+    got = delivery(str(tmp_path), 0.0, 1e10)
+    assert got is not None and got["batches"] == 4 and got["delivery_ms"]["max"] == pytest.approx(1.0)
