@@ -20,6 +20,7 @@ import os
 import random
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from benchmarks.profile_steps import Tokens, run_prompt
@@ -36,17 +37,24 @@ def timed_after_idle(eng: Any, toks: Tokens, n: int, device: str, idle_s: float,
 
 def roles(eng: Any, toks: Tokens, model: CostModel, lengths: list[int], device: str, idle_s: float,
           repeat: int = 5) -> list[dict[str, Any]]:
-    """Each length as a plain prompt and as a prefill worker runs it (a KV lease, its layers' progress tracked),
-    alternating, median of `repeat` each: what the prefill role adds to a prompt step in the engine itself."""
+    """Each length as a plain prompt, as a prefill worker runs it (a KV lease, its layers' progress tracked), and
+    so on another thread (a worker steps its engine on an executor thread), in turn, median of `repeat` each: what
+    the prefill role and the thread add to a prompt step in the engine itself."""
     rows = []
-    for n in lengths:
-        ms: dict[bool, list[float]] = {False: [], True: []}
-        for i in range(repeat):
-            for role in (False, True):
-                ms[role].append(timed_after_idle(eng, toks, n, device, idle_s, f"role{n}-{role}-{i}", role))
-        plain, leased = statistics.median(ms[False]), statistics.median(ms[True])
-        rows.append({"tokens": n, "plain_ms": round(plain, 3), "prefill_role_ms": round(leased, 3),
-                     "added_ms": round(leased - plain, 3), "profile_ms": round(model.prefill_ms(n) - model.overhead, 3)})
+    with ThreadPoolExecutor(1) as pool:
+        def threaded(n: int, rid: str) -> float:
+            return pool.submit(timed_after_idle, eng, toks, n, device, idle_s, rid, True).result()
+
+        for n in lengths:
+            ms: dict[str, list[float]] = {"plain": [], "role": [], "thread": []}
+            for i in range(repeat):
+                ms["plain"].append(timed_after_idle(eng, toks, n, device, idle_s, f"plain{n}-{i}"))
+                ms["role"].append(timed_after_idle(eng, toks, n, device, idle_s, f"role{n}-{i}", True))
+                ms["thread"].append(threaded(n, f"thread{n}-{i}"))
+            plain, role, thread = (statistics.median(ms[k]) for k in ("plain", "role", "thread"))
+            rows.append({"tokens": n, "plain_ms": round(plain, 3), "prefill_role_ms": round(role, 3),
+                         "added_ms": round(role - plain, 3), "on_a_thread_ms": round(thread, 3),
+                         "profile_ms": round(model.prefill_ms(n) - model.overhead, 3)})
     return rows
 
 
@@ -104,8 +112,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--random", type=int, default=24, help="lengths drawn from 1,024-2,048 and timed once each")
     p.add_argument("--idle-s", type=float, default=0.3, help="seconds the device idles before each prompt")
     p.add_argument("--seed", type=int, default=0, help="seed of the drawn lengths")
-    p.add_argument("--roles", default="", help="also time these lengths (comma-separated) as plain prompts and as a "
-                   "prefill worker runs them (under a KV lease), alternating: what the prefill role adds")
+    p.add_argument("--roles", default="", help="also time these lengths (comma-separated) as plain prompts, as a "
+                   "prefill worker runs them (under a KV lease) and so on another thread, in turn: what they add")
     p.add_argument("--out", default=".", help="folder for prompt_lengths_<name>.json")
     a, rest = p.parse_known_args(argv)
     lengths = check_arguments(p, a)
@@ -131,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out["roles"] = roles(eng, toks, CostModel(prof), role_lengths, eng_args.device, a.idle_s)
         for r in out["roles"]:
             print(f"{r['tokens']:5d} tokens: plain {r['plain_ms']:.2f} ms, as the prefill role {r['prefill_role_ms']:.2f}"
-                  f" ms ({r['added_ms']:+.2f}); profile {r['profile_ms']:.2f}")
+                  f" ms ({r['added_ms']:+.2f}), so on a thread {r['on_a_thread_ms']:.2f}; profile {r['profile_ms']:.2f}")
     path = os.path.join(a.out, f"prompt_lengths_{prof.name}.json")
     with open(path, "w") as f:
         json.dump(out, f, indent=1)

@@ -24,5 +24,5 @@ def test_prompts_timed_plain_and_as_the_prefill_role(tmp_path: pytest.TempPathFa
                 "--out", str(tmp_path), "--kv-gib", "0.1"])
     assert [r["tokens"] for r in out["roles"]] == [16, 40]
     for r in out["roles"]:
-        assert r["plain_ms"] > 0 and r["prefill_role_ms"] > 0
+        assert r["plain_ms"] > 0 and r["prefill_role_ms"] > 0 and r["on_a_thread_ms"] > 0
         assert r["added_ms"] == pytest.approx(r["prefill_role_ms"] - r["plain_ms"], abs=0.002)
