@@ -54,7 +54,7 @@ def roles(eng: Any, toks: Tokens, model: CostModel, lengths: list[int], device: 
             plain, role, thread = (statistics.median(ms[k]) for k in ("plain", "role", "thread"))
             rows.append({"tokens": n, "plain_ms": round(plain, 3), "prefill_role_ms": round(role, 3),
                          "added_ms": round(role - plain, 3), "on_a_thread_ms": round(thread, 3),
-                         "profile_ms": round(model.prefill_ms(n) - model.overhead, 3)})
+                         "profile_ms": round(model.prefill_ms(n) - model.overhead - model.prompt_overhead, 3)})
     return rows
 
 
@@ -63,7 +63,7 @@ def measure(eng: Any, toks: Tokens, model: CostModel, lengths: list[int], draws:
     """Each length's first prompt and the median of three more, and `draws` lengths drawn from 1,024-2,048 (each
     new), against the profile's price (the serving loop's overhead left out, as a step log times a step)."""
     def price(n: int) -> float:
-        return model.prefill_ms(n) - model.overhead
+        return model.prefill_ms(n) - model.overhead - model.prompt_overhead  # the engine alone: no serving costs
 
     rows = []
     for n in lengths:

@@ -20,7 +20,7 @@ from simulator.metrics import percentile
 from worker.step_log import read_step_events
 
 BOUNDS_MS = (5.0, 10.0, 20.0, 30.0, 50.0)
-CLOCK_SLACK_S = 0.001  # an arrival may read up to this before its batch_sent line (both stamped after the fact)
+CLOCK_SLACK_S = 0.001  # an arrival stamped up to this before its batch's hand-over still pairs (clock reads)
 
 
 def delivery(folder: str, since: float, until: float) -> dict[str, Any] | None:
@@ -31,7 +31,7 @@ def delivery(folder: str, since: float, until: float) -> dict[str, Any] | None:
     pairs = [p for key, got in received.items() for p in _pair(sent, key, got) if since <= p[1]["t"] <= until]
     if not pairs:
         return None
-    handed = [float(s["t"]) - float(s["write_ms"]) / 1e3 for s, _ in pairs]
+    handed = [_handed(s) for s, _ in pairs]
     late = sorted((float(r["t"]) - h) * 1e3 for h, (_, r) in zip(handed, pairs, strict=True))
     at_sent: dict[str, list[float]] = {}
     at_received: dict[str, list[float]] = {}
@@ -80,12 +80,17 @@ def _pair(sent: dict[tuple[str, str], list[dict[str, Any]]], key: tuple[str, str
         if subscriber != key[0] or not n or [int(b["chunks"]) for b in batches[:n]] != counts[:n]:
             continue
         pairs = list(zip(batches[:n], got[:n], strict=True))
-        late = sorted(float(r["t"]) - float(s["t"]) for s, r in pairs)
-        if late[0] < -CLOCK_SLACK_S:  # an arrival before its batch left: not this worker's
+        late = sorted(float(r["t"]) - _handed(s) for s, r in pairs)
+        if late[0] < -CLOCK_SLACK_S:  # an arrival before its batch was handed over: not this worker's
             continue
         if best is None or late[n // 2] < best[0]:
             best = (late[n // 2], pairs)
     return best[1] if best is not None else []
+
+
+def _handed(sent: dict[str, Any]) -> float:
+    """When a batch was handed to gRPC: its `batch_sent` line is written once the write returned."""
+    return float(sent["t"]) - float(sent["write_ms"]) / 1e3
 
 
 def _shares(times: dict[str, list[float]]) -> list[float]:

@@ -224,6 +224,21 @@ def test_the_serving_loops_overhead_is_added_once_to_every_step_and_survives_a_s
     assert Profile.load(str(tmp_path / "p.json")).serving == served.serving
 
 
+def test_a_serving_workers_prompt_cost_is_added_to_steps_with_prompt_tokens_only(tmp_path) -> None:  # noqa: ANN001
+    plain = profile(kv_ms_per_token=0.001)
+    served = dataclasses.replace(plain, serving=ServingCosts(step_overhead_ms=0.5, prompt_step_ms=3.75))
+    a, b = CostModel(plain), CostModel(served)
+    for batch, ctx in [(1, 0), (8, 1024)]:
+        assert b.step_ms(0, 0, batch, ctx) == pytest.approx(a.step_ms(0, 0, batch, ctx) + 0.5)
+        assert b.step_ms(512, 5000, batch, ctx) == pytest.approx(a.step_ms(512, 5000, batch, ctx) + 4.25)
+    assert b.prefill_ms(16) == pytest.approx(a.prefill_ms(16) + 4.25)
+    assert served.scaled(3.0, 2.0).serving == ServingCosts(step_overhead_ms=1.5, prompt_step_ms=7.5)  # a prompt's
+    served.save(str(tmp_path / "p.json"))
+    assert Profile.load(str(tmp_path / "p.json")).serving == served.serving
+    with pytest.raises(ConfigError):
+        ServingCosts(step_overhead_ms=0.0, prompt_step_ms=-1.0)
+
+
 def test_a_scaled_profile_steps_k_times_slower_and_moves_no_faster() -> None:
     prof = dataclasses.replace(profile(kv_ms_per_token=0.001), serving=ServingCosts(step_overhead_ms=0.5))
     a, b = CostModel(prof), CostModel(prof.scaled(1.5))

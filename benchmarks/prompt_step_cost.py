@@ -1,0 +1,94 @@
+"""What a serving worker adds to a prompt step, from real runs' step logs, into a profile.
+
+`python -m benchmarks.prompt_step_cost --logs DIR [DIR ...] --profile IN.json --out OUT.json`
+
+`disagg profile` times prompts on the engine alone. A serving prefill worker runs the same steps slower by about a
+fixed amount: on one H100 its lone 16-token prompts took 18.7 ms where the engine takes 14.9, and its 1,024-2,048-
+token prompts beside the decode worker's steps ran ~8 ms over the profile's price (the fixed part slowed by the
+co-run as the rest is). The simulator priced none of it, and the H100 runs' TTFT p50s came out 9-26% short. This
+reads the prompt-only steps of every worker step log in the folders (worker/step_log.py, as `sim_validate
+--keep-logs` keeps them) that ran alone (another worker in a step < 10% of their time) with at most `--max-tokens`
+prompt tokens (short, so the fixed part is most of them: sim_validate's calibration sends such prompts to the idle
+cluster before each run) and writes the median of each one's time over the engine's price for its shape as the
+profile's `serving.prompt_step_ms`. The host's load shows in it (four client processes on the same 16-core host
+made it 13 ms): take it from runs with one client process, and hold the profile against other runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+from dataclasses import replace
+
+from benchmarks.step_costs import modelled, overlaps, worker_files
+from engine.config import ConfigError
+from simulator.cost_model import CostModel
+from simulator.profile import Profile, ServingCosts
+from worker.step_log import read_step_log
+
+MIN_STEPS = 3
+
+
+def prompt_excess(folder: str, prof: Profile, beside: bool, max_tokens: int) -> list[float]:
+    """Per prompt-only step of one run's step logs (a folder of one machine's workers), what it took over the
+    engine's price for its shape (ms; the serving costs left out of the price: the step log times the step alone,
+    without the loop's overhead). `beside`: the steps that ran beside another worker's step (>= 90% of their time),
+    their time first divided by the profile's co-run multiplier at their length (the fixed part is slowed as the
+    rest); else the steps of at most `max_tokens` tokens that ran alone (< 10%)."""
+    logs = {name: read_step_log(path) for name, path in worker_files(folder).items()}
+    overlaps(logs)
+    model = CostModel(prof)
+    co = prof.co_run
+    out = []
+    for rows in logs.values():
+        for r in modelled(rows, model):
+            if r["kind"] != "prompt":
+                continue
+            price = r["model_ms"] - model.prompt_overhead
+            if beside and r["overlap"] >= 0.9 and co is not None:
+                out.append(r["ms"] / co.prefill_at(r["prompt_tokens"]) - price)
+            elif not beside and r["overlap"] < 0.1 and r["prompt_tokens"] <= max_tokens:
+                out.append(r["ms"] - price)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--logs", nargs="+", required=True, help="folders of one run's worker step logs each "
+                   "(e.g. sim_validate --keep-logs DIR's DIR/disaggregated-steps-RATE-0)")
+    p.add_argument("--profile", required=True, help="the profile to set serving.prompt_step_ms in (its prefill "
+                   "table prices the steps)")
+    p.add_argument("--out", required=True, help="where to write the profile")
+    p.add_argument("--steps", default="beside", choices=["beside", "lone"], help="which prompt steps to read: "
+                   "those beside another worker's steps, over the co-run's price (default), or short ones alone")
+    p.add_argument("--max-tokens", type=int, default=64, help="with --steps lone: the longest read (default 64)")
+    p.add_argument("--source", default="", help="which runs the logs are, for the profile's provenance note")
+    a = p.parse_args(argv)
+    if a.max_tokens < 1:
+        p.error(f"--max-tokens must be >= 1, got {a.max_tokens}")
+    try:
+        prof = Profile.load(a.profile)
+    except (OSError, ConfigError) as e:
+        raise SystemExit(f"--profile: {e}") from None
+    missing = [d for d in a.logs if not os.path.isdir(d)]
+    if missing:
+        raise SystemExit(f"not a folder: {', '.join(missing)}")
+    if a.steps == "beside" and prof.co_run is None:
+        raise SystemExit(f"{a.profile}: has no co_run to price prompt steps beside another worker's with")
+    excess = sorted(x for d in a.logs for x in prompt_excess(d, prof, a.steps == "beside", a.max_tokens))
+    what = "prompt steps beside another worker's" if a.steps == "beside" else \
+        f"lone prompt steps of <= {a.max_tokens} tokens"
+    if len(excess) < MIN_STEPS:
+        raise SystemExit(f"{len(excess)} {what} in those logs: need {MIN_STEPS} or more")
+    ms = round(max(0.0, statistics.median(excess)), 3)
+    serving = replace(prof.serving, prompt_step_ms=ms) if prof.serving else ServingCosts(0.0, prompt_step_ms=ms)
+    note = f"{prof.provenance.note}; serving.prompt_step_ms from {len(excess)} {what}" + \
+        (f" ({a.source})" if a.source else "")
+    replace(prof, serving=serving, provenance=replace(prof.provenance, note=note)).save(a.out)
+    print(f"{len(excess)} steps; over the engine's price p10/p50/p90 {excess[len(excess) // 10]:.2f}/{ms:.2f}/"
+          f"{excess[len(excess) * 9 // 10]:.2f} ms; wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
