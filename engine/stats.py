@@ -102,11 +102,14 @@ class StepShape:
     pairs: float  # (new token, earlier or same token) pairs those chunks attend over
     decode_rows: int  # requests computing one token after all they know is cached
     decode_context: float  # the decode rows' mean cached tokens (0 without rows)
+    # requests whose prompt chunks make up `prompt_tokens`: a serving worker's step costs more with each (an H100
+    # prefill worker's two- and three-prompt steps ran 6-14 ms over a price per step, benchmarks/RESULTS.md)
+    prompts: int = 0
 
     @classmethod
     def of(cls, out: SchedulerOutput) -> StepShape:
         """The shape of a step as scheduled (before `Scheduler.update` moves the computed counts on)."""
-        prompt = rows = 0
+        prompt = rows = prompts = 0
         pairs = context = 0.0
         for s in out.scheduled:
             r, n = s.request, s.num_new_tokens
@@ -116,5 +119,6 @@ class StepShape:
                 context += done
             else:
                 prompt += n
+                prompts += 1
                 pairs += n * (n + 1) / 2 + n * done
-        return cls(prompt, pairs, rows, context / rows if rows else 0.0)
+        return cls(prompt, pairs, rows, context / rows if rows else 0.0, prompts)

@@ -128,6 +128,6 @@ def test_observed_step_shapes(engine: LLMEngine) -> None:
             engine.step()
     finally:
         engine.observe_steps(None)
-    assert shapes[:3] == [StepShape(40, 40 * 41 / 2, 0, 0.0), StepShape(0, 0.0, 1, 40.0),
-                          StepShape(30, 30 * 31 / 2, 1, 41.0)]
+    assert shapes[:3] == [StepShape(40, 40 * 41 / 2, 0, 0.0, 1), StepShape(0, 0.0, 1, 40.0, 0),
+                          StepShape(30, 30 * 31 / 2, 1, 41.0, 1)]
     assert len(shapes) == 3

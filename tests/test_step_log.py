@@ -38,16 +38,19 @@ def test_a_worker_engine_logs_each_step_it_runs(tiny_llama_dir: str, tmp_path: P
     engine.add_request("a", list(range(10, 30)), SamplingParams(max_tokens=3, temperature=0.0))
     while engine.has_unfinished():
         log.step()
+    engine.add_request("b", list(range(40, 52)), SamplingParams(max_tokens=1, temperature=0.0))
+    engine.add_request("c", list(range(60, 69)), SamplingParams(max_tokens=1, temperature=0.0))
+    log.step()  # two prompts in one step
     log.step()  # nothing to run: no line
     log.note("pull_read", "a", nbytes=64)
     log.close()
     log.note("late", "a")  # after close (a pull ending as the worker stops): dropped, not an error
     rows = read_step_log(str(tmp_path / "steps" / "decode-1.jsonl"))
-    assert [(r["prompt_tokens"], r["decode_rows"], r["decode_context"]) for r in rows] == [(20, 0, 0), (0, 1, 20),
-                                                                                          (0, 1, 21)]
-    assert all(r["ms"] > 0 for r in rows) and rows[0]["t"] < rows[1]["t"] < rows[2]["t"]
+    assert [(r["prompt_tokens"], r["decode_rows"], r["decode_context"], r["prompts"]) for r in rows] == [
+        (20, 0, 0, 1), (0, 1, 20, 0), (0, 1, 21, 0), (21, 0, 0, 2)]
+    assert all(r["ms"] > 0 for r in rows) and rows[0]["t"] < rows[1]["t"] < rows[2]["t"] < rows[3]["t"]
     [event] = read_step_events(str(tmp_path / "steps" / "decode-1.jsonl"))
-    assert (event["event"], event["rid"], event["nbytes"]) == ("pull_read", "a", 64) and event["t"] >= rows[2]["t"]
+    assert (event["event"], event["rid"], event["nbytes"]) == ("pull_read", "a", 64) and event["t"] >= rows[3]["t"]
 
 
 def test_a_handoff_splits_into_relay_reserve_read_join_wait_and_the_step(tmp_path: Path) -> None:

@@ -60,7 +60,7 @@ class StepLog:
         if shape is not None:  # a step that scheduled nothing ran no model
             self._write({"t": round(t, 6), "ms": round(ms, 3), "prompt_tokens": shape.prompt_tokens,
                          "pairs": shape.pairs, "decode_rows": shape.decode_rows,
-                         "decode_context": round(shape.decode_context, 1),
+                         "decode_context": round(shape.decode_context, 1), "prompts": shape.prompts,
                          "running_after": self.engine.load().num_running})
         return out
 
