@@ -25,7 +25,8 @@ def modelled(rows: list[dict[str, Any]], model: CostModel) -> list[dict[str, Any
     """Each step (a StepShape's fields and its measured `ms`) with its kind and the cost model's ms for its shape
     (the worker loop's overhead left out: it is not in a step's own time)."""
     return [{**r, "kind": kind(r), "model_ms": round(model.step_ms(r["prompt_tokens"], r["pairs"], r["decode_rows"],
-                                                                   r["decode_context"]) - model.overhead, 2)}
+                                                                   r["decode_context"], int(r.get("prompts") or 1))
+                                                     - model.overhead, 2)}
             for r in rows]
 
 

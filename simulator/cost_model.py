@@ -4,7 +4,7 @@ A step computes `P` prompt tokens (chunks of one or more prompts) and `B` decode
 mean context `c`). Its time is split the way the hardware spends it:
 
     step(P, pairs, B, c) = decode(B, c) - dense(B) + dense(P + B) + attention_ms_per_pair * pairs + serving
-                           (+ prompt_serving when P > 0)
+                           (+ prompt_serving + extra_prompt * (prompts - 1) when P > 0)
 
 - `decode(B, c)`: the profile's decode grid, bilinear in (batch, context), extrapolated linearly past its edges
   (a decode step reads the weights once and each row's KV, so it is linear in context);
@@ -17,7 +17,8 @@ mean context `c`). Its time is split the way the hardware spends it:
   On a measured GPU profile a step with prompt tokens runs eagerly, so `dense(P + B)` is held at or above the
   shortest profiled prompt's (its launch-bound floor) rather than following the CUDA-graph decode rows down;
 - `serving`: what the worker's loop adds to every step (`profile.serving.step_overhead_ms`, 0 when not measured);
-- `prompt_serving`: what a serving worker adds to a step with prompt tokens (`profile.serving.prompt_step_ms`).
+- `prompt_serving`: what a serving worker adds to a step with prompt tokens (`profile.serving.prompt_step_ms`), and
+  `extra_prompt` for each further prompt the step computes (`profile.serving.extra_prompt_ms`).
 
 With P = 0 it is the decode grid plus `serving` exactly; with B = 0 and one uncached prompt, the prefill table
 plus `serving` and `prompt_serving`.
@@ -62,6 +63,7 @@ class CostModel:
         self._rows: dict[int, list[float]] = {}
         self.overhead = profile.serving.step_overhead_ms if profile.serving else 0.0
         self.prompt_overhead = profile.serving.prompt_step_ms if profile.serving else 0.0
+        self.extra_prompt = profile.serving.extra_prompt_ms if profile.serving else 0.0
         self.dense_n, self.dense_ms_at = self._dense_points()
         # A step with prompt tokens runs eagerly, while a GPU replica's decode-only steps replay CUDA graphs: below
         # the shortest measured prompt, the eager forward costs at least what that prompt's did (launch-bound: 23.8
@@ -112,13 +114,14 @@ class CostModel:
     def decode_ms(self, batch: int, context: float) -> float:
         return self.decode_at(batch, context)[0]
 
-    def step_ms(self, prompt_tokens: int, pairs: float, batch: int, context: float) -> float:
-        """One step with `prompt_tokens` prompt tokens (`pairs` attention pairs) and `batch` decode rows."""
+    def step_ms(self, prompt_tokens: int, pairs: float, batch: int, context: float, prompts: int = 1) -> float:
+        """One step with `prompt_tokens` prompt tokens (`pairs` attention pairs) of `prompts` prompts and `batch`
+        decode rows."""
         if prompt_tokens <= 0:
             return self.decode_ms(batch, context)
         base = self._grid_at(batch, context)[0] - self.dense_ms(batch) if batch else 0.0
         return (base + max(self.dense_ms(prompt_tokens + batch), self.prompt_floor) + self.attn * pairs + self.overhead
-                + self.prompt_overhead)
+                + self.prompt_overhead + self.extra_prompt * max(0, prompts - 1))
 
     def prefill_ms(self, tokens: int, cached: int = 0) -> float:
         """One prompt of `tokens` new tokens after `cached` ones, alone in a step."""

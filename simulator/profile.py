@@ -149,10 +149,14 @@ class ServingCosts:
     # rest): a serving worker's prompt step over the engine's own. On one H100 a serving prefill worker's lone
     # 16-token prompt step ran 18.7 ms where the engine alone runs it in 14.9 (0: not measured).
     prompt_step_ms: float = 0.0
+    # Added for each prompt beyond the first that a step computes, likewise (an H100 prefill worker's two- and
+    # three-prompt steps ran over a price with `prompt_step_ms` once; 0: not measured).
+    extra_prompt_ms: float = 0.0
 
     def __post_init__(self) -> None:
         _require(self.step_overhead_ms >= 0, "serving.step_overhead_ms must be >= 0")
-        _require(self.prompt_step_ms >= 0, "serving.prompt_step_ms must be >= 0")
+        _require(self.prompt_step_ms >= 0 and self.extra_prompt_ms >= 0,
+                 "serving.prompt_step_ms and extra_prompt_ms must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -294,7 +298,8 @@ class Profile:
                             chunked=tuple(replace(c, ms=c.ms * p) for c in pre.chunked)),
             decode=replace(dec, ms=tuple(tuple(step(m) for m in row) for row in dec.ms)),
             serving=replace(self.serving, step_overhead_ms=self.serving.step_overhead_ms * k,
-                            prompt_step_ms=self.serving.prompt_step_ms * p) if self.serving else None)
+                            prompt_step_ms=self.serving.prompt_step_ms * p,
+                            extra_prompt_ms=self.serving.extra_prompt_ms * p) if self.serving else None)
 
     def save(self, path: str) -> None:
         text = json.dumps(self.to_dict(), indent=1)

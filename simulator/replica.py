@@ -233,7 +233,7 @@ class Replica:
                 self.busy, self._run = False, None  # nothing fits (blocks held by transfers and leases): wait
             return
         context = self.dec_ctx / batch if batch else 0.0
-        self._launch(t, self.cost.step_ms(tokens, pairs, batch, context), 0.0, 1, batch, context, chunks)
+        self._launch(t, self.cost.step_ms(tokens, pairs, batch, context, len(chunks)), 0.0, 1, batch, context, chunks)
 
     def _admit(self, chunks: list[tuple[SimRequest, int]], budget: int, tokens: int, pairs: float
                ) -> tuple[int, float, list[SimRequest]]:

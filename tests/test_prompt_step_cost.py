@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.prompt_step_cost import main, prompt_excess
+from benchmarks.prompt_step_cost import main, prompt_counts, prompt_excess
 from simulator.cost_model import CostModel, chunk_pairs
 from simulator.profile import Profile
 
 PROFILE = "benchmarks/profiles/h100_llama3_8b_v49k_corun_lengths.json"
 FIXED_MS = 4.0  # what the serving worker adds to each prompt step, before a co-run slows it
+EXTRA_MS = 1.5  # and for each further prompt in the step
 
 
 def _logs(folder: Path, prof: Profile) -> None:
@@ -45,8 +46,11 @@ def _logs(folder: Path, prof: Profile) -> None:
 def test_the_fixed_part_of_prompt_steps_beside_and_alone_into_the_profile(tmp_path: Path) -> None:
     prof = Profile.load(PROFILE)
     _logs(tmp_path / "run", prof)
-    assert prompt_excess(str(tmp_path / "run"), prof, True, 64) == pytest.approx([FIXED_MS] * 9, abs=0.01)  # rounded ms
-    assert prompt_excess(str(tmp_path / "run"), prof, False, 64) == pytest.approx([FIXED_MS] * 3, abs=0.01)
+    beside, lone = prompt_excess(str(tmp_path / "run"), prof, True, 64), prompt_excess(str(tmp_path / "run"), prof,
+                                                                                       False, 64)
+    assert [n for n, _ in beside + lone] == [1] * 12  # no prompt counts, no answers: one prompt each
+    assert [x for _, x in beside] == pytest.approx([FIXED_MS] * 9, abs=0.01)  # rounded ms
+    assert [x for _, x in lone] == pytest.approx([FIXED_MS] * 3, abs=0.01)
     main(["--logs", str(tmp_path / "run"), "--profile", PROFILE, "--out", str(tmp_path / "p.json")])
     got = Profile.load(str(tmp_path / "p.json"))
     assert got.serving is not None and got.serving.prompt_step_ms == pytest.approx(FIXED_MS, abs=0.01)
@@ -71,3 +75,37 @@ def test_too_few_steps_no_folder_or_a_bad_limit_is_a_usage_error(tmp_path: Path)
     with pytest.raises(SystemExit) as e:
         main(["--logs", str(tmp_path / "run"), "--profile", PROFILE, "--max-tokens", "0", *out])
     assert e.value.code == 2
+
+
+def test_steps_of_several_prompts_give_the_further_prompts_cost(tmp_path: Path) -> None:
+    """Prompt steps beside a long decode run, of one to three prompts each (the step log's `prompts`)."""
+    prof = Profile.load(PROFILE)
+    model, co = CostModel(prof), prof.co_run
+    assert co is not None
+    folder = tmp_path / "run"
+    folder.mkdir()
+    rows, t = [], 100.0
+    for i in range(12):
+        n, k = 1024 + 512 * (i % 3), 1 + i % 3
+        ms = (model.prefill_ms(n) - model.overhead + FIXED_MS + EXTRA_MS * (k - 1)) * co.prefill_at(n)
+        rows.append({"t": t, "ms": ms, "prompt_tokens": n, "pairs": chunk_pairs(n, 0), "decode_rows": 0,
+                     "decode_context": 0.0, "prompts": k})
+        t += ms / 1e3 + 0.0001
+    (folder / "prefill-0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "decode-0.jsonl").write_text(json.dumps({"t": 99.9, "ms": (t - 99.9) * 1e3, "prompt_tokens": 0,
+                                                       "pairs": 0.0, "decode_rows": 4, "decode_context": 900.0}) + "\n")
+    main(["--logs", str(folder), "--profile", PROFILE, "--out", str(tmp_path / "p.json")])
+    got = Profile.load(str(tmp_path / "p.json"))
+    assert got.serving is not None
+    assert got.serving.prompt_step_ms == pytest.approx(FIXED_MS, abs=0.01)
+    assert got.serving.extra_prompt_ms == pytest.approx(EXTRA_MS, abs=0.01)
+    assert CostModel(got).step_ms(2048, chunk_pairs(2048, 0), 0, 0.0, prompts=3) == pytest.approx(
+        CostModel(prof).prefill_ms(2048) + FIXED_MS + 2 * EXTRA_MS, abs=0.01)
+
+
+def test_older_logs_count_a_steps_prompts_by_the_answers_after_it() -> None:
+    rows = [{"t": 10.0, "ms": 100.0}, {"t": 10.2, "ms": 100.0}, {"t": 10.4, "ms": 100.0}]
+    events = [{"t": 10.15, "event": "prefill_answered"}, {"t": 10.16, "event": "prefill_answered"},
+              {"t": 10.35, "event": "pull_read"}, {"t": 10.55, "event": "prefill_answered"}]
+    assert prompt_counts(rows, events) == [2, 1, 1]  # the middle step finished none: a chunk, one prompt
+    assert prompt_counts([{**r, "prompts": 3} for r in rows], events) == [3, 3, 3]

@@ -233,6 +233,10 @@ def test_a_serving_workers_prompt_cost_is_added_to_steps_with_prompt_tokens_only
         assert b.step_ms(512, 5000, batch, ctx) == pytest.approx(a.step_ms(512, 5000, batch, ctx) + 4.25)
     assert b.prefill_ms(16) == pytest.approx(a.prefill_ms(16) + 4.25)
     assert served.scaled(3.0, 2.0).serving == ServingCosts(step_overhead_ms=1.5, prompt_step_ms=7.5)  # a prompt's
+    more = CostModel(dataclasses.replace(served, serving=ServingCosts(0.5, prompt_step_ms=3.75, extra_prompt_ms=2.0)))
+    assert more.step_ms(512, 5000, 8, 1024, prompts=3) == pytest.approx(b.step_ms(512, 5000, 8, 1024) + 4.0)
+    assert more.step_ms(512, 5000, 8, 1024) == pytest.approx(b.step_ms(512, 5000, 8, 1024))  # one prompt
+    assert more.step_ms(0, 0, 8, 1024, prompts=3) == pytest.approx(b.step_ms(0, 0, 8, 1024))  # no prompt tokens
     served.save(str(tmp_path / "p.json"))
     assert Profile.load(str(tmp_path / "p.json")).serving == served.serving
     with pytest.raises(ConfigError):
