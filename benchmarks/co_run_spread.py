@@ -64,7 +64,10 @@ def main(argv: list[str] | None = None) -> None:
     missing = [d for d in a.logs if not os.path.isdir(d)]
     if missing:
         raise SystemExit(f"not a folder: {', '.join(missing)}")
-    ratios = [x for d in a.logs for x in beside_ratios(d, prof)]
+    try:
+        ratios = [x for d in a.logs for x in beside_ratios(d, prof)]
+    except (ValueError, KeyError, TypeError) as e:  # a line that is not a step log's JSON
+        raise SystemExit(f"--logs: not a worker step log ({type(e).__name__}: {e})") from None
     if len(ratios) < POINTS:
         raise SystemExit(f"{len(ratios)} decode steps beside another worker's in those logs: need {POINTS} or more")
     xs = spread(ratios)

@@ -54,7 +54,9 @@ def prompt_excess(folder: str, prof: Profile, beside: bool, max_tokens: int) -> 
         for r, n in zip(modelled(rows, model), counts, strict=True):
             if r["kind"] != "prompt":
                 continue
-            price = r["model_ms"] - model.prompt_overhead - model.extra_prompt * (n - 1)
+            # the serving terms as `modelled` priced them (the log's own count; 1 in older logs), taken out
+            priced = int(r.get("prompts") or 1)
+            price = r["model_ms"] - model.prompt_overhead - model.extra_prompt * (priced - 1)
             if beside and r["overlap"] >= 0.9 and co is not None:
                 out.append((n, r["ms"] / co.prefill_at(r["prompt_tokens"]) - price))
             elif not beside and r["overlap"] < 0.1 and r["prompt_tokens"] <= max_tokens:
@@ -109,7 +111,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"not a folder: {', '.join(missing)}")
     if a.steps == "beside" and prof.co_run is None:
         raise SystemExit(f"{a.profile}: has no co_run to price prompt steps beside another worker's with")
-    excess = [x for d in a.logs for x in prompt_excess(d, prof, a.steps == "beside", a.max_tokens)]
+    try:
+        excess = [x for d in a.logs for x in prompt_excess(d, prof, a.steps == "beside", a.max_tokens)]
+    except (ValueError, KeyError, TypeError) as e:  # a line that is not a step log's JSON
+        raise SystemExit(f"--logs: not a worker step log ({type(e).__name__}: {e})") from None
     what = "prompt steps beside another worker's" if a.steps == "beside" else \
         f"lone prompt steps of <= {a.max_tokens} tokens"
     if len(excess) < MIN_STEPS:

@@ -53,3 +53,6 @@ def test_too_few_steps_or_no_folder_is_a_usage_error(tmp_path: Path) -> None:
         main(["--logs", str(tmp_path / "run"), "--profile", str(tmp_path / "none.json"), "--out", str(tmp_path / "p.json")])
     with pytest.raises(SystemExit, match="not a folder"):
         main(["--logs", str(tmp_path / "nope"), "--profile", PROFILE, "--out", str(tmp_path / "p.json")])
+    (tmp_path / "run" / "decode-0.jsonl").write_text("{not json\n")
+    with pytest.raises(SystemExit, match="not a worker step log"):
+        main(["--logs", str(tmp_path / "run"), "--profile", PROFILE, "--out", str(tmp_path / "p.json")])

@@ -101,6 +101,19 @@ def test_steps_of_several_prompts_give_the_further_prompts_cost(tmp_path: Path) 
     assert got.serving.extra_prompt_ms == pytest.approx(EXTRA_MS, abs=0.01)
     assert CostModel(got).step_ms(2048, chunk_pairs(2048, 0), 0, 0.0, prompts=3) == pytest.approx(
         CostModel(prof).prefill_ms(2048) + FIXED_MS + 2 * EXTRA_MS, abs=0.01)
+    # The same steps in an older log (no count; the prefill worker's answers after each step), read against the
+    # profile that prices both terms already: the same figures, not the further prompts' twice.
+    old = [{k: v for k, v in r.items() if k != "prompts"} for r in rows]
+    answers = [{"t": r["t"] + r["ms"] / 1e3 + 0.00005, "event": "prefill_answered", "rid": f"r{i}-{j}", "tokens": 1}
+               for i, r in enumerate(rows) for j in range(r["prompts"])]
+    (folder / "prefill-0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old + answers))
+    main(["--logs", str(folder), "--profile", str(tmp_path / "p.json"), "--out", str(tmp_path / "q.json")])
+    again = Profile.load(str(tmp_path / "q.json")).serving
+    assert again is not None and again.prompt_step_ms == pytest.approx(FIXED_MS, abs=0.01)
+    assert again.extra_prompt_ms == pytest.approx(EXTRA_MS, abs=0.01)
+    (folder / "prefill-0.jsonl").write_text("not json\n")
+    with pytest.raises(SystemExit, match="not a worker step log"):
+        main(["--logs", str(folder), "--profile", PROFILE, "--out", str(tmp_path / "r.json")])
 
 
 def test_older_logs_count_a_steps_prompts_by_the_answers_after_it() -> None:
