@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -32,15 +33,17 @@ class Tokens:
         return out
 
 
-def run_prompt(eng: LLMEngine, rid: str, prompt: list[int], device: str, prefill_role: bool = False) -> float:
+def run_prompt(eng: LLMEngine, rid: str, prompt: list[int], device: str, prefill_role: bool = False,
+               step: Callable[[], object] | None = None) -> float:
     """Milliseconds of the steps that prefill `prompt` (one step when it fits the token budget). `prefill_role`:
-    as a prefill worker runs it, handing off under a KV lease (its layers' progress tracked), the lease freed after."""
+    as a prefill worker runs it, handing off under a KV lease (its layers' progress tracked), the lease freed after.
+    `step`: what runs a step (a worker's StepLog's, to log it), else the engine's own."""
     eng.add_request(rid, prompt, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True),
                     lease_s=60.0 if prefill_role else None)
     sync(device)
     t0 = time.perf_counter()
     while eng.has_unfinished():
-        eng.step()
+        (step or eng.step)()
     sync(device)
     ms = (time.perf_counter() - t0) * 1e3
     if prefill_role:

@@ -20,6 +20,7 @@ import os
 import random
 import statistics
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -27,29 +28,30 @@ from benchmarks.profile_steps import Tokens, run_prompt
 from benchmarks.profiler import build_engine, parse
 from simulator.cost_model import CostModel
 from simulator.profile import Profile
+from worker.step_log import StepLog
 
 
 def timed_after_idle(eng: Any, toks: Tokens, n: int, device: str, idle_s: float, rid: str,
-                     prefill_role: bool = False) -> float:
+                     prefill_role: bool = False, step: Callable[[], object] | None = None) -> float:
     time.sleep(idle_s)
-    return run_prompt(eng, rid, toks.take(n), device, prefill_role)
+    return run_prompt(eng, rid, toks.take(n), device, prefill_role, step)
 
 
 def roles(eng: Any, toks: Tokens, model: CostModel, lengths: list[int], device: str, idle_s: float,
-          repeat: int = 5) -> list[dict[str, Any]]:
+          repeat: int = 5, step: Callable[[], object] | None = None) -> list[dict[str, Any]]:
     """Each length as a plain prompt, as a prefill worker runs it (a KV lease, its layers' progress tracked), and
     so on another thread (a worker steps its engine on an executor thread), in turn, median of `repeat` each: what
     the prefill role and the thread add to a prompt step in the engine itself."""
     rows = []
     with ThreadPoolExecutor(1) as pool:
         def threaded(n: int, rid: str) -> float:
-            return pool.submit(timed_after_idle, eng, toks, n, device, idle_s, rid, True).result()
+            return pool.submit(timed_after_idle, eng, toks, n, device, idle_s, rid, True, step).result()
 
         for n in lengths:
             ms: dict[str, list[float]] = {"plain": [], "role": [], "thread": []}
             for i in range(repeat):
-                ms["plain"].append(timed_after_idle(eng, toks, n, device, idle_s, f"plain{n}-{i}"))
-                ms["role"].append(timed_after_idle(eng, toks, n, device, idle_s, f"role{n}-{i}", True))
+                ms["plain"].append(timed_after_idle(eng, toks, n, device, idle_s, f"plain{n}-{i}", False, step))
+                ms["role"].append(timed_after_idle(eng, toks, n, device, idle_s, f"role{n}-{i}", True, step))
                 ms["thread"].append(threaded(n, f"thread{n}-{i}"))
             plain, role, thread = (statistics.median(ms[k]) for k in ("plain", "role", "thread"))
             rows.append({"tokens": n, "plain_ms": round(plain, 3), "prefill_role_ms": round(role, 3),
@@ -114,6 +116,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seed", type=int, default=0, help="seed of the drawn lengths")
     p.add_argument("--roles", default="", help="also time these lengths (comma-separated) as plain prompts, as a "
                    "prefill worker runs them (under a KV lease) and so on another thread, in turn: what they add")
+    p.add_argument("--step-log", metavar="FILE", help="write the --roles prompts' steps here as a worker's step log "
+                   "does (worker/step_log.py: time to schedule, CPU time, the calling thread's), to hold against a "
+                   "serving worker's")
     p.add_argument("--out", default=".", help="folder for prompt_lengths_<name>.json")
     a, rest = p.parse_known_args(argv)
     lengths = check_arguments(p, a)
@@ -136,7 +141,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{r['again_ms']:.1f} ms ({r['again_ratio']:.2f}x) of the profile's {r['profile_ms']:.1f}")
     print(f"{len(out['drawn'])} drawn lengths, each new: ratio to the profile {out['drawn_ratio']}")
     if role_lengths:
-        out["roles"] = roles(eng, toks, CostModel(prof), role_lengths, eng_args.device, a.idle_s)
+        log = StepLog(eng, a.step_log) if a.step_log else None
+        out["roles"] = roles(eng, toks, CostModel(prof), role_lengths, eng_args.device, a.idle_s,
+                             step=log.step if log else None)
+        if log is not None:
+            log.close()
         for r in out["roles"]:
             print(f"{r['tokens']:5d} tokens: plain {r['plain_ms']:.2f} ms, as the prefill role {r['prefill_role_ms']:.2f}"
                   f" ms ({r['added_ms']:+.2f}), so on a thread {r['on_a_thread_ms']:.2f}; profile {r['profile_ms']:.2f}")

@@ -300,11 +300,16 @@ class LLMEngine:
             self._progress.forget(rid)
         if self._step_observer is not None:
             self._step_observer(StepShape.of(out))
+        began = time.perf_counter()
         self._progress.begin(out)
         launched = self._lookahead.launch(out, draft_probs)
         self._progress.end()
+        queued = time.perf_counter()
+        sampled = launched.wait()
+        self.stats.launch_seconds += queued - began
+        self.stats.wait_seconds += time.perf_counter() - queued
         self._count_prompt_tokens(out)
-        self._scheduler.update(out, launched.wait())
+        self._scheduler.update(out, sampled)
         self.stats.steps += 1
         self._count_spec(out)
         results = [r for s in out.scheduled if (r := self._output(s)) is not None]

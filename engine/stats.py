@@ -54,6 +54,9 @@ class EngineStats:
     remote_kv_timeouts: int = stat("KV pulls the engine stopped waiting for at their deadline, since start")
     leases_expired: int = stat("Leased KV (finished prompts kept for a decode worker) freed unclaimed at its "
                                "deadline, since start")
+    launch_seconds: float = stat("Host seconds spent queueing steps' model work (after scheduling; on a GPU the "
+                                 "kernel launches), since start")
+    wait_seconds: float = stat("Host seconds spent waiting for steps' results (on a GPU, for the device), since start")
     cpu_threads: int = stat("CPU engines: threads the last step ran on (engine.cpu_threads adaptive: the cores the "
                             "rest of the machine left idle)")
     cpu_thread_changes: int = stat("CPU engines: times the thread count changed, since start")

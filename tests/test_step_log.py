@@ -49,6 +49,12 @@ def test_a_worker_engine_logs_each_step_it_runs(tiny_llama_dir: str, tmp_path: P
     assert [(r["prompt_tokens"], r["decode_rows"], r["decode_context"], r["prompts"]) for r in rows] == [
         (20, 0, 0, 1), (0, 1, 20, 0), (0, 1, 21, 0), (21, 0, 0, 2)]
     assert all(r["ms"] > 0 for r in rows) and rows[0]["t"] < rows[1]["t"] < rows[2]["t"] < rows[3]["t"]
+    # where each step's time went: scheduled first, the stepping thread's CPU no more than the step's wall time
+    # (plus the clocks' grain); the log's maker (this thread) was the stepping thread, so its CPU is the same
+    for r in rows:
+        assert 0 <= r["sched_ms"] <= r["ms"] and 0 < r["cpu_ms"] <= r["ms"] + 1.0
+        assert r["launch_ms"] > 0 and r["wait_ms"] >= 0 and r["sched_ms"] + r["launch_ms"] + r["wait_ms"] <= r["ms"]
+        assert r["loop_cpu_ms"] == pytest.approx(r["cpu_ms"], abs=1.0) and r["gc_ms"] >= 0
     [event] = read_step_events(str(tmp_path / "steps" / "decode-1.jsonl"))
     assert (event["event"], event["rid"], event["nbytes"]) == ("pull_read", "a", 64) and event["t"] >= rows[3]["t"]
 
@@ -203,3 +209,22 @@ def _wait_for_gc_gauges(url: str) -> dict[str, float]:
         if sum(k.startswith("disagg_worker_gc_frozen_objects") for k in got) == 2 or time.monotonic() > deadline:
             return got
         time.sleep(0.2)
+
+
+def test_the_log_times_its_makers_thread_while_another_thread_steps(tiny_llama_dir: str, tmp_path: Path) -> None:
+    """`loop_cpu_ms` is the CPU the serving loop's thread (the log's maker) burnt during a step on the executor
+    thread: the GIL it held is time the step could not run Python."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    engine = LLMEngine(EngineConfig(model=tiny_llama_dir, cache=CacheConfig(num_blocks=32)))
+    log = StepLog(engine, str(tmp_path / "steps.jsonl"))
+    engine.add_request("a", list(range(10, 200)), SamplingParams(max_tokens=1, temperature=0.0))
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(log.step)
+        spun = 0
+        while not fut.done():  # this thread keeps busy while the other one steps
+            spun += sum(range(1000))
+        fut.result()
+    log.close()
+    [row] = read_step_log(str(tmp_path / "steps.jsonl"))
+    assert row["loop_cpu_ms"] > 0 and row["cpu_ms"] > 0

@@ -3,7 +3,12 @@
 With $DISAGG_STEP_LOG naming a folder, a worker appends one JSON line per step that ran the model to
 `<folder>/<worker id>.jsonl`: when it started (`t`, Unix seconds, so the logs of a machine's workers line up), how
 long it took (`ms`, the engine's `step` alone, on its executor thread), what it computed (`StepShape`: prompt
-tokens, attention pairs, decode rows, their mean context) and how many requests were still running after it.
+tokens, attention pairs, decode rows, their mean context) and how many requests were still running after it; and
+where the time went: `sched_ms` until the step was scheduled, `launch_ms` queueing its model work (on a GPU the
+kernel launches), `wait_ms` waiting for its results (for the device), `cpu_ms` the stepping
+thread's CPU time (on a GPU the wait for the device spins, so `ms - cpu_ms` is time off the CPU: waiting for the
+GIL, or preempted), `loop_cpu_ms` the CPU time of the thread that made the log (the serving loop's) meanwhile, and
+`gc_ms` garbage collection meanwhile (any thread's).
 Between them, event lines (`event`, `rid`, `t`) mark where a request's handoff stood (`note`): the prefill worker
 answering the router with the KV's handle, and on the decode worker the pull's arrival, its reserved blocks and
 its read done, so a benchmark can split the first gap (first token to second) into the router's relay, the wait
@@ -15,6 +20,7 @@ model), and the time between steps. Without it nothing is observed or written.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import threading
@@ -35,6 +41,11 @@ class StepLog:
         self._file: IO[str] = open(path, "a", buffering=1 << 16)  # noqa: SIM115 - closed by close()
         self._shape: StepShape | None = None
         self._lock = threading.Lock()  # steps are written from the engine's thread, events from the serving loop's
+        self._loop_clock = time.pthread_getcpuclockid(threading.get_ident())  # the serving loop's thread's CPU clock
+        self._scheduled = 0.0  # perf_counter when the step running now was scheduled
+        self._gc_s = 0.0  # collection time so far (any thread; written under the GIL by the callback)
+        self._gc_began = 0.0
+        gc.callbacks.append(self._gc)
         engine.observe_steps(self._observe)
 
     @classmethod
@@ -50,18 +61,31 @@ class StepLog:
             raise SystemExit(f"${STEP_LOG_ENV}={folder!r}: cannot write the step log {path!r}: {e.strerror}") from e
 
     def _observe(self, shape: StepShape) -> None:
-        self._shape = shape
+        self._shape, self._scheduled = shape, time.perf_counter()
+
+    def _gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_began = time.perf_counter()
+        else:
+            self._gc_s += time.perf_counter() - self._gc_began
 
     def step(self) -> list[StepOutput]:
         t, start = time.time(), time.perf_counter()
+        cpu, loop_cpu, gc_s = time.thread_time(), time.clock_gettime(self._loop_clock), self._gc_s
+        stats = self.engine.stats
+        launch_s, wait_s = stats.launch_seconds, stats.wait_seconds
         out = self.engine.step()
-        ms = (time.perf_counter() - start) * 1e3
+        end = time.perf_counter()
         shape, self._shape = self._shape, None
         if shape is not None:  # a step that scheduled nothing ran no model
-            self._write({"t": round(t, 6), "ms": round(ms, 3), "prompt_tokens": shape.prompt_tokens,
+            self._write({"t": round(t, 6), "ms": _ms(end - start), "prompt_tokens": shape.prompt_tokens,
                          "pairs": shape.pairs, "decode_rows": shape.decode_rows,
                          "decode_context": round(shape.decode_context, 1), "prompts": shape.prompts,
-                         "running_after": self.engine.load().num_running})
+                         "running_after": self.engine.load().num_running,
+                         "sched_ms": _ms(self._scheduled - start), "launch_ms": _ms(stats.launch_seconds - launch_s),
+                         "wait_ms": _ms(stats.wait_seconds - wait_s), "cpu_ms": _ms(time.thread_time() - cpu),
+                         "loop_cpu_ms": _ms(time.clock_gettime(self._loop_clock) - loop_cpu),
+                         "gc_ms": _ms(self._gc_s - gc_s)})
         return out
 
     def note(self, event: str, rid: str, **fields: float | int) -> None:
@@ -75,8 +99,14 @@ class StepLog:
 
     def close(self) -> None:
         self.engine.observe_steps(None)
+        if self._gc in gc.callbacks:
+            gc.callbacks.remove(self._gc)
         with self._lock:
             self._file.close()
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1e3, 3)
 
 
 def read_step_log(path: str) -> list[dict[str, float]]:
