@@ -1,0 +1,79 @@
+"""Where a worker's steps spent their time, from its step log (worker/step_log.py), by kind of step.
+
+Each step line carries its wall time (`ms`) and how it went: `sched_ms` until it was scheduled, `launch_ms`
+queueing its model work, `wait_ms` waiting for the results, `cpu_ms` the stepping thread's CPU time (on a GPU the
+wait spins, so `ms - cpu_ms` is time off the CPU: the GIL held by another thread, or preempted), `loop_cpu_ms` the
+serving loop's thread's CPU meanwhile, `gc_ms` garbage collection. Held against the engine alone's steps
+(`benchmarks/prompt_lengths.py --step-log`) this says whether a serving worker's dearer prompt steps are host time
+(launching, off the CPU) or device time (waiting).
+
+    python -m benchmarks.step_split --logs SERVING/prefill-0.jsonl ENGINE.jsonl [--out split.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+from worker.step_log import read_step_log
+
+FIELDS = ("ms", "sched_ms", "launch_ms", "wait_ms", "cpu_ms", "off_cpu_ms", "loop_cpu_ms", "gc_ms")
+KINDS: dict[str, Callable[[dict], bool]] = {
+    "short prompts (< 300 tokens)": lambda r: 0 < r["prompt_tokens"] < 300 and not r["decode_rows"],
+    "long prompts (>= 1,000 tokens)": lambda r: r["prompt_tokens"] >= 1000 and not r["decode_rows"],
+    "other prompts": lambda r: 300 <= r["prompt_tokens"] < 1000 and not r["decode_rows"],
+    "decode only": lambda r: not r["prompt_tokens"] and r["decode_rows"],
+    "mixed": lambda r: r["prompt_tokens"] and r["decode_rows"],
+}
+
+
+def quantiles(xs: list[float]) -> dict[str, float]:
+    """p10 / p50 / p90 (nearest rank)."""
+    s = sorted(xs)
+    return {f"p{int(q * 100)}": round(s[min(len(s) - 1, int(q * len(s)))], 3) for q in (0.1, 0.5, 0.9)}
+
+
+def split(rows: list[dict]) -> dict[str, dict]:
+    """Per kind of step: its count and each field's p10 / p50 / p90 (the fields the log has)."""
+    out: dict[str, dict] = {}
+    for kind, pick in KINDS.items():
+        steps = [{**r, "off_cpu_ms": r["ms"] - r["cpu_ms"]} if "cpu_ms" in r else r for r in rows if pick(r)]
+        if steps:
+            out[kind] = {"steps": len(steps), **{f: quantiles([s[f] for s in steps]) for f in FIELDS
+                                                 if all(f in s for s in steps)}}
+    return out
+
+
+def show(name: str, table: dict[str, dict]) -> None:
+    print(name)
+    for kind, row in table.items():
+        cells = "  ".join(f"{f} {v['p10']:.2f}/{v['p50']:.2f}/{v['p90']:.2f}" for f, v in row.items() if f != "steps")
+        print(f"  {kind} ({row['steps']}): {cells}")
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--logs", nargs="+", required=True, help="step logs (JSONL) to split, each on its own")
+    p.add_argument("--out", help="write the tables here as JSON (p10 / p50 / p90 of each field, by kind of step)")
+    a = p.parse_args(argv)
+    tables = {}
+    for path in a.logs:
+        try:
+            rows = read_step_log(path)
+        except (OSError, ValueError) as e:
+            p.error(f"{path}: not a readable step log ({e})")
+        if any("ms" not in r or "prompt_tokens" not in r for r in rows):
+            p.error(f"{path}: not a step log (a line lacks ms or prompt_tokens)")
+        tables[path] = split(rows)
+        show(path, tables[path])
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(tables, f, indent=1)
+        print(f"wrote {a.out}", file=sys.stderr)
+    return tables
+
+
+if __name__ == "__main__":
+    main()
