@@ -7,11 +7,13 @@ fixed amount: on one H100 its lone 16-token prompts took 18.7 ms where the engin
 token prompts beside the decode worker's steps ran ~8 ms over the profile's price (the fixed part slowed by the
 co-run as the rest is). The simulator priced none of it, and the H100 runs' TTFT p50s came out 9-26% short. This
 reads the prompt-only steps of every worker step log in the folders (worker/step_log.py, as `sim_validate
---keep-logs` keeps them) that ran alone (another worker in a step < 10% of their time) with at most `--max-tokens`
-prompt tokens (short, so the fixed part is most of them: sim_validate's calibration sends such prompts to the idle
-cluster before each run) and writes the median of each one's time over the engine's price for its shape as the
-profile's `serving.prompt_step_ms`. The host's load shows in it (four client processes on the same 16-core host
-made it 13 ms): take it from runs with one client process, and hold the profile against other runs.
+--keep-logs` keeps them). By default (`--steps beside`) those that ran beside another worker's steps for >= 90% of
+their time: each one's time over the co-run multiplier at its length, less the engine's price. With `--steps lone`
+those that ran alone (another worker in a step < 10% of their time) with at most `--max-tokens` prompt tokens
+(short, so the fixed part is most of them: sim_validate's calibration sends such prompts to the idle cluster),
+each one's time less the price; the host's load shows in these (four client processes on the same 16-core host made
+it 13 ms where the steps beside gave 4.2). The median is the profile's `serving.prompt_step_ms`. Take the logs from
+runs with one client process, and hold the profile against other runs.
 
 Steps of two prompts or more cost more again (an H100 prefill worker's, in a burst: 6-14 ms over the price with the
 per-step cost once). With `--steps beside` the one-prompt steps give `prompt_step_ms` and the others, each's excess
