@@ -11,16 +11,17 @@ the engine takes the queued work if every guessed request the schedule asks for 
 guessed (one token, at the position the guess used), and otherwise drops it and launches the step as usual.
 Outputs are therefore exactly the scheduler's; a wrong guess only wastes device time.
 
-Who is in the guess: every request of step N that samples, unless step N can end it by length (max_tokens,
-the context limit). No guess when requests verify drafts or use penalties, a grammar or a bad word of several
-tokens (their next logits depend on tokens the host has not seen: engine.sampler.needs_history). A request
-that stops on a stop token is in the guess and simply missing from the next schedule: the rest of the guess is
-still taken. What else the schedule asks for does not waste the guess either. Prompt
-chunks (a new request admitted, a long prompt going on) are launched right after the queued step, as a
-second forward of the same step (`SplitStep`), as SGLang runs prefill and decode batches apart; the cost is
-reading the weights twice in that step, against a whole decode pass for dropping the guess. A request that
-joins with one token to decode and nothing else to launch beside (a decode worker's pulled request) is left
-out of this step and computed in the next guess (its token is on the host), one step later than without
+Who is in the guess: every request of step N that samples, unless step N can end it by length (max_tokens, the
+context limit) or by a handoff (a prefill-role request ends at its first token: guessing it cost a prefill worker
+a wasted decode pass and its wait, 5-12 ms, after every prompt step on an H100). No guess when requests verify
+drafts or use penalties, a grammar or a bad word of several tokens (their next logits depend on tokens the host
+has not seen: engine.sampler.needs_history). A request that stops on a stop token is in the guess and simply
+missing from the next schedule: the rest of the guess is still taken. What else the schedule asks for does not
+waste the guess either. Prompt chunks (a new request admitted, a long prompt going on) are launched right after
+the queued step, as a second forward of the same step (`SplitStep`), as SGLang runs prefill and decode batches
+apart; the cost is reading the weights twice in that step, against a whole decode pass for dropping the guess. A
+request that joins with one token to decode and nothing else to launch beside (a decode worker's pulled request)
+is left out of this step and computed in the next guess (its token is on the host), one step later than without
 overlap; it is in the next guess or there is no next guess, so it is postponed once at most.
 
 Blocks. A step's `wait()` returns once the step's own kernels have finished (its sampled tokens' copy, or an
@@ -138,7 +139,10 @@ def guess_rows(out: SchedulerOutput, scheduler: Scheduler) -> list[int]:
             return []
         if not s.samples:
             continue  # a prompt chunk: it goes on beside the guess
-        ends = len(r.output_token_ids) + 1 >= r.params.max_tokens or r.num_tokens + 1 >= scheduler.max_model_len
+        # A prefill-role request (a lease) hands its KV off at its first token: guessing it would queue a whole
+        # decode pass that only delays the handoff (the engine fences it before the lease is answered).
+        ends = (r.lease_s is not None or len(r.output_token_ids) + 1 >= r.params.max_tokens
+                or r.num_tokens + 1 >= scheduler.max_model_len)
         if not ends:
             rows.append(i)
     return rows

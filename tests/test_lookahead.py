@@ -285,3 +285,18 @@ def test_a_step_that_samples_nothing_still_waits_for_its_forward() -> None:
     step = LaunchedStep([None, None], done=Event())  # type: ignore[arg-type]
     assert step.wait() == [None, None] and Event.waited == 1
     assert step.select([1]).wait() == [None] and Event.waited == 2
+
+
+def test_a_prefill_role_prompt_queues_no_guess(tiny_llama_dir: str) -> None:
+    """A request under a lease ends at its first token (the KV moves on): no decode pass may be queued after its
+    prompt step, whatever its max_tokens (a prefill worker ran, then waited for, a wasted one after every prompt)."""
+    eng = make(tiny_llama_dir, True, cache=CacheConfig(num_blocks=64))
+    eng.add_request("lease", list(range(10, 40)), SamplingParams(max_tokens=128, temperature=0, ignore_eos=True),
+                    lease_s=30.0)
+    [out] = eng.step()
+    assert out.finished and out.finish_reason == "handoff" and len(out.new_token_ids) == 1
+    assert eng.stats.overlap_steps_queued == 0 and eng.lease("lease") is not None
+    eng.add_request("plain", list(range(50, 60)), SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    eng.step()
+    assert eng.stats.overlap_steps_queued == 1  # a decoding request is still guessed
+    eng.release_lease("lease")
