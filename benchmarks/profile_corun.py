@@ -30,8 +30,9 @@ from typing import Any
 
 import torch
 
+from benchmarks.co_run_spread import POINTS, spread
 from benchmarks.machine_load import Alone
-from benchmarks.profile_steps import Tokens, decode_ms, run_prompt
+from benchmarks.profile_steps import Tokens, decode_ms, decode_step_times, run_prompt
 from engine.engine import LLMEngine
 from simulator.profile import CoRunCosts
 
@@ -86,7 +87,7 @@ def co_run_lengths(device: str) -> tuple[int, ...]:
 def co_run(eng: LLMEngine, toks: Tokens, device: str, repeat: int, alone_check: Alone,
            all_cores: Callable[[], LLMEngine] | None = None, engine_args: list[str] | None = None,
            starts: int = 1, table_ms: Callable[[int], float] | None = None,
-           lengths: tuple[int, ...] = ()) -> CoRunCosts:
+           lengths: tuple[int, ...] = (), spread_steps: int = 0) -> CoRunCosts:
     """The multipliers (module docstring). `all_cores` builds an engine fixed on every core (CPU only);
     `engine_args` (disagg profile's arguments): the co-runner is this engine running the other role's steps, else
     matmuls. Each busy figure is the median over `starts` co-runner starts (a median of steps within each).
@@ -94,7 +95,8 @@ def co_run(eng: LLMEngine, toks: Tokens, device: str, repeat: int, alone_check: 
     is over it (without it, over the same prompts alone here); `lengths`: the prompt lengths (default
     `co_run_lengths`), which the table must hold. The two may differ on a GPU: prompts timed in a row
     here can meet the card's power limit (the `sustained` figure) where the table's, timed after a pause, do not
-    (on one H200 they agreed within 1.3%; the note keeps the figure)."""
+    (on one H200 they agreed within 1.3%; the note keeps the figure). `spread_steps`: also time that many decode
+    steps in a row beside each prefill co-runner start, one by one, for `decode_spread` (each over their mean)."""
     gpu = device.startswith("cuda")
     n, batch, ctx = shape(device)
     lengths = tuple(sorted(lengths)) or co_run_lengths(device)
@@ -121,11 +123,14 @@ def co_run(eng: LLMEngine, toks: Tokens, device: str, repeat: int, alone_check: 
     fixed_alone = (prefill(fixed, plain), decode(fixed, plain)) if fixed is not None else (0.0, 0.0)
     beside_decode: list[dict[int, float]] = []
     beside_prefill: list[tuple[float, float]] = []
+    steps_beside: list[list[float]] = []  # each start's decode steps one by one (spread_steps)
     for _ in range(starts):
         with busy_beside(gpu, engine_args, "decode"):
             beside_decode.append({k: prefill(eng, plain, k) for k in lengths})
         with busy_beside(gpu, engine_args, "prefill"):
             beside_prefill.append((decode(eng, plain), decode(eng, plain, 1)))
+            if spread_steps:
+                steps_beside.append(decode_step_times(eng, toks, batch, ctx, spread_steps))
     over = (0.0, 0.0)
     if fixed is not None:
         with busy_beside(gpu):
@@ -138,11 +143,24 @@ def co_run(eng: LLMEngine, toks: Tokens, device: str, repeat: int, alone_check: 
     at_n = by_tokens[lengths.index(n)]
     dec = ratio(statistics.median(d for d, _ in beside_prefill), alone_decode)
     one = ratio(statistics.median(d for _, d in beside_prefill), one_alone) if one_alone else dec
+    xs = decode_spread(steps_beside)
+    note = co_run_note(eng, device, engine_args is not None, fixed is not None, lengths, n, alone, base,
+                       beside_decode, table_ms is not None)
+    if xs:
+        note += (f"; decode_spread from {sum(map(len, steps_beside))} decode steps of {batch} x {ctx} timed one by one "
+                 "beside the prefill co-runner, each over its start's mean")
     return CoRunCosts(prefill=at_n, decode=dec, oversubscribed_prefill=ratio(over[0], fixed_alone[0]),
                       oversubscribed_decode=ratio(over[1], fixed_alone[1]), decode_batch=(1, batch),
                       decode_by_batch=(one, dec), prefill_tokens=lengths, prefill_by_tokens=by_tokens,
-                      note=co_run_note(eng, device, engine_args is not None, fixed is not None, lengths, n, alone,
-                                       base, beside_decode, table_ms is not None))
+                      decode_spread=xs, note=note)
+
+
+def decode_spread(starts: list[list[float]]) -> tuple[float, ...]:
+    """The decode co-run's spread (CoRunCosts.decode_spread): every step over its co-runner start's mean (a start
+    whose co-runner ran slower or faster moves the mean, which `decode` has, not the spread), as an inverse CDF over
+    its mean; () with fewer steps than its points."""
+    ratios = [t / statistics.mean(ts) for ts in starts if ts for t in ts]
+    return spread(ratios) if len(ratios) >= POINTS else ()
 
 
 def co_run_note(eng: LLMEngine, device: str, engine: bool, fixed: bool, lengths: tuple[int, ...], n: int,

@@ -61,15 +61,38 @@ def decode_ms(eng: LLMEngine, toks: Tokens, batch: int, ctx: int, steps: int, de
 
 
 def _decode_once(eng: LLMEngine, toks: Tokens, batch: int, ctx: int, steps: int, device: str) -> float:
+    rids = _given_batch(eng, toks, batch, ctx, steps)
+    ms = timed_steps(eng, steps, device)
+    for rid in rids:
+        eng.abort(rid)
+    return ms
+
+
+def _given_batch(eng: LLMEngine, toks: Tokens, batch: int, ctx: int, steps: int) -> list[str]:
+    """`batch` requests whose `ctx`-token KV is taken as given, joined and warm, each wanting `steps` more tokens."""
     rids = [f"d{ctx}-{batch}-{i}-{time.monotonic_ns()}" for i in range(batch)]
     for rid in rids:
         receive_given_kv(eng, rid, toks.take(ctx), SamplingParams(max_tokens=steps + 8, temperature=0, ignore_eos=True))
     for _ in range(3):  # the batch joins, graphs warm
         eng.step()
-    ms = timed_steps(eng, steps, device)
+    return rids
+
+
+def decode_step_times(eng: LLMEngine, toks: Tokens, batch: int, ctx: int, steps: int) -> list[float]:
+    """ms of each of `steps` decode steps in a row at `batch` rows x `ctx`, from one step's return to the next's
+    (with overlapped steps on a GPU, the period a streaming client sees); [] when their KV does not fit."""
+    if batch * -(-(ctx + steps + 8) // eng.config.cache.block_size) > eng.load().kv_blocks_free:
+        return []
+    rids = _given_batch(eng, toks, batch, ctx, steps)
+    times, last = [], time.perf_counter()
+    for _ in range(steps):
+        eng.step()
+        now = time.perf_counter()
+        times.append((now - last) * 1e3)
+        last = now
     for rid in rids:
         eng.abort(rid)
-    return ms
+    return times
 
 
 def timed_steps(eng: LLMEngine, steps: int, device: str) -> float:

@@ -234,7 +234,7 @@ def profile(a: argparse.Namespace) -> Profile:
     transfer = timed("transfer", lambda: transfer_costs(a.transfer_backend, a.device, a.repeat))
     corun = timed("co-run", lambda: co_run(eng, toks, a.device, a.repeat, alone, lambda: build_engine(
         a, len(os.sched_getaffinity(0)))[0], a.argv if a.co_run_with == "engine" else None,
-        a.co_run_starts, lambda n: pre_ms[lengths.index(n)], corun_lengths)) if a.co_run else None
+        a.co_run_starts, lambda n: pre_ms[lengths.index(n)], corun_lengths, a.co_run_spread_steps)) if a.co_run else None
     gpu = a.device.startswith("cuda")
     sustained = timed("sustained", lambda: sustained_costs(eng, toks, a.device, min(2048, max(lengths)))) \
         if gpu and a.sustained else None
@@ -313,6 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--co-run-starts", type=int, default=0, help="co-runner starts each busy figure is the median "
                    "over (a prompt beside one start of a GPU's decode co-runner moved 1.95-2.19x between starts; "
                    "each costs an engine start; 0, the default: 3 with the engine co-runner on a GPU, else 1)")
+    p.add_argument("--co-run-spread-steps", type=int, default=-1, metavar="N", help="decode steps timed one by one "
+                   "beside each prefill co-runner start, for the co-run's spread (co_run.decode_spread: the simulator "
+                   "draws each decode step beside a prompt from it; it sets the ITL p99); 0: none (default: 128 on "
+                   "cuda, 0 on cpu, whose steps a shared machine's noise spreads more than the co-run does)")
     p.add_argument("--no-serving", dest="serving", action="store_false", help="skip timing decode steps through "
                    "the worker's serving loop (worker/async_engine.py) against engine.step alone (~10 s on a GPU)")
     p.add_argument("--no-sustained", dest="sustained", action="store_false", help="GPU: skip timing prompts back "
@@ -345,6 +349,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     if a.co_run_starts < 0:
         build_parser().error(f"--co-run-starts must be >= 0, got {a.co_run_starts}")
     a.co_run_starts = a.co_run_starts or (3 if gpu and a.co_run_with == "engine" else 1)
+    if a.co_run_spread_steps < -1:
+        build_parser().error(f"--co-run-spread-steps must be >= 0, got {a.co_run_spread_steps}")
+    if a.co_run_spread_steps == -1:
+        a.co_run_spread_steps = 128 if gpu else 0
     a.argv = argv
     return a
 

@@ -67,3 +67,22 @@ def test_the_co_run_takes_its_median_over_several_co_runner_starts(monkeypatch: 
     assert "medians over 2 co-runner starts, prefill of 256 beside each" in c.note and c.prefill >= 1
     assert parse(["--device", "cuda", "--co-run-with", "engine", "--out", "p.json"]).co_run_starts == 3
     assert parse(["--out", "p.json"]).co_run_starts == 1
+
+
+def test_the_co_run_times_decode_steps_one_by_one_for_the_spread() -> None:
+    """`spread_steps`: decode steps beside the prefill co-runner, timed one by one, become the profile's
+    `co_run.decode_spread` (an ascending inverse CDF with mean 1, which the profile validates); without it, none."""
+    from benchmarks.profile_corun import decode_spread
+    from simulator.profile import spread_mean
+
+    eng, _ = build_engine(parse(["--dummy", "tiny", "--kv-gib", "0.25", "--out", "unused.json"]))
+    c = co_run(eng, Tokens(eng.model_config.vocab_size), "cpu", 1, lambda f: f(), spread_steps=24)
+    xs = c.decode_spread
+    assert len(xs) == 21 and list(xs) == sorted(xs) and abs(spread_mean(xs) - 1) < 0.02 and xs[0] > 0
+    assert "decode_spread from 24 decode steps" in c.note and not eng.has_unfinished()
+    # each start's steps over that start's mean: a slower start moves `decode`, not the spread
+    assert decode_spread([[2.0] * 20, [4.0] * 20]) == (1.0,) * 21 and decode_spread([[1.0] * 5]) == ()
+    assert parse(["--device", "cuda", "--out", "p.json"]).co_run_spread_steps == 128
+    assert parse(["--out", "p.json"]).co_run_spread_steps == 0
+    with pytest.raises(SystemExit):
+        parse(["--co-run-spread-steps", "-3", "--out", "p.json"])
