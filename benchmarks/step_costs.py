@@ -11,6 +11,7 @@ import os
 import statistics
 from typing import Any
 
+from benchmarks.step_split import split
 from simulator.cost_model import CostModel
 from simulator.metrics import handoff_phases, percentile
 from simulator.profile import Profile
@@ -67,7 +68,7 @@ def overlaps(logs: dict[str, list[dict[str, Any]]]) -> None:
 def worker_steps(folder: str, since: float, until: float, prof: Profile) -> dict[str, Any]:
     """Each worker's step log (worker/step_log.py) over [since, until] (Unix seconds) against the cost model, by
     kind of step: all of them, those that ran alone (another worker in a step < 10% of the time) and those beside
-    another worker's step (>= 50%)."""
+    another worker's step (>= 50%); and by kind of step, where their time went (`time_split`)."""
     files = worker_files(folder)
     logs = {name: [r for r in read_step_log(path) if since <= r["t"] <= until] for name, path in files.items()}
     overlaps(logs)
@@ -83,6 +84,7 @@ def worker_steps(folder: str, since: float, until: float, prof: Profile) -> dict
         out[name] = {"all": by_kind(rows), "alone": by_kind([r for r in rows if r["overlap"] < 0.1]),
                      "beside": by_kind([r for r in rows if r["overlap"] >= 0.5]),
                      "prompts_beside_by_tokens": by_tokens([r for r in rows if r["overlap"] >= 0.5]),
+                     "time_split": split(rows),  # where the steps' time went (benchmarks/step_split.py)
                      "between_steps_ms": {"p50": round(percentile(gaps, 50), 2), "p99": round(percentile(gaps, 99), 2),
                                           "max": round(gaps[-1], 2)} if gaps else {},
                      "longest_between": [{"ms": round(g, 1), "at_s": round(a["t"] + a["ms"] / 1e3 - since, 3),

@@ -35,3 +35,23 @@ def test_a_file_that_is_not_a_step_log_is_a_usage_error(tmp_path: Path, capsys: 
     with pytest.raises(SystemExit) as e:
         main(["--logs", str(bad)])
     assert e.value.code == 2 and "not a readable step log" in capsys.readouterr().err
+
+
+def test_a_runs_worker_steps_carry_their_time_split(tmp_path: Path) -> None:
+    """sim_validate records each worker's steps against the cost model (step_costs.worker_steps) and, with them,
+    where their time went."""
+    from benchmarks.step_costs import worker_steps
+    from simulator.profile import Profile
+
+    def write(name: str, rows: list[dict]) -> None:
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    write("prefill-0", [{"t": 10.0 + i, "ms": 30.0, "prompt_tokens": 1200, "pairs": 720600, "decode_rows": 0,
+                         "decode_context": 0, "prompts": 1, "sched_ms": 0.2, "launch_ms": 18.0, "wait_ms": 11.0,
+                         "cpu_ms": 29.9, "loop_cpu_ms": 0.4, "gc_ms": 0.0} for i in range(4)])
+    write("decode-0", [{"t": 10.5 + i, "ms": 6.0, "prompt_tokens": 0, "pairs": 0, "decode_rows": 2,
+                        "decode_context": 900.0, "prompts": 0} for i in range(4)])
+    out = worker_steps(str(tmp_path), 0.0, 100.0, Profile.load("benchmarks/profiles/h100_llama3_8b_v49k_handoff_fix.json"))
+    long = out["prefill-0"]["time_split"]["long prompts (>= 1,000 tokens)"]
+    assert long["steps"] == 4 and long["launch_ms"]["p50"] == 18.0 and long["off_cpu_ms"]["p50"] == pytest.approx(0.1)
+    assert out["decode-0"]["time_split"]["decode only"]["steps"] == 4
