@@ -11,11 +11,17 @@ as `sim_validate --keep-logs` keeps them) that ran beside another worker's step 
 takes each one's time over the cost model's for its shape, and writes their quantiles, over their mean, as the
 profile's `co_run.decode_spread` (simulator/profile.py). Take the logs from runs other than those the profile
 will be held against.
+
+`--by-position` prints instead the same steps' multipliers (over the cost model) by where each began within the
+other worker's step it ran beside: on an H100 a decode step in the first tenth of a prompt step ran p10 1.04-1.14x
+(the prompt's kernels still being launched), the middle 2.1-2.5x, the last tenth 1.5-2.1x. `disagg profile`'s
+co-runner runs its prompts back to back, so its decode steps meet the middle only and spread less.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from dataclasses import replace
 
@@ -39,6 +45,30 @@ def beside_ratios(folder: str, prof: Profile) -> list[float]:
             if r["kind"] == "decode" and r["overlap"] >= 0.9 and r["model_ms"] > 0]
 
 
+POSITIONS = ((0.0, 0.1), (0.1, 0.3), (0.3, 0.6), (0.6, 0.9), (0.9, 1.0))
+
+
+def by_position(folder: str, prof: Profile) -> dict[str, dict[str, float]]:
+    """Decode-only steps beside another worker's step (>= 90% of their time), measured over modelled, by where
+    each began within that step (the fraction of it gone): count and p10 / p50 / p90 per POSITIONS bin."""
+    logs = {name: read_step_log(path) for name, path in worker_files(folder).items()}
+    overlaps(logs)
+    model = CostModel(prof)
+    found: dict[tuple[float, float], list[float]] = {b: [] for b in POSITIONS}
+    for name, rows in logs.items():
+        others = sorted((r["t"], r["t"] + r["ms"] / 1e3) for n, rs in logs.items() if n != name for r in rs)
+        for r in modelled(rows, model):
+            if r["kind"] != "decode" or r["overlap"] < 0.9 or r["model_ms"] <= 0:
+                continue
+            for a, b in others:
+                if a <= r["t"] < b:
+                    at = (r["t"] - a) / (b - a)
+                    found[next(x for x in POSITIONS if x[0] <= at < x[1])].append(r["ms"] / r["model_ms"])
+                    break
+    return {f"{lo:.1f}-{hi:.1f}": {"steps": len(xs), **{f"p{q}": round(percentile(xs, q), 3) for q in (10, 50, 90)}}
+            for (lo, hi), xs in found.items() if xs}
+
+
 def spread(ratios: list[float], points: int = POINTS) -> tuple[float, ...]:
     """The ratios' quantiles at `points` evenly spaced probabilities, over the mean of that inverse CDF."""
     assert len(ratios) >= points and points >= 2, f"{len(ratios)} steps beside prompts: too few for {points} points"
@@ -52,7 +82,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--logs", nargs="+", required=True, help="folders of one run's worker step logs each "
                    "(e.g. sim_validate --keep-logs DIR's DIR/disaggregated-steps-RATE-0)")
     p.add_argument("--profile", required=True, help="the profile to add the spread to (its cost model prices steps)")
-    p.add_argument("--out", required=True, help="where to write the profile with co_run.decode_spread")
+    p.add_argument("--out", help="where to write the profile with co_run.decode_spread (required unless --by-position)")
+    p.add_argument("--by-position", action="store_true", help="print the steps' multipliers by where each began within "
+                   "the other worker's step it ran beside, and write nothing")
     p.add_argument("--source", default="", help="which runs the logs are, for the profile's co-run note")
     a = p.parse_args(argv)
     try:
@@ -64,6 +96,12 @@ def main(argv: list[str] | None = None) -> None:
     missing = [d for d in a.logs if not os.path.isdir(d)]
     if missing:
         raise SystemExit(f"not a folder: {', '.join(missing)}")
+    if a.by_position:
+        for d in a.logs:
+            print(d, json.dumps(by_position(d, prof)))
+        return
+    if not a.out:
+        p.error("--out is required (unless --by-position)")
     try:
         ratios = [x for d in a.logs for x in beside_ratios(d, prof)]
     except (ValueError, KeyError, TypeError) as e:  # a line that is not a step log's JSON

@@ -56,3 +56,20 @@ def test_too_few_steps_or_no_folder_is_a_usage_error(tmp_path: Path) -> None:
     (tmp_path / "run" / "decode-0.jsonl").write_text("{not json\n")
     with pytest.raises(SystemExit, match="not a worker step log"):
         main(["--logs", str(tmp_path / "run"), "--profile", PROFILE, "--out", str(tmp_path / "p.json")])
+
+
+def test_the_steps_beside_a_prompt_by_where_they_began_in_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--by-position`: each decode step beside the prompt binned by the fraction of the prompt step gone when it
+    began; the long prompt here starts 1 s before the decode steps, so they all begin in its later part."""
+    from benchmarks.co_run_spread import by_position
+
+    prof = Profile.load(PROFILE)
+    _logs(tmp_path / "run", prof, [2.0] * 30)
+    bins = by_position(str(tmp_path / "run"), prof)
+    assert sum(b["steps"] for b in bins.values()) == 30 and "0.0-0.1" not in bins
+    assert all(b["p50"] == pytest.approx(2.0, rel=0.005) for b in bins.values())
+    main(["--by-position", "--logs", str(tmp_path / "run"), "--profile", PROFILE])
+    assert json.loads(capsys.readouterr().out.split(" ", 1)[1]) == bins
+    with pytest.raises(SystemExit) as e:
+        main(["--logs", str(tmp_path / "run"), "--profile", PROFILE])  # a spread needs --out to go to
+    assert e.value.code == 2
