@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -32,7 +34,7 @@ import torch
 
 from benchmarks.co_run_spread import POINTS, spread
 from benchmarks.machine_load import Alone
-from benchmarks.profile_steps import Tokens, decode_ms, decode_step_times, run_prompt
+from benchmarks.profile_steps import Tokens, decode_ms, decode_step_spans, run_prompt
 from engine.engine import LLMEngine
 from simulator.profile import CoRunCosts
 
@@ -44,13 +46,19 @@ CO_RUNNERS = {  # a process that keeps the rest of the machine busy until killed
 }
 
 
+BUSY_LOG_ENV = "DISAGG_CO_RUNNER_BUSY_LOG"  # where a paced prefill co-runner appends each prompt's "start end"
+
+
 @contextmanager
-def busy_beside(gpu: bool, engine_args: list[str] | None = None, role: str = "") -> Iterator[subprocess.Popen]:
+def busy_beside(gpu: bool, engine_args: list[str] | None = None, role: str = "",
+                busy_log: str = "") -> Iterator[subprocess.Popen]:
     """A co-runner process keeping the rest of the machine (or the same GPU) busy while the block runs: matmuls,
-    or with `engine_args` (disagg profile's arguments) this engine running `role`'s steps (`run_role`)."""
+    or with `engine_args` (disagg profile's arguments) this engine running `role`'s steps (`run_role`); a paced
+    prefill co-runner writes its prompts' times to `busy_log`."""
     cmd = [sys.executable, "-m", "benchmarks.profile_corun", role, *engine_args] if engine_args is not None \
         else [sys.executable, "-c", CO_RUNNERS["cuda" if gpu else "cpu"]]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    env = {**os.environ, BUSY_LOG_ENV: busy_log} if busy_log else None
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "go", f"co-runner {cmd[2:4]} failed"
         time.sleep(0.5)  # an adaptive engine sees the co-runner's core busy
@@ -95,8 +103,8 @@ def co_run(eng: LLMEngine, toks: Tokens, device: str, repeat: int, alone_check: 
     is over it (without it, over the same prompts alone here); `lengths`: the prompt lengths (default
     `co_run_lengths`), which the table must hold. The two may differ on a GPU: prompts timed in a row
     here can meet the card's power limit (the `sustained` figure) where the table's, timed after a pause, do not
-    (on one H200 they agreed within 1.3%; the note keeps the figure). `spread_steps`: also time that many decode
-    steps in a row beside each prefill co-runner start, one by one, for `decode_spread` (each over their mean)."""
+    (on one H200 they agreed within 1.3%; the note keeps the figure). `spread_steps` (engine co-runner only): that
+    many decode steps timed one by one beside a paced prefill co-runner (`paced_spread`) give `decode_spread`."""
     gpu = device.startswith("cuda")
     n, batch, ctx = shape(device)
     lengths = tuple(sorted(lengths)) or co_run_lengths(device)
@@ -123,14 +131,13 @@ def co_run(eng: LLMEngine, toks: Tokens, device: str, repeat: int, alone_check: 
     fixed_alone = (prefill(fixed, plain), decode(fixed, plain)) if fixed is not None else (0.0, 0.0)
     beside_decode: list[dict[int, float]] = []
     beside_prefill: list[tuple[float, float]] = []
-    steps_beside: list[list[float]] = []  # each start's decode steps one by one (spread_steps)
     for _ in range(starts):
         with busy_beside(gpu, engine_args, "decode"):
             beside_decode.append({k: prefill(eng, plain, k) for k in lengths})
         with busy_beside(gpu, engine_args, "prefill"):
             beside_prefill.append((decode(eng, plain), decode(eng, plain, 1)))
-            if spread_steps:
-                steps_beside.append(decode_step_times(eng, toks, batch, ctx, spread_steps))
+    xs, spread_note = paced_spread(eng, toks, device, engine_args, spread_steps) if spread_steps and engine_args \
+        else ((), "")
     over = (0.0, 0.0)
     if fixed is not None:
         with busy_beside(gpu):
@@ -143,22 +150,42 @@ def co_run(eng: LLMEngine, toks: Tokens, device: str, repeat: int, alone_check: 
     at_n = by_tokens[lengths.index(n)]
     dec = ratio(statistics.median(d for d, _ in beside_prefill), alone_decode)
     one = ratio(statistics.median(d for _, d in beside_prefill), one_alone) if one_alone else dec
-    xs = decode_spread(steps_beside)
     note = co_run_note(eng, device, engine_args is not None, fixed is not None, lengths, n, alone, base,
-                       beside_decode, table_ms is not None)
-    if xs:
-        note += (f"; decode_spread from {sum(map(len, steps_beside))} decode steps of {batch} x {ctx} timed one by one "
-                 "beside the prefill co-runner, each over its start's mean")
+                       beside_decode, table_ms is not None) + spread_note
     return CoRunCosts(prefill=at_n, decode=dec, oversubscribed_prefill=ratio(over[0], fixed_alone[0]),
                       oversubscribed_decode=ratio(over[1], fixed_alone[1]), decode_batch=(1, batch),
                       decode_by_batch=(one, dec), prefill_tokens=lengths, prefill_by_tokens=by_tokens,
                       decode_spread=xs, note=note)
 
 
+def paced_spread(eng: LLMEngine, toks: Tokens, device: str, engine_args: list[str], steps: int
+                 ) -> tuple[tuple[float, ...], str]:
+    """`decode_spread` and its note: `steps` decode steps of the co-run's shape timed one by one beside a prefill
+    co-runner that idles between its prompts as a serving prefill worker does (`run_role`'s "prefill-paced"); each
+    step that ran >= 90% beside one of its prompts, over their mean. Back-to-back prompts overlap a decode step
+    evenly; a serving worker's begin with ~14 ms of kernel launches during which the card is mostly the decode
+    worker's (co_run_spread.py --by-position: 1.0-1.3x there, 2.1-2.5x mid-prompt), and its spread is wider."""
+    _, batch, ctx = shape(device)
+    with tempfile.NamedTemporaryFile("r", suffix=".busy") as log:
+        with busy_beside(device.startswith("cuda"), engine_args, "prefill-paced", busy_log=log.name):
+            spans = decode_step_spans(eng, toks, batch, ctx, steps)
+        busy = [tuple(map(float, line.split())) for line in log.read().splitlines() if line.strip()]
+    ms = [(b - a) * 1e3 for a, b in spans if beside_share(a, b, busy) >= 0.9]
+    xs = decode_spread([ms])
+    note = (f"; decode_spread from {len(ms)} of {len(spans)} decode steps of {batch} x {ctx} timed one by one beside a "
+            "paced prefill co-runner (>= 90% beside one of its prompts), each over their mean") if xs else ""
+    return xs, note
+
+
+def beside_share(a: float, b: float, busy: list[tuple[float, ...]]) -> float:
+    """The share of [a, b] that the intervals in `busy` cover (they do not overlap one another)."""
+    return sum(max(0.0, min(b, e) - max(a, s)) for s, e in busy) / (b - a) if b > a else 0.0
+
+
 def decode_spread(starts: list[list[float]]) -> tuple[float, ...]:
-    """The decode co-run's spread (CoRunCosts.decode_spread): every step over its co-runner start's mean (a start
-    whose co-runner ran slower or faster moves the mean, which `decode` has, not the spread), as an inverse CDF over
-    its mean; () with fewer steps than its points."""
+    """The decode co-run's spread (CoRunCosts.decode_spread): every step over its group's mean (a co-runner start
+    that ran slower or faster moves the mean, which `decode` has, not the spread), as an inverse CDF over its
+    mean; () with fewer steps than its points."""
     ratios = [t / statistics.mean(ts) for ts in starts if ts for t in ts]
     return spread(ratios) if len(ratios) >= POINTS else ()
 
@@ -183,6 +210,19 @@ def co_run_note(eng: LLMEngine, device: str, engine: bool, fixed: bool, lengths:
     return "; ".join(parts)
 
 
+def paced_prompt(eng: LLMEngine, toks: Tokens, rng: random.Random, rid: str, device: str) -> None:
+    """One prompt of a length drawn from half the co-run's up to it (1,024-2,048 on a GPU), its times appended to
+    $BUSY_LOG_ENV, then an idle of 0-2x its time (half the card's time busy, as a serving prefill worker near its
+    knee)."""
+    n = shape(device)[0]
+    start = time.time()
+    run_prompt(eng, rid, toks.take(rng.randint(n // 2, n)), device)
+    end = time.time()
+    with open(os.environ[BUSY_LOG_ENV], "a") as f:
+        f.write(f"{start:.6f} {end:.6f}\n")
+    time.sleep(rng.uniform(0.0, 2.0) * (end - start))
+
+
 def run_role(role: str, argv: list[str]) -> None:
     """The engine co-runner: `role`'s steps for ever (prompts back to back, or a decode batch whose rows are
     re-added as they finish), after printing "go". Run as `python -m benchmarks.profile_corun ROLE ARGS...`
@@ -191,18 +231,22 @@ def run_role(role: str, argv: list[str]) -> None:
     from benchmarks.profiler import build_engine, parse
     from engine.request import SamplingParams
 
-    if role not in ("prefill", "decode"):
-        raise SystemExit(f"co-runner role must be prefill or decode, got {role!r}")
+    if role not in ("prefill", "prefill-paced", "decode"):
+        raise SystemExit(f"co-runner role must be prefill, prefill-paced or decode, got {role!r}")
     a = parse(argv)
     if not a.device.startswith("cuda"):
         torch.set_num_threads(a.threads or max(1, (os.cpu_count() or 2) // 2))
     eng, _ = build_engine(a)
     toks, (n, batch, ctx) = Tokens(eng.model_config.vocab_size), shape(a.device)
+    rng = random.Random(0)
     run_prompt(eng, "warm", toks.take(32), a.device)
     print("go", flush=True)
     for i in itertools.count():
         if role == "prefill":
             run_prompt(eng, f"p{i}", toks.take(n), a.device)
+            continue
+        if role == "prefill-paced":
+            paced_prompt(eng, toks, rng, f"p{i}", a.device)
             continue
         if not eng.has_unfinished():
             # contexts stay near `ctx` (rows re-added every 256 steps), as the measured decode step's are

@@ -78,21 +78,22 @@ def _given_batch(eng: LLMEngine, toks: Tokens, batch: int, ctx: int, steps: int)
     return rids
 
 
-def decode_step_times(eng: LLMEngine, toks: Tokens, batch: int, ctx: int, steps: int) -> list[float]:
-    """ms of each of `steps` decode steps in a row at `batch` rows x `ctx`, from one step's return to the next's
-    (with overlapped steps on a GPU, the period a streaming client sees); [] when their KV does not fit."""
+def decode_step_spans(eng: LLMEngine, toks: Tokens, batch: int, ctx: int, steps: int) -> list[tuple[float, float]]:
+    """(start, end), Unix seconds, of each of `steps` decode steps in a row at `batch` rows x `ctx`, a step from the
+    previous one's return to its own (with overlapped steps on a GPU, the period a streaming client sees); [] when
+    their KV does not fit."""
     if batch * -(-(ctx + steps + 8) // eng.config.cache.block_size) > eng.load().kv_blocks_free:
         return []
     rids = _given_batch(eng, toks, batch, ctx, steps)
-    times, last = [], time.perf_counter()
+    spans, last = [], time.time()
     for _ in range(steps):
         eng.step()
-        now = time.perf_counter()
-        times.append((now - last) * 1e3)
+        now = time.time()
+        spans.append((last, now))
         last = now
     for rid in rids:
         eng.abort(rid)
-    return times
+    return spans
 
 
 def timed_steps(eng: LLMEngine, steps: int, device: str) -> float:

@@ -313,10 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--co-run-starts", type=int, default=0, help="co-runner starts each busy figure is the median "
                    "over (a prompt beside one start of a GPU's decode co-runner moved 1.95-2.19x between starts; "
                    "each costs an engine start; 0, the default: 3 with the engine co-runner on a GPU, else 1)")
-    p.add_argument("--co-run-spread-steps", type=int, default=-1, metavar="N", help="decode steps timed one by one "
-                   "beside each prefill co-runner start, for the co-run's spread (co_run.decode_spread: the simulator "
-                   "draws each decode step beside a prompt from it; it sets the ITL p99); 0: none (default: 128 on "
-                   "cuda, 0 on cpu, whose steps a shared machine's noise spreads more than the co-run does)")
+    p.add_argument("--co-run-spread-steps", type=int, default=-1, metavar="N", help="with the engine co-runner: "
+                   "decode steps timed one by one beside a prefill co-runner that idles between its prompts as a "
+                   "serving prefill worker does, for the co-run's spread (co_run.decode_spread: the simulator draws "
+                   "each decode step beside a prompt from it; it sets the ITL p99); 0: none (default: 256 on cuda, "
+                   "0 on cpu, whose steps a shared machine's noise spreads more than the co-run does)")
     p.add_argument("--no-serving", dest="serving", action="store_false", help="skip timing decode steps through "
                    "the worker's serving loop (worker/async_engine.py) against engine.step alone (~10 s on a GPU)")
     p.add_argument("--no-sustained", dest="sustained", action="store_false", help="GPU: skip timing prompts back "
@@ -352,7 +353,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     if a.co_run_spread_steps < -1:
         build_parser().error(f"--co-run-spread-steps must be >= 0, got {a.co_run_spread_steps}")
     if a.co_run_spread_steps == -1:
-        a.co_run_spread_steps = 128 if gpu else 0
+        a.co_run_spread_steps = 256 if gpu else 0
     a.argv = argv
     return a
 

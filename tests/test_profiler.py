@@ -69,20 +69,25 @@ def test_the_co_run_takes_its_median_over_several_co_runner_starts(monkeypatch: 
     assert parse(["--out", "p.json"]).co_run_starts == 1
 
 
-def test_the_co_run_times_decode_steps_one_by_one_for_the_spread() -> None:
-    """`spread_steps`: decode steps beside the prefill co-runner, timed one by one, become the profile's
-    `co_run.decode_spread` (an ascending inverse CDF with mean 1, which the profile validates); without it, none."""
-    from benchmarks.profile_corun import decode_spread
+def test_the_co_run_times_decode_steps_beside_a_paced_co_runner_for_the_spread() -> None:
+    """`spread_steps` with the engine co-runner: decode steps timed one by one beside a prefill co-runner that
+    idles between prompts; those beside one of its prompts become `co_run.decode_spread` (an ascending inverse CDF
+    with mean 1, which the profile validates). With the matmul co-runner (no prompts), none."""
+    from benchmarks.profile_corun import beside_share, decode_spread
     from simulator.profile import spread_mean
 
-    eng, _ = build_engine(parse(["--dummy", "tiny", "--kv-gib", "0.25", "--out", "unused.json"]))
-    c = co_run(eng, Tokens(eng.model_config.vocab_size), "cpu", 1, lambda f: f(), spread_steps=24)
+    args = ["--dummy", "tiny", "--kv-gib", "0.25", "--out", "unused.json"]
+    eng, _ = build_engine(parse(args))
+    c = co_run(eng, Tokens(eng.model_config.vocab_size), "cpu", 1, lambda f: f(), engine_args=args, spread_steps=400)
     xs = c.decode_spread
     assert len(xs) == 21 and list(xs) == sorted(xs) and abs(spread_mean(xs) - 1) < 0.02 and xs[0] > 0
-    assert "decode_spread from 24 decode steps" in c.note and not eng.has_unfinished()
-    # each start's steps over that start's mean: a slower start moves `decode`, not the spread
+    assert "decode steps of 4 x 256 timed one by one beside a paced prefill co-runner" in c.note
+    assert not eng.has_unfinished()
+    assert co_run(eng, Tokens(eng.model_config.vocab_size), "cpu", 1, lambda f: f(), spread_steps=50).decode_spread == ()
+    assert beside_share(1.0, 2.0, [(0.5, 1.25), (1.5, 1.75), (3.0, 4.0)]) == 0.5
+    # each group's steps over its own mean: a slower co-runner start moves `decode`, not the spread
     assert decode_spread([[2.0] * 20, [4.0] * 20]) == (1.0,) * 21 and decode_spread([[1.0] * 5]) == ()
-    assert parse(["--device", "cuda", "--out", "p.json"]).co_run_spread_steps == 128
+    assert parse(["--device", "cuda", "--out", "p.json"]).co_run_spread_steps == 256
     assert parse(["--out", "p.json"]).co_run_spread_steps == 0
     with pytest.raises(SystemExit):
         parse(["--co-run-spread-steps", "-3", "--out", "p.json"])
