@@ -9,6 +9,8 @@ Over the same steps alone:
   beside decode steps by 5-10% (benchmarks/RESULTS.md, 2026-12-05 evening).
   The decode step is timed at the batch below and at one row (`decode_by_batch`), the serving runs' usual batch
   (one CPU profile read 1.63x at 4 rows where those runs' 1-2-row steps ran 1.19-1.26x; the next, 1.29x and 1.25x).
+- `decode_spread` (engine co-runner, `spread_steps`): decode steps timed one by one beside a prefill co-runner
+  that idles between prompts (`paced_spread`), the spread the simulator draws each decode step beside a prompt from.
 - `oversubscribed_prefill`, `oversubscribed_decode` (CPU): an engine on every core beside the matmuls, which is
   what an adaptive engine without a share that looked while the machine was idle runs until its step ends. Its
   threads then outnumber the cores, and a team of threads that meets at barriers waits for whichever one was
