@@ -69,6 +69,7 @@ def test_the_co_run_takes_its_median_over_several_co_runner_starts(monkeypatch: 
     assert parse(["--out", "p.json"]).co_run_starts == 1
 
 
+@pytest.mark.slow  # an engine co-runner process beside this one's (~12 s on 2 cores)
 def test_the_co_run_times_decode_steps_beside_a_paced_co_runner_for_the_spread() -> None:
     """`spread_steps` with the engine co-runner: decode steps timed one by one beside a prefill co-runner that
     idles between prompts; those beside one of its prompts become `co_run.decode_spread` (an ascending inverse CDF
