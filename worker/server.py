@@ -78,23 +78,26 @@ def build_service(config: WorkerConfig, aengine: AsyncEngine, address: str) -> W
 async def serve(config: WorkerConfig, ready_line: bool = True) -> int:
     """Run the worker until it is told to stop (returns 0) or its engine dies (returns 1). The engine's other
     tensor-parallel ranks are stopped on every way out."""
-    port = config.port or free_port(config.host)
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    # The port is bound before the engine is built (seconds; tensor-parallel ranks open sockets of their own
+    # meanwhile): with port 0 the OS's choice is ours at once, where a port found free and bound after the build
+    # could be taken in between (a cluster test's worker failed so: "Address already in use").
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
     address = f"{config.host}:{port}"
     if not config.worker_id:
         config = dataclasses.replace(config, worker_id=f"{config.role}@{port}")
     engine = LLMEngine(config.engine)
     try:
-        return await _serve(config, engine, address, ready_line)
+        return await _serve(config, engine, server, address, ready_line)
     finally:
         engine.close()  # ranks 1..N-1 exit (nothing to do for one rank)
 
 
-async def _serve(config: WorkerConfig, engine: LLMEngine, address: str, ready_line: bool) -> int:
+async def _serve(config: WorkerConfig, engine: LLMEngine, server: grpc.aio.Server, address: str,
+                 ready_line: bool) -> int:
     aengine = AsyncEngine(engine, StepLog.from_env(engine, config.worker_id))
     service = build_service(config, aengine, address)
-    server = grpc.aio.server(options=GRPC_OPTIONS)
     disagg_pb2_grpc.add_WorkerServicer_to_server(service, server)
-    server.add_insecure_port(address)
     await aengine.start()
     await server.start()
     log.info("worker %s (%s) serving on %s, KV transfer %s, %d rank(s)", config.worker_id, config.role, address,
