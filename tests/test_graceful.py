@@ -30,7 +30,9 @@ pytestmark = [pytest.mark.cluster, pytest.mark.timeout(1200)]
 WORDS = ["alpha", "beta", "gamma", "delta", "river", "mountain", "city", "history", "music", "science", "ocean"]
 SHORT = [f"Write about the {w} and the {v}:" for w, v in zip(WORDS, reversed(WORDS), strict=True)][:4]
 LONG = [" ".join(WORDS[(i * 5 + j * (i + 2)) % len(WORDS)] for j in range(400)) for i in range(6)]
-FINISH_TOKENS, MIGRATE_TOKENS, PREFILL_TOKENS = 64, 96, 6
+# MIGRATE_TOKENS: enough that the victim is still generating 1.5 s after SIGTERM on a fast, idle machine (at 96 the
+# second-signal test failed once, most likely so: a victim that finishes first exits before the second signal)
+FINISH_TOKENS, MIGRATE_TOKENS, PREFILL_TOKENS = 64, 192, 6
 
 
 @pytest.fixture(scope="module")
