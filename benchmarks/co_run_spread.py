@@ -97,8 +97,12 @@ def main(argv: list[str] | None = None) -> None:
     if missing:
         raise SystemExit(f"not a folder: {', '.join(missing)}")
     if a.by_position:
-        for d in a.logs:
-            print(d, json.dumps(by_position(d, prof)))
+        try:
+            tables = {d: by_position(d, prof) for d in a.logs}
+        except (ValueError, KeyError, TypeError) as e:  # a line that is not a step log's JSON
+            raise SystemExit(f"--logs: not a worker step log ({type(e).__name__}: {e})") from None
+        for d, table in tables.items():
+            print(d, json.dumps(table))
         return
     if not a.out:
         p.error("--out is required (unless --by-position)")

@@ -173,7 +173,7 @@ def paced_spread(eng: LLMEngine, toks: Tokens, device: str, engine_args: list[st
             spans = decode_step_spans(eng, toks, batch, ctx, steps)
         busy = [tuple(map(float, line.split())) for line in log.read().splitlines() if line.strip()]
     ms = [(b - a) * 1e3 for a, b in spans if beside_share(a, b, busy) >= 0.9]
-    xs = decode_spread([ms])
+    xs = decode_spread(ms)
     note = (f"; decode_spread from {len(ms)} of {len(spans)} decode steps of {batch} x {ctx} timed one by one beside a "
             "paced prefill co-runner (>= 90% beside one of its prompts), each over their mean") if xs else ""
     return xs, note
@@ -184,12 +184,10 @@ def beside_share(a: float, b: float, busy: list[tuple[float, ...]]) -> float:
     return sum(max(0.0, min(b, e) - max(a, s)) for s, e in busy) / (b - a) if b > a else 0.0
 
 
-def decode_spread(starts: list[list[float]]) -> tuple[float, ...]:
-    """The decode co-run's spread (CoRunCosts.decode_spread): every step over its group's mean (a co-runner start
-    that ran slower or faster moves the mean, which `decode` has, not the spread), as an inverse CDF over its
-    mean; () with fewer steps than its points."""
-    ratios = [t / statistics.mean(ts) for ts in starts if ts for t in ts]
-    return spread(ratios) if len(ratios) >= POINTS else ()
+def decode_spread(ms: list[float]) -> tuple[float, ...]:
+    """The decode co-run's spread (CoRunCosts.decode_spread): the steps' times over their mean, as an inverse CDF
+    over its mean; () with fewer steps than its points."""
+    return spread([t / statistics.mean(ms) for t in ms]) if len(ms) >= POINTS else ()
 
 
 def co_run_note(eng: LLMEngine, device: str, engine: bool, fixed: bool, lengths: tuple[int, ...], n: int,

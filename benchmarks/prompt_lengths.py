@@ -90,7 +90,8 @@ def measure(eng: Any, toks: Tokens, model: CostModel, lengths: list[int], draws:
 
 def check_arguments(p: argparse.ArgumentParser, a: argparse.Namespace) -> list[int]:
     """The lengths to time; exits with a usage error for lengths that are not positive integers, a draw count
-    outside 0-1,000 (there are 1,025 lengths to draw from), a negative idle or a profile that is not a file."""
+    outside 0-1,000 (there are 1,025 lengths to draw from), a negative idle, a profile that is not a file or a
+    step log that cannot be written."""
     try:
         lengths = [int(x) for x in a.lengths.split(",")]
     except ValueError:
@@ -103,6 +104,11 @@ def check_arguments(p: argparse.ArgumentParser, a: argparse.Namespace) -> list[i
         p.error(f"--idle-s must be >= 0, got {a.idle_s}")
     if not os.path.isfile(a.profile):
         p.error(f"--profile {a.profile!r} is not a file")
+    if a.step_log:
+        try:
+            open(a.step_log, "a").close()  # before the engine is built: a bad path fails now, not minutes later
+        except OSError as e:
+            p.error(f"--step-log {a.step_log!r}: cannot write it ({e.strerror})")
     return lengths
 
 

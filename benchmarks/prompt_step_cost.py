@@ -2,10 +2,11 @@
 
 `python -m benchmarks.prompt_step_cost --logs DIR [DIR ...] --profile IN.json --out OUT.json [--steps beside|lone]`
 
-`disagg profile` times prompts on the engine alone. A serving prefill worker runs the same steps slower by about a
-fixed amount: on one H100 its lone 16-token prompts took 18.7 ms where the engine takes 14.9, and its 1,024-2,048-
-token prompts beside the decode worker's steps ran ~8 ms over the profile's price (the fixed part slowed by the
-co-run as the rest is). The simulator priced none of it, and the H100 runs' TTFT p50s came out 9-26% short. This
+`disagg profile` times prompts on the engine alone. A serving prefill worker ran the same steps slower by about a
+fixed amount: on one H100 its 1,024-2,048-token prompts beside the decode worker's steps ran ~8 ms over the
+profile's price, and the H100 runs' TTFT p50s came out 9-26% short. Most of it was a decode pass the engine's
+lookahead queued, and waited for, after every prefill-role prompt (fixed 2026-12-07); since then these steps run at
+the price (median -0.3..-1.1 ms), and this is the check that they do, for a card, a host or a serving change. This
 reads the prompt-only steps of every worker step log in the folders (worker/step_log.py, as `sim_validate
 --keep-logs` keeps them). By default (`--steps beside`) those that ran beside another worker's steps for >= 90% of
 their time: each one's time over the co-run multiplier at its length, less the engine's price. With `--steps lone`

@@ -17,6 +17,7 @@ import json
 import sys
 from collections.abc import Callable
 
+from simulator.metrics import percentile
 from worker.step_log import read_step_log
 
 FIELDS = ("ms", "sched_ms", "launch_ms", "wait_ms", "cpu_ms", "off_cpu_ms", "loop_cpu_ms", "gc_ms")
@@ -30,9 +31,8 @@ KINDS: dict[str, Callable[[dict], bool]] = {
 
 
 def quantiles(xs: list[float]) -> dict[str, float]:
-    """p10 / p50 / p90 (nearest rank)."""
-    s = sorted(xs)
-    return {f"p{int(q * 100)}": round(s[min(len(s) - 1, int(q * len(s)))], 3) for q in (0.1, 0.5, 0.9)}
+    """p10 / p50 / p90 (the benchmarks' percentile: linear between order statistics)."""
+    return {f"p{q}": round(percentile(xs, q), 3) for q in (10, 50, 90)}
 
 
 def split(rows: list[dict]) -> dict[str, dict]:

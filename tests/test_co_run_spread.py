@@ -73,3 +73,6 @@ def test_the_steps_beside_a_prompt_by_where_they_began_in_it(tmp_path: Path, cap
     with pytest.raises(SystemExit) as e:
         main(["--logs", str(tmp_path / "run"), "--profile", PROFILE])  # a spread needs --out to go to
     assert e.value.code == 2
+    (tmp_path / "run" / "decode-0.jsonl").write_text('{"t": 1.0}\n')  # not a step log's line
+    with pytest.raises(SystemExit, match="not a worker step log"):
+        main(["--by-position", "--logs", str(tmp_path / "run"), "--profile", PROFILE])

@@ -12,7 +12,7 @@ PROFILE = "benchmarks/profiles/cpu_smollm2_2026-12-06e.json"
 
 @pytest.mark.parametrize("bad", [["--lengths", "10,x"], ["--lengths", "0"], ["--random", "5000"],
                                  ["--random", "-1"], ["--idle-s", "-1"], ["--profile", "no/such.json"],
-                                 ["--roles", "16,x"], ["--roles", "0"]])
+                                 ["--roles", "16,x"], ["--roles", "0"], ["--step-log", "/no/such/folder/steps.jsonl"]])
 def test_bad_arguments_are_refused_with_a_usage_error(bad: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     args = ["--profile", PROFILE, *bad] if bad[0] != "--profile" else bad
     with pytest.raises(SystemExit) as e:

@@ -20,7 +20,6 @@ model), and the time between steps. Without it nothing is observed or written.
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import threading
@@ -28,6 +27,7 @@ import time
 from typing import IO
 
 from engine.engine import LLMEngine, StepOutput
+from engine.gc_heap import GCPauses
 from engine.stats import StepShape
 
 STEP_LOG_ENV = "DISAGG_STEP_LOG"
@@ -43,9 +43,7 @@ class StepLog:
         self._lock = threading.Lock()  # steps are written from the engine's thread, events from the serving loop's
         self._loop_clock = time.pthread_getcpuclockid(threading.get_ident())  # the serving loop's thread's CPU clock
         self._scheduled = 0.0  # perf_counter when the step running now was scheduled
-        self._gc_s = 0.0  # collection time so far (any thread; written under the GIL by the callback)
-        self._gc_began = 0.0
-        gc.callbacks.append(self._gc)
+        self._gc = GCPauses().start()  # this process's collections, any thread's
         engine.observe_steps(self._observe)
 
     @classmethod
@@ -63,15 +61,9 @@ class StepLog:
     def _observe(self, shape: StepShape) -> None:
         self._shape, self._scheduled = shape, time.perf_counter()
 
-    def _gc(self, phase: str, info: dict) -> None:
-        if phase == "start":
-            self._gc_began = time.perf_counter()
-        else:
-            self._gc_s += time.perf_counter() - self._gc_began
-
     def step(self) -> list[StepOutput]:
         t, start = time.time(), time.perf_counter()
-        cpu, loop_cpu, gc_s = time.thread_time(), time.clock_gettime(self._loop_clock), self._gc_s
+        cpu, loop_cpu, gc_s = time.thread_time(), time.clock_gettime(self._loop_clock), self._gc.stats.gc_pause_seconds
         stats = self.engine.stats
         launch_s, wait_s = stats.launch_seconds, stats.wait_seconds
         out = self.engine.step()
@@ -85,7 +77,7 @@ class StepLog:
                          "sched_ms": _ms(self._scheduled - start), "launch_ms": _ms(stats.launch_seconds - launch_s),
                          "wait_ms": _ms(stats.wait_seconds - wait_s), "cpu_ms": _ms(time.thread_time() - cpu),
                          "loop_cpu_ms": _ms(time.clock_gettime(self._loop_clock) - loop_cpu),
-                         "gc_ms": _ms(self._gc_s - gc_s)})
+                         "gc_ms": _ms(self._gc.stats.gc_pause_seconds - gc_s)})
         return out
 
     def note(self, event: str, rid: str, **fields: float | int) -> None:
@@ -99,8 +91,7 @@ class StepLog:
 
     def close(self) -> None:
         self.engine.observe_steps(None)
-        if self._gc in gc.callbacks:
-            gc.callbacks.remove(self._gc)
+        self._gc.stop()
         with self._lock:
             self._file.close()
 
