@@ -3,9 +3,9 @@
 Each step line carries its wall time (`ms`) and how it went: `sched_ms` until it was scheduled, `launch_ms`
 queueing its model work, `wait_ms` waiting for the results, `cpu_ms` the stepping thread's CPU time (on a GPU the
 wait spins, so `ms - cpu_ms` is time off the CPU: the GIL held by another thread, or preempted), `loop_cpu_ms` the
-serving loop's thread's CPU meanwhile, `gc_ms` garbage collection. Held against the engine alone's steps
-(`benchmarks/prompt_lengths.py --step-log`) this says whether a serving worker's dearer prompt steps are host time
-(launching, off the CPU) or device time (waiting).
+serving loop's thread's CPU meanwhile, `gc_ms` garbage collection; and what is left after the wait
+(`after_wait_ms`). Held against the engine alone's steps (`benchmarks/prompt_lengths.py --step-log`) this says
+whether a serving worker's dearer prompt steps are host time (launching, off the CPU) or device time (waiting).
 
     python -m benchmarks.step_split --logs SERVING/prefill-0.jsonl ENGINE.jsonl [--out split.json]
 """
@@ -20,7 +20,7 @@ from collections.abc import Callable
 from simulator.metrics import percentile
 from worker.step_log import read_step_log
 
-FIELDS = ("ms", "sched_ms", "launch_ms", "wait_ms", "cpu_ms", "off_cpu_ms", "loop_cpu_ms", "gc_ms")
+FIELDS = ("ms", "sched_ms", "launch_ms", "wait_ms", "after_wait_ms", "cpu_ms", "off_cpu_ms", "loop_cpu_ms", "gc_ms")
 KINDS: dict[str, Callable[[dict], bool]] = {
     "short prompts (< 300 tokens)": lambda r: 0 < r["prompt_tokens"] < 300 and not r["decode_rows"],
     "long prompts (>= 1,000 tokens)": lambda r: r["prompt_tokens"] >= 1000 and not r["decode_rows"],
@@ -35,11 +35,22 @@ def quantiles(xs: list[float]) -> dict[str, float]:
     return {f"p{q}": round(percentile(xs, q), 3) for q in (10, 50, 90)}
 
 
+def derived(r: dict) -> dict:
+    """A step with the figures its fields give: time off the CPU, and after the wait (the engine's work once the
+    results are in: the scheduler's update, the outputs, a fence on queued work)."""
+    out = dict(r)
+    if "cpu_ms" in r:
+        out["off_cpu_ms"] = r["ms"] - r["cpu_ms"]
+    if all(k in r for k in ("sched_ms", "launch_ms", "wait_ms")):
+        out["after_wait_ms"] = r["ms"] - r["sched_ms"] - r["launch_ms"] - r["wait_ms"]
+    return out
+
+
 def split(rows: list[dict]) -> dict[str, dict]:
     """Per kind of step: its count and each field's p10 / p50 / p90 (the fields the log has)."""
     out: dict[str, dict] = {}
     for kind, pick in KINDS.items():
-        steps = [{**r, "off_cpu_ms": r["ms"] - r["cpu_ms"]} if "cpu_ms" in r else r for r in rows if pick(r)]
+        steps = [derived(r) for r in rows if pick(r)]
         if steps:
             out[kind] = {"steps": len(steps), **{f: quantiles([s[f] for s in steps]) for f in FIELDS
                                                  if all(f in s for s in steps)}}

@@ -21,6 +21,7 @@ def test_steps_split_by_kind_with_time_off_the_cpu(tmp_path: Path) -> None:
     short = out[str(log)]["short prompts (< 300 tokens)"]
     assert short["steps"] == 10 and short["ms"] == {"p10": 20.9, "p50": 24.5, "p90": 28.1}
     assert short["off_cpu_ms"]["p50"] == 2.0 and short["launch_ms"]["p50"] == 15.0
+    assert short["after_wait_ms"]["p50"] == pytest.approx(0.9)  # 20 + i - 0.1 - 15 - (4 + i)
     assert out[str(log)]["decode only"] == {"steps": 1, "ms": {"p10": 6.0, "p50": 6.0, "p90": 6.0}}
     assert json.loads((tmp_path / "split.json").read_text()) == out
 
