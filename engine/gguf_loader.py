@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from engine.config import ConfigError, ModelConfig, MoEConfig, RopeScaling
+from engine.gguf_file import GGUFFile, GGUFTensor, read_gguf
 from engine.loader import Shards, WeightLoadError, check_shapes, checked
 
 FAMILIES = {"llama": "llama", "qwen2": "llama", "qwen3": "qwen3", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe",
@@ -57,26 +58,22 @@ IGNORED = {"rope_freqs.weight"}
 _REQUIRED: Any = object()
 
 
-def open_gguf(path: str) -> gguf.GGUFReader:
+def open_gguf(path: str) -> GGUFFile:
     try:
-        return gguf.GGUFReader(path)
-    except Exception as e:  # the reader raises assorted errors on corrupt or truncated input
+        return read_gguf(path)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
         raise WeightLoadError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
 
 
-def _meta(reader: gguf.GGUFReader, path: str, key: str, default: Any = _REQUIRED) -> Any:
-    field = reader.fields.get(key)
-    if field is None:
+def _meta(reader: GGUFFile, path: str, key: str, default: Any = _REQUIRED) -> Any:
+    if key not in reader.metadata:
         if default is _REQUIRED:
             raise WeightLoadError(f"{path}: GGUF metadata lacks {key!r}")
         return default
-    try:
-        return field.contents()
-    except Exception as e:
-        raise WeightLoadError(f"{path}: GGUF metadata {key!r} is unreadable ({e})") from e
+    return reader.metadata[key]
 
 
-def _architecture(reader: gguf.GGUFReader, path: str) -> str:
+def _architecture(reader: GGUFFile, path: str) -> str:
     arch = _meta(reader, path, "general.architecture")
     if arch not in FAMILIES:
         raise WeightLoadError(f"{path}: unsupported GGUF architecture {arch!r} (supported: {', '.join(FAMILIES)})")
@@ -95,7 +92,7 @@ def gguf_config(path: str) -> ModelConfig:
     return config if scaling is None else checked(path, lambda: dataclasses.replace(config, rope_scaling=scaling))
 
 
-def _common_fields(reader: gguf.GGUFReader, path: str, arch: str, tensors: set[str]) -> dict[str, Any]:
+def _common_fields(reader: GGUFFile, path: str, arch: str, tensors: set[str]) -> dict[str, Any]:
     meta = functools.partial(_meta, reader, path)
     eos = [meta(f"tokenizer.ggml.{k}_token_id", None) for k in ("eos", "eot")]
     bos = meta("tokenizer.ggml.bos_token_id", None)
@@ -164,14 +161,14 @@ def _moe(meta: Callable[..., Any], arch: str, experts: int, n: int, tensors: set
     )
 
 
-def _token_count(reader: gguf.GGUFReader, path: str, arch: str) -> int:
-    field = reader.fields.get("tokenizer.ggml.tokens")
-    if field is None:
+def _token_count(reader: GGUFFile, path: str, arch: str) -> int:
+    tokens = reader.metadata.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list):
         raise WeightLoadError(f"{path}: GGUF metadata has neither {arch}.vocab_size nor tokenizer.ggml.tokens")
-    return len(field.data)
+    return len(tokens)
 
 
-def _rope_scaling(reader: gguf.GGUFReader, path: str, arch: str, config: ModelConfig) -> RopeScaling | None:
+def _rope_scaling(reader: GGUFFile, path: str, arch: str, config: ModelConfig) -> RopeScaling | None:
     meta = functools.partial(_meta, reader, path)
     kind = meta(f"{arch}.rope.scaling.type", None)
     if kind == "linear":
@@ -237,7 +234,7 @@ def _renamed(name: str, renames: tuple[tuple[str, str], ...]) -> str:
     return name
 
 
-def _torch_shape(t: gguf.ReaderTensor) -> tuple[int, ...]:
+def _torch_shape(t: GGUFTensor) -> tuple[int, ...]:
     return tuple(int(n) for n in reversed(t.shape))
 
 
@@ -252,7 +249,7 @@ def gguf_weights(path: str, config: ModelConfig, dtype: torch.dtype, shards: Sha
     tensor dequantized once."""
     reader = open_gguf(path)
     found: dict[str, tuple[str, tuple[int, ...]]] = {}
-    plan: list[tuple[gguf.ReaderTensor, list[tuple[str, int | None]]]] = []
+    plan: list[tuple[GGUFTensor, list[tuple[str, int | None]]]] = []
     for t in reader.tensors:
         if t.name in IGNORED:
             continue
@@ -274,7 +271,7 @@ def _hf_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     return (1, *shape) if name.endswith("shared_expert_gate.weight") and len(shape) == 1 else shape
 
 
-def _stream(path: str, plan: list[tuple[gguf.ReaderTensor, list[tuple[str, int | None]]]], config: ModelConfig,
+def _stream(path: str, plan: list[tuple[GGUFTensor, list[tuple[str, int | None]]]], config: ModelConfig,
             dtype: torch.dtype, permuted: bool, shards: Shards) -> Iterator[tuple[str, torch.Tensor]]:
     """permuted: Q/K rows in llama.cpp's interleaved order (the llama architecture, Mixtral included). The whole
     tensor is dequantized (and unpermuted) first: a shard is then a plain slice of the checkpoint tensor."""
@@ -294,7 +291,7 @@ def _stream(path: str, plan: list[tuple[gguf.ReaderTensor, list[tuple[str, int |
             yield name, (x if shard is None else shard.take(x)).to(dtype)
 
 
-def _dequantize(path: str, t: gguf.ReaderTensor) -> torch.Tensor:
+def _dequantize(path: str, t: GGUFTensor) -> torch.Tensor:
     try:
         data = gguf.quants.dequantize(t.data, t.tensor_type)
         # Read-only memmap views (F32 tensors) are copied so torch never aliases the file.

@@ -163,14 +163,14 @@ class Tokenizer:
 
 
 def _read_gguf_metadata(path: Path) -> dict[str, Any]:
-    import gguf
+    from engine.gguf_file import read_gguf
 
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
     try:
-        reader = gguf.GGUFReader(path)
-        meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith(("tokenizer.", "general."))}
-    except Exception as e:
+        found = read_gguf(str(path), tensors=False).metadata
+        meta = {k: v for k, v in found.items() if k.startswith(("tokenizer.", "general."))}
+    except (OSError, ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not a readable GGUF file ({e})") from e
     missing = [k for k in ("tokenizer.ggml.model", "tokenizer.ggml.tokens") if k not in meta]
     if missing:

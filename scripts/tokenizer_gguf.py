@@ -12,14 +12,12 @@ from __future__ import annotations
 import struct
 import sys
 
-import gguf
+from engine.gguf_file import read_gguf
 
 
 def strip_tensors(src: str, dst: str) -> int:
     """Copy the header and key-value section of `src` with a tensor count of 0; returns the bytes written."""
-    reader = gguf.GGUFReader(src)
-    end = max(f.offset + sum(p.nbytes for p in f.parts) for f in reader.fields.values()
-              if not f.name.startswith("GGUF."))
+    end = read_gguf(src, tensors=False).metadata_end
     with open(src, "rb") as f:
         data = bytearray(f.read(end))
     struct.pack_into("<Q", data, 8, 0)  # header: magic (4), version (u32), tensor count (u64), key-value count (u64)

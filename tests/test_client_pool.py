@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import statistics
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -66,9 +67,10 @@ def test_a_trace_is_sent_at_its_times_from_every_process_and_returned_in_order(s
         results, duration = pool.replay(f"http://127.0.0.1:{server.port}", "m", (times, [3] * 6, outs), prompts)
     assert [r.ok for r in results] == [True] * 6 and [r.output_tokens for r in results] == outs
     assert [len(r.itls) for r in results] == [n - 1 for n in outs]  # in trace order: each its own stream
-    first = min(t for t, _ in server.arrived.values())
-    sent = [server.arrived[100 + i][0] - first for i in range(len(times))]
-    assert sent == pytest.approx(times, abs=0.04)  # at its time, whichever process sent it
+    # at its time, whichever process sent it: each arrival less its trace time is one offset (the pool's start),
+    # read as their median, so that one late first request (a process still warming) does not shift the rest
+    lags = [server.arrived[100 + i][0] - t for i, t in enumerate(times)]
+    assert lags == pytest.approx([statistics.median(lags)] * len(times), abs=0.04)
     assert duration >= times[-1] + 0.04
     if processes > 1:  # requests i, i + 3 from one process: three processes' own connections
         ports = {server.arrived[100 + i][1] for i in range(len(times))}

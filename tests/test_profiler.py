@@ -23,6 +23,7 @@ def test_the_envelope_lowers_a_cell_read_above_a_larger_one_and_keeps_a_clean_gr
     assert measured[0][0] == 53.7  # not changed in place
 
 
+@pytest.mark.slow  # the co-run's prompts and steps, alone and beside matmuls (~4 s on 2 cores)
 def test_the_co_run_times_a_one_row_decode_step_and_the_shapes_batch() -> None:
     """A real engine (the tiny dummy) timed alone and beside a process of matmuls: the decode multiplier is kept
     for one row and for the co-run's batch, the profile's `decode` being the latter."""
@@ -47,6 +48,7 @@ def test_the_co_run_times_a_one_row_decode_step_and_the_shapes_batch() -> None:
     assert not eng.has_unfinished() and "(and 1)" in c.note
 
 
+@pytest.mark.slow  # three co-runner starts (~7 s on 2 cores)
 def test_the_co_run_takes_its_median_over_several_co_runner_starts(monkeypatch: pytest.MonkeyPatch) -> None:
     """`--co-run-starts N`: a fresh co-runner process per start and role, each start's prompt multiplier named."""
     from benchmarks import profile_corun

@@ -20,6 +20,7 @@ def test_bad_arguments_are_refused_with_a_usage_error(bad: list[str], capsys: py
     assert e.value.code == 2 and bad[0] in capsys.readouterr().err
 
 
+@pytest.mark.slow  # 30 prompts through an engine three ways (~15 s on 2 cores)
 def test_prompts_timed_plain_and_as_the_prefill_role(tmp_path: pytest.TempPathFactory) -> None:
     out = main(["--profile", PROFILE, "--lengths", "16", "--random", "0", "--idle-s", "0", "--roles", "16,40",
                 "--out", str(tmp_path), "--kv-gib", "0.1", "--step-log", str(tmp_path / "steps.jsonl")])
