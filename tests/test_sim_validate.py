@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.sim_validate import FIGURES, main, merge_repeats
+from benchmarks.real_run import FIGURES, merge_repeats
+from benchmarks.sim_validate import main
 
 PROFILE = "benchmarks/profiles/cpu_smollm2_2026-12-06_grid8.json"
 
@@ -220,3 +221,19 @@ def test_each_probe_figure_is_read_from_its_own_window(tmp_path: Path) -> None:
     plain = {"probe_since": 105.0, "co_run_since": 115.0}
     read_probes(str(tmp_path), plain, 99.0, 130.0, co_run=False)
     assert "co_run_step" not in plain
+
+
+@pytest.mark.cluster  # a real 1P+1D SmolLM2 cluster on this machine (~40 s on 2 cores)
+def test_a_real_run_replays_the_trace_and_measures_around_it(tmp_path: Path) -> None:
+    res = main(["--profile", PROFILE, "--rates", "1", "--num-requests", "4", "--prompt-len", "16:32", "--output-len",
+                "4", "--modes", "disaggregated", "--tries", "1", "--max-foreign", "64", "--quiet-wait-s", "0",
+                "--out", str(tmp_path)])
+    row = res["rates"]["1"]["disaggregated"]
+    real, around = row["real"], row["measured_around"]
+    assert real["completed"] == 4 and real["failed"] == 0 and all(real[k] > 0 for k in FIGURES)
+    trace = (tmp_path / "sim_validate_trace_cpu_rate1.csv").read_text().splitlines()[1:]
+    assert [q[:2] for q in real["requests_each"]] == [[int(line.split(",")[1]), 4] for line in trace]
+    assert around["pulls"]["pulls"] == 4  # every request's KV handed from the prefill to the decode worker
+    assert around["steps"]["decode-0"]["all"]["decode"]["steps"] >= 3  # the workers' step logs were read
+    assert set(around["cpu_s"]) == {"prefill-0", "decode-0", "router", "client"}
+    assert row["sim"]["completed"] == 4 and set(row["sim_over_real_minus_1"]) == set(FIGURES)
