@@ -82,8 +82,12 @@ class ClusterConfig:
     def engine_config(self, model: str | None = None, role: str | None = None,
                       tensor_parallel_size: int | None = None) -> EngineConfig:
         """The engine of a worker of `role`'s pool (None: the engine section alone); `tensor_parallel_size`
-        overrides the pool's and the engine section's."""
+        overrides the pool's and the engine section's. A prefill worker runs prompt steps only (each request
+        leaves it at its first token), so unless the engine section says otherwise it captures no decode CUDA
+        graphs (`enforce_eager`): they would cost its start-up and GPU memory and never be replayed."""
         d = {**self.engine, "model": model or self.model}
+        if role == "prefill":
+            d.setdefault("enforce_eager", True)
         tp = tensor_parallel_size or (self.pool(role).tensor_parallel_size if role is not None else None)
         if tp is not None:
             d["tensor_parallel_size"] = tp

@@ -278,7 +278,8 @@ class EngineConfig:
     # through, re-choosing threads between layers; "" = $DISAGG_CPU_SHARE (set by `disagg serve`) or none
     attention_backend: str = "auto"  # auto | torch | triton
     max_model_len: int | None = None  # cap on prompt + output tokens; None means the model's context
-    enforce_eager: bool = False  # never use CUDA graphs (they are used on CUDA with the triton backend)
+    enforce_eager: bool = False  # never use CUDA graphs (they are used on CUDA with the triton backend); a prefill
+    # pool's workers default to True (deploy/config.py: they run no decode steps)
     cuda_graph_max_batch: int = 256  # largest decode batch captured in a CUDA graph
     overlap_steps: bool | None = None  # queue each decode step before reading the last one's tokens; None: on CUDA
     seed: int = 0  # seed for dummy weights and for unseeded sampling

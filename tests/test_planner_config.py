@@ -159,3 +159,12 @@ def test_planner_metrics_render() -> None:
                  'disagg_planner_decisions_total{action="up",pool="prefill"} 1.0',
                  'disagg_planner_replacements_total{pool="decode"} 2.0']:
         assert line in text, line
+
+
+def test_prefill_workers_capture_no_decode_graphs_unless_the_engine_section_says() -> None:
+    cluster = ClusterConfig.from_dict({"model": "m", "engine": {"device": "cuda"}})
+    assert cluster.worker_config("prefill").engine.enforce_eager  # it runs prompt steps only
+    assert not cluster.worker_config("decode").engine.enforce_eager
+    assert not cluster.engine_config().enforce_eager
+    explicit = ClusterConfig.from_dict({"model": "m", "engine": {"device": "cuda", "enforce_eager": False}})
+    assert not explicit.worker_config("prefill").engine.enforce_eager
