@@ -2,7 +2,7 @@
 # One entry point for a fresh machine: creates .venv on first use, reuses it after.
 #   ./dev.sh serve [args]   start the cluster (router + prefill + decode) with the real SmolLM2 model
 #   ./dev.sh test  [args]   run the whole test suite (first installs guidellm into .venv-guidellm, once)
-#   ./dev.sh fast  [args]   the fast tier: unit and single-process tests (no cluster processes), about 2.5 min
+#   ./dev.sh fast  [args]   the fast tier: unit and single-process tests (no cluster processes), about 2 min
 #   ./dev.sh generate --prompt "..."   one offline completion
 set -euo pipefail
 cd "$(dirname "$0")"
