@@ -27,6 +27,7 @@ from gguf.quants import quant_shape_to_byte_shape
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 4  # ggml's GGML_MAX_DIMS
 STRING, ARRAY, BOOL = 8, 9, 7
 # value type -> struct format of one item (strings and arrays are read apart)
 SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -114,9 +115,12 @@ def read_gguf(path: str, tensors: bool = True) -> GGUFFile:
         raise ValueError(f"GGUF version {version} (big-endian, or not one of {VERSIONS})")
     n_tensors, n_kv = cur.unpack("<Q"), cur.unpack("<Q")
     metadata: dict[str, Any] = {}
-    for _ in range(n_kv):
-        key = cur.string()
-        metadata[key] = cur.value(cur.unpack("<I"))
+    try:
+        for _ in range(n_kv):
+            key = cur.string()
+            metadata[key] = cur.value(cur.unpack("<I"))
+    except RecursionError:
+        raise ValueError("arrays nested too deeply") from None
     end = cur.at
     table = _tensor_table(cur, n_tensors, metadata) if tensors else ()
     return GGUFFile(path=path, version=version, metadata=metadata, tensors=table, metadata_end=end)
@@ -126,7 +130,10 @@ def _tensor_table(cur: _Cursor, count: int, metadata: dict[str, Any]) -> tuple[G
     entries = []
     for _ in range(count):
         name = cur.string()
-        dims = tuple(cur.unpack("<Q") for _ in range(cur.unpack("<I")))
+        n_dims = cur.unpack("<I")
+        if n_dims > MAX_DIMS:
+            raise ValueError(f"tensor {name} has {n_dims} dimensions (ggml allows {MAX_DIMS})")
+        dims = tuple(cur.unpack("<Q") for _ in range(n_dims))
         entries.append((name, dims, cur.unpack("<I"), cur.unpack("<Q")))
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
     if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):

@@ -75,3 +75,11 @@ def test_malformed_files_raise_a_value_error_saying_what(tmp_path: Path, damage:
     bad.write_bytes(damage(good.read_bytes()))  # type: ignore[operator]
     with pytest.raises(ValueError, match=message):
         read_gguf(str(bad))
+
+
+def test_arrays_nested_past_the_stack_are_a_value_error(tmp_path: Path) -> None:
+    header = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 1) + b"k" + struct.pack("<I", 9)
+    f = tmp_path / "deep.gguf"
+    f.write_bytes(header + struct.pack("<IQ", 9, 1) * 100_000 + struct.pack("<IQ", 4, 0))
+    with pytest.raises(ValueError, match="nested too deeply"):
+        read_gguf(str(f))
