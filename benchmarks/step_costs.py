@@ -11,15 +11,11 @@ import os
 import statistics
 from typing import Any
 
-from benchmarks.step_split import split
+from benchmarks.step_split import kind, split
 from simulator.cost_model import CostModel
 from simulator.metrics import handoff_phases, percentile
 from simulator.profile import Profile
 from worker.step_log import read_step_events, read_step_log
-
-
-def kind(row: dict[str, Any]) -> str:
-    return "decode" if not row["prompt_tokens"] else "prompt" if not row["decode_rows"] else "mixed"
 
 
 def modelled(rows: list[dict[str, Any]], model: CostModel) -> list[dict[str, Any]]:

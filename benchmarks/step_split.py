@@ -15,19 +15,28 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 
 from simulator.metrics import percentile
 from worker.step_log import read_step_log
 
 FIELDS = ("ms", "sched_ms", "launch_ms", "wait_ms", "after_wait_ms", "cpu_ms", "off_cpu_ms", "loop_cpu_ms", "gc_ms")
-KINDS: dict[str, Callable[[dict], bool]] = {
-    "short prompts (< 300 tokens)": lambda r: 0 < r["prompt_tokens"] < 300 and not r["decode_rows"],
-    "long prompts (>= 1,000 tokens)": lambda r: r["prompt_tokens"] >= 1000 and not r["decode_rows"],
-    "other prompts": lambda r: 300 <= r["prompt_tokens"] < 1000 and not r["decode_rows"],
-    "decode only": lambda r: not r["prompt_tokens"] and r["decode_rows"],
-    "mixed": lambda r: r["prompt_tokens"] and r["decode_rows"],
-}
+KINDS = ("short prompts (< 300 tokens)", "long prompts (>= 1,000 tokens)", "other prompts", "decode only", "mixed")
+
+
+def kind(row: dict) -> str:
+    """A step's kind: decode (no prompt tokens), prompt (no decode rows) or mixed."""
+    return "decode" if not row["prompt_tokens"] else "prompt" if not row["decode_rows"] else "mixed"
+
+
+def split_kind(r: dict) -> str | None:
+    """`kind`, prompts apart by length (a short prompt's step is bound by its kernel
+    launches, a long one's by the device); None for a step with neither prompt tokens nor decode rows."""
+    if not r["prompt_tokens"] and not r["decode_rows"]:
+        return None
+    k, n = kind(r), r["prompt_tokens"]
+    if k != "prompt":
+        return "decode only" if k == "decode" else "mixed"
+    return KINDS[0] if n < 300 else KINDS[1] if n >= 1000 else KINDS[2]
 
 
 def quantiles(xs: list[float]) -> dict[str, float]:
@@ -49,19 +58,19 @@ def derived(r: dict) -> dict:
 def split(rows: list[dict]) -> dict[str, dict]:
     """Per kind of step: its count and each field's p10 / p50 / p90 (the fields the log has)."""
     out: dict[str, dict] = {}
-    for kind, pick in KINDS.items():
-        steps = [derived(r) for r in rows if pick(r)]
+    for name in KINDS:
+        steps = [derived(r) for r in rows if split_kind(r) == name]
         if steps:
-            out[kind] = {"steps": len(steps), **{f: quantiles([s[f] for s in steps]) for f in FIELDS
+            out[name] = {"steps": len(steps), **{f: quantiles([s[f] for s in steps]) for f in FIELDS
                                                  if all(f in s for s in steps)}}
     return out
 
 
 def show(name: str, table: dict[str, dict]) -> None:
     print(name)
-    for kind, row in table.items():
+    for label, row in table.items():
         cells = "  ".join(f"{f} {v['p10']:.2f}/{v['p50']:.2f}/{v['p90']:.2f}" for f, v in row.items() if f != "steps")
-        print(f"  {kind} ({row['steps']}): {cells}")
+        print(f"  {label} ({row['steps']}): {cells}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
