@@ -42,7 +42,8 @@ def delivery(folder: str, since: float, until: float) -> dict[str, Any] | None:
     return {"batches": len(pairs),
             "delivery_ms": {f"p{q}": round(percentile(late, q), 3) for q in (50, 90, 99)} | {"max": round(late[-1], 3)},
             "bound_ms": list(BOUNDS_MS), "sent_share_over": _shares(at_sent), "received_share_over": _shares(at_received),
-            "gaps": sum(len(ts) - 1 for ts in at_received.values())}
+            "gaps": sum(len(ts) - 1 for ts in at_received.values()),
+            "own_p99_gap_ms": {"sent": _own_p99(at_sent), "received": _own_p99(at_received)}}
 
 
 def _sent(folder: str) -> dict[tuple[str, str], list[dict[str, Any]]]:
@@ -99,10 +100,31 @@ def _shares(times: dict[str, list[float]]) -> list[float]:
     return [round(sum(g > bound for g in gaps) / len(gaps), 4) if gaps else 0.0 for bound in BOUNDS_MS]
 
 
+def _own_p99(times: dict[str, list[float]]) -> dict[str, Any]:
+    """Each request's own p99 gap between its chunks (the goodput SLO's figure, less the handoff's first gap, which
+    reaches the router by another path): p50 / p90 / max over the requests, and how many exceed each of BOUNDS_MS.
+    Held against the client's per-request figure it says which stage a request's gap SLO was missed in."""
+    own = sorted(percentile([(b - a) * 1e3 for a, b in zip(ts, ts[1:], strict=False)], 99)
+                 for ts in times.values() if len(ts) > 2)
+    if not own:
+        return {}
+    return {"requests": len(own), **{f"p{q}": round(percentile(own, q), 2) for q in (50, 90)}, "max": round(own[-1], 2),
+            "over": [sum(g > bound for g in own) for bound in BOUNDS_MS]}
+
+
 def brief(d: dict[str, Any]) -> str:
     """`delivery`'s figures in one line."""
     ms = d["delivery_ms"]
     over = [f"{b:g} ms {s:.2%} / {r:.2%}" for b, s, r in zip(d["bound_ms"], d["sent_share_over"],
                                                             d["received_share_over"], strict=True) if b >= 20]
     return (f"{d['batches']} batches, hand-over to the router's reader ms p50/p99/max {ms['p50']:.2f}/{ms['p99']:.2f}/"
-            f"{ms['max']:.2f}; chunk gaps over " + ", ".join(over) + " (as sent / as received)")
+            f"{ms['max']:.2f}; chunk gaps over " + ", ".join(over) + " (as sent / as received)"
+            + _brief_own(d.get("own_p99_gap_ms", {}).get("received", {})))
+
+
+def _brief_own(own: dict[str, Any]) -> str:
+    if not own:
+        return ""
+    over = ", ".join(f"{n} over {b:g} ms" for b, n in zip(BOUNDS_MS, own["over"], strict=True) if b >= 20)
+    return (f"; a request's own p99 gap as received p50/p90/max {own['p50']:.1f}/{own['p90']:.1f}/{own['max']:.1f} ms "
+            f"({over} of {own['requests']})")

@@ -42,6 +42,11 @@ def test_batches_pair_in_order_and_the_gaps_they_add(tmp_path: Path) -> None:
     # b: 3), and the next one 8 - 25 = -17 ms.
     assert got["gaps"] == 7 and got["sent_share_over"] == [1.0, 0.0, 0.0, 0.0, 0.0]
     assert got["received_share_over"] == [pytest.approx(x, abs=1e-4) for x in (5 / 7, 2 / 7, 2 / 7, 2 / 7, 0.0)]
+    # each request's own p99 gap: a's gaps 8, 33, -17, 8 ms (p99 32.25), b's 33, -17, 8 (p99 32.5); as sent 8 ms
+    own = got["own_p99_gap_ms"]
+    assert own["sent"] == {"requests": 2, "p50": 8.0, "p90": 8.0, "max": 8.0, "over": [2, 0, 0, 0, 0]}
+    assert own["received"]["requests"] == 2 and own["received"]["max"] == pytest.approx(32.5, abs=0.01)
+    assert own["received"]["over"] == [2, 2, 2, 2, 0]
 
 
 def test_a_window_keeps_the_batches_received_in_it_and_no_router_log_gives_none(tmp_path: Path) -> None:
