@@ -39,9 +39,8 @@ from benchmarks.bootstrap import figure_intervals
 from benchmarks.calibration import TINY_PROMPT, calibrate, calibrated
 from benchmarks.real_run import FIGURES, Trace, brief_phases, met_slo, repeated_runs
 from benchmarks.serving_compare import cluster_yaml
-from benchmarks.step_costs import (
-    brief_co_run,
-)
+from benchmarks.step_costs import brief_co_run
+from benchmarks.validation_plot import plot
 from deploy.config import ClusterConfig
 from kvtransfer.registry import known_backends
 from simulator.cluster import Cluster, chunk_lists
@@ -262,6 +261,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with open(os.path.join(a.out, name), "w") as f:
         json.dump(out, f, indent=1)
     print(f"wrote {os.path.join(a.out, name)}")
+    picture = os.path.join(a.out, name.removesuffix(".json") + ".png")
+    if plot(out, picture):  # where a real run (or a recorded one with its requests) is beside the simulation
+        print(f"wrote {picture}")
     return out
 
 
