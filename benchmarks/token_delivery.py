@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from router.arrival_log import ARRIVAL_EVENT
+from router.arrival_log import ARRIVAL_EVENT, RELAY_EVENT
 from simulator.metrics import percentile
 from worker.step_log import read_step_events
 
@@ -43,7 +43,8 @@ def delivery(folder: str, since: float, until: float) -> dict[str, Any] | None:
             "delivery_ms": {f"p{q}": round(percentile(late, q), 3) for q in (50, 90, 99)} | {"max": round(late[-1], 3)},
             "bound_ms": list(BOUNDS_MS), "sent_share_over": _shares(at_sent), "received_share_over": _shares(at_received),
             "gaps": sum(len(ts) - 1 for ts in at_received.values()),
-            "own_p99_gap_ms": {"sent": _own_p99(at_sent), "received": _own_p99(at_received)}}
+            "own_p99_gap_ms": {"sent": _own_p99(at_sent), "received": _own_p99(at_received),
+                               "relayed": _own_p99(_relayed(folder, since, until))}}
 
 
 def _sent(folder: str) -> dict[tuple[str, str], list[dict[str, Any]]]:
@@ -65,6 +66,18 @@ def _received(folder: str) -> dict[tuple[str, str], list[dict[str, Any]]]:
             for e in read_step_events(os.path.join(folder, f)):
                 if e["event"] == ARRIVAL_EVENT:
                     out.setdefault((str(e["rid"]), str(e["worker"])), []).append(e)
+    return out
+
+
+def _relayed(folder: str, since: float, until: float) -> dict[str, list[float]]:
+    """Each request ended in [since, until]: when its token outputs were handed on to its response (the routers'
+    `tokens_relayed` lines; the first token's included, as the client's gaps include it)."""
+    out: dict[str, list[float]] = {}
+    for f in sorted(os.listdir(folder)):
+        if f.startswith("router-") and f.endswith(".jsonl"):
+            for e in read_step_events(os.path.join(folder, f)):
+                if e["event"] == RELAY_EVENT and since <= float(e["t"]) <= until:
+                    out[str(e["rid"])] = [float(t) for t in e["times"]]
     return out
 
 
@@ -119,12 +132,12 @@ def brief(d: dict[str, Any]) -> str:
                                                             d["received_share_over"], strict=True) if b >= 20]
     return (f"{d['batches']} batches, hand-over to the router's reader ms p50/p99/max {ms['p50']:.2f}/{ms['p99']:.2f}/"
             f"{ms['max']:.2f}; chunk gaps over " + ", ".join(over) + " (as sent / as received)"
-            + _brief_own(d.get("own_p99_gap_ms", {}).get("received", {})))
+            + "".join(_brief_own(stage, d.get("own_p99_gap_ms", {}).get(stage, {})) for stage in ("received", "relayed")))
 
 
-def _brief_own(own: dict[str, Any]) -> str:
+def _brief_own(stage: str, own: dict[str, Any]) -> str:
     if not own:
         return ""
     over = ", ".join(f"{n} over {b:g} ms" for b, n in zip(BOUNDS_MS, own["over"], strict=True) if b >= 20)
-    return (f"; a request's own p99 gap as received p50/p90/max {own['p50']:.1f}/{own['p90']:.1f}/{own['max']:.1f} ms "
+    return (f"; a request's own p99 gap as {stage} p50/p90/max {own['p50']:.1f}/{own['p90']:.1f}/{own['max']:.1f} ms "
             f"({over} of {own['requests']})")

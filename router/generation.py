@@ -113,10 +113,13 @@ class Generation:
         self.metrics.prompt_tokens.inc(len(job.prompt_ids))
         last: float | None = None
         itl = HistogramTally(self.metrics.itl)
+        relayed: list[float] | None = [] if self.streams.arrivals is not None else None  # benchmarks' logs only
         try:
             async for out in self._run(job, flight, text):
                 if out.token_ids:
                     now = time.monotonic()
+                    if relayed is not None:
+                        relayed.append(time.time())
                     if last is None:
                         self.metrics.ttft.observe(now - job.arrival)
                     else:
@@ -128,6 +131,8 @@ class Generation:
             self.metrics.e2e.observe(time.monotonic() - job.arrival)
         finally:
             itl.flush()
+            if relayed and self.streams.arrivals is not None:
+                self.streams.arrivals.relayed(job.request_id, relayed)
             job.placed.set()  # n > 1: siblings waiting for this choice's worker go on without it
             self.metrics.generation_tokens.inc(job.num_output_tokens)
             await self.calls.release_all(job.request_id, [w for w in (flight.decode, flight.prefill) if w is not None],

@@ -187,6 +187,12 @@ def test_a_real_1p1d_clusters_workers_mark_each_handoff(tmp_path: Path, monkeypa
     assert tokens is not None and tokens["batches"] == decode[0]["batches"], (tokens, path)
     assert 0 <= tokens["delivery_ms"]["p50"] <= tokens["delivery_ms"]["max"] < 1000, tokens
     assert tokens["gaps"] > 0 and len(tokens["received_share_over"]) == len(tokens["bound_ms"])
+    # ... and, as each request ended, when its outputs were handed on to its response: the 4-token completion's
+    # and the probe stream's, each a gap figure beside the reader's
+    relayed = [json.loads(line) for f in (tmp_path / "steps").glob("router-*.jsonl")
+               for line in f.read_text().splitlines() if '"tokens_relayed"' in line]
+    assert len(relayed) >= 2 and len(relayed[0]["times"]) == 4 and relayed[0]["times"] == sorted(relayed[0]["times"])
+    assert tokens["own_p99_gap_ms"]["relayed"]["requests"] >= 2
 
 
 async def _co_run_probe(url: str) -> int:

@@ -75,3 +75,16 @@ def test_two_workers_sending_the_same_chunk_counts_pair_by_time(tmp_path: Path) 
     _write(tmp_path / "decode-1.jsonl", [{**r, "t": r["t"] - 0.03} for r in sent if r.get("event") == "batch_sent"])
     got = delivery(str(tmp_path), 0.0, 1e10)
     assert got is not None and got["batches"] == 4 and got["delivery_ms"]["max"] == pytest.approx(1.0)
+
+
+def test_requests_relayed_in_the_window_give_their_own_gaps(tmp_path: Path) -> None:
+    _logs(tmp_path, [1.0] * 5)
+    relay = [{"t": 100.1, "event": "tokens_relayed", "rid": "a", "times": [100.0, 100.01, 100.05, 100.1]},
+             {"t": 200.0, "event": "tokens_relayed", "rid": "b", "times": [199.0, 200.0]}]  # ends after the window
+    with open(tmp_path / "router-7.jsonl", "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in relay))
+    got = delivery(str(tmp_path), 0.0, 150.0)
+    assert got is not None and got["batches"] == 5  # the relay lines are no arrivals
+    relayed = got["own_p99_gap_ms"]["relayed"]  # a's gaps 10, 40, 50 ms: p99 49.8
+    assert relayed["requests"] == 1 and relayed["max"] == pytest.approx(49.8, abs=0.01)
+    assert relayed["over"] == [1, 1, 1, 1, 0]
