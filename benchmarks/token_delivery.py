@@ -27,7 +27,8 @@ def delivery(folder: str, since: float, until: float) -> dict[str, Any] | None:
     """The batches received over [since, until] (Unix seconds) paired with their sending (module docstring):
     `delivery_ms` p50/p90/p99/max, and each request's chunk gaps' share over BOUNDS_MS as sent and as received.
     None when the folder holds no router's arrivals, or they pair with no worker's batches."""
-    sent, received = _sent(folder), _received(folder)
+    events = _router_events(folder)
+    sent, received = _sent(folder), _received(events)
     pairs = [p for key, got in received.items() for p in _pair(sent, key, got) if since <= p[1]["t"] <= until]
     if not pairs:
         return None
@@ -44,7 +45,7 @@ def delivery(folder: str, since: float, until: float) -> dict[str, Any] | None:
             "bound_ms": list(BOUNDS_MS), "sent_share_over": _shares(at_sent), "received_share_over": _shares(at_received),
             "gaps": sum(len(ts) - 1 for ts in at_received.values()),
             "own_p99_gap_ms": {"sent": _own_p99(at_sent), "received": _own_p99(at_received),
-                               "relayed": _own_p99(_relayed(folder, since, until))}}
+                               "relayed": _own_p99(_relayed(events, since, until))}}
 
 
 def _sent(folder: str) -> dict[tuple[str, str], list[dict[str, Any]]]:
@@ -58,27 +59,26 @@ def _sent(folder: str) -> dict[tuple[str, str], list[dict[str, Any]]]:
     return out
 
 
-def _received(folder: str) -> dict[tuple[str, str], list[dict[str, Any]]]:
+def _router_events(folder: str) -> list[dict[str, Any]]:
+    """Every event of the routers' logs in the folder (their arrival logs), file by file, in order."""
+    return [e for f in sorted(os.listdir(folder)) if f.startswith("router-") and f.endswith(".jsonl")
+            for e in read_step_events(os.path.join(folder, f))]
+
+
+def _received(events: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
     """Each router's arrivals by (subscriber, worker address), in order."""
     out: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for f in sorted(os.listdir(folder)):
-        if f.startswith("router-") and f.endswith(".jsonl"):
-            for e in read_step_events(os.path.join(folder, f)):
-                if e["event"] == ARRIVAL_EVENT:
-                    out.setdefault((str(e["rid"]), str(e["worker"])), []).append(e)
+    for e in events:
+        if e["event"] == ARRIVAL_EVENT:
+            out.setdefault((str(e["rid"]), str(e["worker"])), []).append(e)
     return out
 
 
-def _relayed(folder: str, since: float, until: float) -> dict[str, list[float]]:
+def _relayed(events: list[dict[str, Any]], since: float, until: float) -> dict[str, list[float]]:
     """Each request ended in [since, until]: when its token outputs were handed on to its response (the routers'
     `tokens_relayed` lines; the first token's included, as the client's gaps include it)."""
-    out: dict[str, list[float]] = {}
-    for f in sorted(os.listdir(folder)):
-        if f.startswith("router-") and f.endswith(".jsonl"):
-            for e in read_step_events(os.path.join(folder, f)):
-                if e["event"] == RELAY_EVENT and since <= float(e["t"]) <= until:
-                    out[str(e["rid"])] = [float(t) for t in e["times"]]
-    return out
+    return {str(e["rid"]): [float(t) for t in e["times"]] for e in events
+            if e["event"] == RELAY_EVENT and since <= float(e["t"]) <= until}
 
 
 def _pair(sent: dict[tuple[str, str], list[dict[str, Any]]], key: tuple[str, str], got: list[dict[str, Any]]

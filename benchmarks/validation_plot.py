@@ -69,7 +69,11 @@ def main(argv: list[str] | None = None) -> None:
     if "rates" not in report:
         p.error(f"{a.report}: not a sim_validate report (no 'rates')")
     out = a.out or a.report.removesuffix(".json") + ".png"
-    if not plot(report, out):
+    try:
+        drawn = plot(report, out)
+    except (KeyError, IndexError, TypeError, AttributeError) as e:  # rows or sections not as sim_validate writes them
+        p.error(f"{a.report}: not a sim_validate report ({type(e).__name__}: {e})")
+    if not drawn:
         p.error(f"{a.report}: no rate has both a real and a simulated run's requests")
     print(f"wrote {out}")
 

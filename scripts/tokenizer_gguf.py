@@ -29,4 +29,8 @@ def strip_tensors(src: str, dst: str) -> int:
 if __name__ == "__main__":
     if len(sys.argv) != 3:
         sys.exit(__doc__)
-    print(f"wrote {strip_tensors(sys.argv[1], sys.argv[2]):,} bytes to {sys.argv[2]}")
+    try:
+        written = strip_tensors(sys.argv[1], sys.argv[2])
+    except (OSError, ValueError) as e:
+        sys.exit(f"{sys.argv[1]}: not a readable GGUF file ({e})")
+    print(f"wrote {written:,} bytes to {sys.argv[2]}")

@@ -26,7 +26,10 @@ def test_each_rate_and_mode_with_both_runs_is_drawn(tmp_path: Path) -> None:
 def test_a_simulation_alone_or_another_file_is_a_usage_error(tmp_path: Path) -> None:
     (tmp_path / "sim.json").write_text(json.dumps(report(False)))
     (tmp_path / "other.json").write_text("{}")
-    for name in ("sim.json", "other.json", "missing.json"):
+    bad = report(True)
+    bad["rates"]["2"]["colocated"]["real"]["requests_each"] = [[1, 2]]  # rows cut short
+    (tmp_path / "short.json").write_text(json.dumps(bad))
+    for name in ("sim.json", "other.json", "missing.json", "short.json"):
         with pytest.raises(SystemExit):
             main([str(tmp_path / name)])
     assert not list(tmp_path.glob("*.png"))
