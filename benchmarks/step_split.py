@@ -58,8 +58,11 @@ def derived(r: dict) -> dict:
 def split(rows: list[dict]) -> dict[str, dict]:
     """Per kind of step: its count and each field's p10 / p50 / p90 (the fields the log has)."""
     out: dict[str, dict] = {}
+    groups: dict[str | None, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(split_kind(r), []).append(derived(r))
     for name in KINDS:
-        steps = [derived(r) for r in rows if split_kind(r) == name]
+        steps = groups.get(name, [])
         if steps:
             out[name] = {"steps": len(steps), **{f: quantiles([s[f] for s in steps]) for f in FIELDS
                                                  if all(f in s for s in steps)}}
