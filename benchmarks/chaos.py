@@ -46,7 +46,7 @@ from deploy.config import ClusterConfig
 from deploy.local import LocalCluster, RestartPolicy
 from proto import disagg_pb2, disagg_pb2_grpc
 from proto.convert import WorkerLoad, load_from_proto
-from worker.server import free_port
+from worker.ports import free_port
 
 log = logging.getLogger("chaos")
 

@@ -31,7 +31,7 @@ from benchmarks import serving
 from benchmarks.serving_compare import cluster_yaml
 from deploy.config import ClusterConfig
 from deploy.local import LocalCluster
-from worker.server import free_port
+from worker.ports import free_port
 
 
 def dump_all(c: LocalCluster, tag: str) -> list[str]:

@@ -24,7 +24,7 @@ import yaml
 from benchmarks import serving
 from deploy.config import ClusterConfig
 from deploy.local import LocalCluster
-from worker.server import free_port
+from worker.ports import free_port
 
 
 def cluster_config(policy: str, a: argparse.Namespace) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from benchmarks.serving_compare import LLAMA3_8B_SHAPE
 from deploy.config import ClusterConfig
 from deploy.local import LocalCluster
 from tests.cluster_util import worker_load
-from worker.server import free_port
+from worker.ports import free_port
 
 MODES = {"colocated": (0, False), "whole": (1, False), "streaming": (1, True)}
 

@@ -97,7 +97,7 @@ def _real_run(a: argparse.Namespace, mode: str, path: str, trace: Trace,
               rate: float, steps: str) -> tuple[dict[str, Any], dict[str, Any]]:
     from benchmarks.machine_load import ForeignCpu, wait_for_quiet
     from deploy.local import LocalCluster
-    from worker.server import free_port
+    from worker.ports import free_port
 
     with LocalCluster(ClusterConfig.load(path), path, router_port=free_port(), quiet=True,
                       log_dir=os.path.join(os.path.dirname(path), mode)) as c, ClientPool(a.client_processes) as pool:

@@ -27,7 +27,7 @@ import httpx
 from tqdm import tqdm
 
 from benchmarks.serving import percentile
-from worker.server import free_port
+from worker.ports import free_port
 
 T = TypeVar("T")
 

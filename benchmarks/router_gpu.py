@@ -35,7 +35,7 @@ from benchmarks.router_capacity import Procs, client, cpu_seconds, router_pids, 
 from benchmarks.serving import percentile
 from benchmarks.serving_compare import LLAMA3_8B_SHAPE
 from proto import disagg_pb2, disagg_pb2_grpc
-from worker.server import free_port
+from worker.ports import free_port
 
 
 @dataclass

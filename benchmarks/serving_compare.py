@@ -20,7 +20,7 @@ import yaml
 from benchmarks import serving
 from deploy.config import ClusterConfig
 from deploy.local import LocalCluster
-from worker.server import free_port
+from worker.ports import free_port
 
 LLAMA3_8B_SHAPE = {"vocab_size": 49152, "hidden_size": 4096, "intermediate_size": 14336, "num_layers": 32,
                    "num_heads": 32, "num_kv_heads": 8, "rope_theta": 500000.0, "max_position_embeddings": 8192,

@@ -28,7 +28,7 @@ from benchmarks.serving_compare import cluster_yaml
 from deploy.config import ClusterConfig
 from deploy.local import LocalCluster
 from proto import PROTOCOL_VERSION, disagg_pb2, disagg_pb2_grpc
-from worker.server import free_port
+from worker.ports import free_port
 
 
 def prompt(rng: random.Random, n: int) -> list[int]:

@@ -29,7 +29,7 @@ import httpx
 from deploy.config import ClusterConfig
 from engine.config import ConfigError
 from engine.cpu_threads import SHARE_ENV
-from worker.server import free_port
+from worker.ports import free_port
 
 log = logging.getLogger(__name__)
 

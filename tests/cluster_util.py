@@ -14,7 +14,7 @@ from deploy.config import ClusterConfig
 from deploy.local import LocalCluster
 from proto import disagg_pb2, disagg_pb2_grpc
 from proto.convert import WorkerLoad, load_from_proto
-from worker.server import free_port
+from worker.ports import free_port
 
 
 def start_cluster(tmp_path, name: str, **overrides: Any) -> LocalCluster:  # noqa: ANN001

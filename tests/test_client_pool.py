@@ -18,7 +18,7 @@ from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
 from benchmarks.client_pool import ClientPool
-from worker.server import free_port
+from worker.ports import free_port
 
 
 class Server:

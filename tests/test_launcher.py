@@ -22,7 +22,7 @@ from deploy.config import ClusterConfig
 from deploy.local import LocalCluster, RestartPolicy
 from engine.llm import LLM
 from engine.request import SamplingParams
-from worker.server import free_port
+from worker.ports import free_port
 
 pytestmark = pytest.mark.cluster  # starts real router/worker processes: not in the fast tier
 

@@ -33,7 +33,7 @@ import yaml  # noqa: E402
 
 from engine.llm import LLM  # noqa: E402
 from engine.request import SamplingParams  # noqa: E402
-from worker.server import free_port  # noqa: E402
+from worker.ports import free_port  # noqa: E402
 
 pytestmark = pytest.mark.cluster  # starts real router/worker processes (or Ray): not in the fast tier
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from worker.server import free_port
+from worker.ports import free_port
 
 pytestmark = pytest.mark.cluster  # starts real router/worker processes (or Ray): not in the fast tier
 

@@ -30,7 +30,7 @@ from engine.llm import LLM
 from engine.request import SamplingParams
 from tests.cluster_util import rank_pids, wait_blocks_free, worker_load
 from tests.test_tp_engine import wait_gone
-from worker.server import free_port
+from worker.ports import free_port
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 

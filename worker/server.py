@@ -26,7 +26,6 @@ import dataclasses
 import faulthandler
 import logging
 import signal
-import socket
 import sys
 import time
 
@@ -49,12 +48,6 @@ TEARDOWN_S = 30.0  # after the drain, the longest stopping the server, the engin
 ENGINE_FAILED_EXIT_S = 5.0  # a worker whose engine died (a tensor-parallel rank lost, say) reports unhealthy this
 # long - health polls and token streams see it - then exits 1, so its supervisor (disagg serve, Ray) starts it again
 GRPC_OPTIONS = [("grpc.max_send_message_length", 64 * 2**20), ("grpc.max_receive_message_length", 64 * 2**20)]
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def build_service(config: WorkerConfig, aengine: AsyncEngine, address: str) -> WorkerServicerBase:
