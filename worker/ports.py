@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 import socket
 
-LOWEST = 10_000  # below: well-known and commonly configured service ports
+LOWEST = 20_000  # below: commonly configured service ports, and Ray's worker ports (10002-19999 by default)
 TRIES = 64
 RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
 
