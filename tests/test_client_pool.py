@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing as mp
 import statistics
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 
+import httpx
 import pytest
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import StreamingResponse
+from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from benchmarks.client_pool import ClientPool
@@ -22,13 +23,15 @@ from worker.ports import free_port
 
 
 class Server:
-    """/v1/completions streaming `max_tokens` chunks 5 ms apart; notes when each prompt arrived and from where."""
+    """/v1/completions streaming `max_tokens` chunks 5 ms apart; notes when each prompt arrived and from where
+    (GET /arrived). It runs in a process of its own: sharing the client's interpreter, its thread and the client's
+    loop would take turns on one lock, and a busy two-core machine made one arrival 65 ms late that way."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int) -> None:
         self.arrived: dict[int, tuple[float, int]] = {}  # the prompt's first id -> (time, client port)
-        app = Starlette(routes=[Route("/v1/completions", self.completions, methods=["POST"])])
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, port=self.port, log_level="warning"))
+        app = Starlette(routes=[Route("/v1/completions", self.completions, methods=["POST"]),
+                                Route("/arrived", self.arrivals, methods=["GET"])])
+        self.server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
 
     async def completions(self, request: Request) -> StreamingResponse:
         body = await request.json()
@@ -43,21 +46,46 @@ class Server:
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
+    async def arrivals(self, request: Request) -> JSONResponse:
+        return JSONResponse({str(k): v for k, v in self.arrived.items()})
+
+
+def _serve(port: int) -> None:
+    Server(port).server.run()
+
+
+class ServerProcess:
+    """A Server in a spawned process, on a free port, ready on construction."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.process = mp.get_context("spawn").Process(target=_serve, args=(self.port,), daemon=True)
+        self.process.start()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(f"http://127.0.0.1:{self.port}/arrived", timeout=1.0).raise_for_status()
+                return
+            except httpx.HTTPError:
+                if time.monotonic() > deadline or not self.process.is_alive():
+                    raise RuntimeError("the test server did not start") from None
+                time.sleep(0.05)
+
+    def arrived(self) -> dict[int, tuple[float, int]]:
+        got = httpx.get(f"http://127.0.0.1:{self.port}/arrived", timeout=5.0).json()
+        return {int(k): (t, port) for k, (t, port) in got.items()}
+
 
 @pytest.fixture
-def server() -> Iterator[Server]:
-    s = Server()
-    thread = threading.Thread(target=s.server.run, daemon=True)
-    thread.start()
-    while not s.server.started:
-        time.sleep(0.01)
+def server() -> Iterator[ServerProcess]:
+    s = ServerProcess()
     yield s
-    s.server.should_exit = True
-    thread.join(5)
+    s.process.terminate()
+    s.process.join(5)
 
 
 @pytest.mark.parametrize("processes", [1, 3])
-def test_a_trace_is_sent_at_its_times_from_every_process_and_returned_in_order(server: Server,
+def test_a_trace_is_sent_at_its_times_from_every_process_and_returned_in_order(server: ServerProcess,
                                                                               processes: int) -> None:
     times = [0.0, 0.05, 0.1, 0.3, 0.3, 0.35]
     outs = [3, 4, 5, 6, 7, 8]
@@ -69,11 +97,12 @@ def test_a_trace_is_sent_at_its_times_from_every_process_and_returned_in_order(s
     assert [len(r.itls) for r in results] == [n - 1 for n in outs]  # in trace order: each its own stream
     # at its time, whichever process sent it: each arrival less its trace time is one offset (the pool's start),
     # read as their median, so that one late first request (a process still warming) does not shift the rest
-    lags = [server.arrived[100 + i][0] - t for i, t in enumerate(times)]
+    arrived = server.arrived()
+    lags = [arrived[100 + i][0] - t for i, t in enumerate(times)]
     assert lags == pytest.approx([statistics.median(lags)] * len(times), abs=0.04)
     assert duration >= times[-1] + 0.04
     if processes > 1:  # requests i, i + 3 from one process: three processes' own connections
-        ports = {server.arrived[100 + i][1] for i in range(len(times))}
+        ports = {arrived[100 + i][1] for i in range(len(times))}
         assert len(ports) >= processes
 
 
