@@ -35,14 +35,32 @@ from worker.step_log import read_step_log
 POINTS = 21  # quantiles at 0, 5%, ..., 100%
 
 
-def beside_ratios(folder: str, prof: Profile) -> list[float]:
-    """Measured over modelled time of the decode-only steps beside another worker's step (>= 90% of their time)
-    in one run's step logs (a folder of one machine's workers)."""
+def beside_ratios(folder: str, prof: Profile) -> list[tuple[int, float]]:
+    """(rows, measured over modelled time) of the decode-only steps beside another worker's step (>= 90% of their
+    time) in one run's step logs (a folder of one machine's workers)."""
     logs = {name: read_step_log(path) for name, path in worker_files(folder).items()}
     overlaps(logs)
     model = CostModel(prof)
-    return [r["ms"] / r["model_ms"] for rows in logs.values() for r in modelled(rows, model)
+    return [(r["decode_rows"], r["ms"] / r["model_ms"]) for rows in logs.values() for r in modelled(rows, model)
             if r["kind"] == "decode" and r["overlap"] >= 0.9 and r["model_ms"] > 0]
+
+
+ROW_BINS = ((1, 4), (5, 8), (9, 16), (17, 32), (33, 64), (65, 128), (129, 256), (257, 1 << 30))
+
+
+def by_rows(steps: list[tuple[int, float]]) -> tuple[tuple[int, ...], tuple[tuple[float, ...], ...], list[int]]:
+    """The spread of each ROW_BINS bin holding at least POINTS of the (rows, ratio) steps, each over its own mean,
+    placed at the bin's median rows: (rows, spreads, steps per bin) as co_run.spread_batch and spread_by_batch."""
+    rows: list[int] = []
+    spreads: list[tuple[float, ...]] = []
+    counts: list[int] = []
+    for lo, hi in ROW_BINS:
+        mine = [(n, x) for n, x in steps if lo <= n <= hi]
+        if len(mine) >= POINTS:
+            rows.append(round(percentile([float(n) for n, _ in mine], 50)))
+            spreads.append(spread([x for _, x in mine]))
+            counts.append(len(mine))
+    return tuple(rows), tuple(spreads), counts
 
 
 POSITIONS = ((0.0, 0.1), (0.1, 0.3), (0.3, 0.6), (0.6, 0.9), (0.9, 1.0))
@@ -85,6 +103,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", help="where to write the profile with co_run.decode_spread (required unless --by-position)")
     p.add_argument("--by-position", action="store_true", help="print the steps' multipliers by where each began within "
                    "the other worker's step it ran beside, and write nothing")
+    p.add_argument("--by-rows", action="store_true", help="also write the spread by the steps' decode rows "
+                   f"(co_run.spread_batch and spread_by_batch: bins 1-4, 5-8, 9-16, ... rows holding {POINTS} steps or "
+                   "more, each over its own mean), which the simulator draws by a step's rows")
     p.add_argument("--source", default="", help="which runs the logs are, for the profile's co-run note")
     a = p.parse_args(argv)
     try:
@@ -107,18 +128,30 @@ def main(argv: list[str] | None = None) -> None:
     if not a.out:
         p.error("--out is required (unless --by-position)")
     try:
-        ratios = [x for d in a.logs for x in beside_ratios(d, prof)]
+        steps = [x for d in a.logs for x in beside_ratios(d, prof)]
     except (ValueError, KeyError, TypeError) as e:  # a line that is not a step log's JSON
         raise SystemExit(f"--logs: not a worker step log ({type(e).__name__}: {e})") from None
-    if len(ratios) < POINTS:
-        raise SystemExit(f"{len(ratios)} decode steps beside another worker's in those logs: need {POINTS} or more")
-    xs = spread(ratios)
-    note = f"{prof.co_run.note}; decode_spread from {len(ratios)} serving decode steps beside prompts" + \
-        (f" ({a.source})" if a.source else "")
-    prof = replace(prof, co_run=replace(prof.co_run, decode_spread=xs, note=note))
+    if len(steps) < POINTS:
+        raise SystemExit(f"{len(steps)} decode steps beside another worker's in those logs: need {POINTS} or more")
+    xs = spread([x for _, x in steps])
+    co = replace(prof.co_run, decode_spread=xs, spread_batch=(), spread_by_batch=(),
+                 note=f"{prof.co_run.note}; decode_spread from {len(steps)} serving decode steps beside prompts")
+    print(f"{len(steps)} steps; spread {quantiles(xs)} of the mean")
+    if a.by_rows:
+        rows, spreads, counts = by_rows(steps)
+        co = replace(co, spread_batch=rows, spread_by_batch=spreads,
+                     note=co.note + " and by rows (" + ", ".join(f"{c} at ~{r}" for r, c in zip(rows, counts,
+                                                                                             strict=True)) + ")")
+        for r, c, ys in zip(rows, counts, spreads, strict=True):
+            print(f"  ~{r} rows ({c} steps): {quantiles(ys)}")
+    prof = replace(prof, co_run=replace(co, note=co.note + (f" ({a.source})" if a.source else "")))
     prof.save(a.out)
-    print(f"{len(ratios)} steps; spread p0/p10/p50/p90/p95/p100 {xs[0]}/{xs[2]}/{xs[10]}/{xs[18]}/{xs[19]}/"
-          f"{xs[20]} of the mean; wrote {a.out}")
+    print(f"wrote {a.out}")
+
+
+def quantiles(xs: tuple[float, ...]) -> str:
+    """A POINTS-point spread's p0 / p10 / p50 / p90 / p95 / p100."""
+    return "p0/p10/p50/p90/p95/p100 " + "/".join(str(xs[i]) for i in (0, 2, 10, 18, 19, 20))
 
 
 if __name__ == "__main__":

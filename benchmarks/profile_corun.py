@@ -9,8 +9,9 @@ Over the same steps alone:
   beside decode steps by 5-10% (benchmarks/RESULTS.md, 2026-12-05 evening).
   The decode step is timed at the batch below and at one row (`decode_by_batch`), the serving runs' usual batch
   (one CPU profile read 1.63x at 4 rows where those runs' 1-2-row steps ran 1.19-1.26x; the next, 1.29x and 1.25x).
-- `decode_spread` (engine co-runner, `spread_steps`): decode steps timed one by one beside a prefill co-runner
-  that idles between prompts (`paced_spread`), the spread the simulator draws each decode step beside a prompt from.
+- `decode_spread`, `spread_by_batch` (engine co-runner, `spread_steps`): decode steps of a few batch sizes timed
+  one by one beside a prefill co-runner that idles between prompts (`paced_spread`), the spread the simulator draws
+  each decode step beside a prompt from, by its rows.
 - `oversubscribed_prefill`, `oversubscribed_decode` (CPU): an engine on every core beside the matmuls, which is
   what an adaptive engine without a share that looked while the machine was idle runs until its step ends. Its
   threads then outnumber the cores, and a team of threads that meets at barriers waits for whichever one was
@@ -138,8 +139,8 @@ def co_run(eng: LLMEngine, toks: Tokens, device: str, repeat: int, alone_check: 
             beside_decode.append({k: prefill(eng, plain, k) for k in lengths})
         with busy_beside(gpu, engine_args, "prefill"):
             beside_prefill.append((decode(eng, plain), decode(eng, plain, 1)))
-    xs, spread_note = paced_spread(eng, toks, device, engine_args, spread_steps) if spread_steps and engine_args \
-        else ((), "")
+    xs, spread_at_rows, spreads, spread_note = paced_spread(eng, toks, device, engine_args, spread_steps) \
+        if spread_steps and engine_args else ((), (), (), "")
     over = (0.0, 0.0)
     if fixed is not None:
         with busy_beside(gpu):
@@ -157,26 +158,42 @@ def co_run(eng: LLMEngine, toks: Tokens, device: str, repeat: int, alone_check: 
     return CoRunCosts(prefill=at_n, decode=dec, oversubscribed_prefill=ratio(over[0], fixed_alone[0]),
                       oversubscribed_decode=ratio(over[1], fixed_alone[1]), decode_batch=(1, batch),
                       decode_by_batch=(one, dec), prefill_tokens=lengths, prefill_by_tokens=by_tokens,
-                      decode_spread=xs, note=note)
+                      decode_spread=xs, spread_batch=spread_at_rows, spread_by_batch=spreads, note=note)
+
+
+SPREAD_ROWS = (1, 4, 8, 16, 32)  # the decode rows the paced spread is timed at (those up to the co-run's batch)
 
 
 def paced_spread(eng: LLMEngine, toks: Tokens, device: str, engine_args: list[str], steps: int
-                 ) -> tuple[tuple[float, ...], str]:
-    """`decode_spread` and its note: `steps` decode steps of the co-run's shape timed one by one beside a prefill
-    co-runner that idles between its prompts as a serving prefill worker does (`run_role`'s "prefill-paced"); each
-    step that ran >= 90% beside one of its prompts, over their mean. Back-to-back prompts overlap a decode step
-    evenly; a serving worker's begin with ~14 ms of kernel launches during which the card is mostly the decode
-    worker's (co_run_spread.py --by-position: 1.0-1.3x there, 2.1-2.5x mid-prompt), and its spread is wider."""
+                 ) -> tuple[tuple[float, ...], tuple[int, ...], tuple[tuple[float, ...], ...], str]:
+    """`decode_spread`, `spread_batch`, `spread_by_batch` and their note: at each of SPREAD_ROWS up to the co-run's
+    batch, `steps` decode steps of the co-run's context timed one by one beside a prefill co-runner that idles
+    between its prompts as a serving prefill worker does (`run_role`'s "prefill-paced"); each step that ran >= 90%
+    beside one of its prompts, over their mean (`decode_spread`: at the batch). Back-to-back prompts overlap a
+    decode step evenly; a serving worker's begin with ~14 ms of kernel launches during which the card is mostly the
+    decode worker's (co_run_spread.py --by-position: 1.0-1.3x there, 2.1-2.5x mid-prompt), and its spread is wider,
+    the more so the fewer the rows (a shorter step meets fewer of the prompt's phases: on an H100 serving's p90 was
+    1.20x the mean at 1-4 rows, 1.06x at 17-32)."""
     _, batch, ctx = shape(device)
+    ms: dict[int, list[float]] = {}
     with tempfile.NamedTemporaryFile("r", suffix=".busy") as log:
         with busy_beside(device.startswith("cuda"), engine_args, "prefill-paced", busy_log=log.name):
-            spans = decode_step_spans(eng, toks, batch, ctx, steps)
+            spans = {rows: decode_step_spans(eng, toks, rows, ctx, steps) for rows in spread_rows(batch)}
         busy = [tuple(map(float, line.split())) for line in log.read().splitlines() if line.strip()]
-    ms = [(b - a) * 1e3 for a, b in spans if beside_share(a, b, busy) >= 0.9]
-    xs = decode_spread(ms)
-    note = (f"; decode_spread from {len(ms)} of {len(spans)} decode steps of {batch} x {ctx} timed one by one beside a "
-            "paced prefill co-runner (>= 90% beside one of its prompts), each over their mean") if xs else ""
-    return xs, note
+    for rows, got in spans.items():
+        ms[rows] = [(b - a) * 1e3 for a, b in got if beside_share(a, b, busy) >= 0.9]
+    by_rows = {rows: xs for rows in ms if (xs := decode_spread(ms[rows]))}
+    xs = by_rows.get(batch, ())
+    counts = ", ".join(f"{len(ms[r])} of {len(spans[r])} at {r} rows" for r in ms)
+    note = (f"; decode_spread and spread_by_batch from decode steps of {'/'.join(map(str, ms))} x {ctx} timed one by "
+            f"one beside a paced prefill co-runner (>= 90% beside one of its prompts: {counts}), each over their "
+            "mean") if by_rows else ""
+    return xs, tuple(by_rows), tuple(by_rows.values()), note
+
+
+def spread_rows(batch: int) -> tuple[int, ...]:
+    """SPREAD_ROWS up to `batch`, and `batch`."""
+    return tuple(sorted({r for r in SPREAD_ROWS if r < batch} | {batch}))
 
 
 def beside_share(a: float, b: float, busy: list[tuple[float, ...]]) -> float:

@@ -315,8 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "each costs an engine start; 0, the default: 3 with the engine co-runner on a GPU, else 1)")
     p.add_argument("--co-run-spread-steps", type=int, default=-1, metavar="N", help="with the engine co-runner: "
                    "decode steps timed one by one beside a prefill co-runner that idles between its prompts as a "
-                   "serving prefill worker does, for the co-run's spread (co_run.decode_spread: the simulator draws "
-                   "each decode step beside a prompt from it; it sets the ITL p99); 0: none (default: 256 on cuda, "
+                   "serving prefill worker does, N at each of 1, 4, 8, 16, 32 rows up to the co-run's batch, for the "
+                   "co-run's spread (co_run.decode_spread and spread_by_batch: the simulator draws each decode step "
+                   "beside a prompt from the spread at its rows; it sets the ITL p99); 0: none (default: 256 on cuda, "
                    "0 on cpu, whose steps a shared machine's noise spreads more than the co-run does)")
     p.add_argument("--no-serving", dest="serving", action="store_false", help="skip timing decode steps through "
                    "the worker's serving loop (worker/async_engine.py) against engine.step alone (~10 s on a GPU)")

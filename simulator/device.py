@@ -38,7 +38,7 @@ import random
 from typing import Protocol
 
 from simulator.events import EventLoop
-from simulator.profile import CoRunCosts, SustainedCosts, spread_at
+from simulator.profile import CoRunCosts, SustainedCosts
 
 # How fast a GPU's clocks follow its load: an H100's 2,048-token prompt steps reached their sustained time within
 # 2-3 back-to-back steps of ~50 ms and were back at their idle-device time after one 50 ms pause
@@ -99,8 +99,8 @@ class SharedDevice:
         self._settle()
         step = self.steps[replica] = _Step(work_ms, prompt, self.loop.now, self._threads_for(replica), rows,
                                            tokens=tokens)
-        if not prompt and self.co_run is not None and self.co_run.decode_spread:
-            step.spread = spread_at(self.co_run.decode_spread, self.rng.random())
+        if not prompt and self.co_run is not None and self.co_run.spreads:
+            step.spread = self.co_run.spread_draw(rows, self.rng.random())
         self._reschedule()
 
     def start_transfer(self, link: Stepper, work_ms: float) -> None:

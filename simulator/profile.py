@@ -186,14 +186,22 @@ class CoRunCosts:
     # fill most of the top 1% of gaps, the ITL p99 is the top ~0.2% of these steps (benchmarks/co_run_spread.py).
     # Drawn by the shared device of a GPU (simulator/device.py); CPU core sharing (CpuCores) charges the mean.
     decode_spread: tuple[float, ...] = ()
+    # decode_spread by the step's rows (ascending rows; empty: decode_spread at every batch), each such an inverse
+    # CDF of mean 1. An H100's serving decode steps beside prompts spread p90 1.20x their mean at 1-4 rows, 1.06x at
+    # 17-32: a small step is a short window, and where it falls against a prompt's kernels moves it more.
+    spread_batch: tuple[int, ...] = ()
+    spread_by_batch: tuple[tuple[float, ...], ...] = ()
 
     def __post_init__(self) -> None:
         _require(self.prefill >= 1 and self.decode >= 1, "co_run multipliers must be >= 1")
         if self.decode_spread:
-            xs = self.decode_spread
-            rising = all(a <= b for a, b in zip(xs, xs[1:], strict=False))
-            _require(len(xs) >= 2 and rising and xs[0] > 0, "co_run.decode_spread must be >= 2 ascending multipliers > 0")
-            _require(abs(spread_mean(xs) - 1) <= 0.02, "co_run.decode_spread must have mean 1 (over the mean step)")
+            _check_spread(self.decode_spread, "co_run.decode_spread")
+        _require(len(self.spread_batch) == len(self.spread_by_batch),
+                 "co_run.spread_batch and co_run.spread_by_batch must be of equal length")
+        _require(_ascending(self.spread_batch) and all(x >= 1 for x in self.spread_batch),
+                 "co_run.spread_batch must be ascending sizes >= 1")
+        for rows, xs in zip(self.spread_batch, self.spread_by_batch, strict=True):
+            _check_spread(xs, f"co_run.spread_by_batch at {rows} rows")
         _require(self.oversubscribed_prefill >= 0 and self.oversubscribed_decode >= 0,
                  "co_run oversubscribed multipliers must be >= 0")
         for xs, ms, what in ((self.decode_batch, self.decode_by_batch, "decode_batch"),
@@ -206,10 +214,29 @@ class CoRunCosts:
         """The decode multiplier of a step of `rows` rows."""
         return held_linear(self.decode_batch, self.decode_by_batch, rows, self.decode)
 
+    @property
+    def spreads(self) -> bool:
+        """Whether decode steps beside a co-runner spread around the mean (a draw per step: `spread_draw`)."""
+        return bool(self.decode_spread or self.spread_batch)
+
+    def spread_draw(self, rows: int, u: float) -> float:
+        """A decode step's multiplier over the mean co-run at probability u for a step of `rows` rows: the
+        measured spreads' values at u, linear in rows between them and held past both ends; decode_spread's
+        without them (1.0 without either)."""
+        if self.spread_batch:
+            return held_linear(self.spread_batch, tuple(spread_at(xs, u) for xs in self.spread_by_batch), rows, 1.0)
+        return spread_at(self.decode_spread, u) if self.decode_spread else 1.0
+
     def prefill_at(self, tokens: int) -> float:
         """The prefill multiplier of a step of `tokens` prompt tokens (0: not known, `prefill`)."""
         return held_linear(self.prefill_tokens, self.prefill_by_tokens, tokens, self.prefill) if tokens \
             else self.prefill
+
+
+def _check_spread(xs: tuple[float, ...], what: str) -> None:
+    rising = all(a <= b for a, b in zip(xs, xs[1:], strict=False))
+    _require(len(xs) >= 2 and rising and xs[0] > 0, f"{what} must be >= 2 ascending multipliers > 0")
+    _require(abs(spread_mean(xs) - 1) <= 0.02, f"{what} must have mean 1 (over the mean step)")
 
 
 def spread_mean(xs: tuple[float, ...]) -> float:
@@ -337,5 +364,6 @@ class Profile:
 
 
 def _co_run(d: dict[str, Any]) -> CoRunCosts:
-    return CoRunCosts(**{**d, **{k: tuple(d.get(k, ())) for k in ("decode_batch", "decode_by_batch", "prefill_tokens",
-                                                                  "prefill_by_tokens", "decode_spread")}})
+    lists = ("decode_batch", "decode_by_batch", "prefill_tokens", "prefill_by_tokens", "decode_spread", "spread_batch")
+    return CoRunCosts(**{**d, **{k: tuple(d.get(k, ())) for k in lists},
+                         "spread_by_batch": tuple(tuple(xs) for xs in d.get("spread_by_batch", ()))})

@@ -15,18 +15,19 @@ from simulator.profile import Profile, spread_mean
 PROFILE = "benchmarks/profiles/h100_llama3_8b_v49k_corun_lengths.json"
 
 
-def _logs(folder: Path, prof: Profile, ratios: list[float]) -> None:
-    """A prefill worker in one long prompt step; a decode worker's one-row steps beside it at `ratios` x the
-    model, then one alone at 5x (not beside: left out)."""
+def _logs(folder: Path, prof: Profile, ratios: list[float], rows: list[int] | None = None) -> None:
+    """A prefill worker in one long prompt step; a decode worker's steps (of `rows` rows each, default one) beside
+    it at `ratios` x the model, then one alone at 5x (not beside: left out)."""
     folder.mkdir()
-    step = CostModel(prof).step_ms(0, 0.0, 1, 512.0) - CostModel(prof).overhead
-    rows, t = [], 100.0
-    for r in [*ratios, 5.0]:
-        rows.append({"t": t, "ms": step * r, "prompt_tokens": 0, "pairs": 0.0, "decode_rows": 1, "decode_context": 512.0})
-        t += step * r / 1e3 + 0.0001
-    long_prompt = {"t": 99.0, "ms": (t - 99.0 - step * 5.0 / 1e3 - 0.0002) * 1e3, "prompt_tokens": 2048,
+    steps, t = [], 100.0
+    for r, n in zip([*ratios, 5.0], [*(rows or [1] * len(ratios)), 1], strict=True):
+        model_ms = CostModel(prof).step_ms(0, 0.0, n, 512.0) - CostModel(prof).overhead
+        steps.append({"t": t, "ms": model_ms * r, "prompt_tokens": 0, "pairs": 0.0, "decode_rows": n,
+                      "decode_context": 512.0})
+        t += model_ms * r / 1e3 + 0.0001
+    long_prompt = {"t": 99.0, "ms": (t - 99.0 - steps[-1]["ms"] / 1e3 - 0.0002) * 1e3, "prompt_tokens": 2048,
                    "pairs": 2048.0 * 1024, "decode_rows": 0, "decode_context": 0.0}
-    (folder / "decode-0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "decode-0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
     (folder / "prefill-0.jsonl").write_text(json.dumps(long_prompt) + "\n")
     (folder / "router-1.jsonl").write_text("")  # a router's arrival log is no worker's
 
@@ -35,7 +36,7 @@ def test_the_steps_beside_a_prompt_give_a_spread_of_mean_one_into_the_profile(tm
     prof = Profile.load(PROFILE)
     ratios = [2.0 + 0.02 * (i % 21 - 10) for i in range(63)] + [2.6]  # 1.8-2.2 evenly, and one long step
     _logs(tmp_path / "run", prof, ratios)
-    got = sorted(beside_ratios(str(tmp_path / "run"), prof))
+    got = sorted(x for _, x in beside_ratios(str(tmp_path / "run"), prof))
     assert got == pytest.approx(sorted(ratios), rel=0.005)  # the step alone after the prompt is not beside it
     xs = spread(got)
     assert len(xs) == POINTS and spread_mean(xs) == pytest.approx(1.0, abs=1e-3)
@@ -43,6 +44,25 @@ def test_the_steps_beside_a_prompt_give_a_spread_of_mean_one_into_the_profile(tm
     main(["--logs", str(tmp_path / "run"), "--profile", PROFILE, "--out", str(tmp_path / "p.json")])
     co = Profile.load(str(tmp_path / "p.json")).co_run
     assert co is not None and co.decode_spread == xs and "decode_spread from 64" in co.note
+    assert co.spread_batch == ()  # by rows only when asked
+
+
+def test_by_rows_each_bin_of_enough_steps_gets_its_own_spread_at_its_median_rows(tmp_path: Path) -> None:
+    """1-4-row steps spread 1.6-2.4x, 17-32-row steps 1.9-2.1x, and three 9-16-row steps (too few for a spread):
+    the profile gets two spreads, at 2 and 24 rows, each of mean 1, the small steps' the wider."""
+    prof = Profile.load(PROFILE)
+    wide = [2.0 + 0.04 * (i % 21 - 10) for i in range(42)]
+    narrow = [2.0 + 0.01 * (i % 21 - 10) for i in range(42)]
+    rows = [1 + i % 3 for i in range(42)] + [24] * 42 + [12] * 3
+    _logs(tmp_path / "run", prof, wide + narrow + [2.0] * 3, rows)
+    main(["--logs", str(tmp_path / "run"), "--profile", PROFILE, "--out", str(tmp_path / "p.json"), "--by-rows"])
+    co = Profile.load(str(tmp_path / "p.json")).co_run
+    assert co is not None and co.spread_batch == (2, 24) and len(co.decode_spread) == POINTS
+    small, large = co.spread_by_batch
+    assert small[0] == pytest.approx(0.8, rel=0.01) and small[-1] == pytest.approx(1.2, rel=0.01)
+    assert large[0] == pytest.approx(0.95, rel=0.01) and large[-1] == pytest.approx(1.05, rel=0.01)
+    assert "42 at ~2, 42 at ~24" in co.note
+    assert co.spread_draw(13, 1.0) == pytest.approx((1.2 + 1.05) / 2, rel=0.01)  # between: linear in rows
 
 
 def test_too_few_steps_or_no_folder_is_a_usage_error(tmp_path: Path) -> None:

@@ -74,9 +74,10 @@ def test_the_co_run_takes_its_median_over_several_co_runner_starts(monkeypatch: 
 @pytest.mark.slow  # an engine co-runner process beside this one's (~12 s on 2 cores)
 def test_the_co_run_times_decode_steps_beside_a_paced_co_runner_for_the_spread() -> None:
     """`spread_steps` with the engine co-runner: decode steps timed one by one beside a prefill co-runner that
-    idles between prompts; those beside one of its prompts become `co_run.decode_spread` (an ascending inverse CDF
-    with mean 1, which the profile validates). With the matmul co-runner (no prompts), none."""
-    from benchmarks.profile_corun import beside_share, decode_spread
+    idles between prompts, at one row and at the co-run's batch; those beside one of its prompts become
+    `co_run.spread_by_batch` and (the batch's) `decode_spread` (ascending inverse CDFs with mean 1, which the
+    profile validates). With the matmul co-runner (no prompts), none."""
+    from benchmarks.profile_corun import beside_share, decode_spread, spread_rows
     from simulator.profile import spread_mean
 
     args = ["--dummy", "tiny", "--kv-gib", "0.25", "--out", "unused.json"]
@@ -84,11 +85,14 @@ def test_the_co_run_times_decode_steps_beside_a_paced_co_runner_for_the_spread()
     c = co_run(eng, Tokens(eng.model_config.vocab_size), "cpu", 1, lambda f: f(), engine_args=args, spread_steps=400)
     xs = c.decode_spread
     assert len(xs) == 21 and list(xs) == sorted(xs) and abs(spread_mean(xs) - 1) < 0.02 and xs[0] > 0
-    assert "decode steps of 4 x 256 timed one by one beside a paced prefill co-runner" in c.note
+    assert "decode steps of 1/4 x 256 timed one by one beside a paced prefill co-runner" in c.note
+    assert c.spread_batch == (1, 4) and c.spread_by_batch[1] == xs  # by rows, the batch's the one decode_spread
+    assert all(len(ys) == 21 and abs(spread_mean(ys) - 1) < 0.02 for ys in c.spread_by_batch)
     assert not eng.has_unfinished()
     assert co_run(eng, Tokens(eng.model_config.vocab_size), "cpu", 1, lambda f: f(), spread_steps=50).decode_spread == ()
     assert beside_share(1.0, 2.0, [(0.5, 1.25), (1.5, 1.75), (3.0, 4.0)]) == 0.5
     assert decode_spread([2.0] * 21) == (1.0,) * 21 and decode_spread([1.0] * 20) == ()
+    assert spread_rows(32) == (1, 4, 8, 16, 32) and spread_rows(4) == (1, 4) and spread_rows(12) == (1, 4, 8, 12)
     assert parse(["--device", "cuda", "--out", "p.json"]).co_run_spread_steps == 256
     assert parse(["--out", "p.json"]).co_run_spread_steps == 0
     with pytest.raises(SystemExit):

@@ -342,7 +342,8 @@ def test_a_profiles_sustained_figure_survives_a_save_and_must_not_speed_steps_up
 
 def test_a_profiles_co_run_by_decode_batch_and_prompt_length_survives_a_save(tmp_path) -> None:  # noqa: ANN001
     co = CoRunCosts(prefill=1.5, decode=1.6, decode_batch=(1, 4), decode_by_batch=(1.2, 1.6),
-                    prefill_tokens=(1024, 2048), prefill_by_tokens=(1.7, 1.5), decode_spread=(0.5, 1.0, 1.5))
+                    prefill_tokens=(1024, 2048), prefill_by_tokens=(1.7, 1.5), decode_spread=(0.5, 1.0, 1.5),
+                    spread_batch=(1, 32), spread_by_batch=((0.5, 1.0, 1.5), (0.9, 1.0, 1.1)))
     dataclasses.replace(profile(), co_run=co).save(str(tmp_path / "p.json"))
     assert Profile.load(str(tmp_path / "p.json")).co_run == co
 

@@ -17,15 +17,15 @@ class Worker:
     """Runs the steps it is given back to back on the device; records when each ended."""
 
     def __init__(self, loop: EventLoop, device: SharedDevice, steps: list[tuple[float, bool]],
-                 tokens: int = 0) -> None:
-        self.loop, self.device, self.todo, self.tokens = loop, device, list(steps), tokens
+                 tokens: int = 0, rows: int = 0) -> None:
+        self.loop, self.device, self.todo, self.tokens, self.rows = loop, device, list(steps), tokens, rows
         self.ends: list[float] = []
         self.threads: list[int] = []  # the threads each step started on
         self.version = 0
 
     def go(self, _: object = None) -> None:
         work, prompt = self.todo.pop(0)
-        self.device.start(self, work, prompt, tokens=self.tokens if prompt else 0)
+        self.device.start(self, work, prompt, rows=0 if prompt else self.rows, tokens=self.tokens if prompt else 0)
         self.threads.append(self.device.steps[self].threads)
 
     def schedule_end(self, t: float) -> None:
@@ -262,11 +262,11 @@ def test_a_kv_pull_between_workers_of_one_machine_shares_its_cores_with_their_st
     assert dev.steps == {}
 
 
-def _decode_steps_beside_a_prompt(co: CoRunCosts, n: int) -> list[float]:
-    """n decode steps of 10 ms alone, back to back, all beside one long prompt: each one's time."""
+def _decode_steps_beside_a_prompt(co: CoRunCosts, n: int, rows: int = 0) -> list[float]:
+    """n decode steps of 10 ms alone (of `rows` rows), back to back, all beside one long prompt: each one's time."""
     loop = EventLoop()
     dev = SharedDevice(loop, co)
-    pre, dec = Worker(loop, dev, [(1e9, True)]), Worker(loop, dev, [(10.0, False)] * n)
+    pre, dec = Worker(loop, dev, [(1e9, True)]), Worker(loop, dev, [(10.0, False)] * n, rows=rows)
     loop.at(0.0, pre.go)
     loop.at(0.0, dec.go)
     loop.run_until(1e6)
@@ -283,6 +283,32 @@ def test_a_decode_step_beside_a_prompt_draws_its_multiplier_from_the_spread_arou
     assert _decode_steps_beside_a_prompt(CoRunCosts(prefill=2.0, decode=2.0, decode_spread=spread), 50) == times[:50]
     # Without a spread every such step is charged the mean.
     assert set(_decode_steps_beside_a_prompt(CoRunCosts(prefill=2.0, decode=2.0), 20)) == {20.0}
+
+
+def test_a_decode_steps_spread_is_drawn_by_its_rows_where_the_profile_has_spreads_by_rows() -> None:
+    """Small steps spread more beside a prompt than large ones: with spreads at 1 and 32 rows, a 1-row step draws
+    from the first, a 32-row (or larger) step from the second, and one between from both, linear in rows."""
+    wide, none = (0.5, 1.0, 1.5), (1.0, 1.0, 1.0)
+    co = CoRunCosts(prefill=2.0, decode=2.0, decode_spread=(0.9, 1.0, 1.1), spread_batch=(1, 32),
+                    spread_by_batch=(wide, none))
+    assert co.spread_draw(1, 1.0) == 1.5 and co.spread_draw(32, 1.0) == 1.0 and co.spread_draw(64, 0.0) == 1.0
+    assert co.spread_draw(16.5, 1.0) == pytest.approx(1.25) and co.spread_draw(0, 0.25) == pytest.approx(0.75)
+    assert CoRunCosts(prefill=2.0, decode=2.0, decode_spread=wide).spread_draw(32, 1.0) == 1.5  # no rows: one spread
+    assert CoRunCosts(prefill=2.0, decode=2.0).spread_draw(1, 1.0) == 1.0
+    assert set(_decode_steps_beside_a_prompt(co, 200, rows=32)) == {20.0}  # not decode_spread: the 32-row one
+    small = _decode_steps_beside_a_prompt(co, 2000, rows=1)
+    assert min(small) >= 10.0 and max(small) <= 30.0 + 1e-6 and len(set(small)) > 1000
+    assert sum(small) / len(small) == pytest.approx(20.0, rel=0.03)
+
+
+def test_spreads_by_rows_must_each_be_a_spread_at_ascending_rows() -> None:
+    from simulator.profile import ConfigError
+
+    ok = (0.5, 1.0, 1.5)
+    for rows, spreads, match in (((1, 4), (ok,), "equal length"), ((4, 1), (ok, ok), "ascending"),
+                                 ((0,), (ok,), "ascending"), ((1, 4), (ok, (1.2, 0.8)), "at 4 rows")):
+        with pytest.raises(ConfigError, match=match):
+            CoRunCosts(prefill=2.0, decode=2.0, spread_batch=rows, spread_by_batch=spreads)
 
 
 def test_a_decode_spread_must_rise_and_have_mean_one() -> None:
