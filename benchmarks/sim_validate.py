@@ -17,6 +17,10 @@ arrivals were drawn by another generator: same distribution, not the same reques
 `--repeats N` replays each trace N times, each on a fresh cluster: the same requests, so what moves between them
 is the machine. The simulation is then held against each figure's median over the N runs, and the report keeps
 every run's figures and their range (on a shared VM one run moved 23% from the next, ten minutes apart).
+
+Each figure gets a verdict (`verdicts`): within 15% of the real one; "unresolved", further off but inside the real
+figure's own 90% bootstrap interval (resampling the run's requests), where the run holds too few requests to tell
+the two apart (a co-located goodput of 4-17 requests in 160, a TTFT p99 that is the second-largest of 160); or a miss.
 """
 
 from __future__ import annotations
@@ -116,6 +120,31 @@ def compare(real: dict[str, Any], sim: dict[str, Any]) -> dict[str, float | None
     return {k: (round(sim[k] / real[k] - 1, 3) if real.get(k) else None) for k in FIGURES}
 
 
+TOLERANCE = 0.15  # the issue's criterion: a simulated figure within 15% of the real one
+
+
+def verdicts(diff: dict[str, float | None], inside: dict[str, bool] | None) -> dict[str, str]:
+    """Each figure's verdict: "within" (sim / real - 1 within TOLERANCE), "unresolved" (further off, but inside the
+    real figure's own 90% bootstrap interval: a TTFT p99 or a goodput count of 160 requests moves more than 15% on
+    another draw of the same requests, so the run cannot tell the two apart), or "miss"."""
+    out = {}
+    for k, d in diff.items():
+        if d is None:
+            continue
+        out[k] = "within" if abs(d) <= TOLERANCE + 5e-4 else ("unresolved" if (inside or {}).get(k) else "miss")
+    return out
+
+
+def tally(res: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """How many figures of a report's every rate and mode got each verdict."""
+    counts = {"within": 0, "unresolved": 0, "miss": 0}
+    for modes in res.values():
+        for m in modes.values():
+            for v in (m.get("verdict") or {}).values():
+                counts[v] += 1
+    return counts
+
+
 def recorded_runs(path: str) -> dict[str, dict[float, dict[str, Any]]]:
     """Real runs by mode and rate from a serving_compare JSON, or from an earlier sim_validate JSON (its `real`
     figures and what was measured around them: the simulator re-checked against real runs already made)."""
@@ -161,6 +190,9 @@ def run_rate(a: argparse.Namespace, rate: float, folder: str, recorded: dict[str
         if real and real.get("interval_90"):  # how far the real figure itself would move on another draw
             out[mode]["sim_inside_real_interval_90"] = {k: lo <= sim[k] <= hi
                                                         for k, (lo, hi) in real["interval_90"].items()}
+        if real:
+            out[mode]["verdict"] = verdicts(out[mode]["sim_over_real_minus_1"],
+                                            out[mode].get("sim_inside_real_interval_90"))
         if calibration is not None:
             out[mode]["calibration"] = calibration
         if around:  # how busy the shared machine was
@@ -256,7 +288,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise SystemExit(f"--keep-logs {a.keep_logs!r}: cannot make the folder: {e.strerror}") from None
     with contextlib.nullcontext(a.keep_logs) if a.keep_logs else tempfile.TemporaryDirectory() as folder:
         res = {f"{rate:g}": run_rate(a, rate, folder, recorded) for rate in (float(x) for x in a.rates.split(","))}
-    out = {"profile": a.profile, "device": a.device, "args": {k: v for k, v in vars(a).items()}, "rates": res}
+    out = {"profile": a.profile, "device": a.device, "args": {k: v for k, v in vars(a).items()}, "rates": res,
+           "verdicts": tally(res)}
+    if n := sum(out["verdicts"].values()):
+        v = out["verdicts"]
+        print(f"{v['within']} of {n} figures within {TOLERANCE:.0%} of the real ones; of the rest, {v['unresolved']} "
+              "inside the real figure's own 90% interval (too few requests to tell), "
+              f"{v['miss']} missed")
     name = f"sim_validate_{a.device}{'_' + a.label if a.label else ''}.json"
     with open(os.path.join(a.out, name), "w") as f:
         json.dump(out, f, indent=1)

@@ -26,6 +26,18 @@ def test_repeated_runs_are_held_at_each_figures_median_with_their_range() -> Non
     assert real["requests_each"] == [[0]]  # the per-request figures are the first run's
 
 
+def test_each_figure_is_within_15_percent_unresolved_inside_the_real_interval_or_a_miss() -> None:
+    from benchmarks.sim_validate import tally, verdicts
+
+    diff = {"ttft_p50_ms": 0.15, "ttft_p99_ms": -0.2, "itl_p50_ms": None, "itl_p99_ms": 0.3, "goodput_req_s": -0.01}
+    inside = {"ttft_p50_ms": False, "ttft_p99_ms": True, "itl_p99_ms": False, "goodput_req_s": False}
+    got = verdicts(diff, inside)
+    assert got == {"ttft_p50_ms": "within", "ttft_p99_ms": "unresolved", "itl_p99_ms": "miss",
+                   "goodput_req_s": "within"}
+    assert verdicts({"ttft_p99_ms": -0.2}, None) == {"ttft_p99_ms": "miss"}  # no interval: a miss is a miss
+    assert tally({"5": {"a": {"verdict": got}, "b": {}}}) == {"within": 2, "unresolved": 1, "miss": 1}
+
+
 def test_a_simulation_only_run_reports_every_figure(tmp_path: Path) -> None:
     res = main(["--sim-only", "--profile", PROFILE, "--rates", "0.5", "--num-requests", "6", "--modes",
                 "disaggregated,colocated", "--out", str(tmp_path), "--label", "t"])
