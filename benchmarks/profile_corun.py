@@ -175,13 +175,11 @@ def paced_spread(eng: LLMEngine, toks: Tokens, device: str, engine_args: list[st
     the more so the fewer the rows (a shorter step meets fewer of the prompt's phases: on an H100 serving's p90 was
     1.20x the mean at 1-4 rows, 1.06x at 17-32)."""
     _, batch, ctx = shape(device)
-    ms: dict[int, list[float]] = {}
     with tempfile.NamedTemporaryFile("r", suffix=".busy") as log:
         with busy_beside(device.startswith("cuda"), engine_args, "prefill-paced", busy_log=log.name):
             spans = {rows: decode_step_spans(eng, toks, rows, ctx, steps) for rows in spread_rows(batch)}
         busy = [tuple(map(float, line.split())) for line in log.read().splitlines() if line.strip()]
-    for rows, got in spans.items():
-        ms[rows] = [(b - a) * 1e3 for a, b in got if beside_share(a, b, busy) >= 0.9]
+    ms = {rows: [(b - a) * 1e3 for a, b in got if beside_share(a, b, busy) >= 0.9] for rows, got in spans.items()}
     by_rows = {rows: xs for rows in ms if (xs := decode_spread(ms[rows]))}
     xs = by_rows.get(batch, ())
     counts = ", ".join(f"{len(ms[r])} of {len(spans[r])} at {r} rows" for r in ms)
