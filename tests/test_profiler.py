@@ -24,6 +24,34 @@ def test_the_envelope_lowers_a_cell_read_above_a_larger_one_and_keeps_a_clean_gr
 
 
 @pytest.mark.slow  # the co-run's prompts and steps, alone and beside matmuls (~4 s on 2 cores)
+def test_a_prefill_table_out_of_order_is_timed_again_at_both_lengths_of_the_pair(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 512-token prompt timed faster than a 256-token one (a disturbed measurement): both are timed again and
+    the new round's medians kept; an ordered table is timed once; one that stays out of order is kept after RETIMES
+    more rounds."""
+    import benchmarks.profiler as profiler
+
+    calls: list[int] = []
+    script = {256: [592.0] * 3 + [600.0, 610.0, 590.0], 512: [260.0] * 3 + [1700.0] * 3, 1024: [5264.0] * 3}
+
+    def fake_prompt(eng: object, rid: str, prompt: list[int], device: str) -> float:
+        n = len(prompt)
+        if rid.startswith("warm"):
+            return 0.0
+        calls.append(n)
+        return script[n][sum(c == n for c in calls) - 1]
+
+    monkeypatch.setattr(profiler, "run_prompt", fake_prompt)
+    got = profiler.measure_prefill(None, Tokens(1000), [256, 512, 1024], 3, "cpu", lambda f: f())  # type: ignore[arg-type]
+    assert got == [600.0, 1700.0, 5264.0] and calls.count(1024) == 3 and calls.count(512) == 6
+    assert profiler.out_of_order([10.0, 11.0, 12.5, 12.0]) == set()  # within 20%: a flat, launch-bound stretch
+    assert profiler.out_of_order([10.0, 20.0, 15.0, 30.0]) == {1, 2}
+    calls.clear()
+    script = {256: [900.0] * 9, 512: [300.0] * 9}  # stays out of order: kept after two more rounds
+    assert profiler.measure_prefill(None, Tokens(1000), [256, 512], 3, "cpu", lambda f: f()) == [900.0, 300.0]  # type: ignore[arg-type]
+    assert calls.count(512) == 9
+
+
 def test_the_co_run_times_a_one_row_decode_step_and_the_shapes_batch() -> None:
     """A real engine (the tiny dummy) timed alone and beside a process of matmuls: the decode multiplier is kept
     for one row and for the co-run's batch, the profile's `decode` being the latter."""
