@@ -52,6 +52,28 @@ def test_a_prefill_table_out_of_order_is_timed_again_at_both_lengths_of_the_pair
     assert calls.count(512) == 9
 
 
+def test_a_decode_grid_out_of_order_is_timed_again_before_the_envelope(monkeypatch: pytest.MonkeyPatch) -> None:
+    """4 rows timed at 40 ms where 1 and 2 rows read 60 and 62 (a fast moment): the 2-row and 4-row cells are timed
+    again (neighbours out of order), then, against the 2-row cell's new time, the 1-row one; the grid keeps the new
+    times; KV that does not fit is no cell."""
+    import benchmarks.profiler as profiler
+
+    first = {(1, 64): 60.0, (2, 64): 62.0, (4, 64): 40.0, (1, 256): 70.0, (2, 256): 72.0, (4, 256): 75.0,
+             (1, 1024): 80.0, (2, 1024): 82.0, (4, 1024): None}
+    again = {(1, 64): 30.0, (2, 64): 33.0, (4, 64): 41.0}
+    calls: list[tuple[int, int]] = []
+
+    def fake_decode(eng: object, toks: object, b: int, ctx: int, steps: int, device: str, alone: object) -> float | None:
+        calls.append((b, ctx))
+        return (again if calls.count((b, ctx)) > 1 else first)[(b, ctx)]
+
+    monkeypatch.setattr(profiler, "decode_ms", fake_decode)
+    assert profiler.grid_out_of_order([[60.0, 70.0], [62.0, 72.0], [40.0, None]]) == {(1, 0), (2, 0)}
+    grid = profiler.measure_decode(None, None, [1, 2, 4], [64, 256, 1024], 8, "cpu", lambda f: f())  # type: ignore[arg-type]
+    assert [row[0] for row in grid] == [30.0, 33.0, 41.0] and grid[0][1] == 70.0 and grid[2][2] > 75.0
+    assert len(calls) == 9 + 2 + 2
+
+
 def test_the_co_run_times_a_one_row_decode_step_and_the_shapes_batch() -> None:
     """A real engine (the tiny dummy) timed alone and beside a process of matmuls: the decode multiplier is kept
     for one row and for the co-run's batch, the profile's `decode` being the latter."""
