@@ -1,17 +1,19 @@
 """disagg profile's measurements that the simulator leans on: the decode grid's envelope and the co-run of a
-decode step by its rows (benchmarks/profiler.py, benchmarks/profile_corun.py)."""
+decode step by its rows (benchmarks/profiler.py, benchmarks/profile_tables.py, benchmarks/profile_corun.py)."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from benchmarks.profile_corun import co_run, co_run_lengths, shape
 from benchmarks.profile_steps import Tokens
-from benchmarks.profiler import build_engine, envelope, parse
+from benchmarks.profile_tables import envelope
+from benchmarks.profiler import build_engine, parse
 
 
 def test_the_envelope_lowers_a_cell_read_above_a_larger_one_and_keeps_a_clean_grid() -> None:
@@ -29,7 +31,7 @@ def test_a_prefill_table_out_of_order_is_timed_again_at_both_lengths_of_the_pair
     """A 512-token prompt timed faster than a 256-token one (a disturbed measurement): both are timed again and
     the new round's medians kept; an ordered table is timed once; one that stays out of order is kept after RETIMES
     more rounds."""
-    import benchmarks.profiler as profiler
+    import benchmarks.profile_tables as profiler
 
     calls: list[int] = []
     script = {256: [592.0] * 3 + [600.0, 610.0, 590.0], 512: [260.0] * 3 + [1700.0] * 3, 1024: [5264.0] * 3}
@@ -56,7 +58,7 @@ def test_a_decode_grid_out_of_order_is_timed_again_before_the_envelope(monkeypat
     """4 rows timed at 40 ms where 1 and 2 rows read 60 and 62 (a fast moment): the 2-row and 4-row cells are timed
     again (neighbours out of order), then, against the 2-row cell's new time, the 1-row one; the grid keeps the new
     times; KV that does not fit is no cell."""
-    import benchmarks.profiler as profiler
+    import benchmarks.profile_tables as profiler
 
     first = {(1, 64): 60.0, (2, 64): 62.0, (4, 64): 40.0, (1, 256): 70.0, (2, 256): 72.0, (4, 256): 75.0,
              (1, 1024): 80.0, (2, 1024): 82.0, (4, 1024): None}
@@ -147,3 +149,23 @@ def test_the_co_run_times_decode_steps_beside_a_paced_co_runner_for_the_spread()
     assert parse(["--out", "p.json"]).co_run_spread_steps == 0
     with pytest.raises(SystemExit):
         parse(["--co-run-spread-steps", "-3", "--out", "p.json"])
+
+
+@pytest.mark.slow  # a whole `disagg profile` of the tiny model (~15 s on 2 cores)
+def test_disagg_profile_writes_a_profile_the_simulator_loads(tmp_path: Path) -> None:
+    """The command end to end: its tables in order (a prompt's time and a decode step's do not fall with length,
+    rows or context), KV capacity, a transfer rate and start-up time, saved where asked and loaded back."""
+    from deploy.cli import main
+    from simulator.profile import Profile
+
+    out = tmp_path / "p.json"
+    main(["profile", "--dummy", "tiny", "--kv-gib", "0.25", "--prefill-tokens", "16,64,128", "--chunk", "64",
+          "--decode-batch", "1,2,4", "--decode-context", "64,128", "--repeat", "2", "--no-co-run", "--no-serving",
+          "--no-sustained", "--out", str(out)])
+    prof = Profile.load(str(out))
+    assert prof.prefill.tokens[:3] == (16, 64, 128) and all(m > 0 for m in prof.prefill.ms)
+    grid = prof.decode.ms
+    assert all(a <= b for row in grid for a, b in zip(row, row[1:], strict=False))
+    assert all(a <= b for col in zip(*grid, strict=True) for a, b in zip(col, col[1:], strict=False))
+    assert prof.kv.capacity_tokens > 0 and prof.transfer.gib_s > 0 and prof.startup.engine_s > 0
+    assert prof.co_run is None
