@@ -52,6 +52,7 @@ class FakeWorker(disagg_pb2_grpc.WorkerServicer):
         self.load = disagg_pb2.LoadReport(role=role)
         self.frozen = False  # as if SIGSTOPped: Health does not answer, no token is produced
         self.refusal = ""  # with decode_error: the reason named in the trailing metadata (proto.REASON_KEY)
+        self.draining = False  # Health says so; set by the first Decode refused for DRAINING, as a real worker's drain
         self.subscribers: dict[str, asyncio.Queue[disagg_pb2.TokenChunk]] = {}
         self.scripts: dict[str, asyncio.Task[None]] = {}
 
@@ -59,7 +60,7 @@ class FakeWorker(disagg_pb2_grpc.WorkerServicer):
         while self.frozen:
             await asyncio.sleep(0.05)
         return disagg_pb2.HealthResponse(ok=True, worker_id=f"{self.role}@{self.address}", role=self.role,
-                                         model=MODEL, max_model_len=CONTEXT)
+                                         model=MODEL, max_model_len=CONTEXT, draining=self.draining)
 
     async def Load(self, request: Any, context: Any) -> disagg_pb2.LoadReport:
         return self.load
@@ -109,6 +110,7 @@ class FakeWorker(disagg_pb2_grpc.WorkerServicer):
     async def Decode(self, request: disagg_pb2.DecodeRequest, context: Any) -> disagg_pb2.DecodeResponse:
         self.decodes.append(request)
         if self.decode_error is not None:
+            self.draining = self.draining or self.refusal == DRAINING
             await context.abort(self.decode_error, "injected failure",
                                 trailing_metadata=((REASON_KEY, self.refusal),) if self.refusal else ())
         if request.request_id in self.scripts:  # as the real worker: an id it still runs is refused
