@@ -42,3 +42,11 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     folder = str(tmp_path_factory.mktemp("tiny_llama_shared"))
     make_tiny_llama(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf():  # noqa: ANN201 - transformers model
+    """transformers' SmolLM2, read from the packaged GGUF once for the session (its load is the slow part)."""
+    from tests.hf_reference import smollm2_hf_model
+
+    return smollm2_hf_model()

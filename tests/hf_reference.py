@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 
 
 def smollm2_hf_model():  # noqa: ANN201
+    """transformers' own reading of the packaged SmolLM2 GGUF (tests share one: the `smollm2_hf` fixture)."""
+    import gguf
     from transformers import AutoModelForCausalLM
 
     from engine.loader import smollm2_gguf_path
 
     path = smollm2_gguf_path()
-    return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                dtype=torch.float32).eval()
+    # transformers builds gguf's tensor-name map once per module of the model (~400 times, ~10 s on a slow CPU);
+    # the map depends only on its arguments, so the same answer is handed back for the length of this load.
+    uncached = gguf.get_tensor_name_map
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(uncached)
+    try:
+        return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                    dtype=torch.float32).eval()
+    finally:
+        gguf.get_tensor_name_map = uncached
 
 
 @torch.inference_mode()

@@ -16,7 +16,7 @@ from benchmarks.chaos import SoakConfig
 from benchmarks.chaos_faults import ROUTER_KILL, FaultPlan
 from benchmarks.chaos_ray import soak_ray  # sets Ray's loopback environment before Ray is imported
 
-# A Ray head, router replicas, planner and workers on the machine: the slow tier. About 3-4 minutes on two idle
+# A Ray head, router replicas, planner and workers on the machine: the slow tier. About 2 minutes on two idle
 # cores (deploy, model loads, a replacement worker); the limit leaves room for shared ones.
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(1500)]
 
@@ -27,7 +27,7 @@ def test_small_chaos_soak_on_ray_loses_only_the_killed_routers_connections(tmp_p
     # kill -9 of the prefill worker first, then a router replica, then a SIGSTOP (of a decode worker, since the
     # prefill worker's replacement is still loading): three faults in about 12 s of load.
     plan = FaultPlan(interval_s=4.0, actions=("kill9", ROUTER_KILL, "stop"), stop_s=(1.0, 4.0))
-    report = soak_ray(SoakConfig(requests=100, concurrency=CONCURRENCY, faults=plan), str(tmp_path))
+    report = soak_ray(SoakConfig(requests=60, concurrency=CONCURRENCY, faults=plan), str(tmp_path))
     (tmp_path / "report.json").write_text(json.dumps(report, indent=1))
     run = report["chaos"]
     where = f"(report and actor logs in {tmp_path})"

@@ -15,7 +15,7 @@ import torch
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.engine import LLMEngine
 from engine.request import SamplingParams
-from tests.hf_reference import compare_greedy, hf_greedy, smollm2_hf_model
+from tests.hf_reference import compare_greedy, hf_greedy
 
 LENGTHS = [5, 17, 40, 64, 100, 150, 222, 300]
 NEW = 64
@@ -62,7 +62,7 @@ def check_setting(name: str, cfg: EngineConfig, prompts, ref, ref_top2) -> None:
 
 # ---- the real SmolLM2 weights (GGUF, read by both sides) ------------------------------------------------------
 @pytest.fixture(scope="module")
-def smollm2_reference():
+def smollm2_reference(smollm2_hf):  # noqa: ANN001
     from engine.loader import smollm2_gguf_path
     from engine.tokenizer import Tokenizer
 
@@ -71,9 +71,7 @@ def smollm2_reference():
         text = f.read() + json.dumps(SETTINGS, default=str)
     base = tok.encode("The history of the city begins with a small fishing village. " + text)
     prompts = [base[i * 7 : i * 7 + n] for i, n in enumerate(LENGTHS)]
-    model = smollm2_hf_model()
-    ref = [hf_greedy(model, p, NEW) for p in prompts]
-    del model
+    ref = [hf_greedy(smollm2_hf, p, NEW) for p in prompts]
     return prompts, [r[0] for r in ref], [r[1] for r in ref]
 
 

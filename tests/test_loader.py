@@ -44,16 +44,6 @@ def smollm2() -> tuple[str, ModelConfig, dict[str, torch.Tensor]]:
     return (path, *load_all("smollm2"))
 
 
-@pytest.fixture(scope="module")
-def smollm2_hf(smollm2: tuple) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    path = smollm2[0]
-    return AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
-    )
-
-
 @pytest.mark.slow  # the real SmolLM2 (and transformers' copy of it): not in the fast tier
 def test_smollm2_config(smollm2: tuple, smollm2_hf: torch.nn.Module) -> None:
     _, config, _ = smollm2
