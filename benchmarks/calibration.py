@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -203,3 +204,18 @@ def calibrated(prof: Profile, cal: dict[str, float]) -> Profile:
         split = prof.scaled(cal["fixed_scale"], cal.get("prefill_scale"), cal["row_scale"], cal["fixed_ms"])
         return replace(split, serving=prof.scaled(cal["scale"]).serving)
     return prof.scaled(cal["scale"], cal.get("prefill_scale"))
+
+
+def speed_drift(cal: dict[str, Any], steps: dict[str, Any]) -> dict[str, float] | None:
+    """How far the machine's speed moved between a speed calibration's probes and the run they priced: the run's
+    lone decode steps (each decode worker's median ratio to the profile's cost model, benchmarks/step_costs.py
+    `worker_steps`; the median over workers) over the probes' `scale`. On the recorded CPU runs it read 0.95-1.01
+    for the one that came within 15% on 19 of 20 figures, and 0.86-1.28 for three on a VM whose neighbours moved
+    its speed (1-8 of 20): past ~10%, a run's figures measure the machine's change as much as the simulator. None
+    without lone decode steps."""
+    ratios = [w["alone"]["decode"]["ratio_p50"] for w in steps.values()
+              if isinstance(w, dict) and (w.get("alone") or {}).get("decode")]
+    if not ratios or not cal.get("scale"):
+        return None
+    run = statistics.median(ratios)
+    return {"probe_scale": cal["scale"], "run_scale": round(run, 4), "drift": round(run / cal["scale"], 4)}

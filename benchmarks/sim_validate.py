@@ -40,7 +40,7 @@ import yaml
 
 from benchmarks import serving
 from benchmarks.bootstrap import figure_intervals
-from benchmarks.calibration import TINY_PROMPT, calibrate, calibrated
+from benchmarks.calibration import TINY_PROMPT, calibrate, calibrated, speed_drift
 from benchmarks.real_run import FIGURES, Trace, brief_phases, met_slo, repeated_runs
 from benchmarks.serving_compare import cluster_yaml
 from benchmarks.step_costs import brief_co_run
@@ -121,6 +121,7 @@ def compare(real: dict[str, Any], sim: dict[str, Any]) -> dict[str, float | None
 
 
 TOLERANCE = 0.15  # the issue's criterion: a simulated figure within 15% of the real one
+DRIFT_WARN = 0.10  # a run whose machine's speed moved more than this since its probes is warned of
 
 
 def verdicts(diff: dict[str, float | None], inside: dict[str, bool] | None) -> dict[str, str]:
@@ -195,6 +196,8 @@ def run_rate(a: argparse.Namespace, rate: float, folder: str, recorded: dict[str
                                             out[mode].get("sim_inside_real_interval_90"))
         if calibration is not None:
             out[mode]["calibration"] = calibration
+            if a.calibrate in ("both", "speed"):
+                report_drift(out[mode], calibration, around, f"{mode} rate {rate:g}")
         if around:  # how busy the shared machine was
             out[mode]["measured_around"] = around
         print(f"rate {rate:g} {mode:13s} " + "  ".join(
@@ -206,6 +209,19 @@ def run_rate(a: argparse.Namespace, rate: float, folder: str, recorded: dict[str
         if real and real.get("gaps_over"):
             print(f"  {mode} rate {rate:g}: gaps over " + brief_gaps(real["gaps_over"], sim["gaps_over"]), flush=True)
     return out
+
+
+def report_drift(out: dict[str, Any], cal: dict[str, Any], around: dict[str, Any], what: str) -> None:
+    """The machine's drift between the calibration's probes and the run (calibration.speed_drift), kept and, past
+    DRIFT_WARN, said: such a run's figures measure the machine's change as much as the simulator."""
+    drift = speed_drift(cal, around.get("steps") or {})
+    if drift is None:
+        return
+    out["speed_drift"] = drift
+    if abs(drift["drift"] - 1.0) > DRIFT_WARN:
+        print(f"  {what}: the machine's speed moved {drift['drift']:.2f}x between the probes and the run (lone "
+              f"decode steps {drift['run_scale']:.2f}x the profile in the run, {drift['probe_scale']:.2f}x at the "
+              "probes): its figures measure that drift too", flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,8 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "its step times by the machine's speed (the lone stream's inter-token gap over the profile's "
                    "step: a VM's speed drifts between the profile and the run), `admit` sets --admit-ms to what a "
                    "16-token prompt's TTFT exceeds the simulated one by (the serving path's fixed cost), `both` "
-                   "(the default when given) does both; reported beside the figures. On a GPU, `admit`: the card "
-                   "does not drift, and a lone stream's steps run faster than a loaded card's")
+                   "(the default when given) does both; reported beside the figures, with `speed` the machine's drift "
+                   "from the probes to the run (its lone decode steps against the probes' scale; warned of past "
+                   "10%%). On a GPU, `admit`: the card does not drift, and a lone stream's steps run faster than a "
+                   "loaded card's")
     p.add_argument("--keep-gaps", action="store_true", help="keep every real request's inter-token gaps in the "
                    "JSON (`gaps_ms`, trace order)")
     p.add_argument("--keep-logs", default="", help="keep the real clusters' YAML, process logs and workers' step "

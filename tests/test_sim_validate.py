@@ -84,6 +84,23 @@ def test_calibration_corrects_what_it_is_asked_to_and_the_recorded_table_reprodu
         assert "goodput_req_s" in res["sim_inside_real_interval_90"]
 
 
+@pytest.mark.parametrize(("seed", "drift", "warned"), [(19, (0.94, 1.02), False), (23, (1.25, 1.30), True)])
+def test_a_runs_drift_from_its_probes_is_read_from_its_step_logs_and_warned_of(
+        seed: int, drift: tuple[float, float], warned: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The recorded co-located CPU runs at 0.3 req/s: seed 19 (19 of 20 figures within 15%) ran at the speed its
+    probes read; seed 23 (1 of 20) ran 1.28x slower than its probes said, and the report says so."""
+    from benchmarks.calibration import speed_drift
+
+    recorded = f"benchmarks/results/sim_validate_cpu_seed{seed}_2026-12-07.json"
+    profile = json.loads(Path(recorded).read_text())["args"]["profile"]
+    res = main(["--sim-only", "--recorded", recorded, "--profile", profile, "--rates", "0.3", "--seed", str(seed),
+                "--num-requests", "64", "--modes", "colocated", "--calibrate", "--out", str(tmp_path)])
+    got = res["rates"]["0.3"]["colocated"]["speed_drift"]
+    assert drift[0] <= got["drift"] <= drift[1], got
+    assert ("speed moved" in capsys.readouterr().out) == warned
+    assert speed_drift({"scale": 1.0}, {}) is None  # no lone decode steps: nothing to say
+
+
 def test_admission_is_calibrated_against_the_tiny_prompts_step_as_the_workers_timed_it(tmp_path: Path) -> None:
     """A short prompt's step is host-bound on a GPU and moves between runs: `admit_ms` takes the step the workers'
     logs timed (`tiny_step_ms`) in place of the profile's price, so 5 ms less step is 5 ms more admission."""
