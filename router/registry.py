@@ -140,6 +140,7 @@ class WorkerState:
     healthy: bool = False  # answered the last poll with ok
     healthy_since: float = 0.0  # monotonic time it last turned healthy (a restart at the same address shows here)
     remote_draining: bool = False  # the worker says it is draining
+    draining_refused_at: float = 0.0  # monotonic time a refusal last said it drains (newer than a poll's answer)
     draining: bool = False  # the router was told to stop sending it new requests
     load: WorkerLoad | None = None  # latest Load report
     error: str = ""  # why it is unhealthy
@@ -258,6 +259,11 @@ class WorkerRegistry:
         w.draining = draining
         log.info("worker %s %s", address, "draining" if draining else "no longer draining")
 
+    def mark_draining(self, w: WorkerState) -> None:
+        """An RPC was refused because the worker drains: route around it. A poll whose Health was asked before
+        this refusal does not clear it (its answer is older); the first poll asked after it decides."""
+        w.remote_draining, w.draining_refused_at = True, time.monotonic()
+
     def mark_unavailable(self, w: WorkerState, reason: str) -> None:
         """An RPC found the worker unreachable: route around it until a poll succeeds."""
         self._set_health(w, False, reason)
@@ -276,6 +282,7 @@ class WorkerRegistry:
     async def _poll(self, w: WorkerState) -> None:
         if w.stub is None:
             return
+        asked = time.monotonic()
         try:
             health = await w.stub.Health(disagg_pb2.HealthRequest(), timeout=self.rpc_timeout_s)
             load = await w.stub.Load(disagg_pb2.LoadRequest(want_kv_events=True, kv_epoch=w.kv_epoch,
@@ -290,7 +297,8 @@ class WorkerRegistry:
             self._set_health(w, False, repr(e))
             return
         w.worker_id, w.role, w.model = health.worker_id, health.role, health.model
-        w.max_model_len, w.remote_draining, w.load = health.max_model_len, health.draining, load_from_proto(load)
+        w.remote_draining = health.draining or w.draining_refused_at > asked
+        w.max_model_len, w.load = health.max_model_len, load_from_proto(load)
         w.kv_block_size = health.kv_block_size
         self.stat_help.update(load.stat_help)
         if load.HasField("kv_events") and not w._removed:

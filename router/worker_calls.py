@@ -36,7 +36,7 @@ class WorkerCalls:
         msg = f"{what} on worker {w.address} failed: {code.name}: {e.details()}"
         reason = _refusal(e)
         if reason == DRAINING:  # alive and finishing its requests: route around it, move nothing
-            w.remote_draining = True
+            self.workers.mark_draining(w)
             return APIError(503, msg, code="worker_unavailable")
         if reason == NO_SUBSCRIPTION:  # we gave up on its token stream meanwhile (it froze): nothing started there
             return APIError(503, msg, code="worker_unavailable")

@@ -789,6 +789,35 @@ def test_a_refused_decode_goes_elsewhere_without_marking_the_worker_dead(
     assert w is not None and w.healthy and w.remote_draining == (reason == DRAINING)
 
 
+class _SlowHealthStub:
+    """A worker's stub whose Health answers "not draining" after a pause, while a refusal lands meanwhile."""
+
+    def __init__(self, during: Callable[[], None]) -> None:
+        self.during = during
+
+    async def Health(self, request: Any, timeout: float) -> disagg_pb2.HealthResponse:
+        self.during()  # the refusal arrives while this poll's question is on its way
+        await asyncio.sleep(0.01)
+        return disagg_pb2.HealthResponse(ok=True, worker_id="d", role="decode", model=MODEL, max_model_len=CONTEXT)
+
+    async def Load(self, request: Any, timeout: float) -> disagg_pb2.LoadReport:
+        return disagg_pb2.LoadReport(role="decode")
+
+
+def test_a_poll_asked_before_a_draining_refusal_does_not_clear_it() -> None:
+    """The race CI found: a health poll asked before a worker's DRAINING refusal answers after it; its older
+    "not draining" must not clear what the refusal said. The first poll asked after the refusal decides."""
+    reg = WorkerRegistry(["d"])
+    w = reg.get("d")
+    assert w is not None
+    w.stub = _SlowHealthStub(lambda: reg.mark_draining(w))  # type: ignore[assignment]
+    asyncio.run(reg.poll_once())
+    assert w.healthy and w.remote_draining
+    w.stub = _SlowHealthStub(lambda: None)  # type: ignore[assignment]
+    asyncio.run(reg.poll_once())  # asked after the refusal: the worker's own word (it no longer drains) stands
+    assert w.healthy and not w.remote_draining
+
+
 def test_a_frozen_prefill_worker_is_given_up_on_and_the_decode_worker_prefills(
         fakes: Callable[[str], FakeServer], routers: Callable[..., RouterServer]) -> None:
     p, d = fakes("prefill"), fakes("decode")
