@@ -24,7 +24,7 @@ import httpx
 
 from benchmarks import serving
 
-START_LEAD_S = 0.5  # from handing every process its share to the shared start: each is idle, waiting on its pipe
+START_LEAD_S = 0.5  # from handing every process its share to the shared start (each warms its client, then waits)
 Job = tuple[str, str, list[tuple[int, float, list[int], int]], float]  # url, model, (index, at, prompt, out), start
 
 
@@ -32,6 +32,7 @@ async def _send(url: str, model: str, items: list[tuple[int, float, list[int], i
                 ) -> list[tuple[int, serving.RequestResult]]:
     """Each item's request at `start` (Unix seconds) + its time, on one client; (index, result) each."""
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=httpx.Limits(max_connections=256)) as client:
+        await _warm(client, url, start)
         await asyncio.sleep(max(0.0, start - time.time()))
         t0 = time.perf_counter()
 
@@ -40,6 +41,14 @@ async def _send(url: str, model: str, items: list[tuple[int, float, list[int], i
             return i, await serving.one_request(client, url, model, prompt, out, {})
 
         return list(await asyncio.gather(*(fire(*item) for item in items)))
+
+
+async def _warm(client: httpx.AsyncClient, url: str, start: float) -> None:
+    """One GET before the start, so that a fresh process's first request does not also pay its client's first use
+    (lazy imports, the first connection): a CI run saw a process's first request 41 ms late. Any answer will do;
+    none is waited for past the start."""
+    with contextlib.suppress(httpx.HTTPError, TimeoutError):
+        await asyncio.wait_for(client.get(f"{url}/health"), timeout=max(0.01, start - time.time()))
 
 
 def _child(conn: Connection) -> None:
@@ -92,11 +101,10 @@ class ClientPool:
         """Send request i (prompts[i], trace[2][i] tokens out) at trace[0][i] seconds from a shared start; (results
         in trace order, seconds from the start to the last completion)."""
         items = [(i, at, prompts[i], out) for i, (at, out) in enumerate(zip(trace[0], trace[2], strict=True))]
+        start = time.time() + START_LEAD_S
         if not self._children:
-            start = time.time()
             got = asyncio.run(_send(url, model, items, start))
             return [r for _, r in sorted(got, key=lambda x: x[0])], time.time() - start
-        start = time.time() + START_LEAD_S
         n = len(self._children)
         for k, (_, conn) in enumerate(self._children):
             conn.send((url, model, items[k::n], start))

@@ -87,7 +87,8 @@ def server() -> Iterator[ServerProcess]:
 @pytest.mark.parametrize("processes", [1, 3])
 def test_a_trace_is_sent_at_its_times_from_every_process_and_returned_in_order(server: ServerProcess,
                                                                               processes: int) -> None:
-    times = [0.0, 0.05, 0.1, 0.3, 0.3, 0.35]
+    times = [0.0, 0.1, 0.2, 0.6, 0.6, 0.7]  # 0.1 s apart or more: a request sent in another's slot is off by more
+    # than the 0.08 s allowed below, which a busy two-core machine's scheduling needs (one CI run: 41 ms)
     outs = [3, 4, 5, 6, 7, 8]
     prompts = [[100 + i, 1, 2] for i in range(len(times))]
     with ClientPool(processes) as pool:
@@ -99,7 +100,7 @@ def test_a_trace_is_sent_at_its_times_from_every_process_and_returned_in_order(s
     # read as their median, so that one late first request (a process still warming) does not shift the rest
     arrived = server.arrived()
     lags = [arrived[100 + i][0] - t for i, t in enumerate(times)]
-    assert lags == pytest.approx([statistics.median(lags)] * len(times), abs=0.04)
+    assert lags == pytest.approx([statistics.median(lags)] * len(times), abs=0.08)
     assert duration >= times[-1] + 0.04
     if processes > 1:  # requests i, i + 3 from one process: three processes' own connections
         ports = {arrived[100 + i][1] for i in range(len(times))}
