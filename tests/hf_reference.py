@@ -34,12 +34,30 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[i
                          max_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
                          return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
     tokens = out.sequences[0, len(prompt_ids):].tolist()
-    top2 = []
-    for logits in out.logits:
-        lp = torch.log_softmax(logits[0].float(), -1)
-        v, i = lp.topk(2)
-        top2.append([(int(i[0]), float(v[0])), (int(i[1]), float(v[1]))])
-    return tokens, top2
+    return tokens, [_top2(logits[0]) for logits in out.logits]
+
+
+@torch.inference_mode()
+def hf_greedy_batch(model, prompts: list[list[int]], max_new_tokens: int  # noqa: ANN001
+                    ) -> list[tuple[list[int], list[list[tuple[int, float]]]]]:
+    """`hf_greedy` of every prompt, generated together (left-padded, the padding masked out): ~3x faster on a CPU,
+    where a batch of one is transformers' per-step overhead. SmolLM2's eight parity prompts give the same tokens as
+    one at a time, their logprobs within 2e-5 (2026-12-08), well inside compare_greedy's near-tie tolerance."""
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p)
+        mask[row, width - len(p):] = 1
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
+    return [(out.sequences[row, width:].tolist(), [_top2(logits[row]) for logits in out.logits])
+            for row in range(len(prompts))]
+
+
+def _top2(logits: torch.Tensor) -> list[tuple[int, float]]:
+    v, i = torch.log_softmax(logits.float(), -1).topk(2)
+    return [(int(i[0]), float(v[0])), (int(i[1]), float(v[1]))]
 
 
 def compare_greedy(ours: list[list[int]], ours_lp: list, ref: list[list[int]], ref_top2: list,

@@ -15,7 +15,7 @@ import torch
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.engine import LLMEngine
 from engine.request import SamplingParams
-from tests.hf_reference import compare_greedy, hf_greedy
+from tests.hf_reference import compare_greedy, hf_greedy, hf_greedy_batch
 
 LENGTHS = [5, 17, 40, 64, 100, 150, 222, 300]
 NEW = 64
@@ -71,7 +71,7 @@ def smollm2_reference(smollm2_hf):  # noqa: ANN001
         text = f.read() + json.dumps(SETTINGS, default=str)
     base = tok.encode("The history of the city begins with a small fishing village. " + text)
     prompts = [base[i * 7 : i * 7 + n] for i, n in enumerate(LENGTHS)]
-    ref = [hf_greedy(smollm2_hf, p, NEW) for p in prompts]
+    ref = hf_greedy_batch(smollm2_hf, prompts, NEW)
     return prompts, [r[0] for r in ref], [r[1] for r in ref]
 
 
