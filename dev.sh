@@ -37,10 +37,11 @@ case "$cmd" in
         "$VENV/bin/python" -m pytest -m "cluster or slow" || rc=$?
         exit $rc ;;
     # One pytest-xdist worker per core (up to 8), one torch thread each: the unit tests are CPU-bound, so this is the
-    # cores' whole speed without oversubscribing them. `-n 0` (after the others) runs them in this one process.
+    # cores' whole speed without oversubscribing them; whole files to a worker, so a module's fixtures are built
+    # once. `-n 0` (after the others) runs them in this one process.
     fast) workers=$(nproc); [ "$workers" -le 8 ] || workers=8
           OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} exec "$VENV/bin/python" -m pytest -m "not cluster and not slow" \
-              -n "$workers" "$@" ;;
+              -n "$workers" --dist loadfile "$@" ;;
     serve) exec "$VENV/bin/disagg" serve "$@" ;;
     help|-h|--help) sed -n 2,7p "$0" ;;
     *) exec "$VENV/bin/disagg" "$cmd" "$@" ;;

@@ -24,7 +24,9 @@ def unfrozen() -> Iterator[None]:
 
 def test_freeze_moves_every_live_object_out_of_collections(unfrozen: None) -> None:
     frozen = freeze_heap("test")
-    assert frozen == gc.get_freeze_count() > 1000
+    # at least as many: a server an earlier test left running in this process may freeze its own start-up too (a
+    # pytest-xdist worker's order of tests once put one 2 objects past this call's count)
+    assert gc.get_freeze_count() >= frozen > 1000
     before = len(gc.get_objects())  # the permanent generation is not listed: what a full collection would walk
     gc.unfreeze()
     assert len(gc.get_objects()) > before + frozen // 2
